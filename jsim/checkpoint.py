@@ -1,0 +1,67 @@
+"""Orbax checkpoints of a training stage: the latest few, the best, and resume.
+
+A checkpoint holds the state pytree (params, batch_stats, opt_state, step) and a
+JSON `meta` dict with everything the loop needs to continue exactly where it
+stopped (epoch, batch within the epoch, learning-rate history, metric rows).
+Orbax writes each step into a temporary folder and renames it when complete, so
+a run killed mid-save leaves only a temporary folder, which is removed at the
+next start.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+BEST_METRIC = "val_accuracy"
+
+
+class StageCheckpoints:
+  """The checkpoints/ folder of one stage."""
+
+  def __init__(self, directory: str | Path, *, keep: int = 2):
+    self.directory = Path(directory).absolute()
+    preservation = policies.AnyPreservationPolicy([
+        policies.LatestN(n=keep),
+        policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1,
+                       keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=preservation, cleanup_tmp_directories=True,
+        enable_async_checkpointing=False, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, meta: dict, *, val_accuracy: float | None = None) -> None:
+    """Saves synchronously (a preempted process must not exit mid-write)."""
+    metrics = None if val_accuracy is None else {BEST_METRIC: float(val_accuracy)}
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     meta=ocp.args.JsonSave(meta)),
+                       metrics=metrics, force=True)
+    self._manager.wait_until_finished()
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores into the shapes, dtypes and shardings of `abstract_state`."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
+  def restore_meta(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def abstract_like(state: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a live or eval_shape'd pytree."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)

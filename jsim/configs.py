@@ -1,0 +1,77 @@
+"""The shared base of every experiment config (configs/*.py override a few fields).
+
+Every key is listed here with its default, so that `--config.x.y=...` overrides
+are type-checked by ml_collections and an unknown key is refused.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jsim.data import augment
+
+STAGES = ("classifier", "embed", "similarity", "evaluate", "all", "sweep")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # classifier | embed | similarity | evaluate | all (every stage, skipping finished ones) | sweep.
+  c.stage = "all"
+  c.seed = 0
+  c.overwrite = False   # True: redo a finished stage (its old outputs are replaced)
+
+  c.data = ml_collections.ConfigDict(dict(
+      # auto: `root` if set, else `zip_path` if set, else download the official archive.
+      source="auto",          # auto | folder | zip | download | synthetic | tfds
+      root="",                # the tiny-imagenet-200 folder
+      zip_path="",            # tiny-imagenet-200.zip, read without unpacking
+      download_url="http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+      download_sha256="",     # empty: the known checksum of the official archive
+      cache_dir="",           # empty: $JSIM_CACHE or ~/.cache/jsim
+      on_bad_image="error",   # error | skip (skipped files are counted in the log)
+      num_workers=0,          # decoding processes; 0: one per CPU core
+      image_size=64,          # images are stored (and cached) at this size
+      tfds_name="", tfds_data_dir="", tfds_train_split="train", tfds_test_split="test",
+      synthetic=ml_collections.ConfigDict(dict(
+          num_classes=40, train_per_class=60, test_per_class=20, image_size=64, seed=0,
+          grayscale_fraction=0.02)),
+      num_seen_classes=180,
+      val_fraction=0.3,
+      normalization="train",  # train (statistics of the stage-1 train split) | imagenet
+  ))
+
+  c.model = ml_collections.ConfigDict(dict(
+      name="resnet50",        # see jsim.models.available()
+      init="torchvision",     # torchvision | random
+      weights="IMAGENET1K_V1",  # torchvision weights name, or a .pth path
+      dtype="auto",           # auto (bf16 on accelerators, float32 on CPU) | float32 | bfloat16
+  ))
+
+  c.classifier = ml_collections.ConfigDict(dict(
+      batch_size=64, eval_batch_size=256, learning_rate=0.01, momentum=0.8, nesterov=True,
+      weight_decay=0.0, alpha=0.02, halving_wait=3, num_epochs=30, input_size=224,
+      augment=augment.default_augment_config(),
+      log_every_steps=50, checkpoint_every_steps=0, keep_checkpoints=2,
+  ))
+
+  c.embed = ml_collections.ConfigDict(dict(batch_size=256))
+
+  c.similarity = ml_collections.ConfigDict(dict(
+      feature="l1",           # l1 | sq | prod | cos | l2, or a concatenation such as "l1+prod"
+      hidden=(),              # empty: halve the embedding width twice (the protocol)
+      dropout=0.25, batch_size=256, learning_rate=0.005, momentum=0.8, nesterov=True,
+      weight_decay=0.0, alpha=0.01, halving_wait=3, num_epochs=50,
+      train_per_ordered_class_pair=10, train_similar_per_class=1790,
+      val_per_ordered_class_pair=6, val_similar_per_class=1074,
+      ensemble_workdirs=(),   # other workdirs (same data and seed) whose embeddings are concatenated
+      log_every_steps=200, checkpoint_every_steps=0, keep_checkpoints=2,
+  ))
+
+  c.evaluation = ml_collections.ConfigDict(dict(
+      mode="sampled",         # sampled (the protocol's 3.98M pairs) | exhaustive (every distinct pair)
+      test_per_ordered_class_pair=50, test_similar_per_class=9950,
+      chunk_size=65536, num_bins=1000, retrieval=True, retrieval_examples=8,
+  ))
+
+  c.sweep = ml_collections.ConfigDict(dict(features=("l1", "sq", "prod", "cos", "l1+prod")))
+  return c

@@ -1,0 +1,110 @@
+"""What every stage starts from: the image sets, the workdir's split, the statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+from absl import logging
+
+from jsim.data import augment, splits
+from jsim.data.dataset import ImageSet
+from jsim.workdir import read_json, write_json
+
+PREPROCESSING_FILE = "preprocessing.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  train_set: ImageSet          # the whole train folder (all classes)
+  test_set: ImageSet           # the val folder (all classes)
+  split: splits.Split
+  train_idx: np.ndarray        # stage-1 train images: positions in train_set
+  val_idx: np.ndarray          # stage-1 validation images: positions in train_set
+  test_idx: np.ndarray         # positions in test_set
+  train_head_labels: np.ndarray  # per train_set image: stage-1 head index, -1 for unseen classes
+  test_head_labels: np.ndarray
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+
+  @property
+  def t180_idx(self) -> np.ndarray:
+    """T180: every train-folder image of a seen class (stage-1 train + validation)."""
+    return np.sort(np.concatenate([self.train_idx, self.val_idx]))
+
+  @property
+  def seen_mask(self) -> np.ndarray:
+    return self.split.seen_mask(self.train_set.class_ids)
+
+
+def resolve_source(data_config) -> str:
+  if data_config.source != "auto":
+    return data_config.source
+  if data_config.root:
+    return "folder"
+  if data_config.zip_path:
+    return "zip"
+  return "download"
+
+
+def load_image_sets(data_config) -> dict[str, ImageSet]:
+  from jsim.data import sources
+  cfg = data_config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.source = resolve_source(data_config)
+  return sources.load_image_sets(cfg)
+
+
+def prepare(config, workdir: str | Path) -> Prepared:
+  """Loads the data and the workdir's split, drawing and recording it on first use."""
+  workdir = Path(workdir)
+  sets = load_image_sets(config.data)
+  train_set, test_set = sets["train"], sets["test"]
+  if train_set.class_ids != test_set.class_ids:
+    raise ValueError("the train and test parts of the data set name different classes")
+  split = splits.load_split(workdir)
+  if split is None:
+    split = splits.make_split(train_set, test_set, num_seen=config.data.num_seen_classes,
+                              val_fraction=config.data.val_fraction, seed=config.seed)
+    splits.save_split(split, workdir)
+    logging.info("drew the split: %d seen / %d unseen classes, %d / %d / %d images", len(split.seen_classes),
+                 len(split.unseen_classes), len(split.train_ids), len(split.val_ids), len(split.test_ids))
+  elif split.seed != config.seed or len(split.seen_classes) != config.data.num_seen_classes:
+    raise ValueError(f"{workdir / splits.SPLIT_FILE} was drawn with seed {split.seed} and "
+                     f"{len(split.seen_classes)} seen classes, the config asks for seed {config.seed} and "
+                     f"{config.data.num_seen_classes}; use another --workdir")
+  train_idx = splits.indices_of(train_set, split.train_ids, what="stage-1 train")
+  val_idx = splits.indices_of(train_set, split.val_ids, what="stage-1 validation")
+  test_idx = splits.indices_of(test_set, split.test_ids, what="test")
+  mean, std = _statistics(config, workdir, train_set.images, train_idx)
+  return Prepared(train_set, test_set, split, train_idx, val_idx, test_idx,
+                  split.head_index(train_set.class_ids)[train_set.labels],
+                  split.head_index(test_set.class_ids)[test_set.labels], mean, std)
+
+
+def _statistics(config, workdir: Path, images: np.ndarray, train_idx: np.ndarray):
+  path = workdir / PREPROCESSING_FILE
+  if path.exists():
+    rec = read_json(path)
+    if rec["normalization"] == config.data.normalization:
+      return tuple(rec["mean"]), tuple(rec["std"])
+    raise ValueError(f"{path} records normalization={rec['normalization']!r}, the config asks for "
+                     f"{config.data.normalization!r}; use another --workdir")
+  if config.data.normalization == "imagenet":
+    mean, std = augment.IMAGENET_MEAN, augment.IMAGENET_STD
+  elif config.data.normalization == "train":
+    mean, std = augment.channel_stats(images[np.sort(train_idx)])
+  else:
+    raise ValueError(f"data.normalization={config.data.normalization!r}: expected 'train' or 'imagenet'")
+  mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+  write_json(path, {"normalization": config.data.normalization, "mean": mean, "std": std,
+                    "image_size": int(images.shape[1])})
+  return mean, std
+
+
+def read_preprocessing(workdir: str | Path) -> dict:
+  path = Path(workdir) / PREPROCESSING_FILE
+  if not path.exists():
+    raise FileNotFoundError(f"{path} is missing: this workdir has no trained model (run stage 1 first)")
+  return read_json(path)

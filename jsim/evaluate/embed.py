@@ -1,0 +1,101 @@
+"""Embeddings: the input of Mc's last layer, for T180 and the test images.
+
+Computed once from the best stage-1 checkpoint and kept in W/embeddings, tied
+to that checkpoint's step: a retrained stage 1 makes them stale and they are
+recomputed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jsim import parallel, workdir as wd
+from jsim.data import augment
+from jsim.data.prepare import prepare
+from jsim.train import classifier, loop
+
+META_FILE = "meta.json"
+
+
+def embed_images(model, variables, images, indices: np.ndarray, *, mean, std, input_size: int, batch_size: int,
+                 mesh) -> np.ndarray:
+  """Embeddings [len(indices), D] float32 of device-resident uint8 `images`, batched and jitted.
+
+  The last batch is padded, and its padding dropped from the result.
+  """
+  parallel.check_divisible(batch_size, mesh, "embed.batch_size")
+
+  # Replicated output: every process can read the whole batch.
+  @jax.jit(out_shardings=parallel.replicated(mesh))
+  def embed(variables, images, idx):
+    idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
+    x = augment.preprocess(images[idx], mean, std, input_size)
+    _, e = model.apply(variables, x, train=False)
+    return e.astype(jnp.float32)
+
+  out = []
+  for idx, mask in classifier.padded_batches(indices, batch_size):
+    e = embed(variables, images, parallel.put_sharded_batch(idx, mesh))
+    out.append((e, int(mask.sum())))
+  return np.concatenate([np.asarray(jax.device_get(e))[:n] for e, n in out]) if out else np.zeros((0, 0), np.float32)
+
+
+def compute_embeddings(config, workdir: str | Path) -> dict:
+  """Embeds T180 and the test images with the best stage-1 checkpoint (skipped if current)."""
+  workdir = Path(workdir)
+  stage1 = wd.stage_result(workdir, wd.STAGE1)
+  if stage1 is None:
+    raise FileNotFoundError(f"{workdir / wd.STAGE1}: stage 1 has not finished; run --config.stage=classifier first")
+  out_dir = workdir / wd.EMBEDDINGS
+  meta_path = out_dir / META_FILE
+  if meta_path.exists() and not config.overwrite:
+    meta = wd.read_json(meta_path)
+    if meta["stage1_step"] == stage1["best_step"]:
+      logging.info("embeddings are current (stage-1 step %d)", meta["stage1_step"])
+      return meta
+  mesh = parallel.make_mesh()
+  data = prepare(config, workdir)
+  num_classes = len(data.split.seen_classes)
+  model = classifier.build_classifier(config, num_classes)
+  abstract = classifier.abstract_state(config, model, num_classes, mesh)
+  state, _ = loop.restore_best(workdir / wd.STAGE1, abstract)
+  kw = dict(mean=data.mean, std=data.std, input_size=config.classifier.input_size,
+            batch_size=config.embed.batch_size, mesh=mesh)
+  t180 = data.t180_idx
+  train_emb = embed_images(model, state.variables, parallel.put_replicated(data.train_set.images, mesh), t180, **kw)
+  test_emb = embed_images(model, state.variables, parallel.put_replicated(data.test_set.images, mesh),
+                          data.test_idx, **kw)
+  meta = {"stage1_step": stage1["best_step"], "model": config.model.name, "dim": int(train_emb.shape[1]),
+          "train_count": len(t180), "test_count": len(data.test_idx)}
+  if parallel.is_main_process():
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if meta_path.exists():
+      meta_path.unlink()  # stale until the new arrays are complete
+    arrays = {"train": train_emb, "train_labels": data.train_set.labels[t180].astype(np.int32),
+              "train_index": t180.astype(np.int64), "test": test_emb,
+              "test_labels": data.test_set.labels[data.test_idx].astype(np.int32),
+              "test_index": data.test_idx.astype(np.int64)}
+    for name, arr in arrays.items():
+      tmp = out_dir / f"{name}.tmp.npy"
+      np.save(tmp, arr)
+      tmp.replace(out_dir / f"{name}.npy")
+    wd.write_json(meta_path, meta)
+  logging.info("embedded %d T180 and %d test images (%d-d) with stage-1 step %d", len(t180), len(data.test_idx),
+               meta["dim"], meta["stage1_step"])
+  return meta
+
+
+def load_embeddings(workdir: str | Path) -> dict:
+  """The arrays written by compute_embeddings, with their meta under 'meta'."""
+  out_dir = Path(workdir) / wd.EMBEDDINGS
+  if not (out_dir / META_FILE).exists():
+    raise FileNotFoundError(f"{out_dir}: no embeddings; run --config.stage=embed first")
+  out = {name: np.load(out_dir / f"{name}.npy") for name in
+         ("train", "train_labels", "train_index", "test", "test_labels", "test_index")}
+  out["meta"] = wd.read_json(out_dir / META_FILE)
+  return out

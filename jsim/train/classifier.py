@@ -1,0 +1,213 @@
+"""Stage 1: the classifier Mc (backbone + a head over the seen classes)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from jsim import models, parallel, workdir as wd
+from jsim.checkpoint import abstract_like
+from jsim.data import augment
+from jsim.data.prepare import Prepared, prepare
+from jsim.train import loop, schedule
+from jsim.train.state import TrainState
+
+
+def compute_dtype(name: str):
+  if name == "auto":
+    return parallel.default_compute_dtype()
+  if name not in ("float32", "bfloat16"):
+    raise ValueError(f"model.dtype={name!r}: expected 'auto', 'float32' or 'bfloat16'")
+  return jnp.dtype(name)
+
+
+def build_classifier(config, num_classes: int):
+  return models.build(config.model.name, num_classes=num_classes, dtype=compute_dtype(config.model.dtype))
+
+
+def initial_variables(config, model, num_classes: int, input_size: int) -> dict:
+  if config.model.init == "torchvision":
+    logging.info("stage 1 starts from torchvision weights %s", config.model.weights)
+    return models.from_torchvision(config.model.name, config.model.weights, num_classes=num_classes,
+                                   seed=config.seed)
+  if config.model.init != "random":
+    raise ValueError(f"model.init={config.model.init!r}: expected 'torchvision' or 'random'")
+  x = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
+  key = jax.random.PRNGKey(config.seed)
+  return jax.jit(functools.partial(model.init, train=False))({"params": key, "dropout": key}, x)
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+  return schedule.make_optimizer(learning_rate=cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                 weight_decay=cfg.weight_decay)
+
+
+def _apply_eval(model, state: TrainState, x):
+  return model.apply(state.variables, x, train=False)
+
+
+def make_eval_sums(model, mean, std, input_size: int, mesh):
+  """A jitted (state, images, labels, idx, mask) -> sums over one padded batch."""
+  @jax.jit(out_shardings=parallel.replicated(mesh))
+  def eval_sums(state, images, labels, idx, mask):
+    idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
+    x = augment.preprocess(images[idx], mean, std, input_size)
+    logits, _ = _apply_eval(model, state, x)
+    y = labels[idx]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    w = mask.astype(jnp.float32)
+    return {"loss_sum": jnp.sum(losses * w), "correct": jnp.sum((jnp.argmax(logits, -1) == y) * w),
+            "count": jnp.sum(w)}
+  return eval_sums
+
+
+def padded_batches(indices: np.ndarray, batch_size: int):
+  """Fixed-size batches of `indices`; the last is padded and masked, never dropped."""
+  n = len(indices)
+  for start in range(0, n, batch_size):
+    idx = indices[start:start + batch_size]
+    mask = np.ones(batch_size, bool)
+    if len(idx) < batch_size:
+      mask[len(idx):] = False
+      idx = np.concatenate([idx, np.zeros(batch_size - len(idx), idx.dtype)])
+    yield idx.astype(np.int32), mask
+
+
+def evaluate_accuracy(eval_sums, state, images, labels, indices: np.ndarray, batch_size: int, mesh) -> dict:
+  total = None
+  for idx, mask in padded_batches(indices, batch_size):
+    s = eval_sums(state, images, labels, parallel.put_sharded_batch(idx, mesh),
+                  parallel.put_sharded_batch(mask, mesh))
+    total = s if total is None else jax.tree.map(jnp.add, total, s)
+  total = {k: float(v) for k, v in jax.device_get(total).items()}
+  return {"loss": total["loss_sum"] / total["count"], "accuracy": total["correct"] / total["count"],
+          "count": int(total["count"])}
+
+
+class ClassifierPlan:
+  """Stage 1's epochs: a seeded permutation of the train images, augmented on the device."""
+
+  item_name = "img"
+
+  def __init__(self, config, data: Prepared, model, tx, mesh):
+    cfg = config.classifier
+    self.cfg, self.mesh, self.seed = cfg, mesh, config.seed
+    self.batch_size = self.items_per_batch = cfg.batch_size
+    parallel.check_divisible(cfg.batch_size, mesh, "classifier.batch_size")
+    parallel.check_divisible(cfg.eval_batch_size, mesh, "classifier.eval_batch_size")
+    self.train_idx, self.val_idx = data.train_idx, data.val_idx
+    n_dev = mesh.devices.size
+    # The last batch of an epoch is kept (985 updates a protocol epoch), trimmed to
+    # a multiple of the device count so that it can be sharded.
+    remainder = (len(self.train_idx) % cfg.batch_size) // n_dev * n_dev
+    self._sizes = [cfg.batch_size] * (len(self.train_idx) // cfg.batch_size) + ([remainder] if remainder else [])
+    self.images = parallel.put_replicated(data.train_set.images, mesh)
+    self.labels = parallel.put_replicated(data.train_head_labels, mesh)
+    mean, std = data.mean, data.std
+    aug_cfg = cfg.augment
+    base_key = jax.random.PRNGKey(config.seed)
+    input_size = cfg.input_size
+
+    def train_step(state, images, labels, perm, batch, sums, *, size):
+      key = jax.random.fold_in(base_key, state.step)
+      aug_key, dropout_key = jax.random.split(key)
+      idx = jax.lax.dynamic_slice_in_dim(perm, batch * cfg.batch_size, size)
+      idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
+      x = augment.augment(aug_key, images[idx], mean, std, input_size, aug_cfg)
+      y = labels[idx]
+
+      def loss_fn(params):
+        (logits, _), updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
+                                           mutable=["batch_stats"], rngs={"dropout": dropout_key})
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return losses.mean(), (losses, logits, updates)
+
+      grads, (losses, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+      param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, param_updates),
+                                batch_stats=updates.get("batch_stats", state.batch_stats), opt_state=opt_state)
+      sums = loop.add_to_sums(sums, losses, jnp.argmax(logits, -1) == y, state.step)
+      return new_state, sums
+
+    rep = parallel.replicated(mesh)
+    self._train_step = jax.jit(train_step, static_argnames="size", donate_argnums=(0, 5), out_shardings=rep)
+    self._eval_sums = make_eval_sums(model, mean, std, input_size, mesh)
+    self._perm = None
+
+  def num_batches(self, epoch: int) -> int:
+    return len(self._sizes)
+
+  def begin_epoch(self, epoch: int) -> None:
+    perm = self.train_idx[np.random.default_rng([self.seed, epoch]).permutation(len(self.train_idx))]
+    self._perm = parallel.put_replicated(perm.astype(np.int32), self.mesh)
+
+  def train_step(self, state, epoch: int, batch: int, sums: dict):
+    return self._train_step(state, self.images, self.labels, self._perm, jnp.int32(batch), sums,
+                            size=self._sizes[batch])
+
+  def evaluate(self, state) -> dict:
+    return evaluate_accuracy(self._eval_sums, state, self.images, self.labels, self.val_idx,
+                             self.cfg.eval_batch_size, self.mesh)
+
+
+def stage_identity(config) -> dict:
+  d = wd.config_to_dict(config)
+  return {"seed": d["seed"], "data": d["data"], "model": d["model"], "classifier": d["classifier"]}
+
+
+def train_classifier(config, workdir: str | Path) -> dict:
+  """Trains (or resumes) stage 1 in workdir/stage1 and returns its result.json."""
+  workdir = Path(workdir)
+  stage_dir, finished = wd.claim_stage(workdir, wd.STAGE1, stage_identity(config), overwrite=config.overwrite)
+  if finished:
+    result = wd.stage_result(workdir, wd.STAGE1)
+    if result["epochs"] >= config.classifier.num_epochs:
+      logging.info("stage 1 already finished: %s", result)
+      return result
+    logging.info("stage 1 continues from epoch %d to %d", result["epochs"], config.classifier.num_epochs)
+  mesh = parallel.make_mesh()
+  data = prepare(config, workdir)
+  num_classes = len(data.split.seen_classes)
+  model = build_classifier(config, num_classes)
+  tx = make_optimizer(config.classifier)
+  variables = initial_variables(config, model, num_classes, config.classifier.input_size)
+  state = parallel.put_replicated(TrainState.create(variables, tx), mesh)
+  plan = ClassifierPlan(config, data, model, tx, mesh)
+  settings = loop.LoopSettings.from_config(config.classifier, "stage 1")
+  state, meta = loop.fit(plan, state, stage_dir, settings,
+                         place_state=lambda s: parallel.put_replicated(s, mesh))
+  best = meta["best"]
+  best_state, _ = loop.restore_best(stage_dir, abstract_like(state))
+  test_images = parallel.put_replicated(data.test_set.images, mesh)
+  test_labels = parallel.put_replicated(data.test_head_labels, mesh)
+  seen_test = data.test_idx[data.test_head_labels[data.test_idx] >= 0]
+  test = evaluate_accuracy(plan._eval_sums, best_state, test_images, test_labels, seen_test,
+                           config.classifier.eval_batch_size, mesh)
+  result = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_images": test["count"],
+            "best_epoch": best["epoch"], "best_step": best["step"], "best_val_accuracy": best["val_accuracy"],
+            "epochs": len(meta["rows"]), "halving_epochs": meta["halving_epochs"]}
+  if parallel.is_main_process():
+    wd.finish_stage(stage_dir, result)
+  logging.info("stage 1 finished: test accuracy %.4f on %d seen-class test images (best epoch %d)",
+               test["accuracy"], test["count"], best["epoch"])
+  return result
+
+
+def abstract_state(config, model, num_classes: int, mesh):
+  """Shapes, dtypes and shardings of stage 1's state, for restoring without initialising."""
+  tx = make_optimizer(config.classifier)
+  size = config.classifier.input_size
+
+  def create():
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    key = jax.random.PRNGKey(0)
+    return TrainState.create(model.init({"params": key, "dropout": key}, x, train=False), tx)
+
+  rep = parallel.replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), jax.eval_shape(create))
