@@ -6,7 +6,7 @@ from pathlib import Path
 
 from absl import logging
 
-from jsim import configs, parallel, workdir as wd
+from jsim import parallel, workdir as wd
 from jsim.train.loop import NonFiniteLoss, Preempted
 
 # Errors that reach the user as one line (no traceback).
@@ -37,20 +37,13 @@ def run(config, workdir: str | Path) -> dict:
 
 
 def _stages() -> dict:
+  from jsim.evaluate.embed import compute_embeddings
   from jsim.train.classifier import train_classifier
-  out = {"classifier": train_classifier}
-  try:  # stage 2 and evaluation (jsim.stages) land with the stage-2 issue
-    from jsim import stages
-    out.update(stages.STAGES)
+  from jsim.train.similarity import train_similarity
+  out = {"classifier": train_classifier, "embed": compute_embeddings, "similarity": train_similarity}
+  try:  # lands with the evaluator
+    from jsim.evaluate.evaluation import evaluate, sweep
+    out.update(evaluate=evaluate, sweep=sweep)
   except ImportError:
     pass
-  missing = set(configs.STAGES) - set(out)
-  for name in missing:
-    out[name] = _missing(name)
   return out
-
-
-def _missing(name):
-  def fn(config, workdir):
-    raise ValueError(f"stage={name!r} is not available in this build")
-  return fn

@@ -1,0 +1,202 @@
+"""Stage 2: the similarity net Ms on pair features of stage-1 embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from jsim import parallel, workdir as wd
+from jsim.data import pairs as pairs_lib
+from jsim.evaluate.embed import load_embeddings
+from jsim.models.similarity import SimilarityMLP
+from jsim.train import classifier, loop
+from jsim.train.state import TrainState
+
+# Independent streams of the seed: validation pairs, training pairs (and their order), dropout.
+_VAL, _TRAIN, _DROPOUT = range(3)
+
+
+def load_stage2_embeddings(config, workdir: Path) -> dict:
+  """This workdir's embeddings, concatenated with those of config.similarity.ensemble_workdirs."""
+  emb = load_embeddings(workdir)
+  sources = [emb["meta"]]
+  for other in config.similarity.ensemble_workdirs:
+    e = load_embeddings(other)
+    for key in ("train_index", "test_index", "train_labels", "test_labels"):
+      if not np.array_equal(e[key], emb[key]):
+        raise ValueError(f"similarity.ensemble_workdirs: {other} embeds other images ({key} differs); "
+                         f"ensemble workdirs must share the data and the seed")
+    emb["train"] = np.concatenate([emb["train"], e["train"]], axis=1)
+    emb["test"] = np.concatenate([emb["test"], e["test"]], axis=1)
+    sources.append(e["meta"])
+  emb["sources"] = sources
+  return emb
+
+
+def build_similarity(config, embedding_dim: int) -> SimilarityMLP:
+  cfg = config.similarity
+  return SimilarityMLP(hidden=tuple(cfg.hidden) or None, dropout_rate=cfg.dropout, feature=cfg.feature,
+                       dtype=classifier.compute_dtype(config.model.dtype))
+
+
+def seen_classes(emb: dict) -> np.ndarray:
+  """Data-set class indices of T180 (the classes present among its embeddings)."""
+  return np.unique(emb["train_labels"]).astype(np.int32)
+
+
+def validation_pairs(config, class_index, classes):
+  """The fixed validation pairs: a function of the seed alone."""
+  cfg = config.similarity
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _VAL)
+  return pairs_lib.sample_pairs(key, class_index, classes, cfg.val_per_ordered_class_pair,
+                                cfg.val_similar_per_class)
+
+
+def make_pair_eval(model, mesh, chunk: int):
+  """(params, emb, pairs, same, start) -> sums over one chunk of pairs (padded + masked)."""
+  @jax.jit(out_shardings=parallel.replicated(mesh))
+  def chunk_sums(params, emb, pairs, same, start):
+    n = pairs.shape[0]
+    pos = start + jnp.arange(chunk)
+    mask = pos < n
+    pos = jnp.where(mask, pos, 0)
+    pos = jax.lax.with_sharding_constraint(pos, parallel.batch_sharded(mesh))
+    p, y = pairs[pos], same[pos].astype(jnp.int32)
+    logits = model.apply({"params": params}, emb[p[:, 0]], emb[p[:, 1]], train=False)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    w = mask.astype(jnp.float32)
+    return {"loss_sum": jnp.sum(losses * w), "correct": jnp.sum((jnp.argmax(logits, -1) == y) * w),
+            "count": jnp.sum(w)}
+
+  def evaluate(params, emb, pairs, same) -> dict:
+    total = None
+    for start in range(0, pairs.shape[0], chunk):
+      s = chunk_sums(params, emb, pairs, same, jnp.int32(start))
+      total = s if total is None else jax.tree.map(jnp.add, total, s)
+    t = {k: float(v) for k, v in jax.device_get(total).items()}
+    return {"loss": t["loss_sum"] / t["count"], "accuracy": t["correct"] / t["count"], "count": int(t["count"])}
+
+  return evaluate
+
+
+class SimilarityPlan:
+  """Stage 2's epochs: fresh balanced training pairs each epoch, in a seeded order."""
+
+  item_name = "pair"
+
+  def __init__(self, config, emb_train: np.ndarray, labels: np.ndarray, model, tx, mesh):
+    cfg = config.similarity
+    self.cfg, self.mesh = cfg, mesh
+    self.batch_size = self.items_per_batch = cfg.batch_size
+    parallel.check_divisible(cfg.batch_size, mesh, "similarity.batch_size")
+    self.emb = parallel.put_replicated(emb_train, mesh)
+    self.class_index = pairs_lib.build_class_index(labels)
+    self.classes = jnp.asarray(seen_classes({"train_labels": labels}))
+    self.val_pairs, self.val_same = parallel.put_replicated(
+        validation_pairs(config, self.class_index, self.classes), mesh)
+    self.exclusion = pairs_lib.make_exclusion(self.val_pairs)
+    num_pairs = len(self.classes) * (len(self.classes) - 1) * cfg.train_per_ordered_class_pair \
+        + len(self.classes) * cfg.train_similar_per_class
+    n_dev = mesh.devices.size
+    remainder = (num_pairs % cfg.batch_size) // n_dev * n_dev
+    self._sizes = [cfg.batch_size] * (num_pairs // cfg.batch_size) + ([remainder] if remainder else [])
+    seed_key = jax.random.PRNGKey(config.seed)
+    train_key = jax.random.fold_in(seed_key, _TRAIN)
+    dropout_key = jax.random.fold_in(seed_key, _DROPOUT)
+
+    def draw_epoch(epoch):
+      return pairs_lib.sample_pairs(jax.random.fold_in(train_key, epoch), self.class_index, self.classes,
+                                    cfg.train_per_ordered_class_pair, cfg.train_similar_per_class,
+                                    exclude=self.exclusion, shuffle=True)
+
+    def train_step(state, emb, pairs, same, batch, sums, *, size):
+      start = batch * cfg.batch_size
+      p = jax.lax.dynamic_slice_in_dim(pairs, start, size)
+      y = jax.lax.dynamic_slice_in_dim(same, start, size).astype(jnp.int32)
+      p = jax.lax.with_sharding_constraint(p, parallel.batch_sharded(mesh))
+      e1, e2 = emb[p[:, 0]], emb[p[:, 1]]
+      key = jax.random.fold_in(dropout_key, state.step)
+
+      def loss_fn(params):
+        logits = model.apply({"params": params}, e1, e2, train=True, rngs={"dropout": key})
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return losses.mean(), (losses, logits)
+
+      grads, (losses, logits) = jax.grad(loss_fn, has_aux=True)(state.params)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                                opt_state=opt_state)
+      return new_state, loop.add_to_sums(sums, losses, jnp.argmax(logits, -1) == y, state.step)
+
+    self._draw_epoch = draw_epoch
+    self._train_step = jax.jit(train_step, static_argnames="size", donate_argnums=(0, 5),
+                               out_shardings=parallel.replicated(mesh))
+    self._evaluate = make_pair_eval(model, mesh, chunk=max(cfg.batch_size, 16384 // n_dev * n_dev))
+    self._pairs = self._same = None
+
+  def num_batches(self, epoch: int) -> int:
+    return len(self._sizes)
+
+  def begin_epoch(self, epoch: int) -> None:
+    self._pairs, self._same = parallel.put_replicated(self._draw_epoch(epoch), self.mesh)
+
+  def train_step(self, state, epoch: int, batch: int, sums: dict):
+    return self._train_step(state, self.emb, self._pairs, self._same, jnp.int32(batch), sums,
+                            size=self._sizes[batch])
+
+  def evaluate(self, state) -> dict:
+    return self._evaluate(state.params, self.emb, self.val_pairs, self.val_same)
+
+
+def stage_identity(config, emb: dict) -> dict:
+  d = wd.config_to_dict(config)
+  return {"seed": d["seed"], "model": d["model"]["name"], "similarity": d["similarity"],
+          "embeddings": emb["sources"]}
+
+
+def init_state(config, model, embedding_dim: int, tx) -> TrainState:
+  key = jax.random.PRNGKey(config.seed)
+  e = jnp.zeros((1, embedding_dim), jnp.float32)
+  variables = jax.jit(lambda k: model.init({"params": k}, e, e, train=False))(key)
+  return TrainState.create(variables, tx)
+
+
+def abstract_state(config, model, embedding_dim: int, mesh) -> TrainState:
+  tx = classifier.make_optimizer(config.similarity)
+  rep = parallel.replicated(mesh)
+  shapes = jax.eval_shape(lambda: init_state(config, model, embedding_dim, tx))
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+
+
+def train_similarity(config, workdir: str | Path) -> dict:
+  """Trains (or resumes) Ms in workdir/stage2 and returns its result.json."""
+  workdir = Path(workdir)
+  emb = load_stage2_embeddings(config, workdir)
+  stage_dir, finished = wd.claim_stage(workdir, wd.STAGE2, stage_identity(config, emb),
+                                       overwrite=config.overwrite)
+  if finished:
+    result = wd.stage_result(workdir, wd.STAGE2)
+    if result["epochs"] >= config.similarity.num_epochs:
+      logging.info("stage 2 already finished: %s", result)
+      return result
+  mesh = parallel.make_mesh()
+  dim = emb["train"].shape[1]
+  model = build_similarity(config, dim)
+  tx = classifier.make_optimizer(config.similarity)
+  state = parallel.put_replicated(init_state(config, model, dim, tx), mesh)
+  plan = SimilarityPlan(config, emb["train"], emb["train_labels"], model, tx, mesh)
+  settings = loop.LoopSettings.from_config(config.similarity, "stage 2")
+  state, meta = loop.fit(plan, state, stage_dir, settings, place_state=lambda s: parallel.put_replicated(s, mesh))
+  best = meta["best"]
+  result = {"best_epoch": best["epoch"], "best_step": best["step"], "best_val_accuracy": best["val_accuracy"],
+            "epochs": len(meta["rows"]), "halving_epochs": meta["halving_epochs"], "embedding_dim": int(dim),
+            "val_pairs": int(plan.val_pairs.shape[0]), "train_pairs_per_epoch": int(sum(plan._sizes))}
+  if parallel.is_main_process():
+    wd.finish_stage(stage_dir, result)
+  logging.info("stage 2 finished: best validation accuracy %.4f (epoch %d)", best["val_accuracy"], best["epoch"])
+  return result
