@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jsim.data import augment
+from jsim.data import augment, sources
 
 STAGES = ("classifier", "embed", "similarity", "evaluate", "all", "sweep")
 
@@ -20,25 +20,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.overwrite = False   # True: redo a finished stage (its old outputs are replaced)
 
-  c.data = ml_collections.ConfigDict(dict(
-      # auto: `root` if set, else `zip_path` if set, else download the official archive.
-      source="auto",          # auto | folder | zip | download | synthetic | tfds
-      root="",                # the tiny-imagenet-200 folder
-      zip_path="",            # tiny-imagenet-200.zip, read without unpacking
-      download_url="http://cs231n.stanford.edu/tiny-imagenet-200.zip",
-      download_sha256="",     # empty: the known checksum of the official archive
-      cache_dir="",           # empty: $JSIM_CACHE or ~/.cache/jsim
-      on_bad_image="error",   # error | skip (skipped files are counted in the log)
-      num_workers=0,          # decoding processes; 0: one per CPU core
-      image_size=64,          # images are stored (and cached) at this size
-      tfds_name="", tfds_data_dir="", tfds_train_split="train", tfds_test_split="test",
-      synthetic=ml_collections.ConfigDict(dict(
-          num_classes=40, train_per_class=60, test_per_class=20, image_size=64, seed=0,
-          grayscale_fraction=0.02)),
-      num_seen_classes=180,
-      val_fraction=0.3,
-      normalization="train",  # train (statistics of the stage-1 train split) | imagenet
-  ))
+  c.data = sources.default_data_config()
+  with c.data.ignore_type():
+    # auto: `root` if set, else `zip_path` if set, else download the official archive.
+    c.data.source = "auto"
+  c.data.synthetic.update(num_classes=40, train_per_class=60, test_per_class=20)
+  c.data.num_seen_classes = 180
+  c.data.val_fraction = 0.3
+  c.data.normalization = "train"  # train (statistics of the stage-1 train split) | imagenet
 
   c.model = ml_collections.ConfigDict(dict(
       name="resnet50",        # see jsim.models.available()

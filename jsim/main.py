@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging as logging_std
 import sys
 
 from absl import app, flags, logging
@@ -17,11 +18,19 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (configs
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Keeps orbax's per-save INFO chatter out of the run's log (warnings still show)."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from jsim import run  # after flag parsing: keeps --help fast
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
     run.run(FLAGS.config, FLAGS.workdir)
   except run.EXPECTED_ERRORS as e:

@@ -63,7 +63,8 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     for k in sorted(set(a) | set(b)):
       out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
     return out
-  return [] if a == b else [f"{prefix[:-1]}: {a!r} in the workdir, {b!r} now"]
+  short = lambda v: r if len(r := repr(v)) <= 60 else r[:57] + "..."
+  return [] if a == b else [f"{prefix[:-1]}: {short(a)} in the workdir, {short(b)} now"]
 
 
 def claim_stage(workdir: Path, stage: str, identity: dict, *, overwrite: bool) -> tuple[Path, bool]:

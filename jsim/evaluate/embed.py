@@ -71,7 +71,8 @@ def compute_embeddings(config, workdir: str | Path) -> dict:
   test_emb = embed_images(model, state.variables, parallel.put_replicated(data.test_set.images, mesh),
                           data.test_idx, **kw)
   meta = {"stage1_step": stage1["best_step"], "model": config.model.name, "dim": int(train_emb.shape[1]),
-          "train_count": len(t180), "test_count": len(data.test_idx)}
+          "train_count": len(t180), "test_count": len(data.test_idx), "class_ids": list(data.train_set.class_ids),
+          "seen_classes": list(data.split.seen_classes)}
   if parallel.is_main_process():
     out_dir.mkdir(parents=True, exist_ok=True)
     if meta_path.exists():

@@ -155,8 +155,8 @@ class SimilarityPlan:
 
 def stage_identity(config, emb: dict) -> dict:
   d = wd.config_to_dict(config)
-  return {"seed": d["seed"], "model": d["model"]["name"], "similarity": d["similarity"],
-          "embeddings": emb["sources"]}
+  sources = [{k: m[k] for k in ("model", "stage1_step", "dim")} for m in emb["sources"]]
+  return {"seed": d["seed"], "model": d["model"]["name"], "similarity": d["similarity"], "embeddings": sources}
 
 
 def init_state(config, model, embedding_dim: int, tx) -> TrainState:
@@ -173,14 +173,13 @@ def abstract_state(config, model, embedding_dim: int, mesh) -> TrainState:
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
 
 
-def train_similarity(config, workdir: str | Path) -> dict:
-  """Trains (or resumes) Ms in workdir/stage2 and returns its result.json."""
+def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> dict:
+  """Trains (or resumes) Ms in workdir/<stage> and returns its result.json."""
   workdir = Path(workdir)
   emb = load_stage2_embeddings(config, workdir)
-  stage_dir, finished = wd.claim_stage(workdir, wd.STAGE2, stage_identity(config, emb),
-                                       overwrite=config.overwrite)
+  stage_dir, finished = wd.claim_stage(workdir, stage, stage_identity(config, emb), overwrite=config.overwrite)
   if finished:
-    result = wd.stage_result(workdir, wd.STAGE2)
+    result = wd.stage_result(workdir, stage)
     if result["epochs"] >= config.similarity.num_epochs:
       logging.info("stage 2 already finished: %s", result)
       return result

@@ -1,0 +1,135 @@
+"""The evaluation stage (report, figures) and the research sweep over pair features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import logging
+
+from jsim import parallel, workdir as wd
+from jsim.data import pairs as pairs_lib
+from jsim.evaluate import figures, report, retrieval
+from jsim.evaluate.pairwise import evaluate_pairs
+from jsim.models.similarity import make_prob_fn
+from jsim.train import loop, similarity
+
+_TEST_PAIRS = 7   # stream of the seed for the sampled test pairs (apart from stage 2's)
+FIGURES = "figures"
+
+
+def _restore_similarity(config, workdir: Path, stage: str, dim: int, mesh):
+  if wd.stage_result(workdir, stage) is None:
+    raise FileNotFoundError(f"{workdir / stage}: stage 2 has not finished; run --config.stage=similarity first")
+  model = similarity.build_similarity(config, dim)
+  state, _ = loop.restore_best(workdir / stage, similarity.abstract_state(config, model, dim, mesh))
+  return model, state.params
+
+
+def evaluate_stage2(config, workdir: Path, stage: str, emb: dict, mesh) -> dict:
+  """Threshold on the validation pairs, then the test pairs; returns the pieces of a report."""
+  ev = config.evaluation
+  dim = emb["train"].shape[1]
+  model, params = _restore_similarity(config, workdir, stage, dim, mesh)
+  prob_fn = make_prob_fn(model)
+  class_ids = emb["meta"]["class_ids"]
+  seen = set(emb["meta"]["seen_classes"])
+  seen_mask = np.array([c in seen for c in class_ids])
+  put = lambda x: parallel.put_replicated(np.asarray(x), mesh)
+
+  # The validation pairs of stage 2, drawn again from the seed, choose the threshold.
+  train_labels = emb["train_labels"]
+  index = pairs_lib.build_class_index(train_labels, len(class_ids))
+  val_pairs, _ = similarity.validation_pairs(config, index, similarity.seen_classes(emb))
+  kw = dict(chunk_size=ev.chunk_size, num_bins=ev.num_bins, mesh=mesh)
+  val = evaluate_pairs(prob_fn, params, put(emb["train"]), train_labels, seen_mask, pairs=val_pairs, **kw)
+  threshold = val.best_threshold("all")
+
+  test_emb, test_labels = put(emb["test"]), emb["test_labels"]
+  if ev.mode == "sampled":
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _TEST_PAIRS)
+    test_pairs = pairs_lib.sample_test_pairs(key, pairs_lib.build_class_index(test_labels, len(class_ids)),
+                                             seen_mask, ev.test_per_ordered_class_pair, ev.test_similar_per_class)
+  else:
+    test_pairs = None
+  result = evaluate_pairs(prob_fn, params, test_emb, test_labels, seen_mask, pairs=test_pairs, mode=ev.mode,
+                          threshold=threshold, progress=parallel.is_main_process(), **kw)
+  return {"result": result, "threshold": threshold, "val_accuracy_at_0.5": val.accuracy("all"),
+          "prob_fn": prob_fn, "params": params, "test_emb": test_emb, "seen_mask": seen_mask}
+
+
+def evaluate(config, workdir: str | Path) -> dict:
+  """Evaluates the best stage-2 checkpoint: report.json, report.md and figures in the workdir."""
+  workdir = Path(workdir)
+  mesh = parallel.make_mesh()
+  emb = similarity.load_stage2_embeddings(config, workdir)
+  out = evaluate_stage2(config, workdir, wd.STAGE2, emb, mesh)
+  result = out["result"]
+  fig_dir = workdir / FIGURES
+  retrieval_metrics = None
+  if parallel.is_main_process():
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    for stage, title in ((wd.STAGE1, "Stage 1: classifier Mc"), (wd.STAGE2, "Stage 2: similarity net Ms")):
+      figures.plot_stage_curves(workdir / stage / "metrics.jsonl", fig_dir / f"{stage}_curves.png",
+                                f"{title} ({config.model.name})")
+    figures.plot_roc(result, fig_dir / "roc.png", title=f"ROC of Ms ({config.model.name})")
+  if config.evaluation.retrieval:
+    retrieval_metrics = _unseen_retrieval(config, workdir, emb, out, fig_dir)
+  extra = {"stage1": wd.stage_result(workdir, wd.STAGE1), "stage2": wd.stage_result(workdir, wd.STAGE2),
+           "embeddings": emb["sources"], "val_accuracy_at_0.5": out["val_accuracy_at_0.5"]}
+  table = ""
+  if parallel.is_main_process():
+    table = report.write_report(workdir, result, val_threshold=out["threshold"], backbone=config.model.name,
+                                config_dict=wd.config_to_dict(config), retrieval=retrieval_metrics, extra=extra)
+    print(f"\nFive-case test accuracy ({result.mode}, {result.num_pairs:,} pairs; {workdir / 'report.md'}):\n")
+    print(table, flush=True)
+  return {"accuracy": result.accuracy("all"), "seen_accuracy": result.accuracy("seen"),
+          "unseen_accuracy": result.accuracy("unseen"), "auc": result.auc("all"), "threshold": out["threshold"],
+          "table": table}
+
+
+def _unseen_retrieval(config, workdir: Path, emb: dict, out: dict, fig_dir: Path) -> dict:
+  """recall@k and mAP among the unseen classes' test images, ranked by Ms; and a sheet of examples."""
+  unseen = np.flatnonzero(~out["seen_mask"][emb["test_labels"]])
+  if len(unseen) < 3:
+    logging.info("retrieval skipped: fewer than 3 unseen test images")
+    return None
+  emb_u, labels_u = emb["test"][unseen], emb["test_labels"][unseen]
+  metrics = retrieval.retrieval_metrics(out["prob_fn"], out["params"], emb_u, labels_u)
+  num = min(config.evaluation.retrieval_examples, len(unseen))
+  if num and parallel.is_main_process():
+    from jsim.data.prepare import load_image_sets
+    test_images = load_image_sets(config.data)["test"].images[emb["test_index"][unseen]]
+    ranked = retrieval.rank_queries(out["prob_fn"], out["params"], emb_u, labels_u, num_top=min(8, len(unseen) - 1))
+    queries = np.random.default_rng(config.seed).choice(len(unseen), num, replace=False)
+    class_names = emb["meta"]["class_ids"]
+    figures.plot_retrieval_sheet(test_images, labels_u, queries, ranked["top_indices"][queries],
+                                 fig_dir / "retrieval_unseen.png", class_names=class_names,
+                                 title="Unseen classes: query (blue) and its top matches by Ms")
+  return metrics
+
+
+def sweep(config, workdir: str | Path) -> dict:
+  """Trains and evaluates Ms for each of config.sweep.features on the same embeddings."""
+  workdir = Path(workdir)
+  mesh = parallel.make_mesh()
+  emb = similarity.load_stage2_embeddings(config, workdir)
+  rows = []
+  for feature in config.sweep.features:
+    cfg = config.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.similarity.feature = feature
+    stage = f"sweep/{feature}"
+    logging.info("=== sweep: feature %s", feature)
+    trained = similarity.train_similarity(cfg, workdir, stage=stage)
+    out = evaluate_stage2(cfg, workdir, stage, emb, mesh)
+    r = out["result"]
+    rows.append({"name": stage, "backbone": config.model.name, "feature": feature,
+                 "val_accuracy": trained["best_val_accuracy"], "test_accuracy": r.accuracy("all"),
+                 "seen_accuracy": r.accuracy("seen"), "unseen_accuracy": r.accuracy("unseen"), "auc": r.auc("all")})
+  table = ""
+  if parallel.is_main_process():
+    table = report.write_comparison(rows, workdir / "sweep" / "comparison.md", workdir / "sweep" / "comparison.json")
+    print(table, flush=True)
+  return {"rows": rows, "table": table}
