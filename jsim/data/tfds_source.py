@@ -1,0 +1,528 @@
+"""TensorFlow Datasets side of the data layer, usable without TensorFlow.
+
+Two things live here:
+
+* `JsimTinyImagenet`, a TFDS builder (registered as 'jsim_tiny_imagenet') that
+  turns the official Tiny ImageNet layout -- a folder or the
+  `tiny-imagenet-200.zip` archive -- into array_record files. It reads the files
+  itself (zipfile + PIL) because TFDS archive extraction and TFRecord need
+  TensorFlow, which jsim does not install.
+* `load_image_sets(data_config)`, which reads the 'train' and 'test' parts of any
+  TFDS data set prepared as array_record (this builder, 'cars196', ...) with
+  `tfds.data_source` into `ImageSet`s, decoding the images with PIL in parallel
+  chunks.
+
+Prepare Tiny ImageNet once (no download; `source` is the folder or the zip):
+
+    python -m jsim.data.tfds_source --source ~/data/tiny-imagenet-200 \
+        --data_dir ~/tensorflow_datasets
+
+or in Python: `prepare_tiny_imagenet(source, data_dir)`, or the TFDS way:
+`tfds.builder('jsim_tiny_imagenet', data_dir=..., source=...)
+.download_and_prepare(file_format='array_record')`.
+
+Stored images: the original JPEG bytes of each file, untouched, so decoding them
+gives exactly the pixels of the file. Grayscale JPEGs (about 2% of Tiny
+ImageNet) stay single-channel JPEGs on disk; the feature is declared
+(64, 64, 3) and every decoder -- TFDS's own (TF, OpenCV or PIL) and
+`decode_rgb` here -- replicates the gray channel into RGB. Only an image that
+is neither 8-bit RGB/gray nor 64x64 is converted to RGB, resized (bilinear) and
+re-encoded (JPEG, quality 95); the real Tiny ImageNet has none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import io
+import logging
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image
+
+from jsim.data.dataset import ImageSet
+
+log = logging.getLogger(__name__)
+
+TINY_IMAGENET_NAME = "jsim_tiny_imagenet"
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINY_IMAGENET_SIZE = 64
+_IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+# Features that may hold a per-image name, in order of preference.
+_ID_KEYS = ("image_id", "id", "file_name", "filename", "image/filename", "image_name", "name")
+ON_BAD_IMAGE = ("error", "skip")  # as data.on_bad_image; "raise" is read as "error"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the official layout from a folder or a zip.
+
+
+class _TinyImagenetFiles:
+  """The official Tiny ImageNet layout, from a folder or a zip archive.
+
+  `root` may be: the `tiny-imagenet-200` folder (holding wnids.txt), a folder
+  that contains it or `tiny-imagenet-200.zip`, or the zip itself (wnids.txt may
+  sit under one top folder inside).
+  """
+
+  def __init__(self, root: str | os.PathLike):
+    root = Path(root).expanduser()
+    self._zip: zipfile.ZipFile | None = None
+    self._dir: Path | None = None
+    if root.is_file():
+      if not zipfile.is_zipfile(root):
+        raise ValueError(f"Tiny ImageNet source {root} is a file but not a zip archive")
+      self._open_zip(root)
+    elif root.is_dir():
+      for cand in (root, root / "tiny-imagenet-200"):
+        if (cand / "wnids.txt").is_file():
+          self._dir = cand
+          break
+      else:
+        zips = [root / "tiny-imagenet-200.zip"] + sorted(root.glob("*.zip"))
+        zips = [z for z in zips if z.is_file()]
+        if not zips:
+          raise FileNotFoundError(
+              f"Tiny ImageNet not found in {root}: expected wnids.txt, tiny-imagenet-200/wnids.txt "
+              "or tiny-imagenet-200.zip there")
+        self._open_zip(zips[0])
+    else:
+      raise FileNotFoundError(f"Tiny ImageNet source {root} does not exist")
+    self.where = str(self._dir if self._dir is not None else self._zip.filename)
+
+  def _open_zip(self, path: Path) -> None:
+    self._zip = zipfile.ZipFile(path)
+    names = [n for n in self._zip.namelist() if not n.endswith("/")]
+    wnids = sorted((n for n in names if n == "wnids.txt" or n.endswith("/wnids.txt")), key=len)
+    if not wnids:
+      raise FileNotFoundError(f"{path} holds no wnids.txt: not a Tiny ImageNet archive")
+    self._prefix = wnids[0][: -len("wnids.txt")]
+    self._names = {n[len(self._prefix):] for n in names if n.startswith(self._prefix)}
+
+  def read(self, rel: str) -> bytes:
+    """Bytes of the file at `rel` (a '/'-separated path inside the layout)."""
+    if self._dir is not None:
+      path = self._dir / rel
+      if not path.is_file():
+        raise FileNotFoundError(f"Tiny ImageNet file {path} is missing")
+      return path.read_bytes()
+    if rel not in self._names:
+      raise FileNotFoundError(f"Tiny ImageNet file {self._prefix}{rel} is missing from {self.where}")
+    return self._zip.read(self._prefix + rel)
+
+  def list_images(self, rel_dir: str) -> list[str]:
+    """File names (sorted) of the images directly inside `rel_dir`."""
+    if self._dir is not None:
+      folder = self._dir / rel_dir
+      if not folder.is_dir():
+        raise FileNotFoundError(f"Tiny ImageNet folder {folder} is missing")
+      names = [p.name for p in folder.iterdir() if p.is_file()]
+    else:
+      pre = rel_dir.rstrip("/") + "/"
+      names = [n[len(pre):] for n in self._names if n.startswith(pre) and "/" not in n[len(pre):]]
+      if not names:
+        raise FileNotFoundError(f"Tiny ImageNet folder {self._prefix}{pre} is missing from {self.where}")
+    return sorted(n for n in names if n.lower().endswith(_IMAGE_SUFFIXES))
+
+  def wnids(self) -> list[str]:
+    """The class ids of wnids.txt, sorted (their position is the label)."""
+    wnids = [w.strip() for w in self.read("wnids.txt").decode().splitlines() if w.strip()]
+    if len(set(wnids)) != len(wnids):
+      raise ValueError(f"wnids.txt in {self.where} lists a class twice")
+    return sorted(wnids)
+
+  def val_annotations(self) -> list[tuple[str, str]]:
+    """(file name, wnid) of every line of val/val_annotations.txt, sorted by file name."""
+    out = []
+    for k, line in enumerate(self.read("val/val_annotations.txt").decode().splitlines()):
+      if not line.strip():
+        continue
+      cols = line.split("\t")
+      if len(cols) < 2:
+        raise ValueError(f"val/val_annotations.txt line {k + 1} in {self.where} is not "
+                         f"'file<TAB>wnid<TAB>...': {line!r}")
+      out.append((cols[0].strip(), cols[1].strip()))
+    return sorted(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# The builder.
+
+
+def _tiny_imagenet_bytes(data: bytes, name: str) -> bytes:
+  """Checks that `data` decodes; returns it unchanged unless it must be converted (see module doc)."""
+  with Image.open(io.BytesIO(data)) as im:
+    im.load()  # Decode fully: a truncated file fails here, not at training time.
+    if im.mode in ("RGB", "L") and im.size == (TINY_IMAGENET_SIZE, TINY_IMAGENET_SIZE):
+      return data
+    log.warning("%s is %s %s, not 64x64 RGB/gray: converting and re-encoding it", name, im.mode, im.size)
+    im = im.convert("RGB").resize((TINY_IMAGENET_SIZE, TINY_IMAGENET_SIZE), Image.BILINEAR)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+class JsimTinyImagenet(tfds.core.GeneratorBasedBuilder):
+  """Tiny ImageNet (tiny-imagenet-200) for jsim: 'train' = train folder, 'test' = val folder.
+
+  Builder kwargs (besides TFDS's data_dir, file_format...):
+    source: the folder or zip to read (see `_TinyImagenetFiles`). Default: the
+      manual dir (`<data_dir>/downloads/manual`, or `DownloadConfig.manual_dir`).
+    allow_download: only if True and neither `source` nor a manual dir holds the
+      data, download the official zip from the CS231n site.
+    on_bad_image: 'error' (default: ValueError naming the file) or 'skip' (with a
+      warning) an image that does not decode.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Original JPEG bytes; 'train' = train folder, 'test' = val folder."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Put tiny-imagenet-200.zip (http://cs231n.stanford.edu/tiny-imagenet-200.zip) or its unpacked "
+      "tiny-imagenet-200/ folder in the manual dir, or pass source=<folder or zip> to the builder.")
+
+  def __init__(self, *, source: str | os.PathLike | None = None, allow_download: bool = False,
+               on_bad_image: str = "error", **kwargs: Any):
+    on_bad_image = _check_on_bad_image(on_bad_image)
+    self._source = None if source is None else os.fspath(source)
+    self._allow_download = allow_download
+    self._on_bad_image = on_bad_image
+    super().__init__(**kwargs)
+    # DatasetBuilder pickles by re-running __init__ with this dict.
+    self._original_state.update(source=self._source, allow_download=allow_download,
+                                on_bad_image=on_bad_image)
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # TFDS's own lookup needs the `importlib_resources` package for a builder
+    # that lives in a package; the answer is simply this file.
+    return epath.Path(__file__)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    # The class names come from wnids.txt at preparation time (_split_generators);
+    # when reading, TFDS restores them from the prepared folder (label.labels.txt).
+    label = tfds.features.ClassLabel()
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=("Tiny ImageNet (tiny-imagenet-200): 64x64 RGB images of 200 ImageNet classes. "
+                     "'train' is the train folder (500 per class), 'test' the labelled val folder "
+                     "(50 per class). Labels index the sorted WordNet ids of wnids.txt; image_id is "
+                     "the file name."),
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(TINY_IMAGENET_SIZE, TINY_IMAGENET_SIZE, 3),
+                                         encoding_format="jpeg"),
+            "label": label,
+            "image_id": tfds.features.Text(),
+        }),
+        supervised_keys=("image", "label"),
+        homepage="http://cs231n.stanford.edu/",
+        # Keep the layout's order (classes sorted, then file names sorted) on disk.
+        disable_shuffling=True,
+    )
+
+  def _locate(self, dl_manager: tfds.download.DownloadManager) -> _TinyImagenetFiles:
+    if self._source is not None:
+      return _TinyImagenetFiles(self._source)
+    try:
+      manual = dl_manager.manual_dir  # Raises when absent or empty.
+    except (AssertionError, ValueError):
+      manual = None
+    if manual is not None:
+      return _TinyImagenetFiles(os.fspath(manual))
+    if not self._allow_download:
+      raise FileNotFoundError(
+          f"{TINY_IMAGENET_NAME}: no data to prepare. Pass source=<tiny-imagenet-200 folder or zip>, "
+          f"put it in the manual dir, or pass allow_download=True to fetch {TINY_IMAGENET_URL}")
+    # Download only (no extraction: that path needs TensorFlow); the zip is read directly.
+    return _TinyImagenetFiles(os.fspath(dl_manager.download(TINY_IMAGENET_URL)))
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    files = self._locate(dl_manager)
+    wnids = files.wnids()
+    # Set the class names before any example is encoded.
+    self.info.features["label"].names = wnids
+    return {"train": self._generate_examples(files, "train"),
+            "test": self._generate_examples(files, "test")}
+
+  def _generate_examples(self, files: _TinyImagenetFiles, part: str) -> Iterator[tuple[str, dict]]:
+    wnids = self.info.features["label"].names
+    index = {w: i for i, w in enumerate(wnids)}
+    if part == "train":
+      items = [(f"train/{w}/images/{name}", w) for w in wnids
+               for name in files.list_images(f"train/{w}/images")]
+    else:
+      items = []
+      for name, w in files.val_annotations():
+        if w not in index:
+          raise ValueError(f"val/val_annotations.txt in {files.where}: {name} has class {w!r}, "
+                           "which is not in wnids.txt")
+        items.append((f"val/images/{name}", w))
+    for rel, w in items:
+      name = rel.rsplit("/", 1)[-1]
+      data = files.read(rel)  # A missing file is an error whatever on_bad_image says.
+      try:
+        data = _tiny_imagenet_bytes(data, rel)
+      except (OSError, ValueError, Image.DecompressionBombError) as e:
+        if self._on_bad_image == "error":
+          raise ValueError(f"cannot decode {rel} in {files.where}: {e}") from e
+        log.warning("skipping %s in %s: %s", rel, files.where, e)
+        continue
+      yield name, {"image": data, "label": index[w], "image_id": name}
+
+
+def prepare_tiny_imagenet(source: str | os.PathLike | None, data_dir: str | os.PathLike | None = None,
+                          *, allow_download: bool = False, on_bad_image: str = "error"
+                          ) -> tfds.core.DatasetBuilder:
+  """Prepares 'jsim_tiny_imagenet' (array_record) in `data_dir` from a folder or zip; returns the builder.
+
+  A no-op when it is already prepared there.
+  """
+  builder = JsimTinyImagenet(data_dir=None if data_dir is None else os.fspath(data_dir),
+                             source=source, allow_download=allow_download, on_bad_image=on_bad_image)
+  builder.download_and_prepare(file_format="array_record")
+  return builder
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading any TFDS data set prepared as array_record.
+
+
+def decode_rgb(data: bytes | np.ndarray, image_size: int | None) -> np.ndarray:
+  """Decodes encoded bytes (or takes a decoded array) into uint8 RGB [S, S, 3].
+
+  Gray is replicated into RGB, alpha dropped (PIL's convert('RGB')). When the
+  size differs from `image_size` (None: keep it) the image is resized to
+  image_size x image_size with PIL bilinear (antialiased when shrinking); no
+  crop, so the aspect ratio is not kept.
+  """
+  if isinstance(data, np.ndarray):
+    if data.dtype != np.uint8:
+      raise ValueError(f"expected a uint8 image, got {data.dtype}")
+    arr = data[..., 0] if data.ndim == 3 and data.shape[-1] == 1 else data
+    im = Image.fromarray(arr)
+  else:
+    im = Image.open(io.BytesIO(bytes(data)))
+  with im:
+    if im.mode != "RGB":
+      im = im.convert("RGB")
+    if image_size is not None and im.size != (image_size, image_size):
+      im = im.resize((image_size, image_size), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSplit:
+  """One split of a prepared TFDS data set, with what jsim needs to read it.
+
+  Attributes:
+    source: the `tfds.data_source` of the split; images come back undecoded
+      (bytes), every other feature decoded.
+    class_ids: class names sorted (ClassLabel names; str(i) when unnamed, kept
+      in numeric order).
+    label_map: int32 [num TFDS labels]: TFDS label -> index into class_ids.
+    image_key, label_key: the features holding the image and the ClassLabel.
+    id_key: the Text feature naming each image, or None.
+  """
+
+  name: str
+  split: str
+  source: Sequence[dict]
+  class_ids: tuple[str, ...]
+  label_map: np.ndarray
+  image_key: str
+  label_key: str
+  id_key: str | None
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+
+def _not_prepared(name: str, data_dir: str | None, why: str) -> FileNotFoundError:
+  where = data_dir or "the default TFDS data dir (TFDS_DATA_DIR or ~/tensorflow_datasets)"
+  if name == TINY_IMAGENET_NAME:
+    how = (f"python -m jsim.data.tfds_source --source <tiny-imagenet-200 folder or zip> "
+           f"--data_dir {data_dir or '<dir>'}")
+  else:
+    how = (f"tfds.builder({name!r}, data_dir={data_dir!r}).download_and_prepare(file_format='array_record') "
+           "(if its preparation needs TensorFlow, run that where TF is installed and copy the folder)")
+  return FileNotFoundError(
+      f"TFDS data set {name!r} is not usable in {where}: {why}. Prepare it with: {how}. "
+      "This machine has no TensorFlow, so only array_record-prepared data sets can be read "
+      "(not TFRecord).")
+
+
+def _pick_key(features, cls, preferred: Sequence[str], what: str, name: str, required: bool = True):
+  keys = [k for k, f in features.items() if isinstance(f, cls)]
+  for k in preferred:
+    if k in keys:
+      return k
+  if len(keys) == 1 or (keys and not required):
+    return keys[0]
+  if not required:
+    return None
+  raise ValueError(f"TFDS data set {name!r} has {len(keys)} top-level {what} features {keys}; "
+                   f"jsim needs exactly one (or one named {preferred[0]!r})")
+
+
+def open_tfds_split(name: str, split: str, data_dir: str | os.PathLike | None = None) -> TfdsSplit:
+  """Opens one split of an array_record-prepared TFDS data set for random access.
+
+  Raises FileNotFoundError (one line, saying how to prepare it) when the data
+  set is unknown, not prepared in `data_dir`, or prepared only as TFRecord.
+  """
+  data_dir = None if data_dir is None else os.fspath(Path(data_dir).expanduser())
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise _not_prepared(name, data_dir, f"unknown data set ({str(e).splitlines()[0]})") from None
+  if not builder.is_prepared():
+    raise _not_prepared(name, data_dir, f"not prepared (no {builder.data_dir})")
+  formats = {builder.info.file_format} | set(getattr(builder.info, "alternative_file_formats", ()) or ())
+  if tfds.core.file_adapters.FileFormat.ARRAY_RECORD not in formats:
+    raise _not_prepared(name, data_dir, f"prepared as {sorted(str(f.value) for f in formats if f)} "
+                        "in " + str(builder.data_dir))
+  features = builder.info.features
+  # Slices and sums ('train[:80%]', 'train+test') are TFDS's to parse; check the names only.
+  for part in split.split("+"):
+    if part.split("[")[0].strip() not in builder.info.splits:
+      raise ValueError(f"TFDS data set {name!r} has no split {part!r} (it has {sorted(builder.info.splits)})")
+  image_key = _pick_key(features, tfds.features.Image, ("image",), "Image", name)
+  label_key = _pick_key(features, tfds.features.ClassLabel, ("label",), "ClassLabel", name)
+  id_key = _pick_key(features, tfds.features.Text, _ID_KEYS, "Text", name, required=False)
+  if id_key is not None and id_key not in _ID_KEYS:
+    id_key = None  # A lone Text feature need not name the image (e.g. a caption).
+  # Skip TFDS's decoding of every image feature: we decode with PIL ourselves,
+  # and other images (e.g. segmentation masks) are not needed at all.
+  decoders = {k: tfds.decode.SkipDecoding() for k, f in features.items()
+              if isinstance(f, tfds.features.Image)}
+  source = tfds.data_source(name, split=split, data_dir=data_dir, download=False, decoders=decoders)
+  names = list(features[label_key].names or [str(i) for i in range(features[label_key].num_classes)])
+  # ImageSet wants class ids sorted; unnamed classes ('0', '1', ...) keep numeric order.
+  order = (list(range(len(names))) if all(n.isdigit() for n in names)
+           else sorted(range(len(names)), key=lambda i: names[i]))
+  label_map = np.empty(len(names), np.int32)
+  label_map[order] = np.arange(len(names), dtype=np.int32)
+  return TfdsSplit(name=name, split=split, source=source, class_ids=tuple(names[i] for i in order),
+                   label_map=label_map, image_key=image_key, label_key=label_key, id_key=id_key)
+
+
+def _text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+
+def read_image_set(ts: TfdsSplit, image_size: int | None, *, on_bad_image: str = "error",
+                   num_threads: int | None = None, chunk_size: int = 512) -> ImageSet:
+  """Decodes a whole TFDS split into an ImageSet, in parallel chunks of `chunk_size` records.
+
+  image_size: side of the output images (None: all images must share one size).
+  on_bad_image: 'error' (ValueError naming the image) or 'skip' it with a warning.
+  """
+  on_bad_image = _check_on_bad_image(on_bad_image)
+  n = len(ts)
+  if image_size is None and n:
+    image_size = decode_rgb(ts.source[0][ts.image_key], None).shape[0]
+  images = np.zeros((n, image_size, image_size, 3), np.uint8)
+  labels = np.zeros(n, np.int32)
+  ids: list[str] = [""] * n
+  ok = np.ones(n, bool)
+
+  def work(start: int) -> None:
+    stop = min(start + chunk_size, n)
+    records = ts.source.__getitems__(list(range(start, stop)))
+    for i, rec in zip(range(start, stop), records):
+      ids[i] = _text(rec[ts.id_key]) if ts.id_key else f"{ts.split}/{i}"
+      labels[i] = ts.label_map[int(rec[ts.label_key])]
+      try:
+        img = decode_rgb(rec[ts.image_key], image_size)
+        if img.shape != images.shape[1:]:
+          raise ValueError(f"size {img.shape} differs from the first image's {images.shape[1:]}")
+        images[i] = img
+      except (OSError, ValueError, Image.DecompressionBombError) as e:
+        if on_bad_image == "error":
+          raise ValueError(f"{ts.name}/{ts.split}: cannot decode image {i} ({ids[i]}): {e}") from e
+        log.warning("%s/%s: skipping image %d (%s): %s", ts.name, ts.split, i, ids[i], e)
+        ok[i] = False
+
+  workers = num_threads or min(8, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for f in [pool.submit(work, s) for s in range(0, n, chunk_size)]:
+      f.result()  # Re-raises the first error.
+  if ts.id_key and len(set(ids)) != n:
+    log.warning("%s/%s: %r does not name images uniquely; using '<split>/<index>' ids",
+                ts.name, ts.split, ts.id_key)
+    ids = [f"{ts.split}/{i}" for i in range(n)]
+  if not ok.all():
+    keep = np.flatnonzero(ok)
+    images, labels, ids = images[keep], labels[keep], [ids[i] for i in keep]
+  return ImageSet(images=images, labels=labels, class_ids=ts.class_ids, image_ids=tuple(ids))
+
+
+def _check_on_bad_image(value: str) -> str:
+  value = "error" if value == "raise" else value
+  if value not in ON_BAD_IMAGE:
+    raise ValueError(f"on_bad_image={value!r} must be one of {ON_BAD_IMAGE}")
+  return value
+
+
+def _cfg(cfg: Any, key: str, default: Any) -> Any:
+  if isinstance(cfg, dict):
+    return cfg.get(key, default)
+  return getattr(cfg, key, default)
+
+
+def load_image_sets(data_config: Any) -> dict[str, ImageSet]:
+  """Reads the 'train' and 'test' ImageSets of a TFDS data set (data_config.source == 'tfds').
+
+  Fields used (ConfigDict, dataclass or dict): tfds_name (e.g. 'jsim_tiny_imagenet',
+  'cars196'), tfds_data_dir (None: TFDS's default), tfds_train_split ('train'),
+  tfds_test_split ('test'), image_size (64), on_bad_image ('error'|'skip'),
+  num_workers (decoding threads; 0: one per CPU core).
+  Both parts share the class ids of the data set's ClassLabel (sorted); image
+  ids come from an id feature ('image_id', 'id', 'file_name', ...) if present,
+  else '<split>/<index>'.
+  """
+  source = _cfg(data_config, "source", "tfds")
+  if source != "tfds":
+    raise ValueError(f"tfds_source.load_image_sets got data.source={source!r}, expected 'tfds'")
+  name = _cfg(data_config, "tfds_name", None)
+  if not name:
+    raise ValueError("data.tfds_name must name a TFDS data set (e.g. 'jsim_tiny_imagenet', 'cars196')")
+  data_dir = _cfg(data_config, "tfds_data_dir", None) or None  # "" = TFDS's default
+  image_size = _cfg(data_config, "image_size", TINY_IMAGENET_SIZE)
+  on_bad_image = _cfg(data_config, "on_bad_image", "error")
+  num_threads = _cfg(data_config, "num_workers", 0) or os.cpu_count() or 1
+  splits = {"train": _cfg(data_config, "tfds_train_split", "train"),
+            "test": _cfg(data_config, "tfds_test_split", "test")}
+  out = {}
+  for part, split in splits.items():
+    ts = open_tfds_split(name, split, data_dir)
+    out[part] = read_image_set(ts, image_size, on_bad_image=on_bad_image, num_threads=num_threads)
+    log.info("%s[%s] -> %s: %d images", name, split, part, len(out[part]))
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """Command line: prepare 'jsim_tiny_imagenet' from a folder or zip."""
+  p = argparse.ArgumentParser(description="Prepare Tiny ImageNet as the TFDS data set "
+                              f"{TINY_IMAGENET_NAME!r} (array_record, no TensorFlow needed).")
+  p.add_argument("--source", default=None, help="tiny-imagenet-200 folder or zip (default: the manual dir)")
+  p.add_argument("--data_dir", default=None, help="TFDS data dir (default: TFDS_DATA_DIR or ~/tensorflow_datasets)")
+  p.add_argument("--allow_download", action="store_true", help=f"download {TINY_IMAGENET_URL} if no source")
+  p.add_argument("--on_bad_image", default="error", choices=ON_BAD_IMAGE)
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO)
+  builder = prepare_tiny_imagenet(args.source, args.data_dir, allow_download=args.allow_download,
+                                  on_bad_image=args.on_bad_image)
+  print(f"{TINY_IMAGENET_NAME} prepared in {builder.data_dir}: "
+        + ", ".join(f"{k} {v.num_examples}" for k, v in sorted(builder.info.splits.items())))
+
+
+if __name__ == "__main__":
+  main()
