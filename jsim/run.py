@@ -27,13 +27,17 @@ def run(config, workdir: str | Path) -> dict:
   if parallel.is_main_process():
     wd.write_json(workdir / "config.json", wd.config_to_dict(config))
   stages = _stages()
-  if config.stage == "all":
-    result = None
-    for name in ("classifier", "embed", "similarity", "evaluate"):
-      logging.info("=== %s", name)
-      result = stages[name](config, workdir)
-    return result
-  return stages[config.stage](config, workdir)
+  result = None
+  for name in _CHAINS.get(config.stage, (config.stage,)):
+    logging.info("=== %s", name)
+    result = stages[name](config, workdir)
+  return result
+
+
+# A stage runs what it needs first; finished or current steps are skipped.
+_CHAINS = {"all": ("classifier", "embed", "similarity", "evaluate"),
+           "similarity": ("embed", "similarity"),
+           "sweep": ("embed", "sweep")}
 
 
 def _stages() -> dict:
