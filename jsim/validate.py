@@ -54,7 +54,8 @@ def check_config(config) -> None:
   _choice("data.on_bad_image", d.on_bad_image, ("error", "skip"))
   _choice("data.normalization", d.normalization, ("train", "imagenet"))
   _positive("data.image_size", d.image_size)
-  _positive("data.num_workers", d.num_workers, allow_zero=True)
+  if d.num_workers is not None:
+    _positive("data.num_workers", d.num_workers)
   _positive("data.num_seen_classes", d.num_seen_classes)
   if d.source == "synthetic" and d.num_seen_classes > d.synthetic.num_classes:
     raise ValueError(f"data.num_seen_classes={d.num_seen_classes} is more than the "
@@ -80,7 +81,7 @@ def check_config(config) -> None:
   _positive("classifier.input_size", c.input_size)
   if not 0.0 <= c.augment.prob <= 1.0:
     raise ValueError(f"classifier.augment.prob={c.augment.prob!r}: must be in [0, 1]")
-  augment._spec(c.augment, (d.image_size, d.image_size))  # raises on unknown transforms or a crop too large
+  augment.check_config(c.augment, (d.image_size, d.image_size))
   _positive("embed.batch_size", config.embed.batch_size)
   _divisible("embed.batch_size", config.embed.batch_size, devices)
 

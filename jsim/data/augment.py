@@ -133,6 +133,11 @@ def _spec(cfg: Any, image_size: tuple[int, int]) -> _Spec:
 # ----------------------------------------------------------------------------- parameters
 
 
+def check_config(cfg: Any, image_size: tuple[int, int]) -> None:
+  """Raises ValueError naming the first bad field of an augment config for this image size."""
+  _spec(cfg, image_size)
+
+
 def sample_params(key: jax.Array, batch: int, cfg: Any, image_size: tuple[int, int] = (64, 64)) -> Params:
   """Draws the per-image augmentation parameters (image i from jax.random.split(key, batch)[i]).
 
