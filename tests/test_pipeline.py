@@ -1,0 +1,60 @@
+"""Every stage through the real command line on the tiny config: the workdir contract."""
+
+import json
+
+import numpy as np
+
+from conftest import run_jsim
+
+
+def _json(path):
+  return json.loads(path.read_text())
+
+
+def test_workdir_contract(tiny_workdir):
+  w = tiny_workdir
+  split = _json(w / "split.json")
+  assert split["counts"] == {"seen_classes": 6, "unseen_classes": 2, "train": 42, "val": 18, "test": 32}
+  pre = _json(w / "preprocessing.json")
+  assert pre["normalization"] == "train" and len(pre["mean"]) == 3 and pre["image_size"] == 32
+
+  for stage, epochs in (("stage1", 2), ("stage2", 3)):
+    rows = [json.loads(line) for line in (w / stage / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+    for r in rows:
+      assert {"lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "items_per_s", "halved"} <= set(r)
+    assert list((w / stage / "tb").glob("events.out.tfevents.*"))
+    result = _json(w / stage / "result.json")
+    assert result["epochs"] == epochs
+    steps = sorted(int(p.name) for p in (w / stage / "checkpoints").iterdir() if p.name.isdigit())
+    assert rows[-1]["step"] in steps and result["best_step"] in steps
+    assert _json(w / stage / "config.json")["model"]  # the defining settings are recorded
+
+  s1 = _json(w / "stage1" / "result.json")
+  assert s1["test_images"] == 24 and 0.0 <= s1["test_accuracy"] <= 1.0  # seen-class test images only
+
+  meta = _json(w / "embeddings" / "meta.json")
+  assert meta["stage1_step"] == s1["best_step"] and meta["dim"] == 256
+  train, test = np.load(w / "embeddings" / "train.npy"), np.load(w / "embeddings" / "test.npy")
+  assert train.shape == (60, 256) and test.shape == (32, 256) and np.isfinite(train).all()
+
+  report = _json(w / "report.json")
+  pairs = [c["pairs"] for c in report["cases"]]
+  # 8 classes (6 seen), 4 test images each, 2 per ordered class pair, 14 per class.
+  assert pairs == [6 * 14, 6 * 5 * 2, 2 * 6 * 2 * 2, 2 * 14, 2 * 1 * 2]
+  assert 0.0 <= report["val_threshold"] <= 1.0
+  assert set(report["auc"]) == {"overall", "seen", "unseen"}
+  assert report["retrieval"]["num_queries"] == 8
+  assert "| 1. similar, seen class |" in (w / "report.md").read_text()
+  for fig in ("stage1_curves", "stage2_curves", "roc", "retrieval_unseen"):
+    assert (w / "figures" / f"{fig}.png").stat().st_size > 1000
+
+
+def test_rerun_resumes_instead_of_restarting(tiny_workdir, jsim_cache):
+  before = {p: p.stat().st_mtime_ns for p in (tiny_workdir / "stage1" / "checkpoints").rglob("*")}
+  proc = run_jsim(["--config=configs/tiny.py", f"--workdir={tiny_workdir}", "--config.stage=classifier"],
+                  jsim_cache)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "stage 1 already finished" in proc.stderr
+  after = {p: p.stat().st_mtime_ns for p in (tiny_workdir / "stage1" / "checkpoints").rglob("*")}
+  assert before == after
