@@ -1,0 +1,239 @@
+"""report.json / report.md of an evaluation, beside the published numbers, and sweep tables.
+
+Accuracies and AUCs are fractions in [0, 1] in every JSON file (published numbers
+included, converted from the source's percentages); the markdown shows percentages.
+NaN (e.g. a case without pairs) is written as null in JSON and '-' in markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from jsim.data.pairs import CASE_NAMES
+from jsim.evaluate.pairwise import PairEvalResult
+
+# PROTOCOL.md, in percent as the source gives them. seen/unseen are the abstract's
+# summary (87.5 / 73.8), which matches ResNet50's cases weighted by their pair counts;
+# the source gives no such summary, and no AUC, for VGG16.
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "resnet50": {
+        "stage1_test_accuracy": 69.51,
+        "stage2_val_accuracy": 96.3,
+        "test_accuracy": 86.51,
+        "case_accuracy": {1: 83.36, 2: 92.22, 3: 84.27, 4: 74.25, 5: 69.56},
+        "seen_accuracy": 87.5,
+        "unseen_accuracy": 73.8,
+    },
+    "vgg16": {
+        "stage1_test_accuracy": 67.96,
+        "stage2_val_accuracy": 91.2,
+        "test_accuracy": 82.54,
+        "case_accuracy": {1: 83.40, 2: 83.85, 3: 73.47, 4: 83.00, 5: 56.89},
+        "seen_accuracy": None,
+        "unseen_accuracy": None,
+    },
+}
+BACKBONE_TITLES = {"resnet50": "ResNet50", "vgg16": "VGG16"}
+GROUP_ROWS = (("all", "all (1-5)", "test_accuracy"), ("seen", "seen (1-2)", "seen_accuracy"),
+              ("unseen", "unseen (4-5)", "unseen_accuracy"))
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+def published(backbone: str) -> dict[str, Any] | None:
+  """The source's numbers (percent) for a backbone, None for one it did not use."""
+  return PUBLISHED.get(backbone)
+
+
+def _clean(x: Any) -> Any:
+  """JSON-ready copy: NaN/inf -> None, numpy scalars/arrays -> Python, tuples -> lists, keys -> str."""
+  if isinstance(x, dict):
+    return {str(k): _clean(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_clean(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return _clean(x.tolist())
+  if isinstance(x, (np.bool_, bool)):
+    return bool(x)
+  if isinstance(x, (np.integer, int)):
+    return int(x)
+  if isinstance(x, (np.floating, float)):
+    return float(x) if math.isfinite(float(x)) else None
+  if x is None or isinstance(x, str):
+    return x
+  if hasattr(x, "to_dict"):  # ml_collections.ConfigDict
+    return _clean(x.to_dict())
+  return str(x)
+
+
+def _pct(v: float | None, digits: int = 2) -> str:
+  return "-" if v is None or not math.isfinite(v) else f"{100 * v:.{digits}f} %"
+
+
+def _frac(percent: float | None) -> float | None:
+  return None if percent is None else percent / 100.0
+
+
+def _num(v: float | None, digits: int = 4) -> str:
+  return "-" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def report_dict(result: PairEvalResult, *, val_threshold: float | None, backbone: str, config_dict: Any = None,
+                retrieval: dict | None = None, extra: dict | None = None) -> dict:
+  """The content of report.json (see `write_report`)."""
+  if val_threshold is not None and not math.isclose(val_threshold, result.threshold, abs_tol=1e-9):
+    raise ValueError(f"val_threshold={val_threshold} differs from the threshold the result was counted at "
+                     f"({result.threshold}); evaluate with threshold=val_threshold")
+  pub = published(backbone)
+  acc05, acct = result.case_accuracy("0.5"), result.case_accuracy("threshold")
+  cases = [{"case": c, "name": CASE_NAMES[c], "pairs": int(result.count[c - 1]), "accuracy_at_0.5": acc05[c],
+            "accuracy_at_val_threshold": acct[c],
+            "published_accuracy": _frac(pub["case_accuracy"][c]) if pub else None} for c in CASE_NAMES]
+  groups = {"overall": "all", "seen": "seen", "unseen": "unseen"}
+  out = {
+      "backbone": backbone,
+      "mode": result.mode,
+      "num_pairs": result.num_pairs,
+      "num_bins": result.num_bins,
+      "val_threshold": result.threshold,
+      "pairs_per_s": result.pairs_per_s,
+      "cases": cases,
+      "accuracy_at_0.5": {k: result.accuracy(g, "0.5") for k, g in groups.items()},
+      "accuracy_at_val_threshold": {k: result.accuracy(g, "threshold") for k, g in groups.items()},
+      "auc": {k: result.auc(g) for k, g in groups.items()},
+      "published": None if pub is None else {
+          "overall": _frac(pub["test_accuracy"]), "seen": _frac(pub["seen_accuracy"]),
+          "unseen": _frac(pub["unseen_accuracy"]), "stage2_val_accuracy": _frac(pub["stage2_val_accuracy"]),
+          "stage1_test_accuracy": _frac(pub["stage1_test_accuracy"])},
+      "retrieval": retrieval,
+      "config": config_dict,
+      "extra": extra or {},
+  }
+  return _clean(out)
+
+
+def case_table_markdown(report: dict) -> str:
+  """The five-case table (plus all / seen / unseen rows) of a report dict, beside the published numbers."""
+  title = BACKBONE_TITLES.get(report["backbone"], report["backbone"])
+  t = report["val_threshold"]
+  lines = [f"| case | pairs | accuracy (p > 0.5) | accuracy (p > {t:.3f}, val threshold) | published {title} |",
+           "|---|---:|---:|---:|---:|"]
+  for c in report["cases"]:
+    lines.append(f"| {c['case']}. {c['name']} | {c['pairs']:,} | {_pct(c['accuracy_at_0.5'])} | "
+                 f"{_pct(c['accuracy_at_val_threshold'])} | {_pct(c['published_accuracy'])} |")
+  pub = report["published"] or {}
+  counts = {c["case"]: c["pairs"] for c in report["cases"]}
+  for key, label, _ in GROUP_ROWS:
+    name = "overall" if key == "all" else key
+    n = sum(counts[c] for c in {"all": (1, 2, 3, 4, 5), "seen": (1, 2), "unseen": (4, 5)}[key])
+    lines.append(f"| **{label}** | {n:,} | {_pct(report['accuracy_at_0.5'][name])} | "
+                 f"{_pct(report['accuracy_at_val_threshold'][name])} | {_pct(pub.get(name))} |")
+  return "\n".join(lines) + "\n"
+
+
+def _markdown(report: dict, table: str, figures: list[str]) -> str:
+  title = BACKBONE_TITLES.get(report["backbone"], report["backbone"])
+  auc = report["auc"]
+  parts = [f"# Similarity evaluation: {title}\n",
+           f"{report['num_pairs']:,} test pairs ({report['mode']}); validation threshold "
+           f"{report['val_threshold']:.3f}; accuracies are exact counts, AUCs from {report['num_bins']}-bin "
+           "score histograms.\n",
+           "## Accuracy per case\n", table,
+           "Published seen / unseen numbers are the source abstract's summary (ResNet50's cases weighted "
+           "by their pair counts); '-' where the source gives none.\n",
+           "## ROC AUC\n", "| pairs | all (1-5) | seen (1-2) | unseen (4-5) |", "|---|---:|---:|---:|",
+           f"| AUC | {_num(auc['overall'])} | {_num(auc['seen'])} | {_num(auc['unseen'])} |\n",
+           "(The source publishes ROC curves but no AUC values.)\n"]
+  if report.get("retrieval"):
+    r = report["retrieval"]
+    keys = [k for k in r if k.startswith("recall@") or k == "mAP"]
+    parts += ["## Retrieval (unseen classes' test images)\n", "| " + " | ".join(keys) + " | queries |",
+              "|" + "---:|" * (len(keys) + 1),
+              "| " + " | ".join(_pct(r[k]) for k in keys) + f" | {r.get('num_queries', '-')} |\n"]
+  if figures:
+    parts += ["## Figures\n"] + [f"![{Path(f).stem}]({f})" for f in figures] + [""]
+  return "\n".join(parts)
+
+
+def write_report(out_dir: str | Path, result: PairEvalResult, *, val_threshold: float | None, backbone: str,
+                 config_dict: Any = None, retrieval: dict | None = None, extra: dict | None = None) -> str:
+  """Writes out_dir/report.json and out_dir/report.md; returns the markdown case table.
+
+  report.json: pair counts and accuracy per case, overall / seen / unseen accuracy at 0.5
+  and at the validation threshold, AUCs, the published numbers for `backbone` (null for
+  another backbone), retrieval metrics, the config and `extra`. report.md: the same as
+  tables (a '-' where the source has no number) and links to out_dir/figures/*.png.
+  `val_threshold` must be the threshold `result` was evaluated with (None: take it from result).
+  """
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  report = report_dict(result, val_threshold=val_threshold, backbone=backbone, config_dict=config_dict,
+                       retrieval=retrieval, extra=extra)
+  table = case_table_markdown(report)
+  figures = sorted(f"figures/{p.name}" for p in (out_dir / "figures").glob("*.png"))
+  tmp = out_dir / (REPORT_JSON + ".tmp")
+  tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+  tmp.replace(out_dir / REPORT_JSON)
+  (out_dir / REPORT_MD).write_text(_markdown(report, table, figures))
+  return table
+
+
+# ---------------------------------------------------------------------------
+# The research sweep.
+
+COMPARISON_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    # key, header, format ('pct' | 'num' | 'str')
+    ("name", "run", "str"),
+    ("backbone", "backbone", "str"),
+    ("feature", "feature", "str"),
+    ("val_accuracy", "val accuracy", "pct"),
+    ("test_accuracy", "test accuracy", "pct"),
+    ("seen_accuracy", "seen (1-2)", "pct"),
+    ("unseen_accuracy", "unseen (4-5)", "pct"),
+    ("auc", "AUC", "num"),
+)
+
+
+def _cell(v: Any, fmt: str) -> str:
+  if v is None or (isinstance(v, float) and not math.isfinite(v)):
+    return "-"
+  if fmt == "pct":
+    return _pct(float(v))
+  if fmt == "num":
+    return _num(float(v))
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return str(v)
+
+
+def write_comparison(rows: Sequence[dict], out_md: str | Path, out_json: str | Path) -> str:
+  """A comparison table of sweep runs -> markdown at out_md, the rows at out_json; returns the markdown.
+
+  Each row is a dict with any of: name, backbone, feature, val_accuracy, test_accuracy,
+  seen_accuracy, unseen_accuracy (fractions), auc; missing values show as '-'. Columns no
+  row has are left out; other keys become extra columns after the known ones.
+  """
+  rows = [dict(r) for r in rows]
+  if not rows:
+    raise ValueError("write_comparison: no rows")
+  known = [c for c in COMPARISON_COLUMNS if any(c[0] in r for r in rows)]
+  known_keys = {c[0] for c in COMPARISON_COLUMNS}
+  extra = []
+  for r in rows:
+    extra += [k for k in r if k not in known_keys and k not in extra]
+  columns = known + [(k, k, "str") for k in extra]
+  lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
+           "|" + "|".join("---" if f == "str" else "---:" for _, _, f in columns) + "|"]
+  for r in rows:
+    lines.append("| " + " | ".join(_cell(r.get(k), f) for k, _, f in columns) + " |")
+  md = "\n".join(lines) + "\n"
+  for path in (out_md, out_json):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+  Path(out_md).write_text(md)
+  Path(out_json).write_text(json.dumps(_clean(rows), indent=2, allow_nan=False) + "\n")
+  return md

@@ -1,0 +1,138 @@
+"""report.json / report.md from a hand-made result, the figures, the sweep comparison table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jsim.evaluate import figures, report
+from jsim.evaluate.pairwise import PairEvalResult
+
+
+def _result(threshold=0.4, count=(100, 200, 50, 40, 10)):
+  """Counts chosen so every number is checkable by hand.
+
+  Positives (cases 1, 4) all in the top bin, negatives (2, 3, 5) in the bottom one,
+  except case 5's: half of them in the top bin.
+  """
+  bins = 10
+  count = np.array(count, np.int64)
+  hp = np.zeros((5, bins), np.int64)
+  hn = np.zeros((5, bins), np.int64)
+  hp[0, 9], hp[3, 9] = count[0], count[3]
+  hn[1, 0], hn[2, 0] = count[1], count[2]
+  hn[4, 0], hn[4, 9] = count[4] // 2, count[4] - count[4] // 2
+  return PairEvalResult(count=count, correct_05=np.array([80, 190, 40, 30, 5]),
+                        correct_threshold=np.array([90, 180, 45, 32, 6]), hist_pos=hp, hist_neg=hn,
+                        threshold=threshold, mode="sampled", pairs_per_s=1234.0)
+
+
+def test_report_json_and_markdown(tmp_path):
+  res = _result()
+  (tmp_path / "figures").mkdir()
+  figures.plot_roc(res, tmp_path / "figures" / "roc.png")
+  table = report.write_report(tmp_path, res, val_threshold=0.4, backbone="resnet50",
+                              config_dict={"feature": "l1", "lr": 0.005, "hidden": (1024, 512)},
+                              retrieval={"recall@1": 0.5, "recall@5": 0.75, "mAP": 0.3, "num_queries": 1000},
+                              extra={"checkpoint_step": 7})
+  rep = json.loads((tmp_path / "report.json").read_text())
+  assert rep["backbone"] == "resnet50" and rep["num_pairs"] == 400 and rep["val_threshold"] == 0.4
+  assert [c["pairs"] for c in rep["cases"]] == [100, 200, 50, 40, 10]
+  assert rep["cases"][0]["accuracy_at_0.5"] == pytest.approx(0.80)
+  assert rep["cases"][0]["accuracy_at_val_threshold"] == pytest.approx(0.90)
+  assert rep["cases"][4]["accuracy_at_0.5"] == pytest.approx(0.5)
+  assert rep["cases"][1]["published_accuracy"] == pytest.approx(0.9222)
+  assert rep["accuracy_at_0.5"]["overall"] == pytest.approx(345 / 400)
+  assert rep["accuracy_at_0.5"]["seen"] == pytest.approx(270 / 300)
+  assert rep["accuracy_at_0.5"]["unseen"] == pytest.approx(35 / 50)
+  assert rep["accuracy_at_val_threshold"]["overall"] == pytest.approx(353 / 400)
+  # Seen: perfectly separated -> AUC 1. Unseen: 40 positives at the top, 10 negatives half
+  # at the top (tied: 0.5) and half at the bottom -> 0.5 * 1 + 0.5 * 0.5 = 0.75.
+  assert rep["auc"]["seen"] == pytest.approx(1.0) and rep["auc"]["unseen"] == pytest.approx(0.75)
+  assert rep["published"]["overall"] == pytest.approx(0.8651) and rep["published"]["unseen"] == pytest.approx(0.738)
+  assert rep["retrieval"]["recall@5"] == 0.75 and rep["config"]["hidden"] == [1024, 512]
+  assert rep["extra"] == {"checkpoint_step": 7}
+  md = (tmp_path / "report.md").read_text()
+  assert table in md
+  row1 = next(line for line in table.splitlines() if line.startswith("| 1."))
+  assert "| 100 |" in row1 and "80.00 %" in row1 and "90.00 %" in row1 and "83.36 %" in row1
+  overall = next(line for line in table.splitlines() if "all (1-5)" in line)
+  assert "86.25 %" in overall and "88.25 %" in overall and "86.51 %" in overall
+  assert "ResNet50" in table
+  assert "0.7500" in md and "75.00 %" in md and "figures/roc.png" in md
+
+
+def test_report_vgg_and_unknown_backbones_and_empty_case(tmp_path):
+  res = _result(count=(100, 200, 50, 0, 10))
+  res = PairEvalResult(**{**res.__dict__, "correct_05": np.array([80, 190, 40, 0, 5]),
+                          "correct_threshold": np.array([90, 180, 45, 0, 6])})
+  table = report.write_report(tmp_path / "vgg", res, val_threshold=None, backbone="vgg16", config_dict=None)
+  seen_row = next(line for line in table.splitlines() if "seen (1-2)" in line and "unseen" not in line)
+  assert seen_row.rstrip().endswith("| - |")  # the source has no seen summary for VGG16
+  case4 = next(line for line in table.splitlines() if line.startswith("| 4."))
+  assert "| 0 | - | - | 83.00 % |" in case4  # no pairs: no accuracy
+  rep = json.loads((tmp_path / "vgg" / "report.json").read_text())
+  assert rep["cases"][3]["accuracy_at_0.5"] is None and rep["published"]["seen"] is None
+  table = report.write_report(tmp_path / "tiny", _result(), val_threshold=0.4, backbone="resnet_tiny",
+                              config_dict={})
+  assert all(line.rstrip().endswith("| - |") for line in table.splitlines()[2:])
+  assert json.loads((tmp_path / "tiny" / "report.json").read_text())["published"] is None
+  with pytest.raises(ValueError, match="val_threshold"):
+    report.write_report(tmp_path, _result(), val_threshold=0.5, backbone="resnet50", config_dict={})
+
+
+def _png(path):
+  assert path.is_file() and path.stat().st_size > 1000
+  with Image.open(path) as im:
+    arr = np.asarray(im.convert("RGB"))
+  assert arr.std() > 5  # something was drawn
+  return arr
+
+
+def test_figures(tmp_path):
+  rows = [{"epoch": e, "lr": 0.01 / 2 ** (e > 4), "train_loss": 1.0 / e, "train_accuracy": 0.4 + 0.05 * e,
+           "val_loss": 1.1 / e, "val_accuracy": 0.35 + 0.04 * e, "items_per_s": 1000.0, "halved": e == 4,
+           "extra_key": "x"} for e in range(1, 8)]
+  rows[2]["val_accuracy"] = None
+  metrics = tmp_path / "metrics.jsonl"
+  metrics.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+  _png(figures.plot_stage_curves(metrics, tmp_path / "figures" / "stage1.png", "stage 1, ResNet50"))
+  _png(figures.plot_roc(_result(), tmp_path / "figures" / "roc.png"))
+  _png(figures.plot_roc({"resnet50": _result(), "vgg16": _result(0.5)}, tmp_path / "figures" / "roc_both.png"))
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, size=(8, 16, 16, 3), dtype=np.uint8)
+  labels = np.array([0, 0, 1, 1, 2, 2, 0, 1])
+  arr = _png(figures.plot_retrieval_sheet(images, labels, [0, 2], [[1, 2, 6], [3, 0, 7]],
+                                          tmp_path / "figures" / "retrieval.png", class_names=["a", "b", "c"],
+                                          title="unseen queries"))
+  # Green (right) and red (wrong) borders are both present.
+  assert ((arr[..., 1] > 150) & (arr[..., 0] < 60) & (arr[..., 2] < 80)).sum() > 20
+  assert ((arr[..., 0] > 190) & (arr[..., 1] < 60) & (arr[..., 2] < 60)).sum() > 20
+  with pytest.raises(FileNotFoundError):
+    figures.plot_stage_curves(tmp_path / "missing.jsonl", tmp_path / "x.png", "x")
+  (tmp_path / "empty.jsonl").write_text("\n")
+  with pytest.raises(ValueError, match="no rows"):
+    figures.plot_stage_curves(tmp_path / "empty.jsonl", tmp_path / "x.png", "x")
+  with pytest.raises(ValueError, match="uint8"):
+    figures.plot_retrieval_sheet(images.astype(np.float32), labels, [0], [[1]], tmp_path / "x.png")
+
+
+def test_comparison_table(tmp_path):
+  rows = [{"name": "l1", "feature": "l1", "val_accuracy": 0.9631, "test_accuracy": 0.8651, "seen_accuracy": 0.875,
+           "unseen_accuracy": 0.738, "auc": 0.93456},
+          {"name": "l1+prod", "feature": "l1+prod", "val_accuracy": 0.97, "test_accuracy": None, "auc": float("nan"),
+           "dropout": 0.5}]
+  md = report.write_comparison(rows, tmp_path / "cmp.md", tmp_path / "cmp.json")
+  lines = md.splitlines()
+  assert lines[0] == ("| run | feature | val accuracy | test accuracy | seen (1-2) | unseen (4-5) | AUC | "
+                      "dropout |")
+  assert lines[2] == "| l1 | l1 | 96.31 % | 86.51 % | 87.50 % | 73.80 % | 0.9346 | - |"
+  assert lines[3] == "| l1+prod | l1+prod | 97.00 % | - | - | - | - | 0.5 |"
+  assert (tmp_path / "cmp.md").read_text() == md
+  back = json.loads((tmp_path / "cmp.json").read_text())
+  assert back[1]["auc"] is None and back[0]["val_accuracy"] == 0.9631
+  with pytest.raises(ValueError):
+    report.write_comparison([], tmp_path / "a.md", tmp_path / "a.json")
