@@ -1,0 +1,371 @@
+"""jsim.predict through its real command line (subprocess) and its Python API, on a tiny trained workdir.
+
+The workdir is trained once per test session (configs/tiny.py, ~1-2 min on a loaded
+2-core machine) and shared by every test here, also across pytest-xdist workers.
+The strong check is that an image file gives, through the command line, the same
+embedding the training pipeline stored for it (W/embeddings/test.npy) and the same
+P(same) that Ms gives on those stored embeddings: preprocessing matches training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from filelock import FileLock
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  workdir: Path
+  files: list[Path]         # files[r]: the image file of row r of W/embeddings/test.npy
+  test: np.ndarray          # stored test embeddings
+  labels: np.ndarray        # their classes
+  threshold: float
+
+  def rows(self, same: bool, start: int = 0) -> tuple[int, int]:
+    """Two rows of the same class (same=True) or of different classes."""
+    i = start
+    j = next(j for j in range(len(self.labels)) if j != i and (self.labels[j] == self.labels[i]) == same)
+    return i, j
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Trained:
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent  # this run's folder, shared by its xdist workers: train once
+  root = base / "predict_trained"
+  with FileLock(str(base / "predict_trained.lock")):
+    if not (root / "W" / "report.json").exists():
+      shutil.rmtree(root, ignore_errors=True)
+      root.mkdir(parents=True)
+      env = {**os.environ, "JSIM_CACHE": str(root / "cache")}
+      r = subprocess.run([sys.executable, "-m", "jsim.main", "--config=configs/tiny.py", f"--workdir={root / 'W'}",
+                          # Batch sizes that divide the tiny splits: one compiled train step per stage.
+                          "--config.classifier.batch_size=6", "--config.similarity.batch_size=24",
+                          "--config.evaluation.retrieval=False"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=900)
+      assert r.returncode == 0, r.stderr[-3000:]
+  w = root / "W"
+  images = next((root / "cache").glob("synthetic-*")) / "val" / "images"
+  test_ids = json.loads((w / "split.json").read_text())["test_ids"]
+  # test.npy row r embeds test_set[test_index[r]]; test_ids is in test_set order (file names).
+  files = [images / test_ids[i] for i in np.load(w / "embeddings" / "test_index.npy")]
+  return Trained(workdir=w, files=files, test=np.load(w / "embeddings" / "test.npy"),
+                 labels=np.load(w / "embeddings" / "test_labels.npy"),
+                 threshold=json.loads((w / "report.json").read_text())["val_threshold"])
+
+
+@pytest.fixture(scope="session")
+def sim(trained):
+  from jsim import predict
+  return predict.Similarity.load(trained.workdir)
+
+
+@pytest.fixture(scope="session")
+def ms_reference(trained):
+  """P(same) on embeddings, from the trainer's own config (configs/tiny.py) and restore code, not predict's."""
+  import jax
+  from jsim import parallel
+  from jsim.models.similarity import make_prob_fn
+  from jsim.train import loop, similarity
+
+  spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config()
+  dim = trained.test.shape[1]
+  mesh = parallel.make_mesh()
+  model = similarity.build_similarity(config, dim)
+  state, _ = loop.restore_best(trained.workdir / "stage2", similarity.abstract_state(config, model, dim, mesh))
+  prob = jax.jit(make_prob_fn(model))
+  return lambda e1, e2: np.asarray(prob(state.params, np.atleast_2d(e1), np.atleast_2d(e2)), np.float64)
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "jsim.predict", *map(str, args)], cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def cli_json(*args: str) -> tuple[dict, str]:
+  r = cli(*args, "--json")
+  assert r.returncode == 0, r.stderr
+  assert "Traceback" not in r.stderr
+  return json.loads(r.stdout), r.stderr
+
+
+# ----------------------------------------------------------------------------- two images
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_pair_matches_api_and_stored_embeddings(trained, sim, ms_reference, same):
+  i, j = trained.rows(same, start=0 if same else 1)
+  a, b = trained.files[i], trained.files[j]
+  out, _ = cli_json(f"--workdir={trained.workdir}", a, b)
+  p = out["probability"]
+  assert 0.0 <= p <= 1.0
+  assert out["same_at_0.5"] == (p > 0.5)
+  assert out["val_threshold"] == pytest.approx(trained.threshold)
+  assert out["same_at_val_threshold"] == (p > trained.threshold)
+  # The Python API, and Ms (restored by the trainer's code) on the embeddings training stored for these files.
+  assert sim.probability(a, b) == pytest.approx(p, abs=1e-6)
+  assert ms_reference(trained.test[i], trained.test[j])[0] == pytest.approx(p, abs=1e-5)
+  e = sim.embed([a, b])
+  scale = np.abs(trained.test).max()
+  np.testing.assert_allclose(e, trained.test[[i, j]], atol=1e-5 * scale)
+
+
+def test_png_grayscale_rgba_palette_and_odd_sizes(trained, sim, tmp_path):
+  from jsim import predict
+  from jsim.data import tiny_imagenet
+
+  i, j = trained.rows(True)
+  src_a = Image.open(trained.files[i])
+  src_b = Image.open(trained.files[j])
+  gray = tmp_path / "gray.png"
+  src_a.convert("L").resize((45, 37), Image.BICUBIC).save(gray)
+  rgba = tmp_path / "rgba odd.png"
+  rgba_im = src_b.convert("RGBA").resize((50, 71), Image.BICUBIC)
+  rgba_im.putalpha(128)
+  rgba_im.save(rgba)
+  palette = tmp_path / "palette.gif"
+  src_b.convert("P", palette=Image.ADAPTIVE).save(palette)
+  size = sim.image_size
+  for path in (gray, rgba, palette):
+    x = predict.prepare_image(path, size)
+    # The data layer's decode of the same bytes: convert to RGB, PIL bilinear to the training size.
+    np.testing.assert_array_equal(x, tiny_imagenet.decode_image(path.read_bytes(), size)[0])
+    assert x.shape == (size, size, 3) and x.dtype == np.uint8
+    # PIL images and uint8 arrays go the same way as the file.
+    np.testing.assert_array_equal(predict.prepare_image(Image.open(path), size), x)
+    np.testing.assert_array_equal(predict.prepare_image(np.asarray(Image.open(path).convert(
+        "RGBA" if path == rgba else "L" if path == gray else "RGB")), size), x)
+
+  r = cli(f"--workdir={trained.workdir}", gray, rgba)
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.splitlines()
+  p = float(lines[0].split("=")[1].split()[0])
+  expected = sim.probability(gray, rgba)
+  assert 0.0 <= expected <= 1.0 and p == pytest.approx(expected, abs=1e-4)
+  assert lines[1].endswith("yes" if expected > 0.5 else "no")
+  assert "validation threshold" in lines[2] and lines[2].endswith("yes" if expected > trained.threshold else "no")
+  assert sim.probability(np.asarray(Image.open(rgba)), Image.open(gray)) == pytest.approx(expected, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- gallery search
+
+
+def _gallery(trained, tmp_path) -> tuple[Path, dict[str, int]]:
+  """A folder with copies of test images (nested, mixed extension case, one PNG) -> {relative path: row}."""
+  gal = tmp_path / "gallery"
+  (gal / "sub" / "deeper").mkdir(parents=True)
+  rows = {"a.jpg": 2, "b.JPEG": 3, "sub/c.Jpg": 4, "sub/deeper/d.jpeg": 5, "sub/e.JPG": 6}
+  for rel, row in rows.items():
+    shutil.copyfile(trained.files[row], gal / rel)
+  Image.open(trained.files[7]).convert("RGB").save(gal / "f.PNG")  # lossless: decodes to the same pixels
+  rows["f.PNG"] = 7
+  (gal / "notes.txt").write_text("not an image")
+  (gal / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+  (gal / ".hidden.jpg").write_bytes(b"ignored")
+  return gal, rows
+
+
+def test_gallery_search_ranks_caches_and_invalidates(trained, sim, ms_reference, tmp_path):
+  gal, rows = _gallery(trained, tmp_path)
+  query = trained.files[0]
+  html, sheet = tmp_path / "out" / "page.html", tmp_path / "out" / "sheet.png"
+  args = (f"--workdir={trained.workdir}", f"--query={query}", f"--gallery={gal}")
+
+  first, err = cli_json(*args, "--top=0", f"--html={html}", f"--sheet={sheet}")
+  probs = [m["probability"] for m in first["results"]]
+  assert [m["rank"] for m in first["results"]] == list(range(1, len(rows) + 1))
+  assert probs == sorted(probs, reverse=True) and all(0 <= p <= 1 for p in probs)
+  got = {Path(m["path"]).relative_to(gal).as_posix(): m["probability"] for m in first["results"]}
+  assert set(got) == set(rows)  # recursive, any case; not .txt, not hidden, not the broken file
+  for rel, row in rows.items():
+    assert got[rel] == pytest.approx(ms_reference(trained.test[0], trained.test[row])[0], abs=1e-5), rel
+  assert first["cache"] == {"reused": 0, "embedded": len(rows), "skipped": ["broken.jpg"]}
+  assert f"0 from the cache, {len(rows)} embedded" in err and "broken.jpg" in err
+  page = html.read_text()
+  assert page.count("data:image/png;base64,") == 1 + len(rows) and "a.jpg" in page
+  with Image.open(sheet) as im:
+    assert im.format == "PNG" and im.width > 200
+  cache = sim.cache_path(gal)
+  assert cache.exists()
+  stamp = cache.stat().st_mtime_ns
+
+  # Second run: nothing embedded again, the cache file is not rewritten, same ranking.
+  second, err = cli_json(*args, "--top=3")
+  assert second["cache"]["embedded"] == 0 and second["cache"]["reused"] == len(rows)
+  assert f"{len(rows)} from the cache, 0 embedded" in err
+  assert cache.stat().st_mtime_ns == stamp
+  assert [(m["path"], m["probability"]) for m in second["results"]] == \
+         [(m["path"], m["probability"]) for m in first["results"][:3]]
+  api = sim.search(query, gal, top=3)
+  assert [m.path for m in api] == [m["path"] for m in second["results"]]
+  np.testing.assert_allclose([m.probability for m in api], [m["probability"] for m in second["results"]],
+                             atol=1e-6)
+
+  # Change the folder: one file modified (another image), one added, one removed.
+  shutil.copyfile(trained.files[8], gal / "a.jpg")
+  st = (gal / "a.jpg").stat()
+  os.utime(gal / "a.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+  shutil.copyfile(trained.files[9], gal / "sub" / "new.jpg")
+  (gal / "b.JPEG").unlink()
+  rows.update({"a.jpg": 8, "sub/new.jpg": 9})
+  del rows["b.JPEG"]
+  third, _ = cli_json(*args, "--top=0")
+  assert third["cache"]["embedded"] == 2 and third["cache"]["reused"] == len(rows) - 2
+  got = {Path(m["path"]).relative_to(gal).as_posix(): m["probability"] for m in third["results"]}
+  assert set(got) == set(rows)
+  for rel in ("a.jpg", "sub/new.jpg"):
+    assert got[rel] == pytest.approx(ms_reference(trained.test[0], trained.test[rows[rel]])[0], abs=1e-5)
+
+  # Another stage-1 checkpoint: the whole gallery is embedded again.
+  changed = dataclasses.replace(sim.backbones[0], checkpoint_stamp=sim.backbones[0].checkpoint_stamp + 1)
+  saved = sim.backbones
+  try:
+    sim.backbones = [changed]
+    assert sim.gallery(gal).embedded == len(rows)
+  finally:
+    sim.backbones = saved
+  assert sim.gallery(gal).embedded == len(rows)  # and back: the cache now holds the other key
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _json_only_copy(w: Path, dst: Path) -> Path:
+  """The workdir's records without its checkpoints (enough for the checks that run before JAX)."""
+  for f in w.rglob("*.json"):
+    if "checkpoints" not in f.parts:
+      (dst / f.relative_to(w)).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copyfile(f, dst / f.relative_to(w))
+  for stage in ("stage1", "stage2"):
+    (dst / stage / "checkpoints").mkdir(parents=True, exist_ok=True)
+  return dst
+
+
+def _edit(path: Path, fn) -> None:
+  d = json.loads(path.read_text())
+  fn(d)
+  path.write_text(json.dumps(d))
+
+
+def _bad_case(name: str, trained: Trained, tmp: Path) -> tuple[list, str]:
+  w, a = trained.workdir, trained.files[0]
+  if name == "missing image":
+    return [f"--workdir={w}", a, tmp / "nope.jpg"], "nope.jpg: no such file"
+  if name == "unreadable image":
+    (tmp / "text.jpg").write_text("hello")
+    return [f"--workdir={w}", a, tmp / "text.jpg"], "text.jpg: not a readable image"
+  if name == "missing workdir":
+    return [f"--workdir={tmp / 'nowhere'}", a, a], "no such directory"
+  if name == "untrained workdir":
+    (tmp / "empty").mkdir()
+    return [f"--workdir={tmp / 'empty'}", a, a], "preprocessing.json is missing"
+  if name == "no stage 2":
+    c = _json_only_copy(w, tmp / "c")
+    shutil.rmtree(c / "stage2")
+    return [f"--workdir={c}", a, a], "stage 2 never ran here"
+  if name == "embedding dim mismatch":
+    c = _json_only_copy(w, tmp / "c")
+    _edit(c / "stage2" / "config.json", lambda d: d["embeddings"][0].update(dim=999))
+    return [f"--workdir={c}", a, a], "stage 2 does not match the stage-1 backbone (dim 999"
+  if name == "model mismatch":
+    c = _json_only_copy(w, tmp / "c")
+    _edit(c / "stage2" / "config.json", lambda d: d.update(model="vgg16"))
+    return [f"--workdir={c}", a, a], "trained for model 'vgg16'"
+  if name == "stale embeddings":
+    c = _json_only_copy(w, tmp / "c")
+    _edit(c / "embeddings" / "meta.json", lambda d: d.update(stage1_step=d["stage1_step"] + 1))
+    return [f"--workdir={c}", a, a], "rerun --config.stage=embed"
+  if name == "gallery without images":
+    (tmp / "g").mkdir()
+    (tmp / "g" / "readme.txt").write_text("x")
+    return [f"--workdir={w}", f"--query={a}", f"--gallery={tmp / 'g'}"], "no image files"
+  if name == "gallery not a folder":
+    return [f"--workdir={w}", f"--query={a}", f"--gallery={a}"], "not a folder"
+  if name == "one image":
+    return [f"--workdir={w}", a], "expected two images"
+  raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["missing image", "unreadable image", "missing workdir", "untrained workdir",
+                                  "no stage 2", "embedding dim mismatch", "model mismatch", "stale embeddings",
+                                  "gallery without images", "gallery not a folder", "one image"])
+def test_bad_input_is_one_line_and_nonzero(trained, tmp_path, name):
+  args, expected = _bad_case(name, trained, tmp_path)
+  r = cli(*args, timeout=120)
+  assert r.returncode != 0
+  assert "Traceback" not in r.stderr
+  lines = [line for line in r.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, r.stderr
+  assert lines[0].startswith("jsim-predict: ") and expected in lines[0], lines[0]
+  assert r.stdout == ""
+
+
+def test_checkpoint_that_does_not_fit_the_config_is_refused(trained, tmp_path):
+  # The records agree, but stage 2's checkpoint has other layer widths than the config now says.
+  c = shutil.copytree(trained.workdir, tmp_path / "w", ignore=shutil.ignore_patterns("predict_cache"))
+  _edit(c / "stage2" / "config.json", lambda d: d["similarity"].update(hidden=[7]))
+  r = cli(f"--workdir={c}", trained.files[0], trained.files[1])
+  assert r.returncode == 1 and "Traceback" not in r.stderr
+  lines = [line for line in r.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and "stage-2 checkpoint does not fit the recorded config" in lines[0], r.stderr
+
+
+# ----------------------------------------------------------------------------- ensembles
+
+
+def test_ensemble_workdir_concatenates_member_embeddings(trained, tmp_path):
+  """A stage 2 over [this workdir's Mc, a member's Mc]: predict restores both and the wider Ms."""
+  import jax
+  from jsim.checkpoint import StageCheckpoints
+  from jsim.models.similarity import make_prob_fn
+  from jsim.train import classifier, similarity
+
+  from jsim import predict
+  w2 = shutil.copytree(trained.workdir, tmp_path / "w2", ignore=shutil.ignore_patterns("predict_cache", "stage2"))
+  (w2 / "stage2").mkdir()
+  stage2 = json.loads((trained.workdir / "stage2" / "config.json").read_text())
+  stage2["embeddings"] = stage2["embeddings"] * 2
+  stage2["similarity"]["ensemble_workdirs"] = [str(trained.workdir)]
+  (w2 / "stage2" / "config.json").write_text(json.dumps(stage2))
+  dim = 2 * trained.test.shape[1]
+  (w2 / "stage2" / "result.json").write_text(json.dumps({"embedding_dim": dim, "best_step": 0}))
+  config = predict.config_from_dict({"similarity": stage2["similarity"], "model": {"dtype": "float32"}})
+  config.seed = 3  # weights unlike the trained Ms
+  model = similarity.build_similarity(config, dim)
+  state = similarity.init_state(config, model, dim, classifier.make_optimizer(config.similarity))
+  ckpts = StageCheckpoints(w2 / "stage2" / "checkpoints")
+  ckpts.save(0, state, {"best": {"step": 0, "epoch": 1, "val_accuracy": 0.5}}, val_accuracy=0.5)
+  ckpts.close()
+
+  i, j = trained.rows(True)
+  out, _ = cli_json(f"--workdir={w2}", trained.files[i], trained.files[j])
+  e1 = np.concatenate([trained.test[i], trained.test[i]])[None]
+  e2 = np.concatenate([trained.test[j], trained.test[j]])[None]
+  expected = float(jax.jit(make_prob_fn(model))(state.params, e1, e2)[0])
+  assert out["probability"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_console_script_is_installed(trained, tmp_path):
+  script = Path(sys.executable).with_name("jsim-predict")
+  if not script.exists():
+    pytest.skip("jsim-predict is not installed beside this python")
+  r = subprocess.run([str(script), f"--workdir={trained.workdir}", trained.files[0], tmp_path / "missing.png"],
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1 and r.stderr.strip() == f"jsim-predict: {tmp_path / 'missing.png'}: no such file"
