@@ -1,0 +1,121 @@
+"""One entry point to every data source: `load_image_sets(config.data)`.
+
+Sources (`data.source`):
+  folder     an unpacked tiny-imagenet-200 folder at data.root
+  zip        tiny-imagenet-200.zip at data.zip_path, read without unpacking
+  download   the official zip, fetched once into data.cache_dir/downloads and verified
+  synthetic  a generated stand-in in the same layout (no download; for demos and tests)
+  tfds       a TFDS data set by name (jsim.data.tfds_source)
+
+All give {'train': ImageSet, 'test': ImageSet}: 'test' is Tiny ImageNet's val
+folder. The folder, zip, download and synthetic sources decode once into the
+cache under data.cache_dir and read the cache afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from jsim.data import cache, download, synthetic, tiny_imagenet
+from jsim.data.dataset import ImageSet
+
+SOURCES = ("folder", "zip", "download", "synthetic", "tfds")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The data fields of the config, with their defaults (configs/default.py uses this)."""
+  c = ml_collections.ConfigDict()
+  c.source = "folder"          # one of SOURCES
+  c.root = ""                  # source=folder: path of tiny-imagenet-200/ (or of the folder holding it)
+  c.zip_path = ""              # source=zip: path of tiny-imagenet-200.zip
+  c.download_url = download.OFFICIAL_URL
+  c.download_md5 = download.OFFICIAL_MD5   # '' to skip; with no checksum the zip's structure is checked
+  c.download_sha256 = ""
+  c.cache_dir = ""             # '' = $JSIM_CACHE or ~/.cache/jsim: decoded arrays, downloads, synthetic data
+  c.on_bad_image = "error"     # 'error': stop, naming the file; 'skip': drop it and count it
+  c.num_workers = config_dict.placeholder(int)  # decoding processes; None = os.cpu_count()
+  c.image_size = 64            # images of another size are resized (PIL bilinear)
+  c.tfds_name = "jsim_tiny_imagenet"  # the builder in jsim.data.tfds_source
+  c.tfds_data_dir = ""
+  c.tfds_train_split = "train"
+  c.tfds_test_split = "test"
+  c.synthetic = ml_collections.ConfigDict(dict(
+      num_classes=20, train_per_class=100, test_per_class=20, image_size=64, seed=0,
+      grayscale_fraction=0.02))
+  return c
+
+
+def _get(obj: Any, name: str, default: Any) -> Any:
+  """obj.name or obj[name] (ConfigDict, dataclass, namespace or dict), else `default`."""
+  if isinstance(obj, Mapping):
+    return obj.get(name, default)
+  return getattr(obj, name, default)
+
+
+def _field(data_config: Any, name: str) -> Any:
+  """data_config.name, or its default when the config lacks the field."""
+  return _get(data_config, name, default_data_config()[name])
+
+
+def synthetic_root(data_config: Any) -> Path:
+  """Where the synthetic source keeps its generated folder (a function of its parameters)."""
+  params = _synthetic_params(data_config)
+  key = cache.digest([synthetic.GENERATOR_VERSION, sorted(params.items())])
+  return cache.resolve_cache_dir(_field(data_config, "cache_dir")) / f"synthetic-{key[:16]}"
+
+
+def _synthetic_params(data_config: Any) -> dict[str, Any]:
+  s = _field(data_config, "synthetic")
+  defaults = default_data_config().synthetic
+  return {k: _get(s, k, defaults[k]) for k in defaults.keys()}
+
+
+def ensure_synthetic(data_config: Any) -> Path:
+  """Generates the synthetic folder once (atomically) and returns its path."""
+  root = synthetic_root(data_config)
+  if not (root / synthetic.INFO_FILE).exists():
+    params = _synthetic_params(data_config)
+    images = params["num_classes"] * (params["train_per_class"] + params["test_per_class"])
+    # Starting a process costs about as much as rendering ~1000 images: small sets render here.
+    workers = min(_field(data_config, "num_workers") or os.cpu_count() or 1, max(1, images // 2000))
+    with cache.atomic_dir(root) as tmp:
+      synthetic.write_synthetic_tiny_imagenet(tmp, **params, num_workers=workers)
+  return root
+
+
+def load_image_sets_and_report(data_config: Any) -> tuple[dict[str, ImageSet], dict[str, Any]]:
+  """Like load_image_sets, and also returns the load report (counts, skipped files, cache use)."""
+  source = _field(data_config, "source")
+  if source == "tfds":
+    from jsim.data import tfds_source  # lazy: TFDS is heavy and optional
+    sets = tfds_source.load_image_sets(data_config)
+    return sets, {"source": "tfds", "location": _field(data_config, "tfds_name"),
+                  "num_images": {k: len(v) for k, v in sets.items()},
+                  "num_classes": len(next(iter(sets.values())).class_ids)}
+  if source not in SOURCES:
+    raise ValueError(f"data.source={source!r} must be one of {SOURCES}")
+
+  options = dict(image_size=_field(data_config, "image_size"), on_bad_image=_field(data_config, "on_bad_image"),
+                 num_workers=_field(data_config, "num_workers"), cache_dir=_field(data_config, "cache_dir"))
+  if source == "folder":
+    return tiny_imagenet.load_folder(_field(data_config, "root"), **options)
+  if source == "zip":
+    return tiny_imagenet.load_zip(_field(data_config, "zip_path"), **options)
+  if source == "download":
+    url = _field(data_config, "download_url")
+    dest = cache.resolve_cache_dir(options["cache_dir"]) / "downloads" / (url.rsplit("/", 1)[-1] or "data.zip")
+    path = download.fetch(url, dest, sha256=_field(data_config, "download_sha256"),
+                          md5=_field(data_config, "download_md5"))
+    return tiny_imagenet.load_zip(path, **options)
+  return tiny_imagenet.load_folder(ensure_synthetic(data_config), **options)  # synthetic
+
+
+def load_image_sets(data_config: Any) -> dict[str, ImageSet]:
+  """Loads {'train': ImageSet, 'test': ImageSet} as `data_config.source` says (see the module doc)."""
+  return load_image_sets_and_report(data_config)[0]
