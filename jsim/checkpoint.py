@@ -6,10 +6,15 @@ stopped (epoch, batch within the epoch, learning-rate history, metric rows).
 Orbax writes each step into a temporary folder and renames it when complete, so
 a run killed mid-save leaves only a temporary folder, which is removed at the
 next start.
+
+The best checkpoint is the one saved with the highest `val_accuracy` metric. The
+metric is written beside the checkpoint (orbax does so only when `best_fn` is
+set), so that a resumed run still knows which one it is and does not delete it.
 """
 
 from __future__ import annotations
 
+import logging as logging_std
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,16 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 BEST_METRIC = "val_accuracy"
+
+
+class _NoMissingMetricWarning(logging_std.Filter):
+  """Checkpoints saved without a metric are meant to be (mid-epoch, not a new best)."""
+
+  def filter(self, record):
+    return "did not provide metrics" not in record.getMessage()
+
+
+logging_std.getLogger("absl").addFilter(_NoMissingMetricWarning())
 
 
 class StageCheckpoints:
@@ -31,8 +46,8 @@ class StageCheckpoints:
                        keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=preservation, cleanup_tmp_directories=True,
-        enable_async_checkpointing=False, create=True)
+        preservation_policy=preservation, best_fn=lambda m: m[BEST_METRIC], best_mode="max",
+        cleanup_tmp_directories=True, enable_async_checkpointing=False, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
   def latest_step(self) -> int | None:
@@ -42,7 +57,11 @@ class StageCheckpoints:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict, *, val_accuracy: float | None = None) -> None:
-    """Saves synchronously (a preempted process must not exit mid-write)."""
+    """Saves synchronously (a preempted process must not exit mid-write).
+
+    Of the checkpoints saved with a `val_accuracy`, the one with the highest (the latest
+    of tied ones) is kept besides the latest few.
+    """
     metrics = None if val_accuracy is None else {BEST_METRIC: float(val_accuracy)}
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      meta=ocp.args.JsonSave(meta)),

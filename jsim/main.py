@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import logging as logging_std
+import re
 import sys
 
 from absl import app, flags, logging
@@ -25,6 +28,55 @@ class _QuietLibraries(logging_std.Filter):
     return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
 
 
+def _loaded_config(argv: list[str]):
+  """The config that --config names, loaded again (only to explain a bad override)."""
+  for i, arg in enumerate(argv):
+    m = re.fullmatch(r"--?config(?:=(.*))?", arg)
+    if m:
+      path = m.group(1) if m.group(1) is not None else (argv[i + 1] if i + 1 < len(argv) else "")
+      path, _, arg = path.partition(":")
+      spec = importlib.util.spec_from_file_location("_jsim_config", path)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      return module.get_config(arg) if arg else module.get_config()
+  return None
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """'--config.a.b: ...' for the first override whose key the config lacks, else None."""
+  try:
+    config = _loaded_config(argv)
+  except Exception:  # noqa: BLE001 - a broken config file: let the original error speak
+    return None
+  if config is None:
+    return None
+  for arg in argv:
+    m = re.match(r"--?(?:no)?config\.([^=]+)", arg)
+    if not m:
+      continue
+    node, walked = config, []
+    for part in m.group(1).split("."):
+      if not hasattr(node, "keys") or part not in node:
+        where = f"config.{'.'.join(walked)}" if walked else "the config"
+        known = list(node.keys()) if hasattr(node, "keys") else []
+        close = difflib.get_close_matches(part, known, n=1)
+        hint = f"; did you mean {'.'.join(walked + close)!r}?" if close else \
+            (f"; it has {', '.join(sorted(known))}" if known else f" ({where} is a value, not a group)")
+        return f"--config.{m.group(1)}: {where} has no key {part!r}{hint}"
+      node, walked = node[part], walked + [part]
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a one-line error (not a traceback) for an unknown config key."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:   # what ml_collections raises for a key the config lacks
+    message = _unknown_override(argv) or f"a --config override names a key the config lacks ({e})"
+    print(f"FATAL Flags parsing error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -37,10 +89,14 @@ def main(argv):
     logging.flush()
     print(f"jsim: {e}", file=sys.stderr)
     sys.exit(run.exit_code(e))
+  except KeyboardInterrupt:   # a second Ctrl-C (the first one saves a checkpoint and stops)
+    logging.flush()
+    print("jsim: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+    sys.exit(130)
 
 
 def entry_point():
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from absl import logging
 
 from jsim import parallel, workdir as wd
-from jsim.train.loop import NonFiniteLoss, Preempted
+from jsim.train.loop import NonFiniteLoss, Preempted, preemption_guard
 
 # Errors that reach the user as one line (no traceback).
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, Preempted, NonFiniteLoss)
+
+# Stages that train: a SIGTERM/SIGINT anywhere in them (data loading and compilation
+# included) stops them at the next step, with a checkpoint.
+_TRAINING = ("classifier", "similarity", "sweep")
 
 
 def exit_code(error: Exception) -> int:
@@ -20,24 +25,63 @@ def exit_code(error: Exception) -> int:
 def run(config, workdir: str | Path) -> dict:
   """Runs config.stage in workdir and returns what the last stage returned."""
   from jsim import validate
+  parallel.maybe_initialize_distributed()   # first: any JAX call (the device count) would prevent it
   validate.check_config(config)
-  parallel.maybe_initialize_distributed()
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  if parallel.is_main_process():
-    wd.write_json(workdir / "config.json", wd.config_to_dict(config))
+  if config.stage in ("embed", "similarity", "evaluate", "sweep"):   # ('all' checks in stage 1's claim)
+    # They read stage 1 with config.model: another backbone would fail to restore, obscurely.
+    wd.check_recorded(workdir, wd.STAGE1, {"seed": config.seed, "model": {"name": config.model.name}})
+  _check_pair_supply(config, workdir)
   stages = _stages()
+  names = ("classifier", "embed", "similarity", "evaluate") if config.stage == "all" else (config.stage,)
   result = None
-  for name in _CHAINS.get(config.stage, (config.stage,)):
-    logging.info("=== %s", name)
-    result = stages[name](config, workdir)
+  for name in names:
+    if len(names) > 1:
+      logging.info("=== %s", name)
+    result = _run_stage(stages[name], name, config, workdir)
+  if parallel.is_main_process():   # (not before: a refused or failed run must not replace the record)
+    wd.write_json(workdir / "config.json", wd.config_to_dict(config))
   return result
 
 
-# A stage runs what it needs first; finished or current steps are skipped.
-_CHAINS = {"all": ("classifier", "embed", "similarity", "evaluate"),
-           "similarity": ("embed", "similarity"),
-           "sweep": ("embed", "sweep")}
+def _run_stage(stage, name: str, config, workdir: Path):
+  if name not in _TRAINING:
+    return stage(config, workdir)
+  with preemption_guard() as guard:
+    result = stage(config, workdir)
+    if guard.stop_requested():   # the signal came after the last step (e.g. during the test evaluation)
+      raise Preempted(f"{guard.signal_name} during stage {name!r}, which finished first; rerun the same command "
+                      f"to continue")
+  return result
+
+
+def _check_pair_supply(config, workdir: Path) -> None:
+  """Refuses pair counts that the data cannot supply, before the first stage that would compile.
+
+  The labels come from the embeddings when they exist; for 'all' on a fresh workdir,
+  from the data itself (stage 1 would fail hours before stage 2 found out).
+  """
+  from jsim import validate
+  if config.stage not in ("all", "similarity", "sweep", "evaluate"):
+    return
+  emb_dir = workdir / wd.EMBEDDINGS
+  if (emb_dir / "meta.json").exists():
+    try:
+      train, test = np.load(emb_dir / "train_labels.npy"), np.load(emb_dir / "test_labels.npy")
+      class_ids = tuple(wd.read_json(emb_dir / "meta.json")["class_ids"])
+    except (OSError, ValueError, KeyError):
+      return   # unreadable embeddings: the stage that reads them says so
+  elif config.stage == "all":
+    from jsim.data.prepare import prepare
+    data = prepare(config, workdir)
+    train, test = data.train_set.labels[data.t180_idx], data.test_set.labels[data.test_idx]
+    class_ids = tuple(data.train_set.class_ids)
+  else:
+    return   # no embeddings yet: the stage itself asks for them
+  if config.stage != "evaluate":   # for 'evaluate', stage 2 is trained already
+    validate.check_pair_supply(config, train, class_ids)
+  validate.check_test_pairs(config, test, class_ids)
 
 
 def _stages() -> dict:

@@ -1,7 +1,10 @@
 """Checks a config before anything is loaded or compiled: one clear line per problem.
 
 Unknown keys and wrong types are refused by ml_collections itself (the config is
-locked and typed); this catches values that are well-typed but impossible.
+locked and typed; jsim.main turns its errors into one line); `check_config`
+catches values that are well-typed but impossible, and `check_pair_supply` the
+pair counts that the data cannot supply (run.py calls it once the labels are
+known, before the first stage that draws pairs).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from jsim import configs
 
@@ -19,6 +23,9 @@ def _choice(key: str, value, allowed) -> None:
 
 
 def _positive(key: str, value, *, allow_zero: bool = False) -> None:
+  # Fields without a fixed type (None by default, tuples) take any literal from the command line.
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"{key}={value!r}: expected a number")
   if value < 0 or (value == 0 and not allow_zero):
     raise ValueError(f"{key}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
 
@@ -93,7 +100,9 @@ def check_config(config) -> None:
   if not 0.0 <= s.dropout < 1.0:
     raise ValueError(f"similarity.dropout={s.dropout!r}: must be in [0, 1)")
   for h in s.hidden:
-    _positive("similarity.hidden", h)
+    if isinstance(h, bool) or not isinstance(h, int) or h <= 0:
+      raise ValueError(f"similarity.hidden={tuple(s.hidden)!r}: expected positive integers (layer widths), "
+                       f"e.g. --config.similarity.hidden='(512,256)'")
   for key in ("train_per_ordered_class_pair", "train_similar_per_class", "val_per_ordered_class_pair",
               "val_similar_per_class"):
     _positive(f"similarity.{key}", s[key])
@@ -108,3 +117,135 @@ def check_config(config) -> None:
   _positive("evaluation.chunk_size", e.chunk_size)
   _divisible("evaluation.chunk_size", e.chunk_size, devices)
   _positive("evaluation.num_bins", e.num_bins)
+
+
+# ---------------------------------------------------------------------------
+# Checks that need the data: run before the first stage that draws pairs compiles.
+
+# Expected failed pair draws (over the whole of stage 2) above which the pair counts are refused.
+_MAX_EXPECTED_FAILURES = 1e-3
+
+
+def _redraw_rounds() -> int:
+  """How often stage 2 redraws a training pair that is a validation pair (sample_pairs' default)."""
+  import inspect
+  from jsim.data import pairs
+  return inspect.signature(pairs.sample_pairs).parameters["max_redraw_rounds"].default
+
+
+def _validation_coverage(config, train_labels: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Distinct pairs that stage 2's validation pairs take: per class [C], per pair of classes [C, C]."""
+  import jax.numpy as jnp
+  from jsim.data import pairs as pairs_lib
+  from jsim.train import similarity
+  index = pairs_lib.build_class_index(train_labels)
+  val, _ = similarity.validation_pairs(config, index, jnp.asarray(classes, jnp.int32))
+  val = np.unique(np.sort(np.asarray(val), axis=1), axis=0)   # distinct unordered pairs
+  pos = np.searchsorted(classes, train_labels[val])           # class positions [P, 2]
+  taken = np.zeros((len(classes), len(classes)), np.int64)
+  np.add.at(taken, (pos[:, 0], pos[:, 1]), 1)
+  taken = taken + taken.T - np.diag(np.diag(taken))
+  return np.diag(taken).copy(), taken
+
+
+def _class_name(class_ids, c) -> str:
+  return f"class {class_ids[c]!r}" if class_ids is not None else f"class {c}"
+
+
+def check_pair_supply(config, train_labels: np.ndarray, class_ids: tuple[str, ...] | None = None) -> None:
+  """Raises ValueError when the images cannot supply the pairs that stage 2 asks for.
+
+  Pairs are drawn with replacement, so any number of them is possible, except that
+    * a similar pair is two different images: every class needs >= 2 images;
+    * the training pairs must avoid the fixed validation pairs (a colliding draw is
+      redrawn a few times, then stage 2 fails): impossible when the validation pairs take
+      every distinct pair of a class (or of two classes), and refused when they take so
+      many that some of the training draws over all epochs would likely still collide.
+  Args:
+    train_labels: the data-set class index of every T180 image (stage 2's images).
+    class_ids: the data set's class names (index -> name), for the messages.
+  """
+  s = config.similarity
+  name = lambda c: _class_name(class_ids, c)
+  train_labels = np.asarray(train_labels)
+  classes = np.unique(train_labels)
+  n = np.bincount(train_labels)[classes].astype(np.int64)
+  for c, k in zip(classes, n):
+    if k < 2:
+      raise ValueError(f"{name(c)} has {k} stage-2 (T180) image(s): similar pairs need two different images "
+                       f"of a class; use data with >= 2 images in every class")
+
+  # Distinct pairs of each class and of each pair of classes, and a bound on the share that
+  # the validation pairs take (a draw with replacement takes at most one new pair).
+  same_avail = n * (n - 1) // 2
+  cross_avail = np.outer(n, n)
+  np.fill_diagonal(cross_avail, 1)
+  rounds = _redraw_rounds() + 1
+
+  def expected_failures(same_taken, cross_taken):
+    f_same = (same_taken / same_avail) ** rounds
+    f_cross = (cross_taken / cross_avail) ** rounds
+    np.fill_diagonal(f_cross, 0.0)
+    return s.num_epochs * (s.train_similar_per_class * f_same.sum()
+                           + s.train_per_ordered_class_pair * f_cross.sum())
+
+  def refuse_full(c):
+    raise ValueError(f"similarity.val_similar_per_class={s.val_similar_per_class}: the validation pairs take "
+                     f"all {same_avail[c]} distinct pairs of {name(classes[c])} ({n[c]} images), so no "
+                     f"training pair of that class can avoid them; lower it, or use more images per class")
+
+  if np.any(same_avail == 1):   # two images: the one pair is a validation pair, no need to draw
+    refuse_full(int(np.argmax(same_avail == 1)))
+  bound_same = np.minimum(s.val_similar_per_class, same_avail)
+  bound_cross = np.minimum(2 * s.val_per_ordered_class_pair, cross_avail)
+  if expected_failures(bound_same, bound_cross) > _MAX_EXPECTED_FAILURES:
+    same_taken, cross_taken = _validation_coverage(config, train_labels, classes)
+    full = np.flatnonzero(same_taken >= same_avail)
+    if full.size:
+      refuse_full(full[0])
+    np.fill_diagonal(cross_taken, 0)
+    full = np.argwhere(cross_taken >= cross_avail)
+    if full.size:
+      a, b = full[0]
+      raise ValueError(f"similarity.val_per_ordered_class_pair={s.val_per_ordered_class_pair}: the validation "
+                       f"pairs take all {cross_avail[a, b]} distinct pairs of {name(classes[a])} and "
+                       f"{name(classes[b])}, so no training pair of those classes can avoid them; lower it")
+    expected = expected_failures(same_taken, cross_taken)
+    if expected > _MAX_EXPECTED_FAILURES:
+      share_same, share_cross = same_taken / same_avail, cross_taken / cross_avail
+      if s.train_similar_per_class * share_same.max() ** rounds >= \
+          s.train_per_ordered_class_pair * share_cross.max() ** rounds:
+        c = int(np.argmax(share_same))
+        what = (f"similarity.val_similar_per_class={s.val_similar_per_class}: the validation pairs take "
+                f"{share_same[c]:.0%} of the {same_avail[c]} distinct pairs of {name(classes[c])}")
+      else:
+        a, b = np.unravel_index(int(np.argmax(share_cross)), share_cross.shape)
+        what = (f"similarity.val_per_ordered_class_pair={s.val_per_ordered_class_pair}: the validation pairs "
+                f"take {share_cross[a, b]:.0%} of the {cross_avail[a, b]} distinct pairs of {name(classes[a])} "
+                f"and {name(classes[b])}")
+      raise ValueError(f"{what}; training pairs, redrawn {rounds - 1} times when they hit one, would still hit "
+                       f"them (~{expected:.2g} times in {s.num_epochs} epochs) and stage 2 would fail; lower it, "
+                       f"or use more images per class")
+
+
+def check_test_pairs(config, test_labels: np.ndarray, class_ids: tuple[str, ...] | None = None) -> None:
+  """Raises ValueError when the test images cannot supply the evaluation's pairs.
+
+  The sampled evaluation draws similar pairs (two different images) of every class,
+  so each needs >= 2 test images; the exhaustive one enumerates pairs by int32 index.
+  """
+  ev = config.evaluation
+  test_labels = np.asarray(test_labels)
+  if ev.mode == "exhaustive":
+    from jsim.data import pairs
+    if not 2 <= len(test_labels) <= pairs.MAX_EXHAUSTIVE_IMAGES:
+      raise ValueError(f"evaluation.mode='exhaustive' needs 2 to {pairs.MAX_EXHAUSTIVE_IMAGES} test images, the "
+                       f"data has {len(test_labels)}; use evaluation.mode='sampled'")
+    return
+  num_classes = len(class_ids) if class_ids is not None else int(test_labels.max()) + 1
+  counts = np.bincount(test_labels, minlength=num_classes)
+  if counts.min() < 2:
+    c = int(np.argmin(counts))
+    raise ValueError(f"{_class_name(class_ids, c)} has {counts[c]} test image(s): evaluation.test_similar_per_class="
+                     f"{ev.test_similar_per_class} similar test pairs of it need two different images; use "
+                     f"evaluation.mode='exhaustive', or data with >= 2 test images in every class")

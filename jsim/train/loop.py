@@ -5,10 +5,19 @@ A stage supplies an `EpochPlan`: how many batches an epoch has, a jitted step
 over (state, epoch, batch index, running sums), and an evaluation. Everything an
 epoch draws (the permutation, the pairs) is a function of (seed, epoch), so a run
 resumed inside an epoch continues the same sequence of batches.
+
+Preemption: inside `preemption_guard()` (run.py holds one around each training
+stage, `fit` opens its own otherwise) the first SIGTERM/SIGINT only sets a flag.
+`fit` polls it before every step (with several processes, every few steps, where
+they agree) and after every epoch: it saves a checkpoint at the current step (a
+mid-epoch one keeps the epoch's running sums) and raises `Preempted`.
+Nothing is saved with a NaN/Inf loss or parameters: `NonFiniteLoss` leaves the
+last good checkpoint as the latest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import time
@@ -20,12 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jsim import parallel
 from jsim.checkpoint import StageCheckpoints, abstract_like
 from jsim.train import schedule
 from jsim.train.metrics_writer import MetricsWriter, progress_bar
 
 NO_BAD_STEP = np.iinfo(np.int32).max
+# With several processes, every how many steps they agree whether one got a signal.
+AGREE_EVERY_STEPS = 8
 
 
 class Preempted(Exception):
@@ -84,19 +94,66 @@ class _PreemptionGuard:
     self.signal_name = None
     self._previous = {}
 
-  def __enter__(self):
+  def install(self) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
       self._previous[sig] = signal.signal(sig, self._handle)
-    return self
 
   def _handle(self, signum, frame):
     if self.signal_name is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt   # a second Ctrl-C: stop now
     self.signal_name = signal.Signals(signum).name
 
-  def __exit__(self, *exc):
+  def uninstall(self) -> None:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+  def stop_requested(self, *, agree: bool = True) -> bool:
+    """Whether to stop now.
+
+    With several processes, they must stop at the same step, or one would wait
+    forever in the others' next step (or in the collective save): a local signal
+    counts only where all of them `agree` (the same steps for all), by an allgather,
+    which syncs the host with the device, so not at every step.
+    """
+    if jax.process_count() == 1:
+      return self.signal_name is not None
+    if not agree:
+      return False
+    from jax.experimental import multihost_utils
+    stop = bool(np.any(multihost_utils.process_allgather(np.int32(self.signal_name is not None))))
+    if stop and self.signal_name is None:
+      self.signal_name = "a signal to another process"
+    return stop
+
+
+_active_guard: _PreemptionGuard | None = None
+
+
+@contextlib.contextmanager
+def preemption_guard():
+  """Within it, SIGTERM/SIGINT set a flag (yielded guard.signal_name) instead of killing.
+
+  Reentrant: an inner guard is the outer one. Used around a whole training stage,
+  so that a signal during data loading or compilation is honoured too.
+  """
+  global _active_guard
+  if _active_guard is not None:
+    yield _active_guard
+    return
+  guard = _PreemptionGuard()
+  guard.install()
+  _active_guard = guard
+  try:
+    yield guard
+  finally:
+    _active_guard = None
+    guard.uninstall()
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def _sums_to_host(sums: dict) -> dict:
@@ -114,6 +171,8 @@ def fit(plan: EpochPlan, state: Any, stage_dir: str | Path, settings: LoopSettin
         place_state: Callable[[Any], Any] = lambda s: s) -> tuple[Any, dict]:
   """Trains `state` to `settings.num_epochs`, resuming from stage_dir/checkpoints.
 
+  `place_state` puts a host or restored pytree (the state, the running sums) where
+  the jitted step expects it, so that a resumed run compiles the same step.
   Returns the final state and the meta dict (rows, best checkpoint, ...).
   Raises Preempted (checkpoint saved) or NonFiniteLoss (nothing saved).
   """
@@ -121,13 +180,14 @@ def fit(plan: EpochPlan, state: Any, stage_dir: str | Path, settings: LoopSettin
   ckpts = StageCheckpoints(stage_dir / "checkpoints", keep=settings.keep_checkpoints)
   writer = MetricsWriter(stage_dir)
   try:
-    return _fit(plan, state, ckpts, writer, settings, place_state)
+    with preemption_guard() as guard:
+      return _fit(plan, state, ckpts, writer, settings, place_state, guard)
   finally:
     writer.close()
     ckpts.close()
 
 
-def _fit(plan, state, ckpts, writer, settings, place_state):
+def _fit(plan, state, ckpts, writer, settings, place_state, guard):
   meta = {"epoch": 0, "batch_in_epoch": 0, "sums": None, "rows": [], "val_accuracies": [],
           "halving_epochs": [], "best": None, "finished": False}
   latest = ckpts.latest_step()
@@ -137,73 +197,97 @@ def _fit(plan, state, ckpts, writer, settings, place_state):
     logging.info("%s: resumed from step %d (epoch %d, batch %d)", settings.name, latest, meta["epoch"],
                  meta["batch_in_epoch"])
   writer.reset(meta["rows"])
+  saved = [latest]   # the step of the latest checkpoint
 
-  def save(val_accuracy=None):
+  def save(sums, val_accuracy=None):
     step = int(state.step)
-    if step in ckpts.all_steps():     # e.g. preempted after an epoch's last batch
+    _check_finite(sums, state, settings, saved[0])   # never save a NaN state over the last good one
+    if step in ckpts.all_steps():     # (orbax does not overwrite a step)
       ckpts._manager.delete(step)
     ckpts.save(step, state, meta, val_accuracy=val_accuracy)
+    saved[0] = step
 
-  with _PreemptionGuard() as guard:
-    for epoch in range(meta["epoch"] + 1, settings.num_epochs + 1):
-      plan.begin_epoch(epoch)
-      num_batches = plan.num_batches(epoch)
-      first = meta["batch_in_epoch"]
-      sums = _sums_from_host(meta["sums"])
-      bar = progress_bar(num_batches * plan.items_per_batch, first * plan.items_per_batch,
-                         f"{settings.name} epoch {epoch}/{settings.num_epochs}", plan.item_name)
-      start = time.perf_counter()
+  def preempt(epoch, done, num_batches, sums):
+    step = int(state.step)
+    if step != (saved[0] or 0):   # not at a saved step, nor at the very start
+      meta.update(batch_in_epoch=done, sums=_sums_to_host(sums))
+      save(sums)
+      what = "checkpoint saved"
+    else:
+      what = "no step taken yet" if step == 0 else "its checkpoint is current"
+    raise Preempted(f"{guard.signal_name} at epoch {epoch}, batch {done}/{num_batches} (step {step}): {what}; "
+                    f"rerun the same command to resume")
+
+  for epoch in range(meta["epoch"] + 1, settings.num_epochs + 1):
+    plan.begin_epoch(epoch)
+    num_batches = plan.num_batches(epoch)
+    first = meta["batch_in_epoch"]
+    sums = place_state(_sums_from_host(meta["sums"]))
+    bar = progress_bar(num_batches * plan.items_per_batch, first * plan.items_per_batch,
+                       f"{settings.name} epoch {epoch}/{settings.num_epochs}", plan.item_name)
+    start = time.perf_counter()
+    try:   # (the bar is closed before any message: it would share its line)
       for batch in range(first, num_batches):
+        if guard.stop_requested(agree=batch % AGREE_EVERY_STEPS == 0):
+          preempt(epoch, batch, num_batches, sums)
         state, sums = plan.train_step(state, epoch, batch, sums)
         bar.update(plan.items_per_batch)
         done = batch + 1
-        if guard.signal_name:
-          _check_finite(sums, settings)
-          meta.update(batch_in_epoch=done, sums=_sums_to_host(sums))
-          save()
-          bar.close()
-          raise Preempted(f"{guard.signal_name} at epoch {epoch}, batch {done}/{num_batches} "
-                          f"(step {int(state.step)}): checkpoint saved; rerun the same command to resume")
         if done % settings.log_every_steps == 0:
-          host = _check_finite(sums, settings)
+          host = _check_finite(sums, None, settings, saved[0])
           bar.set_postfix(loss=f"{host['loss_sum'] / max(host['count'], 1):.4f}")
           writer.write_scalars(int(state.step), {"train/loss": host["loss_sum"] / max(host["count"], 1)})
         if settings.checkpoint_every_steps and int(state.step) % settings.checkpoint_every_steps == 0 \
             and done < num_batches:
           meta.update(batch_in_epoch=done, sums=_sums_to_host(sums))
-          save()
-      host = _check_finite(sums, settings)
-      seconds = time.perf_counter() - start
+          save(sums)
+      host = _check_finite(sums, state, settings, saved[0])
+    finally:
       bar.close()
-      val = plan.evaluate(state)
-      lr = schedule.get_learning_rate(state.opt_state)
-      meta["val_accuracies"].append(val["accuracy"])
-      halve = schedule.should_halve(meta["val_accuracies"], meta["halving_epochs"], alpha=settings.alpha,
-                                    wait=settings.halving_wait)
-      row = {"epoch": epoch, "step": int(state.step), "lr": lr,
-             "train_loss": host["loss_sum"] / host["count"], "train_accuracy": host["correct"] / host["count"],
-             "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-             "items_per_s": (num_batches - first) * plan.items_per_batch / seconds, "halved": halve}
-      if halve:
-        meta["halving_epochs"].append(epoch)
-        state = state.replace(opt_state=schedule.set_learning_rate(state.opt_state, lr / 2))
-      if meta["best"] is None or val["accuracy"] > meta["best"]["val_accuracy"]:
-        meta["best"] = {"step": int(state.step), "epoch": epoch, "val_accuracy": val["accuracy"]}
-      meta["rows"].append(row)
-      meta.update(epoch=epoch, batch_in_epoch=0, sums=None)
-      save(val_accuracy=val["accuracy"])
-      writer.write_epoch(row)
-      logging.info("%s epoch %d: %s", settings.name, epoch,
-                   ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    seconds = time.perf_counter() - start
+    val = plan.evaluate(state)
+    lr = schedule.get_learning_rate(state.opt_state)
+    meta["val_accuracies"].append(val["accuracy"])
+    halve = schedule.should_halve(meta["val_accuracies"], meta["halving_epochs"], alpha=settings.alpha,
+                                  wait=settings.halving_wait)
+    row = {"epoch": epoch, "step": int(state.step), "lr": lr,
+           "train_loss": host["loss_sum"] / host["count"], "train_accuracy": host["correct"] / host["count"],
+           "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+           "items_per_s": (num_batches - first) * plan.items_per_batch / seconds, "halved": halve}
+    if halve:
+      meta["halving_epochs"].append(epoch)
+      state = state.replace(opt_state=schedule.set_learning_rate(state.opt_state, lr / 2))
+    new_best = meta["best"] is None or val["accuracy"] > meta["best"]["val_accuracy"]
+    if new_best:
+      meta["best"] = {"step": int(state.step), "epoch": epoch, "val_accuracy": val["accuracy"]}
+    meta["rows"].append(row)
+    meta.update(epoch=epoch, batch_in_epoch=0, sums=None)
+    # Only a new best carries the metric: orbax's best-1 policy then keeps exactly meta["best"]
+    # (given every epoch's accuracy it would keep the latest of tied ones, not the first).
+    save(sums, val_accuracy=val["accuracy"] if new_best else None)
+    writer.write_epoch(row)
+    logging.info("%s epoch %d: %s", settings.name, epoch,
+                 ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    if guard.stop_requested():   # e.g. a signal during the evaluation; also after the last epoch
+      raise Preempted(f"{guard.signal_name} at the end of epoch {epoch} (step {int(state.step)}): checkpoint "
+                      f"saved; rerun the same command to resume")
   meta["finished"] = True
   return state, meta
 
 
-def _check_finite(sums: dict, settings: LoopSettings) -> dict:
+def _check_finite(sums: dict, state: Any, settings: LoopSettings, last_saved: int | None) -> dict:
+  """The running sums on the host; NonFiniteLoss if a loss (or a parameter of `state`) is NaN/Inf."""
   host = _sums_to_host(sums)
+  problem = None
   if host["first_bad_step"] != NO_BAD_STEP:
-    raise NonFiniteLoss(f"{settings.name}: the training loss became NaN or Inf at step {host['first_bad_step'] + 1}; "
-                        f"stopped without saving — the last good checkpoint stays")
+    problem = f"the training loss became NaN or Inf at step {host['first_bad_step'] + 1}"
+  elif state is not None and not bool(_all_finite(state.params)):
+    problem = f"the parameters became NaN or Inf by step {int(state.step)}"
+  if problem:
+    kept = f"the last good checkpoint (step {last_saved}) stays" if last_saved is not None else \
+        "no checkpoint was saved"
+    raise NonFiniteLoss(f"{settings.name}: {problem}; stopped without saving, {kept}. "
+                        f"A lower learning rate may help")
   return host
 
 

@@ -1,0 +1,359 @@
+"""Reliability through the real command line: signals, SIGKILL mid-save, exact resume, NaN, workdir safety.
+
+Every run is `python -m jsim.main --config=configs/tiny.py ...` in a subprocess, and
+every interruption a real signal (os.kill) sent at a known moment: when a line of
+the run's output appears (the progress bar of epoch 1 is printed just before the
+first step compiles, which takes seconds), or while orbax writes a checkpoint (its
+temporary folder exists; the run is stopped with SIGSTOP to make sure, then killed).
+
+A reference run (uninterrupted) is trained once per test session and shared, also
+across pytest-xdist workers; the interrupted runs must end with bitwise the same
+parameters, optimizer state and metrics (CPU, fixed seed, same compiled step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from filelock import FileLock
+
+from conftest import REPO, jsim_env, run_jsim
+
+TMP_CHECKPOINT = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+
+# Stage 1: 42 train images in batches of 6 = 7 steps an epoch, 6 epochs = 42 steps. With
+# alpha=0.5 the halving rule always fires once allowed (consecutive running means of
+# accuracies differ by far less than 0.5): after epochs 4, 5 and 6 (halving_wait=1).
+# A checkpoint every 4 steps gives mid-epoch ones (4, 8, 12, ..., 32, 36, 40).
+TINY1 = ["--config=configs/tiny.py", "--config.classifier.batch_size=6", "--config.classifier.num_epochs=6",
+         "--config.classifier.alpha=0.5", "--config.classifier.halving_wait=1",
+         "--config.classifier.checkpoint_every_steps=4"]
+STAGE1 = [*TINY1, "--config.stage=classifier"]
+STAGE1_STEPS = 42
+# Stage 2: 6*5*2 + 6*10 = 120 pairs in batches of 24 = 5 steps an epoch; halving after epoch 4.
+STAGE2 = ["--config=configs/tiny.py", "--config.stage=similarity", "--config.similarity.batch_size=24",
+          "--config.similarity.num_epochs=4", "--config.similarity.alpha=0.5", "--config.similarity.halving_wait=1"]
+STAGE2_STEPS = 20
+
+
+class Jsim:
+  """A jsim subprocess; a thread collects its output (stdout + stderr: tqdm writes '\\r', not lines)."""
+
+  def __init__(self, args: list[str], cache: Path):
+    self.args = args
+    self.proc = subprocess.Popen([sys.executable, "-m", "jsim.main", *args], cwd=REPO, env=jsim_env(cache),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    self._chunks: list[bytes] = []
+    self._reader = threading.Thread(target=self._pump, daemon=True)
+    self._reader.start()
+
+  def _pump(self) -> None:
+    fd = self.proc.stdout.fileno()
+    while chunk := os.read(fd, 65536):
+      self._chunks.append(chunk)
+
+  @property
+  def output(self) -> str:
+    return b"".join(self._chunks).decode(errors="replace")
+
+  def wait_until(self, predicate, what: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+      if self.proc.poll() is not None:
+        self._reader.join(5)
+        pytest.fail(f"the run exited ({self.proc.returncode}) before {what}:\n{self.output[-3000:]}")
+      if time.monotonic() > deadline:
+        self.proc.kill()
+        pytest.fail(f"no {what} within {timeout} s:\n{self.output[-3000:]}")
+      time.sleep(0.005)
+
+  def wait_for_text(self, text: str, timeout: float = 600) -> None:
+    self.wait_until(lambda: text in self.output, repr(text), timeout)
+
+  def send(self, sig: int) -> None:
+    os.kill(self.proc.pid, sig)
+
+  def finish(self, timeout: float = 600) -> int:
+    try:
+      rc = self.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      pytest.fail(f"still running after {timeout} s:\n{self.output[-3000:]}")
+    self._reader.join(10)
+    return rc
+
+
+def _ok(args: list[str], cache: Path) -> str:
+  proc = run_jsim(args, cache, timeout=900)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+def _steps(ckpt_dir: Path) -> list[int]:
+  """The complete checkpoints (orbax renames a step's temporary folder when it is written)."""
+  return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.exists() else []
+
+
+def _tmp_steps(ckpt_dir: Path, min_step: int = 0) -> list[int]:
+  names = os.listdir(ckpt_dir) if ckpt_dir.exists() else []
+  return sorted(int(m.group(1)) for n in names if (m := TMP_CHECKPOINT.match(n)) and int(m.group(1)) >= min_step)
+
+
+def _meta(ckpt_dir: Path, step: int) -> dict:
+  return json.loads((ckpt_dir / str(step) / "meta" / "metadata").read_text())
+
+
+def _state(ckpt_dir: Path, step: int) -> dict:
+  """The saved state pytree as numpy arrays, restored without the model (its stored structure)."""
+  import jax
+  import orbax.checkpoint as ocp
+  state = ocp.StandardCheckpointer().restore((ckpt_dir / str(step) / "state").absolute())
+  return jax.tree.map(np.asarray, state)
+
+
+def _assert_bitwise_equal(a, b) -> None:
+  import jax
+  paths_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+  paths_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
+  assert tree_a == tree_b
+  assert len(paths_a) > 3
+  for (path, x), (_, y) in zip(paths_a, paths_b):
+    assert x.dtype == y.dtype and x.shape == y.shape, path
+    assert np.array_equal(x, y), f"{jax.tree_util.keystr(path)} differs: max |diff| {np.max(np.abs(x - y))}"
+
+
+def _rows(rows: list[dict]) -> list[dict]:
+  """Metric rows without the throughput (a wall-clock measure)."""
+  return [{k: v for k, v in r.items() if k != "items_per_s"} for r in rows]
+
+
+def _metrics_file(stage_dir: Path) -> list[dict]:
+  return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _result(stage_dir: Path) -> dict:
+  r = json.loads((stage_dir / "result.json").read_text())
+  assert len(r.pop("run_id")) == 32 and r.pop("finished_at")
+  return r
+
+
+def _snapshot(*dirs: Path) -> dict:
+  return {p: (p.stat().st_mtime_ns, p.stat().st_size) for d in dirs for p in d.rglob("*") if p.is_file()}
+
+
+def _one_line_error(out: str, expect: str) -> str:
+  assert "Traceback" not in out, out[-3000:]
+  line = [x for x in out.splitlines() if x.strip()][-1]
+  assert line.startswith("jsim: ") and expect in line, out[-3000:]
+  return line
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> Path:
+  """Uninterrupted runs: root/A has stage 1, the embeddings and stage 2; root/A_embedded is
+  A before stage 2; root/A_done a copy of the finished A (for the tests that modify it)."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent   # this session's folder, shared by its xdist workers: train once
+  root = base / "reliability_reference"
+  with FileLock(str(base / "reliability_reference.lock")):
+    if not (root / "done").exists():
+      shutil.rmtree(root, ignore_errors=True)
+      root.mkdir(parents=True)
+      a, cache = root / "A", root / "cache"
+      _ok([*STAGE1, f"--workdir={a}"], cache)
+      _ok([*TINY1, f"--workdir={a}", "--config.stage=embed"], cache)
+      shutil.copytree(a, root / "A_embedded")
+      _ok([*STAGE2, f"--workdir={a}"], cache)
+      shutil.copytree(a, root / "A_done")
+      (root / "done").touch()
+  return root
+
+
+def test_stage1_signals_sigkill_mid_save_and_exact_resume(jsim_cache, tmp_path, request):
+  """SIGTERM before training stops cleanly; SIGINT mid-epoch saves and exits 0; SIGKILL during a
+  save leaves a temporary folder that the next start removes; the resumed run ends bitwise where
+  the uninterrupted one does."""
+  w = tmp_path / "B"
+  args = [*STAGE1, f"--workdir={w}"]
+  ckpts = w / "stage1" / "checkpoints"
+
+  # 0. SIGTERM while the data loads and the model's init compiles (before the epoch loop):
+  #    honoured once the loop starts, before the first step; nothing to save.
+  run = Jsim(args, jsim_cache)
+  run.wait_for_text("Tiny ImageNet from folder")
+  run.send(signal.SIGTERM)
+  assert run.finish() == 0, run.output[-3000:]
+  _one_line_error(run.output, "SIGTERM at epoch 1, batch 0/7 (step 0): no step taken yet; rerun the same command")
+  assert _steps(ckpts) == [] and not _tmp_steps(ckpts)
+
+  # 1. Ctrl-C while the first step compiles: that step finishes, is saved, and the run stops.
+  run = Jsim(args, jsim_cache)
+  run.wait_for_text("stage 1 epoch 1/6")
+  run.send(signal.SIGINT)
+  assert run.finish() == 0, run.output[-3000:]
+  _one_line_error(run.output, "SIGINT at epoch 1, batch 1/7 (step 1): checkpoint saved; rerun the same command")
+  assert _steps(ckpts) == [1] and not _tmp_steps(ckpts)
+  meta = _meta(ckpts, 1)
+  assert (meta["epoch"], meta["batch_in_epoch"], meta["rows"]) == (0, 1, [])
+  assert meta["sums"]["count"] == 6.0   # the running sums of the partial epoch: one batch
+
+  # 2. The same command resumes at batch 1; SIGKILL while orbax writes a checkpoint after the
+  #    halving after epoch 4 (step 28) and the mid-epoch checkpoint of step 32 (so that the run
+  #    resumes inside epoch 5). SIGSTOP first, so that the write is surely unfinished.
+  run = Jsim(args, jsim_cache)
+  while True:
+    run.wait_until(lambda: _tmp_steps(ckpts, 33), "a checkpoint being written after step 32")
+    run.send(signal.SIGSTOP)
+    if _tmp_steps(ckpts, 33):
+      break
+    run.send(signal.SIGCONT)   # it finished between the look and the stop: catch the next one
+  run.send(signal.SIGKILL)
+  assert run.finish() == -signal.SIGKILL
+  assert "stage 1: resumed from step 1 (epoch 0, batch 1)" in run.output
+  killed_at = _tmp_steps(ckpts, 33)
+  last = max(_steps(ckpts))
+  assert killed_at and last < killed_at[0]
+  # A kill mid-append leaves half a line in metrics.jsonl, one mid-write_json a temporary file.
+  with open(w / "stage1" / "metrics.jsonl", "a") as f:
+    f.write('{"epoch": 99, "st')
+  (w / "stage1" / "result.json.12345.tmp").write_text('{"test_acc')
+
+  # 3. The same command again: it starts from the last complete checkpoint and finishes.
+  run = Jsim(args, jsim_cache)
+  assert run.finish() == 0, run.output[-3000:]
+  resumed = _meta_line(run.output)
+  assert resumed["step"] == last, run.output[-3000:]
+  assert not _tmp_steps(ckpts), "the partial checkpoint was not cleaned up"
+  assert STAGE1_STEPS in _steps(ckpts)
+  print(f"SIGKILL while writing step {killed_at[0]}; resumed from step {last} "
+        f"(epoch {resumed['epoch']}, batch {resumed['batch']})")
+
+  # Bitwise the uninterrupted run: parameters, batch statistics, momentum, learning rate, step.
+  ref = request.getfixturevalue("reference") / "A" / "stage1"
+  _assert_bitwise_equal(_state(ckpts, STAGE1_STEPS), _state(ref / "checkpoints", STAGE1_STEPS))
+  got, want = _meta(ckpts, STAGE1_STEPS), _meta(ref / "checkpoints", STAGE1_STEPS)
+  assert want["halving_epochs"] == [4, 5, 6]
+  assert [r["lr"] for r in want["rows"]] == pytest.approx([0.01] * 4 + [0.005, 0.0025], rel=1e-6)
+  for key in ("halving_epochs", "val_accuracies", "best", "epoch", "batch_in_epoch"):
+    assert got[key] == want[key], key
+  assert _rows(got["rows"]) == _rows(want["rows"])
+  # Every epoch's row once, the same numbers (the train loss sums the partial epochs exactly).
+  assert _rows(_metrics_file(w / "stage1")) == _rows(_metrics_file(ref))
+  assert _result(w / "stage1") == _result(ref)
+
+
+def _meta_line(out: str) -> dict:
+  m = re.search(r"resumed from step (\d+) \(epoch (\d+), batch (\d+)\)", out)
+  assert m, out[-3000:]
+  return {"step": int(m.group(1)), "epoch": int(m.group(2)), "batch": int(m.group(3))}
+
+
+def test_stage2_sigterm_and_exact_resume(reference, jsim_cache, tmp_path):
+  w = tmp_path / "W"
+  shutil.copytree(reference / "A_embedded", w)
+  args = [*STAGE2, f"--workdir={w}"]
+  ckpts = w / "stage2" / "checkpoints"
+
+  run = Jsim(args, jsim_cache)
+  run.wait_for_text("stage 2 epoch 1/4")
+  run.send(signal.SIGTERM)
+  assert run.finish() == 0, run.output[-3000:]
+  _one_line_error(run.output, "SIGTERM at epoch 1, batch 1/5 (step 1): checkpoint saved; rerun the same command")
+  assert _steps(ckpts) == [1] and _meta(ckpts, 1)["sums"]["count"] == 24.0
+
+  run = Jsim(args, jsim_cache)
+  assert run.finish() == 0, run.output[-3000:]
+  assert _meta_line(run.output) == {"step": 1, "epoch": 0, "batch": 1}
+
+  ref = reference / "A" / "stage2"
+  _assert_bitwise_equal(_state(ckpts, STAGE2_STEPS), _state(ref / "checkpoints", STAGE2_STEPS))
+  got, want = _meta(ckpts, STAGE2_STEPS), _meta(ref / "checkpoints", STAGE2_STEPS)
+  assert want["halving_epochs"] == [4]
+  assert _rows(got["rows"]) == _rows(want["rows"]) and got["best"] == want["best"]
+  assert _rows(_metrics_file(w / "stage2")) == _rows(_metrics_file(ref))
+  assert _result(w / "stage2") == _result(ref)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference, jsim_cache, tmp_path):
+  """A learning rate of 1e30 on a finished workdir, with overwrite: the derived outputs of the old
+  stage 1 (embeddings, stage 2) go with it; the new run stops at the first NaN/Inf loss."""
+  w = tmp_path / "W"
+  shutil.copytree(reference / "A_done", w)
+  proc = run_jsim([*STAGE1, f"--workdir={w}", "--config.overwrite=True", "--config.classifier.learning_rate=1e30",
+                   "--config.classifier.checkpoint_every_steps=1", "--config.classifier.log_every_steps=1"],
+                  jsim_cache, timeout=900)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 1, out[-3000:]
+  line = _one_line_error(out, "stage 1: the training loss became NaN or Inf at step ")
+  bad = int(re.search(r"at step (\d+)", line).group(1))
+  ckpts = w / "stage1" / "checkpoints"
+  good = max(_steps(ckpts))
+  assert good == bad - 1 and f"the last good checkpoint (step {good}) stays" in line
+  state = _state(ckpts, good)
+  import jax
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+  assert not _tmp_steps(ckpts)
+
+  # overwrite=True took the old stage 1 and everything computed from it.
+  assert "overwrite: removing" in out
+  assert not (w / "embeddings").exists() and not (w / "stage2").exists()
+  assert not (w / "stage1" / "result.json").exists()
+  assert json.loads((w / "stage1" / "config.json").read_text())["classifier"]["learning_rate"] == 1e30
+
+
+@pytest.mark.parametrize("args, expect", [
+    # Another architecture's checkpoints.
+    (["--config.stage=classifier", "--config.model.name=vgg_tiny"],
+     "stage1 was made by another configuration (model.name: 'resnet_tiny' in the workdir, 'vgg_tiny' now)"),
+    # Another split: another seed, or another number of seen classes.
+    (["--config.stage=all", "--config.seed=1"], "stage1 was made by another configuration (seed: 0 in the workdir"),
+    (["--config.stage=classifier", "--config.data.num_seen_classes=5"],
+     "data.num_seen_classes: 6 in the workdir, 5 now"),
+    # A stage that reads stage 1 with another model: refused before a confusing restore error.
+    (["--config.stage=embed", "--config.model.name=vgg_tiny"],
+     "stage1 was made by another configuration (model.name: 'resnet_tiny' in the workdir, 'vgg_tiny' now)"),
+])
+def test_workdir_of_another_configuration_is_refused(reference, jsim_cache, tmp_path, args, expect):
+  w = tmp_path / "W"
+  shutil.copytree(reference / "A_done", w)
+  stages = [w / "stage1", w / "embeddings", w / "stage2"]
+  before = _snapshot(*stages), (w / "config.json").read_text()
+  proc = run_jsim([*TINY1, f"--workdir={w}", *args], jsim_cache, timeout=300)
+  assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
+  _one_line_error(proc.stdout + proc.stderr, expect)
+  assert (_snapshot(*stages), (w / "config.json").read_text()) == before   # the record too
+
+
+def test_finished_stage_is_not_redone(reference, jsim_cache, tmp_path):
+  w = tmp_path / "W"
+  shutil.copytree(reference / "A_done", w)
+  stages = [w / "stage1", w / "embeddings", w / "stage2"]
+  before = _snapshot(*stages)
+  assert "stage 2 already finished" in _ok([*STAGE2, f"--workdir={w}"], jsim_cache)
+  assert _snapshot(*stages) == before
+
+
+def test_killed_first_claim_leaves_a_usable_stage_folder(tmp_path):
+  """A run killed while writing a stage's config.json for the first time leaves only the temporary file."""
+  from jsim import workdir as wd
+  (tmp_path / "stage1").mkdir()
+  (tmp_path / "stage1" / "config.json.999.tmp").write_text('{"seed":')
+  stage_dir, finished = wd.claim_stage(tmp_path, wd.STAGE1, {"seed": 0}, overwrite=False)
+  assert not finished and json.loads((stage_dir / "config.json").read_text()) == {"seed": 0}
+  (tmp_path / "stage2").mkdir()
+  (tmp_path / "stage2" / "stray.txt").write_text("not jsim's")
+  with pytest.raises(ValueError, match="exists but has no config.json"):
+    wd.claim_stage(tmp_path, wd.STAGE2, {"seed": 0}, overwrite=False)
