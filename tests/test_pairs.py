@@ -147,7 +147,7 @@ def test_exclusion_that_cannot_be_satisfied_fails_loudly():
   ci = P.build_class_index(labels)
   a, b = np.nonzero(labels == 0)[0]
   exclusion = P.make_exclusion(np.array([[b, a]]))  # the only pair of class 0
-  with pytest.raises(RuntimeError, match="still collide"):
+  with pytest.raises(ValueError, match="still collide"):
     P.sample_pairs(jax.random.key(0), ci, jnp.asarray([0, 1]), 1, 2, exclusion, max_redraw_rounds=4)
   empty = P.make_exclusion(np.zeros((0, 2), np.int32))
   assert not bool(empty.contains(jnp.asarray([[0, 1], [0, 0]])).any())

@@ -264,7 +264,7 @@ def sample_pairs(key: jax.Array, class_index: ClassIndex, classes, per_ordered_c
   `exclude` (see `make_exclusion`, e.g. the validation pairs, indexing the same image
   array): a drawn pair equal to an excluded one in either order is redrawn from the
   same classes, exactly, for up to `max_redraw_rounds` rounds; if a collision still
-  remains, this raises RuntimeError rather than keep it. `shuffle` permutes the output
+  remains, this raises ValueError rather than keep it. `shuffle` permutes the output
   (otherwise dissimilar pairs come first, grouped by class pair, then similar ones).
   """
   _check_counts(class_index, classes, per_ordered_class_pair, similar_per_class, "sample_pairs")
@@ -276,7 +276,7 @@ def sample_pairs(key: jax.Array, class_index: ClassIndex, classes, per_ordered_c
                                                shuffle=shuffle)
   remaining = int(stats["remaining"])
   if remaining:
-    raise RuntimeError(f"sample_pairs: {remaining} pairs still collide with the exclusion set after "
+    raise ValueError(f"sample_pairs: {remaining} pairs still collide with the exclusion set after "
                        f"{max_redraw_rounds} redraw rounds ({int(stats['collisions'])} collided at first); "
                        "the classes are too small for the number of pairs asked")
   return pairs, same
