@@ -22,22 +22,35 @@ from jsim.train import classifier, loop
 META_FILE = "meta.json"
 
 
-def embed_images(model, variables, images, indices: np.ndarray, *, mean, std, input_size: int, batch_size: int,
-                 mesh) -> np.ndarray:
-  """Embeddings [len(indices), D] float32 of device-resident uint8 `images`, batched and jitted.
+def make_embed_fn(model, mean, std, input_size: int, mesh):
+  """A jitted (variables, images, idx) -> float32 embeddings [len(idx), D] of device-resident uint8 images.
 
-  The last batch is padded, and its padding dropped from the result.
+  idx is sharded over the mesh's 'data' axis (its length must divide by the device
+  count); the output is replicated, so every process can read the whole batch.
   """
-  parallel.check_divisible(batch_size, mesh, "embed.batch_size")
+  dtype = getattr(model, "dtype", jnp.float32)
 
-  # Replicated output: every process can read the whole batch.
   @jax.jit(out_shardings=parallel.replicated(mesh))
   def embed(variables, images, idx):
     idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
-    x = augment.preprocess(images[idx], mean, std, input_size)
+    # The model casts its input to its compute dtype anyway; casting here lets XLA write
+    # the resized batch once, in that dtype.
+    x = augment.preprocess(images[idx], mean, std, input_size).astype(dtype)
     _, e = model.apply(variables, x, train=False)
     return e.astype(jnp.float32)
 
+  return embed
+
+
+def embed_images(model, variables, images, indices: np.ndarray, *, mean, std, input_size: int, batch_size: int,
+                 mesh, embed_fn=None) -> np.ndarray:
+  """Embeddings [len(indices), D] float32 of device-resident uint8 `images`, batched and jitted.
+
+  The last batch is padded, and its padding dropped from the result. Pass `embed_fn`
+  (from make_embed_fn) to reuse one compiled function across calls.
+  """
+  parallel.check_divisible(batch_size, mesh, "embed.batch_size")
+  embed = embed_fn or make_embed_fn(model, mean, std, input_size, mesh)
   out = []
   for idx, mask in classifier.padded_batches(indices, batch_size):
     e = embed(variables, images, parallel.put_sharded_batch(idx, mesh))
@@ -66,6 +79,7 @@ def compute_embeddings(config, workdir: str | Path) -> dict:
   state, _ = loop.restore_best(workdir / wd.STAGE1, abstract)
   kw = dict(mean=data.mean, std=data.std, input_size=config.classifier.input_size,
             batch_size=config.embed.batch_size, mesh=mesh)
+  kw["embed_fn"] = make_embed_fn(model, data.mean, data.std, config.classifier.input_size, mesh)
   t180 = data.t180_idx
   train_emb = embed_images(model, state.variables, parallel.put_replicated(data.train_set.images, mesh), t180, **kw)
   test_emb = embed_images(model, state.variables, parallel.put_replicated(data.test_set.images, mesh),
@@ -86,6 +100,7 @@ def compute_embeddings(config, workdir: str | Path) -> dict:
       np.save(tmp, arr)
       tmp.replace(out_dir / f"{name}.npy")
     wd.write_json(meta_path, meta)
+  parallel.sync_processes("embeddings written")
   logging.info("embedded %d T180 and %d test images (%d-d) with stage-1 step %d", len(t180), len(data.test_idx),
                meta["dim"], meta["stage1_step"])
   return meta

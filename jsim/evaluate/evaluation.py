@@ -84,6 +84,7 @@ def evaluate(config, workdir: str | Path) -> dict:
                                 config_dict=wd.config_to_dict(config), retrieval=retrieval_metrics, extra=extra)
     print(f"\nFive-case test accuracy ({result.mode}, {result.num_pairs:,} pairs; {workdir / 'report.md'}):\n")
     print(table, flush=True)
+  parallel.sync_processes("report written")
   return {"accuracy": result.accuracy("all"), "seen_accuracy": result.accuracy("seen"),
           "unseen_accuracy": result.accuracy("unseen"), "auc": result.auc("all"), "threshold": out["threshold"],
           "table": table}

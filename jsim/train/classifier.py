@@ -48,6 +48,11 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
                                  weight_decay=cfg.weight_decay)
 
 
+def _input_dtype(model):
+  """The compute dtype of a backbone (its first layer casts its input to it)."""
+  return getattr(model, "dtype", jnp.float32)
+
+
 def _apply_eval(model, state: TrainState, x):
   return model.apply(state.variables, x, train=False)
 
@@ -57,7 +62,7 @@ def make_eval_sums(model, mean, std, input_size: int, mesh):
   @jax.jit(out_shardings=parallel.replicated(mesh))
   def eval_sums(state, images, labels, idx, mask):
     idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
-    x = augment.preprocess(images[idx], mean, std, input_size)
+    x = augment.preprocess(images[idx], mean, std, input_size).astype(_input_dtype(model))
     logits, _ = _apply_eval(model, state, x)
     y = labels[idx]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
@@ -119,7 +124,9 @@ class ClassifierPlan:
       aug_key, dropout_key = jax.random.split(key)
       idx = jax.lax.dynamic_slice_in_dim(perm, batch * cfg.batch_size, size)
       idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
-      x = augment.augment(aug_key, images[idx], mean, std, input_size, aug_cfg)
+      # Cast once here: the model would cast its input to the compute dtype anyway, and this
+      # way the augmented 224x224 batch is written (and read by the stem) in bf16 on GPU.
+      x = augment.augment(aug_key, images[idx], mean, std, input_size, aug_cfg).astype(_input_dtype(model))
       y = labels[idx]
 
       def loss_fn(params):
@@ -148,6 +155,7 @@ class ClassifierPlan:
     self._perm = parallel.put_replicated(perm.astype(np.int32), self.mesh)
 
   def train_step(self, state, epoch: int, batch: int, sums: dict):
+    sums = parallel.ensure_replicated(sums, self.mesh)  # fresh zero sums: no second compilation
     return self._train_step(state, self.images, self.labels, self._perm, jnp.int32(batch), sums,
                             size=self._sizes[batch])
 
@@ -194,6 +202,7 @@ def train_classifier(config, workdir: str | Path) -> dict:
             "epochs": len(meta["rows"]), "halving_epochs": meta["halving_epochs"]}
   if parallel.is_main_process():
     wd.finish_stage(stage_dir, result)
+  parallel.sync_processes("stage1 result")
   logging.info("stage 1 finished: test accuracy %.4f on %d seen-class test images (best epoch %d)",
                test["accuracy"], test["count"], best["epoch"])
   return result

@@ -146,6 +146,7 @@ class SimilarityPlan:
     self._pairs, self._same = parallel.put_replicated(self._draw_epoch(epoch), self.mesh)
 
   def train_step(self, state, epoch: int, batch: int, sums: dict):
+    sums = parallel.ensure_replicated(sums, self.mesh)  # fresh zero sums: no second compilation
     return self._train_step(state, self.emb, self._pairs, self._same, jnp.int32(batch), sums,
                             size=self._sizes[batch])
 
@@ -197,5 +198,6 @@ def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> 
             "val_pairs": int(plan.val_pairs.shape[0]), "train_pairs_per_epoch": int(sum(plan._sizes))}
   if parallel.is_main_process():
     wd.finish_stage(stage_dir, result)
+  parallel.sync_processes(f"{stage} result")
   logging.info("stage 2 finished: best validation accuracy %.4f (epoch %d)", best["val_accuracy"], best["epoch"])
   return result
