@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from jsim.data.dataset import ImageSet
+from jsim.workdir import write_json
 
 SPLIT_FILE = "split.json"
 
@@ -73,9 +74,7 @@ def make_split(train: ImageSet, test: ImageSet, *, num_seen: int, val_fraction: 
 
 def save_split(split: Split, workdir: str | Path) -> Path:
   path = Path(workdir) / SPLIT_FILE
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(split.to_json()))
-  tmp.replace(path)
+  write_json(path, split.to_json())
   return path
 
 

@@ -68,7 +68,7 @@ def compute_embeddings(config, workdir: str | Path) -> dict:
   meta_path = out_dir / META_FILE
   if meta_path.exists() and not config.overwrite:
     meta = wd.read_json(meta_path)
-    if meta["stage1_step"] == stage1["best_step"]:
+    if meta["stage1_step"] == stage1["best_step"] and meta.get("stage1_run_id") == stage1.get("run_id"):
       logging.info("embeddings are current (stage-1 step %d)", meta["stage1_step"])
       return meta
   mesh = parallel.make_mesh()
@@ -84,7 +84,7 @@ def compute_embeddings(config, workdir: str | Path) -> dict:
   train_emb = embed_images(model, state.variables, parallel.put_replicated(data.train_set.images, mesh), t180, **kw)
   test_emb = embed_images(model, state.variables, parallel.put_replicated(data.test_set.images, mesh),
                           data.test_idx, **kw)
-  meta = {"stage1_step": stage1["best_step"], "model": config.model.name, "dim": int(train_emb.shape[1]),
+  meta = {"stage1_step": stage1["best_step"], "stage1_run_id": stage1.get("run_id"), "model": config.model.name, "dim": int(train_emb.shape[1]),
           "train_count": len(t180), "test_count": len(data.test_idx), "class_ids": list(data.train_set.class_ids),
           "seen_classes": list(data.split.seen_classes)}
   if parallel.is_main_process():

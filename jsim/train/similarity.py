@@ -156,7 +156,7 @@ class SimilarityPlan:
 
 def stage_identity(config, emb: dict) -> dict:
   d = wd.config_to_dict(config)
-  sources = [{k: m[k] for k in ("model", "stage1_step", "dim")} for m in emb["sources"]]
+  sources = [{k: m.get(k) for k in ("model", "stage1_step", "stage1_run_id", "dim")} for m in emb["sources"]]
   return {"seed": d["seed"], "model": d["model"]["name"], "similarity": d["similarity"], "embeddings": sources}
 
 
