@@ -28,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_seen_classes = 180
   c.data.val_fraction = 0.3
   c.data.normalization = "train"  # train (statistics of the stage-1 train split) | imagenet
+  # Stage 1's input: device (every train image held on each device, batches gathered in the step) |
+  # stream (images stay on the host; grain reads each batch, sent sharded: device memory holds batches only).
+  c.data.pipeline = "device"
 
   c.model = ml_collections.ConfigDict(dict(
       name="resnet50",        # see jsim.models.available()

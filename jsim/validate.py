@@ -60,6 +60,7 @@ def check_config(config) -> None:
   _choice("data.source", d.source, ("auto", "folder", "zip", "download", "synthetic", "tfds"))
   _choice("data.on_bad_image", d.on_bad_image, ("error", "skip"))
   _choice("data.normalization", d.normalization, ("train", "imagenet"))
+  _choice("data.pipeline", d.pipeline, ("device", "stream"))
   _positive("data.image_size", d.image_size)
   if d.num_workers is not None:
     _positive("data.num_workers", d.num_workers)

@@ -42,7 +42,7 @@ _DERIVED = {STAGE1: (EMBEDDINGS, STAGE2, "sweep")}
 
 # Keys that may differ between a run and its resumption.
 _FREE_KEYS = {"stage", "overwrite", "num_epochs", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-              "eval_batch_size", "cache_dir", "num_workers", "evaluation", "sweep", "embed"}
+              "eval_batch_size", "cache_dir", "num_workers", "pipeline", "evaluation", "sweep", "embed"}
 
 
 def write_json(path: Path, obj: Any) -> None:

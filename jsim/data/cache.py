@@ -113,8 +113,9 @@ def read_entry(path: Path) -> tuple[dict[str, ImageSet], dict[str, Any]] | None:
       return None
     parts = {}
     for name, p in index["parts"].items():
-      parts[name] = ImageSet(np.load(path / f"{name}_images.npy"), np.load(path / f"{name}_labels.npy"),
-                             tuple(p["class_ids"]), tuple(p["image_ids"]))
+      # Memory-mapped: pages are read as batches need them (data.pipeline='stream' never holds them all).
+      images = np.load(path / f"{name}_images.npy", mmap_mode="r")
+      parts[name] = ImageSet(images, np.load(path / f"{name}_labels.npy"), tuple(p["class_ids"]), tuple(p["image_ids"]))
     return parts, index["meta"]
   except (OSError, ValueError, KeyError, TypeError) as e:
     # Entries are committed atomically, so this means outside damage: rebuild.

@@ -59,6 +59,11 @@ def evaluate_stage2(config, workdir: Path, stage: str, emb: dict, mesh) -> dict:
           "prob_fn": prob_fn, "params": params, "test_emb": test_emb, "seen_mask": seen_mask}
 
 
+def backbone_label(emb: dict) -> str:
+  """'resnet50', or 'resnet50+vgg16' for an ensemble (which has no published numbers)."""
+  return "+".join(m["model"] for m in emb["sources"])
+
+
 def evaluate(config, workdir: str | Path) -> dict:
   """Evaluates the best stage-2 checkpoint: report.json, report.md and figures in the workdir."""
   workdir = Path(workdir)
@@ -73,14 +78,14 @@ def evaluate(config, workdir: str | Path) -> dict:
     for stage, title in ((wd.STAGE1, "Stage 1: classifier Mc"), (wd.STAGE2, "Stage 2: similarity net Ms")):
       figures.plot_stage_curves(workdir / stage / "metrics.jsonl", fig_dir / f"{stage}_curves.png",
                                 f"{title} ({config.model.name})")
-    figures.plot_roc(result, fig_dir / "roc.png", title=f"ROC of Ms ({config.model.name})")
+    figures.plot_roc(result, fig_dir / "roc.png", title=f"ROC of Ms ({backbone_label(emb)})")
   if config.evaluation.retrieval:
     retrieval_metrics = _unseen_retrieval(config, workdir, emb, out, fig_dir)
   extra = {"stage1": wd.stage_result(workdir, wd.STAGE1), "stage2": wd.stage_result(workdir, wd.STAGE2),
            "embeddings": emb["sources"], "val_accuracy_at_0.5": out["val_accuracy_at_0.5"]}
   table = ""
   if parallel.is_main_process():
-    table = report.write_report(workdir, result, val_threshold=out["threshold"], backbone=config.model.name,
+    table = report.write_report(workdir, result, val_threshold=out["threshold"], backbone=backbone_label(emb),
                                 config_dict=wd.config_to_dict(config), retrieval=retrieval_metrics, extra=extra)
     print(f"\nFive-case test accuracy ({result.mode}, {result.num_pairs:,} pairs; {workdir / 'report.md'}):\n")
     print(table, flush=True)
@@ -126,7 +131,7 @@ def sweep(config, workdir: str | Path) -> dict:
     trained = similarity.train_similarity(cfg, workdir, stage=stage)
     out = evaluate_stage2(cfg, workdir, stage, emb, mesh)
     r = out["result"]
-    rows.append({"name": stage, "backbone": config.model.name, "feature": feature,
+    rows.append({"name": stage, "backbone": backbone_label(emb), "feature": feature,
                  "val_accuracy": trained["best_val_accuracy"], "test_accuracy": r.accuracy("all"),
                  "seen_accuracy": r.accuracy("seen"), "unseen_accuracy": r.accuracy("unseen"), "auc": r.auc("all")})
   table = ""

@@ -13,7 +13,7 @@ from absl import logging
 
 from jsim import models, parallel, workdir as wd
 from jsim.checkpoint import abstract_like
-from jsim.data import augment
+from jsim.data import augment, streaming
 from jsim.data.prepare import Prepared, prepare
 from jsim.train import loop, schedule
 from jsim.train.state import TrainState
@@ -57,18 +57,40 @@ def _apply_eval(model, state: TrainState, x):
   return model.apply(state.variables, x, train=False)
 
 
-def make_eval_sums(model, mean, std, input_size: int, mesh):
-  """A jitted (state, images, labels, idx, mask) -> sums over one padded batch."""
-  @jax.jit(out_shardings=parallel.replicated(mesh))
-  def eval_sums(state, images, labels, idx, mask):
-    idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
-    x = augment.preprocess(images[idx], mean, std, input_size).astype(_input_dtype(model))
+def _eval_core(model, mean, std, input_size: int):
+  """(state, uint8 images [B, ...], labels [B], mask [B]) -> sums over one padded batch."""
+  def core(state, images, labels, mask):
+    x = augment.preprocess(images, mean, std, input_size).astype(_input_dtype(model))
     logits, _ = _apply_eval(model, state, x)
-    y = labels[idx]
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     w = mask.astype(jnp.float32)
-    return {"loss_sum": jnp.sum(losses * w), "correct": jnp.sum((jnp.argmax(logits, -1) == y) * w),
+    return {"loss_sum": jnp.sum(losses * w), "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * w),
             "count": jnp.sum(w)}
+  return core
+
+
+def make_eval_sums(model, mean, std, input_size: int, mesh):
+  """(state, images, labels, idx, mask) -> sums over one padded batch (idx, mask: host arrays).
+
+  One jitted eval core, two feeders: images and labels already on the devices
+  (jax.Array) are gathered inside jit; host arrays (numpy, a memmap) are gathered
+  here and only the batch is sent, sharded.
+  """
+  core = _eval_core(model, mean, std, input_size)
+  rep = parallel.replicated(mesh)
+
+  @jax.jit(out_shardings=rep)
+  def gathered(state, images, labels, idx, mask):
+    idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
+    return core(state, images[idx], labels[idx], mask)
+
+  on_batch = jax.jit(core, out_shardings=rep)
+
+  def eval_sums(state, images, labels, idx, mask):
+    put = lambda a: parallel.put_sharded_batch(a, mesh)
+    if isinstance(images, jax.Array):
+      return gathered(state, images, labels, put(idx), put(mask))
+    return on_batch(state, put(np.asarray(images[idx])), put(np.asarray(labels[idx])), put(mask))
   return eval_sums
 
 
@@ -84,25 +106,54 @@ def padded_batches(indices: np.ndarray, batch_size: int):
     yield idx.astype(np.int32), mask
 
 
-def evaluate_accuracy(eval_sums, state, images, labels, indices: np.ndarray, batch_size: int, mesh) -> dict:
+def evaluate_accuracy(eval_sums, state, images, labels, indices: np.ndarray, batch_size: int) -> dict:
+  """Loss and accuracy over `indices`; images/labels on the devices or on the host (see make_eval_sums)."""
   total = None
   for idx, mask in padded_batches(indices, batch_size):
-    s = eval_sums(state, images, labels, parallel.put_sharded_batch(idx, mesh),
-                  parallel.put_sharded_batch(mask, mesh))
+    s = eval_sums(state, images, labels, idx, mask)
     total = s if total is None else jax.tree.map(jnp.add, total, s)
   total = {k: float(v) for k, v in jax.device_get(total).items()}
   return {"loss": total["loss_sum"] / total["count"], "accuracy": total["correct"] / total["count"],
           "count": int(total["count"])}
 
 
+class _Records:
+  """Train images as grain records {'image', 'label'} (label: the head index). A class, so it pickles."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    self.images, self.labels = images, labels
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, i: int) -> dict:
+    return {"image": np.asarray(self.images[i]), "label": int(self.labels[i])}
+
+
+def place_images(pipeline: str, images: np.ndarray, labels: np.ndarray, mesh):
+  """data.pipeline='device': images and labels replicated on every device; 'stream': left on the host."""
+  if pipeline == "device":
+    return parallel.put_replicated(images, mesh), parallel.put_replicated(labels, mesh)
+  if pipeline != "stream":
+    raise ValueError(f"data.pipeline={pipeline!r}: expected 'device' or 'stream'")
+  return images, labels
+
+
 class ClassifierPlan:
-  """Stage 1's epochs: a seeded permutation of the train images, augmented on the device."""
+  """Stage 1's epochs: a seeded permutation of the train images, augmented on the device.
+
+  data.pipeline='device' holds the train images on every device and gathers each
+  batch inside the jitted step; 'stream' reads each batch on the host with grain
+  (same order: streaming.epoch_permutation) and sends only the batch. Both feed
+  one jitted step core, with the same per-step key, so they train identically.
+  """
 
   item_name = "img"
 
   def __init__(self, config, data: Prepared, model, tx, mesh):
     cfg = config.classifier
     self.cfg, self.mesh, self.seed = cfg, mesh, config.seed
+    self.pipeline = config.data.pipeline
     self.batch_size = self.items_per_batch = cfg.batch_size
     parallel.check_divisible(cfg.batch_size, mesh, "classifier.batch_size")
     parallel.check_divisible(cfg.eval_batch_size, mesh, "classifier.eval_batch_size")
@@ -112,22 +163,20 @@ class ClassifierPlan:
     # a multiple of the device count so that it can be sharded.
     remainder = (len(self.train_idx) % cfg.batch_size) // n_dev * n_dev
     self._sizes = [cfg.batch_size] * (len(self.train_idx) // cfg.batch_size) + ([remainder] if remainder else [])
-    self.images = parallel.put_replicated(data.train_set.images, mesh)
-    self.labels = parallel.put_replicated(data.train_head_labels, mesh)
+    self.images, self.labels = place_images(self.pipeline, data.train_set.images, data.train_head_labels, mesh)
+    self._records = _Records(data.train_set.images, data.train_head_labels)
     mean, std = data.mean, data.std
     aug_cfg = cfg.augment
     base_key = jax.random.PRNGKey(config.seed)
     input_size = cfg.input_size
 
-    def train_step(state, images, labels, perm, batch, sums, *, size):
+    def core(state, images, y, sums):
+      """One update on a batch of uint8 images and head labels."""
       key = jax.random.fold_in(base_key, state.step)
       aug_key, dropout_key = jax.random.split(key)
-      idx = jax.lax.dynamic_slice_in_dim(perm, batch * cfg.batch_size, size)
-      idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
       # Cast once here: the model would cast its input to the compute dtype anyway, and this
       # way the augmented 224x224 batch is written (and read by the stem) in bf16 on GPU.
-      x = augment.augment(aug_key, images[idx], mean, std, input_size, aug_cfg).astype(_input_dtype(model))
-      y = labels[idx]
+      x = augment.augment(aug_key, images, mean, std, input_size, aug_cfg).astype(_input_dtype(model))
 
       def loss_fn(params):
         (logits, _), updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
@@ -142,26 +191,55 @@ class ClassifierPlan:
       sums = loop.add_to_sums(sums, losses, jnp.argmax(logits, -1) == y, state.step)
       return new_state, sums
 
+    def gathered(state, images, labels, perm, batch, sums, *, size):
+      idx = jax.lax.dynamic_slice_in_dim(perm, batch * cfg.batch_size, size)
+      idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
+      return core(state, images[idx], labels[idx], sums)
+
     rep = parallel.replicated(mesh)
-    self._train_step = jax.jit(train_step, static_argnames="size", donate_argnums=(0, 5), out_shardings=rep)
+    self._gathered_step = jax.jit(gathered, static_argnames="size", donate_argnums=(0, 5), out_shardings=rep)
+    self._batch_step = jax.jit(core, donate_argnums=(0, 3), out_shardings=rep)
     self._eval_sums = make_eval_sums(model, mean, std, input_size, mesh)
     self._perm = None
+    self._stream = self._stream_at = None   # the epoch's batch iterator; (epoch, next batch) it yields
 
   def num_batches(self, epoch: int) -> int:
     return len(self._sizes)
 
   def begin_epoch(self, epoch: int) -> None:
-    perm = self.train_idx[np.random.default_rng([self.seed, epoch]).permutation(len(self.train_idx))]
-    self._perm = parallel.put_replicated(perm.astype(np.int32), self.mesh)
+    self._close_stream()
+    if self.pipeline == "device":
+      perm = self.train_idx[streaming.epoch_permutation(self.seed, epoch, len(self.train_idx))]
+      self._perm = parallel.put_replicated(perm.astype(np.int32), self.mesh)
 
   def train_step(self, state, epoch: int, batch: int, sums: dict):
     sums = parallel.ensure_replicated(sums, self.mesh)  # fresh zero sums: no second compilation
-    return self._train_step(state, self.images, self.labels, self._perm, jnp.int32(batch), sums,
-                            size=self._sizes[batch])
+    size = self._sizes[batch]
+    if self.pipeline == "device":
+      return self._gathered_step(state, self.images, self.labels, self._perm, jnp.int32(batch), sums, size=size)
+    images, labels = self._next_batch(epoch, batch)
+    put = lambda a: parallel.put_sharded_batch(a[:size], self.mesh)   # the device-count trim, as above
+    return self._batch_step(state, put(images), put(labels), sums)
+
+  def _next_batch(self, epoch: int, batch: int):
+    # Opened lazily, at the epoch's first step: a resumed epoch starts at its resume batch.
+    if self._stream_at != (epoch, batch):
+      self._close_stream()
+      self._stream = streaming.stream_batches(self._records, self.train_idx, self.batch_size, self.seed, epoch,
+                                              None, start_batch=batch)
+    images, labels = next(self._stream)
+    self._stream_at = (epoch, batch + 1)
+    return images, labels
+
+  def _close_stream(self) -> None:
+    close = getattr(self._stream, "close", None)   # grain's workers go as soon as an epoch is left
+    if close is not None:
+      close()
+    self._stream = self._stream_at = None
 
   def evaluate(self, state) -> dict:
     return evaluate_accuracy(self._eval_sums, state, self.images, self.labels, self.val_idx,
-                             self.cfg.eval_batch_size, self.mesh)
+                             self.cfg.eval_batch_size)
 
 
 def stage_identity(config) -> dict:
@@ -192,11 +270,10 @@ def train_classifier(config, workdir: str | Path) -> dict:
                          place_state=lambda s: parallel.put_replicated(s, mesh))
   best = meta["best"]
   best_state, _ = loop.restore_best(stage_dir, abstract_like(state))
-  test_images = parallel.put_replicated(data.test_set.images, mesh)
-  test_labels = parallel.put_replicated(data.test_head_labels, mesh)
+  test_images, test_labels = place_images(config.data.pipeline, data.test_set.images, data.test_head_labels, mesh)
   seen_test = data.test_idx[data.test_head_labels[data.test_idx] >= 0]
   test = evaluate_accuracy(plan._eval_sums, best_state, test_images, test_labels, seen_test,
-                           config.classifier.eval_batch_size, mesh)
+                           config.classifier.eval_batch_size)
   result = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_images": test["count"],
             "best_epoch": best["epoch"], "best_step": best["step"], "best_val_accuracy": best["val_accuracy"],
             "epochs": len(meta["rows"]), "halving_epochs": meta["halving_epochs"]}
