@@ -18,6 +18,12 @@ EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, Permission
 _TRAINING = ("classifier", "similarity", "sweep")
 
 
+# A stage runs what it needs first; finished stages and current embeddings are skipped.
+_CHAINS = {"all": ("classifier", "embed", "similarity", "evaluate"),
+           "similarity": ("embed", "similarity"),
+           "sweep": ("embed", "sweep")}
+
+
 def exit_code(error: Exception) -> int:
   return 0 if isinstance(error, Preempted) else 1
 
@@ -34,7 +40,7 @@ def run(config, workdir: str | Path) -> dict:
     wd.check_recorded(workdir, wd.STAGE1, {"seed": config.seed, "model": {"name": config.model.name}})
   _check_pair_supply(config, workdir)
   stages = _stages()
-  names = ("classifier", "embed", "similarity", "evaluate") if config.stage == "all" else (config.stage,)
+  names = _CHAINS.get(config.stage, (config.stage,))
   result = None
   for name in names:
     if len(names) > 1:
@@ -86,12 +92,8 @@ def _check_pair_supply(config, workdir: Path) -> None:
 
 def _stages() -> dict:
   from jsim.evaluate.embed import compute_embeddings
+  from jsim.evaluate.evaluation import evaluate, sweep
   from jsim.train.classifier import train_classifier
   from jsim.train.similarity import train_similarity
-  out = {"classifier": train_classifier, "embed": compute_embeddings, "similarity": train_similarity}
-  try:  # lands with the evaluator
-    from jsim.evaluate.evaluation import evaluate, sweep
-    out.update(evaluate=evaluate, sweep=sweep)
-  except ImportError:
-    pass
-  return out
+  return {"classifier": train_classifier, "embed": compute_embeddings, "similarity": train_similarity,
+          "evaluate": evaluate, "sweep": sweep}

@@ -58,3 +58,26 @@ def test_rerun_resumes_instead_of_restarting(tiny_workdir, jsim_cache):
   assert "stage 1 already finished" in proc.stderr
   after = {p: p.stat().st_mtime_ns for p in (tiny_workdir / "stage1" / "checkpoints").rglob("*")}
   assert before == after
+
+
+def test_ensemble_of_two_backbones(tiny_workdir, jsim_cache, tmp_path):
+  """configs/ensemble_sim.py's recipe: Ms on [ResNet, VGG] embeddings in a copy of the ResNet workdir."""
+  import shutil
+  vgg = tmp_path / "vgg"
+  proc = run_jsim(["--config=configs/tiny.py", f"--workdir={vgg}", "--config.model.name=vgg_tiny",
+                   "--config.stage=similarity"], jsim_cache)
+  assert proc.returncode != 0 and "stage 1 has not finished" in proc.stderr  # embeddings need stage 1
+  proc = run_jsim(["--config=configs/tiny.py", f"--workdir={vgg}", "--config.model.name=vgg_tiny",
+                   "--config.stage=all", "--config.evaluation.retrieval=False"], jsim_cache)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  ens = tmp_path / "ensemble"
+  shutil.copytree(tiny_workdir, ens)
+  for name in ("stage2", "figures", "report.json", "report.md"):
+    shutil.rmtree(ens / name) if (ens / name).is_dir() else (ens / name).unlink()
+  args = ["--config=configs/tiny.py", f"--workdir={ens}", f"--config.similarity.ensemble_workdirs=('{vgg}',)"]
+  proc = run_jsim(args, jsim_cache)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "stage 1 already finished" in proc.stderr  # the copied ResNet stage 1 is reused
+  assert json.loads((ens / "stage2" / "result.json").read_text())["embedding_dim"] == 256 + 32
+  report = json.loads((ens / "report.json").read_text())
+  assert report["backbone"] == "resnet_tiny+vgg_tiny" and report["num_pairs"] == 224
