@@ -8,10 +8,12 @@ import numpy as np
 from absl import logging
 
 from jsim import parallel, workdir as wd
+from jsim.data.download import DownloadError
 from jsim.train.loop import NonFiniteLoss, Preempted, preemption_guard
 
 # Errors that reach the user as one line (no traceback).
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, Preempted, NonFiniteLoss)
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ConnectionError, DownloadError,
+                   Preempted, NonFiniteLoss)
 
 # Stages that train: a SIGTERM/SIGINT anywhere in them (data loading and compilation
 # included) stops them at the next step, with a checkpoint.

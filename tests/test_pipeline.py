@@ -81,3 +81,14 @@ def test_ensemble_of_two_backbones(tiny_workdir, jsim_cache, tmp_path):
   assert json.loads((ens / "stage2" / "result.json").read_text())["embedding_dim"] == 256 + 32
   report = json.loads((ens / "report.json").read_text())
   assert report["backbone"] == "resnet_tiny+vgg_tiny" and report["num_pairs"] == 224
+
+
+def test_feature_sweep_writes_one_comparison_table(tiny_workdir, jsim_cache):
+  proc = run_jsim(["--config=configs/tiny.py", f"--workdir={tiny_workdir}", "--config.stage=sweep"], jsim_cache)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = json.loads((tiny_workdir / "sweep" / "comparison.json").read_text())
+  assert [r["feature"] for r in rows] == ["l1", "prod"]   # configs/tiny.py's sweep.features
+  for r in rows:
+    assert 0.0 <= r["test_accuracy"] <= 1.0 and (tiny_workdir / "sweep" / r["feature"] / "result.json").exists()
+  table = (tiny_workdir / "sweep" / "comparison.md").read_text()
+  assert "| sweep/l1 | resnet_tiny | l1 |" in table and "| sweep/prod | resnet_tiny | prod |" in table
