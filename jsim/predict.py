@@ -188,7 +188,7 @@ def _stage1_records(workdir: Path) -> _Records:
   result = _read(workdir / wd.STAGE1 / wd.RESULT_FILE, f"stage 1 has not finished; {hint}")
   if not (workdir / wd.STAGE1 / "checkpoints").is_dir():
     raise FileNotFoundError(f"{workdir / wd.STAGE1}/checkpoints: no checkpoint; {hint}")
-  meta = _read(workdir / wd.EMBEDDINGS / "meta.json", f"no embeddings; run --config.stage=embed first")
+  meta = _read(workdir / wd.EMBEDDINGS / "meta.json", "no embeddings; run --config.stage=embed first")
   config = {}
   if (workdir / "config.json").exists():
     config = wd.read_json(workdir / "config.json")

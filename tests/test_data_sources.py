@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
-import io
 import json
 import os
 import shutil
@@ -23,7 +22,6 @@ import types
 import zipfile
 from pathlib import Path
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image

@@ -15,7 +15,6 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
 import jsim.models as models  # noqa: E402
-from jsim.models import torchvision_port  # noqa: E402
 
 SIZES = (224, 96)  # at 96 px VGG's adaptive pool maps 3x3 -> 7x7 (not the identity)
 
