@@ -11,9 +11,10 @@ Model: a tiny bottleneck ResNet (same code as ResNet50) trained from scratch at
 64x64, then the similarity net on |x1 - x2| of its embeddings, then the
 five-case evaluation. A few minutes on 2 CPU cores.
 
-Expected result (seed 0, 2 CPU cores): the five-case table printed at the end
-and in runs/demo/report.md, with overall accuracy well above chance (0.5) on
-both seen and unseen classes.
+Expected result (seed 0; about a minute on 2 CPU cores once the data is cached):
+stage-1 test accuracy about 57 % on the 32 seen classes; the five-case table,
+printed at the end and in runs/demo/report.md, about 88 % overall, 89 % on seen
+(cases 1-2) and 88 % on unseen pairs (cases 4-5).
 """
 
 from jsim import configs
@@ -33,11 +34,11 @@ def get_config():
   cl.input_size = 64
   cl.batch_size = 32
   cl.learning_rate = 0.05
-  cl.num_epochs = 8
+  cl.num_epochs = 16
   cl.log_every_steps = 10
 
   s = c.similarity
-  s.num_epochs = 10
+  s.num_epochs = 15
   s.train_per_ordered_class_pair = 10
   s.train_similar_per_class = 310          # balanced: 32 * 31 * 10 = 32 * 310
   s.val_per_ordered_class_pair = 6
