@@ -226,6 +226,7 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard):
     bar = progress_bar(num_batches * plan.items_per_batch, first * plan.items_per_batch,
                        f"{settings.name} epoch {epoch}/{settings.num_epochs}", plan.item_name)
     start = time.perf_counter()
+    first_step = int(state.step)   # counted on the host from here: no device sync per step
     try:   # (the bar is closed before any message: it would share its line)
       for batch in range(first, num_batches):
         if guard.stop_requested(agree=batch % AGREE_EVERY_STEPS == 0):
@@ -237,7 +238,7 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard):
           host = _check_finite(sums, None, settings, saved[0])
           bar.set_postfix(loss=f"{host['loss_sum'] / max(host['count'], 1):.4f}")
           writer.write_scalars(int(state.step), {"train/loss": host["loss_sum"] / max(host["count"], 1)})
-        if settings.checkpoint_every_steps and int(state.step) % settings.checkpoint_every_steps == 0 \
+        if settings.checkpoint_every_steps and (first_step + done - first) % settings.checkpoint_every_steps == 0 \
             and done < num_batches:
           meta.update(batch_in_epoch=done, sums=_sums_to_host(sums))
           save(sums)
