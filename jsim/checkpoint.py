@@ -63,6 +63,8 @@ class StageCheckpoints:
     of tied ones) is kept besides the latest few.
     """
     metrics = None if val_accuracy is None else {BEST_METRIC: float(val_accuracy)}
+    if step in self._manager.all_steps():   # orbax does not overwrite a step (e.g. preempted after
+      self._manager.delete(step)            # an epoch's last batch, then saved again at its end)
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      meta=ocp.args.JsonSave(meta)),
                        metrics=metrics, force=True)

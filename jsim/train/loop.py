@@ -202,8 +202,6 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard):
   def save(sums, val_accuracy=None):
     step = int(state.step)
     _check_finite(sums, state, settings, saved[0])   # never save a NaN state over the last good one
-    if step in ckpts.all_steps():     # (orbax does not overwrite a step)
-      ckpts._manager.delete(step)
     ckpts.save(step, state, meta, val_accuracy=val_accuracy)
     saved[0] = step
 
