@@ -9,7 +9,7 @@ Measures, with synthetic data already on the device:
   * stage-1 train images/s for each --models x --batches: the real ClassifierPlan step
     (uint8 64x64 images gathered by index, the protocol's augmentation, the resize to
     --input_size, forward + backward, Nesterov SGD, BatchNorm updates, metric sums);
-  * embedding images/s: jsim.evaluate.embed.embed_images (gather, preprocess, resize,
+  * embedding images/s: jsim.train.embeddings.embed_images (gather, preprocess, resize,
     forward, copy back to the host) at --embed_batch;
   * stage-2 pairs/s: the real SimilarityPlan step on --num_embeddings random D-dim
     embeddings of 180 classes (ResNet50-sized Ms: D=2048 -> 1024 -> 512 -> 2);
@@ -153,6 +153,7 @@ def bench_stage1(args, model_name: str, batch: int, mesh, rng) -> tuple[dict, ob
   """Stage-1 train images/s; also returns (model, trained state, data) for the embedding."""
   import jax
   from jsim import parallel
+  from jsim import models
   from jsim.train import classifier
   from jsim.train.state import TrainState
   config = _base_config(args, model_name, batch)
@@ -165,7 +166,7 @@ def bench_stage1(args, model_name: str, batch: int, mesh, rng) -> tuple[dict, ob
   plan = classifier.ClassifierPlan(config, data, model, tx, mesh)
   compile_s, sec, state = _time_plan(plan, state, args)
   out = {"workload": f"{model_name} train", "batch": batch, "img_s": batch * args.steps / sec,
-         "warmup_s": round(compile_s, 1), "compute_dtype": str(jax.numpy.dtype(classifier.compute_dtype(args.dtype)))}
+         "warmup_s": round(compile_s, 1), "compute_dtype": str(jax.numpy.dtype(models.compute_dtype(args.dtype)))}
   return out, model, state, data
 
 
@@ -173,7 +174,7 @@ def _time_plan(plan, state, args):
   """(warm-up seconds, timed seconds, state) of the plan's real train step over epoch 1's full batches."""
   from jsim.train import loop
   plan.begin_epoch(1)
-  full = sum(1 for size in plan._sizes if size == plan.batch_size)  # the remainder batch compiles apart
+  full = sum(1 for size in plan.batch_sizes if size == plan.batch_size)  # the remainder batch compiles apart
   box = {"state": state, "sums": loop.zero_sums()}
 
   def step(i):
@@ -187,7 +188,7 @@ def _time_plan(plan, state, args):
 def bench_embed(args, model_name: str, model, state, data, mesh) -> dict:
   """Embedding images/s through embed_images (indices in, float32 embeddings on the host out)."""
   from jsim import parallel
-  from jsim.evaluate import embed
+  from jsim.train import embeddings as embed
   images = parallel.put_replicated(data.train_set.images, mesh)
   n = data.train_set.images.shape[0]
   fn = embed.make_embed_fn(model, data.mean, data.std, args.input_size, mesh)
@@ -226,7 +227,7 @@ def bench_stage2(args, mesh, rng) -> tuple[dict, object, object]:
   compile_s, sec, state = _time_plan(plan, state, args)
   return ({"workload": f"stage 2 train (D={dim})", "batch": args.pair_batch,
            "pairs_s": args.pair_batch * args.steps / sec, "warmup_s": round(compile_s, 1),
-           "embeddings": int(labels.size), "pairs_per_epoch": int(sum(plan._sizes))},
+           "embeddings": int(labels.size), "pairs_per_epoch": int(sum(plan.batch_sizes))},
           model, state.params)
 
 

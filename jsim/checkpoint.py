@@ -83,6 +83,36 @@ class StageCheckpoints:
     self._manager.close()
 
 
-def abstract_like(state: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) of a live or eval_shape'd pytree."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)
+def abstract_like(tree: Any, sharding: Any = None) -> Any:
+  """ShapeDtypeStructs of a live or `jax.eval_shape`d pytree, for restoring without initialising.
+
+  Each leaf keeps its own sharding unless `sharding` (e.g. `parallel.replicated(mesh)`) is given.
+  """
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=sharding if sharding is not None else getattr(x, "sharding", None)), tree)
+
+
+def restore_best(stage_dir: str | Path, abstract_state: Any, what: str = "stage") -> tuple[Any, dict]:
+  """The checkpoint with the best validation accuracy of a finished (or running) stage.
+
+  Raises FileNotFoundError when the stage has no checkpoint or no finished epoch, and
+  ValueError (naming `what`, e.g. 'stage-1') when it does not fit `abstract_state`.
+  """
+  ckpts = StageCheckpoints(Path(stage_dir) / "checkpoints")
+  try:
+    latest = ckpts.latest_step()
+    if latest is None:
+      raise FileNotFoundError(f"{stage_dir}/checkpoints: no checkpoint; train this stage first")
+    meta = ckpts.restore_meta(latest)
+    if not meta.get("best"):
+      raise FileNotFoundError(f"{stage_dir}/checkpoints: no finished epoch yet; train this stage first")
+    try:
+      return ckpts.restore(meta["best"]["step"], abstract_state)
+    except FileNotFoundError:
+      raise
+    except Exception as e:  # orbax: shapes or structure that do not fit the config
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise ValueError(f"{stage_dir}/checkpoints: the {what} checkpoint does not fit the recorded config "
+                       f"({type(e).__name__}: {first[:300]})") from None
+  finally:
+    ckpts.close()

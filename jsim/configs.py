@@ -67,3 +67,25 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.sweep = ml_collections.ConfigDict(dict(features=("l1", "sq", "prod", "cos", "l1+prod")))
   return c
+
+
+def config_from_dict(recorded: dict):
+  """A ConfigDict: base_config() overlaid with a recorded (JSON) config; lists become tuples where
+  the base has tuples, keys the base lacks are ignored."""
+  c = base_config()
+  _overlay(c, recorded)
+  return c
+
+
+def _overlay(cfg, d: dict) -> None:
+  for key, value in d.items():
+    if key not in cfg:
+      continue
+    current = cfg[key]
+    if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
+      _overlay(current, value)
+      continue
+    if isinstance(current, tuple) and isinstance(value, list):
+      value = tuple(value)
+    with cfg.ignore_type():
+      cfg[key] = value

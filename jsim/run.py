@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +42,12 @@ def run(config, workdir: str | Path) -> dict:
     # They read stage 1 with config.model: another backbone would fail to restore, obscurely.
     wd.check_recorded(workdir, wd.STAGE1, {"seed": config.seed, "model": {"name": config.model.name}})
   _check_pair_supply(config, workdir)
-  stages = _stages()
   names = _CHAINS.get(config.stage, (config.stage,))
   result = None
   for name in names:
     if len(names) > 1:
       logging.info("=== %s", name)
-    result = _run_stage(stages[name], name, config, workdir)
+    result = _run_stage(stage_function(name), name, config, workdir)
   if parallel.is_main_process():   # (not before: a refused or failed run must not replace the record)
     wd.write_json(workdir / "config.json", wd.config_to_dict(config))
   return result
@@ -92,10 +92,16 @@ def _check_pair_supply(config, workdir: Path) -> None:
   validate.check_test_pairs(config, test, class_ids)
 
 
-def _stages() -> dict:
-  from jsim.evaluate.embed import compute_embeddings
-  from jsim.evaluate.evaluation import evaluate, sweep
-  from jsim.train.classifier import train_classifier
-  from jsim.train.similarity import train_similarity
-  return {"classifier": train_classifier, "embed": compute_embeddings, "similarity": train_similarity,
-          "evaluate": evaluate, "sweep": sweep}
+# Each stage's function by module path, imported only when the stage runs (a stage-1 run
+# loads neither the evaluators nor matplotlib).
+STAGE_FUNCTIONS = {"classifier": "jsim.train.classifier:train_classifier",
+                   "embed": "jsim.train.embeddings:compute_embeddings",
+                   "similarity": "jsim.train.similarity:train_similarity",
+                   "evaluate": "jsim.evaluate.evaluation:evaluate",
+                   "sweep": "jsim.evaluate.evaluation:sweep"}
+
+
+def stage_function(name: str):
+  """The function (config, workdir) -> result of stage `name`."""
+  module, _, function = STAGE_FUNCTIONS[name].partition(":")
+  return getattr(importlib.import_module(module), function)

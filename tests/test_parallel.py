@@ -111,7 +111,8 @@ def _four_devices() -> dict:
   jax.config.update("jax_default_matmul_precision", "highest")
   from jsim import parallel, validate
   from jsim.data import pairs as pairs_lib
-  from jsim.evaluate import embed, pairwise
+  from jsim.evaluate import pairwise
+  from jsim.train import embeddings as embed
   from jsim.models.similarity import make_prob_fn
   from jsim.train import classifier, loop, similarity
 
@@ -278,10 +279,10 @@ def _one_step_updates(model_name: str) -> dict:
 def test_bfloat16_compute_keeps_float32_params():
   import jax
   import jax.numpy as jnp
-  from jsim import parallel
+  from jsim import models, parallel
   from jsim.train import classifier
 
-  assert classifier.compute_dtype("auto") == parallel.default_compute_dtype() == jnp.float32  # CPU default
+  assert models.compute_dtype("auto") == parallel.default_compute_dtype() == jnp.float32  # CPU default
 
   # The tiny config's ResNet: a real stage-1 step (augmentation included) with bf16 compute.
   runs = _one_step_updates("resnet_tiny")
@@ -412,7 +413,7 @@ def test_two_processes_train_and_write_one_checkpoint_set(tmp_path):
   from jsim.train import classifier
   config = tiny_config()
   model = classifier.build_classifier(config, 6)
-  abstract = classifier.abstract_state(config, model, 6, parallel.make_mesh())
+  abstract = classifier.abstract_state(config, model, parallel.make_mesh())
   ckpts = StageCheckpoints(stage / "checkpoints")
   try:
     state, meta = ckpts.restore(7, abstract)

@@ -80,7 +80,7 @@ def ms_reference(trained):
   import jax
   from jsim import parallel
   from jsim.models.similarity import make_prob_fn
-  from jsim.train import loop, similarity
+  from jsim.train import similarity
 
   spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
   mod = importlib.util.module_from_spec(spec)
@@ -89,7 +89,7 @@ def ms_reference(trained):
   dim = trained.test.shape[1]
   mesh = parallel.make_mesh()
   model = similarity.build_similarity(config, dim)
-  state, _ = loop.restore_best(trained.workdir / "stage2", similarity.abstract_state(config, model, dim, mesh))
+  _, state = similarity.restore_similarity(config, trained.workdir, mesh, dim=dim)
   prob = jax.jit(make_prob_fn(model))
   return lambda e1, e2: np.asarray(prob(state.params, np.atleast_2d(e1), np.atleast_2d(e2)), np.float64)
 
@@ -346,7 +346,8 @@ def test_ensemble_workdir_concatenates_member_embeddings(trained, tmp_path):
   (w2 / "stage2" / "config.json").write_text(json.dumps(stage2))
   dim = 2 * trained.test.shape[1]
   (w2 / "stage2" / "result.json").write_text(json.dumps({"embedding_dim": dim, "best_step": 0}))
-  config = predict.config_from_dict({"similarity": stage2["similarity"], "model": {"dtype": "float32"}})
+  from jsim import configs
+  config = configs.config_from_dict({"similarity": stage2["similarity"], "model": {"dtype": "float32"}})
   config.seed = 3  # weights unlike the trained Ms
   model = similarity.build_similarity(config, dim)
   state = similarity.init_state(config, model, dim, classifier.make_optimizer(config.similarity))

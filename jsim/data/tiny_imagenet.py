@@ -57,22 +57,31 @@ _SKIP_HINT = "set --config.data.on_bad_image=skip to drop such files"
 # Decoding
 
 
-def decode_image(data: bytes, image_size: int = 64) -> tuple[np.ndarray, str, bool]:
-  """Decodes encoded image bytes to uint8 RGB [image_size, image_size, 3].
+def to_rgb(im: Image.Image, image_size: int | None) -> np.ndarray:
+  """uint8 RGB [image_size, image_size, 3] of a PIL image: what every image goes through.
+
+  convert('RGB') (gray replicated, alpha dropped, 'CMYK', 'P', ... converted), then a PIL
+  bilinear resize (antialiased when shrinking, no crop) when the size differs;
+  image_size None keeps the size.
+  """
+  if im.mode != "RGB":
+    im = im.convert("RGB")
+  if image_size is not None and im.size != (image_size, image_size):
+    im = im.resize((image_size, image_size), Image.BILINEAR)
+  return np.asarray(im, dtype=np.uint8)
+
+
+def decode_image(data: bytes, image_size: int | None = 64) -> tuple[np.ndarray, str, bool]:
+  """Decodes encoded image bytes to uint8 RGB [image_size, image_size, 3] (see to_rgb).
 
   Returns (image, the file's original PIL mode, whether it was resized). Raises
   whatever PIL raises for data that is not a complete image (PIL refuses
   truncated files by default).
   """
-  with Image.open(io.BytesIO(data)) as im:
+  with Image.open(io.BytesIO(bytes(data))) as im:
     im.load()
-    mode = im.mode
-    if mode != "RGB":  # 'L' (grayscale), 'CMYK', 'P', ... -> RGB
-      im = im.convert("RGB")
-    resized = im.size != (image_size, image_size)
-    if resized:
-      im = im.resize((image_size, image_size), Image.BILINEAR)
-    return np.asarray(im, dtype=np.uint8), mode, resized
+    resized = image_size is not None and im.size != (image_size, image_size)
+    return to_rgb(im, image_size), im.mode, resized
 
 
 # ---------------------------------------------------------------------------

@@ -13,25 +13,18 @@ from jsim.data import pairs as pairs_lib
 from jsim.evaluate import figures, report, retrieval
 from jsim.evaluate.pairwise import evaluate_pairs
 from jsim.models.similarity import make_prob_fn
-from jsim.train import loop, similarity
+from jsim.train import similarity
 
 _TEST_PAIRS = 7   # stream of the seed for the sampled test pairs (apart from stage 2's)
 FIGURES = "figures"
-
-
-def _restore_similarity(config, workdir: Path, stage: str, dim: int, mesh):
-  if wd.stage_result(workdir, stage) is None:
-    raise FileNotFoundError(f"{workdir / stage}: stage 2 has not finished; run --config.stage=similarity first")
-  model = similarity.build_similarity(config, dim)
-  state, _ = loop.restore_best(workdir / stage, similarity.abstract_state(config, model, dim, mesh))
-  return model, state.params
 
 
 def evaluate_stage2(config, workdir: Path, stage: str, emb: dict, mesh) -> dict:
   """Threshold on the validation pairs, then the test pairs; returns the pieces of a report."""
   ev = config.evaluation
   dim = emb["train"].shape[1]
-  model, params = _restore_similarity(config, workdir, stage, dim, mesh)
+  model, state = similarity.restore_similarity(config, workdir, mesh, dim=dim, stage=stage)
+  params = state.params
   prob_fn = make_prob_fn(model)
   class_ids = emb["meta"]["class_ids"]
   seen = set(emb["meta"]["seen_classes"])

@@ -25,6 +25,11 @@ from jsim.models.torchvision_port import from_torchvision
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
+# config.model.dtype: auto (bf16 on accelerators, float32 on CPU) | float32 | bfloat16.
+DTYPES = ("auto", "float32", "bfloat16")
+# config.model.init: torchvision's ImageNet weights (model.weights) or a seeded random init.
+INITS = ("torchvision", "random")
+
 
 def register(name: str, factory: Callable[..., nn.Module]) -> None:
   """Registers `factory(num_classes=..., dtype=..., **kwargs) -> nn.Module` under `name`."""
@@ -48,6 +53,14 @@ def build(name: str, num_classes: int = 180, dtype: Any = jnp.float32, **kwargs:
   return _REGISTRY[name](num_classes=num_classes, dtype=dtype, **kwargs)
 
 
+def compute_dtype(name: str):
+  """The compute dtype of config.model.dtype (one of DTYPES)."""
+  if name == "auto":
+    from jsim import parallel
+    return parallel.default_compute_dtype()
+  return jnp.dtype(name)
+
+
 def embedding_dim(name: str, **kwargs: Any) -> int:
   """Width of the embedding of model `name` (the input of its head), without init."""
   return build(name, **kwargs).embedding_dim
@@ -58,4 +71,4 @@ register("resnet_tiny", resnet.resnet_tiny)
 register("vgg16", vgg.vgg16)
 register("vgg_tiny", vgg.vgg_tiny)
 
-__all__ = ["available", "build", "embedding_dim", "from_torchvision", "register"]
+__all__ = ["DTYPES", "INITS", "available", "build", "compute_dtype", "embedding_dim", "from_torchvision", "register"]

@@ -12,23 +12,19 @@ import optax
 from absl import logging
 
 from jsim import models, parallel, workdir as wd
-from jsim.checkpoint import abstract_like
-from jsim.data import augment, streaming
+from jsim.checkpoint import abstract_like, restore_best
+from jsim.data import augment, splits, streaming
 from jsim.data.prepare import Prepared, prepare
 from jsim.train import loop, schedule
 from jsim.train.state import TrainState
 
-
-def compute_dtype(name: str):
-  if name == "auto":
-    return parallel.default_compute_dtype()
-  if name not in ("float32", "bfloat16"):
-    raise ValueError(f"model.dtype={name!r}: expected 'auto', 'float32' or 'bfloat16'")
-  return jnp.dtype(name)
+# config.data.pipeline: 'device' holds the train images on every device and gathers each batch
+# inside the jitted step; 'stream' leaves them on the host and sends each batch (grain reads it).
+PIPELINES = ("device", "stream")
 
 
 def build_classifier(config, num_classes: int):
-  return models.build(config.model.name, num_classes=num_classes, dtype=compute_dtype(config.model.dtype))
+  return models.build(config.model.name, num_classes=num_classes, dtype=models.compute_dtype(config.model.dtype))
 
 
 def initial_variables(config, model, num_classes: int, input_size: int) -> dict:
@@ -36,8 +32,6 @@ def initial_variables(config, model, num_classes: int, input_size: int) -> dict:
     logging.info("stage 1 starts from torchvision weights %s", config.model.weights)
     return models.from_torchvision(config.model.name, config.model.weights, num_classes=num_classes,
                                    seed=config.seed)
-  if config.model.init != "random":
-    raise ValueError(f"model.init={config.model.init!r}: expected 'torchvision' or 'random'")
   x = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
   key = jax.random.PRNGKey(config.seed)
   return jax.jit(functools.partial(model.init, train=False))({"params": key, "dropout": key}, x)
@@ -53,45 +47,72 @@ def _input_dtype(model):
   return getattr(model, "dtype", jnp.float32)
 
 
-def _apply_eval(model, state: TrainState, x):
-  return model.apply(state.variables, x, train=False)
+# ----------------------------------------------------------------------------- steps (jitted in the plan)
 
 
-def _eval_core(model, mean, std, input_size: int):
-  """(state, uint8 images [B, ...], labels [B], mask [B]) -> sums over one padded batch."""
-  def core(state, images, labels, mask):
-    x = augment.preprocess(images, mean, std, input_size).astype(_input_dtype(model))
-    logits, _ = _apply_eval(model, state, x)
+def train_step(state: TrainState, images, labels, sums: dict, *, model, tx, mean, std, input_size: int,
+               augment_config, seed_key):
+  """One update on a batch of uint8 images [B, S, S, 3] and head labels [B]; adds to the epoch's sums."""
+  key = jax.random.fold_in(seed_key, state.step)
+  aug_key, dropout_key = jax.random.split(key)
+  # Cast once here: the model would cast its input to the compute dtype anyway, and this
+  # way the augmented 224x224 batch is written (and read by the stem) in bf16 on GPU.
+  x = augment.augment(aug_key, images, mean, std, input_size, augment_config).astype(_input_dtype(model))
+
+  def loss_fn(params):
+    (logits, _), updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
+                                       mutable=["batch_stats"], rngs={"dropout": dropout_key})
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    w = mask.astype(jnp.float32)
-    return {"loss_sum": jnp.sum(losses * w), "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * w),
-            "count": jnp.sum(w)}
-  return core
+    return losses.mean(), (losses, logits, updates)
+
+  grads, (losses, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+  param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, param_updates),
+                            batch_stats=updates.get("batch_stats", state.batch_stats), opt_state=opt_state)
+  return new_state, loop.add_to_sums(sums, losses, jnp.argmax(logits, -1) == labels, state.step)
+
+
+def gathered_train_step(state: TrainState, images, labels, perm, batch, sums: dict, *, size: int,
+                        batch_size: int, mesh, **step_args):
+  """train_step on batch `batch` of the epoch's permutation of device-resident images."""
+  idx = jax.lax.dynamic_slice_in_dim(perm, batch * batch_size, size)
+  idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
+  return train_step(state, images[idx], labels[idx], sums, **step_args)
+
+
+def eval_sums(state: TrainState, images, labels, mask, *, model, mean, std, input_size: int) -> dict:
+  """Loss, correct and count sums over one padded batch of uint8 images (mask: which are real)."""
+  x = augment.preprocess(images, mean, std, input_size).astype(_input_dtype(model))
+  logits, _ = model.apply(state.variables, x, train=False)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  w = mask.astype(jnp.float32)
+  return {"loss_sum": jnp.sum(losses * w), "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * w),
+          "count": jnp.sum(w)}
+
+
+def gathered_eval_sums(state: TrainState, images, labels, idx, mask, *, mesh, **eval_args) -> dict:
+  idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
+  return eval_sums(state, images[idx], labels[idx], mask, **eval_args)
 
 
 def make_eval_sums(model, mean, std, input_size: int, mesh):
   """(state, images, labels, idx, mask) -> sums over one padded batch (idx, mask: host arrays).
 
-  One jitted eval core, two feeders: images and labels already on the devices
-  (jax.Array) are gathered inside jit; host arrays (numpy, a memmap) are gathered
-  here and only the batch is sent, sharded.
+  One eval step, two feeders: images and labels already on the devices (jax.Array)
+  are gathered inside jit; host arrays (numpy, a memmap) are gathered here and only
+  the batch is sent, sharded.
   """
-  core = _eval_core(model, mean, std, input_size)
+  args = dict(model=model, mean=mean, std=std, input_size=input_size)
   rep = parallel.replicated(mesh)
+  gathered = jax.jit(functools.partial(gathered_eval_sums, mesh=mesh, **args), out_shardings=rep)
+  on_batch = jax.jit(functools.partial(eval_sums, **args), out_shardings=rep)
 
-  @jax.jit(out_shardings=rep)
-  def gathered(state, images, labels, idx, mask):
-    idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
-    return core(state, images[idx], labels[idx], mask)
-
-  on_batch = jax.jit(core, out_shardings=rep)
-
-  def eval_sums(state, images, labels, idx, mask):
+  def feed(state, images, labels, idx, mask):
     put = lambda a: parallel.put_sharded_batch(a, mesh)
     if isinstance(images, jax.Array):
       return gathered(state, images, labels, put(idx), put(mask))
     return on_batch(state, put(np.asarray(images[idx])), put(np.asarray(labels[idx])), put(mask))
-  return eval_sums
+  return feed
 
 
 def padded_batches(indices: np.ndarray, batch_size: int):
@@ -106,15 +127,12 @@ def padded_batches(indices: np.ndarray, batch_size: int):
     yield idx.astype(np.int32), mask
 
 
-def evaluate_accuracy(eval_sums, state, images, labels, indices: np.ndarray, batch_size: int) -> dict:
+def evaluate_accuracy(eval_fn, state, images, labels, indices: np.ndarray, batch_size: int) -> dict:
   """Loss and accuracy over `indices`; images/labels on the devices or on the host (see make_eval_sums)."""
   total = None
   for idx, mask in padded_batches(indices, batch_size):
-    s = eval_sums(state, images, labels, idx, mask)
-    total = s if total is None else jax.tree.map(jnp.add, total, s)
-  total = {k: float(v) for k, v in jax.device_get(total).items()}
-  return {"loss": total["loss_sum"] / total["count"], "accuracy": total["correct"] / total["count"],
-          "count": int(total["count"])}
+    total = loop.add_eval_sums(total, eval_fn(state, images, labels, idx, mask))
+  return loop.eval_metrics(total)
 
 
 class _Records:
@@ -134,18 +152,16 @@ def place_images(pipeline: str, images: np.ndarray, labels: np.ndarray, mesh):
   """data.pipeline='device': images and labels replicated on every device; 'stream': left on the host."""
   if pipeline == "device":
     return parallel.put_replicated(images, mesh), parallel.put_replicated(labels, mesh)
-  if pipeline != "stream":
-    raise ValueError(f"data.pipeline={pipeline!r}: expected 'device' or 'stream'")
   return images, labels
 
 
 class ClassifierPlan:
   """Stage 1's epochs: a seeded permutation of the train images, augmented on the device.
 
-  data.pipeline='device' holds the train images on every device and gathers each
-  batch inside the jitted step; 'stream' reads each batch on the host with grain
-  (same order: streaming.epoch_permutation) and sends only the batch. Both feed
-  one jitted step core, with the same per-step key, so they train identically.
+  data.pipeline='device' gathers each batch inside the jitted step; 'stream' reads
+  each batch on the host with grain (same order: streaming.epoch_permutation) and
+  sends only the batch. Both run `train_step` with the same per-step key, so they
+  train identically.
   """
 
   item_name = "img"
@@ -158,53 +174,23 @@ class ClassifierPlan:
     parallel.check_divisible(cfg.batch_size, mesh, "classifier.batch_size")
     parallel.check_divisible(cfg.eval_batch_size, mesh, "classifier.eval_batch_size")
     self.train_idx, self.val_idx = data.train_idx, data.val_idx
-    n_dev = mesh.devices.size
-    # The last batch of an epoch is kept (985 updates a protocol epoch), trimmed to
-    # a multiple of the device count so that it can be sharded.
-    remainder = (len(self.train_idx) % cfg.batch_size) // n_dev * n_dev
-    self._sizes = [cfg.batch_size] * (len(self.train_idx) // cfg.batch_size) + ([remainder] if remainder else [])
+    self.batch_sizes = loop.epoch_batch_sizes(len(self.train_idx), cfg.batch_size, mesh.devices.size)
     self.images, self.labels = place_images(self.pipeline, data.train_set.images, data.train_head_labels, mesh)
     self._records = _Records(data.train_set.images, data.train_head_labels)
-    mean, std = data.mean, data.std
-    aug_cfg = cfg.augment
-    base_key = jax.random.PRNGKey(config.seed)
-    input_size = cfg.input_size
-
-    def core(state, images, y, sums):
-      """One update on a batch of uint8 images and head labels."""
-      key = jax.random.fold_in(base_key, state.step)
-      aug_key, dropout_key = jax.random.split(key)
-      # Cast once here: the model would cast its input to the compute dtype anyway, and this
-      # way the augmented 224x224 batch is written (and read by the stem) in bf16 on GPU.
-      x = augment.augment(aug_key, images, mean, std, input_size, aug_cfg).astype(_input_dtype(model))
-
-      def loss_fn(params):
-        (logits, _), updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
-                                           mutable=["batch_stats"], rngs={"dropout": dropout_key})
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        return losses.mean(), (losses, logits, updates)
-
-      grads, (losses, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
-      param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, param_updates),
-                                batch_stats=updates.get("batch_stats", state.batch_stats), opt_state=opt_state)
-      sums = loop.add_to_sums(sums, losses, jnp.argmax(logits, -1) == y, state.step)
-      return new_state, sums
-
-    def gathered(state, images, labels, perm, batch, sums, *, size):
-      idx = jax.lax.dynamic_slice_in_dim(perm, batch * cfg.batch_size, size)
-      idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
-      return core(state, images[idx], labels[idx], sums)
-
+    step_args = dict(model=model, tx=tx, mean=data.mean, std=data.std, input_size=cfg.input_size,
+                     augment_config=cfg.augment, seed_key=jax.random.PRNGKey(config.seed))
     rep = parallel.replicated(mesh)
-    self._gathered_step = jax.jit(gathered, static_argnames="size", donate_argnums=(0, 5), out_shardings=rep)
-    self._batch_step = jax.jit(core, donate_argnums=(0, 3), out_shardings=rep)
-    self._eval_sums = make_eval_sums(model, mean, std, input_size, mesh)
+    self._gathered_step = jax.jit(
+        functools.partial(gathered_train_step, batch_size=cfg.batch_size, mesh=mesh, **step_args),
+        static_argnames="size", donate_argnums=(0, 5), out_shardings=rep)
+    self._batch_step = jax.jit(functools.partial(train_step, **step_args), donate_argnums=(0, 3),
+                               out_shardings=rep)
+    self.eval_fn = make_eval_sums(model, data.mean, data.std, cfg.input_size, mesh)
     self._perm = None
     self._stream = self._stream_at = None   # the epoch's batch iterator; (epoch, next batch) it yields
 
   def num_batches(self, epoch: int) -> int:
-    return len(self._sizes)
+    return len(self.batch_sizes)
 
   def begin_epoch(self, epoch: int) -> None:
     self._close_stream()
@@ -214,7 +200,7 @@ class ClassifierPlan:
 
   def train_step(self, state, epoch: int, batch: int, sums: dict):
     sums = parallel.ensure_replicated(sums, self.mesh)  # fresh zero sums: no second compilation
-    size = self._sizes[batch]
+    size = self.batch_sizes[batch]
     if self.pipeline == "device":
       return self._gathered_step(state, self.images, self.labels, self._perm, jnp.int32(batch), sums, size=size)
     images, labels = self._next_batch(epoch, batch)
@@ -238,13 +224,39 @@ class ClassifierPlan:
     self._stream = self._stream_at = None
 
   def evaluate(self, state) -> dict:
-    return evaluate_accuracy(self._eval_sums, state, self.images, self.labels, self.val_idx,
-                             self.cfg.eval_batch_size)
+    return evaluate_accuracy(self.eval_fn, state, self.images, self.labels, self.val_idx, self.cfg.eval_batch_size)
 
 
 def stage_identity(config) -> dict:
   d = wd.config_to_dict(config)
   return {"seed": d["seed"], "data": d["data"], "model": d["model"], "classifier": d["classifier"]}
+
+
+def abstract_state(config, model, mesh):
+  """Shapes, dtypes and shardings of stage 1's state, for restoring without initialising."""
+  size = config.classifier.input_size
+
+  def create():
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    key = jax.random.PRNGKey(0)
+    return TrainState.create(model.init({"params": key, "dropout": key}, x, train=False),
+                             make_optimizer(config.classifier))
+
+  return abstract_like(jax.eval_shape(create), parallel.replicated(mesh))
+
+
+def restore_classifier(config, workdir: str | Path, mesh) -> tuple[object, TrainState]:
+  """(model, state) of the best stage-1 checkpoint of workdir, replicated over mesh.
+
+  The head's width is the number of seen classes of the workdir's split.json.
+  """
+  workdir = Path(workdir)
+  split = splits.load_split(workdir)
+  if split is None:
+    raise FileNotFoundError(f"{workdir / splits.SPLIT_FILE} is missing: stage 1 never ran in this workdir")
+  model = build_classifier(config, len(split.seen_classes))
+  state, _ = restore_best(workdir / wd.STAGE1, abstract_state(config, model, mesh), "stage-1")
+  return model, state
 
 
 def train_classifier(config, workdir: str | Path) -> dict:
@@ -269,10 +281,10 @@ def train_classifier(config, workdir: str | Path) -> dict:
   state, meta = loop.fit(plan, state, stage_dir, settings,
                          place_state=lambda s: parallel.put_replicated(s, mesh))
   best = meta["best"]
-  best_state, _ = loop.restore_best(stage_dir, abstract_like(state))
+  best_state, _ = restore_best(stage_dir, abstract_like(state), "stage-1")
   test_images, test_labels = place_images(config.data.pipeline, data.test_set.images, data.test_head_labels, mesh)
   seen_test = data.test_idx[data.test_head_labels[data.test_idx] >= 0]
-  test = evaluate_accuracy(plan._eval_sums, best_state, test_images, test_labels, seen_test,
+  test = evaluate_accuracy(plan.eval_fn, best_state, test_images, test_labels, seen_test,
                            config.classifier.eval_batch_size)
   result = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_images": test["count"],
             "best_epoch": best["epoch"], "best_step": best["step"], "best_val_accuracy": best["val_accuracy"],
@@ -283,17 +295,3 @@ def train_classifier(config, workdir: str | Path) -> dict:
   logging.info("stage 1 finished: test accuracy %.4f on %d seen-class test images (best epoch %d)",
                test["accuracy"], test["count"], best["epoch"])
   return result
-
-
-def abstract_state(config, model, num_classes: int, mesh):
-  """Shapes, dtypes and shardings of stage 1's state, for restoring without initialising."""
-  tx = make_optimizer(config.classifier)
-  size = config.classifier.input_size
-
-  def create():
-    x = jnp.zeros((1, size, size, 3), jnp.float32)
-    key = jax.random.PRNGKey(0)
-    return TrainState.create(model.init({"params": key, "dropout": key}, x, train=False), tx)
-
-  rep = parallel.replicated(mesh)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), jax.eval_shape(create))

@@ -156,6 +156,27 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def epoch_batch_sizes(num_items: int, batch_size: int, num_devices: int) -> list[int]:
+  """The batch sizes of an epoch over `num_items`: full batches, then the remainder.
+
+  The last batch is kept (985 updates a protocol stage-1 epoch), trimmed to a
+  multiple of the device count so that it can be sharded.
+  """
+  remainder = (num_items % batch_size) // num_devices * num_devices
+  return [batch_size] * (num_items // batch_size) + ([remainder] if remainder else [])
+
+
+def add_eval_sums(total: dict | None, sums: dict) -> dict:
+  """Adds one evaluation batch's {'loss_sum', 'correct', 'count'} (device arrays) to the running total."""
+  return sums if total is None else jax.tree.map(jnp.add, total, sums)
+
+
+def eval_metrics(total: dict) -> dict:
+  """{'loss', 'accuracy', 'count'} of summed evaluation batches."""
+  t = {k: float(v) for k, v in jax.device_get(total).items()}
+  return {"loss": t["loss_sum"] / t["count"], "accuracy": t["correct"] / t["count"], "count": int(t["count"])}
+
+
 def _sums_to_host(sums: dict) -> dict:
   return {k: v.item() for k, v in jax.device_get(sums).items()}
 
@@ -288,20 +309,3 @@ def _check_finite(sums: dict, state: Any, settings: LoopSettings, last_saved: in
     raise NonFiniteLoss(f"{settings.name}: {problem}; stopped without saving, {kept}. "
                         f"A lower learning rate may help")
   return host
-
-
-def restore_best(stage_dir: str | Path, abstract_state: Any) -> tuple[Any, dict]:
-  """The checkpoint with the best validation accuracy of a finished (or running) stage."""
-  ckpts = StageCheckpoints(Path(stage_dir) / "checkpoints")
-  try:
-    latest = ckpts.latest_step()
-    if latest is None:
-      raise FileNotFoundError(f"{stage_dir}/checkpoints: no checkpoint; train this stage first")
-    meta = ckpts.restore_meta(latest)
-    if not meta.get("best"):
-      raise FileNotFoundError(f"{stage_dir}/checkpoints: no finished epoch yet; train this stage first")
-    step = meta["best"]["step"]
-    state, best_meta = ckpts.restore(step, abstract_state)
-    return state, best_meta
-  finally:
-    ckpts.close()

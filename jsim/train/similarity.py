@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
@@ -10,11 +11,12 @@ import numpy as np
 import optax
 from absl import logging
 
-from jsim import parallel, workdir as wd
+from jsim import models, parallel, workdir as wd
+from jsim.checkpoint import abstract_like, restore_best
 from jsim.data import pairs as pairs_lib
-from jsim.evaluate.embed import load_embeddings
 from jsim.models.similarity import SimilarityMLP
 from jsim.train import classifier, loop
+from jsim.train.embeddings import load_embeddings
 from jsim.train.state import TrainState
 
 # Independent streams of the seed: validation pairs, training pairs (and their order), dropout.
@@ -41,7 +43,7 @@ def load_stage2_embeddings(config, workdir: Path) -> dict:
 def build_similarity(config, embedding_dim: int) -> SimilarityMLP:
   cfg = config.similarity
   return SimilarityMLP(hidden=tuple(cfg.hidden) or None, dropout_rate=cfg.dropout, feature=cfg.feature,
-                       dtype=classifier.compute_dtype(config.model.dtype))
+                       dtype=models.compute_dtype(config.model.dtype))
 
 
 def seen_classes(emb: dict) -> np.ndarray:
@@ -57,31 +59,62 @@ def validation_pairs(config, class_index, classes):
                                 cfg.val_similar_per_class)
 
 
+def pair_eval_sums(params, emb, pairs, same, start, *, model, chunk: int, mesh) -> dict:
+  """Loss, correct and count sums over pairs[start:start + chunk] (padded past the end, and masked)."""
+  n = pairs.shape[0]
+  pos = start + jnp.arange(chunk)
+  mask = pos < n
+  pos = jnp.where(mask, pos, 0)
+  pos = jax.lax.with_sharding_constraint(pos, parallel.batch_sharded(mesh))
+  p, y = pairs[pos], same[pos].astype(jnp.int32)
+  logits = model.apply({"params": params}, emb[p[:, 0]], emb[p[:, 1]], train=False)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+  w = mask.astype(jnp.float32)
+  return {"loss_sum": jnp.sum(losses * w), "correct": jnp.sum((jnp.argmax(logits, -1) == y) * w),
+          "count": jnp.sum(w)}
+
+
 def make_pair_eval(model, mesh, chunk: int):
-  """(params, emb, pairs, same, start) -> sums over one chunk of pairs (padded + masked)."""
-  @jax.jit(out_shardings=parallel.replicated(mesh))
-  def chunk_sums(params, emb, pairs, same, start):
-    n = pairs.shape[0]
-    pos = start + jnp.arange(chunk)
-    mask = pos < n
-    pos = jnp.where(mask, pos, 0)
-    pos = jax.lax.with_sharding_constraint(pos, parallel.batch_sharded(mesh))
-    p, y = pairs[pos], same[pos].astype(jnp.int32)
-    logits = model.apply({"params": params}, emb[p[:, 0]], emb[p[:, 1]], train=False)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    w = mask.astype(jnp.float32)
-    return {"loss_sum": jnp.sum(losses * w), "correct": jnp.sum((jnp.argmax(logits, -1) == y) * w),
-            "count": jnp.sum(w)}
+  """(params, emb, pairs, same) -> {'loss', 'accuracy', 'count'} over all pairs, in chunks."""
+  chunk_sums = jax.jit(functools.partial(pair_eval_sums, model=model, chunk=chunk, mesh=mesh),
+                       out_shardings=parallel.replicated(mesh))
 
   def evaluate(params, emb, pairs, same) -> dict:
     total = None
     for start in range(0, pairs.shape[0], chunk):
-      s = chunk_sums(params, emb, pairs, same, jnp.int32(start))
-      total = s if total is None else jax.tree.map(jnp.add, total, s)
-    t = {k: float(v) for k, v in jax.device_get(total).items()}
-    return {"loss": t["loss_sum"] / t["count"], "accuracy": t["correct"] / t["count"], "count": int(t["count"])}
+      total = loop.add_eval_sums(total, chunk_sums(params, emb, pairs, same, jnp.int32(start)))
+    return loop.eval_metrics(total)
 
   return evaluate
+
+
+def draw_epoch_pairs(train_key, epoch, class_index, classes, exclusion, *, per_ordered_class_pair: int,
+                     similar_per_class: int):
+  """The training pairs of epoch `epoch`: balanced, shuffled, none of them a validation pair."""
+  return pairs_lib.sample_pairs(jax.random.fold_in(train_key, epoch), class_index, classes, per_ordered_class_pair,
+                                similar_per_class, exclude=exclusion, shuffle=True)
+
+
+def train_step(state: TrainState, emb, pairs, same, batch, sums: dict, *, size: int, batch_size: int, model, tx,
+               dropout_key, mesh):
+  """One update on batch `batch` of the epoch's pairs of embeddings; adds to the epoch's sums."""
+  start = batch * batch_size
+  p = jax.lax.dynamic_slice_in_dim(pairs, start, size)
+  y = jax.lax.dynamic_slice_in_dim(same, start, size).astype(jnp.int32)
+  p = jax.lax.with_sharding_constraint(p, parallel.batch_sharded(mesh))
+  e1, e2 = emb[p[:, 0]], emb[p[:, 1]]
+  key = jax.random.fold_in(dropout_key, state.step)
+
+  def loss_fn(params):
+    logits = model.apply({"params": params}, e1, e2, train=True, rngs={"dropout": key})
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return losses.mean(), (losses, logits)
+
+  grads, (losses, logits) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state)
+  return new_state, loop.add_to_sums(sums, losses, jnp.argmax(logits, -1) == y, state.step)
 
 
 class SimilarityPlan:
@@ -103,52 +136,30 @@ class SimilarityPlan:
     num_pairs = len(self.classes) * (len(self.classes) - 1) * cfg.train_per_ordered_class_pair \
         + len(self.classes) * cfg.train_similar_per_class
     n_dev = mesh.devices.size
-    remainder = (num_pairs % cfg.batch_size) // n_dev * n_dev
-    self._sizes = [cfg.batch_size] * (num_pairs // cfg.batch_size) + ([remainder] if remainder else [])
+    self.batch_sizes = loop.epoch_batch_sizes(num_pairs, cfg.batch_size, n_dev)
     seed_key = jax.random.PRNGKey(config.seed)
-    train_key = jax.random.fold_in(seed_key, _TRAIN)
-    dropout_key = jax.random.fold_in(seed_key, _DROPOUT)
-
-    def draw_epoch(epoch):
-      return pairs_lib.sample_pairs(jax.random.fold_in(train_key, epoch), self.class_index, self.classes,
-                                    cfg.train_per_ordered_class_pair, cfg.train_similar_per_class,
-                                    exclude=self.exclusion, shuffle=True)
-
-    def train_step(state, emb, pairs, same, batch, sums, *, size):
-      start = batch * cfg.batch_size
-      p = jax.lax.dynamic_slice_in_dim(pairs, start, size)
-      y = jax.lax.dynamic_slice_in_dim(same, start, size).astype(jnp.int32)
-      p = jax.lax.with_sharding_constraint(p, parallel.batch_sharded(mesh))
-      e1, e2 = emb[p[:, 0]], emb[p[:, 1]]
-      key = jax.random.fold_in(dropout_key, state.step)
-
-      def loss_fn(params):
-        logits = model.apply({"params": params}, e1, e2, train=True, rngs={"dropout": key})
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        return losses.mean(), (losses, logits)
-
-      grads, (losses, logits) = jax.grad(loss_fn, has_aux=True)(state.params)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                opt_state=opt_state)
-      return new_state, loop.add_to_sums(sums, losses, jnp.argmax(logits, -1) == y, state.step)
-
-    self._draw_epoch = draw_epoch
-    self._train_step = jax.jit(train_step, static_argnames="size", donate_argnums=(0, 5),
-                               out_shardings=parallel.replicated(mesh))
+    self._train_key = jax.random.fold_in(seed_key, _TRAIN)
+    self._pair_counts = dict(per_ordered_class_pair=cfg.train_per_ordered_class_pair,
+                             similar_per_class=cfg.train_similar_per_class)
+    self._train_step = jax.jit(
+        functools.partial(train_step, batch_size=cfg.batch_size, model=model, tx=tx,
+                          dropout_key=jax.random.fold_in(seed_key, _DROPOUT), mesh=mesh),
+        static_argnames="size", donate_argnums=(0, 5), out_shardings=parallel.replicated(mesh))
     self._evaluate = make_pair_eval(model, mesh, chunk=max(cfg.batch_size, 16384 // n_dev * n_dev))
     self._pairs = self._same = None
 
   def num_batches(self, epoch: int) -> int:
-    return len(self._sizes)
+    return len(self.batch_sizes)
 
   def begin_epoch(self, epoch: int) -> None:
-    self._pairs, self._same = parallel.put_replicated(self._draw_epoch(epoch), self.mesh)
+    drawn = draw_epoch_pairs(self._train_key, epoch, self.class_index, self.classes, self.exclusion,
+                             **self._pair_counts)
+    self._pairs, self._same = parallel.put_replicated(drawn, self.mesh)
 
   def train_step(self, state, epoch: int, batch: int, sums: dict):
     sums = parallel.ensure_replicated(sums, self.mesh)  # fresh zero sums: no second compilation
     return self._train_step(state, self.emb, self._pairs, self._same, jnp.int32(batch), sums,
-                            size=self._sizes[batch])
+                            size=self.batch_sizes[batch])
 
   def evaluate(self, state) -> dict:
     return self._evaluate(state.params, self.emb, self.val_pairs, self.val_same)
@@ -167,11 +178,16 @@ def init_state(config, model, embedding_dim: int, tx) -> TrainState:
   return TrainState.create(variables, tx)
 
 
-def abstract_state(config, model, embedding_dim: int, mesh) -> TrainState:
+def restore_similarity(config, workdir: str | Path, mesh, *, dim: int, stage: str = wd.STAGE2):
+  """(model, state) of the best checkpoint of stage 2 (or of a sweep's `stage`) for dim-wide embeddings."""
+  workdir = Path(workdir)
+  if wd.stage_result(workdir, stage) is None:
+    raise FileNotFoundError(f"{workdir / stage}: stage 2 has not finished; run --config.stage=similarity first")
+  model = build_similarity(config, dim)
   tx = classifier.make_optimizer(config.similarity)
-  rep = parallel.replicated(mesh)
-  shapes = jax.eval_shape(lambda: init_state(config, model, embedding_dim, tx))
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+  abstract = abstract_like(jax.eval_shape(lambda: init_state(config, model, dim, tx)), parallel.replicated(mesh))
+  state, _ = restore_best(workdir / stage, abstract, "stage-2")
+  return model, state
 
 
 def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> dict:
@@ -195,7 +211,7 @@ def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> 
   best = meta["best"]
   result = {"best_epoch": best["epoch"], "best_step": best["step"], "best_val_accuracy": best["val_accuracy"],
             "epochs": len(meta["rows"]), "halving_epochs": meta["halving_epochs"], "embedding_dim": int(dim),
-            "val_pairs": int(plan.val_pairs.shape[0]), "train_pairs_per_epoch": int(sum(plan._sizes))}
+            "val_pairs": int(plan.val_pairs.shape[0]), "train_pairs_per_epoch": int(sum(plan.batch_sizes))}
   if parallel.is_main_process():
     wd.finish_stage(stage_dir, result)
   parallel.sync_processes(f"{stage} result")

@@ -7,6 +7,7 @@ recomputed.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
@@ -17,29 +18,28 @@ from absl import logging
 from jsim import parallel, workdir as wd
 from jsim.data import augment
 from jsim.data.prepare import prepare
-from jsim.train import classifier, loop
+from jsim.train import classifier
 
 META_FILE = "meta.json"
 
 
+def embed_step(variables, images, idx, *, model, mean, std, input_size: int, mesh):
+  """float32 embeddings [len(idx), D] of device-resident uint8 images (idx sharded over the mesh)."""
+  idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
+  # The model casts its input to its compute dtype anyway; casting here lets XLA write
+  # the resized batch once, in that dtype.
+  x = augment.preprocess(images[idx], mean, std, input_size).astype(getattr(model, "dtype", jnp.float32))
+  _, e = model.apply(variables, x, train=False)
+  return e.astype(jnp.float32)
+
+
 def make_embed_fn(model, mean, std, input_size: int, mesh):
-  """A jitted (variables, images, idx) -> float32 embeddings [len(idx), D] of device-resident uint8 images.
+  """embed_step jitted: (variables, images, idx) -> embeddings, replicated so every process reads them all.
 
-  idx is sharded over the mesh's 'data' axis (its length must divide by the device
-  count); the output is replicated, so every process can read the whole batch.
+  idx is sharded over the mesh's 'data' axis (its length must divide by the device count).
   """
-  dtype = getattr(model, "dtype", jnp.float32)
-
-  @jax.jit(out_shardings=parallel.replicated(mesh))
-  def embed(variables, images, idx):
-    idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
-    # The model casts its input to its compute dtype anyway; casting here lets XLA write
-    # the resized batch once, in that dtype.
-    x = augment.preprocess(images[idx], mean, std, input_size).astype(dtype)
-    _, e = model.apply(variables, x, train=False)
-    return e.astype(jnp.float32)
-
-  return embed
+  return jax.jit(functools.partial(embed_step, model=model, mean=mean, std=std, input_size=input_size, mesh=mesh),
+                 out_shardings=parallel.replicated(mesh))
 
 
 def embed_images(model, variables, images, indices: np.ndarray, *, mean, std, input_size: int, batch_size: int,
@@ -73,10 +73,7 @@ def compute_embeddings(config, workdir: str | Path) -> dict:
       return meta
   mesh = parallel.make_mesh()
   data = prepare(config, workdir)
-  num_classes = len(data.split.seen_classes)
-  model = classifier.build_classifier(config, num_classes)
-  abstract = classifier.abstract_state(config, model, num_classes, mesh)
-  state, _ = loop.restore_best(workdir / wd.STAGE1, abstract)
+  model, state = classifier.restore_classifier(config, workdir, mesh)
   kw = dict(mean=data.mean, std=data.std, input_size=config.classifier.input_size,
             batch_size=config.embed.batch_size, mesh=mesh)
   kw["embed_fn"] = make_embed_fn(model, data.mean, data.std, config.classifier.input_size, mesh)
@@ -84,7 +81,8 @@ def compute_embeddings(config, workdir: str | Path) -> dict:
   train_emb = embed_images(model, state.variables, parallel.put_replicated(data.train_set.images, mesh), t180, **kw)
   test_emb = embed_images(model, state.variables, parallel.put_replicated(data.test_set.images, mesh),
                           data.test_idx, **kw)
-  meta = {"stage1_step": stage1["best_step"], "stage1_run_id": stage1.get("run_id"), "model": config.model.name, "dim": int(train_emb.shape[1]),
+  meta = {"stage1_step": stage1["best_step"], "stage1_run_id": stage1.get("run_id"), "model": config.model.name,
+          "dim": int(train_emb.shape[1]),
           "train_count": len(t180), "test_count": len(data.test_idx), "class_ids": list(data.train_set.class_ids),
           "seen_classes": list(data.split.seen_classes)}
   if parallel.is_main_process():

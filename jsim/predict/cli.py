@@ -1,0 +1,239 @@
+"""The `jsim-predict` command line, over the library in jsim.predict.
+
+  jsim-predict --workdir=W a.jpg b.png                          # P(same) and the decision
+  jsim-predict --workdir=W --query=q.jpg --gallery=DIR [--top=10] [--html=out.html] [--sheet=out.png]
+
+argparse, not absl's flags as in jsim.main: main needs absl for ml_collections'
+config_flags (--config=FILE and --config.x.y overrides); this command has no config,
+takes positional image paths, and answers bad usage in one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from jsim import workdir as wd
+from jsim.predict import _PROG, Match, Similarity, _first_line, _listing, prepare_image
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _thumbnail(path: str | Path, side: int = 160) -> Image.Image:
+  with Image.open(path) as im:
+    im = im.convert("RGB")
+    im.thumbnail((side, side), Image.BILINEAR)
+    return im.copy()
+
+
+def _data_uri(im: Image.Image) -> str:
+  buf = io.BytesIO()
+  im.save(buf, format="PNG")
+  return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def write_html(out: str | Path, query: str | Path, matches: Sequence[Match], threshold: float | None) -> Path:
+  """A self-contained page: the query and its matches as inlined thumbnails, with P(same)."""
+  out = Path(out)
+  t = 0.5 if threshold is None else threshold
+  cards = []
+  for rank, m in enumerate(matches, 1):
+    same = m.probability > t
+    cards.append(f'<figure class="{"same" if same else "diff"}"><img src="{_data_uri(_thumbnail(m.path))}">'
+                 f'<figcaption>{rank}. p = {m.probability:.4f}<br>{html.escape(str(m.path))}</figcaption></figure>')
+  thr = f"the validation threshold {t:.3f}" if threshold is not None else "0.5"
+  page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>jsim search: {html.escape(Path(query).name)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; }}
+img {{ width: 128px; height: 128px; object-fit: contain; image-rendering: pixelated; background: #eee; }}
+figure {{ display: inline-block; margin: 6px; padding: 4px; border: 4px solid #ccc; width: 140px;
+          vertical-align: top; font-size: 11px; word-break: break-all; }}
+figure.query {{ border-color: #1e5adc; }}
+figure.same {{ border-color: #14aa28; }}
+figure.diff {{ border-color: #d21e1e; }}
+</style></head><body>
+<h1>Images most similar to the query</h1>
+<p>P(same kind of object) by the similarity net; green: above {thr}, red: below.</p>
+<figure class="query"><img src="{_data_uri(_thumbnail(query))}">
+<figcaption>query<br>{html.escape(str(query))}</figcaption></figure>
+<hr>
+{chr(10).join(cards)}
+</body></html>
+"""
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(page)
+  return out
+
+
+def write_sheet(out: str | Path, query: str | Path, matches: Sequence[Match], threshold: float | None,
+                columns: int = 6) -> Path:
+  """A PNG sheet: the query (blue border) and its matches (green above the threshold, red below)."""
+  from matplotlib.figure import Figure
+  from jsim.evaluate import figures
+
+  t = 0.5 if threshold is None else threshold
+  cells = [(query, "query", (30, 90, 220))] + [
+      (m.path, f"{i}: p={m.probability:.3f}\n{Path(m.path).name[:18]}",
+       (20, 170, 40) if m.probability > t else (210, 30, 30)) for i, m in enumerate(matches, 1)]
+  cols = min(columns, len(cells))
+  rows = math.ceil(len(cells) / cols)
+  fig = Figure(figsize=(1.6 * cols, 2.0 * rows))
+  axes = np.asarray(fig.subplots(rows, cols, squeeze=False)).ravel()
+  for ax, (path, title, color) in zip(axes, cells):
+    img = np.asarray(_thumbnail(path, 128))
+    width = max(2, max(img.shape[:2]) // 24)
+    bordered = np.empty((img.shape[0] + 2 * width, img.shape[1] + 2 * width, 3), np.uint8)
+    bordered[...] = color
+    bordered[width:-width, width:-width] = img
+    ax.imshow(bordered)
+    ax.set_title(title, fontsize=7)
+  for ax in axes:
+    ax.axis("off")
+  fig.tight_layout()
+  return figures._save(fig, out)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line, not usage + error
+    print(f"{_PROG}: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = _Parser(prog=_PROG, description="Compare two images, or rank a folder against a query image, with a "
+              "trained jsim workdir.",
+              epilog="examples:\n  jsim-predict --workdir=W a.jpg b.png\n"
+                     "  jsim-predict --workdir=W --query=q.jpg --gallery=photos/ --top=10 --html=out.html",
+              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("images", nargs="*", help="two images to compare")
+  p.add_argument("--workdir", required=True, help="a workdir trained by python -m jsim.main")
+  p.add_argument("--query", help="query image for a gallery search")
+  p.add_argument("--gallery", help="folder of images to rank (recursive)")
+  p.add_argument("--top", type=int, default=10, help="how many matches to show (0: all)")
+  p.add_argument("--html", help="write an HTML page of the query and its matches")
+  p.add_argument("--sheet", help="write a PNG sheet of the query and its matches")
+  p.add_argument("--no_cache", "--no-cache", action="store_true", help="embed the gallery again, ignore the cache")
+  p.add_argument("--json", action="store_true", help="print the result as JSON")
+  p.add_argument("--verbose", action="store_true", help="keep library log messages")
+  return p
+
+
+def _quiet_libraries() -> None:
+  import logging
+  logging.getLogger().setLevel(logging.ERROR)
+  for name in ("jax", "absl", "orbax"):
+    logging.getLogger(name).setLevel(logging.ERROR)
+  try:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.ERROR)
+  except ImportError:
+    pass
+
+
+def _yes(b: bool) -> str:
+  return "yes" if b else "no"
+
+
+def _run_pair(sim: Similarity, names: Sequence[str], images: Sequence[np.ndarray], as_json: bool) -> None:
+  a, b = names
+  p = sim.probability(*images)
+  t = sim.threshold
+  if as_json:
+    print(json.dumps({"a": a, "b": b, "probability": p, "same_at_0.5": sim.is_same(p), "val_threshold": t,
+                      "same_at_val_threshold": None if t is None else sim.is_same(p, t)}))
+    return
+  print(f"P(same) = {p:.4f}   ({a} vs {b})")
+  print(f"same kind of object at p > 0.5: {_yes(sim.is_same(p))}")
+  if t is not None:
+    print(f"same kind of object at p > {t:.3f} (validation threshold): {_yes(sim.is_same(p, t))}")
+
+
+def _run_search(sim: Similarity, args, query: np.ndarray) -> None:
+  gallery = sim.gallery(args.gallery, use_cache=not args.no_cache, progress=not args.json)
+  where = f" (cache {gallery.cache_path})" if gallery.cache_path else " (no cache)"
+  print(f"{_PROG}: gallery {args.gallery}: {len(gallery.files)} images, {gallery.reused} from the cache, "
+        f"{gallery.embedded} embedded{where}", file=sys.stderr)
+  if gallery.skipped:
+    print(f"{_PROG}: warning: skipped {len(gallery.skipped)} unreadable file(s), first: {gallery.skipped[0][1]}",
+          file=sys.stderr)
+  matches = sim.rank(query, gallery, args.top, query_path=args.query)
+  t = sim.threshold
+  if args.html:
+    write_html(args.html, args.query, matches, t)
+  if args.sheet:
+    write_sheet(args.sheet, args.query, matches, t)
+  if args.json:
+    print(json.dumps({"query": args.query, "gallery": args.gallery, "val_threshold": t,
+                      "results": [{"rank": i, "probability": m.probability, "path": m.path}
+                                  for i, m in enumerate(matches, 1)],
+                      "cache": {"reused": gallery.reused, "embedded": gallery.embedded,
+                                "skipped": [f for f, _ in gallery.skipped]}}))
+    return
+  thr = 0.5 if t is None else t
+  print(f"query: {args.query}; P(same) with each of {len(gallery.files)} images in {args.gallery}"
+        f"; 'same' at p > {thr:.3f}" + (" (validation threshold)" if t is not None else ""))
+  print(f"{'rank':>4}  {'P(same)':>7}  same  file")
+  for i, m in enumerate(matches, 1):
+    print(f"{i:>4}  {m.probability:7.4f}  {_yes(sim.is_same(m.probability, thr)):<4}  {m.path}")
+  for what, path in (("html", args.html), ("sheet", args.sheet)):
+    if path:
+      print(f"{what}: {path}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line; returns the exit status (0 ok, 1 bad input, 2 bad usage)."""
+  parser = _parser()
+  args = parser.parse_args(argv)
+  search = args.query is not None or args.gallery is not None
+  if search and (args.query is None or args.gallery is None):
+    parser.error("a search needs both --query and --gallery")
+  if search and args.images:
+    parser.error(f"give either two images or --query/--gallery, not both (got {' '.join(args.images)})")
+  if not search and len(args.images) != 2:
+    parser.error(f"expected two images to compare (or --query and --gallery), got {len(args.images)}")
+  if not search and (args.html or args.sheet):
+    parser.error("--html and --sheet go with --query/--gallery")
+  if not args.verbose:
+    _quiet_libraries()
+  try:
+    # Cheap checks first (JSON records, the input images, the gallery listing): a bad
+    # command fails before JAX and the checkpoints load.
+    records = wd.read_records(args.workdir)
+    names = [args.query] if search else args.images
+    images = [prepare_image(name, records.image_size) for name in names]
+    if search:
+      _listing(args.gallery)
+    sim = Similarity.from_records(records)
+    if search:
+      _run_search(sim, args, images[0])
+    else:
+      _run_pair(sim, names, images, as_json=args.json)
+  except (ValueError, OSError) as e:  # OSError: FileNotFound, NotADirectory, Permission, ...
+    print(f"{_PROG}: {_first_line(e)}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print(f"{_PROG}: interrupted", file=sys.stderr)
+    return 130
+  return 0
+
+
+def entry_point() -> None:
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  entry_point()
