@@ -4,7 +4,8 @@ VGG16 was better on similar unseen pairs (case 4), ResNet50 elsewhere; an
 ensemble feeds |x1 - x2| of [ResNet50 embedding, VGG16 embedding] (6144-d) to Ms.
 
 Both backbones must have finished stage 1 with the same data and seed
-(configs/resnet_cls.py in runs/resnet50, configs/vgg_cls.py in runs/vgg16). The
+(configs/protocol.py:model=resnet50,stage=classifier in runs/resnet50, :model=vgg16,stage=classifier
+in runs/vgg16). The
 ensemble's stage 2 and report live in their own workdir, a copy of the ResNet50
 one without its stage 2:
 
@@ -22,7 +23,7 @@ from jsim import configs
 
 
 def get_config():
-  c = configs.base_config()
+  c = configs.base_config()   # the protocol's values (configs/protocol.py sets them visibly)
   c.stage = "all"
   c.model.name = "resnet50"
   c.similarity.ensemble_workdirs = ("runs/vgg16",)

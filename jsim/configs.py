@@ -10,6 +10,7 @@ import ml_collections
 
 from jsim.data import augment, sources
 
+# config.stage: one stage, or 'all' / 'sweep', which run the stages they need (jsim.run).
 STAGES = ("classifier", "embed", "similarity", "evaluate", "all", "sweep")
 
 

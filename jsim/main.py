@@ -1,6 +1,6 @@
 """Command line: flags only. Everything else is `jsim.run.run(config, workdir)`.
 
-  python -m jsim.main --config=configs/resnet_cls.py --workdir=runs/resnet50 \
+  python -m jsim.main --config=configs/protocol.py:model=resnet50,stage=classifier --workdir=runs/resnet50 \
       [--config.classifier.num_epochs=5 ...]
 """
 

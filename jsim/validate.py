@@ -14,8 +14,6 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jsim import configs
-
 
 def _choice(key: str, value, allowed) -> None:
   if value not in allowed:
@@ -51,16 +49,18 @@ def _training(prefix: str, cfg, devices: int) -> None:
 
 def check_config(config) -> None:
   """Raises ValueError naming the first impossible value."""
-  from jsim import models
-  from jsim.data import augment
+  # Each component owns its allowed values; this only asks them.
+  from jsim import configs, models
+  from jsim.data import augment, pairs, prepare, sources, tiny_imagenet
   from jsim.models import similarity
+  from jsim.train import classifier
   devices = jax.device_count()
   _choice("stage", config.stage, configs.STAGES)
   d = config.data
-  _choice("data.source", d.source, ("auto", "folder", "zip", "download", "synthetic", "tfds"))
-  _choice("data.on_bad_image", d.on_bad_image, ("error", "skip"))
-  _choice("data.normalization", d.normalization, ("train", "imagenet"))
-  _choice("data.pipeline", d.pipeline, ("device", "stream"))
+  _choice("data.source", d.source, sources.SOURCES)
+  _choice("data.on_bad_image", d.on_bad_image, tiny_imagenet.ON_BAD_IMAGE)
+  _choice("data.normalization", d.normalization, prepare.NORMALIZATIONS)
+  _choice("data.pipeline", d.pipeline, classifier.PIPELINES)
   _positive("data.image_size", d.image_size)
   if d.num_workers is not None:
     _positive("data.num_workers", d.num_workers)
@@ -79,8 +79,8 @@ def check_config(config) -> None:
 
   m = config.model
   _choice("model.name", m.name, models.available())
-  _choice("model.init", m.init, ("torchvision", "random"))
-  _choice("model.dtype", m.dtype, ("auto", "float32", "bfloat16"))
+  _choice("model.init", m.init, models.INITS)
+  _choice("model.dtype", m.dtype, models.DTYPES)
 
   c = config.classifier
   _training("classifier", c, devices)
@@ -112,7 +112,7 @@ def check_config(config) -> None:
       raise ValueError(f"similarity.ensemble_workdirs: {other} is not a directory")
 
   e = config.evaluation
-  _choice("evaluation.mode", e.mode, ("sampled", "exhaustive"))
+  _choice("evaluation.mode", e.mode, pairs.EVALUATION_MODES)
   _positive("evaluation.test_per_ordered_class_pair", e.test_per_ordered_class_pair)
   _positive("evaluation.test_similar_per_class", e.test_similar_per_class)
   _positive("evaluation.chunk_size", e.chunk_size)

@@ -456,11 +456,11 @@ def test_folder_and_zip_sources(dataset, tmp_path):
   folder = sources.load_image_sets(cfg)
   cfg.source, cfg.zip_path = "zip", str(_zip_folder(dataset, tmp_path / "t.zip"))
   _assert_same(folder, sources.load_image_sets(cfg))
-  # Anything with attribute access will do; missing fields take their defaults.
-  minimal = types.SimpleNamespace(source="folder", root=str(dataset), cache_dir=str(tmp_path / "c"))
-  _assert_same(folder, sources.load_image_sets(minimal))
-  _assert_same(folder, sources.load_image_sets(dict(source="folder", root=str(dataset),
-                                                    cache_dir=str(tmp_path / "c"))))
+  # data.source='auto' picks the folder (root set) or the zip (only zip_path set).
+  cfg.source = "auto"
+  _assert_same(folder, sources.load_image_sets(cfg))
+  cfg.root = ""
+  _assert_same(folder, sources.load_image_sets(cfg))
 
 
 def test_cache_dir_defaults_to_env(dataset, tmp_path, monkeypatch):

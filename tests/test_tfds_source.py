@@ -220,18 +220,18 @@ def test_stream_batches_one_epoch(prepared):
   ts = tfds_source.open_tfds_split("jsim_tiny_imagenet", "train", data_dir)
   ref = tfds_source.load_image_sets(_config(data_dir))["train"]
   indices = np.array([0, 2, 3, 5, 6, 7, 8, 9, 11])  # A subset, like stage-1 train images.
-  batches = _collect(streaming.stream_batches(ts, indices, 4, seed=1, epoch=2, image_size=64))
+  batches = _collect(streaming.stream_batches(ts.source, indices, 4, seed=1, epoch=2, image_size=64, label_map=ts.label_map))
   assert [len(l) for _, l in batches] == [4, 4, 1]  # Last partial batch kept.
   order = indices[np.random.default_rng([1, 2]).permutation(len(indices))]
   np.testing.assert_array_equal(np.concatenate([i for i, _ in batches]), ref.images[order])
   np.testing.assert_array_equal(np.concatenate([l for _, l in batches]), ref.labels[order])
   assert sorted(order.tolist()) == sorted(indices.tolist())  # Each index exactly once.
   # Same seed and epoch: same sequence; another epoch: another order.
-  again = _collect(streaming.stream_batches(ts, indices, 4, seed=1, epoch=2, image_size=64))
+  again = _collect(streaming.stream_batches(ts.source, indices, 4, seed=1, epoch=2, image_size=64, label_map=ts.label_map))
   for (a, la), (b, lb) in zip(batches, again):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(la, lb)
-  other = np.concatenate([l for _, l in streaming.stream_batches(ts, indices, 9, 1, 3, 64)])
+  other = np.concatenate([l for _, l in streaming.stream_batches(ts.source, indices, 9, 1, 3, 64, label_map=ts.label_map)])
   assert sorted(other.tolist()) == sorted(ref.labels[indices].tolist())
 
 
@@ -239,17 +239,17 @@ def test_stream_batches_resume_and_resize(prepared):
   _, data_dir = prepared
   ts = tfds_source.open_tfds_split("jsim_tiny_imagenet", "test", data_dir)
   indices = np.arange(len(ts))
-  full = _collect(streaming.stream_batches(ts, indices, 3, seed=0, epoch=0, image_size=48))
+  full = _collect(streaming.stream_batches(ts.source, indices, 3, seed=0, epoch=0, image_size=48, label_map=ts.label_map))
   assert full[0][0].shape == (3, 48, 48, 3)
   for start in (1, 2):
-    tail = _collect(streaming.stream_batches(ts, indices, 3, 0, 0, 48, start_batch=start))
+    tail = _collect(streaming.stream_batches(ts.source, indices, 3, 0, 0, 48, start_batch=start, label_map=ts.label_map))
     assert len(tail) == len(full) - start
     for (a, la), (b, lb) in zip(full[start:], tail):
       np.testing.assert_array_equal(a, b)
       np.testing.assert_array_equal(la, lb)
-  assert list(streaming.stream_batches(ts, indices, 3, 0, 0, 48, start_batch=len(full))) == []
+  assert list(streaming.stream_batches(ts.source, indices, 3, 0, 0, 48, start_batch=len(full))) == []
   with pytest.raises(ValueError, match="start_batch"):
-    streaming.stream_batches(ts, indices, 3, 0, 0, 48, start_batch=len(full) + 1)
+    streaming.stream_batches(ts.source, indices, 3, 0, 0, 48, start_batch=len(full) + 1)
 
 
 # A registered TFDS data set of another shape: PNGs of varying sizes, class
@@ -314,7 +314,7 @@ def test_another_tfds_data_set(tmp_path):
   got = list(streaming.stream_batches(plain, np.arange(7), 4, 5, 0, 16, label_map=ts.label_map))
   order = np.random.default_rng([5, 0]).permutation(7)
   np.testing.assert_array_equal(np.concatenate([l for _, l in got]), sets["train"].labels[order])
-  # TFDS decodes RGBA PNGs as 4 channels; decode_rgb drops alpha like PIL's convert('RGB').
+  # TFDS decodes RGBA PNGs as 4 channels; decode_image drops alpha like PIL's convert('RGB').
   np.testing.assert_array_equal(np.concatenate([i for i, _ in got]), sets["train"].images[order])
 
 

@@ -101,8 +101,8 @@ class _Spec:
 def _spec(cfg: Any, image_size: tuple[int, int]) -> _Spec:
   def get(name):
     try:
-      return cfg[name] if isinstance(cfg, dict) else getattr(cfg, name)
-    except (KeyError, AttributeError):
+      return cfg[name]
+    except KeyError:
       raise ValueError(f"augment config has no field '{name}'") from None
 
   enabled = get("enabled")

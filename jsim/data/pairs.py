@@ -32,6 +32,8 @@ import numpy as np
 INT32_MAX = np.iinfo(np.int32).max
 # Largest N whose N*(N-1)/2 unordered pairs are addressable by an int32 linear index.
 MAX_EXHAUSTIVE_IMAGES = 65536
+# config.evaluation.mode: the protocol's sampled test pairs, or every distinct pair.
+EVALUATION_MODES = ("sampled", "exhaustive")
 
 # Evaluation cases (PROTOCOL.md, Evaluation).
 CASE_NAMES: dict[int, str] = {

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
-from jsim.data import augment, splits
+from jsim.data import augment, sources, splits
 from jsim.data.dataset import ImageSet
 from jsim.workdir import read_json, write_json
 
 PREPROCESSING_FILE = "preprocessing.json"
+# config.data.normalization: statistics of the stage-1 train split, or ImageNet's.
+NORMALIZATIONS = ("train", "imagenet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,28 +40,10 @@ class Prepared:
     return self.split.seen_mask(self.train_set.class_ids)
 
 
-def resolve_source(data_config) -> str:
-  if data_config.source != "auto":
-    return data_config.source
-  if data_config.root:
-    return "folder"
-  if data_config.zip_path:
-    return "zip"
-  return "download"
-
-
-def load_image_sets(data_config) -> dict[str, ImageSet]:
-  from jsim.data import sources
-  cfg = data_config.copy_and_resolve_references()
-  with cfg.unlocked():
-    cfg.source = resolve_source(data_config)
-  return sources.load_image_sets(cfg)
-
-
 def prepare(config, workdir: str | Path) -> Prepared:
   """Loads the data and the workdir's split, drawing and recording it on first use."""
   workdir = Path(workdir)
-  sets = load_image_sets(config.data)
+  sets = sources.load_image_sets(config.data)
   train_set, test_set = sets["train"], sets["test"]
   if train_set.class_ids != test_set.class_ids:
     raise ValueError("the train and test parts of the data set name different classes")
@@ -93,18 +77,9 @@ def _statistics(config, workdir: Path, images: np.ndarray, train_idx: np.ndarray
                      f"{config.data.normalization!r}; use another --workdir")
   if config.data.normalization == "imagenet":
     mean, std = augment.IMAGENET_MEAN, augment.IMAGENET_STD
-  elif config.data.normalization == "train":
-    mean, std = augment.channel_stats(images[np.sort(train_idx)])
   else:
-    raise ValueError(f"data.normalization={config.data.normalization!r}: expected 'train' or 'imagenet'")
+    mean, std = augment.channel_stats(images[np.sort(train_idx)])
   mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
   write_json(path, {"normalization": config.data.normalization, "mean": mean, "std": std,
                     "image_size": int(images.shape[1])})
   return mean, std
-
-
-def read_preprocessing(workdir: str | Path) -> dict:
-  path = Path(workdir) / PREPROCESSING_FILE
-  if not path.exists():
-    raise FileNotFoundError(f"{path} is missing: this workdir has no trained model (run stage 1 first)")
-  return read_json(path)

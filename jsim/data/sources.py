@@ -1,6 +1,7 @@
 """One entry point to every data source: `load_image_sets(config.data)`.
 
 Sources (`data.source`):
+  auto       data.root if set (folder), else data.zip_path (zip), else download
   folder     an unpacked tiny-imagenet-200 folder at data.root
   zip        tiny-imagenet-200.zip at data.zip_path, read without unpacking
   download   the official zip, fetched once into data.cache_dir/downloads and verified
@@ -15,7 +16,6 @@ cache under data.cache_dir and read the cache afterwards.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,13 @@ from ml_collections import config_dict
 from jsim.data import cache, download, synthetic, tiny_imagenet
 from jsim.data.dataset import ImageSet
 
-SOURCES = ("folder", "zip", "download", "synthetic", "tfds")
+SOURCES = ("auto", "folder", "zip", "download", "synthetic", "tfds")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
   """The data fields of the config, with their defaults (configs/default.py uses this)."""
   c = ml_collections.ConfigDict()
-  c.source = "folder"          # one of SOURCES
+  c.source = "folder"          # one of SOURCES (the experiment configs use "auto")
   c.root = ""                  # source=folder: path of tiny-imagenet-200/ (or of the folder holding it)
   c.zip_path = ""              # source=zip: path of tiny-imagenet-200.zip
   c.download_url = download.OFFICIAL_URL
@@ -51,71 +51,66 @@ def default_data_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _get(obj: Any, name: str, default: Any) -> Any:
-  """obj.name or obj[name] (ConfigDict, dataclass, namespace or dict), else `default`."""
-  if isinstance(obj, Mapping):
-    return obj.get(name, default)
-  return getattr(obj, name, default)
+def resolve_source(data_config) -> str:
+  """data.source, with 'auto' resolved: root if set, else zip_path if set, else download."""
+  if data_config.source != "auto":
+    return data_config.source
+  if data_config.root:
+    return "folder"
+  if data_config.zip_path:
+    return "zip"
+  return "download"
 
 
-def _field(data_config: Any, name: str) -> Any:
-  """data_config.name, or its default when the config lacks the field."""
-  return _get(data_config, name, default_data_config()[name])
-
-
-def synthetic_root(data_config: Any) -> Path:
+def synthetic_root(data_config) -> Path:
   """Where the synthetic source keeps its generated folder (a function of its parameters)."""
   params = _synthetic_params(data_config)
   key = cache.digest([synthetic.GENERATOR_VERSION, sorted(params.items())])
-  return cache.resolve_cache_dir(_field(data_config, "cache_dir")) / f"synthetic-{key[:16]}"
+  return cache.resolve_cache_dir(data_config.cache_dir) / f"synthetic-{key[:16]}"
 
 
-def _synthetic_params(data_config: Any) -> dict[str, Any]:
-  s = _field(data_config, "synthetic")
-  defaults = default_data_config().synthetic
-  return {k: _get(s, k, defaults[k]) for k in defaults.keys()}
+def _synthetic_params(data_config) -> dict[str, Any]:
+  return {k: data_config.synthetic[k] for k in default_data_config().synthetic.keys()}
 
 
-def ensure_synthetic(data_config: Any) -> Path:
+def ensure_synthetic(data_config) -> Path:
   """Generates the synthetic folder once (atomically) and returns its path."""
   root = synthetic_root(data_config)
   if not (root / synthetic.INFO_FILE).exists():
     params = _synthetic_params(data_config)
     images = params["num_classes"] * (params["train_per_class"] + params["test_per_class"])
     # Starting a process costs about as much as rendering ~1000 images: small sets render here.
-    workers = min(_field(data_config, "num_workers") or os.cpu_count() or 1, max(1, images // 2000))
+    workers = min(data_config.num_workers or os.cpu_count() or 1, max(1, images // 2000))
     with cache.atomic_dir(root) as tmp:
       synthetic.write_synthetic_tiny_imagenet(tmp, **params, num_workers=workers)
   return root
 
 
-def load_image_sets_and_report(data_config: Any) -> tuple[dict[str, ImageSet], dict[str, Any]]:
+def load_image_sets_and_report(data_config) -> tuple[dict[str, ImageSet], dict[str, Any]]:
   """Like load_image_sets, and also returns the load report (counts, skipped files, cache use)."""
-  source = _field(data_config, "source")
+  d = data_config
+  source = resolve_source(d)
   if source == "tfds":
     from jsim.data import tfds_source  # lazy: TFDS is heavy and optional
-    sets = tfds_source.load_image_sets(data_config)
-    return sets, {"source": "tfds", "location": _field(data_config, "tfds_name"),
-                  "num_images": {k: len(v) for k, v in sets.items()},
+    sets = tfds_source.load_image_sets(d)
+    return sets, {"source": "tfds", "location": d.tfds_name, "num_images": {k: len(v) for k, v in sets.items()},
                   "num_classes": len(next(iter(sets.values())).class_ids)}
-  if source not in SOURCES:
-    raise ValueError(f"data.source={source!r} must be one of {SOURCES}")
-
-  options = dict(image_size=_field(data_config, "image_size"), on_bad_image=_field(data_config, "on_bad_image"),
-                 num_workers=_field(data_config, "num_workers"), cache_dir=_field(data_config, "cache_dir"))
+  options = dict(image_size=d.image_size, on_bad_image=d.on_bad_image, num_workers=d.num_workers,
+                 cache_dir=d.cache_dir)
   if source == "folder":
-    return tiny_imagenet.load_folder(_field(data_config, "root"), **options)
+    return tiny_imagenet.load_folder(d.root, **options)
   if source == "zip":
-    return tiny_imagenet.load_zip(_field(data_config, "zip_path"), **options)
+    return tiny_imagenet.load_zip(d.zip_path, **options)
   if source == "download":
-    url = _field(data_config, "download_url")
-    dest = cache.resolve_cache_dir(options["cache_dir"]) / "downloads" / (url.rsplit("/", 1)[-1] or "data.zip")
-    path = download.fetch(url, dest, sha256=_field(data_config, "download_sha256"),
-                          md5=_field(data_config, "download_md5"))
+    url = d.download_url
+    dest = cache.resolve_cache_dir(d.cache_dir) / "downloads" / (url.rsplit("/", 1)[-1] or "data.zip")
+    path = download.fetch(url, dest, sha256=d.download_sha256, md5=d.download_md5)
     return tiny_imagenet.load_zip(path, **options)
-  return tiny_imagenet.load_folder(ensure_synthetic(data_config), **options)  # synthetic
+  if source == "synthetic":
+    return tiny_imagenet.load_folder(ensure_synthetic(d), **options)
+  raise ValueError(f"data.source={source!r} must be one of {SOURCES}")
 
 
-def load_image_sets(data_config: Any) -> dict[str, ImageSet]:
+def load_image_sets(data_config) -> dict[str, ImageSet]:
   """Loads {'train': ImageSet, 'test': ImageSet} as `data_config.source` says (see the module doc)."""
   return load_image_sets_and_report(data_config)[0]

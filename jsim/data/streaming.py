@@ -1,16 +1,18 @@
-"""Streaming batches from a TFDS data source, for data sets too large to hold in memory.
+"""Streaming batches from random-access records, for data sets too large to hold in memory.
 
 A grain pipeline reads the records of one epoch in the order fixed by
 `epoch_permutation(seed, epoch, n)` -- the same rule as the in-memory path --
-decodes them with PIL (resizing to image_size x image_size when needed) and
-stacks them into uint8 batches; on-device augmentation comes after, as for
-in-memory data. The order depends only on (seed, epoch), not on the number of
-worker processes or threads, so a run resumed at `start_batch` continues the
-same sequence.
+decodes them (tiny_imagenet.decode_image; resizing to image_size x image_size
+when needed) and stacks them into uint8 batches; on-device augmentation comes
+after, as for in-memory data. The order depends only on (seed, epoch), not on
+the number of worker processes or threads, so a run resumed at `start_batch`
+continues the same sequence.
 
-    ts = tfds_source.open_tfds_split('jsim_tiny_imagenet', 'train', data_dir)
-    for images, labels in stream_batches(ts, train_indices, 64, seed, epoch, 224):
+    for images, labels in stream_batches(records, train_indices, 64, seed, epoch, 64):
       ...
+
+(`records`: stage 1's train images, or e.g. `tfds.data_source(...)` with the
+label map of `tfds_source.open_tfds_split`.)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import grain
 from absl import flags
 import numpy as np
 
-from jsim.data.tfds_source import TfdsSplit, decode_rgb
+from jsim.data.tiny_imagenet import decode_image
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -52,7 +54,7 @@ class _ReadExample:
   def __call__(self, index: Any) -> tuple[np.ndarray, np.int32]:
     rec = self.source[int(index)]
     try:
-      image = decode_rgb(rec[self.image_key], self.image_size)
+      image = decode_image(rec[self.image_key], self.image_size)[0]
     except (OSError, ValueError) as e:
       raise ValueError(f"cannot decode record {int(index)} of {self.source!r}: {e}") from e
     label = int(rec[self.label_key])
@@ -61,7 +63,7 @@ class _ReadExample:
     return image, np.int32(label)
 
 
-def stream_batches(data_source: TfdsSplit | Sequence[dict], indices: Sequence[int] | np.ndarray,
+def stream_batches(data_source: Sequence[dict], indices: Sequence[int] | np.ndarray,
                    batch_size: int, seed: int, epoch: int, image_size: int | None,
                    start_batch: int = 0, *, num_workers: int = 0, num_threads: int = 8,
                    image_key: str = "image", label_key: str = "label",
@@ -69,10 +71,9 @@ def stream_batches(data_source: TfdsSplit | Sequence[dict], indices: Sequence[in
   """Yields (images uint8 [B, S, S, 3], labels int32 [B]) for one epoch over `indices`.
 
   Args:
-    data_source: a `TfdsSplit` (from `tfds_source.open_tfds_split`; its keys
-      and label map are used) or any random-access sequence of records (dicts
-      holding encoded image bytes or a decoded uint8 array, and an int label),
-      e.g. `tfds.data_source(...)`.
+    data_source: any random-access sequence of records (dicts holding encoded
+      image bytes or a decoded uint8 array, and an int label), e.g.
+      `tfds.data_source(...)`.
     indices: the record indices this epoch covers (e.g. stage-1 train images).
     batch_size: B; the last batch holds the remainder (not dropped, not padded).
     seed, epoch: the epoch visits indices[epoch_permutation(seed, epoch, len(indices))].
@@ -82,12 +83,9 @@ def stream_batches(data_source: TfdsSplit | Sequence[dict], indices: Sequence[in
       of the epoch's sequence (0 <= start_batch <= num_batches).
     num_workers: grain worker processes decoding in parallel (0: in this process).
     num_threads: reader threads per process (0: sequential).
-    image_key, label_key, label_map: for a plain sequence source; label_map
-      maps a stored label to the index returned.
+    image_key, label_key, label_map: the record's keys; label_map maps a stored
+      label to the index returned.
   """
-  if isinstance(data_source, TfdsSplit):
-    image_key, label_key, label_map = data_source.image_key, data_source.label_key, data_source.label_map
-    data_source = data_source.source
   if batch_size <= 0:
     raise ValueError(f"batch_size={batch_size} must be positive")
   indices = np.asarray(indices, dtype=np.int64)

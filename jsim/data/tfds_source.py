@@ -5,7 +5,7 @@ Two things live here:
 * `JsimTinyImagenet`, a TFDS builder (registered as 'jsim_tiny_imagenet') that
   turns the official Tiny ImageNet layout -- a folder or the
   `tiny-imagenet-200.zip` archive -- into array_record files. It reads the files
-  itself (zipfile + PIL) because TFDS archive extraction and TFRecord need
+  with jsim.data.tiny_imagenet (zipfile + PIL) because TFDS archive extraction and TFRecord need
   TensorFlow, which jsim does not install.
 * `load_image_sets(data_config)`, which reads the 'train' and 'test' parts of any
   TFDS data set prepared as array_record (this builder, 'cars196', ...) with
@@ -25,7 +25,7 @@ Stored images: the original JPEG bytes of each file, untouched, so decoding them
 gives exactly the pixels of the file. Grayscale JPEGs (about 2% of Tiny
 ImageNet) stay single-channel JPEGs on disk; the feature is declared
 (64, 64, 3) and every decoder -- TFDS's own (TF, OpenCV or PIL) and
-`decode_rgb` here -- replicates the gray channel into RGB. Only an image that
+`tiny_imagenet.decode_image` -- replicates the gray channel into RGB. Only an image that
 is neither 8-bit RGB/gray nor 64x64 is converted to RGB, resized (bilinear) and
 re-encoded (JPEG, quality 95); the real Tiny ImageNet has none.
 """
@@ -38,7 +38,6 @@ import dataclasses
 import io
 import logging
 import os
-import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -47,109 +46,17 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from jsim.data import tiny_imagenet
 from jsim.data.dataset import ImageSet
+from jsim.data.tiny_imagenet import ON_BAD_IMAGE
 
 log = logging.getLogger(__name__)
 
 TINY_IMAGENET_NAME = "jsim_tiny_imagenet"
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_SIZE = 64
-_IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 # Features that may hold a per-image name, in order of preference.
 _ID_KEYS = ("image_id", "id", "file_name", "filename", "image/filename", "image_name", "name")
-ON_BAD_IMAGE = ("error", "skip")  # as data.on_bad_image; "raise" is read as "error"
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading the official layout from a folder or a zip.
-
-
-class _TinyImagenetFiles:
-  """The official Tiny ImageNet layout, from a folder or a zip archive.
-
-  `root` may be: the `tiny-imagenet-200` folder (holding wnids.txt), a folder
-  that contains it or `tiny-imagenet-200.zip`, or the zip itself (wnids.txt may
-  sit under one top folder inside).
-  """
-
-  def __init__(self, root: str | os.PathLike):
-    root = Path(root).expanduser()
-    self._zip: zipfile.ZipFile | None = None
-    self._dir: Path | None = None
-    if root.is_file():
-      if not zipfile.is_zipfile(root):
-        raise ValueError(f"Tiny ImageNet source {root} is a file but not a zip archive")
-      self._open_zip(root)
-    elif root.is_dir():
-      for cand in (root, root / "tiny-imagenet-200"):
-        if (cand / "wnids.txt").is_file():
-          self._dir = cand
-          break
-      else:
-        zips = [root / "tiny-imagenet-200.zip"] + sorted(root.glob("*.zip"))
-        zips = [z for z in zips if z.is_file()]
-        if not zips:
-          raise FileNotFoundError(
-              f"Tiny ImageNet not found in {root}: expected wnids.txt, tiny-imagenet-200/wnids.txt "
-              "or tiny-imagenet-200.zip there")
-        self._open_zip(zips[0])
-    else:
-      raise FileNotFoundError(f"Tiny ImageNet source {root} does not exist")
-    self.where = str(self._dir if self._dir is not None else self._zip.filename)
-
-  def _open_zip(self, path: Path) -> None:
-    self._zip = zipfile.ZipFile(path)
-    names = [n for n in self._zip.namelist() if not n.endswith("/")]
-    wnids = sorted((n for n in names if n == "wnids.txt" or n.endswith("/wnids.txt")), key=len)
-    if not wnids:
-      raise FileNotFoundError(f"{path} holds no wnids.txt: not a Tiny ImageNet archive")
-    self._prefix = wnids[0][: -len("wnids.txt")]
-    self._names = {n[len(self._prefix):] for n in names if n.startswith(self._prefix)}
-
-  def read(self, rel: str) -> bytes:
-    """Bytes of the file at `rel` (a '/'-separated path inside the layout)."""
-    if self._dir is not None:
-      path = self._dir / rel
-      if not path.is_file():
-        raise FileNotFoundError(f"Tiny ImageNet file {path} is missing")
-      return path.read_bytes()
-    if rel not in self._names:
-      raise FileNotFoundError(f"Tiny ImageNet file {self._prefix}{rel} is missing from {self.where}")
-    return self._zip.read(self._prefix + rel)
-
-  def list_images(self, rel_dir: str) -> list[str]:
-    """File names (sorted) of the images directly inside `rel_dir`."""
-    if self._dir is not None:
-      folder = self._dir / rel_dir
-      if not folder.is_dir():
-        raise FileNotFoundError(f"Tiny ImageNet folder {folder} is missing")
-      names = [p.name for p in folder.iterdir() if p.is_file()]
-    else:
-      pre = rel_dir.rstrip("/") + "/"
-      names = [n[len(pre):] for n in self._names if n.startswith(pre) and "/" not in n[len(pre):]]
-      if not names:
-        raise FileNotFoundError(f"Tiny ImageNet folder {self._prefix}{pre} is missing from {self.where}")
-    return sorted(n for n in names if n.lower().endswith(_IMAGE_SUFFIXES))
-
-  def wnids(self) -> list[str]:
-    """The class ids of wnids.txt, sorted (their position is the label)."""
-    wnids = [w.strip() for w in self.read("wnids.txt").decode().splitlines() if w.strip()]
-    if len(set(wnids)) != len(wnids):
-      raise ValueError(f"wnids.txt in {self.where} lists a class twice")
-    return sorted(wnids)
-
-  def val_annotations(self) -> list[tuple[str, str]]:
-    """(file name, wnid) of every line of val/val_annotations.txt, sorted by file name."""
-    out = []
-    for k, line in enumerate(self.read("val/val_annotations.txt").decode().splitlines()):
-      if not line.strip():
-        continue
-      cols = line.split("\t")
-      if len(cols) < 2:
-        raise ValueError(f"val/val_annotations.txt line {k + 1} in {self.where} is not "
-                         f"'file<TAB>wnid<TAB>...': {line!r}")
-      out.append((cols[0].strip(), cols[1].strip()))
-    return sorted(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,13 +79,16 @@ def _tiny_imagenet_bytes(data: bytes, name: str) -> bytes:
 class JsimTinyImagenet(tfds.core.GeneratorBasedBuilder):
   """Tiny ImageNet (tiny-imagenet-200) for jsim: 'train' = train folder, 'test' = val folder.
 
+  The files are read, and checked, by jsim.data.tiny_imagenet (the reader of the
+  folder and zip sources), so both routes accept and refuse the same data.
+
   Builder kwargs (besides TFDS's data_dir, file_format...):
-    source: the folder or zip to read (see `_TinyImagenetFiles`). Default: the
+    source: the folder or zip to read (see `tiny_imagenet.open_layout`). Default: the
       manual dir (`<data_dir>/downloads/manual`, or `DownloadConfig.manual_dir`).
     allow_download: only if True and neither `source` nor a manual dir holds the
       data, download the official zip from the CS231n site.
     on_bad_image: 'error' (default: ValueError naming the file) or 'skip' (with a
-      warning) an image that does not decode.
+      warning) an image that does not decode, or a file the layout cannot label.
   """
 
   VERSION = tfds.core.Version("1.0.0")
@@ -189,7 +99,8 @@ class JsimTinyImagenet(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, source: str | os.PathLike | None = None, allow_download: bool = False,
                on_bad_image: str = "error", **kwargs: Any):
-    on_bad_image = _check_on_bad_image(on_bad_image)
+    if on_bad_image not in ON_BAD_IMAGE:
+      raise ValueError(f"on_bad_image={on_bad_image!r} must be one of {ON_BAD_IMAGE}")
     self._source = None if source is None else os.fspath(source)
     self._allow_download = allow_download
     self._on_bad_image = on_bad_image
@@ -227,54 +138,43 @@ class JsimTinyImagenet(tfds.core.GeneratorBasedBuilder):
         disable_shuffling=True,
     )
 
-  def _locate(self, dl_manager: tfds.download.DownloadManager) -> _TinyImagenetFiles:
+  def _locate(self, dl_manager: tfds.download.DownloadManager):
     if self._source is not None:
-      return _TinyImagenetFiles(self._source)
+      return tiny_imagenet.open_layout(self._source)
     try:
       manual = dl_manager.manual_dir  # Raises when absent or empty.
     except (AssertionError, ValueError):
       manual = None
     if manual is not None:
-      return _TinyImagenetFiles(os.fspath(manual))
+      return tiny_imagenet.open_layout(os.fspath(manual))
     if not self._allow_download:
       raise FileNotFoundError(
           f"{TINY_IMAGENET_NAME}: no data to prepare. Pass source=<tiny-imagenet-200 folder or zip>, "
           f"put it in the manual dir, or pass allow_download=True to fetch {TINY_IMAGENET_URL}")
     # Download only (no extraction: that path needs TensorFlow); the zip is read directly.
-    return _TinyImagenetFiles(os.fspath(dl_manager.download(TINY_IMAGENET_URL)))
+    return tiny_imagenet.open_layout(os.fspath(dl_manager.download(TINY_IMAGENET_URL)))
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    files = self._locate(dl_manager)
-    wnids = files.wnids()
+    layout = self._locate(dl_manager)
+    index = tiny_imagenet.build_index(layout, self._on_bad_image)
+    for skipped in index.skipped:
+      log.warning("skipping %s: %s", skipped["file"], skipped["reason"])
     # Set the class names before any example is encoded.
-    self.info.features["label"].names = wnids
-    return {"train": self._generate_examples(files, "train"),
-            "test": self._generate_examples(files, "test")}
+    self.info.features["label"].names = list(index.class_ids)
+    return {part: self._generate_examples(layout, index, part) for part in tiny_imagenet.PARTS}
 
-  def _generate_examples(self, files: _TinyImagenetFiles, part: str) -> Iterator[tuple[str, dict]]:
-    wnids = self.info.features["label"].names
-    index = {w: i for i, w in enumerate(wnids)}
-    if part == "train":
-      items = [(f"train/{w}/images/{name}", w) for w in wnids
-               for name in files.list_images(f"train/{w}/images")]
-    else:
-      items = []
-      for name, w in files.val_annotations():
-        if w not in index:
-          raise ValueError(f"val/val_annotations.txt in {files.where}: {name} has class {w!r}, "
-                           "which is not in wnids.txt")
-        items.append((f"val/images/{name}", w))
-    for rel, w in items:
-      name = rel.rsplit("/", 1)[-1]
-      data = files.read(rel)  # A missing file is an error whatever on_bad_image says.
+  def _generate_examples(self, layout, index, part: str) -> Iterator[tuple[str, dict]]:
+    read = layout.open()
+    for rel, label, name in zip(index.files[part], index.labels[part], index.image_ids[part]):
+      data = read(rel)  # A missing file is an error whatever on_bad_image says.
       try:
         data = _tiny_imagenet_bytes(data, rel)
       except (OSError, ValueError, Image.DecompressionBombError) as e:
         if self._on_bad_image == "error":
-          raise ValueError(f"cannot decode {rel} in {files.where}: {e}") from e
-        log.warning("skipping %s in %s: %s", rel, files.where, e)
+          raise ValueError(f"cannot decode {layout.describe(rel)}: {e}") from e
+        log.warning("skipping %s: %s", layout.describe(rel), e)
         continue
-      yield name, {"image": data, "label": index[w], "image_id": name}
+      yield name, {"image": data, "label": label, "image_id": name}
 
 
 def prepare_tiny_imagenet(source: str | os.PathLike | None, data_dir: str | os.PathLike | None = None,
@@ -292,29 +192,6 @@ def prepare_tiny_imagenet(source: str | os.PathLike | None, data_dir: str | os.P
 
 # ----------------------------------------------------------------------------------------------
 # Reading any TFDS data set prepared as array_record.
-
-
-def decode_rgb(data: bytes | np.ndarray, image_size: int | None) -> np.ndarray:
-  """Decodes encoded bytes (or takes a decoded array) into uint8 RGB [S, S, 3].
-
-  Gray is replicated into RGB, alpha dropped (PIL's convert('RGB')). When the
-  size differs from `image_size` (None: keep it) the image is resized to
-  image_size x image_size with PIL bilinear (antialiased when shrinking); no
-  crop, so the aspect ratio is not kept.
-  """
-  if isinstance(data, np.ndarray):
-    if data.dtype != np.uint8:
-      raise ValueError(f"expected a uint8 image, got {data.dtype}")
-    arr = data[..., 0] if data.ndim == 3 and data.shape[-1] == 1 else data
-    im = Image.fromarray(arr)
-  else:
-    im = Image.open(io.BytesIO(bytes(data)))
-  with im:
-    if im.mode != "RGB":
-      im = im.convert("RGB")
-    if image_size is not None and im.size != (image_size, image_size):
-      im = im.resize((image_size, image_size), Image.BILINEAR)
-    return np.asarray(im, dtype=np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,10 +301,9 @@ def read_image_set(ts: TfdsSplit, image_size: int | None, *, on_bad_image: str =
   image_size: side of the output images (None: all images must share one size).
   on_bad_image: 'error' (ValueError naming the image) or 'skip' it with a warning.
   """
-  on_bad_image = _check_on_bad_image(on_bad_image)
   n = len(ts)
   if image_size is None and n:
-    image_size = decode_rgb(ts.source[0][ts.image_key], None).shape[0]
+    image_size = tiny_imagenet.decode_image(ts.source[0][ts.image_key], None)[0].shape[0]
   images = np.zeros((n, image_size, image_size, 3), np.uint8)
   labels = np.zeros(n, np.int32)
   ids: list[str] = [""] * n
@@ -440,7 +316,7 @@ def read_image_set(ts: TfdsSplit, image_size: int | None, *, on_bad_image: str =
       ids[i] = _text(rec[ts.id_key]) if ts.id_key else f"{ts.split}/{i}"
       labels[i] = ts.label_map[int(rec[ts.label_key])]
       try:
-        img = decode_rgb(rec[ts.image_key], image_size)
+        img = tiny_imagenet.decode_image(rec[ts.image_key], image_size)[0]
         if img.shape != images.shape[1:]:
           raise ValueError(f"size {img.shape} differs from the first image's {images.shape[1:]}")
         images[i] = img
@@ -464,47 +340,26 @@ def read_image_set(ts: TfdsSplit, image_size: int | None, *, on_bad_image: str =
   return ImageSet(images=images, labels=labels, class_ids=ts.class_ids, image_ids=tuple(ids))
 
 
-def _check_on_bad_image(value: str) -> str:
-  value = "error" if value == "raise" else value
-  if value not in ON_BAD_IMAGE:
-    raise ValueError(f"on_bad_image={value!r} must be one of {ON_BAD_IMAGE}")
-  return value
-
-
-def _cfg(cfg: Any, key: str, default: Any) -> Any:
-  if isinstance(cfg, dict):
-    return cfg.get(key, default)
-  return getattr(cfg, key, default)
-
-
 def load_image_sets(data_config: Any) -> dict[str, ImageSet]:
   """Reads the 'train' and 'test' ImageSets of a TFDS data set (data_config.source == 'tfds').
 
-  Fields used (ConfigDict, dataclass or dict): tfds_name (e.g. 'jsim_tiny_imagenet',
-  'cars196'), tfds_data_dir (None: TFDS's default), tfds_train_split ('train'),
-  tfds_test_split ('test'), image_size (64), on_bad_image ('error'|'skip'),
-  num_workers (decoding threads; 0: one per CPU core).
+  Fields used: tfds_name (e.g. 'jsim_tiny_imagenet', 'cars196'), tfds_data_dir ('':
+  TFDS's default), tfds_train_split, tfds_test_split, image_size, on_bad_image
+  ('error'|'skip'), num_workers (decoding threads; None: one per CPU core).
   Both parts share the class ids of the data set's ClassLabel (sorted); image
   ids come from an id feature ('image_id', 'id', 'file_name', ...) if present,
   else '<split>/<index>'.
   """
-  source = _cfg(data_config, "source", "tfds")
-  if source != "tfds":
-    raise ValueError(f"tfds_source.load_image_sets got data.source={source!r}, expected 'tfds'")
-  name = _cfg(data_config, "tfds_name", None)
-  if not name:
+  d = data_config
+  if not d.tfds_name:
     raise ValueError("data.tfds_name must name a TFDS data set (e.g. 'jsim_tiny_imagenet', 'cars196')")
-  data_dir = _cfg(data_config, "tfds_data_dir", None) or None  # "" = TFDS's default
-  image_size = _cfg(data_config, "image_size", TINY_IMAGENET_SIZE)
-  on_bad_image = _cfg(data_config, "on_bad_image", "error")
-  num_threads = _cfg(data_config, "num_workers", 0) or os.cpu_count() or 1
-  splits = {"train": _cfg(data_config, "tfds_train_split", "train"),
-            "test": _cfg(data_config, "tfds_test_split", "test")}
+  num_threads = d.num_workers or os.cpu_count() or 1
+  splits = {"train": d.tfds_train_split, "test": d.tfds_test_split}
   out = {}
   for part, split in splits.items():
-    ts = open_tfds_split(name, split, data_dir)
-    out[part] = read_image_set(ts, image_size, on_bad_image=on_bad_image, num_threads=num_threads)
-    log.info("%s[%s] -> %s: %d images", name, split, part, len(out[part]))
+    ts = open_tfds_split(d.tfds_name, split, d.tfds_data_dir or None)
+    out[part] = read_image_set(ts, d.image_size, on_bad_image=d.on_bad_image, num_threads=num_threads)
+    log.info("%s[%s] -> %s: %d images", d.tfds_name, split, part, len(out[part]))
   return out
 
 

@@ -71,14 +71,21 @@ def to_rgb(im: Image.Image, image_size: int | None) -> np.ndarray:
   return np.asarray(im, dtype=np.uint8)
 
 
-def decode_image(data: bytes, image_size: int | None = 64) -> tuple[np.ndarray, str, bool]:
-  """Decodes encoded image bytes to uint8 RGB [image_size, image_size, 3] (see to_rgb).
+def decode_image(data: bytes | np.ndarray, image_size: int | None = 64) -> tuple[np.ndarray, str, bool]:
+  """Decodes encoded image bytes (or takes a decoded uint8 array) to uint8 RGB [image_size, image_size, 3].
 
-  Returns (image, the file's original PIL mode, whether it was resized). Raises
-  whatever PIL raises for data that is not a complete image (PIL refuses
-  truncated files by default).
+  The one decoder of jsim (folder, zip, TFDS and streamed records, predict): see to_rgb.
+  Returns (image, the original PIL mode, whether it was resized). Raises whatever PIL
+  raises for data that is not a complete image (PIL refuses truncated files by default).
   """
-  with Image.open(io.BytesIO(bytes(data))) as im:
+  if isinstance(data, np.ndarray):
+    if data.dtype != np.uint8:
+      raise ValueError(f"expected a uint8 image, got {data.dtype}")
+    data = data[..., 0] if data.ndim == 3 and data.shape[-1] == 1 else data
+    im = Image.fromarray(data)
+  else:
+    im = Image.open(io.BytesIO(bytes(data)))
+  with im:
     im.load()
     resized = image_size is not None and im.size != (image_size, image_size)
     return to_rgb(im, image_size), im.mode, resized
@@ -86,6 +93,18 @@ def decode_image(data: bytes, image_size: int | None = 64) -> tuple[np.ndarray, 
 
 # ---------------------------------------------------------------------------
 # Sources: a listing of the relevant files and a way to read them.
+
+
+def open_layout(path: str | os.PathLike) -> "_Folder | _Zip":
+  """The tiny-imagenet-200 layout at `path`: its folder (or one holding it), its zip, or a folder holding the zip."""
+  path = Path(path).expanduser()
+  if path.is_file():
+    return _Zip(path)
+  if path.is_dir() and not any((p / "wnids.txt").is_file() for p in (path, path / _FOLDER_NAME)):
+    zips = [z for z in [path / f"{_FOLDER_NAME}.zip"] + sorted(path.glob("*.zip")) if z.is_file()]
+    if zips:
+      return _Zip(zips[0])
+  return _Folder(path)
 
 
 class _Folder:
@@ -214,6 +233,11 @@ class _Index:
   image_ids: dict[str, list[str]]
   skipped: list[dict[str, str]]    # {'file', 'reason'} of dropped files (on_bad_image='skip')
   ignored: int                     # files in image folders without an image extension
+
+
+def build_index(src: _Folder | _Zip, on_bad_image: str) -> _Index:
+  """Which file is which image of which class, checked (see the module doc); the one reader of the layout."""
+  return _build_index(src, src.listing(), on_bad_image)
 
 
 def _build_index(src: _Folder | _Zip, listing: dict[str, Any], on_bad_image: str) -> _Index:

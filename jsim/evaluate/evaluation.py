@@ -98,8 +98,8 @@ def _unseen_retrieval(config, workdir: Path, emb: dict, out: dict, fig_dir: Path
   metrics = retrieval.retrieval_metrics(out["prob_fn"], out["params"], emb_u, labels_u)
   num = min(config.evaluation.retrieval_examples, len(unseen))
   if num and parallel.is_main_process():
-    from jsim.data.prepare import load_image_sets
-    test_images = load_image_sets(config.data)["test"].images[emb["test_index"][unseen]]
+    from jsim.data import sources
+    test_images = sources.load_image_sets(config.data)["test"].images[emb["test_index"][unseen]]
     ranked = retrieval.rank_queries(out["prob_fn"], out["params"], emb_u, labels_u, num_top=min(8, len(unseen) - 1))
     queries = np.random.default_rng(config.seed).choice(len(unseen), num, replace=False)
     class_names = emb["meta"]["class_ids"]

@@ -249,8 +249,8 @@ def evaluate_pairs(prob_fn: ProbFn, params: Any, embeddings: jax.Array, labels, 
       rest replicated (chunk_size must divide by its size).
     progress: show a progress bar.
   """
-  if mode not in ("sampled", "exhaustive"):
-    raise ValueError(f"mode must be 'sampled' or 'exhaustive', got {mode!r}")
+  if mode not in pairs_lib.EVALUATION_MODES:
+    raise ValueError(f"mode must be one of {pairs_lib.EVALUATION_MODES}, got {mode!r}")
   if chunk_size < 1 or num_bins < 1:
     raise ValueError(f"chunk_size ({chunk_size}) and num_bins ({num_bins}) must be positive")
   if not 0.0 <= threshold <= 1.0:

@@ -56,13 +56,6 @@ class MetricsWriter:
       self._tb.close()
 
 
-def read_metrics(stage_dir: str | Path) -> list[dict]:
-  path = Path(stage_dir) / METRICS_FILE
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def progress_bar(total: int, initial: int, desc: str, unit: str) -> tqdm.tqdm:
   """A bar with items/s and ETA; silent on other processes."""
   return tqdm.tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,

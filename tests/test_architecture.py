@@ -1,0 +1,110 @@
+"""The layering: no import cycle between jsim's parts, evaluators that import no trainer,
+and a stage-1 run that loads neither the evaluation code, TFDS nor matplotlib."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "jsim"
+SUBPACKAGES = ("data", "models", "train", "evaluate", "predict")
+# Evaluators take a predict/score function; they never import a trainer.
+TRAINERS = ("jsim.train.classifier", "jsim.train.similarity", "jsim.train.loop", "jsim.train.embeddings")
+EVALUATORS = ("jsim.evaluate.pairwise", "jsim.evaluate.retrieval", "jsim.evaluate.report", "jsim.evaluate.figures")
+
+
+def _module_name(path: Path) -> str:
+  parts = path.relative_to(REPO).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+  """Every jsim module `path` imports, at module level or inside functions."""
+  out = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      out |= {a.name for a in node.names if a.name.startswith("jsim")}
+    elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jsim") and not node.level:
+      out |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+  return out
+
+
+def _part(module: str) -> str | None:
+  """jsim.train.loop -> 'train'; jsim.run -> 'run' (a top-level module is its own part)."""
+  parts = module.split(".")
+  if parts[0] != "jsim" or len(parts) < 2:
+    return None
+  if parts[1] in SUBPACKAGES or (PACKAGE / f"{parts[1]}.py").exists():
+    return parts[1]
+  return None
+
+
+def _graph() -> dict[str, dict[str, set[str]]]:
+  """part -> imported part -> the modules that make the edge."""
+  graph: dict[str, dict[str, set[str]]] = {}
+  for path in sorted(PACKAGE.rglob("*.py")):
+    name = _module_name(path)
+    src = _part(name) or "jsim"
+    for imported in _imports(path):
+      dst = _part(imported)
+      if dst and dst != src:
+        graph.setdefault(src, {}).setdefault(dst, set()).add(f"{name} -> {imported}")
+  return graph
+
+
+def test_no_import_cycle_between_parts():
+  graph = _graph()
+  assert graph["train"].get("data") and graph["evaluate"].get("train")   # not empty by accident
+  # Depth-first search for a cycle, reporting the edges that make it.
+  state: dict[str, int] = {}
+
+  def visit(node: str, path: list[str]):
+    state[node] = 1
+    for nxt in sorted(graph.get(node, {})):
+      if state.get(nxt) == 1:
+        cycle = path[path.index(nxt):] + [node, nxt] if nxt in path else [node, nxt]
+        edges = [sorted(graph[a][b])[0] for a, b in zip(cycle, cycle[1:]) if b in graph.get(a, {})]
+        raise AssertionError(f"import cycle {' -> '.join(cycle)}: {edges}")
+      if not state.get(nxt):
+        visit(nxt, path + [node])
+    state[node] = 2
+
+  for node in sorted(graph):
+    if not state.get(node):
+      visit(node, [])
+
+
+def test_evaluators_import_no_trainer():
+  for module in EVALUATORS:
+    path = PACKAGE / (module.split(".", 1)[1].replace(".", "/") + ".py")
+    trainers = sorted(m for m in _imports(path) if m.startswith(TRAINERS))
+    assert not trainers, f"{module} imports {trainers}"
+
+
+def test_stage1_loads_no_evaluation_tfds_or_matplotlib():
+  # What `python -m jsim.main --config=configs/tiny.py --config.stage=classifier` imports up to
+  # its first step: the command line, the config and its checks, the stage and its data.
+  code = f"""
+import importlib.util, json, sys
+from jsim import main, run, validate
+spec = importlib.util.spec_from_file_location("tiny", {str(REPO / "configs" / "tiny.py")!r})
+tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)
+config = tiny.get_config()
+config.stage = "classifier"
+validate.check_config(config)
+run.stage_function("classifier")
+from jsim.data import prepare, sources, streaming, synthetic, tiny_imagenet
+from jsim.train import loop, metrics_writer
+print(json.dumps(sorted(sys.modules)))
+"""
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert "jsim.train.classifier" in loaded and "jsim.data.prepare" in loaded   # it did import the stage
+  unwanted = [m for m in loaded if m.split(".")[0] in ("tensorflow_datasets", "tensorflow", "matplotlib")
+              or m == "jsim.evaluate" or m.startswith("jsim.evaluate.")]
+  assert not unwanted, unwanted
