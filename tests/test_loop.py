@@ -1,0 +1,167 @@
+"""loop.fit in-process, on a toy EpochPlan: resume (at an epoch end and mid-epoch, after a
+real SIGTERM), the halving rule, and a NaN loss. Real orbax checkpoints in tmp_path."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jsim.checkpoint import StageCheckpoints
+from jsim.train import loop, schedule
+from jsim.train.state import TrainState
+
+BATCHES, BATCH, DIM = 5, 4, 3
+
+
+def _toy_step(state: TrainState, x, sums, *, tx):
+  """Least squares towards the batch: per-example loss |x - w|^2, 'correct' when below 1."""
+  def loss_fn(params):
+    losses = jnp.sum((x - params["w"]) ** 2, axis=-1)
+    return losses.mean(), losses
+
+  grads, losses = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state)
+  return new_state, loop.add_to_sums(sums, losses, losses < 1.0, state.step)
+
+
+class ToyPlan:
+  """BATCHES batches of BATCH random vectors per epoch, drawn from (epoch, batch) alone.
+
+  accuracies: the validation accuracy after each epoch (scripted, to drive the halving
+  rule); nan_at_step: the step whose batch is NaN; signal_at_step: the step before
+  which the process sends itself a SIGTERM.
+  """
+
+  item_name = "item"
+  items_per_batch = BATCH
+
+  def __init__(self, tx, accuracies, *, nan_at_step=None, signal_at_step=None):
+    self.accuracies, self.nan_at_step, self.signal_at_step = accuracies, nan_at_step, signal_at_step
+    self._step = jax.jit(functools.partial(_toy_step, tx=tx))
+    self.steps_run = []
+
+  def num_batches(self, epoch: int) -> int:
+    return BATCHES
+
+  def begin_epoch(self, epoch: int) -> None:
+    self._epoch = epoch
+
+  def train_step(self, state, epoch: int, batch: int, sums: dict):
+    step = (epoch - 1) * BATCHES + batch
+    if step == self.signal_at_step:
+      self.signal_at_step = None
+      os.kill(os.getpid(), signal.SIGTERM)   # handled by fit's guard: stops before the next step
+    x = np.random.default_rng([epoch, batch]).normal(size=(BATCH, DIM)).astype(np.float32)
+    if step == self.nan_at_step:
+      x[0, 0] = np.nan
+    self.steps_run.append(step)
+    return self._step(state, jnp.asarray(x), sums)
+
+  def evaluate(self, state) -> dict:
+    epoch = int(state.step) // BATCHES
+    return {"loss": float(jnp.sum(state.params["w"] ** 2)), "accuracy": self.accuracies[epoch - 1]}
+
+
+def _start(lr=0.1):
+  tx = schedule.make_optimizer(learning_rate=lr, momentum=0.8, nesterov=True, weight_decay=0.0)
+  return tx, TrainState.create({"params": {"w": jnp.zeros(DIM, jnp.float32)}}, tx)
+
+
+def _settings(num_epochs, **kw):
+  return loop.LoopSettings(**{"num_epochs": num_epochs, "alpha": 0.02, "halving_wait": 3, "log_every_steps": 2,
+                              "name": "toy", **kw})
+
+
+def _fit(stage_dir, num_epochs, accuracies, **plan_kw):
+  tx, state = _start()
+  settings_kw = {k: plan_kw.pop(k) for k in ("checkpoint_every_steps",) if k in plan_kw}
+  plan = ToyPlan(tx, accuracies, **plan_kw)
+  state, meta = loop.fit(plan, state, stage_dir, _settings(num_epochs, **settings_kw))
+  return plan, state, meta
+
+
+def _rows(meta):
+  return [{k: v for k, v in r.items() if k != "items_per_s"} for r in meta["rows"]]
+
+
+RISING = [0.3, 0.5, 0.6, 0.7, 0.75, 0.8]
+
+
+def test_resume_at_an_epoch_end_equals_an_uninterrupted_run(tmp_path):
+  _, whole, whole_meta = _fit(tmp_path / "whole", 6, RISING)
+  _fit(tmp_path / "parts", 2, RISING)
+  plan, resumed, meta = _fit(tmp_path / "parts", 6, RISING)
+  assert plan.steps_run == list(range(2 * BATCHES, 6 * BATCHES))   # only the missing epochs ran
+  assert int(resumed.step) == int(whole.step) == 6 * BATCHES
+  np.testing.assert_array_equal(np.asarray(resumed.params["w"]), np.asarray(whole.params["w"]))
+  assert _rows(meta) == _rows(whole_meta) and meta["best"] == whole_meta["best"] == {
+      "step": 6 * BATCHES, "epoch": 6, "val_accuracy": 0.8}
+  # A finished run asked for no more epochs trains nothing.
+  plan, again, _ = _fit(tmp_path / "whole", 6, RISING)
+  assert plan.steps_run == [] and int(again.step) == 6 * BATCHES
+
+
+def test_sigterm_mid_epoch_saves_and_the_rerun_continues_the_same_batches(tmp_path):
+  _, whole, whole_meta = _fit(tmp_path / "whole", 3, RISING)
+  with pytest.raises(loop.Preempted, match=r"SIGTERM at epoch 2, batch 3/5 \(step 8\): checkpoint saved"):
+    _fit(tmp_path / "cut", 3, RISING, signal_at_step=7)
+  ckpts = StageCheckpoints(tmp_path / "cut" / "checkpoints")
+  try:
+    assert ckpts.latest_step() == 8 and ckpts.restore_meta(8)["batch_in_epoch"] == 3
+  finally:
+    ckpts.close()
+  plan, resumed, meta = _fit(tmp_path / "cut", 3, RISING)
+  assert plan.steps_run == list(range(8, 3 * BATCHES))
+  np.testing.assert_array_equal(np.asarray(resumed.params["w"]), np.asarray(whole.params["w"]))
+  # The interrupted epoch's training metrics include the batches before the signal.
+  assert _rows(meta) == _rows(whole_meta)
+
+
+def test_mid_epoch_checkpoints(tmp_path):
+  _fit(tmp_path / "s", 2, RISING, checkpoint_every_steps=3)
+  ckpts = StageCheckpoints(tmp_path / "s" / "checkpoints", keep=10)
+  try:
+    # Mid-epoch saves every 3 steps (not at an epoch's last batch), the epoch ends, latest 2 + best kept.
+    assert ckpts.all_steps() == [9, 10]
+  finally:
+    ckpts.close()
+
+
+def test_halving_rule_halves_the_learning_rate_and_survives_a_resume(tmp_path):
+  flat = [0.5] * 8   # E_k - mean(E_{k-1..k-3}) = 0 < alpha from epoch 4; then every 3 epochs
+  _, _, meta = _fit(tmp_path / "whole", 8, flat)
+  assert meta["halving_epochs"] == [4, 7]
+  lrs = [r["lr"] for r in meta["rows"]]
+  np.testing.assert_allclose(lrs, [0.1] * 4 + [0.05] * 3 + [0.025], rtol=1e-6)
+  assert [r["halved"] for r in meta["rows"]] == [k in (4, 7) for k in range(1, 9)]
+  # The first best stays the best when later epochs only tie it.
+  assert meta["best"] == {"step": BATCHES, "epoch": 1, "val_accuracy": 0.5}
+  _fit(tmp_path / "parts", 5, flat)
+  _, _, resumed = _fit(tmp_path / "parts", 8, flat)
+  assert resumed["halving_epochs"] == [4, 7] and _rows(resumed) == _rows(meta)
+  # Rising accuracies never halve.
+  _, _, rising = _fit(tmp_path / "rising", 6, RISING)
+  assert rising["halving_epochs"] == []
+
+
+def test_nan_loss_stops_without_saving_and_keeps_the_last_good_checkpoint(tmp_path):
+  with pytest.raises(loop.NonFiniteLoss, match=r"NaN or Inf at step 7; stopped without saving, the last good "
+                                               r"checkpoint \(step 5\) stays"):
+    _fit(tmp_path / "s", 3, RISING, nan_at_step=6)
+  ckpts = StageCheckpoints(tmp_path / "s" / "checkpoints")
+  try:
+    assert ckpts.all_steps() == [BATCHES] and ckpts.restore_meta(BATCHES)["epoch"] == 1
+  finally:
+    ckpts.close()
+  # A NaN in the first epoch: nothing was saved at all.
+  with pytest.raises(loop.NonFiniteLoss, match="no checkpoint was saved"):
+    _fit(tmp_path / "first", 2, RISING, nan_at_step=0)
