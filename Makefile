@@ -23,6 +23,7 @@ demo: setup
 	$(PY) -m jsim.main --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: setup-test
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 --durations=15
 
 clean-demo:

@@ -337,7 +337,6 @@ def test_ensemble_workdir_concatenates_member_embeddings(trained, tmp_path):
   from jsim.models.similarity import make_prob_fn
   from jsim.train import classifier, similarity
 
-  from jsim import predict
   w2 = shutil.copytree(trained.workdir, tmp_path / "w2", ignore=shutil.ignore_patterns("predict_cache", "stage2"))
   (w2 / "stage2").mkdir()
   stage2 = json.loads((trained.workdir / "stage2" / "config.json").read_text())
