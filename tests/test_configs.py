@@ -1,0 +1,53 @@
+"""configs/protocol.py:model=...,stage=...: the published protocol for either backbone."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from jsim import configs, validate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("arg,stage,model", [(None, "all", "resnet50"), ("", "all", "resnet50"),
+                                             ("model=vgg16", "all", "vgg16"),
+                                             ("model=vgg16,stage=classifier", "classifier", "vgg16"),
+                                             ("stage=evaluate,model=resnet50", "evaluate", "resnet50")])
+def test_protocol_config_is_the_schema_with_stage_and_backbone(arg, stage, model):
+  c = _load("protocol").get_config(arg)
+  assert (c.stage, c.model.name) == (stage, model)
+  # The protocol's values, as PROTOCOL.md gives them.
+  assert (c.classifier.batch_size, c.classifier.learning_rate, c.classifier.momentum, c.classifier.alpha) == \
+      (64, 0.01, 0.8, 0.02)
+  assert (c.similarity.batch_size, c.similarity.learning_rate, c.similarity.alpha, c.similarity.dropout) == \
+      (256, 0.005, 0.01, 0.25)
+  assert (c.similarity.train_per_ordered_class_pair, c.similarity.train_similar_per_class,
+          c.similarity.val_per_ordered_class_pair, c.similarity.val_similar_per_class) == (10, 1790, 6, 1074)
+  assert (c.evaluation.test_per_ordered_class_pair, c.evaluation.test_similar_per_class) == (50, 9950)
+  # Everything else is the schema's default (what the six per-stage files gave).
+  base = configs.base_config()
+  base.stage, base.model.name = stage, model
+  assert c.to_dict() == base.to_dict()
+  validate.check_config(c)
+
+
+@pytest.mark.parametrize("arg", ["model=vgg", "backbone=vgg16", "vgg16"])
+def test_protocol_config_refuses_a_bad_argument(arg):
+  with pytest.raises(ValueError, match=r"configs/protocol.py:"):
+    _load("protocol").get_config(arg)
+
+
+def test_docstring_gives_both_backbones_published_results():
+  doc = _load("protocol").__doc__
+  for number in ("69.51", "67.96", "96.3", "91.2", "86.51", "82.54"):
+    assert number in doc
