@@ -324,3 +324,22 @@ def test_split_slices_and_unknown_split(prepared):
   assert len(ts) == 5
   with pytest.raises(ValueError, match="no split 'validation'"):
     tfds_source.open_tfds_split("jsim_tiny_imagenet", "validation", data_dir)
+
+
+def test_builder_reads_the_layout_like_the_folder_source(tmp_path):
+  # One reader: a val image without an annotation line is refused by the TFDS builder as by
+  # the folder source (it used to be dropped silently), and dropped with on_bad_image=skip.
+  from jsim.data import tiny_imagenet
+  root = _write_layout(tmp_path / "tiny-imagenet-200")
+  (root / "val" / "images" / "val_99.JPEG").write_bytes((root / "val" / "images" / "val_0.JPEG").read_bytes())
+  for load in (lambda: tfds_source.prepare_tiny_imagenet(root, tmp_path / "error"),
+               lambda: tiny_imagenet.load_folder(root, num_workers=1, cache_dir=tmp_path / "cache")):
+    with pytest.raises(ValueError, match="val_99.JPEG has no line in val/val_annotations.txt"):
+      load()
+  tfds_source.prepare_tiny_imagenet(root, tmp_path / "skip", on_bad_image="skip")
+  sets = tfds_source.load_image_sets(_config(tmp_path / "skip"))
+  folder, _ = tiny_imagenet.load_folder(root, on_bad_image="skip", num_workers=1, cache_dir=tmp_path / "cache")
+  for part in ("train", "test"):
+    assert sets[part].image_ids == folder[part].image_ids and "val_99.JPEG" not in sets[part].image_ids
+    np.testing.assert_array_equal(sets[part].labels, folder[part].labels)
+    np.testing.assert_array_equal(sets[part].images, folder[part].images)

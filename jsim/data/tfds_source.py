@@ -70,7 +70,7 @@ def _tiny_imagenet_bytes(data: bytes, name: str) -> bytes:
     if im.mode in ("RGB", "L") and im.size == (TINY_IMAGENET_SIZE, TINY_IMAGENET_SIZE):
       return data
     log.warning("%s is %s %s, not 64x64 RGB/gray: converting and re-encoding it", name, im.mode, im.size)
-    im = im.convert("RGB").resize((TINY_IMAGENET_SIZE, TINY_IMAGENET_SIZE), Image.BILINEAR)
+    im = Image.fromarray(tiny_imagenet.to_rgb(im, TINY_IMAGENET_SIZE))
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=95)
     return buf.getvalue()
