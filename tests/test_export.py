@@ -1,0 +1,135 @@
+"""jsim.export: the ONNX graphs, run by onnxruntime, against jsim's own Flax outputs.
+
+Every registered backbone (random weights, BatchNorm statistics from real train-mode
+batches so that no layer is dead), at an input size equal to, above and below the
+image size (the three resize paths of augment.preprocess), several batch sizes through
+one session (dynamic batch), the similarity net for every pair feature, and an ensemble.
+Tolerance: 1e-4 relative elementwise, with an absolute floor of 1e-5 of the output's scale
+(for the elements near zero that ReLU and averaging produce).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ort = pytest.importorskip("onnxruntime")
+
+from jsim import models  # noqa: E402
+from jsim.data import augment  # noqa: E402
+from jsim.export import graph  # noqa: E402
+from jsim.models.similarity import SimilarityMLP, make_prob_fn  # noqa: E402
+
+MEAN, STD = (0.48, 0.46, 0.41), (0.23, 0.22, 0.26)
+
+
+def assert_close(out: np.ndarray, ref: np.ndarray) -> None:
+  assert out.shape == ref.shape and out.dtype == np.float32
+  scale = float(np.abs(ref).max())
+  assert scale > 0 and np.count_nonzero(ref) > ref.size // 20, "a degenerate reference proves nothing"
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * scale)
+
+
+def random_variables(model, input_size: int, seed: int = 0) -> dict:
+  """Random weights; BatchNorm running statistics from a few train-mode batches (realistic, not 0/1)."""
+  key = jax.random.key(seed)
+  x = jnp.zeros((1, input_size, input_size, 3))
+  v = model.init({"params": key, "dropout": key}, x, train=False)
+  if "batch_stats" in v:
+    @jax.jit
+    def update(v, x):
+      _, new = model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})
+      return {**v, **new}
+
+    for i in range(12):
+      v = update(v, jax.random.normal(jax.random.fold_in(key, i), (4, input_size, input_size, 3)))
+  return jax.tree.map(np.asarray, v)
+
+
+def jsim_embeddings(model, variables, images: np.ndarray, input_size: int) -> np.ndarray:
+  x = augment.preprocess(jnp.asarray(images), MEAN, STD, input_size)
+  return np.asarray(model.apply(variables, x, train=False)[1])
+
+
+def session(model_proto):
+  return ort.InferenceSession(model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def images(n: int, size: int, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+TINY = [name for name in models.available() if name not in ("resnet50", "vgg16")]
+
+
+def test_every_registered_backbone_has_a_graph():
+  for name in models.available():
+    graph.builder_for(models.build(name, num_classes=3))
+
+
+@pytest.mark.parametrize("input_size", [32, 48, 24], ids=["same", "upsampled", "downsampled"])
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_backbone_embeddings_match_jsim(name, input_size):
+  model = models.build(name, num_classes=5)
+  variables = random_variables(model, input_size)
+  sess = session(graph.embed_graph([graph.Member(model, variables, MEAN, STD, input_size)], image_size=32))
+  assert sess.get_inputs()[0].shape == ["N", 32, 32, 3]
+  for n in (1, 5):  # one session, two batch sizes
+    x = images(n, 32, seed=n)
+    assert_close(sess.run(None, {"images": x})[0], jsim_embeddings(model, variables, x, input_size))
+
+
+@pytest.mark.parametrize("name", ["resnet50", "vgg16"])
+def test_full_size_backbones_at_64_px(name):
+  model = models.build(name, num_classes=4)
+  variables = random_variables(model, 64)
+  sess = session(graph.embed_graph([graph.Member(model, variables, MEAN, STD, 64)], image_size=64))
+  x = images(2, 64)
+  assert_close(sess.run(None, {"images": x})[0], jsim_embeddings(model, variables, x, 64))
+
+
+def test_resize_matrix_is_the_preprocess_resize():
+  """Upsampling 4 -> 6 px by hand: half-pixel centres, clamped at the borders (torch's align_corners=False)."""
+  r = graph.resize_matrix(4, 6)
+  expected = np.zeros((6, 4), np.float32)
+  for i in range(6):
+    c = min(max((i + 0.5) * 4 / 6 - 0.5, 0.0), 3.0)
+    lo = int(np.floor(c))
+    expected[i, lo] += 1 - (c - lo)
+    if c > lo:
+      expected[i, lo + 1] += c - lo
+  np.testing.assert_allclose(r, expected, atol=1e-6)
+  np.testing.assert_allclose(graph.resize_matrix(8, 4).sum(axis=1), 1.0, atol=1e-6)  # antialiased rows average
+
+
+def test_ensemble_concatenates_members_with_their_own_preprocessing():
+  a = models.build("resnet_tiny", num_classes=5)
+  b = models.build("vgg_tiny", num_classes=5)
+  va, vb = random_variables(a, 32, seed=1), random_variables(b, 40, seed=2)
+  members = [graph.Member(a, va, MEAN, STD, 32), graph.Member(b, vb, STD, MEAN, 40)]
+  sess = session(graph.embed_graph(members, image_size=32))
+  x = images(3, 32)
+  ref_b = np.asarray(b.apply(vb, augment.preprocess(jnp.asarray(x), STD, MEAN, 40), train=False)[1])
+  out = sess.run(None, {"images": x})[0]
+  assert out.shape == (3, a.embedding_dim + b.embedding_dim)
+  assert_close(out[:, :a.embedding_dim], jsim_embeddings(a, va, x, 32))
+  assert_close(out[:, a.embedding_dim:], ref_b)
+
+
+@pytest.mark.parametrize("feature", ["l1", "sq", "prod", "cos", "l2", "l1+prod"])
+def test_similarity_graph_matches_ms(feature):
+  dim = 16
+  model = SimilarityMLP(feature=feature)
+  rng = np.random.default_rng(0)
+  e1 = rng.normal(size=(7, dim)).astype(np.float32)
+  e2 = e1 + rng.normal(scale=0.7, size=(7, dim)).astype(np.float32)
+  e2[0] = e1[0]  # identical embeddings: the distances' zero
+  params = model.init(jax.random.key(3), e1, e2, train=False)["params"]
+  sess = session(graph.similarity_graph(params, feature, dim))
+  out = sess.run(None, {"e1": e1, "e2": e2})[0]
+  ref = np.asarray(make_prob_fn(model)(params, e1, e2))
+  assert out.shape == (7,)
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(sess.run(None, {"e1": e2[:2], "e2": e1[:2]})[0], ref[:2], rtol=1e-4, atol=1e-6)
