@@ -1,0 +1,181 @@
+"""ONNX export of a trained workdir: run the model anywhere onnxruntime runs.
+
+    python -m jsim.export --workdir=W --out=D
+
+writes, from the best stage-1 and stage-2 checkpoints (every ensemble member's too):
+
+    D/embed.onnx        uint8 images [N, S, S, 3] -> float32 embeddings [N, E]; S is the data's
+                        image size (W/preprocessing.json), and the /255, the resize to the
+                        classifier's input size and the normalisation are inside, as evaluation does
+    D/similarity.onnx   (e1 [N, E], e2 [N, E]) float32 -> P(same) [N]
+    D/meta.json         image_size, input_size, embedding_dim, class_names (the seen classes' ids),
+                        threshold (W/report.json's val_threshold), the stage ids, and the
+                        fingerprint of the checkpoints it came from
+
+N is dynamic. The graphs compute in float32 whatever dtype training used. Without --out
+the export goes to W/onnx, the folder `jsim-predict --backend=onnx` uses (and fills on
+first use). A folder is only overwritten when it holds an export of the same workdir;
+an export is stale when a checkpoint it came from changed (retrained stage, new run id),
+which `check` reports.
+
+This module reads only JSON (onnx, onnxruntime and JAX load when a graph is built or run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from jsim import workdir as wd
+
+EMBED_FILE, SIMILARITY_FILE, META_FILE = "embed.onnx", "similarity.onnx", "meta.json"
+DEFAULT_DIR = "onnx"   # W/onnx: predict's cache of the export
+FORMAT = 1
+INSTALL_HINT = "pip install onnx onnxruntime (or the project's extra: pip install 'jsim[export]')"
+
+
+class ExportError(ValueError):
+  """A refused export or an unusable export folder (one line for the user)."""
+
+
+def _stamp(stage_dir: Path, step: int) -> int | None:
+  try:
+    return (stage_dir / "checkpoints" / str(step)).stat().st_mtime_ns
+  except OSError:
+    return None
+
+
+def fingerprint(records) -> dict:
+  """What the export depends on, from the workdir's records (JSON and file times only)."""
+  members = []
+  for rec in records.members:
+    result = wd.read_json(rec.workdir / wd.STAGE1 / wd.RESULT_FILE)
+    members.append({"workdir": str(rec.workdir.resolve()), "model": rec.model_name, "stage1_step": rec.stage1_step,
+                    "stage1_run_id": result.get("run_id"), "checkpoint_stamp": _stamp(rec.workdir / wd.STAGE1,
+                                                                                    rec.stage1_step),
+                    "image_size": rec.image_size, "input_size": int(rec.config["classifier"]["input_size"]),
+                    "embedding_dim": rec.embedding_dim, "mean": list(rec.mean), "std": list(rec.std)})
+  stage2 = wd.read_json(records.workdir / wd.STAGE2 / wd.RESULT_FILE)
+  step = stage2.get("best_step")
+  return {"members": members,
+          "stage2": {"step": step, "run_id": stage2.get("run_id"),
+                     "checkpoint_stamp": None if step is None else _stamp(records.workdir / wd.STAGE2, int(step)),
+                     "feature": records.stage2.get("similarity", {}).get("feature", "l1"),
+                     "hidden": list(records.stage2.get("similarity", {}).get("hidden", []) or [])},
+          "format": FORMAT}
+
+
+def read_meta(out: str | os.PathLike) -> dict | None:
+  """D/meta.json, or None when D holds no (complete) export."""
+  path = Path(out) / META_FILE
+  if not path.is_file():
+    return None
+  try:
+    meta = wd.read_json(path)
+  except ValueError:
+    return None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    return None
+  if not all((Path(out) / f).is_file() for f in (EMBED_FILE, SIMILARITY_FILE)):
+    return None
+  return meta
+
+
+def problem(out: str | os.PathLike, records) -> str | None:
+  """Why the export in `out` cannot serve this workdir (None: it is current)."""
+  out, workdir = Path(out), records.workdir
+  meta = read_meta(out)
+  if meta is None:
+    return f"{out} holds no jsim ONNX export ({META_FILE}, {EMBED_FILE}, {SIMILARITY_FILE})"
+  if meta.get("workdir") != str(workdir.resolve()):
+    return f"{out} was exported from workdir {meta.get('workdir')}, not {workdir.resolve()}"
+  if meta.get("fingerprint") != fingerprint(records):
+    return (f"{out} is stale: the checkpoints of {workdir} changed since it was exported "
+            f"(stage ids then: {json.dumps(meta.get('stage_ids'))})")
+  return None
+
+
+def _check_out(out: Path, workdir: Path, overwrite: bool) -> None:
+  if out.exists() and not out.is_dir():
+    raise ExportError(f"--out {out}: not a folder")
+  if not out.exists() or overwrite or not any(out.iterdir()):
+    return
+  meta = read_meta(out)
+  if meta is None:
+    raise ExportError(f"--out {out}: a non-empty folder that holds no jsim export; choose another --out "
+                      "(or --overwrite to write into it)")
+  if meta.get("workdir") != str(workdir.resolve()):
+    raise ExportError(f"--out {out} holds an export of workdir {meta.get('workdir')}; choose another --out "
+                      "(or --overwrite to replace it)")
+
+
+def require_onnx() -> None:
+  try:
+    import onnx  # noqa: F401
+  except ImportError:
+    raise ExportError(f"the ONNX export needs the onnx package; {INSTALL_HINT}") from None
+
+
+def export_similarity(sim, records, out: str | os.PathLike, *, overwrite: bool = False) -> dict:
+  """Writes the export of a loaded (JAX) `predict.Similarity` into `out`; returns the meta."""
+  import onnx
+
+  from jsim.export import graph
+
+  out = Path(out)
+  _check_out(out, records.workdir, overwrite)
+  feature = records.stage2.get("similarity", {}).get("feature", "l1")
+  members = [graph.Member(b.model, b.variables, rec.mean, rec.std, b.input_size)
+             for b, rec in zip(sim.backbones, records.members)]
+  doc = f"jsim export of {records.workdir.resolve()}"
+  embed = graph.embed_graph(members, image_size=records.image_size, doc=doc)
+  similarity = graph.similarity_graph(sim.params, feature, sim.dim, doc=doc)
+  stage_ids = {}
+  for name in (wd.STAGE1, wd.STAGE2):
+    result = wd.read_json(records.workdir / name / wd.RESULT_FILE)
+    stage_ids[name] = {"best_step": result.get("best_step"), "run_id": result.get("run_id")}
+  split = wd.read_json(records.workdir / "split.json")
+  input_sizes = [b.input_size for b in sim.backbones]
+  meta = {
+      "format": FORMAT, "export_id": uuid.uuid4().hex, "workdir": str(records.workdir.resolve()),
+      "image_size": records.image_size, "input_size": input_sizes[0] if len(set(input_sizes)) == 1 else input_sizes,
+      "embedding_dim": sim.dim, "class_names": list(split.get("seen_classes", [])),
+      "threshold": records.threshold, "stage_ids": stage_ids,
+      "models": [b.model_name for b in sim.backbones], "feature": feature, "dtype": "float32",
+      "opset": graph.OPSET, "inputs": {"embed": [graph.IMAGES], "similarity": [graph.E1, graph.E2]},
+      "outputs": {"embed": graph.EMBEDDINGS, "similarity": graph.P_SAME},
+      "fingerprint": fingerprint(records),
+  }
+  out.mkdir(parents=True, exist_ok=True)
+  if (out / META_FILE).exists():
+    (out / META_FILE).unlink()  # the folder holds no valid export until every file is new
+  for name, proto in ((EMBED_FILE, embed), (SIMILARITY_FILE, similarity)):
+    tmp = out / f"{name}.{os.getpid()}{wd.TMP_SUFFIX}"
+    onnx.save_model(proto, str(tmp))
+    tmp.replace(out / name)
+  wd.write_json(out / META_FILE, meta)
+  return meta
+
+
+def export(workdir: str | os.PathLike, out: str | os.PathLike | None = None, *, overwrite: bool = False) -> dict:
+  """Exports a trained workdir (default folder W/onnx); returns the meta written."""
+  from jsim import predict
+
+  require_onnx()
+  records = predict.read_records(workdir)
+  out = Path(out) if out is not None else records.workdir / DEFAULT_DIR
+  _check_out(out, records.workdir, overwrite)  # before the checkpoints load
+  sim = predict.Similarity.from_records(records)
+  return export_similarity(sim, records, out, overwrite=overwrite)
+
+
+def export_summary(meta: dict, out: Path) -> str:
+  sizes = ", ".join(f"{f} {(out / f).stat().st_size / 2**20:.1f} MiB" for f in (EMBED_FILE, SIMILARITY_FILE))
+  return (f"exported {'+'.join(meta['models'])} ({meta['embedding_dim']}-d embeddings, {meta['image_size']} px "
+          f"uint8 input) to {out}: {sizes}")
+
+
+__all__ = ["ExportError", "export", "export_similarity", "fingerprint", "problem", "read_meta"]

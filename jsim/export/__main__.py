@@ -1,0 +1,45 @@
+"""python -m jsim.export --workdir=W [--out=D] [--overwrite]: the ONNX files of a trained workdir."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+_PROG = "python -m jsim.export"
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line, not usage + error
+    print(f"{_PROG}: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = _Parser(prog=_PROG, description="Export a trained jsim workdir to ONNX: embed.onnx (uint8 images -> "
+              "embeddings), similarity.onnx (two embeddings -> P(same)) and meta.json.")
+  p.add_argument("--workdir", required=True, help="a workdir trained by python -m jsim.main")
+  p.add_argument("--out", help="output folder (default: W/onnx, the one jsim-predict --backend=onnx uses)")
+  p.add_argument("--overwrite", action="store_true", help="replace an export of another workdir in --out")
+  p.add_argument("--verbose", action="store_true", help="keep library log messages")
+  args = p.parse_args(argv)
+
+  from jsim import export, predict
+  if not args.verbose:
+    predict._quiet_libraries()
+  try:
+    meta = export.export(args.workdir, args.out, overwrite=args.overwrite)
+  except (ValueError, OSError) as e:  # ExportError, the workdir's records, FileNotFound, Permission, ...
+    print(f"{_PROG}: {predict._first_line(e)}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print(f"{_PROG}: interrupted", file=sys.stderr)
+    return 130
+  out = Path(args.out) if args.out else Path(args.workdir) / export.DEFAULT_DIR
+  print(export.export_summary(meta, out))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
