@@ -23,6 +23,8 @@ This module reads only JSON (onnx, onnxruntime and JAX load when a graph is buil
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import uuid
@@ -39,6 +41,26 @@ INSTALL_HINT = "pip install onnx onnxruntime (or the project's extra: pip instal
 
 class ExportError(ValueError):
   """A refused export or an unusable export folder (one line for the user)."""
+
+
+class MissingPackage(ExportError):
+  """onnx or onnxruntime is not installed."""
+
+
+@contextlib.contextmanager
+def locked(out: Path):
+  """An exclusive lock on exporting into `out` (a file beside it): concurrent predicts export once."""
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with open(out.parent / f".{out.name}.lock", "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _file_stamps(out: Path) -> dict:
+  return {f: [(out / f).stat().st_size, (out / f).stat().st_mtime_ns] for f in (EMBED_FILE, SIMILARITY_FILE)}
 
 
 def _stamp(stage_dir: Path, step: int) -> int | None:
@@ -79,7 +101,10 @@ def read_meta(out: str | os.PathLike) -> dict | None:
     return None
   if not isinstance(meta, dict) or meta.get("format") != FORMAT:
     return None
-  if not all((Path(out) / f).is_file() for f in (EMBED_FILE, SIMILARITY_FILE)):
+  try:  # the graphs written with this meta, not a half-replaced export
+    if meta.get("files") != _file_stamps(Path(out)):
+      return None
+  except OSError:
     return None
   return meta
 
@@ -101,12 +126,13 @@ def problem(out: str | os.PathLike, records) -> str | None:
 def _check_out(out: Path, workdir: Path, overwrite: bool) -> None:
   if out.exists() and not out.is_dir():
     raise ExportError(f"--out {out}: not a folder")
-  if not out.exists() or overwrite or not any(out.iterdir()):
+  if not out.exists() or not any(out.iterdir()):
     return
   meta = read_meta(out)
   if meta is None:
-    raise ExportError(f"--out {out}: a non-empty folder that holds no jsim export; choose another --out "
-                      "(or --overwrite to write into it)")
+    raise ExportError(f"--out {out}: a non-empty folder that holds no jsim export; choose a new or empty --out")
+  if overwrite:
+    return
   if meta.get("workdir") != str(workdir.resolve()):
     raise ExportError(f"--out {out} holds an export of workdir {meta.get('workdir')}; choose another --out "
                       "(or --overwrite to replace it)")
@@ -116,17 +142,21 @@ def require_onnx() -> None:
   try:
     import onnx  # noqa: F401
   except ImportError:
-    raise ExportError(f"the ONNX export needs the onnx package; {INSTALL_HINT}") from None
+    raise MissingPackage(f"the ONNX export needs the onnx package; {INSTALL_HINT}") from None
 
 
-def export_similarity(sim, records, out: str | os.PathLike, *, overwrite: bool = False) -> dict:
-  """Writes the export of a loaded (JAX) `predict.Similarity` into `out`; returns the meta."""
+def export_similarity(sim, records, out: str | os.PathLike, *, overwrite: bool = False, cache: bool = False) -> dict:
+  """Writes the export of a loaded (JAX) `predict.Similarity` into `out`; returns the meta.
+
+  cache: `out` is the workdir's own W/onnx, replaced whatever it holds.
+  """
   import onnx
 
   from jsim.export import graph
 
   out = Path(out)
-  _check_out(out, records.workdir, overwrite)
+  if not cache:
+    _check_out(out, records.workdir, overwrite)
   feature = records.stage2.get("similarity", {}).get("feature", "l1")
   members = [graph.Member(b.model, b.variables, rec.mean, rec.std, b.input_size)
              for b, rec in zip(sim.backbones, records.members)]
@@ -156,6 +186,7 @@ def export_similarity(sim, records, out: str | os.PathLike, *, overwrite: bool =
     tmp = out / f"{name}.{os.getpid()}{wd.TMP_SUFFIX}"
     onnx.save_model(proto, str(tmp))
     tmp.replace(out / name)
+  meta["files"] = _file_stamps(out)
   wd.write_json(out / META_FILE, meta)
   return meta
 
@@ -169,7 +200,8 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike | None = None, *, 
   out = Path(out) if out is not None else records.workdir / DEFAULT_DIR
   _check_out(out, records.workdir, overwrite)  # before the checkpoints load
   sim = predict.Similarity.from_records(records)
-  return export_similarity(sim, records, out, overwrite=overwrite)
+  with locked(out):
+    return export_similarity(sim, records, out, overwrite=overwrite)
 
 
 def export_summary(meta: dict, out: Path) -> str:

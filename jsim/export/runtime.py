@@ -24,7 +24,7 @@ def require_onnxruntime():
   try:
     import onnxruntime
   except ImportError:
-    raise export.ExportError(f"the ONNX backend needs onnxruntime; {export.INSTALL_HINT}") from None
+    raise export.MissingPackage(f"the ONNX backend needs onnxruntime; {export.INSTALL_HINT}") from None
   return onnxruntime
 
 
@@ -32,7 +32,7 @@ def available() -> bool:
   try:
     require_onnxruntime()
     return True
-  except export.ExportError:
+  except export.MissingPackage:
     return False
 
 
