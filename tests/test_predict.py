@@ -186,7 +186,8 @@ def test_gallery_search_ranks_caches_and_invalidates(trained, sim, ms_reference,
   gal, rows = _gallery(trained, tmp_path)
   query = trained.files[0]
   html, sheet = tmp_path / "out" / "page.html", tmp_path / "out" / "sheet.png"
-  args = (f"--workdir={trained.workdir}", f"--query={query}", f"--gallery={gal}")
+  # The JAX backend, whose cache `sim` (loaded with it) shares; test_predict_onnx.py covers the ONNX one's.
+  args = (f"--workdir={trained.workdir}", f"--query={query}", f"--gallery={gal}", "--backend=jax")
 
   first, err = cli_json(*args, "--top=0", f"--html={html}", f"--sheet={sheet}")
   probs = [m["probability"] for m in first["results"]]
