@@ -197,11 +197,13 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike | None = None, *, 
 
   require_onnx()
   records = predict.read_records(workdir)
-  out = Path(out) if out is not None else records.workdir / DEFAULT_DIR
-  _check_out(out, records.workdir, overwrite)  # before the checkpoints load
+  cache = out is None  # W/onnx is the workdir's own: replaced whatever it holds
+  out = records.workdir / DEFAULT_DIR if cache else Path(out)
+  if not cache:
+    _check_out(out, records.workdir, overwrite)  # before the checkpoints load
   sim = predict.Similarity.from_records(records)
   with locked(out):
-    return export_similarity(sim, records, out, overwrite=overwrite)
+    return export_similarity(sim, records, out, overwrite=overwrite, cache=cache)
 
 
 def export_summary(meta: dict, out: Path) -> str:
