@@ -122,8 +122,10 @@ def test_api_onnx_backend_equals_jax(trained, sim, tmp_path):
 def test_export_is_redone_when_a_checkpoint_changes(trained, tmp_path):
   w = copy_workdir(trained, tmp_path / "w")
   a, b = trained.files[0], trained.files[1]
+  r = export_cli(f"--workdir={w}")  # no --out: W/onnx, the folder predict uses
+  assert r.returncode == 0 and f"to {w / 'onnx'}" in r.stdout, r.stderr
   _, err = cli_json(f"--workdir={w}", "--backend=onnx", a, b)
-  assert "exported" in err
+  assert "exported" not in err
   first = json.loads((w / "onnx" / "meta.json").read_text())["export_id"]
   # Stage 2 retrained (a new run id, as jsim.workdir.finish_stage writes): stale, exported again.
   result = w / "stage2" / "result.json"
