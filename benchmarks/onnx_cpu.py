@@ -48,6 +48,7 @@ DEFAULT_ANCHOR = next((p for p in (REPO.parent / "shared" / "bench" / "torch_anc
                                    REPO.parents[1] / "shared" / "bench" / "torch_anchor.py") if p.exists()),
                       REPO.parent / "shared" / "bench" / "torch_anchor.py")
 IMAGE_SIZE = 64  # Tiny ImageNet's
+THREADS = 0      # --threads
 
 
 def _csv(text: str, cast=str) -> list:
@@ -118,6 +119,8 @@ def onnx_case(name: str, size: int, batch: int):
   export_s = time.perf_counter() - t0
   options = ort.SessionOptions()
   options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+  if THREADS:
+    options.intra_op_num_threads = THREADS
   t0 = time.perf_counter()
   sess = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
   session_s = time.perf_counter() - t0
@@ -222,7 +225,12 @@ def main() -> None:
   p.add_argument("--torch_anchor", default=str(DEFAULT_ANCHOR))
   p.add_argument("--workdir", help="a trained workdir: also measure jsim-predict's latency")
   p.add_argument("--gallery_size", type=int, default=1000)
+  p.add_argument("--threads", type=int, default=0,
+                 help="threads for each framework (0: their defaults, all cores); 1 is steadier on a shared machine")
   args = p.parse_args()
+  if args.threads:  # before JAX loads
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                               f"intra_op_parallelism_threads={args.threads}").strip()
 
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -230,8 +238,12 @@ def main() -> None:
   import onnxruntime
   import torch
 
+  global THREADS
+  THREADS = args.threads
+  if args.threads:
+    torch.set_num_threads(args.threads)
   info = {"device": cpu_name(), "jax": jax.__version__, "onnxruntime": onnxruntime.__version__,
-          "torch": torch.__version__, "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
+          "torch": torch.__version__, "threads": args.threads or "default", "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
           "load_before": os.getloadavg()[0], "onnx_bf16": onnx_bf16_supported()}
   print(json.dumps(info), flush=True)
   anchor = load_anchor(Path(args.torch_anchor))
@@ -275,7 +287,7 @@ def main() -> None:
 def markdown(result: dict) -> str:
   info = result["info"]
   lines = [f"Device: {info['device']}; jax {info['jax']}, onnxruntime {info['onnxruntime']}, torch {info['torch']}; "
-           f"batch {info['batch']}, median of {info['rounds']} interleaved rounds of {info['steps']} calls; "
+           f"threads {info.get('threads', 'default')}, batch {info['batch']}, median of {info['rounds']} interleaved rounds of {info['steps']} calls; "
            f"load average {info['load_before']:.1f} before, {info.get('load_after', 0):.1f} after.", "",
            "| model | input | jsim/XLA f32 | jsim/XLA bf16 | onnxruntime f32 | torch eager f32 | torch eager bf16 "
            "| ONNX / torch f32 | ONNX / XLA f32 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
