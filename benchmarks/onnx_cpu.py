@@ -229,8 +229,8 @@ def main() -> None:
                  help="threads for each framework (0: their defaults, all cores); 1 is steadier on a shared machine")
   args = p.parse_args()
   if args.threads:  # before JAX loads
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                               f"intra_op_parallelism_threads={args.threads}").strip()
+    # XLA has no thread-count flag: single-threaded Eigen is what it offers (used for --threads=1).
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
