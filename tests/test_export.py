@@ -81,6 +81,7 @@ def test_tiny_backbone_embeddings_match_jsim(name, input_size):
     assert_close(sess.run(None, {"images": x})[0], jsim_embeddings(model, variables, x, input_size))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50", "vgg16"])
 def test_full_size_backbones_at_64_px(name):
   model = models.build(name, num_classes=4)
@@ -88,6 +89,14 @@ def test_full_size_backbones_at_64_px(name):
   sess = session(graph.embed_graph([graph.Member(model, variables, MEAN, STD, 64)], image_size=64))
   x = images(2, 64)
   assert_close(sess.run(None, {"images": x})[0], jsim_embeddings(model, variables, x, 64))
+
+
+def test_vgg_at_the_size_where_its_adaptive_pool_is_the_identity():
+  model = models.build("vgg_tiny", num_classes=3)  # two pools: 28 px -> 7 x 7, as vgg16 at 224 px
+  variables = random_variables(model, 28)
+  sess = session(graph.embed_graph([graph.Member(model, variables, MEAN, STD, 28)], image_size=28))
+  x = images(2, 28)
+  assert_close(sess.run(None, {"images": x})[0], jsim_embeddings(model, variables, x, 28))
 
 
 def test_resize_matrix_is_the_preprocess_resize():
