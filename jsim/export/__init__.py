@@ -145,36 +145,61 @@ def require_onnx() -> None:
     raise MissingPackage(f"the ONNX export needs the onnx package; {INSTALL_HINT}") from None
 
 
-def export_similarity(sim, records, out: str | os.PathLike, *, overwrite: bool = False, cache: bool = False) -> dict:
-  """Writes the export of a loaded (JAX) `predict.Similarity` into `out`; returns the meta.
+def restore(records) -> tuple[list, Any, Any]:
+  """(graph members, Ms, Ms's params) of a workdir's best checkpoints, by the one restore path
+  (classifier.restore_classifier for every ensemble member, similarity.restore_similarity)."""
+  from jsim import configs, parallel
+  from jsim.export import graph
+  from jsim.train import classifier, similarity
+
+  mesh = parallel.make_mesh()
+  members = []
+  for rec in records.members:
+    config = configs.config_from_dict(rec.config)
+    model, state = classifier.restore_classifier(config, rec.workdir, mesh)
+    if int(state.step) != rec.stage1_step or model.embedding_dim != rec.embedding_dim:
+      raise ExportError(f"{rec.workdir / wd.STAGE1}: the best checkpoint (step {int(state.step)}, "
+                        f"{model.embedding_dim}-d) is not the one the embeddings record (step {rec.stage1_step}, "
+                        f"{rec.embedding_dim}-d); rerun the stages")
+    members.append(graph.Member(model, state.variables, rec.mean, rec.std, int(config.classifier.input_size)))
+  config = configs.config_from_dict({**records.members[0].config, "similarity": records.stage2["similarity"]})
+  dim = sum(int(m.model.embedding_dim) for m in members)
+  model, state = similarity.restore_similarity(config, records.workdir, mesh, dim=dim)
+  return members, model, state.params
+
+
+def export_records(records, out: str | os.PathLike, *, overwrite: bool = False, cache: bool = False) -> dict:
+  """Restores a workdir (its `workdir.read_records`) and writes its export into `out`; returns the meta.
 
   cache: `out` is the workdir's own W/onnx, replaced whatever it holds.
   """
   import onnx
 
   from jsim.export import graph
+  from jsim.models.similarity import SimilarityMLP
 
   out = Path(out)
   if not cache:
-    _check_out(out, records.workdir, overwrite)
-  feature = records.stage2.get("similarity", {}).get("feature", "l1")
-  members = [graph.Member(b.model, b.variables, rec.mean, rec.std, b.input_size)
-             for b, rec in zip(sim.backbones, records.members)]
+    _check_out(out, records.workdir, overwrite)  # before the checkpoints load
+  members, ms, params = restore(records)
+  if not isinstance(ms, SimilarityMLP):
+    raise ExportError(f"no ONNX graph for the similarity model {type(ms).__name__} of {records.workdir}")
+  dim = sum(int(m.model.embedding_dim) for m in members)
   doc = f"jsim export of {records.workdir.resolve()}"
   embed = graph.embed_graph(members, image_size=records.image_size, doc=doc)
-  similarity = graph.similarity_graph(sim.params, feature, sim.dim, doc=doc)
+  similarity = graph.similarity_graph(params, ms.feature, dim, doc=doc)
   stage_ids = {}
   for name in (wd.STAGE1, wd.STAGE2):
     result = wd.read_json(records.workdir / name / wd.RESULT_FILE)
     stage_ids[name] = {"best_step": result.get("best_step"), "run_id": result.get("run_id")}
   split = wd.read_json(records.workdir / "split.json")
-  input_sizes = [b.input_size for b in sim.backbones]
+  input_sizes = [m.input_size for m in members]
   meta = {
       "format": FORMAT, "export_id": uuid.uuid4().hex, "workdir": str(records.workdir.resolve()),
       "image_size": records.image_size, "input_size": input_sizes[0] if len(set(input_sizes)) == 1 else input_sizes,
-      "embedding_dim": sim.dim, "class_names": list(split.get("seen_classes", [])),
+      "embedding_dim": dim, "class_names": list(split.get("seen_classes", [])),
       "threshold": records.threshold, "stage_ids": stage_ids,
-      "models": [b.model_name for b in sim.backbones], "feature": feature, "dtype": "float32",
+      "models": [rec.model_name for rec in records.members], "feature": ms.feature, "dtype": "float32",
       "opset": graph.OPSET, "inputs": {"embed": [graph.IMAGES], "similarity": [graph.E1, graph.E2]},
       "outputs": {"embed": graph.EMBEDDINGS, "similarity": graph.P_SAME},
       "fingerprint": fingerprint(records),
@@ -193,17 +218,14 @@ def export_similarity(sim, records, out: str | os.PathLike, *, overwrite: bool =
 
 def export(workdir: str | os.PathLike, out: str | os.PathLike | None = None, *, overwrite: bool = False) -> dict:
   """Exports a trained workdir (default folder W/onnx); returns the meta written."""
-  from jsim import predict
-
   require_onnx()
-  records = predict.read_records(workdir)
+  records = wd.read_records(workdir)
   cache = out is None  # W/onnx is the workdir's own: replaced whatever it holds
   out = records.workdir / DEFAULT_DIR if cache else Path(out)
   if not cache:
-    _check_out(out, records.workdir, overwrite)  # before the checkpoints load
-  sim = predict.Similarity.from_records(records)
+    _check_out(out, records.workdir, overwrite)  # refused before the checkpoints load, and before the lock
   with locked(out):
-    return export_similarity(sim, records, out, overwrite=overwrite, cache=cache)
+    return export_records(records, out, overwrite=overwrite, cache=cache)
 
 
 def export_summary(meta: dict, out: Path) -> str:
@@ -212,4 +234,4 @@ def export_summary(meta: dict, out: Path) -> str:
           f"uint8 input) to {out}: {sizes}")
 
 
-__all__ = ["ExportError", "export", "export_similarity", "fingerprint", "problem", "read_meta"]
+__all__ = ["ExportError", "MissingPackage", "export", "export_records", "fingerprint", "problem", "read_meta"]

@@ -16,6 +16,21 @@ class _Parser(argparse.ArgumentParser):
     sys.exit(2)
 
 
+def _quiet_libraries() -> None:
+  import logging
+  logging.getLogger().setLevel(logging.ERROR)
+  try:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.ERROR)
+  except ImportError:
+    pass
+
+
+def _first_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return lines[0] if lines else type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   p = _Parser(prog=_PROG, description="Export a trained jsim workdir to ONNX: embed.onnx (uint8 images -> "
               "embeddings), similarity.onnx (two embeddings -> P(same)) and meta.json.")
@@ -25,13 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--verbose", action="store_true", help="keep library log messages")
   args = p.parse_args(argv)
 
-  from jsim import export, predict
+  from jsim import export
   if not args.verbose:
-    predict._quiet_libraries()
+    _quiet_libraries()
   try:
     meta = export.export(args.workdir, args.out, overwrite=args.overwrite)
   except (ValueError, OSError) as e:  # ExportError, the workdir's records, FileNotFound, Permission, ...
-    print(f"{_PROG}: {predict._first_line(e)}", file=sys.stderr)
+    print(f"{_PROG}: {_first_line(e)}", file=sys.stderr)
     return 1
   except KeyboardInterrupt:
     print(f"{_PROG}: interrupted", file=sys.stderr)

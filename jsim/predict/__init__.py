@@ -26,6 +26,12 @@ A gallery is embedded once and cached in W/predict_cache/<hash of its path>.npz
 a later search embeds only files that were added or changed, and everything
 again when a stage-1 checkpoint changed.
 
+Backends: `Similarity.load(W)` runs the checkpoints through JAX/XLA; `backend="onnx"`
+runs their ONNX export (jsim.export, made in W/onnx on first use and again when a
+checkpoint changes) through onnxruntime, several times faster on a CPU and with no JAX
+loaded; `backend="auto"` (the command line's default) takes onnx on a CPU when
+onnxruntime is installed. Their gallery caches are separate files.
+
 Ensembles (similarity.ensemble_workdirs): the embedding is the concatenation of
 this workdir's Mc and each member's Mc, each restored from its own workdir, in
 the order stage 2 recorded.
@@ -159,6 +165,7 @@ class Backbone:
   checkpoint_stamp: int       # mtime_ns of the checkpoint folder: a retrained step invalidates caches
   variables: Any
   _apply: Callable
+  model: Any = None           # the Flax module (jsim.export builds its graph from it)
 
   def embed_uint8(self, images: np.ndarray) -> np.ndarray:
     """float32 [N, dim] of uint8 [N, S, S, 3] images (S = image_size), in padded batches."""
@@ -208,7 +215,7 @@ def _load_backbone(rec: wd.StageRecords, mesh) -> Backbone:
   stamp = (rec.workdir / wd.STAGE1 / "checkpoints" / str(step)).stat().st_mtime_ns
   return Backbone(workdir=rec.workdir, model_name=rec.model_name, stage1_step=step, dim=dim,
                   image_size=rec.image_size, input_size=input_size, batch_size=max(1, int(config.embed.batch_size)),
-                  checkpoint_stamp=stamp, variables=state.variables, _apply=apply)
+                  checkpoint_stamp=stamp, variables=state.variables, _apply=apply, model=model)
 
 
 # ----------------------------------------------------------------------------- the API
@@ -230,6 +237,9 @@ class Gallery:
     return [self.root / f for f in self.files]
 
 
+BACKENDS = ("auto", "jax", "onnx")
+
+
 class Similarity:
   """A trained workdir's Mc (or ensemble of them) and Ms, ready to compare images.
 
@@ -239,7 +249,10 @@ class Similarity:
     image_size: side the images are resized to first (the data's image size).
     dim: embedding width Ms takes (the sum over the ensemble).
     backbones: the Mc of this workdir, then of each ensemble member.
+    backend: "jax" (the checkpoints, run by XLA) or "onnx" (their export, run by onnxruntime).
   """
+
+  backend = "jax"
 
   def __init__(self, workdir: Path, backbones: list[Backbone], prob_fn: Callable, params: Any, stage2_step: int,
                threshold: float | None):
@@ -262,18 +275,39 @@ class Similarity:
 
     self._pair_probs, self._query_probs = pair_probs, query_probs
 
+  @property
+  def params(self) -> Any:
+    """Ms's parameters (from the best stage-2 checkpoint)."""
+    return self._params
+
   @classmethod
-  def load(cls, workdir: str | os.PathLike) -> "Similarity":
+  def load(cls, workdir: str | os.PathLike, backend: str = "jax", onnx_dir: str | os.PathLike | None = None
+           ) -> "Similarity":
     """Restores the best stage-1 and stage-2 checkpoints of a trained workdir.
 
+    backend: "jax", "onnx" (the ONNX export in `onnx_dir`, by default W/onnx, which is
+    exported there first if missing or stale; an explicit `onnx_dir` must be current) or
+    "auto" (onnx when JAX runs on a CPU and onnxruntime is installed, else jax).
     Raises FileNotFoundError for a workdir without trained stages, ValueError when its
     records disagree (e.g. stage 2 trained on another backbone's embeddings).
     """
-    return cls.from_records(wd.read_records(workdir))
+    return cls.from_records(wd.read_records(workdir), backend=backend, onnx_dir=onnx_dir)
 
   @classmethod
-  def from_records(cls, records: wd.WorkdirRecords) -> "Similarity":
+  def from_records(cls, records: wd.WorkdirRecords, backend: str = "jax",
+                   onnx_dir: str | os.PathLike | None = None) -> "Similarity":
     """Like `load`, from records already read (and checked) by `workdir.read_records`."""
+    if backend not in BACKENDS:
+      raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "onnx" or (backend == "auto" and onnx_dir is not None):
+      return OnnxSimilarity.from_export(records, onnx_dir)
+    if backend == "auto" and _onnx_is_the_fast_path():
+      from jsim import export
+      try:
+        return OnnxSimilarity.from_export(records)
+      except (export.MissingPackage, OSError) as e:  # no onnx package to export with, a read-only workdir
+        print(f"{_PROG}: warning: using the JAX backend, the ONNX one is unavailable ({_first_line(e)})",
+              file=sys.stderr)
     from jsim import configs, parallel
     from jsim.models.similarity import make_prob_fn
     from jsim.train import similarity
@@ -338,7 +372,16 @@ class Similarity:
 
   def cache_path(self, gallery_dir: str | os.PathLike) -> Path:
     key = hashlib.sha1(str(Path(gallery_dir).resolve()).encode()).hexdigest()[:16]
-    return self.workdir / CACHE_DIR / f"{key}.npz"
+    # One cache file per backend: their embeddings agree within 1e-4 (~1e-6), not bit for bit, and a
+    # ranking should not depend on which backend embedded which file.
+    return self.workdir / CACHE_DIR / (f"{key}.npz" if self.backend == "jax" else f"{key}.{self.backend}.npz")
+
+  def _gallery_batch(self) -> int:
+    return max(b.batch_size for b in self.backbones)
+
+  @property
+  def stage1_steps(self) -> list[int]:
+    return [b.stage1_step for b in self.backbones]
 
   def _model_key(self) -> str:
     return json.dumps([[str(b.workdir.resolve()), b.model_name, b.stage1_step, b.checkpoint_stamp, b.image_size,
@@ -364,7 +407,7 @@ class Similarity:
       else:
         todo.append(rel)
     skipped = []
-    batch = max(b.batch_size for b in self.backbones)
+    batch = self._gallery_batch()
     bar = None
     if progress and todo:
       from tqdm import tqdm
@@ -417,7 +460,7 @@ class Similarity:
         np.savez(f, files=np.asarray(files, dtype=str), sizes=np.asarray([s for s, _ in stats], np.int64),
                  mtimes_ns=np.asarray([m for _, m in stats], np.int64), embeddings=emb,
                  model_key=np.asarray(self._model_key()), gallery=np.asarray(str(root.resolve())),
-                 stage1_steps=np.asarray([b.stage1_step for b in self.backbones], np.int64))
+                 stage1_steps=np.asarray(self.stage1_steps, np.int64))
       tmp.replace(path)
     except OSError as e:  # a read-only workdir: search still works, uncached
       print(f"{_PROG}: warning: cannot write the gallery cache {path} ({e})", file=sys.stderr)
@@ -453,3 +496,88 @@ def entry_point() -> None:
   """The `jsim-predict` command (jsim.predict.cli)."""
   from jsim.predict import cli
   cli.entry_point()
+
+
+def _onnx_is_the_fast_path() -> bool:
+  """True when onnxruntime is installed and JAX would run on a CPU (checked without importing JAX
+  where possible: no JAX_PLATFORMS and no accelerator plugin installed means CPU)."""
+  from jsim.export import runtime
+  if not runtime.available():
+    return False
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  import importlib.metadata
+  import importlib.util
+  if not importlib.metadata.entry_points(group="jax_plugins") and importlib.util.find_spec("libtpu") is None:
+    return True
+  import jax
+  return jax.default_backend() == "cpu"
+
+
+class OnnxSimilarity(Similarity):
+  """The same API run by onnxruntime on the workdir's ONNX export (see jsim.export); no JAX."""
+
+  backend = "onnx"
+
+  def __init__(self, records: wd.WorkdirRecords, model, exported_now: bool):
+    self.workdir = records.workdir
+    self.backbones = []
+    self.image_size = model.image_size
+    self.dim = model.dim
+    self.stage2_step = model.meta["stage_ids"][wd.STAGE2]["best_step"]
+    self.threshold = records.threshold
+    self.onnx = model
+    self.exported_now = exported_now  # True when this load wrote the export (first use, or it was stale)
+    self._stage1_steps = [m.stage1_step for m in records.members]
+
+  @classmethod
+  def from_export(cls, records: wd.WorkdirRecords, onnx_dir: str | os.PathLike | None = None) -> "OnnxSimilarity":
+    from jsim import export
+    from jsim.export import runtime
+
+    runtime.require_onnxruntime()
+    folder = Path(onnx_dir) if onnx_dir is not None else records.workdir / export.DEFAULT_DIR
+    if onnx_dir is not None:  # the user's export: used as it is, or refused
+      why = export.problem(folder, records)
+      if why is not None:
+        raise export.ExportError(f"--onnx_dir {why}; export it again: python -m jsim.export "
+                                 f"--workdir={records.workdir} --out={folder}")
+      return cls(records, runtime.OnnxModel(folder), exported_now=False)
+    with export.locked(folder):  # W/onnx is this workdir's cache: (re)exported when missing or stale
+      why = export.problem(folder, records)
+      if why is not None:
+        export.require_onnx()
+        export.export_records(records, folder, cache=True)
+      return cls(records, runtime.OnnxModel(folder), exported_now=why is not None)
+
+  @property
+  def params(self):
+    raise AttributeError("an ONNX-backed Similarity has no JAX parameters; load it with backend='jax'")
+
+  @property
+  def stage1_steps(self) -> list[int]:
+    return self._stage1_steps
+
+  def _gallery_batch(self) -> int:
+    from jsim.export import runtime
+    return runtime.EMBED_BATCH
+
+  def _model_key(self) -> str:
+    return json.dumps(["onnx", self.onnx.meta["export_id"], self.onnx.meta["fingerprint"], _CACHE_VERSION])
+
+  def embed_prepared(self, images: np.ndarray) -> np.ndarray:
+    return self.onnx.embed_uint8(images)
+
+  def probabilities(self, emb_a: np.ndarray, emb_b: np.ndarray) -> np.ndarray:
+    emb_a, emb_b = np.asarray(emb_a, np.float32), np.asarray(emb_b, np.float32)
+    if emb_a.shape != emb_b.shape or emb_a.ndim != 2 or emb_a.shape[1] != self.dim:
+      raise ValueError(f"probabilities needs two [N, {self.dim}] arrays, got {emb_a.shape} and {emb_b.shape}")
+    return self.onnx.probabilities(emb_a, emb_b).astype(np.float64)
+
+  def scores(self, query_embedding: np.ndarray, gallery_embeddings: np.ndarray) -> np.ndarray:
+    q = np.asarray(query_embedding, np.float32).reshape(-1)
+    g = np.asarray(gallery_embeddings, np.float32)
+    if q.shape != (self.dim,) or g.ndim != 2 or g.shape[1] != self.dim:
+      raise ValueError(f"scores needs a [{self.dim}] query and [N, {self.dim}] gallery, got {q.shape}, {g.shape}")
+    return self.onnx.scores(q, g).astype(np.float64)

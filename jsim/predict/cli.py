@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from jsim import workdir as wd
-from jsim.predict import _PROG, Match, Similarity, _first_line, _listing, prepare_image
+from jsim.predict import _PROG, BACKENDS, Match, Similarity, _first_line, _listing, prepare_image
 
 # ----------------------------------------------------------------------------- outputs
 
@@ -128,6 +128,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--sheet", help="write a PNG sheet of the query and its matches")
   p.add_argument("--no_cache", "--no-cache", action="store_true", help="embed the gallery again, ignore the cache")
   p.add_argument("--json", action="store_true", help="print the result as JSON")
+  p.add_argument("--backend", choices=BACKENDS, default="auto",
+                 help="jax: the checkpoints through XLA; onnx: their ONNX export through onnxruntime (exported "
+                      "to W/onnx on first use); auto (default): onnx on a CPU when onnxruntime is installed")
+  p.add_argument("--onnx_dir", "--onnx-dir", help="use this export (python -m jsim.export --out=D) instead of W/onnx")
   p.add_argument("--verbose", action="store_true", help="keep library log messages")
   return p
 
@@ -217,7 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = [prepare_image(name, records.image_size) for name in names]
     if search:
       _listing(args.gallery)
-    sim = Similarity.from_records(records)
+    if args.onnx_dir and args.backend == "jax":
+      parser.error("--onnx_dir goes with --backend=onnx or auto")
+    sim = Similarity.from_records(records, backend=args.backend, onnx_dir=args.onnx_dir)
+    if getattr(sim, "exported_now", False):
+      print(f"{_PROG}: exported the model to {sim.onnx.folder} for the ONNX backend (once; "
+            f"--backend=jax skips it)", file=sys.stderr)
     if search:
       _run_search(sim, args, images[0])
     else:
