@@ -21,7 +21,10 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from test_predict import REPO, Trained, _gallery, cli, cli_json, ms_reference, sim, trained  # noqa: E402,F401
+import test_predict as shared  # noqa: E402  (its trained workdir: built once per run, shared)
+from test_predict import REPO, Trained, _gallery, cli, cli_json  # noqa: E402
+
+trained, sim, ms_reference = shared.trained, shared.sim, shared.ms_reference  # the session fixtures
 
 
 def export_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
