@@ -44,11 +44,19 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 # The reference beside the checkout (main) or two levels up (a worktree under wt/).
-DEFAULT_ANCHOR = next((p for p in (REPO.parent / "shared" / "bench" / "torch_anchor.py",
-                                   REPO.parents[1] / "shared" / "bench" / "torch_anchor.py") if p.exists()),
-                      REPO.parent / "shared" / "bench" / "torch_anchor.py")
+DEFAULT_ANCHOR = next(
+  (
+    p
+    for p in (
+      REPO.parent / "shared" / "bench" / "torch_anchor.py",
+      REPO.parents[1] / "shared" / "bench" / "torch_anchor.py",
+    )
+    if p.exists()
+  ),
+  REPO.parent / "shared" / "bench" / "torch_anchor.py",
+)
 IMAGE_SIZE = 64  # Tiny ImageNet's
-THREADS = 0      # --threads
+THREADS = 0  # --threads
 
 
 def _csv(text: str, cast=str) -> list:
@@ -85,8 +93,9 @@ def jsim_case(name: str, size: int, batch: int, dtype: str):
   from jsim.data import augment
 
   model = models.build(name, num_classes=180, dtype=jnp.bfloat16 if dtype == "bf16" else jnp.float32)
-  variables = jax.jit(lambda k: model.init({"params": k, "dropout": k}, jnp.zeros((1, size, size, 3)),
-                                           train=False))(jax.random.key(0))
+  variables = jax.jit(lambda k: model.init({"params": k, "dropout": k}, jnp.zeros((1, size, size, 3)), train=False))(
+    jax.random.key(0)
+  )
   mean, std = (0.48, 0.45, 0.40), (0.23, 0.22, 0.22)
 
   @jax.jit
@@ -110,11 +119,11 @@ def onnx_case(name: str, size: int, batch: int):
   from jsim.export import graph
 
   model = models.build(name, num_classes=180)
-  variables = jax.jit(lambda k: model.init({"params": k, "dropout": k}, jnp.zeros((1, size, size, 3)),
-                                           train=False))(jax.random.key(0))
+  variables = jax.jit(lambda k: model.init({"params": k, "dropout": k}, jnp.zeros((1, size, size, 3)), train=False))(
+    jax.random.key(0)
+  )
   t0 = time.perf_counter()
-  proto = graph.embed_graph([graph.Member(model, variables, (0.48, 0.45, 0.40), (0.23, 0.22, 0.22), size)],
-                            IMAGE_SIZE)
+  proto = graph.embed_graph([graph.Member(model, variables, (0.48, 0.45, 0.40), (0.23, 0.22, 0.22), size)], IMAGE_SIZE)
   data = proto.SerializeToString()
   export_s = time.perf_counter() - t0
   options = ort.SessionOptions()
@@ -125,9 +134,11 @@ def onnx_case(name: str, size: int, batch: int):
   sess = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
   session_s = time.perf_counter() - t0
   images = np.random.default_rng(0).integers(0, 256, (batch, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-  return (lambda: sess.run(None, {"images": images})), {"export_s": round(export_s, 1),
-                                                         "session_s": round(session_s, 1),
-                                                         "graph_mib": round(len(data) / 2**20, 1)}
+  return (lambda: sess.run(None, {"images": images})), {
+    "export_s": round(export_s, 1),
+    "session_s": round(session_s, 1),
+    "graph_mib": round(len(data) / 2**20, 1),
+  }
 
 
 def onnx_bf16_supported() -> str:
@@ -136,11 +147,15 @@ def onnx_bf16_supported() -> str:
   import onnxruntime as ort
   from onnx import TensorProto, helper
 
-  w = helper.make_tensor("w", TensorProto.BFLOAT16, [4, 3, 3, 3], vals=np.zeros(4 * 27, np.uint16).tobytes(),
-                         raw=True)
+  w = helper.make_tensor("w", TensorProto.BFLOAT16, [4, 3, 3, 3], vals=np.zeros(4 * 27, np.uint16).tobytes(), raw=True)
   node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
-  g = helper.make_graph([node], "bf16", [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [1, 3, 8, 8])],
-                        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, None)], initializer=[w])
+  g = helper.make_graph(
+    [node],
+    "bf16",
+    [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [1, 3, 8, 8])],
+    [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, None)],
+    initializer=[w],
+  )
   m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
   m.ir_version = 9
   try:
@@ -178,13 +193,15 @@ def _run(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
 
 def make_gallery(folder: Path, n: int) -> Path:
   from PIL import Image
+
   folder.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(0)
   for i in range(n):
     # Smooth random images (blurred noise), saved as JPEG like the data set's files.
     small = rng.integers(0, 256, (8, 8, 3), np.uint8)
-    Image.fromarray(small).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR).save(folder / f"img_{i:04d}.jpg",
-                                                                                 quality=90)
+    Image.fromarray(small).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR).save(
+      folder / f"img_{i:04d}.jpg", quality=90
+    )
   return folder
 
 
@@ -200,8 +217,17 @@ def predict_latency(workdir: Path, gallery_size: int, scratch: Path) -> list[dic
     pair = [py, "-m", "jsim.predict", f"--workdir={workdir}", f"--backend={backend}", str(a), str(b)]
     times = [_run(pair)[0] for _ in range(3)]
     rows.append({"case": "two images", "backend": backend, "s": round(min(times), 2)})
-    search = [py, "-m", "jsim.predict", f"--workdir={workdir}", f"--backend={backend}", f"--query={a}",
-              f"--gallery={gal}", "--top=5", "--json"]
+    search = [
+      py,
+      "-m",
+      "jsim.predict",
+      f"--workdir={workdir}",
+      f"--backend={backend}",
+      f"--query={a}",
+      f"--gallery={gal}",
+      "--top=5",
+      "--json",
+    ]
     t, _ = _run(search + ["--no_cache"])
     rows.append({"case": f"gallery of {gallery_size}, embedded", "backend": backend, "s": round(t, 2)})
     _run(search)  # fills the cache
@@ -225,8 +251,12 @@ def main() -> None:
   p.add_argument("--torch_anchor", default=str(DEFAULT_ANCHOR))
   p.add_argument("--workdir", help="a trained workdir: also measure jsim-predict's latency")
   p.add_argument("--gallery_size", type=int, default=1000)
-  p.add_argument("--threads", type=int, default=0,
-                 help="threads for each framework (0: their defaults, all cores); 1 is steadier on a shared machine")
+  p.add_argument(
+    "--threads",
+    type=int,
+    default=0,
+    help="threads for each framework (0: their defaults, all cores); 1 is steadier on a shared machine",
+  )
   args = p.parse_args()
   if args.threads:  # before JAX loads
     # XLA has no thread-count flag: single-threaded Eigen is what it offers (used for --threads=1).
@@ -242,9 +272,18 @@ def main() -> None:
   THREADS = args.threads
   if args.threads:
     torch.set_num_threads(args.threads)
-  info = {"device": cpu_name(), "jax": jax.__version__, "onnxruntime": onnxruntime.__version__,
-          "torch": torch.__version__, "threads": args.threads or "default", "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
-          "load_before": os.getloadavg()[0], "onnx_bf16": onnx_bf16_supported()}
+  info = {
+    "device": cpu_name(),
+    "jax": jax.__version__,
+    "onnxruntime": onnxruntime.__version__,
+    "torch": torch.__version__,
+    "threads": args.threads or "default",
+    "batch": args.batch,
+    "steps": args.steps,
+    "rounds": args.rounds,
+    "load_before": os.getloadavg()[0],
+    "onnx_bf16": onnx_bf16_supported(),
+  }
   print(json.dumps(info), flush=True)
   anchor = load_anchor(Path(args.torch_anchor))
   rows = []
@@ -266,9 +305,15 @@ def main() -> None:
             v = timed(fn, args.batch, args.steps)
           samples[(fw, dtype)].append(v)
       for (fw, dtype), vals in samples.items():
-        row = {"model": name, "input_size": size, "framework": fw, "dtype": dtype,
-               "img_s": round(statistics.median(vals), 1), "samples": [round(v, 1) for v in vals],
-               **extra[(fw, dtype)]}
+        row = {
+          "model": name,
+          "input_size": size,
+          "framework": fw,
+          "dtype": dtype,
+          "img_s": round(statistics.median(vals), 1),
+          "samples": [round(v, 1) for v in vals],
+          **extra[(fw, dtype)],
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
       del runners
@@ -286,17 +331,23 @@ def main() -> None:
 
 def markdown(result: dict) -> str:
   info = result["info"]
-  lines = [f"Device: {info['device']}; jax {info['jax']}, onnxruntime {info['onnxruntime']}, torch {info['torch']}; "
-           f"threads {info.get('threads', 'default')}, batch {info['batch']}, median of {info['rounds']} interleaved rounds of {info['steps']} calls; "
-           f"load average {info['load_before']:.1f} before, {info.get('load_after', 0):.1f} after.", "",
-           "| model | input | jsim/XLA f32 | jsim/XLA bf16 | onnxruntime f32 | torch eager f32 | torch eager bf16 "
-           "| ONNX / torch f32 | ONNX / XLA f32 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = [
+    f"Device: {info['device']}; jax {info['jax']}, onnxruntime {info['onnxruntime']}, torch {info['torch']}; "
+    f"threads {info.get('threads', 'default')}, batch {info['batch']}, median of {info['rounds']} interleaved rounds of {info['steps']} calls; "
+    f"load average {info['load_before']:.1f} before, {info.get('load_after', 0):.1f} after.",
+    "",
+    "| model | input | jsim/XLA f32 | jsim/XLA bf16 | onnxruntime f32 | torch eager f32 | torch eager bf16 "
+    "| ONNX / torch f32 | ONNX / XLA f32 |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
   by = {(r["model"], r["input_size"], r["framework"], r["dtype"]): r["img_s"] for r in result["embedding"]}
   for model, size in sorted({(r["model"], r["input_size"]) for r in result["embedding"]}):
     g = lambda fw, dt: by.get((model, size, fw, dt))
     o, t, x = g("onnxruntime", "float32"), g("torch-eager", "float32"), g("jsim-xla", "float32")
-    lines.append(f"| {model} | {size} | {x} | {g('jsim-xla', 'bf16')} | {o} | {t} | {g('torch-eager', 'bf16')} "
-                 f"| {o / t:.2f} | {o / x:.2f} |")
+    lines.append(
+      f"| {model} | {size} | {x} | {g('jsim-xla', 'bf16')} | {o} | {t} | {g('torch-eager', 'bf16')} "
+      f"| {o / t:.2f} | {o / x:.2f} |"
+    )
   lines += ["", f"onnxruntime bfloat16: {info['onnx_bf16']}"]
   if result["predict"]:
     lines += ["", "| jsim-predict | backend | wall time (s) |", "|---|---|---:|"]

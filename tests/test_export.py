@@ -38,6 +38,7 @@ def random_variables(model, input_size: int, seed: int = 0) -> dict:
   x = jnp.zeros((1, input_size, input_size, 3))
   v = model.init({"params": key, "dropout": key}, x, train=False)
   if "batch_stats" in v:
+
     @jax.jit
     def update(v, x):
       _, new = model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})
@@ -123,8 +124,8 @@ def test_ensemble_concatenates_members_with_their_own_preprocessing():
   ref_b = np.asarray(b.apply(vb, augment.preprocess(jnp.asarray(x), STD, MEAN, 40), train=False)[1])
   out = sess.run(None, {"images": x})[0]
   assert out.shape == (3, a.embedding_dim + b.embedding_dim)
-  assert_close(out[:, :a.embedding_dim], jsim_embeddings(a, va, x, 32))
-  assert_close(out[:, a.embedding_dim:], ref_b)
+  assert_close(out[:, : a.embedding_dim], jsim_embeddings(a, va, x, 32))
+  assert_close(out[:, a.embedding_dim :], ref_b)
 
 
 @pytest.mark.parametrize("feature", ["l1", "sq", "prod", "cos", "l2", "l1+prod"])

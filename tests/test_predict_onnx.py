@@ -28,8 +28,14 @@ trained, sim, ms_reference = shared.trained, shared.sim, shared.ms_reference  # 
 
 
 def export_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "jsim.export", *map(str, args)], cwd=REPO, capture_output=True,
-                        text=True, timeout=300, env=env)
+  return subprocess.run(
+    [sys.executable, "-m", "jsim.export", *map(str, args)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=env,
+  )
 
 
 def one_line(r: subprocess.CompletedProcess, prog: str, expected: str) -> None:
@@ -80,8 +86,11 @@ def test_export_command_writes_graphs_that_match_training(trained, ms_reference,
   # Exporting again into the same folder replaces it; into another workdir's export it is refused.
   assert export_cli(f"--workdir={w}", f"--out={out}").returncode == 0
   other = copy_workdir(trained, tmp_path / "other")
-  one_line(export_cli(f"--workdir={other}", f"--out={out}"), "python -m jsim.export",
-           f"--out {out} holds an export of workdir {w.resolve()}")
+  one_line(
+    export_cli(f"--workdir={other}", f"--out={out}"),
+    "python -m jsim.export",
+    f"--out {out} holds an export of workdir {w.resolve()}",
+  )
   assert json.loads((out / "meta.json").read_text())["workdir"] == str(w.resolve())  # untouched
   r = export_cli(f"--workdir={other}", f"--out={out}", "--overwrite")
   assert r.returncode == 0, r.stderr
@@ -191,36 +200,63 @@ def no_onnxruntime(tmp_path) -> dict:
 def test_bad_input_is_one_line_and_nonzero(trained, tmp_path, no_onnxruntime):
   w, a, b = trained.workdir, trained.files[0], trained.files[1]
   (tmp_path / "empty").mkdir()
-  one_line(export_cli(f"--workdir={tmp_path / 'empty'}", f"--out={tmp_path / 'x'}"), "python -m jsim.export",
-           "preprocessing.json is missing")
+  one_line(
+    export_cli(f"--workdir={tmp_path / 'empty'}", f"--out={tmp_path / 'x'}"),
+    "python -m jsim.export",
+    "preprocessing.json is missing",
+  )
   assert not (tmp_path / "x").exists()  # a refused export leaves nothing behind
   no_stage2 = copy_workdir(trained, tmp_path / "no_stage2")
   shutil.rmtree(no_stage2 / "stage2")
   one_line(export_cli(f"--workdir={no_stage2}"), "python -m jsim.export", "stage 2 never ran here")
   (tmp_path / "notes").mkdir()
   (tmp_path / "notes" / "todo.txt").write_text("mine")
-  one_line(export_cli(f"--workdir={w}", f"--out={tmp_path / 'notes'}"), "python -m jsim.export",
-           "holds no jsim export; choose a new or empty --out")
+  one_line(
+    export_cli(f"--workdir={w}", f"--out={tmp_path / 'notes'}"),
+    "python -m jsim.export",
+    "holds no jsim export; choose a new or empty --out",
+  )
   assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
   # An export of another workdir, or a stale one, given to predict.
   other = copy_workdir(trained, tmp_path / "other")
   assert export_cli(f"--workdir={other}", f"--out={tmp_path / 'other_export'}").returncode == 0
-  one_line(cli(f"--workdir={w}", f"--onnx_dir={tmp_path / 'other_export'}", a, b), "jsim-predict",
-           f"was exported from workdir {other.resolve()}, not {w.resolve()}")
+  one_line(
+    cli(f"--workdir={w}", f"--onnx_dir={tmp_path / 'other_export'}", a, b),
+    "jsim-predict",
+    f"was exported from workdir {other.resolve()}, not {w.resolve()}",
+  )
   result = other / "stage1" / "result.json"
   result.write_text(json.dumps({**json.loads(result.read_text()), "run_id": "retrained"}))
-  one_line(cli(f"--workdir={other}", "--backend=onnx", f"--onnx_dir={tmp_path / 'other_export'}", a, b),
-           "jsim-predict", "is stale: the checkpoints of")
+  one_line(
+    cli(f"--workdir={other}", "--backend=onnx", f"--onnx_dir={tmp_path / 'other_export'}", a, b),
+    "jsim-predict",
+    "is stale: the checkpoints of",
+  )
   one_line(cli(f"--workdir={w}", f"--onnx_dir={tmp_path / 'notes'}", a, b), "jsim-predict", "holds no jsim ONNX export")
 
   # No onnxruntime / onnx: one line for the explicit backend and the export; auto quietly uses JAX.
-  r = subprocess.run([sys.executable, "-m", "jsim.predict", f"--workdir={w}", "--backend=onnx", a, b], cwd=REPO,
-                     capture_output=True, text=True, timeout=300, env=no_onnxruntime)
+  r = subprocess.run(
+    [sys.executable, "-m", "jsim.predict", f"--workdir={w}", "--backend=onnx", a, b],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=no_onnxruntime,
+  )
   one_line(r, "jsim-predict", "the ONNX backend needs onnxruntime; pip install")
-  one_line(export_cli(f"--workdir={w}", f"--out={tmp_path / 'y'}", env=no_onnxruntime), "python -m jsim.export",
-           "the ONNX export needs the onnx package")
-  r = subprocess.run([sys.executable, "-m", "jsim.predict", f"--workdir={w}", "--json", a, b], cwd=REPO,
-                     capture_output=True, text=True, timeout=300, env=no_onnxruntime)
+  one_line(
+    export_cli(f"--workdir={w}", f"--out={tmp_path / 'y'}", env=no_onnxruntime),
+    "python -m jsim.export",
+    "the ONNX export needs the onnx package",
+  )
+  r = subprocess.run(
+    [sys.executable, "-m", "jsim.predict", f"--workdir={w}", "--json", a, b],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=no_onnxruntime,
+  )
   assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
   assert 0 <= json.loads(r.stdout)["probability"] <= 1

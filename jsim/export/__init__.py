@@ -34,7 +34,7 @@ from typing import Any
 from jsim import workdir as wd
 
 EMBED_FILE, SIMILARITY_FILE, META_FILE = "embed.onnx", "similarity.onnx", "meta.json"
-DEFAULT_DIR = "onnx"   # W/onnx: predict's cache of the export
+DEFAULT_DIR = "onnx"  # W/onnx: predict's cache of the export
 FORMAT = 1
 INSTALL_HINT = "pip install onnx onnxruntime (or the project's extra: pip install 'jsim[export]')"
 
@@ -75,19 +75,33 @@ def fingerprint(records) -> dict:
   members = []
   for rec in records.members:
     result = wd.read_json(rec.workdir / wd.STAGE1 / wd.RESULT_FILE)
-    members.append({"workdir": str(rec.workdir.resolve()), "model": rec.model_name, "stage1_step": rec.stage1_step,
-                    "stage1_run_id": result.get("run_id"), "checkpoint_stamp": _stamp(rec.workdir / wd.STAGE1,
-                                                                                    rec.stage1_step),
-                    "image_size": rec.image_size, "input_size": int(rec.config["classifier"]["input_size"]),
-                    "embedding_dim": rec.embedding_dim, "mean": list(rec.mean), "std": list(rec.std)})
+    members.append(
+      {
+        "workdir": str(rec.workdir.resolve()),
+        "model": rec.model_name,
+        "stage1_step": rec.stage1_step,
+        "stage1_run_id": result.get("run_id"),
+        "checkpoint_stamp": _stamp(rec.workdir / wd.STAGE1, rec.stage1_step),
+        "image_size": rec.image_size,
+        "input_size": int(rec.config["classifier"]["input_size"]),
+        "embedding_dim": rec.embedding_dim,
+        "mean": list(rec.mean),
+        "std": list(rec.std),
+      }
+    )
   stage2 = wd.read_json(records.workdir / wd.STAGE2 / wd.RESULT_FILE)
   step = stage2.get("best_step")
-  return {"members": members,
-          "stage2": {"step": step, "run_id": stage2.get("run_id"),
-                     "checkpoint_stamp": None if step is None else _stamp(records.workdir / wd.STAGE2, int(step)),
-                     "feature": records.stage2.get("similarity", {}).get("feature", "l1"),
-                     "hidden": list(records.stage2.get("similarity", {}).get("hidden", []) or [])},
-          "format": FORMAT}
+  return {
+    "members": members,
+    "stage2": {
+      "step": step,
+      "run_id": stage2.get("run_id"),
+      "checkpoint_stamp": None if step is None else _stamp(records.workdir / wd.STAGE2, int(step)),
+      "feature": records.stage2.get("similarity", {}).get("feature", "l1"),
+      "hidden": list(records.stage2.get("similarity", {}).get("hidden", []) or []),
+    },
+    "format": FORMAT,
+  }
 
 
 def read_meta(out: str | os.PathLike) -> dict | None:
@@ -118,8 +132,10 @@ def problem(out: str | os.PathLike, records) -> str | None:
   if meta.get("workdir") != str(workdir.resolve()):
     return f"{out} was exported from workdir {meta.get('workdir')}, not {workdir.resolve()}"
   if meta.get("fingerprint") != fingerprint(records):
-    return (f"{out} is stale: the checkpoints of {workdir} changed since it was exported "
-            f"(stage ids then: {json.dumps(meta.get('stage_ids'))})")
+    return (
+      f"{out} is stale: the checkpoints of {workdir} changed since it was exported "
+      f"(stage ids then: {json.dumps(meta.get('stage_ids'))})"
+    )
   return None
 
 
@@ -134,8 +150,10 @@ def _check_out(out: Path, workdir: Path, overwrite: bool) -> None:
   if overwrite:
     return
   if meta.get("workdir") != str(workdir.resolve()):
-    raise ExportError(f"--out {out} holds an export of workdir {meta.get('workdir')}; choose another --out "
-                      "(or --overwrite to replace it)")
+    raise ExportError(
+      f"--out {out} holds an export of workdir {meta.get('workdir')}; choose another --out "
+      "(or --overwrite to replace it)"
+    )
 
 
 def require_onnx() -> None:
@@ -158,9 +176,11 @@ def restore(records) -> tuple[list, Any, Any]:
     config = configs.config_from_dict(rec.config)
     model, state = classifier.restore_classifier(config, rec.workdir, mesh)
     if int(state.step) != rec.stage1_step or model.embedding_dim != rec.embedding_dim:
-      raise ExportError(f"{rec.workdir / wd.STAGE1}: the best checkpoint (step {int(state.step)}, "
-                        f"{model.embedding_dim}-d) is not the one the embeddings record (step {rec.stage1_step}, "
-                        f"{rec.embedding_dim}-d); rerun the stages")
+      raise ExportError(
+        f"{rec.workdir / wd.STAGE1}: the best checkpoint (step {int(state.step)}, "
+        f"{model.embedding_dim}-d) is not the one the embeddings record (step {rec.stage1_step}, "
+        f"{rec.embedding_dim}-d); rerun the stages"
+      )
     members.append(graph.Member(model, state.variables, rec.mean, rec.std, int(config.classifier.input_size)))
   config = configs.config_from_dict({**records.members[0].config, "similarity": records.stage2["similarity"]})
   dim = sum(int(m.model.embedding_dim) for m in members)
@@ -195,14 +215,22 @@ def export_records(records, out: str | os.PathLike, *, overwrite: bool = False, 
   split = wd.read_json(records.workdir / "split.json")
   input_sizes = [m.input_size for m in members]
   meta = {
-      "format": FORMAT, "export_id": uuid.uuid4().hex, "workdir": str(records.workdir.resolve()),
-      "image_size": records.image_size, "input_size": input_sizes[0] if len(set(input_sizes)) == 1 else input_sizes,
-      "embedding_dim": dim, "class_names": list(split.get("seen_classes", [])),
-      "threshold": records.threshold, "stage_ids": stage_ids,
-      "models": [rec.model_name for rec in records.members], "feature": ms.feature, "dtype": "float32",
-      "opset": graph.OPSET, "inputs": {"embed": [graph.IMAGES], "similarity": [graph.E1, graph.E2]},
-      "outputs": {"embed": graph.EMBEDDINGS, "similarity": graph.P_SAME},
-      "fingerprint": fingerprint(records),
+    "format": FORMAT,
+    "export_id": uuid.uuid4().hex,
+    "workdir": str(records.workdir.resolve()),
+    "image_size": records.image_size,
+    "input_size": input_sizes[0] if len(set(input_sizes)) == 1 else input_sizes,
+    "embedding_dim": dim,
+    "class_names": list(split.get("seen_classes", [])),
+    "threshold": records.threshold,
+    "stage_ids": stage_ids,
+    "models": [rec.model_name for rec in records.members],
+    "feature": ms.feature,
+    "dtype": "float32",
+    "opset": graph.OPSET,
+    "inputs": {"embed": [graph.IMAGES], "similarity": [graph.E1, graph.E2]},
+    "outputs": {"embed": graph.EMBEDDINGS, "similarity": graph.P_SAME},
+    "fingerprint": fingerprint(records),
   }
   out.mkdir(parents=True, exist_ok=True)
   if (out / META_FILE).exists():
@@ -230,8 +258,10 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike | None = None, *, 
 
 def export_summary(meta: dict, out: Path) -> str:
   sizes = ", ".join(f"{f} {(out / f).stat().st_size / 2**20:.1f} MiB" for f in (EMBED_FILE, SIMILARITY_FILE))
-  return (f"exported {'+'.join(meta['models'])} ({meta['embedding_dim']}-d embeddings, {meta['image_size']} px "
-          f"uint8 input) to {out}: {sizes}")
+  return (
+    f"exported {'+'.join(meta['models'])} ({meta['embedding_dim']}-d embeddings, {meta['image_size']} px "
+    f"uint8 input) to {out}: {sizes}"
+  )
 
 
 __all__ = ["ExportError", "MissingPackage", "export", "export_records", "fingerprint", "problem", "read_meta"]

@@ -18,9 +18,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _quiet_libraries() -> None:
   import logging
+
   logging.getLogger().setLevel(logging.ERROR)
   try:
     from absl import logging as absl_logging
+
     absl_logging.set_verbosity(absl_logging.ERROR)
   except ImportError:
     pass
@@ -32,8 +34,11 @@ def _first_line(e: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = _Parser(prog=_PROG, description="Export a trained jsim workdir to ONNX: embed.onnx (uint8 images -> "
-              "embeddings), similarity.onnx (two embeddings -> P(same)) and meta.json.")
+  p = _Parser(
+    prog=_PROG,
+    description="Export a trained jsim workdir to ONNX: embed.onnx (uint8 images -> "
+    "embeddings), similarity.onnx (two embeddings -> P(same)) and meta.json.",
+  )
   p.add_argument("--workdir", required=True, help="a workdir trained by python -m jsim.main")
   p.add_argument("--out", help="output folder (default: W/onnx, the one jsim-predict --backend=onnx uses)")
   p.add_argument("--overwrite", action="store_true", help="replace an export of another workdir in --out")
@@ -41,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = p.parse_args(argv)
 
   from jsim import export
+
   if not args.verbose:
     _quiet_libraries()
   try:

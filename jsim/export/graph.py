@@ -36,11 +36,11 @@ from jsim.models import resnet, vgg
 from jsim.models.similarity import parse_feature_kind
 
 OPSET = 17
-BATCH = "N"           # the symbolic (dynamic) batch dimension
+BATCH = "N"  # the symbolic (dynamic) batch dimension
 IMAGES, EMBEDDINGS = "images", "embeddings"
 E1, E2, P_SAME = "e1", "e2", "p_same"
-BN_EPSILON = 1e-5     # jsim.models.resnet's BatchNorm epsilon (torch's)
-COS_EPSILON = 1e-12   # jsim.models.similarity's floor of |e1| |e2| in the cosine
+BN_EPSILON = 1e-5  # jsim.models.resnet's BatchNorm epsilon (torch's)
+COS_EPSILON = 1e-12  # jsim.models.similarity's floor of |e1| |e2| in the cosine
 
 
 class Graph:
@@ -61,17 +61,18 @@ class Graph:
     self.initializers.append(numpy_helper.from_array(np.array(array, dtype, order="C"), name))
     return name
 
-  def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None, output: str | None = None,
-         **attrs) -> str:
+  def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None, output: str | None = None, **attrs) -> str:
     out = output or self._name(hint or op_type.lower())
     self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self._name(op_type), **attrs))
     return out
 
-  def model(self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto], name: str,
-            doc: str = "") -> onnx.ModelProto:
+  def model(
+    self, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto], name: str, doc: str = ""
+  ) -> onnx.ModelProto:
     g = helper.make_graph(self.nodes, name, inputs, outputs, initializer=self.initializers)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="jsim.export",
-                          doc_string=doc)
+    m = helper.make_model(
+      g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="jsim.export", doc_string=doc
+    )
     m.ir_version = min(m.ir_version, 9)  # what onnxruntime >= 1.16 reads
     return m
 
@@ -88,13 +89,14 @@ def resize_matrix(image_size: int, input_size: int) -> np.ndarray:
   from jsim.data import augment
 
   basis = np.zeros((image_size, image_size, image_size, 3), np.float32)
-  basis[np.arange(image_size), np.arange(image_size)] = 1.0   # image k: row k is 1
+  basis[np.arange(image_size), np.arange(image_size)] = 1.0  # image k: row k is 1
   out = augment.preprocess(jnp.asarray(basis), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), input_size)
-  return np.asarray(out)[:, :, 0, 0].T.astype(np.float32)     # out[k, i, j, c] = R[i, k]
+  return np.asarray(out)[:, :, 0, 0].T.astype(np.float32)  # out[k, i, j, c] = R[i, k]
 
 
-def preprocess(g: Graph, images: str, mean: Sequence[float], std: Sequence[float], image_size: int,
-               input_size: int) -> str:
+def preprocess(
+  g: Graph, images: str, mean: Sequence[float], std: Sequence[float], image_size: int, input_size: int
+) -> str:
   """uint8 NHWC [N, S, S, 3] -> normalised float32 NCHW [N, 3, input_size, input_size], as augment.preprocess."""
   x = g.op("Transpose", [images], perm=[0, 3, 1, 2])
   x = g.op("Cast", [x], to=TensorProto.FLOAT)
@@ -107,7 +109,7 @@ def preprocess(g: Graph, images: str, mean: Sequence[float], std: Sequence[float
 
   def resize(x):
     r = resize_matrix(image_size, input_size)
-    x = g.op("MatMul", [x, g.const(r.T, "resize_cols")])   # [N, 3, S, s]
+    x = g.op("MatMul", [x, g.const(r.T, "resize_cols")])  # [N, 3, S, s]
     return g.op("MatMul", [g.const(r, "resize_rows"), x])  # [N, 3, s, s]
 
   if input_size == image_size:
@@ -119,21 +121,19 @@ def preprocess(g: Graph, images: str, mean: Sequence[float], std: Sequence[float
 # ----------------------------------------------------------------------------- backbones
 
 
-def _conv(g: Graph, x: str, kernel: np.ndarray, bias: np.ndarray | None, strides: int, pad: int,
-          hint: str) -> str:
+def _conv(g: Graph, x: str, kernel: np.ndarray, bias: np.ndarray | None, strides: int, pad: int, hint: str) -> str:
   w = np.transpose(np.asarray(kernel, np.float32), (3, 2, 0, 1))  # HWIO -> OIHW
   inputs = [x, g.const(w, hint + "_w")]
   if bias is not None:
     inputs.append(g.const(bias, hint + "_b"))
-  return g.op("Conv", inputs, hint=hint, kernel_shape=list(w.shape[2:]), strides=[strides, strides],
-              pads=[pad] * 4)
+  return g.op("Conv", inputs, hint=hint, kernel_shape=list(w.shape[2:]), strides=[strides, strides], pads=[pad] * 4)
 
 
 def _conv_bn(g: Graph, x: str, params: dict, stats: dict, conv: str, bn: str, strides: int, pad: int) -> str:
   """A bias-free conv followed by eval-mode BatchNorm, folded into one conv with a bias."""
   p, s = params[bn], stats[bn]
   scale = np.asarray(p["scale"], np.float64) / np.sqrt(np.asarray(s["var"], np.float64) + BN_EPSILON)
-  kernel = np.asarray(params[conv]["kernel"], np.float64) * scale          # scales the output channels (O)
+  kernel = np.asarray(params[conv]["kernel"], np.float64) * scale  # scales the output channels (O)
   bias = np.asarray(p["bias"], np.float64) - np.asarray(s["mean"], np.float64) * scale
   return _conv(g, x, kernel, bias, strides, pad, conv)
 
@@ -176,8 +176,16 @@ def vgg_graph(g: Graph, x: str, model: vgg.VGG, variables: dict, input_size: int
     x = g.op("MatMul", [g.const(pool, "pool_rows"), x])
   x = g.op("Flatten", [x], axis=1)  # NCHW order, as jsim flattens
   for name in ("fc6", "fc7"):
-    x = g.op("Relu", [g.op("Gemm", [x, g.const(params[name]["kernel"], name + "_w"),
-                                    g.const(params[name]["bias"], name + "_b")], hint=name)])
+    x = g.op(
+      "Relu",
+      [
+        g.op(
+          "Gemm",
+          [x, g.const(params[name]["kernel"], name + "_w"), g.const(params[name]["bias"], name + "_b")],
+          hint=name,
+        )
+      ],
+    )
   return x
 
 
@@ -194,13 +202,15 @@ def builder_for(model: Any) -> Builder:
   for cls in type(model).__mro__:
     if cls in _BUILDERS:
       return _BUILDERS[cls]
-  raise ValueError(f"no ONNX graph for backbone {type(model).__name__}; register one with "
-                   "jsim.export.graph.register_builder")
+  raise ValueError(
+    f"no ONNX graph for backbone {type(model).__name__}; register one with jsim.export.graph.register_builder"
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class Member:
   """One backbone of an embed graph: its module, variables and eval preprocessing."""
+
   model: Any
   variables: dict
   mean: Sequence[float]
@@ -230,8 +240,12 @@ def embed_graph(members: Sequence[Member], image_size: int, doc: str = "") -> on
     g.op("Identity", outs, output=EMBEDDINGS)
   else:
     g.op("Concat", outs, output=EMBEDDINGS, axis=1)
-  return g.model([helper.make_tensor_value_info(IMAGES, TensorProto.UINT8, [BATCH, image_size, image_size, 3])],
-                 [helper.make_tensor_value_info(EMBEDDINGS, TensorProto.FLOAT, [BATCH, dim])], "jsim_embed", doc)
+  return g.model(
+    [helper.make_tensor_value_info(IMAGES, TensorProto.UINT8, [BATCH, image_size, image_size, 3])],
+    [helper.make_tensor_value_info(EMBEDDINGS, TensorProto.FLOAT, [BATCH, dim])],
+    "jsim_embed",
+    doc,
+  )
 
 
 # ----------------------------------------------------------------------------- the similarity net
@@ -266,15 +280,22 @@ def similarity_graph(params: dict, feature: str, embedding_dim: int, doc: str = 
   params = _to_numpy(params)
   g = Graph()
   x = pair_features(g, E1, E2, feature)
-  hidden = sorted((k for k in params if k.startswith("hidden")), key=lambda k: int(k[len("hidden"):]))
+  hidden = sorted((k for k in params if k.startswith("hidden")), key=lambda k: int(k[len("hidden") :]))
   for name in hidden + ["out"]:
-    x = g.op("Gemm", [x, g.const(params[name]["kernel"], name + "_w"), g.const(params[name]["bias"], name + "_b")],
-             hint=name)
+    x = g.op(
+      "Gemm", [x, g.const(params[name]["kernel"], name + "_w"), g.const(params[name]["bias"], name + "_b")], hint=name
+    )
     if name != "out":
       x = g.op("Relu", [x])
   probs = g.op("Softmax", [x], axis=-1)
   g.op("Gather", [probs, g.const(1, "same", np.int64)], output=P_SAME, axis=1)
   spec = [BATCH, embedding_dim]
-  return g.model([helper.make_tensor_value_info(E1, TensorProto.FLOAT, spec),
-                  helper.make_tensor_value_info(E2, TensorProto.FLOAT, spec)],
-                 [helper.make_tensor_value_info(P_SAME, TensorProto.FLOAT, [BATCH])], "jsim_similarity", doc)
+  return g.model(
+    [
+      helper.make_tensor_value_info(E1, TensorProto.FLOAT, spec),
+      helper.make_tensor_value_info(E2, TensorProto.FLOAT, spec),
+    ],
+    [helper.make_tensor_value_info(P_SAME, TensorProto.FLOAT, [BATCH])],
+    "jsim_similarity",
+    doc,
+  )

@@ -16,8 +16,8 @@ import numpy as np
 
 from jsim import export
 
-EMBED_BATCH = 64        # images per embed call (memory, not speed: onnxruntime takes any N)
-SCORE_CHUNK = 65536     # gallery rows per similarity call
+EMBED_BATCH = 64  # images per embed call (memory, not speed: onnxruntime takes any N)
+SCORE_CHUNK = 65536  # gallery rows per similarity call
 
 
 def require_onnxruntime():
@@ -61,16 +61,19 @@ class OnnxModel:
     images = np.ascontiguousarray(images, np.uint8)
     if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
       raise ValueError(f"embed needs uint8 [N, {self.image_size}, {self.image_size}, 3] images, got {images.shape}")
-    out = [self._embed.run(None, {"images": images[i:i + EMBED_BATCH]})[0]
-           for i in range(0, len(images), EMBED_BATCH)]
+    out = [
+      self._embed.run(None, {"images": images[i : i + EMBED_BATCH]})[0] for i in range(0, len(images), EMBED_BATCH)
+    ]
     return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
   def probabilities(self, e1: np.ndarray, e2: np.ndarray) -> np.ndarray:
     """P(same) [N] float32 of row-wise pairs [N, dim]."""
     e1 = np.ascontiguousarray(e1, np.float32)
     e2 = np.ascontiguousarray(e2, np.float32)
-    out = [self._similarity.run(None, {"e1": e1[i:i + SCORE_CHUNK], "e2": e2[i:i + SCORE_CHUNK]})[0]
-           for i in range(0, len(e1), SCORE_CHUNK)]
+    out = [
+      self._similarity.run(None, {"e1": e1[i : i + SCORE_CHUNK], "e2": e2[i : i + SCORE_CHUNK]})[0]
+      for i in range(0, len(e1), SCORE_CHUNK)
+    ]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
   def scores(self, query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
