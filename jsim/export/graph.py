@@ -13,11 +13,12 @@ ensemble is one graph: every member from the same input, concatenated in order.
 
 `similarity_graph`: (e1 [N, E], e2 [N, E]) -> P(same) [N], Ms with its pair feature.
 
-Why not a converter: jax2onnx 0.17 fails on jsim's ResNet (its flax max_pool patch
-rejects the positional window argument, and an earlier try gave a residual Add that
-onnxruntime refused), pins orbax-checkpoint < 0.11.37 (jsim runs 0.12) and pulls equinox,
-dm-pix, huggingface-hub and netron. jsim's architectures are few and known: the graphs
-here are NCHW (onnxruntime's fast layout) with BatchNorm folded into the convs.
+Why not a converter: jax2onnx 0.17.1 fails on jsim's ResNet (its flax max_pool patch
+rejects the positional window argument: TypeError at trace time, retried for this module;
+issue 14's first try also got a residual Add that onnxruntime refused), it pins
+orbax-checkpoint < 0.11.37 (jsim runs 0.12) and pulls equinox, dm-pix, huggingface-hub and
+netron; jax.export gives StableHLO, not ONNX. jsim's architectures are few and known: the
+graphs here are NCHW (onnxruntime's fast layout) with BatchNorm folded into the convs.
 
 A backbone class gets its graph from a builder registered with `register_builder`;
 every model in `jsim.models.available()` has one (a test checks).
