@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
 
 from jsim import models  # noqa: E402
 from jsim.data import augment  # noqa: E402
@@ -119,7 +120,9 @@ def test_ensemble_concatenates_members_with_their_own_preprocessing():
   b = models.build("vgg_tiny", num_classes=5)
   va, vb = random_variables(a, 32, seed=1), random_variables(b, 40, seed=2)
   members = [graph.Member(a, va, MEAN, STD, 32), graph.Member(b, vb, STD, MEAN, 40)]
-  sess = session(graph.embed_graph(members, image_size=32))
+  proto = graph.embed_graph(members, image_size=32)
+  onnx.checker.check_model(proto, full_check=True)  # a valid ONNX model, shapes inferred, not only one ORT runs
+  sess = session(proto)
   x = images(3, 32)
   ref_b = np.asarray(b.apply(vb, augment.preprocess(jnp.asarray(x), STD, MEAN, 40), train=False)[1])
   out = sess.run(None, {"images": x})[0]
@@ -137,7 +140,9 @@ def test_similarity_graph_matches_ms(feature):
   e2 = e1 + rng.normal(scale=0.7, size=(7, dim)).astype(np.float32)
   e2[0] = e1[0]  # identical embeddings: the distances' zero
   params = model.init(jax.random.key(3), e1, e2, train=False)["params"]
-  sess = session(graph.similarity_graph(params, feature, dim))
+  proto = graph.similarity_graph(params, feature, dim)
+  onnx.checker.check_model(proto, full_check=True)
+  sess = session(proto)
   out = sess.run(None, {"e1": e1, "e2": e2})[0]
   ref = np.asarray(make_prob_fn(model)(params, e1, e2))
   assert out.shape == (7,)
