@@ -165,7 +165,6 @@ class Backbone:
   checkpoint_stamp: int       # mtime_ns of the checkpoint folder: a retrained step invalidates caches
   variables: Any
   _apply: Callable
-  model: Any = None           # the Flax module (jsim.export builds its graph from it)
 
   def embed_uint8(self, images: np.ndarray) -> np.ndarray:
     """float32 [N, dim] of uint8 [N, S, S, 3] images (S = image_size), in padded batches."""
@@ -215,7 +214,7 @@ def _load_backbone(rec: wd.StageRecords, mesh) -> Backbone:
   stamp = (rec.workdir / wd.STAGE1 / "checkpoints" / str(step)).stat().st_mtime_ns
   return Backbone(workdir=rec.workdir, model_name=rec.model_name, stage1_step=step, dim=dim,
                   image_size=rec.image_size, input_size=input_size, batch_size=max(1, int(config.embed.batch_size)),
-                  checkpoint_stamp=stamp, variables=state.variables, _apply=apply, model=model)
+                  checkpoint_stamp=stamp, variables=state.variables, _apply=apply)
 
 
 # ----------------------------------------------------------------------------- the API
@@ -274,11 +273,6 @@ class Similarity:
       return prob_fn(params, jax.numpy.broadcast_to(q, g.shape), g)
 
     self._pair_probs, self._query_probs = pair_probs, query_probs
-
-  @property
-  def params(self) -> Any:
-    """Ms's parameters (from the best stage-2 checkpoint)."""
-    return self._params
 
   @classmethod
   def load(cls, workdir: str | os.PathLike, backend: str = "jax", onnx_dir: str | os.PathLike | None = None
@@ -550,10 +544,6 @@ class OnnxSimilarity(Similarity):
         export.require_onnx()
         export.export_records(records, folder, cache=True)
       return cls(records, runtime.OnnxModel(folder), exported_now=why is not None)
-
-  @property
-  def params(self):
-    raise AttributeError("an ONNX-backed Similarity has no JAX parameters; load it with backend='jax'")
 
   @property
   def stage1_steps(self) -> list[int]:
