@@ -53,6 +53,7 @@ def test_report_json_and_markdown(tmp_path):
   # at the top (tied: 0.5) and half at the bottom -> 0.5 * 1 + 0.5 * 0.5 = 0.75.
   assert rep["auc"]["seen"] == pytest.approx(1.0) and rep["auc"]["unseen"] == pytest.approx(0.75)
   assert rep["published"]["overall"] == pytest.approx(0.8651) and rep["published"]["unseen"] == pytest.approx(0.738)
+  assert rep["published"]["seen"] == pytest.approx(0.8755)  # section 6, not the abstract's rounded 87.5
   assert rep["retrieval"]["recall@5"] == 0.75 and rep["config"]["hidden"] == [1024, 512]
   assert rep["extra"] == {"checkpoint_step": 7}
   md = (tmp_path / "report.md").read_text()
@@ -71,17 +72,51 @@ def test_report_vgg_and_unknown_backbones_and_empty_case(tmp_path):
                           "correct_threshold": np.array([90, 180, 45, 0, 6])})
   table = report.write_report(tmp_path / "vgg", res, val_threshold=None, backbone="vgg16", config_dict=None)
   seen_row = next(line for line in table.splitlines() if "seen (1-2)" in line and "unseen" not in line)
-  assert seen_row.rstrip().endswith("| - |")  # the source has no seen summary for VGG16
+  assert seen_row.rstrip().endswith("| 83.61 % |")  # the source's section 6 for VGG16, cases 1-2
+  unseen_row = next(line for line in table.splitlines() if "unseen (4-5)" in line)
+  assert unseen_row.rstrip().endswith("| - |")  # the source gives no unseen summary for VGG16
   case4 = next(line for line in table.splitlines() if line.startswith("| 4."))
   assert "| 0 | - | - | 83.00 % |" in case4  # no pairs: no accuracy
   rep = json.loads((tmp_path / "vgg" / "report.json").read_text())
-  assert rep["cases"][3]["accuracy_at_0.5"] is None and rep["published"]["seen"] is None
+  assert rep["cases"][3]["accuracy_at_0.5"] is None and rep["published"]["seen"] == pytest.approx(0.8361)
+  assert rep["published"]["unseen"] is None
   table = report.write_report(tmp_path / "tiny", _result(), val_threshold=0.4, backbone="resnet_tiny",
                               config_dict={})
   assert all(line.rstrip().endswith("| - |") for line in table.splitlines()[2:])
   assert json.loads((tmp_path / "tiny" / "report.json").read_text())["published"] is None
   with pytest.raises(ValueError, match="val_threshold"):
     report.write_report(tmp_path, _result(), val_threshold=0.5, backbone="resnet50", config_dict={})
+
+
+def test_published_numbers_are_the_sources():
+  from jsim import published
+  pub = published.PUBLISHED
+  # Section 6's seen figures are cases 1-2 weighted by their pair counts (180*9,950 and 180*179*50).
+  n1, n2 = 180 * 9950, 180 * 179 * 50
+  for backbone, seen in (("resnet50", 87.55), ("vgg16", 83.61)):
+    cases = pub[backbone]["case_accuracy"]
+    assert pub[backbone]["seen_accuracy"] == seen
+    assert 0 <= (n1 * cases[1] + n2 * cases[2]) / (n1 + n2) - seen < 0.01  # (87.5556: the source truncates)
+  assert pub["resnet50"]["unseen_accuracy"] == 73.8 and pub["vgg16"]["unseen_accuracy"] is None
+  assert report.PUBLISHED is pub  # one table
+
+
+def test_configs_quote_only_published_numbers():
+  # Every number on a "published" line of a config's docstring is one of jsim.published's.
+  import ast
+  import pathlib
+  import re
+  from jsim import published
+  values = published.all_values()
+  quoted = 0
+  for path in sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.py")):
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    for line in doc.splitlines():
+      if "ublished" in line:
+        for number in re.findall(r"\d+\.\d+", line):
+          assert float(number) in values, f"{path.name}: {number} in {line!r} is not in jsim/published.py"
+          quoted += 1
+  assert quoted >= 6
 
 
 def _png(path):
