@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.0, alpha=0.01, halving_wait=3, num_epochs=50,
       train_per_ordered_class_pair=10, train_similar_per_class=1790,
       val_per_ordered_class_pair=6, val_similar_per_class=1074,
+      exclusion="redraw",     # a training pair that is a validation pair: redraw it | remove it (PROTOCOL.md)
       ensemble_workdirs=(),   # other workdirs (same data and seed) whose embeddings are concatenated
       log_every_steps=200, checkpoint_every_steps=0, keep_checkpoints=2,
   ))

@@ -107,6 +107,7 @@ def check_config(config) -> None:
   for key in ("train_per_ordered_class_pair", "train_similar_per_class", "val_per_ordered_class_pair",
               "val_similar_per_class"):
     _positive(f"similarity.{key}", s[key])
+  _choice("similarity.exclusion", s.exclusion, ("redraw", "remove"))
   for other in s.ensemble_workdirs:
     if not Path(other).is_dir():
       raise ValueError(f"similarity.ensemble_workdirs: {other} is not a directory")
