@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.classifier = ml_collections.ConfigDict(dict(
       batch_size=64, eval_batch_size=256, learning_rate=0.01, momentum=0.8, nesterov=True,
       weight_decay=0.0, alpha=0.02, halving_wait=3, num_epochs=30, input_size=224,
+      nag_form="optax",       # optax | paper: the paper's u_t keeps the old rate after a halving (PROTOCOL.md)
       augment=augment.default_augment_config(),
       log_every_steps=50, checkpoint_every_steps=0, keep_checkpoints=2,
   ))
@@ -53,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
       feature="l1",           # l1 | sq | prod | cos | l2, or a concatenation such as "l1+prod"
       hidden=(),              # empty: halve the embedding width twice (the protocol)
       dropout=0.25, batch_size=256, learning_rate=0.005, momentum=0.8, nesterov=True,
-      weight_decay=0.0, alpha=0.01, halving_wait=3, num_epochs=50,
+      weight_decay=0.0, alpha=0.01, halving_wait=3, num_epochs=50, nag_form="optax",
       train_per_ordered_class_pair=10, train_similar_per_class=1790,
       val_per_ordered_class_pair=6, val_similar_per_class=1074,
       exclusion="redraw",     # a training pair that is a validation pair: redraw it | remove it (PROTOCOL.md)

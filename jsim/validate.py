@@ -45,6 +45,7 @@ def _training(prefix: str, cfg, devices: int) -> None:
   _positive(f"{prefix}.log_every_steps", cfg.log_every_steps)
   _positive(f"{prefix}.checkpoint_every_steps", cfg.checkpoint_every_steps, allow_zero=True)
   _positive(f"{prefix}.keep_checkpoints", cfg.keep_checkpoints)
+  _choice(f"{prefix}.nag_form", cfg.get("nag_form", "optax"), ("optax", "paper"))
 
 
 def check_config(config) -> None:

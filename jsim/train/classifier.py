@@ -39,7 +39,7 @@ def initial_variables(config, model, num_classes: int, input_size: int) -> dict:
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
   return schedule.make_optimizer(learning_rate=cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                 weight_decay=cfg.weight_decay)
+                                 weight_decay=cfg.weight_decay, nag_form=cfg.get("nag_form", "optax"))
 
 
 def _input_dtype(model):
