@@ -68,3 +68,29 @@ def test_exclusion_is_checked_with_the_config():
   config.similarity.exclusion = "drop"
   with pytest.raises(ValueError, match="similarity.exclusion='drop'"):
     validate.check_config(config)
+
+
+def test_normalization_statistics_come_from_t180(tmp_path):
+  # The source computes the statistics "across the training set": T180 = stage-1 train +
+  # validation. 'train' (the stage-1 split only) and 'imagenet' stay available.
+  from jsim.data import augment, prepare
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
+  images[20:] //= 2  # the validation images differ, so the two choices do too
+  train_idx, val_idx = np.arange(0, 20)[::-1], np.arange(20, 27)  # 27..29: an unseen class
+  config = tiny_config()
+  assert config.data.normalization == "t180"
+  mean, std = prepare._statistics(config, tmp_path, images, train_idx, val_idx)
+  ref_mean, ref_std = augment.channel_stats(images[:27])
+  np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)
+  np.testing.assert_allclose(std, ref_std, rtol=1e-12)
+  stage1_mean, _ = augment.channel_stats(images[:20])
+  assert np.abs(np.subtract(mean, stage1_mean)).max() > 0.01
+  # Recorded once; a workdir recorded with another choice says how to continue it.
+  assert prepare.read_preprocessing(tmp_path)["normalization"] == "t180"
+  config.data.normalization = "train"
+  with pytest.raises(ValueError, match="--config.data.normalization=t180"):
+    prepare._statistics(config, tmp_path, images, train_idx, val_idx)
+  old = tmp_path / "old"
+  old.mkdir()
+  np.testing.assert_allclose(prepare._statistics(config, old, images, train_idx, val_idx)[0], stage1_mean)

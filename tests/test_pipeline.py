@@ -16,7 +16,7 @@ def test_workdir_contract(tiny_workdir):
   split = _json(w / "split.json")
   assert split["counts"] == {"seen_classes": 6, "unseen_classes": 2, "train": 42, "val": 18, "test": 32}
   pre = _json(w / "preprocessing.json")
-  assert pre["normalization"] == "train" and len(pre["mean"]) == 3 and pre["image_size"] == 32
+  assert pre["normalization"] == "t180" and len(pre["mean"]) == 3 and pre["image_size"] == 32
 
   for stage, epochs in (("stage1", 2), ("stage2", 3)):
     rows = [json.loads(line) for line in (w / stage / "metrics.jsonl").read_text().splitlines()]
