@@ -66,6 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
       mode="sampled",         # sampled (the protocol's 3.98M pairs) | exhaustive (every distinct pair)
       test_per_ordered_class_pair=50, test_similar_per_class=9950,
       chunk_size=65536, num_bins=1000, retrieval=True, retrieval_examples=8,
+      # Stage 1 draws this many train images under each augmentation in W/figures/augmentations.png
+      # and its TensorBoard (the source's Table 1); 0: none. Not part of stage 1's identity.
+      augmentation_examples=4,
+      compare_workdirs=(),    # other evaluated workdirs: their ROC curves beside this run's (figures/roc_backbones.png)
   ))
 
   c.sweep = ml_collections.ConfigDict(dict(features=("l1", "sq", "prod", "cos", "l1+prod")))

@@ -120,6 +120,9 @@ def check_config(config) -> None:
   _positive("evaluation.chunk_size", e.chunk_size)
   _divisible("evaluation.chunk_size", e.chunk_size, devices)
   _positive("evaluation.num_bins", e.num_bins)
+  for other in e.get("compare_workdirs", ()):
+    if not (Path(other) / "evaluation.npz").is_file():
+      raise ValueError(f"evaluation.compare_workdirs: {other} has no evaluation.npz (evaluate it first)")
 
 
 # ---------------------------------------------------------------------------

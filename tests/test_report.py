@@ -171,3 +171,53 @@ def test_comparison_table(tmp_path):
   assert back[1]["auc"] is None and back[0]["val_accuracy"] == 0.9631
   with pytest.raises(ValueError):
     report.write_comparison([], tmp_path / "a.md", tmp_path / "a.json")
+
+
+def test_result_round_trip_and_figure7_from_two_workdirs(tmp_path, capsys):
+  # The source's Figure 7: both backbones' ROC curves, all / seen / unseen, from two evaluated workdirs.
+  from jsim.evaluate import compare, pairwise
+  res = {"resnet50": _result(0.4), "vgg16": _result(0.6, count=(100, 200, 50, 40, 20))}
+  for backbone, r in res.items():
+    w = tmp_path / backbone
+    report.write_report(w, r, val_threshold=None, backbone=backbone)
+    pairwise.save_result(r, w / compare.RESULT_FILE)
+    back = pairwise.load_result(w / compare.RESULT_FILE)
+    for field in ("count", "correct_05", "correct_threshold", "hist_pos", "hist_neg"):
+      np.testing.assert_array_equal(getattr(back, field), getattr(r, field))
+    assert (back.threshold, back.mode) == (r.threshold, r.mode)
+  out = tmp_path / "fig7.png"
+  assert compare.main([str(tmp_path / "resnet50"), str(tmp_path / "vgg16"), f"--out={out}"]) == 0
+  arr = _png(out)
+  assert arr.shape[1] > 2 * arr.shape[0]  # three panels side by side
+  # Both backbones' colours are drawn (blue and orange lines).
+  assert ((arr[..., 2] > 150) & (arr[..., 0] < 80)).sum() > 50
+  assert ((arr[..., 0] > 200) & (arr[..., 1] > 100) & (arr[..., 1] < 160) & (arr[..., 2] < 60)).sum() > 50
+  label, _ = compare.load_evaluated(tmp_path / "vgg16")
+  assert label == "VGG16"
+  # Refusals: one line each, nothing overwritten, nothing written.
+  assert compare.main([str(tmp_path / "resnet50"), f"--out={out}"]) == 1
+  assert "exists" in capsys.readouterr().err
+  assert compare.main([str(tmp_path), f"--out={tmp_path / 'other.png'}"]) == 1
+  err = capsys.readouterr().err
+  assert "evaluation.npz is missing" in err and len(err.strip().splitlines()) == 1
+  assert not (tmp_path / "other.png").exists()
+
+
+def test_augmentation_figure(tmp_path):
+  # The source's Table 1: each augmentation alone, then all four, on a few images.
+  from jsim.data import augment
+  rng = np.random.default_rng(3)
+  images = rng.integers(60, 200, size=(3, 32, 32, 3), dtype=np.uint8)
+  cfg = augment.default_augment_config()
+  cfg.crop_size = 24
+  examples, angles = figures.augmentation_examples(images, cfg, seed=1)
+  assert examples.shape == (3, len(figures.AUGMENTATION_COLUMNS), 32, 32, 3) and examples.dtype == np.uint8
+  np.testing.assert_array_equal(examples[:, 0], images)
+  col = {name: examples[:, i] for i, name in enumerate(figures.AUGMENTATION_COLUMNS)}
+  np.testing.assert_array_equal(col["flip"], images[:, :, ::-1])   # flip alone is exact
+  assert not np.array_equal(col["jitter"], images) and (col["jitter"] > 0).all()  # colour only: no fill
+  assert not (col["crop"] == 0).any()                                # a crop alone has no fill either
+  assert (col["rotation"] == 0).all(-1).any() and (col["all four"] == 0).all(-1).any()  # black fill
+  assert np.all(np.abs(angles) <= np.pi / 3)
+  arr = _png(figures.plot_augmentations(examples, tmp_path / "aug.png", angles=angles, title="Table 1"))
+  assert arr.shape[1] > arr.shape[0]

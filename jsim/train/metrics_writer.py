@@ -46,6 +46,12 @@ class MetricsWriter:
         self._tb.add_scalar(f"epoch/{key}", value, row["epoch"])
     self._tb.flush()
 
+  def write_image(self, tag: str, image, step: int = 0) -> None:
+    """A uint8 [H, W, 3] image (e.g. a figure's pixels) in TensorBoard's Images tab."""
+    if self.enabled:
+      self._tb.add_image(tag, image, step, dataformats="HWC")
+      self._tb.flush()
+
   def write_scalars(self, step: int, scalars: dict) -> None:
     if self.enabled:
       for key, value in scalars.items():
