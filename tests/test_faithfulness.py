@@ -94,3 +94,11 @@ def test_normalization_statistics_come_from_t180(tmp_path):
   old = tmp_path / "old"
   old.mkdir()
   np.testing.assert_allclose(prepare._statistics(config, old, images, train_idx, val_idx)[0], stage1_mean)
+
+
+def test_compare_workdirs_must_be_evaluated(tmp_path):
+  from jsim import validate
+  config = tiny_config()
+  config.evaluation.compare_workdirs = (str(tmp_path),)
+  with pytest.raises(ValueError, match="evaluation.compare_workdirs: .* has no evaluation.npz"):
+    validate.check_config(config)

@@ -173,7 +173,7 @@ def test_comparison_table(tmp_path):
     report.write_comparison([], tmp_path / "a.md", tmp_path / "a.json")
 
 
-def test_result_round_trip_and_figure7_from_two_workdirs(tmp_path, capsys):
+def test_result_round_trip_and_figure7_from_two_workdirs(tmp_path, capsys, monkeypatch):
   # The source's Figure 7: both backbones' ROC curves, all / seen / unseen, from two evaluated workdirs.
   from jsim.evaluate import compare, pairwise
   res = {"resnet50": _result(0.4), "vgg16": _result(0.6, count=(100, 200, 50, 40, 20))}
@@ -194,6 +194,12 @@ def test_result_round_trip_and_figure7_from_two_workdirs(tmp_path, capsys):
   assert ((arr[..., 0] > 200) & (arr[..., 1] > 100) & (arr[..., 1] < 160) & (arr[..., 2] < 60)).sum() > 50
   label, _ = compare.load_evaluated(tmp_path / "vgg16")
   assert label == "VGG16"
+  # evaluation.compare_workdirs: this run's curves first, others labelled apart when they share a backbone.
+  seen = {}
+  monkeypatch.setattr(figures, "plot_roc_backbones", lambda results, out: seen.update(results) or out)
+  compare.roc_of_workdirs([tmp_path / "resnet50", tmp_path / "vgg16"], tmp_path / "x.png",
+                          extra={"ResNet50": res["resnet50"]})
+  assert list(seen) == ["ResNet50", "ResNet50 (resnet50)", "VGG16"]
   # Refusals: one line each, nothing overwritten, nothing written.
   assert compare.main([str(tmp_path / "resnet50"), f"--out={out}"]) == 1
   assert "exists" in capsys.readouterr().err

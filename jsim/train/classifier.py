@@ -319,7 +319,7 @@ def write_augmentation_figure(config, data, workdir: Path, stage_dir: Path) -> P
   figures.plot_augmentations(examples, out, angles=angles,
                              title=f"Stage-1 augmentations (order '{config.classifier.augment.order}'; "
                                    f"each fires with p = {config.classifier.augment.prob} in training)")
-  writer = MetricsWriter(stage_dir)
+  writer = MetricsWriter(stage_dir, filename_suffix=".augmentations")
   try:
     with Image.open(out) as im:
       writer.write_image("augmentations", np.asarray(im.convert("RGB")))
