@@ -106,6 +106,7 @@ def test_configs_quote_only_published_numbers():
   import ast
   import pathlib
   import re
+
   from jsim import published
   values = published.all_values()
   quoted = 0

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from jsim.evaluate import figures, pairwise
 from jsim.published import BACKBONE_TITLES
