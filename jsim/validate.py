@@ -45,7 +45,8 @@ def _training(prefix: str, cfg, devices: int) -> None:
   _positive(f"{prefix}.log_every_steps", cfg.log_every_steps)
   _positive(f"{prefix}.checkpoint_every_steps", cfg.checkpoint_every_steps, allow_zero=True)
   _positive(f"{prefix}.keep_checkpoints", cfg.keep_checkpoints)
-  _choice(f"{prefix}.nag_form", cfg.get("nag_form", "optax"), ("optax", "paper"))
+  from jsim.train import schedule
+  _choice(f"{prefix}.nag_form", cfg.get("nag_form", "optax"), schedule.NAG_FORMS)
 
 
 def check_config(config) -> None:
@@ -108,7 +109,7 @@ def check_config(config) -> None:
   for key in ("train_per_ordered_class_pair", "train_similar_per_class", "val_per_ordered_class_pair",
               "val_similar_per_class"):
     _positive(f"similarity.{key}", s[key])
-  _choice("similarity.exclusion", s.exclusion, ("redraw", "remove"))
+  _choice("similarity.exclusion", s.exclusion, pairs.EXCLUSIONS)
   for other in s.ensemble_workdirs:
     if not Path(other).is_dir():
       raise ValueError(f"similarity.ensemble_workdirs: {other} is not a directory")

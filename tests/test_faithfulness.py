@@ -45,8 +45,8 @@ def test_similarity_plan_exclusion(exclusion):
   counts = []
   for epoch in (1, 2):
     plan.begin_epoch(epoch)
-    used = sum(plan._sizes)
-    assert plan.num_batches(epoch) == -(-used // 16) == len(plan._sizes)
+    used = sum(plan.batch_sizes)
+    assert plan.num_batches(epoch) == -(-used // 16) == len(plan.batch_sizes)
     assert plan._pairs.shape == (drawn, 2)  # same shape every epoch: one compiled step
     batches = np.asarray(plan._pairs)[:used]
     assert not np.isin(_keys(batches), _keys(plan.val_pairs)).any()
@@ -57,7 +57,7 @@ def test_similarity_plan_exclusion(exclusion):
     assert all(drawn - 60 < c < drawn - 5 for c in counts), counts
   state = similarity.init_state(config, model, 32, tx)
   state, sums = plan.train_step(state, 2, plan.num_batches(2) - 1, loop.zero_sums())  # the short last batch
-  assert int(sums["count"]) == plan._sizes[-1]
+  assert int(sums["count"]) == plan.batch_sizes[-1]
 
 
 def test_exclusion_is_checked_with_the_config():
@@ -87,7 +87,8 @@ def test_normalization_statistics_come_from_t180(tmp_path):
   stage1_mean, _ = augment.channel_stats(images[:20])
   assert np.abs(np.subtract(mean, stage1_mean)).max() > 0.01
   # Recorded once; a workdir recorded with another choice says how to continue it.
-  assert prepare.read_preprocessing(tmp_path)["normalization"] == "t180"
+  import json
+  assert json.loads((tmp_path / prepare.PREPROCESSING_FILE).read_text())["normalization"] == "t180"
   config.data.normalization = "train"
   with pytest.raises(ValueError, match="--config.data.normalization=t180"):
     prepare._statistics(config, tmp_path, images, train_idx, val_idx)
