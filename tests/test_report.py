@@ -218,6 +218,7 @@ def test_result_round_trip_and_figure7_from_two_workdirs(tmp_path, capsys, monke
 def test_augmentation_figure(tmp_path):
   # The source's Table 1: each augmentation alone, then all four, on a few images.
   from jsim.data import augment
+  from jsim.data import augment_figure as figures
   rng = np.random.default_rng(3)
   images = rng.integers(60, 200, size=(3, 32, 32, 3), dtype=np.uint8)
   cfg = augment.default_augment_config()

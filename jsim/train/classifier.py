@@ -298,7 +298,7 @@ def train_classifier(config, workdir: str | Path) -> dict:
   return result
 
 
-AUGMENTATION_FIGURE = "figures/augmentations.png"
+AUGMENTATION_FIGURE = "figures/augmentations.png"  # (jsim.data.augment_figure)
 
 
 def write_augmentation_figure(config, data, workdir: Path, stage_dir: Path) -> Path | None:
@@ -311,7 +311,7 @@ def write_augmentation_figure(config, data, workdir: Path, stage_dir: Path) -> P
     return None
   from PIL import Image
 
-  from jsim.evaluate import figures
+  from jsim.data import augment_figure as figures
   from jsim.train.metrics_writer import MetricsWriter
   idx = np.sort(np.random.default_rng(config.seed).choice(data.train_idx, min(n, len(data.train_idx)), replace=False))
   examples, angles = figures.augmentation_examples(data.train_set.images[idx], config.classifier.augment,
