@@ -49,5 +49,6 @@ def get_config():
   e.test_similar_per_class = 14
   e.chunk_size = 64
   e.retrieval_examples = 2
+  e.augmentation_examples = 0  # (its compile would add seconds to every run in the tests; tiny_workdir turns it on)
   c.sweep.features = ("l1", "prod")
   return c

@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic.update(num_classes=40, train_per_class=60, test_per_class=20)
   c.data.num_seen_classes = 180
   c.data.val_fraction = 0.3
-  c.data.normalization = "train"  # train (statistics of the stage-1 train split) | imagenet
+  c.data.normalization = "t180"  # t180 (the source: T180's statistics) | train (stage-1 train split) | imagenet
   # Stage 1's input: device (every train image held on each device, batches gathered in the step) |
   # stream (images stay on the host; grain reads each batch, sent sharded: device memory holds batches only).
   c.data.pipeline = "device"
@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.classifier = ml_collections.ConfigDict(dict(
       batch_size=64, eval_batch_size=256, learning_rate=0.01, momentum=0.8, nesterov=True,
       weight_decay=0.0, alpha=0.02, halving_wait=3, num_epochs=30, input_size=224,
+      nag_form="optax",       # optax | paper: the paper's u_t keeps the old rate after a halving (PROTOCOL.md)
       augment=augment.default_augment_config(),
       log_every_steps=50, checkpoint_every_steps=0, keep_checkpoints=2,
   ))
@@ -53,9 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
       feature="l1",           # l1 | sq | prod | cos | l2, or a concatenation such as "l1+prod"
       hidden=(),              # empty: halve the embedding width twice (the protocol)
       dropout=0.25, batch_size=256, learning_rate=0.005, momentum=0.8, nesterov=True,
-      weight_decay=0.0, alpha=0.01, halving_wait=3, num_epochs=50,
+      weight_decay=0.0, alpha=0.01, halving_wait=3, num_epochs=50, nag_form="optax",
       train_per_ordered_class_pair=10, train_similar_per_class=1790,
       val_per_ordered_class_pair=6, val_similar_per_class=1074,
+      exclusion="redraw",     # a training pair that is a validation pair: redraw it | remove it (PROTOCOL.md)
       ensemble_workdirs=(),   # other workdirs (same data and seed) whose embeddings are concatenated
       log_every_steps=200, checkpoint_every_steps=0, keep_checkpoints=2,
   ))
@@ -64,6 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
       mode="sampled",         # sampled (the protocol's 3.98M pairs) | exhaustive (every distinct pair)
       test_per_ordered_class_pair=50, test_similar_per_class=9950,
       chunk_size=65536, num_bins=1000, retrieval=True, retrieval_examples=8,
+      # Stage 1 draws this many train images under each augmentation in W/figures/augmentations.png
+      # and its TensorBoard (the source's Table 1); 0: none. Not part of stage 1's identity.
+      augmentation_examples=4,
+      compare_workdirs=(),    # other evaluated workdirs: their ROC curves beside this run's (figures/roc_backbones.png)
   ))
 
   c.sweep = ml_collections.ConfigDict(dict(features=("l1", "sq", "prod", "cos", "l1+prod")))

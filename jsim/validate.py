@@ -45,6 +45,8 @@ def _training(prefix: str, cfg, devices: int) -> None:
   _positive(f"{prefix}.log_every_steps", cfg.log_every_steps)
   _positive(f"{prefix}.checkpoint_every_steps", cfg.checkpoint_every_steps, allow_zero=True)
   _positive(f"{prefix}.keep_checkpoints", cfg.keep_checkpoints)
+  from jsim.train import schedule
+  _choice(f"{prefix}.nag_form", cfg.get("nag_form", "optax"), schedule.NAG_FORMS)
 
 
 def check_config(config) -> None:
@@ -107,6 +109,7 @@ def check_config(config) -> None:
   for key in ("train_per_ordered_class_pair", "train_similar_per_class", "val_per_ordered_class_pair",
               "val_similar_per_class"):
     _positive(f"similarity.{key}", s[key])
+  _choice("similarity.exclusion", s.exclusion, pairs.EXCLUSIONS)
   for other in s.ensemble_workdirs:
     if not Path(other).is_dir():
       raise ValueError(f"similarity.ensemble_workdirs: {other} is not a directory")
@@ -118,6 +121,9 @@ def check_config(config) -> None:
   _positive("evaluation.chunk_size", e.chunk_size)
   _divisible("evaluation.chunk_size", e.chunk_size, devices)
   _positive("evaluation.num_bins", e.num_bins)
+  for other in e.get("compare_workdirs", ()):
+    if not (Path(other) / "evaluation.npz").is_file():
+      raise ValueError(f"evaluation.compare_workdirs: {other} has no evaluation.npz (evaluate it first)")
 
 
 # ---------------------------------------------------------------------------

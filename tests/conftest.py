@@ -38,6 +38,7 @@ def jsim_cache(tmp_path_factory) -> Path:
 def tiny_workdir(tmp_path_factory, jsim_cache) -> Path:
   """A workdir where configs/tiny.py ran every stage (built once per test process)."""
   workdir = tmp_path_factory.mktemp("tiny") / "run"
-  proc = run_jsim(["--config=configs/tiny.py", f"--workdir={workdir}"], jsim_cache)
+  proc = run_jsim(["--config=configs/tiny.py", f"--workdir={workdir}",
+                   "--config.evaluation.augmentation_examples=3"], jsim_cache)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir

@@ -119,6 +119,36 @@ def test_protocol_numbers_180_classes_with_validation_exclusion():
   assert not np.isin(_keys(pairs), _keys(val)).any()
 
 
+def test_exclusion_remove_or_redraw_at_protocol_numbers():
+  # The source removes training pairs that are validation pairs; jsim redraws them by default.
+  labels = _labels([500] * 180, seed=8)  # T180: 180 classes x 500 train-folder images
+  ci = P.build_class_index(labels)
+  classes = jnp.arange(180, dtype=jnp.int32)
+  val, _ = P.sample_pairs(jax.random.key(12), ci, classes, 6, 1074)
+  exclusion = P.make_exclusion(val)
+  key = jax.random.key(13)
+  redrawn, _, stats = P.sample_pairs_with_stats(key, ci, classes, 10, 1790, exclusion)
+  kept, kept_same = P.sample_pairs(key, ci, classes, 10, 1790, exclusion, exclusion="remove")
+  kept, kept_same = np.asarray(kept), np.asarray(kept_same)
+  assert redrawn.shape[0] == 644400 and -(-644400 // 256) == 2518
+  # Removing leaves the first draw minus its collisions (~15.4 similar pairs per class and
+  # ~0.1 dissimilar: about 2,790), in the same order: about 641,600 pairs, 2,507 updates of 256.
+  assert kept.shape[0] == 644400 - int(stats["collisions"])
+  assert abs(kept.shape[0] - 641600) < 300, kept.shape[0]
+  assert -(-kept.shape[0] // 256) == 2507
+  assert not np.isin(_keys(kept), _keys(val)).any()
+  la, lb = labels[kept[:, 0]], labels[kept[:, 1]]
+  np.testing.assert_array_equal(kept_same, la == lb)
+  per_class = np.bincount(la[kept_same], minlength=180)
+  assert per_class.max() <= 1790 and per_class.sum() < 322200 - 2000  # the similar pairs are the ones removed
+  # Shuffled, the kept pairs are the same set in another order.
+  shuffled, _ = P.sample_pairs(key, ci, classes, 10, 1790, exclusion, exclusion="remove", shuffle=True)
+  assert shuffled.shape == kept.shape and not np.array_equal(np.asarray(shuffled), kept)
+  np.testing.assert_array_equal(np.sort(_keys(shuffled)), np.sort(_keys(kept)))
+  with pytest.raises(ValueError, match="exclusion"):
+    P.sample_pairs(key, ci, classes, 1, 2, exclusion, exclusion="drop")
+
+
 def test_exclusion_on_tiny_set_with_frequent_collisions():
   labels = _labels([4, 5, 3], seed=6)
   ci = P.build_class_index(labels)

@@ -11,12 +11,27 @@ def _json(path):
   return json.loads(path.read_text())
 
 
+def _tensorboard_values(tb_dir):
+  """Every summary value in a TensorBoard folder's event files (TFRecord framing, tensorboardX's protos)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  values = []
+  for path in sorted(tb_dir.glob("events.out.tfevents.*")):
+    data, pos = path.read_bytes(), 0
+    while pos + 12 <= len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      values += list(event.summary.value)
+      pos += 12 + length + 4
+  return values
+
+
 def test_workdir_contract(tiny_workdir):
   w = tiny_workdir
   split = _json(w / "split.json")
   assert split["counts"] == {"seen_classes": 6, "unseen_classes": 2, "train": 42, "val": 18, "test": 32}
   pre = _json(w / "preprocessing.json")
-  assert pre["normalization"] == "train" and len(pre["mean"]) == 3 and pre["image_size"] == 32
+  assert pre["normalization"] == "t180" and len(pre["mean"]) == 3 and pre["image_size"] == 32
 
   for stage, epochs in (("stage1", 2), ("stage2", 3)):
     rows = [json.loads(line) for line in (w / stage / "metrics.jsonl").read_text().splitlines()]
@@ -46,8 +61,14 @@ def test_workdir_contract(tiny_workdir):
   assert set(report["auc"]) == {"overall", "seen", "unseen"}
   assert report["retrieval"]["num_queries"] == 8
   assert "| 1. similar, seen class |" in (w / "report.md").read_text()
-  for fig in ("stage1_curves", "stage2_curves", "roc", "retrieval_unseen"):
+  for fig in ("stage1_curves", "stage2_curves", "roc", "retrieval_unseen", "augmentations"):
     assert (w / "figures" / f"{fig}.png").stat().st_size > 1000
+  assert "figures/augmentations.png" in (w / "report.md").read_text()
+  # Stage 1 also logged the augmentation figure to TensorBoard (the source's Table 1).
+  images = [v for v in _tensorboard_values(w / "stage1" / "tb") if v.tag == "augmentations" and v.HasField("image")]
+  assert len(images) == 1 and images[0].image.width > 300 and images[0].image.encoded_image_string[:4] == b"\x89PNG"
+  # The evaluation also wrote its test-pair histograms, which `jsim.evaluate.compare` reads.
+  assert (w / "evaluation.npz").is_file()
 
 
 def test_rerun_resumes_instead_of_restarting(tiny_workdir, jsim_cache):

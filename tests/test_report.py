@@ -53,6 +53,7 @@ def test_report_json_and_markdown(tmp_path):
   # at the top (tied: 0.5) and half at the bottom -> 0.5 * 1 + 0.5 * 0.5 = 0.75.
   assert rep["auc"]["seen"] == pytest.approx(1.0) and rep["auc"]["unseen"] == pytest.approx(0.75)
   assert rep["published"]["overall"] == pytest.approx(0.8651) and rep["published"]["unseen"] == pytest.approx(0.738)
+  assert rep["published"]["seen"] == pytest.approx(0.8755)  # section 6, not the abstract's rounded 87.5
   assert rep["retrieval"]["recall@5"] == 0.75 and rep["config"]["hidden"] == [1024, 512]
   assert rep["extra"] == {"checkpoint_step": 7}
   md = (tmp_path / "report.md").read_text()
@@ -71,17 +72,57 @@ def test_report_vgg_and_unknown_backbones_and_empty_case(tmp_path):
                           "correct_threshold": np.array([90, 180, 45, 0, 6])})
   table = report.write_report(tmp_path / "vgg", res, val_threshold=None, backbone="vgg16", config_dict=None)
   seen_row = next(line for line in table.splitlines() if "seen (1-2)" in line and "unseen" not in line)
-  assert seen_row.rstrip().endswith("| - |")  # the source has no seen summary for VGG16
+  assert seen_row.rstrip().endswith("| 83.61 % |")  # the source's section 6 for VGG16, cases 1-2
+  unseen_row = next(line for line in table.splitlines() if "unseen (4-5)" in line)
+  assert unseen_row.rstrip().endswith("| - |")  # the source gives no unseen summary for VGG16
   case4 = next(line for line in table.splitlines() if line.startswith("| 4."))
   assert "| 0 | - | - | 83.00 % |" in case4  # no pairs: no accuracy
   rep = json.loads((tmp_path / "vgg" / "report.json").read_text())
-  assert rep["cases"][3]["accuracy_at_0.5"] is None and rep["published"]["seen"] is None
+  assert rep["cases"][3]["accuracy_at_0.5"] is None and rep["published"]["seen"] == pytest.approx(0.8361)
+  assert rep["published"]["unseen"] is None
   table = report.write_report(tmp_path / "tiny", _result(), val_threshold=0.4, backbone="resnet_tiny",
                               config_dict={})
   assert all(line.rstrip().endswith("| - |") for line in table.splitlines()[2:])
   assert json.loads((tmp_path / "tiny" / "report.json").read_text())["published"] is None
   with pytest.raises(ValueError, match="val_threshold"):
     report.write_report(tmp_path, _result(), val_threshold=0.5, backbone="resnet50", config_dict={})
+
+
+def test_published_numbers_are_the_sources():
+  from jsim import published
+  pub = published.PUBLISHED
+  # Section 6's seen figures are cases 1-2 weighted by their pair counts (180*9,950 and 180*179*50).
+  n1, n2 = 180 * 9950, 180 * 179 * 50
+  for backbone, seen in (("resnet50", 87.55), ("vgg16", 83.61)):
+    cases = pub[backbone]["case_accuracy"]
+    assert pub[backbone]["seen_accuracy"] == seen
+    assert 0 <= (n1 * cases[1] + n2 * cases[2]) / (n1 + n2) - seen < 0.01  # (87.5556: the source truncates)
+  assert pub["resnet50"]["unseen_accuracy"] == 73.8 and pub["vgg16"]["unseen_accuracy"] is None
+  assert report.PUBLISHED is pub  # one table
+
+
+def test_configs_quote_only_published_numbers():
+  # Every number in a "Published ..." paragraph (or on a "published" line) of a config's
+  # docstring is one of jsim.published's.
+  import ast
+  import pathlib
+  import re
+
+  from jsim import published
+  values = published.all_values()
+  quoted = 0
+  for path in sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.py")):
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    in_table = False
+    for line in doc.splitlines():
+      in_table = in_table and bool(line.strip())   # a paragraph ends at a blank line
+      if line.lstrip().startswith("Published"):
+        in_table = True
+      if in_table or "ublished" in line:
+        for number in re.findall(r"\d+\.\d+", line):
+          assert float(number) in values, f"{path.name}: {number} in {line!r} is not in jsim/published.py"
+          quoted += 1
+  assert quoted >= 18  # configs/protocol.py's table: 6 + 10 cases + 2 seen
 
 
 def _png(path):
@@ -136,3 +177,60 @@ def test_comparison_table(tmp_path):
   assert back[1]["auc"] is None and back[0]["val_accuracy"] == 0.9631
   with pytest.raises(ValueError):
     report.write_comparison([], tmp_path / "a.md", tmp_path / "a.json")
+
+
+def test_result_round_trip_and_figure7_from_two_workdirs(tmp_path, capsys, monkeypatch):
+  # The source's Figure 7: both backbones' ROC curves, all / seen / unseen, from two evaluated workdirs.
+  from jsim.evaluate import compare, pairwise
+  res = {"resnet50": _result(0.4), "vgg16": _result(0.6, count=(100, 200, 50, 40, 20))}
+  for backbone, r in res.items():
+    w = tmp_path / backbone
+    report.write_report(w, r, val_threshold=None, backbone=backbone)
+    pairwise.save_result(r, w / compare.RESULT_FILE)
+    back = pairwise.load_result(w / compare.RESULT_FILE)
+    for field in ("count", "correct_05", "correct_threshold", "hist_pos", "hist_neg"):
+      np.testing.assert_array_equal(getattr(back, field), getattr(r, field))
+    assert (back.threshold, back.mode) == (r.threshold, r.mode)
+  out = tmp_path / "fig7.png"
+  assert compare.main([str(tmp_path / "resnet50"), str(tmp_path / "vgg16"), f"--out={out}"]) == 0
+  arr = _png(out)
+  assert arr.shape[1] > 2 * arr.shape[0]  # three panels side by side
+  # Both backbones' colours are drawn (blue and orange lines).
+  assert ((arr[..., 2] > 150) & (arr[..., 0] < 80)).sum() > 50
+  assert ((arr[..., 0] > 200) & (arr[..., 1] > 100) & (arr[..., 1] < 160) & (arr[..., 2] < 60)).sum() > 50
+  label, _ = compare.load_evaluated(tmp_path / "vgg16")
+  assert label == "VGG16"
+  # evaluation.compare_workdirs: this run's curves first, others labelled apart when they share a backbone.
+  seen = {}
+  monkeypatch.setattr(figures, "plot_roc_backbones", lambda results, out: seen.update(results) or out)
+  compare.roc_of_workdirs([tmp_path / "resnet50", tmp_path / "vgg16"], tmp_path / "x.png",
+                          extra={"ResNet50": res["resnet50"]})
+  assert list(seen) == ["ResNet50", "ResNet50 (resnet50)", "VGG16"]
+  # Refusals: one line each, nothing overwritten, nothing written.
+  assert compare.main([str(tmp_path / "resnet50"), f"--out={out}"]) == 1
+  assert "exists" in capsys.readouterr().err
+  assert compare.main([str(tmp_path), f"--out={tmp_path / 'other.png'}"]) == 1
+  err = capsys.readouterr().err
+  assert "evaluation.npz is missing" in err and len(err.strip().splitlines()) == 1
+  assert not (tmp_path / "other.png").exists()
+
+
+def test_augmentation_figure(tmp_path):
+  # The source's Table 1: each augmentation alone, then all four, on a few images.
+  from jsim.data import augment
+  from jsim.data import augment_figure as figures
+  rng = np.random.default_rng(3)
+  images = rng.integers(60, 200, size=(3, 32, 32, 3), dtype=np.uint8)
+  cfg = augment.default_augment_config()
+  cfg.crop_size = 24
+  examples, angles = figures.augmentation_examples(images, cfg, seed=1)
+  assert examples.shape == (3, len(figures.AUGMENTATION_COLUMNS), 32, 32, 3) and examples.dtype == np.uint8
+  np.testing.assert_array_equal(examples[:, 0], images)
+  col = {name: examples[:, i] for i, name in enumerate(figures.AUGMENTATION_COLUMNS)}
+  np.testing.assert_array_equal(col["flip"], images[:, :, ::-1])   # flip alone is exact
+  assert not np.array_equal(col["jitter"], images) and (col["jitter"] > 0).all()  # colour only: no fill
+  assert not (col["crop"] == 0).any()                                # a crop alone has no fill either
+  assert (col["rotation"] == 0).all(-1).any() and (col["all four"] == 0).all(-1).any()  # black fill
+  assert np.all(np.abs(angles) <= np.pi / 3)
+  arr = _png(figures.plot_augmentations(examples, tmp_path / "aug.png", angles=angles, title="Table 1"))
+  assert arr.shape[1] > arr.shape[0]

@@ -116,6 +116,29 @@ def test_ported_tree_is_exactly_the_init_tree(reference):
                                 sd["layer4.0.downsample.1.weight"].numpy())
 
 
+def test_ported_arrays_are_copies(reference):
+  # Converting must not alias the caller's tensors: editing them in place, or a train-mode
+  # forward (which updates BN running statistics in place), leaves the Flax variables as they were.
+  import copy
+  tm = copy.deepcopy(reference["resnet50"][0])
+  variables = models.from_torchvision("resnet50", tm.state_dict(), num_classes=180)
+  numpy_sd = {k: v.numpy().copy() for k, v in tm.state_dict().items()}
+  from_numpy = models.from_torchvision("resnet50", numpy_sd, num_classes=180)
+  before = jax.tree_util.tree_map(np.copy, variables)
+  tm.train()
+  with torch.no_grad():
+    tm(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 3 + 1)
+    tm.bn1.weight.mul_(2.0)
+    tm.layer1[0].bn2.bias.sub_(1.0)
+    for v in numpy_sd.values():
+      v += 1
+  assert not np.allclose(tm.bn1.running_var.numpy(), before["batch_stats"]["bn1"]["var"])  # the forward did change it
+  for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(before)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree_util.tree_leaves(from_numpy), jax.tree_util.tree_leaves(before)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_pth_file_round_trip(reference, tmp_path):
   sd = reference["resnet50"][0].state_dict()
   path = tmp_path / "resnet50.pth"

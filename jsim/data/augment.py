@@ -20,16 +20,25 @@ Conventions (PROTOCOL.md, "Preprocessing" and "Augmentation"):
   max(out_size, H) x max(out_size, W) and the result is shrunk with jax.image.resize
   (bilinear, antialias=True), like torchvision's antialiased tensor Resize.
 * One resampling. Crop, flip, rotation and the resize to out_size are fused: every
-  output pixel is mapped through
-      output grid -> resized crop window (clamped to the window, as slicing then
-      resizing does) -> horizontal flip -> rotation about the image centre -> source
-  and the source is sampled once, bilinearly. The equivalent sequence of image
-  operations is: rotate the whole H x W image (same canvas), flip it, crop the window,
-  resize the crop. Outside the source the image is 0 in pixel space and, like
+  output pixel is mapped back to the source and the source is sampled once,
+  bilinearly. cfg.order chooses the equivalent sequence of image operations:
+    'paper' (default; the source's order, PROTOCOL.md): crop the window (the whole
+      image when crop does not fire), flip the window, rotate the window about its
+      own centre (uncovered pixels 0), resize it. The map is
+        output grid -> resized window (clamped to the window, as slicing then
+        resizing does) -> rotation about the window centre -> flip -> + offset -> source,
+      and only the window's pixels are read (outside it is fill, as for an image that
+      was sliced first).
+    'rotate_first' (jsim before issue 15): rotate the whole H x W image (same canvas),
+      flip it, crop the window, resize the crop: the fill of a 56x56 crop is then only
+      what the 64x64 rotation left uncovered inside it (5.7 % of the window on average
+      when both fire, against 13.8 % for 'paper'; tests/test_augment.py measures it).
+  Outside the window (or the image) the image is 0 in pixel space and, like
   torchvision's rotate(fill=0), the result is multiplied by the sampled coverage of a
   ones image (grid_sample 'zeros' padding plus torchvision's fill mask), so a rotation
   alone at out_size == H equals torchvision.transforms.functional.rotate(img, deg,
-  BILINEAR, fill=0) on the whole image, border included.
+  BILINEAR, fill=0) on the whole image, border included. The rotation is bilinear
+  (torchvision's RandomRotation defaults to nearest; the source does not say).
 * Rotation angle in radians, positive = counter-clockwise as displayed (torchvision's
   sign): torchvision's `rotate(img, degrees(angle))`.
 * Colour jitter = torchvision's ColorJitter on float tensors (adjust_brightness /
@@ -57,8 +66,11 @@ import numpy as np
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# The four transforms, in the names a config's `enabled` uses.
+# The four transforms, in the names a config's `enabled` uses (and the source's order).
 TRANSFORMS = ("jitter", "crop", "flip", "rotation")
+# cfg.order: 'paper' rotates the cropped (and flipped) window; 'rotate_first' rotates the
+# whole image before flipping and cropping it (jsim's order before issue 15).
+ORDERS = ("paper", "rotate_first")
 # Colour-jitter components; `jitter_order` in the params holds a permutation of these indices.
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 _HUE = 3
@@ -73,7 +85,8 @@ def default_augment_config() -> ml_collections.ConfigDict:
   in use, a subset of TRANSFORMS; a tuple or a comma-separated string), brightness,
   contrast, saturation (factors ~ U[1 - s, 1 + s]), hue (shift ~ U[-h, h], fraction of
   the hue circle), crop_size (square window, pixels), max_rotation (radians; angle ~
-  U[-max_rotation, max_rotation]).
+  U[-max_rotation, max_rotation]), order (one of ORDERS: 'paper' crops, flips, then
+  rotates the window; 'rotate_first' rotates the whole image, then flips and crops).
   """
   return ml_collections.ConfigDict(dict(
       prob=0.5,
@@ -84,6 +97,7 @@ def default_augment_config() -> ml_collections.ConfigDict:
       hue=0.1,
       crop_size=56,
       max_rotation=math.pi / 3,
+      order="paper",
   ))
 
 
@@ -96,6 +110,7 @@ class _Spec:
   crop_size: int
   max_rotation: float
   image_size: tuple[int, int]
+  order: str = "paper"
 
 
 def _spec(cfg: Any, image_size: tuple[int, int]) -> _Spec:
@@ -127,7 +142,10 @@ def _spec(cfg: Any, image_size: tuple[int, int]) -> _Spec:
   max_rotation = float(get("max_rotation"))
   if max_rotation < 0:
     raise ValueError(f"augment config: max_rotation={max_rotation} is negative")
-  return _Spec(prob, enabled, strengths, crop_size, max_rotation, (int(h), int(w)))
+  order = get("order")
+  if order not in ORDERS:
+    raise ValueError(f"augment config: order={order!r}; expected one of {ORDERS}")
+  return _Spec(prob, enabled, strengths, crop_size, max_rotation, (int(h), int(w)), order)
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -275,10 +293,15 @@ def _window_coords(window: int, m: int) -> np.ndarray:
   return np.clip(c, 0, window - 1).astype(np.float32)
 
 
-def _sample(img: jax.Array, ys: jax.Array, xs: jax.Array) -> jax.Array:
+def _sample(img: jax.Array, ys: jax.Array, xs: jax.Array, bounds: tuple | None = None) -> jax.Array:
   """Bilinear sample of img [H, W, C] at (ys, xs) [h, w], like torch's grid_sample
-  (align_corners=False, zeros padding) followed by torchvision's fill=0 mask."""
+  (align_corners=False, zeros padding) followed by torchvision's fill=0 mask.
+
+  bounds = (y0, y1, x0, x1): only pixels y0 <= i < y1, x0 <= j < x1 exist (a window
+  sliced out of img); the rest is padding. Default: the whole image.
+  """
   hh, ww, c = img.shape
+  y_lo, y_hi, x_lo, x_hi = (0, hh, 0, ww) if bounds is None else bounds
   y0 = jnp.floor(ys)
   x0 = jnp.floor(xs)
   fy = ys - y0
@@ -288,7 +311,7 @@ def _sample(img: jax.Array, ys: jax.Array, xs: jax.Array) -> jax.Array:
   yy = jnp.stack([y0, y0, y0 + 1, y0 + 1])
   xx = jnp.stack([x0, x0 + 1, x0, x0 + 1])
   w = jnp.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx])
-  valid = (yy >= 0) & (yy < hh) & (xx >= 0) & (xx < ww)
+  valid = (yy >= y_lo) & (yy < y_hi) & (xx >= x_lo) & (xx < x_hi)
   w = jnp.where(valid, w, 0.0)
   idx = jnp.clip(yy, 0, hh - 1) * ww + jnp.clip(xx, 0, ww - 1)
   vals = img.reshape(hh * ww, c)[idx]  # [4, h, w, C], one gather
@@ -303,6 +326,43 @@ def _work_size(image_size: tuple[int, int], out_size: int) -> tuple[int, int]:
 
 def _geometry(x: jax.Array, p: Params, spec: _Spec, work: tuple[int, int]) -> jax.Array:
   """Crop + flip + rotation + resize to `work`, as one bilinear resampling of x [H, W, 3]."""
+  if spec.order == "rotate_first":
+    return _geometry_rotate_first(x, p, spec, work)
+  h, w = spec.image_size
+  # Window coordinates (relative to the window's top-left pixel) of the resized samples.
+  ys = jnp.asarray(_window_coords(h, work[0]))
+  xs = jnp.asarray(_window_coords(w, work[1]))
+  size_y, size_x, off_y, off_x = jnp.float32(h), jnp.float32(w), jnp.float32(0), jnp.float32(0)
+  if "crop" in spec.enabled:
+    ys = jnp.where(p["crop"], jnp.asarray(_window_coords(spec.crop_size, work[0])), ys)
+    xs = jnp.where(p["crop"], jnp.asarray(_window_coords(spec.crop_size, work[1])), xs)
+    size_y = jnp.where(p["crop"], jnp.float32(spec.crop_size), size_y)
+    size_x = jnp.where(p["crop"], jnp.float32(spec.crop_size), size_x)
+    off_y = jnp.where(p["crop"], p["crop_y"].astype(jnp.float32), off_y)
+    off_x = jnp.where(p["crop"], p["crop_x"].astype(jnp.float32), off_x)
+  ys, xs = jnp.broadcast_arrays(ys[:, None], xs[None, :])
+  # Image operations flip, then rotate the window: map back through the rotation first.
+  if "rotation" in spec.enabled:
+    ys_r, xs_r = _unrotate(ys, xs, p["angle"], (size_y - 1) / 2, (size_x - 1) / 2)
+    ys = jnp.where(p["rotation"], ys_r, ys)
+    xs = jnp.where(p["rotation"], xs_r, xs)
+  if "flip" in spec.enabled:
+    xs = jnp.where(p["flip"], (size_x - 1) - xs, xs)
+  if "crop" not in spec.enabled:
+    return _sample(x, ys, xs)  # the window is the image: the same arithmetic as preprocess
+  bounds = (off_y, off_y + size_y, off_x, off_x + size_x)
+  return _sample(x, ys + off_y, xs + off_x, bounds)
+
+
+def _unrotate(ys, xs, angle, cy, cx):
+  """Inverse map of a counter-clockwise rotation (y down) about (cy, cx), as torchvision's rotate builds it."""
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  ry, rx = ys - cy, xs - cx
+  return sin * rx + cos * ry + cy, cos * rx - sin * ry + cx
+
+
+def _geometry_rotate_first(x: jax.Array, p: Params, spec: _Spec, work: tuple[int, int]) -> jax.Array:
+  """order='rotate_first': rotate the whole image, flip it, crop the window, resize."""
   h, w = spec.image_size
   ys = jnp.asarray(_window_coords(h, work[0]))
   xs = jnp.asarray(_window_coords(w, work[1]))
@@ -315,12 +375,7 @@ def _geometry(x: jax.Array, p: Params, spec: _Spec, work: tuple[int, int]) -> ja
     xs = jnp.where(p["flip"], (w - 1) - xs, xs)
   ys, xs = jnp.broadcast_arrays(ys[:, None], xs[None, :])
   if "rotation" in spec.enabled:
-    cy_, cx_ = (h - 1) / 2, (w - 1) / 2
-    cos, sin = jnp.cos(p["angle"]), jnp.sin(p["angle"])
-    ry, rx = ys - cy_, xs - cx_
-    # Inverse map of a counter-clockwise rotation (y down), as torchvision's rotate builds it.
-    xs_r = cos * rx - sin * ry + cx_
-    ys_r = sin * rx + cos * ry + cy_
+    ys_r, xs_r = _unrotate(ys, xs, p["angle"], (h - 1) / 2, (w - 1) / 2)
     ys = jnp.where(p["rotation"], ys_r, ys)
     xs = jnp.where(p["rotation"], xs_r, xs)
   return _sample(x, ys, xs)
@@ -414,8 +469,8 @@ def apply_params(images: jax.Array, params: Params, mean: Sequence[float] | jax.
 def augment(key: jax.Array, images: jax.Array, mean: Sequence[float] | jax.Array,
             std: Sequence[float] | jax.Array, out_size: int, cfg: Any) -> jax.Array:
   """Training-path augmentation (PROTOCOL.md): per image, colour jitter, random crop,
-  horizontal flip and rotation, each with probability cfg.prob; then normalise and
-  resize to out_size. Crop, flip, rotation and resize are one bilinear resampling.
+  horizontal flip and rotation (of the cropped window, cfg.order='paper'), each with
+  probability cfg.prob; then normalise and resize to out_size. Crop, flip, rotation and resize are one bilinear resampling.
 
   Args:
     key: PRNG key; image i uses jax.random.split(key, B)[i].

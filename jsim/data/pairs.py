@@ -10,7 +10,8 @@ inside one jitted call from (key, class index), and nothing goes back to the hos
 * `sample_pairs`: the protocol's training / validation pairs over a class subset:
   k pairs for every ordered pair of distinct classes and s pairs of two different
   images for every class (C*(C-1)*k + C*s in all), optionally redrawing every pair
-  that falls in an exclusion set (the validation pairs) exactly.
+  that falls in an exclusion set (the validation pairs) exactly, or removing it
+  (exclusion='remove', the source's wording: fewer pairs, about 641,600 of 644,400).
 * `sample_test_pairs` and `pair_case`: the five evaluation cases.
 * `linear_to_pair` / `exhaustive_pairs_chunk`: every unordered pair i < j of N images,
   chunk by chunk from a linear index, without holding the ~50M pairs.
@@ -193,25 +194,39 @@ def make_exclusion(pairs) -> PairSet:
 # Training / validation pairs.
 
 
+EXCLUSIONS = ("redraw", "remove")
+
+
 @functools.partial(jax.jit, static_argnames=("per_ordered_class_pair", "similar_per_class", "max_redraw_rounds",
-                                             "shuffle"))
+                                             "shuffle", "exclusion"))
 def sample_pairs_with_stats(key: jax.Array, class_index: ClassIndex, classes: jax.Array, per_ordered_class_pair: int,
                             similar_per_class: int, exclude: PairSet | None = None, *, max_redraw_rounds: int = 16,
-                            shuffle: bool = False) -> tuple[jax.Array, jax.Array, dict]:
+                            shuffle: bool = False, exclusion: str = "redraw") -> tuple[jax.Array, jax.Array, dict]:
   """`sample_pairs` without the host-side check, usable inside jit.
 
   Returns (pairs, same, stats) with stats = {'collisions': pairs that hit `exclude` in
   the first draw, 'rounds': redraw rounds used, 'remaining': pairs still in `exclude`
-  (must be 0; `sample_pairs` raises otherwise)}, all int32 device scalars.
+  (must be 0; `sample_pairs` raises otherwise), 'kept': how many leading pairs to use},
+  all int32 device scalars. With exclusion='remove' the shapes stay static: the
+  colliding pairs are moved (stably) behind the kept ones, and kept = P - collisions.
   """
+  if exclusion not in EXCLUSIONS:
+    raise ValueError(f"exclusion={exclusion!r}: expected one of {EXCLUSIONS}")
   classes = jnp.asarray(classes, jnp.int32)
   pos_a, pos_b = _pair_class_positions(classes.shape[0], per_ordered_class_pair, similar_per_class)
   class_a, class_b = classes[pos_a], classes[pos_b]
   k_draw, k_redraw, k_shuffle = jax.random.split(key, 3)
   pairs = draw_pairs(k_draw, class_index, class_a, class_b)
   zero = jnp.zeros((), jnp.int32)
+  kept = jnp.int32(pairs.shape[0])
+  removed = None
   if exclude is None:
     stats = {"collisions": zero, "rounds": zero, "remaining": zero}
+  elif exclusion == "remove":
+    removed = exclude.contains(pairs)
+    collisions = jnp.sum(removed, dtype=jnp.int32)
+    kept = kept - collisions
+    stats = {"collisions": collisions, "rounds": zero, "remaining": zero}
   else:
     hit = exclude.contains(pairs)
     collisions = jnp.sum(hit, dtype=jnp.int32)
@@ -233,6 +248,11 @@ def sample_pairs_with_stats(key: jax.Array, class_index: ClassIndex, classes: ja
   if shuffle:
     perm = jax.random.permutation(k_shuffle, pairs.shape[0])
     pairs, same = pairs[perm], same[perm]
+    removed = None if removed is None else removed[perm]
+  if removed is not None:  # the kept pairs first, in their (shuffled) order
+    order = jnp.argsort(removed, stable=True)
+    pairs, same = pairs[order], same[order]
+  stats["kept"] = kept
   return pairs, same, stats
 
 
@@ -254,7 +274,7 @@ def _check_counts(class_index: ClassIndex, classes, k: int, s: int, what: str) -
 
 def sample_pairs(key: jax.Array, class_index: ClassIndex, classes, per_ordered_class_pair: int,
                  similar_per_class: int, exclude: PairSet | None = None, *, max_redraw_rounds: int = 16,
-                 shuffle: bool = False) -> tuple[jax.Array, jax.Array]:
+                 shuffle: bool = False, exclusion: str = "redraw") -> tuple[jax.Array, jax.Array]:
   """Pairs over the class subset `classes` (int32 [C]): (pairs int32 [P, 2], same bool [P]).
 
   For every ordered pair (i, j) of distinct classes of the subset, `per_ordered_class_pair`
@@ -266,8 +286,12 @@ def sample_pairs(key: jax.Array, class_index: ClassIndex, classes, per_ordered_c
   `exclude` (see `make_exclusion`, e.g. the validation pairs, indexing the same image
   array): a drawn pair equal to an excluded one in either order is redrawn from the
   same classes, exactly, for up to `max_redraw_rounds` rounds; if a collision still
-  remains, this raises ValueError rather than keep it. `shuffle` permutes the output
-  (otherwise dissimilar pairs come first, grouped by class pair, then similar ones).
+  remains, this raises ValueError rather than keep it. With exclusion='remove' such a
+  pair is dropped instead, as the source words it ("image pairs present in the
+  validation set are removed"): P minus the collisions pairs (protocol: about 641,600
+  rather than 644,400, so 2,507 rather than 2,518 updates of 256 an epoch). `shuffle`
+  permutes the output (otherwise dissimilar pairs come first, grouped by class pair,
+  then similar ones).
   """
   _check_counts(class_index, classes, per_ordered_class_pair, similar_per_class, "sample_pairs")
   p = num_pairs(int(np.shape(classes)[0]), per_ordered_class_pair, similar_per_class)
@@ -275,12 +299,15 @@ def sample_pairs(key: jax.Array, class_index: ClassIndex, classes, per_ordered_c
     raise ValueError(f"sample_pairs: {p} pairs do not fit int32 indexing")
   pairs, same, stats = sample_pairs_with_stats(key, class_index, classes, per_ordered_class_pair,
                                                similar_per_class, exclude, max_redraw_rounds=max_redraw_rounds,
-                                               shuffle=shuffle)
+                                               shuffle=shuffle, exclusion=exclusion)
   remaining = int(stats["remaining"])
   if remaining:
     raise ValueError(f"sample_pairs: {remaining} pairs still collide with the exclusion set after "
                        f"{max_redraw_rounds} redraw rounds ({int(stats['collisions'])} collided at first); "
                        "the classes are too small for the number of pairs asked")
+  if exclusion == "remove":
+    kept = int(stats["kept"])
+    return pairs[:kept], same[:kept]
   return pairs, same
 
 

@@ -10,8 +10,8 @@ from absl import logging
 
 from jsim import parallel, workdir as wd
 from jsim.data import pairs as pairs_lib
-from jsim.evaluate import figures, report, retrieval
-from jsim.evaluate.pairwise import evaluate_pairs
+from jsim.evaluate import compare, figures, report, retrieval
+from jsim.evaluate.pairwise import evaluate_pairs, save_result
 from jsim.models.similarity import make_prob_fn
 from jsim.train import similarity
 
@@ -78,6 +78,10 @@ def evaluate(config, workdir: str | Path) -> dict:
            "embeddings": emb["sources"], "val_accuracy_at_0.5": out["val_accuracy_at_0.5"]}
   table = ""
   if parallel.is_main_process():
+    save_result(result, workdir / compare.RESULT_FILE)   # for Figure 7 (jsim.evaluate.compare)
+    if config.evaluation.get("compare_workdirs"):
+      this = "+".join(report.BACKBONE_TITLES.get(m["model"], m["model"]) for m in emb["sources"])
+      compare.roc_of_workdirs(config.evaluation.compare_workdirs, fig_dir / compare.FIGURE, extra={this: result})
     table = report.write_report(workdir, result, val_threshold=out["threshold"], backbone=backbone_label(emb),
                                 config_dict=wd.config_to_dict(config), retrieval=retrieval_metrics, extra=extra)
     print(f"\nFive-case test accuracy ({result.mode}, {result.num_pairs:,} pairs; {workdir / 'report.md'}):\n")

@@ -157,3 +157,39 @@ def plot_retrieval_sheet(images: np.ndarray, labels, query_indices, top_indices,
   fig.tight_layout()
   return _save(fig, out_png)
 
+
+
+# ---------------------------------------------------------------------------
+# The source's Figure 7 (both backbones' ROC curves); its Table 1 is jsim.data.augment_figure.
+
+
+def plot_roc_backbones(results: Mapping[str, object], out_png: str | Path,
+                       groups: Sequence[str] = ("all", "seen", "unseen"),
+                       title: str = "ROC of Ms: the backbones side by side") -> Path:
+  """One panel per pair group (all / seen / unseen), each with every backbone's curve and AUC.
+
+  results: {label: PairEvalResult}, e.g. {"ResNet50": ..., "VGG16": ...} from two workdirs.
+  """
+  if not results:
+    raise ValueError("plot_roc_backbones: no results")
+  colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown"]
+  fig = Figure(figsize=(4.2 * len(groups), 4.9))
+  axes = np.atleast_1d(fig.subplots(1, len(groups)))
+  for ax, g in zip(axes, groups):
+    ax.plot([0, 1], [0, 1], color="lightgray", lw=1)
+    for n, (name, res) in enumerate(results.items()):
+      fpr, tpr = res.roc(g)
+      if np.isnan(fpr).any() or np.isnan(tpr).any():
+        continue
+      ax.plot(fpr, tpr, color=colors[n % len(colors)], lw=1.6, label=f"{name}, AUC {res.auc(g):.4f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.005)
+    ax.set_aspect("equal")
+    ax.set_title(GROUP_LABELS.get(g, g), fontsize=10)
+    ax.set_xlabel("false positive rate")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+  axes[0].set_ylabel("true positive rate")
+  fig.suptitle(title, fontsize=11)
+  fig.tight_layout()
+  return _save(fig, out_png)

@@ -315,3 +315,23 @@ def evaluate_pairs(prob_fn: ProbFn, params: Any, embeddings: jax.Array, labels, 
                         hist_pos=np.asarray(acc["hist_pos"], np.int64).reshape(NUM_CASES, num_bins),
                         hist_neg=np.asarray(acc["hist_neg"], np.int64).reshape(NUM_CASES, num_bins),
                         threshold=float(threshold), mode=mode, pairs_per_s=total / max(seconds, 1e-9))
+
+
+def save_result(result: PairEvalResult, path) -> None:
+  """Writes a PairEvalResult (counts and histograms, a few kB) to an .npz, atomically."""
+  import os
+  path = os.fspath(path)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **{f.name: np.asarray(getattr(result, f.name)) for f in dataclasses.fields(result)})
+  os.replace(tmp, path)
+
+
+def load_result(path) -> PairEvalResult:
+  """The PairEvalResult that `save_result` wrote."""
+  with np.load(path, allow_pickle=False) as z:
+    missing = [f.name for f in dataclasses.fields(PairEvalResult) if f.name not in z.files]
+    if missing:
+      raise ValueError(f"{path}: not an evaluation result (missing {', '.join(missing)})")
+    return PairEvalResult(count=z["count"], correct_05=z["correct_05"], correct_threshold=z["correct_threshold"],
+                          hist_pos=z["hist_pos"], hist_neg=z["hist_neg"], threshold=float(z["threshold"]),
+                          mode=str(z["mode"]), pairs_per_s=float(z["pairs_per_s"]))

@@ -16,38 +16,12 @@ import numpy as np
 
 from jsim.data.pairs import CASE_NAMES
 from jsim.evaluate.pairwise import PairEvalResult
+from jsim.published import BACKBONE_TITLES, PUBLISHED, published  # noqa: F401  (one place; re-exported)
 
-# PROTOCOL.md, in percent as the source gives them. seen/unseen are the abstract's
-# summary (87.5 / 73.8), which matches ResNet50's cases weighted by their pair counts;
-# the source gives no such summary, and no AUC, for VGG16.
-PUBLISHED: dict[str, dict[str, Any]] = {
-    "resnet50": {
-        "stage1_test_accuracy": 69.51,
-        "stage2_val_accuracy": 96.3,
-        "test_accuracy": 86.51,
-        "case_accuracy": {1: 83.36, 2: 92.22, 3: 84.27, 4: 74.25, 5: 69.56},
-        "seen_accuracy": 87.5,
-        "unseen_accuracy": 73.8,
-    },
-    "vgg16": {
-        "stage1_test_accuracy": 67.96,
-        "stage2_val_accuracy": 91.2,
-        "test_accuracy": 82.54,
-        "case_accuracy": {1: 83.40, 2: 83.85, 3: 73.47, 4: 83.00, 5: 56.89},
-        "seen_accuracy": None,
-        "unseen_accuracy": None,
-    },
-}
-BACKBONE_TITLES = {"resnet50": "ResNet50", "vgg16": "VGG16"}
 GROUP_ROWS = (("all", "all (1-5)", "test_accuracy"), ("seen", "seen (1-2)", "seen_accuracy"),
               ("unseen", "unseen (4-5)", "unseen_accuracy"))
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
-
-
-def published(backbone: str) -> dict[str, Any] | None:
-  """The source's numbers (percent) for a backbone, None for one it did not use."""
-  return PUBLISHED.get(backbone)
 
 
 def _clean(x: Any) -> Any:
@@ -144,8 +118,8 @@ def _markdown(report: dict, table: str, figures: list[str]) -> str:
            f"{report['val_threshold']:.3f}; accuracies are exact counts, AUCs from {report['num_bins']}-bin "
            "score histograms.\n",
            "## Accuracy per case\n", table,
-           "Published seen / unseen numbers are the source abstract's summary (ResNet50's cases weighted "
-           "by their pair counts); '-' where the source gives none.\n",
+           "Published seen numbers are the source's section 6 (cases 1-2 weighted by their pair counts), "
+           "unseen the abstract's (ResNet50 only); '-' where the source gives none.\n",
            "## ROC AUC\n", "| pairs | all (1-5) | seen (1-2) | unseen (4-5) |", "|---|---:|---:|---:|",
            f"| AUC | {_num(auc['overall'])} | {_num(auc['seen'])} | {_num(auc['unseen'])} |\n",
            "(The source publishes ROC curves but no AUC values.)\n"]

@@ -219,7 +219,9 @@ def _load_state_dict(arch: str, weights: Any) -> dict[str, np.ndarray]:
       continue
     if hasattr(v, "detach"):  # a torch tensor (torch is already imported by whoever made it)
       v = v.detach().cpu().float().numpy()
-    out[k] = np.asarray(v, dtype=np.float32)
+    # A copy: .numpy() (and asarray of a float32 array) shares memory with the caller's
+    # tensors, which in-place edits or a torch train-mode forward (BN running stats) change.
+    out[k] = np.array(v, dtype=np.float32, copy=True)
   return out
 
 

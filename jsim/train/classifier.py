@@ -39,7 +39,7 @@ def initial_variables(config, model, num_classes: int, input_size: int) -> dict:
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
   return schedule.make_optimizer(learning_rate=cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                 weight_decay=cfg.weight_decay)
+                                 weight_decay=cfg.weight_decay, nag_form=cfg.get("nag_form", "optax"))
 
 
 def _input_dtype(model):
@@ -277,6 +277,7 @@ def train_classifier(config, workdir: str | Path) -> dict:
   variables = initial_variables(config, model, num_classes, config.classifier.input_size)
   state = parallel.put_replicated(TrainState.create(variables, tx), mesh)
   plan = ClassifierPlan(config, data, model, tx, mesh)
+  write_augmentation_figure(config, data, workdir, stage_dir)
   settings = loop.LoopSettings.from_config(config.classifier, "stage 1")
   state, meta = loop.fit(plan, state, stage_dir, settings,
                          place_state=lambda s: parallel.put_replicated(s, mesh))
@@ -295,3 +296,33 @@ def train_classifier(config, workdir: str | Path) -> dict:
   logging.info("stage 1 finished: test accuracy %.4f on %d seen-class test images (best epoch %d)",
                test["accuracy"], test["count"], best["epoch"])
   return result
+
+
+AUGMENTATION_FIGURE = "figures/augmentations.png"  # (jsim.data.augment_figure)
+
+
+def write_augmentation_figure(config, data, workdir: Path, stage_dir: Path) -> Path | None:
+  """The source's Table 1 as a picture: evaluation.augmentation_examples stage-1 train images
+  under each augmentation (W/figures/augmentations.png, and stage 1's TensorBoard Images).
+  Written once per workdir, by the main process; 0 examples: not at all."""
+  n = int(config.evaluation.get("augmentation_examples", 0))
+  out = Path(workdir) / AUGMENTATION_FIGURE
+  if n <= 0 or not parallel.is_main_process() or out.exists():
+    return None
+  from PIL import Image
+
+  from jsim.data import augment_figure as figures
+  from jsim.train.metrics_writer import MetricsWriter
+  idx = np.sort(np.random.default_rng(config.seed).choice(data.train_idx, min(n, len(data.train_idx)), replace=False))
+  examples, angles = figures.augmentation_examples(data.train_set.images[idx], config.classifier.augment,
+                                                   seed=config.seed)
+  figures.plot_augmentations(examples, out, angles=angles,
+                             title=f"Stage-1 augmentations (order '{config.classifier.augment.order}'; "
+                                   f"each fires with p = {config.classifier.augment.prob} in training)")
+  writer = MetricsWriter(stage_dir, filename_suffix=".augmentations")
+  try:
+    with Image.open(out) as im:
+      writer.write_image("augmentations", np.asarray(im.convert("RGB")))
+  finally:
+    writer.close()
+  return out

@@ -19,13 +19,15 @@ METRICS_FILE = "metrics.jsonl"
 
 class MetricsWriter:
 
-  def __init__(self, stage_dir: str | Path):
+  def __init__(self, stage_dir: str | Path, filename_suffix: str = ""):
+    # filename_suffix: a second writer of the same folder needs one; event files are named by
+    # the second and the host, so two opened within a second would be the same file.
     self.stage_dir = Path(stage_dir)
     self.enabled = parallel.is_main_process()
     self._tb = None
     if self.enabled:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(self.stage_dir / "tb"))
+      self._tb = SummaryWriter(str(self.stage_dir / "tb"), filename_suffix=filename_suffix)
 
   def reset(self, rows: list[dict]) -> None:
     """Makes metrics.jsonl hold exactly `rows` (the epochs the checkpoint has)."""
@@ -45,6 +47,12 @@ class MetricsWriter:
       if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
         self._tb.add_scalar(f"epoch/{key}", value, row["epoch"])
     self._tb.flush()
+
+  def write_image(self, tag: str, image, step: int = 0) -> None:
+    """A uint8 [H, W, 3] image (e.g. a figure's pixels) in TensorBoard's Images tab."""
+    if self.enabled:
+      self._tb.add_image(tag, image, step, dataformats="HWC")
+      self._tb.flush()
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     if self.enabled:

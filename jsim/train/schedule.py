@@ -8,8 +8,9 @@ unless a halving happened fewer than `wait` epochs ago.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -43,18 +44,57 @@ def should_halve(val_accuracies: Sequence[float], halving_epochs: Sequence[int],
   return e[k - 1] - (e[k - 2] + e[k - 3] + e[k - 4]) / 3.0 < alpha
 
 
+NAG_FORMS = ("optax", "paper")
+
+
+class PaperNagState(NamedTuple):
+  u: Any  # the paper's u_{t-1}: the last step, learning rate included
+
+
+def paper_nag(learning_rate, momentum: float) -> optax.GradientTransformation:
+  """The protocol's NAG exactly, on the look-ahead parameters phi_t = theta_t - g u_{t-1}.
+
+  u_t = g u_{t-1} + lr_t grad L(phi_t), theta_{t+1} = theta_t - u_t, so
+  phi_{t+1} = phi_t + g u_{t-1} - (1 + g) u_t. The buffer holds u (learning rate
+  inside), so after a halving the old steps keep their old rate, as in the source;
+  optax.sgd(nesterov=True) keeps the rate outside its buffer and rescales them too.
+  """
+  g = momentum
+
+  def init(params):
+    return PaperNagState(u=jax.tree.map(jnp.zeros_like, params))
+
+  def update(grads, state, params=None):
+    del params
+    u = jax.tree.map(lambda u_prev, gr: g * u_prev + learning_rate * gr, state.u, grads)
+    updates = jax.tree.map(lambda u_prev, u_new: g * u_prev - (1 + g) * u_new, state.u, u)
+    return updates, PaperNagState(u=u)
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(*, learning_rate: float, momentum: float, nesterov: bool = True,
-                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+                   weight_decay: float = 0.0, nag_form: str = "optax") -> optax.GradientTransformation:
   """SGD with Nesterov momentum, its learning rate a hyperparameter in the state.
 
   The protocol's NAG (u_t = g u_{t-1} + lr grad L(theta_t - g u_{t-1})) evaluates the
   gradient at a look-ahead point; optax.sgd(nesterov=True) is the equivalent
   reformulation whose parameters ARE the look-ahead points, so both follow the same
-  trajectory. inject_hyperparams lets `set_learning_rate` change the rate between
-  epochs without recompiling the step.
+  trajectory while the rate is constant. At a halving they part: optax's buffer
+  excludes the rate, so its next update rescales the accumulated momentum by the new
+  rate, where the paper's u_{t-1} still carries the old one (docs/PROTOCOL.md gives
+  the size of the difference). nag_form='paper' (with nesterov=True) is the paper's
+  update exactly (`paper_nag`). inject_hyperparams lets `set_learning_rate` change the
+  rate between epochs without recompiling the step.
   """
+  if nag_form not in NAG_FORMS:
+    raise ValueError(f"nag_form={nag_form!r}: expected one of {NAG_FORMS}")
+
   def sgd(learning_rate):
-    tx = optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)
+    if nag_form == "paper" and nesterov:
+      tx = paper_nag(learning_rate, momentum)
+    else:
+      tx = optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)
     if weight_decay:
       tx = optax.chain(optax.add_decayed_weights(weight_decay), tx)
     return tx
@@ -70,7 +110,6 @@ def set_learning_rate(opt_state, lr: float):
   old = opt_state.hyperparams["learning_rate"]
   new = jnp.asarray(lr, dtype=old.dtype)
   if hasattr(old, "sharding"):
-    import jax
     new = jax.device_put(new, old.sharding)
   hyper = dict(opt_state.hyperparams, learning_rate=new)
   return opt_state._replace(hyperparams=hyper)

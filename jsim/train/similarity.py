@@ -89,10 +89,11 @@ def make_pair_eval(model, mesh, chunk: int):
 
 
 def draw_epoch_pairs(train_key, epoch, class_index, classes, exclusion, *, per_ordered_class_pair: int,
-                     similar_per_class: int):
-  """The training pairs of epoch `epoch`: balanced, shuffled, none of them a validation pair."""
+                     similar_per_class: int, exclusion_mode: str = "redraw"):
+  """The training pairs of epoch `epoch`: balanced, shuffled, none of them a validation pair
+  (one that is gets redrawn, or with exclusion_mode='remove' dropped: fewer pairs)."""
   return pairs_lib.sample_pairs(jax.random.fold_in(train_key, epoch), class_index, classes, per_ordered_class_pair,
-                                similar_per_class, exclude=exclusion, shuffle=True)
+                                similar_per_class, exclude=exclusion, shuffle=True, exclusion=exclusion_mode)
 
 
 def train_step(state: TrainState, emb, pairs, same, batch, sums: dict, *, size: int, batch_size: int, model, tx,
@@ -133,14 +134,18 @@ class SimilarityPlan:
     self.val_pairs, self.val_same = parallel.put_replicated(
         validation_pairs(config, self.class_index, self.classes), mesh)
     self.exclusion = pairs_lib.make_exclusion(self.val_pairs)
-    num_pairs = len(self.classes) * (len(self.classes) - 1) * cfg.train_per_ordered_class_pair \
-        + len(self.classes) * cfg.train_similar_per_class
+    self._exclusion_mode = cfg.get("exclusion", "redraw")
     n_dev = mesh.devices.size
-    self.batch_sizes = loop.epoch_batch_sizes(num_pairs, cfg.batch_size, n_dev)
+    # 'redraw' keeps C(C-1)k + Cs pairs every epoch; 'remove' drops the drawn ones that are
+    # validation pairs, so an epoch's count (and its last batch) is known once it is drawn.
+    self._num_drawn = pairs_lib.num_pairs(len(self.classes), cfg.train_per_ordered_class_pair,
+                                          cfg.train_similar_per_class)
+    self._n_dev = n_dev
+    self.batch_sizes = loop.epoch_batch_sizes(self._num_drawn, cfg.batch_size, n_dev)
     seed_key = jax.random.PRNGKey(config.seed)
     self._train_key = jax.random.fold_in(seed_key, _TRAIN)
     self._pair_counts = dict(per_ordered_class_pair=cfg.train_per_ordered_class_pair,
-                             similar_per_class=cfg.train_similar_per_class)
+                             similar_per_class=cfg.train_similar_per_class, exclusion_mode=self._exclusion_mode)
     self._train_step = jax.jit(
         functools.partial(train_step, batch_size=cfg.batch_size, model=model, tx=tx,
                           dropout_key=jax.random.fold_in(seed_key, _DROPOUT), mesh=mesh),
@@ -152,9 +157,15 @@ class SimilarityPlan:
     return len(self.batch_sizes)
 
   def begin_epoch(self, epoch: int) -> None:
-    drawn = draw_epoch_pairs(self._train_key, epoch, self.class_index, self.classes, self.exclusion,
-                             **self._pair_counts)
-    self._pairs, self._same = parallel.put_replicated(drawn, self.mesh)
+    pairs, same = draw_epoch_pairs(self._train_key, epoch, self.class_index, self.classes, self.exclusion,
+                                   **self._pair_counts)
+    kept = int(pairs.shape[0])
+    if kept < self._num_drawn:  # exclusion='remove': padded back to the drawn shape (no retrace)
+      pad = self._num_drawn - kept
+      pairs = jnp.concatenate([pairs, jnp.zeros((pad, 2), pairs.dtype)])
+      same = jnp.concatenate([same, jnp.zeros((pad,), same.dtype)])
+    self._pairs, self._same = parallel.put_replicated((pairs, same), self.mesh)
+    self.batch_sizes = loop.epoch_batch_sizes(kept, self.cfg.batch_size, self._n_dev)  # never the padding
 
   def train_step(self, state, epoch: int, batch: int, sums: dict):
     sums = parallel.ensure_replicated(sums, self.mesh)  # fresh zero sums: no second compilation
