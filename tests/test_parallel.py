@@ -128,11 +128,10 @@ def _four_devices() -> dict:
   # BatchNorm, matches to 1e-7 even then.)
   data = fake_stage1_data()
   variables = initial_variables(config)
-  # augment.order='rotate_first' here: the default 'paper' order's first batch (bitwise equal on 4
-  # and 1 devices, checked below) puts one of the ~85k pre-ReLU values within rounding of 0
-  # (layer3_0.bn1: +6.3e-7 on 1 device, -2.7e-7 on 4), so the ReLU passes its gradient on one and
-  # not the other, and train-mode BatchNorm spreads that to ~1 % of every earlier gradient. That is
-  # a kink of the model, not a sharding error (no max-pool ties: none in the stem's windows).
+  # 'rotate_first', not the default 'paper': paper's first batch (bitwise equal on 4 and 1 devices, checked below)
+  # puts one pre-ReLU value within rounding of 0 (layer3_0.bn1: +6.3e-7 on 1 device, -2.7e-7 on 4), so the ReLU
+  # gates its gradient differently and train-mode BatchNorm spreads that to ~1 % of every earlier gradient -- a
+  # kink of the model, not a sharding error (no max-pool ties). rotate_first's smallest |pre-ReLU| is 1.7e-5.
   cfg16 = tiny_config(**{"classifier.batch_size": 16, "classifier.augment.order": "rotate_first"})
   s4, s1 = (stage1_steps(cfg16, data, m, 3, variables, evaluate=True) for m in (mesh4, mesh1))
   moved = max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), s1["params"],
