@@ -1,23 +1,41 @@
 # The two front-door commands (README.md):
-#   make demo   set up, then run every stage on the embedded synthetic data (a few minutes on 2 CPU cores)
-#   make test   set up, then run the test suite
+#   make demo   set up once, then run every stage on the embedded synthetic data (about 2 minutes on 2 CPU cores)
+#   make test   set up once (with torch), then run the test suite
+# Setting up installs into $(VENV) once; it is redone only when pyproject.toml changes.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
+PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup setup-test demo test clean-demo
+.PHONY: help setup setup-test demo test clean-demo
+
+help:  ## list the targets
+	@echo "make demo        every stage on synthetic data into $(WORKDIR)/ (report.md, figures/); installs once"
+	@echo "make test        the test suite (what CI runs); installs the test extras (torch included) once"
+	@echo "make setup       only install jsim into $(VENV)/ (make setup-test: with the test extras)"
+	@echo "make clean-demo  remove $(WORKDIR)/ (the next make demo trains again)"
+	@echo "variables: PYTHON=$(PYTHON) VENV=$(VENV) WORKDIR=$(WORKDIR)"
 
 $(PY):
-	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "jsim needs Python >= 3.11"'
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "jsim needs Python >= 3.11"'
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	@$(PIP_INSTALL) --upgrade pip
 
-setup: $(PY)
-	$(PY) -m pip install -q -e .
+# pip's and setuptools' output goes to a log, shown only if the install fails.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	@echo "installing jsim into $(VENV)/ (once; log: $(VENV)/install.log)"
+	@$(PIP_INSTALL) -e . > $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
+	@touch $@
 
-setup-test: $(PY)
-	$(PY) -m pip install -q -e '.[test,torch]'
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	@echo "installing the test extras into $(VENV)/ (pytest, torch, tensorboard; once; log: $(VENV)/install.log)"
+	@$(PIP_INSTALL) -e '.[test,torch]' > $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
+	@touch $@
+
+setup: $(VENV)/.installed
+
+setup-test: $(VENV)/.installed-test
 
 demo: setup
 	$(PY) -m jsim.main --config=configs/demo.py --workdir=$(WORKDIR)

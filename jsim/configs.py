@@ -10,13 +10,14 @@ import ml_collections
 
 from jsim.data import augment, sources
 
-# config.stage: one stage, or 'all' / 'sweep', which run the stages they need (jsim.run).
-STAGES = ("classifier", "embed", "similarity", "evaluate", "all", "sweep")
+# config.stage: one stage, or 'all' / 'sweep', which run the stages they need (jsim.run); 'prepare' the data only.
+STAGES = ("prepare", "classifier", "embed", "similarity", "evaluate", "all", "sweep")
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # classifier | embed | similarity | evaluate | all (every stage, skipping finished ones) | sweep.
+  # prepare (the data, split and statistics only) | classifier | embed | similarity | evaluate |
+  # all (every stage, skipping finished ones) | sweep.
   c.stage = "all"
   c.seed = 0
   c.overwrite = False   # True: redo a finished stage (its old outputs are replaced)

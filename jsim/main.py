@@ -2,15 +2,17 @@
 
   python -m jsim.main --config=configs/protocol.py:model=resnet50,stage=classifier --workdir=runs/resnet50 \
       [--config.classifier.num_epochs=5 ...]
+
+`--help` prints jsim.console.help_text() (the stages, the configs, overrides).
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib.util
-import logging as logging_std
 import re
 import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -18,14 +20,9 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for split, checkpoints, metrics and reports.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-class _QuietLibraries(logging_std.Filter):
-  """Keeps orbax's per-save INFO chatter out of the run's log (warnings still show)."""
-
-  def filter(self, record):
-    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+flags.DEFINE_bool("print_config", False, "Print the resolved config (every key, its value and default) and stop.")
+flags.DEFINE_bool("dry_run", False, "Validate the config, the data and the workdir, show what would run, and stop.")
+flags.mark_flags_as_required(["config"])
 
 
 def _loaded_config(argv: list[str]):
@@ -69,6 +66,11 @@ def _unknown_override(argv: list[str]) -> str | None:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a one-line error (not a traceback) for an unknown config key."""
+  if any(a in ("-h", "--help", "-help", "--helpshort", "-?") for a in argv[1:]):
+    from jsim import console
+    prog = "jsim" if Path(argv[0]).name == "jsim" else "python -m jsim.main"
+    print(console.help_text(prog), end="")
+    sys.exit(0)
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:   # what ml_collections raises for a key the config lacks
@@ -80,10 +82,18 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from jsim import run  # after flag parsing: keeps --help fast
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from jsim import console, run  # after flag parsing: keeps --help fast
+  if FLAGS.print_config:
+    console.print_config(FLAGS.config)
+    return
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required (a directory for the split, checkpoints, metrics and report)")
+  console.setup_logging()
   try:
+    if FLAGS.dry_run:
+      from jsim import plan
+      plan.dry_run(FLAGS.config, FLAGS.workdir)
+      return
     run.run(FLAGS.config, FLAGS.workdir)
   except run.EXPECTED_ERRORS as e:
     logging.flush()

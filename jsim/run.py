@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import time
 from pathlib import Path
 
 import numpy as np
 from absl import logging
 
-from jsim import parallel, workdir as wd
+from jsim import console, parallel, plan, workdir as wd
 from jsim.data.download import DownloadError
 from jsim.train.loop import NonFiniteLoss, Preempted, preemption_guard
 
@@ -22,9 +23,7 @@ _TRAINING = ("classifier", "similarity", "sweep")
 
 
 # A stage runs what it needs first; finished stages and current embeddings are skipped.
-_CHAINS = {"all": ("classifier", "embed", "similarity", "evaluate"),
-           "similarity": ("embed", "similarity"),
-           "sweep": ("embed", "sweep")}
+_CHAINS = plan.CHAINS
 
 
 def exit_code(error: Exception) -> int:
@@ -36,20 +35,26 @@ def run(config, workdir: str | Path) -> dict:
   from jsim import validate
   parallel.maybe_initialize_distributed()   # first: any JAX call (the device count) would prevent it
   validate.check_config(config)
+  plan.check_prerequisites(config, workdir)   # (before the workdir is made: a refused run leaves nothing)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if config.stage in ("embed", "similarity", "evaluate", "sweep"):   # ('all' checks in stage 1's claim)
     # They read stage 1 with config.model: another backbone would fail to restore, obscurely.
     wd.check_recorded(workdir, wd.STAGE1, {"seed": config.seed, "model": {"name": config.model.name}})
+  for hint in console.cpu_hints(config):
+    logging.warning("%s", hint)
   _check_pair_supply(config, workdir)
   names = _CHAINS.get(config.stage, (config.stage,))
-  result = None
+  result, timings = None, []
   for name in names:
     if len(names) > 1:
       logging.info("=== %s", name)
+    start = time.perf_counter()
     result = _run_stage(stage_function(name), name, config, workdir)
+    timings.append((name, time.perf_counter() - start, console.stage_result_text(name, result)))
   if parallel.is_main_process():   # (not before: a refused or failed run must not replace the record)
     wd.write_json(workdir / "config.json", wd.config_to_dict(config))
+    print("\n".join(console.summary_lines(workdir, timings)), flush=True)
   return result
 
 
@@ -94,7 +99,8 @@ def _check_pair_supply(config, workdir: Path) -> None:
 
 # Each stage's function by module path, imported only when the stage runs (a stage-1 run
 # loads neither the evaluators nor matplotlib).
-STAGE_FUNCTIONS = {"classifier": "jsim.train.classifier:train_classifier",
+STAGE_FUNCTIONS = {"prepare": "jsim.data.prepare:prepare_stage",
+                   "classifier": "jsim.train.classifier:train_classifier",
                    "embed": "jsim.train.embeddings:compute_embeddings",
                    "similarity": "jsim.train.similarity:train_similarity",
                    "evaluate": "jsim.evaluate.evaluation:evaluate",

@@ -79,9 +79,21 @@ def check_config(config) -> None:
   if d.source == "tfds" and not d.tfds_name:
     raise ValueError("data.source='tfds' needs data.tfds_name")
 
+  if d.source in ("synthetic", "tfds"):
+    for key in ("root", "zip_path"):
+      if d[key]:
+        what = "this config draws its own images" if d.source == "synthetic" else "it reads data.tfds_name"
+        raise ValueError(f"data.{key}={d[key]!r} is set, but data.source={d.source!r} ({what}) would ignore it; "
+                         f"add --config.data.source=auto to read it")
+
   m = config.model
   _choice("model.name", m.name, models.available())
   _choice("model.init", m.init, models.INITS)
+  from jsim.models import torchvision_port
+  if m.init == "torchvision" and m.name not in torchvision_port._ARCHS:
+    raise ValueError(f"model.init='torchvision': torchvision has no weights for model.name={m.name!r} (only for "
+                     f"{', '.join(sorted(torchvision_port._ARCHS))}); add --config.model.init=random to train it "
+                     f"from scratch")
   _choice("model.dtype", m.dtype, models.DTYPES)
 
   c = config.classifier

@@ -82,7 +82,13 @@ def test_report_vgg_and_unknown_backbones_and_empty_case(tmp_path):
   assert rep["published"]["unseen"] is None
   table = report.write_report(tmp_path / "tiny", _result(), val_threshold=0.4, backbone="resnet_tiny",
                               config_dict={})
-  assert all(line.rstrip().endswith("| - |") for line in table.splitlines()[2:])
+  # A backbone the source did not use: ResNet50's and VGG16's numbers, labelled, for scale (issue 13).
+  header, _, row1, *_ = table.splitlines()
+  assert "| published ResNet50 (for scale) | published VGG16 (for scale) |" in header
+  assert row1.rstrip().endswith("| 83.36 % | 83.40 % |")
+  seen_row = next(line for line in table.splitlines() if "seen (1-2)" in line and "unseen" not in line)
+  assert seen_row.rstrip().endswith("| 87.50 % | - |")
+  assert "for scale only" in (tmp_path / "tiny" / "report.md").read_text()
   assert json.loads((tmp_path / "tiny" / "report.json").read_text())["published"] is None
   with pytest.raises(ValueError, match="val_threshold"):
     report.write_report(tmp_path, _result(), val_threshold=0.5, backbone="resnet50", config_dict={})

@@ -92,3 +92,22 @@ def _statistics(config, workdir: Path, images: np.ndarray, train_idx: np.ndarray
   write_json(path, {"normalization": config.data.normalization, "mean": mean, "std": std,
                     "image_size": int(images.shape[1])})
   return mean, std
+
+
+def prepare_stage(config, workdir: str | Path) -> dict:
+  """--config.stage=prepare: decodes and caches the data, writes split.json and preprocessing.json, stops."""
+  import time
+  start = time.perf_counter()
+  data = prepare(config, workdir)
+  counts = {"seen_classes": len(data.split.seen_classes), "unseen_classes": len(data.split.unseen_classes),
+            "train": len(data.train_idx), "val": len(data.val_idx), "test": len(data.test_idx)}
+  seconds = time.perf_counter() - start
+  logging.info("prepared %s in %.1f s: %d seen / %d unseen classes; %d stage-1 train, %d validation, %d test "
+               "images; mean %s, std %s (%s)", workdir, seconds, counts["seen_classes"], counts["unseen_classes"],
+               counts["train"], counts["val"], counts["test"], _rounded(data.mean), _rounded(data.std),
+               config.data.normalization)
+  return dict(counts, seconds=seconds, mean=list(data.mean), std=list(data.std))
+
+
+def _rounded(values) -> str:
+  return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"

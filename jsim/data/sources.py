@@ -114,3 +114,32 @@ def load_image_sets_and_report(data_config) -> tuple[dict[str, ImageSet], dict[s
 def load_image_sets(data_config) -> dict[str, ImageSet]:
   """Loads {'train': ImageSet, 'test': ImageSet} as `data_config.source` says (see the module doc)."""
   return load_image_sets_and_report(data_config)[0]
+
+
+def class_names(data_config: Any, class_ids: tuple[str, ...]) -> list[str]:
+  """A readable name per class id: the first name of words.txt ('n01443537' -> 'goldfish'), else the id.
+
+  For the folder, zip, download and synthetic sources (TFDS ids are names already).
+  """
+  from jsim.data.prepare import resolve_source
+  source = resolve_source(data_config)
+  words: dict[str, str] = {}
+  try:
+    if source in ("folder", "synthetic"):
+      root = _field(data_config, "root") if source == "folder" else synthetic_root(data_config)
+      text = tiny_imagenet._Folder(root).read("words.txt")
+    elif source in ("zip", "download"):
+      if source == "zip":
+        path = _field(data_config, "zip_path")
+      else:
+        url = _field(data_config, "download_url")
+        path = cache.resolve_cache_dir(_field(data_config, "cache_dir")) / "downloads" / (url.rsplit("/", 1)[-1])
+      text = tiny_imagenet._Zip(path).read("words.txt")
+    else:
+      text = b""
+    for line in text.decode(errors="replace").splitlines():
+      wnid, _, name = line.partition("\t")
+      words[wnid.strip()] = name.split(",")[0].strip()
+  except (OSError, ValueError, KeyError):   # no words.txt: the ids it is
+    pass
+  return [words.get(c) or c for c in class_ids]

@@ -41,8 +41,8 @@ import numpy as np
 import PIL
 from absl import logging
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
+from jsim import progress
 from jsim.data import cache
 from jsim.data.dataset import ImageSet
 
@@ -384,7 +384,7 @@ def _decode_all(src: _Folder | _Zip, index: _Index, tmp: Path, *, image_size: in
     else:
       _init_worker(src, out_files, image_size)
       results = map(_decode_chunk, tasks)
-    with tqdm(total=total, desc=f"Decoding {Path(src.location).name}", unit="img", mininterval=2.0) as bar:
+    with progress.progress(total, f"decoding {Path(src.location).name}", "img", compiles=False) as bar:
       for (part, start, rels), res in zip(tasks, results):
         for j, (ok, info, was_resized) in enumerate(res):
           if ok:

@@ -36,7 +36,8 @@ def evaluate_stage2(config, workdir: Path, stage: str, emb: dict, mesh) -> dict:
   index = pairs_lib.build_class_index(train_labels, len(class_ids))
   val_pairs, _ = similarity.validation_pairs(config, index, similarity.seen_classes(emb))
   kw = dict(chunk_size=ev.chunk_size, num_bins=ev.num_bins, mesh=mesh)
-  val = evaluate_pairs(prob_fn, params, put(emb["train"]), train_labels, seen_mask, pairs=val_pairs, **kw)
+  val = evaluate_pairs(prob_fn, params, put(emb["train"]), train_labels, seen_mask, pairs=val_pairs,
+                       progress=parallel.is_main_process(), desc="validation pairs (threshold)", **kw)
   threshold = val.best_threshold("all")
 
   test_emb, test_labels = put(emb["test"]), emb["test_labels"]
@@ -47,7 +48,8 @@ def evaluate_stage2(config, workdir: Path, stage: str, emb: dict, mesh) -> dict:
   else:
     test_pairs = None
   result = evaluate_pairs(prob_fn, params, test_emb, test_labels, seen_mask, pairs=test_pairs, mode=ev.mode,
-                          threshold=threshold, progress=parallel.is_main_process(), **kw)
+                          threshold=threshold, progress=parallel.is_main_process(), desc=f"test pairs ({ev.mode})",
+                          **kw)
   return {"result": result, "threshold": threshold, "val_accuracy_at_0.5": val.accuracy("all"),
           "prob_fn": prob_fn, "params": params, "test_emb": test_emb, "seen_mask": seen_mask}
 
@@ -57,9 +59,52 @@ def backbone_label(emb: dict) -> str:
   return "+".join(m["model"] for m in emb["sources"])
 
 
+def _report_summary(rep: dict) -> dict:
+  acc = rep["accuracy_at_0.5"]
+  return {"accuracy": acc["overall"], "seen_accuracy": acc["seen"], "unseen_accuracy": acc["unseen"],
+          "auc": rep["auc"]["overall"], "threshold": rep["val_threshold"], "table": report.case_table_markdown(rep)}
+
+
+def changes_since_report(config, workdir: Path) -> list[str] | None:
+  """What differs from the run that wrote report.json: [] when nothing, None when there is no report."""
+  path = workdir / report.REPORT_JSON
+  if not path.exists():
+    return None
+  try:
+    rep = wd.read_json(path)
+    extra, recorded = rep.get("extra") or {}, rep.get("config") or {}
+  except (OSError, ValueError, AttributeError):
+    return ["report.json is unreadable"]
+  changes = []
+  for key, stage in (("stage1", wd.STAGE1), ("stage2", wd.STAGE2)):
+    now = wd.stage_result(workdir, stage) or {}
+    if (extra.get(key) or {}).get("run_id") != now.get("run_id"):
+      changes.append(f"{stage} was retrained")
+  current = report.report_config(wd.config_to_dict(config))
+  for key in ("seed", "evaluation", "similarity"):
+    if recorded.get(key) != current.get(key):
+      changes.append(f"config.{key} changed")
+  if not (workdir / FIGURES).is_dir():
+    changes.append("figures/ is missing")
+  return changes
+
+
 def evaluate(config, workdir: str | Path) -> dict:
-  """Evaluates the best stage-2 checkpoint: report.json, report.md and figures in the workdir."""
+  """Evaluates the best stage-2 checkpoint: report.json, report.md and figures in the workdir.
+
+  Skipped when report.json came from the same stage-1 and stage-2 runs with the same
+  settings (unless config.overwrite).
+  """
   workdir = Path(workdir)
+  changes = changes_since_report(config, workdir)
+  if changes == [] and not config.overwrite:
+    logging.info("evaluation is current (same stages and settings as report.json): skipped; "
+                 "--config.stage=evaluate --config.overwrite=True redoes it")
+    return _report_summary(wd.read_json(workdir / report.REPORT_JSON))
+  if changes:
+    logging.info("evaluation: redone, report.json is replaced (%s)", "; ".join(changes))
+  elif changes == []:
+    logging.info("evaluation: redone (overwrite=True), report.json is replaced")
   mesh = parallel.make_mesh()
   emb = similarity.load_stage2_embeddings(config, workdir)
   out = evaluate_stage2(config, workdir, wd.STAGE2, emb, mesh)
@@ -86,10 +131,44 @@ def evaluate(config, workdir: str | Path) -> dict:
                                 config_dict=wd.config_to_dict(config), retrieval=retrieval_metrics, extra=extra)
     print(f"\nFive-case test accuracy ({result.mode}, {result.num_pairs:,} pairs; {workdir / 'report.md'}):\n")
     print(table, flush=True)
+    _write_tensorboard(workdir, result, table, extra["stage2"]["best_step"], fig_dir, wd.config_to_dict(config))
   parallel.sync_processes("report written")
   return {"accuracy": result.accuracy("all"), "seen_accuracy": result.accuracy("seen"),
           "unseen_accuracy": result.accuracy("unseen"), "auc": result.auc("all"), "threshold": out["threshold"],
           "table": table}
+
+
+TENSORBOARD_DIR = "evaluation"   # MetricsWriter writes its tb/ inside
+
+
+def _write_tensorboard(workdir: Path, result, table: str, step: int, fig_dir: Path, config_dict: dict) -> None:
+  """The five-case table, accuracies, AUCs, PR curves, the figures and the config (hparams) in
+  W/evaluation/tb, at stage 2's best step."""
+  from PIL import Image
+  from jsim.train.metrics_writer import MetricsWriter
+  from jsim.evaluate.pairwise import GROUPS
+  writer = MetricsWriter(workdir / TENSORBOARD_DIR)
+  try:
+    writer.write_config(config_dict, metrics=("test/accuracy_all", "test/accuracy_seen", "test/accuracy_unseen",
+                                              "test/auc_all"))
+    scalars = {}
+    for case, acc in result.case_accuracy("0.5").items():
+      scalars[f"test/accuracy_case{case}"] = acc
+    for group in GROUPS:
+      scalars[f"test/accuracy_{group}"] = result.accuracy(group)
+      scalars[f"test/accuracy_{group}_at_val_threshold"] = result.accuracy(group, "threshold")
+      scalars[f"test/auc_{group}"] = result.auc(group)
+    scalars["test/val_threshold"] = result.threshold
+    writer.write_scalars(step, {k: v for k, v in scalars.items() if np.isfinite(v)})
+    writer.write_text("test/five_case_table", table, step)
+    for group, cases in GROUPS.items():
+      idx = [c - 1 for c in cases]
+      writer.write_pr_curve(f"test/pr_{group}", result.hist_pos[idx].sum(0), result.hist_neg[idx].sum(0), step)
+    for png in sorted(fig_dir.glob("*.png")):
+      with Image.open(png) as im:
+        writer.write_images(f"figures/{png.stem}", np.asarray(im.convert("RGB"))[None], step)
+  finally:
+    writer.close()
 
 
 def _unseen_retrieval(config, workdir: Path, emb: dict, out: dict, fig_dir: Path) -> dict:
@@ -105,12 +184,25 @@ def _unseen_retrieval(config, workdir: Path, emb: dict, out: dict, fig_dir: Path
     from jsim.data import sources
     test_images = sources.load_image_sets(config.data)["test"].images[emb["test_index"][unseen]]
     ranked = retrieval.rank_queries(out["prob_fn"], out["params"], emb_u, labels_u, num_top=min(8, len(unseen) - 1))
-    queries = np.random.default_rng(config.seed).choice(len(unseen), num, replace=False)
-    class_names = emb["meta"]["class_ids"]
+    queries = _one_query_per_class(labels_u, num, config.seed)
+    names = sources.class_names(config.data, tuple(emb["meta"]["class_ids"]))
     figures.plot_retrieval_sheet(test_images, labels_u, queries, ranked["top_indices"][queries],
-                                 fig_dir / "retrieval_unseen.png", class_names=class_names,
-                                 title="Unseen classes: query (blue) and its top matches by Ms")
+                                 fig_dir / "retrieval_unseen.png", class_names=names,
+                                 title="Unseen classes: a query per class and its top matches by Ms")
   return metrics
+
+
+def _one_query_per_class(labels: np.ndarray, num: int, seed: int) -> np.ndarray:
+  """`num` image positions: a random one of each class in turn (a second round only past the last class)."""
+  rng = np.random.default_rng(seed)
+  pools = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
+  rng.shuffle(pools)
+  out = []
+  while len(out) < num and any(pools):
+    for pool in pools:
+      if pool and len(out) < num:
+        out.append(pool.pop())
+  return np.asarray(out, np.int64)
 
 
 def sweep(config, workdir: str | Path) -> dict:

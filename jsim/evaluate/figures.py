@@ -15,15 +15,35 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 GROUP_LABELS = {"all": "all pairs (cases 1-5)", "seen": "seen (cases 1-2)", "unseen": "unseen (cases 4-5)"}
-GROUP_COLORS = {"all": "tab:blue", "seen": "tab:green", "unseen": "tab:red"}
+GROUP_COLORS = {"all": "black", "seen": "tab:green", "unseen": "tab:red"}
+# Borders of example images, the same meaning in every figure (and in jsim-predict's sheet):
+QUERY_COLOR = (30, 90, 220)        # blue: the query
+SAME_COLOR = (20, 170, 40)         # green: the same class as the query (ground truth)
+OTHER_COLOR = (210, 30, 30)        # red: another class
+ABOVE_COLOR = (235, 150, 20)       # orange: P(same) above the threshold (the model's decision; no ground truth)
+BELOW_COLOR = (160, 160, 160)      # gray: below the threshold
 
 
-def _save(fig: Figure, out_png: str | Path) -> Path:
+def _save(fig: Figure, out_png: str | Path, *, dpi: int = 120, palette: bool = False) -> Path:
+  """Writes the figure; palette=True stores it with 256 colours (photo sheets: a few times smaller)."""
   out_png = Path(out_png)
   out_png.parent.mkdir(parents=True, exist_ok=True)
-  FigureCanvasAgg(fig)
-  fig.savefig(out_png, dpi=120)
+  canvas = FigureCanvasAgg(fig)
+  if not palette:
+    fig.savefig(out_png, dpi=dpi)
+    return out_png
+  from PIL import Image
+  fig.set_dpi(dpi)
+  canvas.draw()
+  rgb = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3])
+  rgb.quantize(256, method=Image.Quantize.MEDIANCUT).save(out_png, optimize=True)
   return out_png
+
+
+def legend_patches(entries: Sequence[tuple[tuple[int, int, int], str]]) -> list:
+  """Legend handles for coloured image borders."""
+  from matplotlib.patches import Patch
+  return [Patch(facecolor="white", edgecolor=np.asarray(c) / 255.0, linewidth=3, label=text) for c, text in entries]
 
 
 def read_metrics_jsonl(path: str | Path) -> list[dict]:
@@ -51,36 +71,57 @@ def _column(rows: list[dict], key: str) -> np.ndarray:
 
 
 def plot_stage_curves(metrics_jsonl_path: str | Path, out_png: str | Path, title: str) -> Path:
-  """Train and validation accuracy per epoch, learning-rate halvings as vertical lines.
+  """Train and validation accuracy per epoch above, the learning rate below, halvings in both.
 
   Reads the metrics.jsonl format shared by both stages ({"epoch", "lr", "train_accuracy",
-  "val_accuracy", "halved", ...}; extra or missing keys tolerated). A halving after epoch
-  k is drawn at k + 0.5. Accuracies in [0, 1] are shown in percent. The learning rate is
-  drawn on a second (log) axis when present.
+  "val_accuracy", "halved", ...}; extra or missing keys tolerated). Epoch k's points are
+  at x = k (the end of the epoch); its learning rate spans (k - 1, k]. A halving after
+  epoch k is a dashed line at x = k, where the halved rate starts. Accuracies in [0, 1]
+  are shown in percent.
   """
+  from matplotlib.ticker import MaxNLocator
   rows = sorted(read_metrics_jsonl(metrics_jsonl_path), key=lambda r: r["epoch"])
   epoch = _column(rows, "epoch")
   train, val = _column(rows, "train_accuracy"), _column(rows, "val_accuracy")
   finite = np.concatenate([train[np.isfinite(train)], val[np.isfinite(val)]])
   scale = 100.0 if finite.size and np.nanmax(np.abs(finite)) <= 1.0 else 1.0
-  fig = Figure(figsize=(7, 4.2))
-  ax = fig.subplots()
+  lr = _column(rows, "lr")
+  has_lr = bool(np.isfinite(lr).any() and np.nanmin(lr) > 0)
+  fig = Figure(figsize=(7, 5.2 if has_lr else 4.2))
+  if has_lr:
+    ax, ax_lr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.2]})
+  else:
+    ax, ax_lr = fig.subplots(), None
   ax.plot(epoch, train * scale, "o-", ms=3, label="train accuracy")
   ax.plot(epoch, val * scale, "s-", ms=3, label="validation accuracy")
   halved = [r["epoch"] for r in rows if r.get("halved")]
   for i, e in enumerate(halved):
-    ax.axvline(e + 0.5, color="gray", ls="--", lw=1, label="learning rate halved" if i == 0 else None)
-  lr = _column(rows, "lr")
-  if np.isfinite(lr).any() and np.nanmin(lr) > 0:
-    ax2 = ax.twinx()
-    ax2.step(epoch, lr, where="mid", color="tab:purple", alpha=0.35, lw=1)
-    ax2.set_yscale("log")
-    ax2.set_ylabel("learning rate", color="tab:purple")
-  ax.set_xlabel("epoch")
+    label = f"learning rate halved (after epoch{'s' if len(halved) > 1 else ''} " \
+            f"{', '.join(str(h) for h in halved)})" if i == 0 else None
+    for a in (ax, ax_lr) if ax_lr is not None else (ax,):
+      a.axvline(e, color="gray", ls="--", lw=1, label=label if a is ax else None)
   ax.set_ylabel("accuracy (%)" if scale == 100.0 else "accuracy")
   ax.set_title(title)
   ax.grid(alpha=0.3)
-  ax.legend(loc="lower right", fontsize=8)
+  ax.legend(loc="best", fontsize=8, framealpha=0.9)
+  bottom = ax
+  if ax_lr is not None:
+    # Epoch k trains at lr_k on (k - 1, k]: a step drawn from x = epoch_1 - 1.
+    xs = np.concatenate([[epoch[0] - 1], epoch])
+    ax_lr.step(xs, np.concatenate([[lr[0]], lr]), where="pre", color="tab:purple", lw=1.5)
+    ax_lr.set_yscale("log")
+    ax_lr.set_ylabel("learning rate")
+    values = sorted({float(v) for v in lr[np.isfinite(lr)]})
+    if len(values) <= 6:
+      ax_lr.set_yticks(values, [f"{v:.3g}" for v in values])
+      ax_lr.minorticks_off()
+    lo, hi = min(values), max(values)
+    ax_lr.set_ylim(lo / 1.6, hi * 1.6)
+    ax_lr.grid(alpha=0.3)
+    bottom = ax_lr
+  bottom.set_xlabel("epoch")
+  bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.set_xlim(epoch[0] - 1 if ax_lr is not None else epoch[0] - 0.5, epoch[-1] + 0.5)
   fig.tight_layout()
   return _save(fig, out_png)
 
@@ -97,13 +138,20 @@ def plot_roc(result, out_png: str | Path, title: str = "ROC of Ms on the test pa
   fig = Figure(figsize=(5.5, 5.2))
   ax = fig.subplots()
   ax.plot([0, 1], [0, 1], color="lightgray", lw=1)
+  # 'all' lies between 'seen' and 'unseen' and often on one of them: it is drawn last, thinner and
+  # dashed (dotted with several results), so that both stay visible.
+  order = sorted(groups, key=lambda g: g == "all")
   for n, (name, res) in enumerate(results.items()):
-    for g in groups:
+    for g in order:
       fpr, tpr = res.roc(g)
       if np.isnan(fpr).any() or np.isnan(tpr).any():
         continue  # a group without positives or negatives has no curve
       label = f"{name + ': ' if name else ''}{GROUP_LABELS.get(g, g)}, AUC {res.auc(g):.4f}"
-      ax.plot(fpr, tpr, styles[n % len(styles)], color=GROUP_COLORS.get(g), lw=1.5, label=label)
+      if g == "all":
+        style = (0, (4, 2)) if len(results) == 1 else styles[n % len(styles)]
+        ax.plot(fpr, tpr, linestyle=style, color=GROUP_COLORS[g], lw=1.3, label=label, zorder=3)
+      else:
+        ax.plot(fpr, tpr, styles[n % len(styles)], color=GROUP_COLORS.get(g), lw=2.2, alpha=0.85, label=label)
   ax.set_xlim(0, 1)
   ax.set_ylim(0, 1.005)
   ax.set_xlabel("false positive rate")
@@ -127,8 +175,10 @@ def plot_retrieval_sheet(images: np.ndarray, labels, query_indices, top_indices,
   """A sheet of retrieval examples: one row per query, then its top-k matches.
 
   images: uint8 [N, H, W, 3]; labels: [N]; query_indices: [Q]; top_indices: [Q, k]
-  (e.g. `rank_queries(...)["top_indices"][query_indices]`). The query has a blue border,
-  a match a green one if it shares the query's class, red otherwise.
+  (e.g. `rank_queries(...)["top_indices"][query_indices]`); class_names: label -> name
+  (e.g. from words.txt). Borders: the query blue, a match green if it shares the
+  query's class, red otherwise (explained in a legend). Images are drawn at about their
+  own size and stored with a 256-colour palette, so the sheet stays small.
   """
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
@@ -138,26 +188,33 @@ def plot_retrieval_sheet(images: np.ndarray, labels, query_indices, top_indices,
   top_indices = np.asarray(top_indices).reshape(query_indices.shape[0], -1)
   q, k = top_indices.shape
   width = max(2, images.shape[1] // 16)
-  fig = Figure(figsize=(1.3 * (k + 1), 1.4 * q + (0.4 if title else 0)))
+  cell = 0.95   # inches a cell (about 90 pixels at the saved dpi)
+  fig = Figure(figsize=(cell * (k + 1), (cell + 0.12) * q + 0.35 + (0.25 if title else 0)))
   axes = np.asarray(fig.subplots(q, k + 1, squeeze=False))
-  name = (lambda c: class_names[c]) if class_names is not None else (lambda c: f"class {c}")
+  name = (lambda c: _short(str(class_names[c]))) if class_names is not None else (lambda c: f"class {c}")
   for r in range(q):
     qi = int(query_indices[r])
-    axes[r, 0].imshow(_bordered(images[qi], (30, 90, 220), width))
-    axes[r, 0].set_title(f"query: {name(int(labels[qi]))}", fontsize=6)
+    axes[r, 0].imshow(_bordered(images[qi], QUERY_COLOR, width), interpolation="nearest")
+    axes[r, 0].set_title(name(int(labels[qi])), fontsize=5.5, fontweight="bold")
     for c in range(k):
       mi = int(top_indices[r, c])
       right = labels[mi] == labels[qi]
-      axes[r, c + 1].imshow(_bordered(images[mi], (20, 170, 40) if right else (210, 30, 30), width))
-      axes[r, c + 1].set_title(f"{c + 1}: {name(int(labels[mi]))}", fontsize=6)
+      axes[r, c + 1].imshow(_bordered(images[mi], SAME_COLOR if right else OTHER_COLOR, width),
+                            interpolation="nearest")
+      axes[r, c + 1].set_title(f"{c + 1}: {name(int(labels[mi]))}", fontsize=5.5)
   for ax in axes.ravel():
     ax.axis("off")
   if title:
-    fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  return _save(fig, out_png)
+    fig.suptitle(title, fontsize=8)
+  fig.legend(handles=legend_patches([(QUERY_COLOR, "query"), (SAME_COLOR, "same class as the query"),
+                                     (OTHER_COLOR, "another class")]),
+             loc="lower center", ncol=3, fontsize=7, frameon=False, borderaxespad=0.2)
+  fig.tight_layout(rect=(0, 0.28 / fig.get_figheight(), 1, 1))
+  return _save(fig, out_png, dpi=100, palette=True)
 
 
+def _short(text: str, n: int = 17) -> str:
+  return text if len(text) <= n else text[:n - 1].rstrip() + "\u2026"
 
 # ---------------------------------------------------------------------------
 # The source's Figure 7 (both backbones' ROC curves); its Table 1 is jsim.data.augment_figure.

@@ -228,7 +228,8 @@ def _eval_chunk(acc, params, embeddings, labels, seen_mask, pairs, same, case, s
 
 def evaluate_pairs(prob_fn: ProbFn, params: Any, embeddings: jax.Array, labels, seen_mask, pairs=None,
                    mode: str = "sampled", chunk_size: int = 65536, num_bins: int = 1000, threshold: float = 0.5,
-                   mesh: Mesh | None = None, *, key: jax.Array | None = None, progress: bool = False
+                   mesh: Mesh | None = None, *, key: jax.Array | None = None, progress: bool = False,
+                   desc: str | None = None
                    ) -> PairEvalResult:
   """Streams pairs of `embeddings` [N, D] through `prob_fn` and accumulates the metrics per case.
 
@@ -247,7 +248,7 @@ def evaluate_pairs(prob_fn: ProbFn, params: Any, embeddings: jax.Array, labels, 
     threshold: second decision threshold (e.g. `choose_threshold` on the validation pairs).
     mesh: optional mesh with a 'data' axis: each chunk's pairs are sharded over it, the
       rest replicated (chunk_size must divide by its size).
-    progress: show a progress bar.
+    progress: show a progress bar (titled `desc`).
   """
   if mode not in pairs_lib.EVALUATION_MODES:
     raise ValueError(f"mode must be one of {pairs_lib.EVALUATION_MODES}, got {mode!r}")
@@ -296,12 +297,13 @@ def evaluate_pairs(prob_fn: ProbFn, params: Any, embeddings: jax.Array, labels, 
   starts = range(0, total, chunk_size)
   bar = None
   if progress:
-    from jsim.train.metrics_writer import progress_bar
-    bar = progress_bar(total=total, initial=0, desc=f"pairs ({mode})", unit="pair")
+    from jsim.progress import progress
+    bar = progress(total, desc or f"pairs ({mode})", "pair")
   t0 = time.perf_counter()
   for start in starts:
     acc = step(acc, *operands, start, thr)
-    if bar is not None:
+    if bar is not None:   # (waits for the chunk: the bar shows what is done, not what is queued)
+      jax.block_until_ready(acc)
       bar.update(min(chunk_size, total - start))
   acc = jax.device_get(acc)
   seconds = time.perf_counter() - t0

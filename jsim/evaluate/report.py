@@ -57,6 +57,11 @@ def _num(v: float | None, digits: int = 4) -> str:
   return "-" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
 
 
+def report_config(config_dict: Any) -> Any:
+  """The config as report.json records it (JSON types: lists for tuples, None for NaN)."""
+  return _clean(config_dict)
+
+
 def report_dict(result: PairEvalResult, *, val_threshold: float | None, backbone: str, config_dict: Any = None,
                 retrieval: dict | None = None, extra: dict | None = None) -> dict:
   """The content of report.json (see `write_report`)."""
@@ -91,22 +96,44 @@ def report_dict(result: PairEvalResult, *, val_threshold: float | None, backbone
   return _clean(out)
 
 
+def _published_columns(report: dict) -> list[tuple[str, dict[int, float | None], dict[str, float | None]]]:
+  """(header, case -> fraction, group -> fraction) of the published numbers to show beside a report.
+
+  The report's own backbone if the source has numbers for it; otherwise ResNet50's and
+  VGG16's, labelled as such, for scale.
+  """
+  if report["published"] is not None:
+    title = BACKBONE_TITLES.get(report["backbone"], report["backbone"])
+    cases = {c["case"]: c["published_accuracy"] for c in report["cases"]}
+    return [(f"published {title}", cases, report["published"])]
+  out = []
+  for name, title in BACKBONE_TITLES.items():
+    pub = published(name)
+    cases = {c: _frac(v) for c, v in pub["case_accuracy"].items()}
+    groups = {"overall": _frac(pub["test_accuracy"]), "seen": _frac(pub["seen_accuracy"]),
+              "unseen": _frac(pub["unseen_accuracy"])}
+    out.append((f"published {title} (for scale)", cases, groups))
+  return out
+
+
 def case_table_markdown(report: dict) -> str:
   """The five-case table (plus all / seen / unseen rows) of a report dict, beside the published numbers."""
-  title = BACKBONE_TITLES.get(report["backbone"], report["backbone"])
   t = report["val_threshold"]
-  lines = [f"| case | pairs | accuracy (p > 0.5) | accuracy (p > {t:.3f}, val threshold) | published {title} |",
-           "|---|---:|---:|---:|---:|"]
+  columns = _published_columns(report)
+  lines = [f"| case | pairs | accuracy (p > 0.5) | accuracy (p > {t:.3f}, val threshold) | "
+           + " | ".join(h for h, _, _ in columns) + " |",
+           "|---|---:|---:|---:|" + "---:|" * len(columns)]
   for c in report["cases"]:
     lines.append(f"| {c['case']}. {c['name']} | {c['pairs']:,} | {_pct(c['accuracy_at_0.5'])} | "
-                 f"{_pct(c['accuracy_at_val_threshold'])} | {_pct(c['published_accuracy'])} |")
-  pub = report["published"] or {}
+                 f"{_pct(c['accuracy_at_val_threshold'])} | "
+                 + " | ".join(_pct(cases.get(c["case"])) for _, cases, _ in columns) + " |")
   counts = {c["case"]: c["pairs"] for c in report["cases"]}
   for key, label, _ in GROUP_ROWS:
     name = "overall" if key == "all" else key
     n = sum(counts[c] for c in {"all": (1, 2, 3, 4, 5), "seen": (1, 2), "unseen": (4, 5)}[key])
     lines.append(f"| **{label}** | {n:,} | {_pct(report['accuracy_at_0.5'][name])} | "
-                 f"{_pct(report['accuracy_at_val_threshold'][name])} | {_pct(pub.get(name))} |")
+                 f"{_pct(report['accuracy_at_val_threshold'][name])} | "
+                 + " | ".join(_pct(groups.get(name)) for _, _, groups in columns) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -119,7 +146,9 @@ def _markdown(report: dict, table: str, figures: list[str]) -> str:
            "score histograms.\n",
            "## Accuracy per case\n", table,
            "Published seen numbers are the source's section 6 (cases 1-2 weighted by their pair counts), "
-           "unseen the abstract's (ResNet50 only); '-' where the source gives none.\n",
+           "unseen the abstract's (ResNet50 only); '-' where the source gives none."
+           + (" The source did not use this backbone: its ResNet50 and VGG16 numbers (Tiny ImageNet, 180 seen "
+              "classes) are there for scale only." if report["published"] is None else "") + "\n",
            "## ROC AUC\n", "| pairs | all (1-5) | seen (1-2) | unseen (4-5) |", "|---|---:|---:|---:|",
            f"| AUC | {_num(auc['overall'])} | {_num(auc['seen'])} | {_num(auc['unseen'])} |\n",
            "(The source publishes ROC curves but no AUC values.)\n"]

@@ -16,6 +16,7 @@ from jsim.checkpoint import abstract_like, restore_best
 from jsim.data import augment, splits, streaming
 from jsim.data.prepare import Prepared, prepare
 from jsim.train import loop, schedule
+from jsim.train.metrics_writer import MetricsWriter, progress_bar
 from jsim.train.state import TrainState
 
 # config.data.pipeline: 'device' holds the train images on every device and gathers each batch
@@ -127,11 +128,21 @@ def padded_batches(indices: np.ndarray, batch_size: int):
     yield idx.astype(np.int32), mask
 
 
-def evaluate_accuracy(eval_fn, state, images, labels, indices: np.ndarray, batch_size: int) -> dict:
-  """Loss and accuracy over `indices`; images/labels on the devices or on the host (see make_eval_sums)."""
+def evaluate_accuracy(eval_fn, state, images, labels, indices: np.ndarray, batch_size: int, *,
+                      desc: str | None = None) -> dict:
+  """Loss and accuracy over `indices`; images/labels on the devices or on the host (see make_eval_sums).
+
+  desc: show a progress bar with this title.
+  """
   total = None
+  bar = progress_bar(len(indices), 0, desc, "img") if desc else None
   for idx, mask in padded_batches(indices, batch_size):
-    total = loop.add_eval_sums(total, eval_fn(state, images, labels, idx, mask))
+    s = eval_fn(state, images, labels, idx, mask)
+    total = loop.add_eval_sums(total, s)
+    if bar is not None:   # (waits for the batch: the bar shows what is done, not what is queued)
+      bar.update(int(jax.block_until_ready(s)["count"]))
+  if bar is not None:
+    bar.close()
   return loop.eval_metrics(total)
 
 
@@ -179,6 +190,7 @@ class ClassifierPlan:
     self._records = _Records(data.train_set.images, data.train_head_labels)
     step_args = dict(model=model, tx=tx, mean=data.mean, std=data.std, input_size=cfg.input_size,
                      augment_config=cfg.augment, seed_key=jax.random.PRNGKey(config.seed))
+    self._mean, self._std = data.mean, data.std
     rep = parallel.replicated(mesh)
     self._gathered_step = jax.jit(
         functools.partial(gathered_train_step, batch_size=cfg.batch_size, mesh=mesh, **step_args),
@@ -191,6 +203,15 @@ class ClassifierPlan:
 
   def num_batches(self, epoch: int) -> int:
     return len(self.batch_sizes)
+
+  def augmented_examples(self, num: int = 8) -> np.ndarray:
+    """uint8 [num, S, S, 3]: the first train images as the step augments them (for TensorBoard)."""
+    idx = np.sort(self.train_idx[:num])
+    key = jax.random.fold_in(jax.random.PRNGKey(self.seed), 0)
+    x = augment.augment(key, jnp.asarray(np.asarray(self._records.images[idx])), self._mean, self._std,
+                        self.cfg.input_size, self.cfg.augment)
+    pixels = np.asarray(x) * np.asarray(self._std) + np.asarray(self._mean)
+    return np.clip(np.round(pixels * 255), 0, 255).astype(np.uint8)
 
   def begin_epoch(self, epoch: int) -> None:
     self._close_stream()
@@ -224,7 +245,8 @@ class ClassifierPlan:
     self._stream = self._stream_at = None
 
   def evaluate(self, state) -> dict:
-    return evaluate_accuracy(self.eval_fn, state, self.images, self.labels, self.val_idx, self.cfg.eval_batch_size)
+    return evaluate_accuracy(self.eval_fn, state, self.images, self.labels, self.val_idx, self.cfg.eval_batch_size,
+                             desc="stage 1 validation")
 
 
 def stage_identity(config) -> dict:
@@ -266,7 +288,8 @@ def train_classifier(config, workdir: str | Path) -> dict:
   if finished:
     result = wd.stage_result(workdir, wd.STAGE1)
     if result["epochs"] >= config.classifier.num_epochs:
-      logging.info("stage 1 already finished: %s", result)
+      logging.info("stage 1 already finished (%d epochs, test accuracy %.1f %%): skipped", result["epochs"],
+                   100 * result["test_accuracy"])
       return result
     logging.info("stage 1 continues from epoch %d to %d", result["epochs"], config.classifier.num_epochs)
   mesh = parallel.make_mesh()
@@ -280,21 +303,24 @@ def train_classifier(config, workdir: str | Path) -> dict:
   write_augmentation_figure(config, data, workdir, stage_dir)
   settings = loop.LoopSettings.from_config(config.classifier, "stage 1")
   state, meta = loop.fit(plan, state, stage_dir, settings,
-                         place_state=lambda s: parallel.put_replicated(s, mesh))
+                         place_state=lambda s: parallel.put_replicated(s, mesh), config_dict=wd.config_to_dict(config))
   best = meta["best"]
   best_state, _ = restore_best(stage_dir, abstract_like(state), "stage-1")
   test_images, test_labels = place_images(config.data.pipeline, data.test_set.images, data.test_head_labels, mesh)
   seen_test = data.test_idx[data.test_head_labels[data.test_idx] >= 0]
   test = evaluate_accuracy(plan.eval_fn, best_state, test_images, test_labels, seen_test,
-                           config.classifier.eval_batch_size)
+                           config.classifier.eval_batch_size, desc="stage 1 test")
   result = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_images": test["count"],
             "best_epoch": best["epoch"], "best_step": best["step"], "best_val_accuracy": best["val_accuracy"],
             "epochs": len(meta["rows"]), "halving_epochs": meta["halving_epochs"]}
   if parallel.is_main_process():
     wd.finish_stage(stage_dir, result)
+    writer = MetricsWriter(stage_dir)
+    writer.write_scalars(best["step"], {"test/accuracy": test["accuracy"], "test/loss": test["loss"]})
+    writer.close()
   parallel.sync_processes("stage1 result")
-  logging.info("stage 1 finished: test accuracy %.4f on %d seen-class test images (best epoch %d)",
-               test["accuracy"], test["count"], best["epoch"])
+  logging.info("stage 1 finished: test accuracy %.2f %% on %d seen-class test images (best epoch %d)",
+               100 * test["accuracy"], test["count"], best["epoch"])
   return result
 
 

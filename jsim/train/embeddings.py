@@ -19,6 +19,7 @@ from jsim import parallel, workdir as wd
 from jsim.data import augment
 from jsim.data.prepare import prepare
 from jsim.train import classifier
+from jsim.train.metrics_writer import progress_bar
 
 META_FILE = "meta.json"
 
@@ -43,7 +44,7 @@ def make_embed_fn(model, mean, std, input_size: int, mesh):
 
 
 def embed_images(model, variables, images, indices: np.ndarray, *, mean, std, input_size: int, batch_size: int,
-                 mesh, embed_fn=None) -> np.ndarray:
+                 mesh, embed_fn=None, desc: str | None = None) -> np.ndarray:
   """Embeddings [len(indices), D] float32 of device-resident uint8 `images`, batched and jitted.
 
   The last batch is padded, and its padding dropped from the result. Pass `embed_fn`
@@ -52,9 +53,15 @@ def embed_images(model, variables, images, indices: np.ndarray, *, mean, std, in
   parallel.check_divisible(batch_size, mesh, "embed.batch_size")
   embed = embed_fn or make_embed_fn(model, mean, std, input_size, mesh)
   out = []
+  bar = progress_bar(len(indices), 0, desc, "img") if desc else None
   for idx, mask in classifier.padded_batches(indices, batch_size):
     e = embed(variables, images, parallel.put_sharded_batch(idx, mesh))
     out.append((e, int(mask.sum())))
+    if bar is not None:   # (waits for the batch: the bar shows what is done, not what is queued)
+      e.block_until_ready()
+      bar.update(int(mask.sum()))
+  if bar is not None:
+    bar.close()
   return np.concatenate([np.asarray(jax.device_get(e))[:n] for e, n in out]) if out else np.zeros((0, 0), np.float32)
 
 
@@ -69,7 +76,7 @@ def compute_embeddings(config, workdir: str | Path) -> dict:
   if meta_path.exists() and not config.overwrite:
     meta = wd.read_json(meta_path)
     if meta["stage1_step"] == stage1["best_step"] and meta.get("stage1_run_id") == stage1.get("run_id"):
-      logging.info("embeddings are current (stage-1 step %d)", meta["stage1_step"])
+      logging.info("embeddings are current (best stage-1 checkpoint, step %d): skipped", meta["stage1_step"])
       return meta
   mesh = parallel.make_mesh()
   data = prepare(config, workdir)
@@ -78,9 +85,10 @@ def compute_embeddings(config, workdir: str | Path) -> dict:
             batch_size=config.embed.batch_size, mesh=mesh)
   kw["embed_fn"] = make_embed_fn(model, data.mean, data.std, config.classifier.input_size, mesh)
   t180 = data.t180_idx
-  train_emb = embed_images(model, state.variables, parallel.put_replicated(data.train_set.images, mesh), t180, **kw)
+  train_emb = embed_images(model, state.variables, parallel.put_replicated(data.train_set.images, mesh), t180,
+                           desc="embedding the seen classes' train images", **kw)
   test_emb = embed_images(model, state.variables, parallel.put_replicated(data.test_set.images, mesh),
-                          data.test_idx, **kw)
+                          data.test_idx, desc="embedding the test images", **kw)
   meta = {"stage1_step": stage1["best_step"], "stage1_run_id": stage1.get("run_id"), "model": config.model.name,
           "dim": int(train_emb.shape[1]),
           "train_count": len(t180), "test_count": len(data.test_idx), "class_ids": list(data.train_set.class_ids),
@@ -99,8 +107,8 @@ def compute_embeddings(config, workdir: str | Path) -> dict:
       tmp.replace(out_dir / f"{name}.npy")
     wd.write_json(meta_path, meta)
   parallel.sync_processes("embeddings written")
-  logging.info("embedded %d T180 and %d test images (%d-d) with stage-1 step %d", len(t180), len(data.test_idx),
-               meta["dim"], meta["stage1_step"])
+  logging.info("embedded %d train images of the seen classes (T180: stage 2's images) and %d test images (%d-d) "
+               "with stage-1 step %d", len(t180), len(data.test_idx), meta["dim"], meta["stage1_step"])
   return meta
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jsim import console
 from jsim.checkpoint import StageCheckpoints, abstract_like
 from jsim.train import schedule
 from jsim.train.metrics_writer import MetricsWriter, progress_bar
@@ -189,11 +190,13 @@ def _sums_from_host(d: dict | None) -> dict:
 
 
 def fit(plan: EpochPlan, state: Any, stage_dir: str | Path, settings: LoopSettings, *,
-        place_state: Callable[[Any], Any] = lambda s: s) -> tuple[Any, dict]:
+        place_state: Callable[[Any], Any] = lambda s: s, config_dict: dict | None = None) -> tuple[Any, dict]:
   """Trains `state` to `settings.num_epochs`, resuming from stage_dir/checkpoints.
 
   `place_state` puts a host or restored pytree (the state, the running sums) where
   the jitted step expects it, so that a resumed run compiles the same step.
+  `config_dict` (the resolved config) goes to TensorBoard as text and hparams, and so
+  do a few training images if the plan has `augmented_examples()` (uint8 [N, H, W, 3]).
   Returns the final state and the meta dict (rows, best checkpoint, ...).
   Raises Preempted (checkpoint saved) or NonFiniteLoss (nothing saved).
   """
@@ -202,13 +205,13 @@ def fit(plan: EpochPlan, state: Any, stage_dir: str | Path, settings: LoopSettin
   writer = MetricsWriter(stage_dir)
   try:
     with preemption_guard() as guard:
-      return _fit(plan, state, ckpts, writer, settings, place_state, guard)
+      return _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict)
   finally:
     writer.close()
     ckpts.close()
 
 
-def _fit(plan, state, ckpts, writer, settings, place_state, guard):
+def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=None):
   meta = {"epoch": 0, "batch_in_epoch": 0, "sums": None, "rows": [], "val_accuracies": [],
           "halving_epochs": [], "best": None, "finished": False}
   latest = ckpts.latest_step()
@@ -218,6 +221,10 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard):
     logging.info("%s: resumed from step %d (epoch %d, batch %d)", settings.name, latest, meta["epoch"],
                  meta["batch_in_epoch"])
   writer.reset(meta["rows"])
+  if config_dict is not None:
+    writer.write_config(config_dict)
+  if writer.enabled and hasattr(plan, "augmented_examples") and meta["epoch"] < settings.num_epochs:
+    writer.write_images("train/augmented_images", plan.augmented_examples(), int(state.step))
   saved = [latest]   # the step of the latest checkpoint
 
   def save(sums, val_accuracy=None):
@@ -237,13 +244,15 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard):
     raise Preempted(f"{guard.signal_name} at epoch {epoch}, batch {done}/{num_batches} (step {step}): {what}; "
                     f"rerun the same command to resume")
 
-  for epoch in range(meta["epoch"] + 1, settings.num_epochs + 1):
+  first_epoch = meta["epoch"] + 1   # (its bar says 'compiling' until the step is compiled)
+  for epoch in range(first_epoch, settings.num_epochs + 1):
     plan.begin_epoch(epoch)
     num_batches = plan.num_batches(epoch)
     first = meta["batch_in_epoch"]
     sums = place_state(_sums_from_host(meta["sums"]))
     bar = progress_bar(num_batches * plan.items_per_batch, first * plan.items_per_batch,
-                       f"{settings.name} epoch {epoch}/{settings.num_epochs}", plan.item_name)
+                       f"{settings.name} epoch {epoch}/{settings.num_epochs}", plan.item_name,
+                       compiles=epoch == first_epoch, announce=epoch == first_epoch)
     start = time.perf_counter()
     first_step = int(state.step)   # counted on the host from here: no device sync per step
     try:   # (the bar is closed before any message: it would share its line)
@@ -255,7 +264,7 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard):
         done = batch + 1
         if done % settings.log_every_steps == 0:
           host = _check_finite(sums, None, settings, saved[0])
-          bar.set_postfix(loss=f"{host['loss_sum'] / max(host['count'], 1):.4f}")
+          bar.set_postfix(f"loss {host['loss_sum'] / max(host['count'], 1):.4f}")
           writer.write_scalars(int(state.step), {"train/loss": host["loss_sum"] / max(host["count"], 1)})
         if settings.checkpoint_every_steps and (first_step + done - first) % settings.checkpoint_every_steps == 0 \
             and done < num_batches:
@@ -286,8 +295,7 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard):
     # (given every epoch's accuracy it would keep the latest of tied ones, not the first).
     save(sums, val_accuracy=val["accuracy"] if new_best else None)
     writer.write_epoch(row)
-    logging.info("%s epoch %d: %s", settings.name, epoch,
-                 ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    logging.info("%s", console.epoch_line(settings.name, row, settings.num_epochs))
     if guard.stop_requested():   # e.g. a signal during the evaluation; also after the last epoch
       raise Preempted(f"{guard.signal_name} at the end of epoch {epoch} (step {int(state.step)}): checkpoint "
                       f"saved; rerun the same command to resume")

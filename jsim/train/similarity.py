@@ -17,6 +17,7 @@ from jsim.data import pairs as pairs_lib
 from jsim.models.similarity import SimilarityMLP
 from jsim.train import classifier, loop
 from jsim.train.embeddings import load_embeddings
+from jsim.train.metrics_writer import progress_bar
 from jsim.train.state import TrainState
 
 # Independent streams of the seed: validation pairs, training pairs (and their order), dropout.
@@ -79,10 +80,16 @@ def make_pair_eval(model, mesh, chunk: int):
   chunk_sums = jax.jit(functools.partial(pair_eval_sums, model=model, chunk=chunk, mesh=mesh),
                        out_shardings=parallel.replicated(mesh))
 
-  def evaluate(params, emb, pairs, same) -> dict:
+  def evaluate(params, emb, pairs, same, desc: str | None = None) -> dict:
     total = None
+    bar = progress_bar(pairs.shape[0], 0, desc, "pair") if desc else None
     for start in range(0, pairs.shape[0], chunk):
-      total = loop.add_eval_sums(total, chunk_sums(params, emb, pairs, same, jnp.int32(start)))
+      s = chunk_sums(params, emb, pairs, same, jnp.int32(start))
+      total = loop.add_eval_sums(total, s)
+      if bar is not None:   # (waits for the chunk: the bar shows what is done, not what is queued)
+        bar.update(int(jax.block_until_ready(s)["count"]))
+    if bar is not None:
+      bar.close()
     return loop.eval_metrics(total)
 
   return evaluate
@@ -173,7 +180,7 @@ class SimilarityPlan:
                             size=self.batch_sizes[batch])
 
   def evaluate(self, state) -> dict:
-    return self._evaluate(state.params, self.emb, self.val_pairs, self.val_same)
+    return self._evaluate(state.params, self.emb, self.val_pairs, self.val_same, desc="stage 2 validation")
 
 
 def stage_identity(config, emb: dict) -> dict:
@@ -209,7 +216,8 @@ def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> 
   if finished:
     result = wd.stage_result(workdir, stage)
     if result["epochs"] >= config.similarity.num_epochs:
-      logging.info("stage 2 already finished: %s", result)
+      logging.info("%s already finished (%d epochs, best validation accuracy %.1f %%): skipped",
+                   "stage 2" if stage == wd.STAGE2 else stage, result["epochs"], 100 * result["best_val_accuracy"])
       return result
   mesh = parallel.make_mesh()
   dim = emb["train"].shape[1]
@@ -218,7 +226,8 @@ def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> 
   state = parallel.put_replicated(init_state(config, model, dim, tx), mesh)
   plan = SimilarityPlan(config, emb["train"], emb["train_labels"], model, tx, mesh)
   settings = loop.LoopSettings.from_config(config.similarity, "stage 2")
-  state, meta = loop.fit(plan, state, stage_dir, settings, place_state=lambda s: parallel.put_replicated(s, mesh))
+  state, meta = loop.fit(plan, state, stage_dir, settings, place_state=lambda s: parallel.put_replicated(s, mesh),
+                         config_dict=wd.config_to_dict(config))
   best = meta["best"]
   result = {"best_epoch": best["epoch"], "best_step": best["step"], "best_val_accuracy": best["val_accuracy"],
             "epochs": len(meta["rows"]), "halving_epochs": meta["halving_epochs"], "embedding_dim": int(dim),
@@ -226,5 +235,6 @@ def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> 
   if parallel.is_main_process():
     wd.finish_stage(stage_dir, result)
   parallel.sync_processes(f"{stage} result")
-  logging.info("stage 2 finished: best validation accuracy %.4f (epoch %d)", best["val_accuracy"], best["epoch"])
+  logging.info("stage 2 finished: best validation accuracy %.2f %% (epoch %d)", 100 * best["val_accuracy"],
+               best["epoch"])
   return result

@@ -1,0 +1,149 @@
+"""What a run would do in a workdir: the first missing stage, and `--dry_run`.
+
+Reads only JSON records and folder listings (and, for the dry run, the data set):
+nothing here trains, compiles a step or writes into the workdir.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jsim import workdir as wd
+
+# The stages a stage reads the outputs of, in the order they must have run.
+_NEEDS = {"embed": ("classifier",), "similarity": ("classifier",), "sweep": ("classifier",),
+          "evaluate": ("classifier", "embed", "similarity")}
+# The stages config.stage runs (run.py's chains).
+CHAINS = {"all": ("classifier", "embed", "similarity", "evaluate"), "similarity": ("embed", "similarity"),
+          "sweep": ("embed", "sweep")}
+_MISSING = {"classifier": "stage 1 has not finished", "embed": "there are no embeddings",
+            "similarity": "stage 2 has not finished"}
+
+
+def _done(workdir: Path, stage: str) -> bool:
+  if stage == "classifier":
+    return wd.stage_result(workdir, wd.STAGE1) is not None
+  if stage == "embed":
+    return (workdir / wd.EMBEDDINGS / "meta.json").exists()
+  if stage == "similarity":
+    return wd.stage_result(workdir, wd.STAGE2) is not None
+  raise KeyError(stage)
+
+
+def first_missing_stage(stage: str, workdir: str | Path) -> str | None:
+  """The first stage that `stage` needs and that has not run in workdir, or None."""
+  workdir = Path(workdir)
+  for need in _NEEDS.get(stage, ()):
+    if not _done(workdir, need):
+      return need
+  return None
+
+
+def check_prerequisites(config, workdir: str | Path) -> None:
+  """ValueError naming the first stage that has to run before config.stage can (none for 'all')."""
+  missing = first_missing_stage(config.stage, workdir)
+  if missing is None:
+    return
+  # embed is run by 'similarity' itself: point at the stage that makes both.
+  command = "similarity" if missing == "embed" else missing
+  raise FileNotFoundError(f"{Path(workdir)}: {_MISSING[missing]} (stage {config.stage!r} needs it); run "
+                          f"--config.stage={command} first, or --config.stage=all for every stage")
+
+
+def _checkpoint_steps(stage_dir: Path) -> list[int]:
+  ckpt = stage_dir / "checkpoints"
+  return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+
+
+def stage_status(config, workdir: Path, stage: str) -> str:
+  """What running `stage` would do now: 'to run', 'finished: skipped', 'resumes from step N', ..."""
+  if stage in ("classifier", "similarity"):
+    sub, cfg = (wd.STAGE1, config.classifier) if stage == "classifier" else (wd.STAGE2, config.similarity)
+    result = wd.stage_result(workdir, sub)
+    if config.overwrite and (workdir / sub).exists():
+      return f"redone from scratch ({cfg.num_epochs} epochs; overwrite=True removes the old one)"
+    if result is not None:
+      if result["epochs"] >= cfg.num_epochs:
+        return f"finished ({result['epochs']} epochs): skipped"
+      return f"continues from epoch {result['epochs']} to {cfg.num_epochs}"
+    steps = _checkpoint_steps(workdir / sub)
+    if steps:
+      return f"resumes from step {steps[-1]} ({cfg.num_epochs} epochs in all)"
+    return f"to run ({cfg.num_epochs} epochs)"
+  if stage == "embed":
+    return "current: skipped" if _done(workdir, "embed") and _done(workdir, "classifier") and \
+        _embeddings_current(workdir) else "to run"
+  if stage == "evaluate":
+    from jsim.evaluate.evaluation import changes_since_report
+    upstream_done = all(stage_status(config, workdir, s).endswith("skipped") for s in ("classifier", "similarity"))
+    if upstream_done and not config.overwrite and changes_since_report(config, workdir) == []:
+      return "current (report.json): skipped"
+    return f"to run ({config.evaluation.mode} test pairs)"
+  if stage == "sweep":
+    return f"to run (features {', '.join(config.sweep.features)})"
+  return "to run"
+
+
+def _embeddings_current(workdir: Path) -> bool:
+  meta = wd.read_json(workdir / wd.EMBEDDINGS / "meta.json")
+  stage1 = wd.stage_result(workdir, wd.STAGE1) or {}
+  return meta.get("stage1_step") == stage1.get("best_step") and meta.get("stage1_run_id") == stage1.get("run_id")
+
+
+def _data_lines(config, workdir: Path) -> list[str]:
+  """Loads the data set (decoding it into the cache on first use) and checks the split and the pairs."""
+  import numpy as np
+  from jsim import validate
+  from jsim.data import splits
+  from jsim.data.prepare import load_image_sets, resolve_source
+  sets = load_image_sets(config.data)
+  train, test = sets["train"], sets["test"]
+  split = splits.load_split(workdir) if workdir.exists() else None
+  where = "recorded in split.json"
+  if split is None:
+    split = splits.make_split(train, test, num_seen=config.data.num_seen_classes,
+                              val_fraction=config.data.val_fraction, seed=config.seed)
+    where = f"would be drawn from seed {config.seed}"
+  elif split.seed != config.seed or len(split.seen_classes) != config.data.num_seen_classes:
+    raise ValueError(f"{workdir / splits.SPLIT_FILE} was drawn with seed {split.seed} and "
+                     f"{len(split.seen_classes)} seen classes, the config asks for seed {config.seed} and "
+                     f"{config.data.num_seen_classes}; use another --workdir")
+  seen = split.seen_mask(train.class_ids)
+  t180 = np.flatnonzero(seen[train.labels])
+  lines = [f"data:   {resolve_source(config.data)}, {len(train):,} train + {len(test):,} test images, "
+           f"{len(train.class_ids)} classes",
+           f"split:  {len(split.seen_classes)} seen / {len(split.unseen_classes)} unseen classes; "
+           f"{len(split.train_ids):,} stage-1 train, {len(split.val_ids):,} validation, {len(split.test_ids):,} "
+           f"test images ({where})"]
+  if config.stage in ("all", "similarity", "sweep"):
+    validate.check_pair_supply(config, train.labels[t180], tuple(train.class_ids))
+  if config.stage in ("all", "similarity", "sweep", "evaluate"):
+    validate.check_test_pairs(config, test.labels, tuple(train.class_ids))
+    lines.append("pairs:  stage 2's and the test pairs can be drawn from these images")
+  return lines
+
+
+def dry_run(config, workdir: str | Path) -> list[str]:
+  """Checks everything a run checks before it trains, prints what it would do; writes nothing.
+
+  Raises what the run would raise (one line each) for a bad config, workdir or data.
+  """
+  from jsim import console, validate
+  workdir = Path(workdir)
+  validate.check_config(config)
+  names = CHAINS.get(config.stage, (config.stage,))
+  if config.stage != "prepare":
+    if config.stage in ("embed", "similarity", "evaluate", "sweep"):
+      wd.check_recorded(workdir, wd.STAGE1, {"seed": config.seed, "model": {"name": config.model.name}})
+      check_prerequisites(config, workdir)
+  lines = [f"dry run in {workdir}{'' if workdir.exists() else ' (does not exist yet)'}: nothing is trained "
+           f"or written there", f"config: valid; stage {config.stage!r}"]
+  lines += _data_lines(config, workdir)
+  lines.append("would run:")
+  width = max(len(n) for n in names)
+  for name in names:
+    lines.append(f"  {name:<{width}}  {stage_status(config, workdir, name) if name != 'prepare' else 'to run'}")
+  lines += [f"hint:   {h}" for h in console.cpu_hints(config)]
+  lines.append("dry run OK")
+  print("\n".join(lines), flush=True)
+  return lines
