@@ -190,6 +190,9 @@ class StageRecords:
 
 
 def stage1_records(workdir: Path) -> StageRecords:
+  if workdir.exists() and not workdir.is_dir():
+    raise NotADirectoryError(f"workdir {workdir} is a file, not a directory: give the folder that "
+                             f"python -m jsim.main --workdir=... trained")
   if not workdir.is_dir():
     raise FileNotFoundError(f"workdir {workdir}: no such directory")
   hint = "train the model first (python -m jsim.main --config=... --workdir=...)"

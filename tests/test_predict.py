@@ -299,6 +299,17 @@ def _bad_case(name: str, trained: Trained, tmp: Path) -> tuple[list, str]:
     return [f"--workdir={w}", f"--query={a}", f"--gallery={tmp / 'g'}"], "no image files"
   if name == "gallery not a folder":
     return [f"--workdir={w}", f"--query={a}", f"--gallery={a}"], "not a folder"
+  # Issue 13: messages that lead somewhere.
+  if name == "negative top":
+    return [f"--workdir={w}", f"--query={a}", f"--gallery={a.parent}", "--top=-3"], "--top=-3: must be >= 0"
+  if name == "workdir is a file":
+    return [f"--workdir={a}", a, a], f"workdir {a} is a file, not a directory"
+  if name in ("html under a file", "sheet not an image"):
+    (tmp / "g").mkdir()
+    shutil.copyfile(a, tmp / "g" / "x.jpg")
+    out = f"--html={a}/page.html" if name == "html under a file" else f"--sheet={tmp / 'sheet.txt'}"
+    expect = f"{a} is a file, not a directory" if name == "html under a file" else "expected a file name ending in .png"
+    return [f"--workdir={w}", f"--query={a}", f"--gallery={tmp / 'g'}", out], expect
   if name == "one image":
     return [f"--workdir={w}", a], "expected two images"
   raise AssertionError(name)
@@ -306,7 +317,8 @@ def _bad_case(name: str, trained: Trained, tmp: Path) -> tuple[list, str]:
 
 @pytest.mark.parametrize("name", ["missing image", "unreadable image", "missing workdir", "untrained workdir",
                                   "no stage 2", "embedding dim mismatch", "model mismatch", "stale embeddings",
-                                  "gallery without images", "gallery not a folder", "one image"])
+                                  "gallery without images", "gallery not a folder", "one image", "negative top",
+                                  "workdir is a file", "html under a file", "sheet not an image"])
 def test_bad_input_is_one_line_and_nonzero(trained, tmp_path, name):
   args, expected = _bad_case(name, trained, tmp_path)
   r = cli(*args, timeout=120)
@@ -316,6 +328,28 @@ def test_bad_input_is_one_line_and_nonzero(trained, tmp_path, name):
   assert len(lines) == 1, r.stderr
   assert lines[0].startswith("jsim-predict: ") and expected in lines[0], lines[0]
   assert r.stdout == ""
+  if name in ("html under a file", "sheet not an image"):   # refused before the search: nothing embedded
+    assert not (trained.workdir / "predict_cache").exists() or not any(
+        str((tmp_path / "g").resolve()) in str(np.load(f)["gallery"])
+        for f in (trained.workdir / "predict_cache").glob("*.npz"))
+
+
+def test_sheet_colours_mean_the_decision_and_names_keep_their_extension(trained, tmp_path):
+  from jsim.evaluate import figures
+  from jsim.predict import Match
+  from jsim.predict.cli import short_name, write_sheet
+  assert short_name("a_very_long_name_of_a_holiday_photo_2.jpeg") == "a_very_\u2026photo_2.jpeg"
+  assert len(short_name("a_very_long_name_of_a_holiday_photo_2.jpeg")) == 20
+  assert short_name("short.jpg") == "short.jpg"
+  files = trained.files[:3]
+  sheet = write_sheet(tmp_path / "s.png", files[0], [Match(str(files[1]), 0.9), Match(str(files[2]), 0.1)], 0.5)
+  arr = np.asarray(Image.open(sheet).convert("RGB")).astype(int)
+
+  def count(color):
+    return int((np.abs(arr - np.asarray(color)).sum(-1) < 30).sum())
+
+  assert count(figures.ABOVE_COLOR) > 50 and count(figures.BELOW_COLOR) > 50 and count(figures.QUERY_COLOR) > 50
+  assert count(figures.SAME_COLOR) == 0   # green means "same class" (ground truth) elsewhere: not used here
 
 
 def test_checkpoint_that_does_not_fit_the_config_is_refused(trained, tmp_path):

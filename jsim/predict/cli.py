@@ -42,8 +42,17 @@ def _data_uri(im: Image.Image) -> str:
   return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _rgb(color: tuple[int, int, int]) -> str:
+  return "#%02x%02x%02x" % color
+
+
 def write_html(out: str | Path, query: str | Path, matches: Sequence[Match], threshold: float | None) -> Path:
-  """A self-contained page: the query and its matches as inlined thumbnails, with P(same)."""
+  """A self-contained page: the query and its matches as inlined thumbnails, with P(same).
+
+  Borders as in jsim-predict's sheet: the query blue, a match orange above the threshold (the
+  model says "same"), gray below; green and red stay for the ground truth of the evaluation figures.
+  """
+  from jsim.evaluate import figures
   out = Path(out)
   t = 0.5 if threshold is None else threshold
   cards = []
@@ -59,12 +68,13 @@ body {{ font-family: sans-serif; margin: 1.5em; }}
 img {{ width: 128px; height: 128px; object-fit: contain; image-rendering: pixelated; background: #eee; }}
 figure {{ display: inline-block; margin: 6px; padding: 4px; border: 4px solid #ccc; width: 140px;
           vertical-align: top; font-size: 11px; word-break: break-all; }}
-figure.query {{ border-color: #1e5adc; }}
-figure.same {{ border-color: #14aa28; }}
-figure.diff {{ border-color: #d21e1e; }}
+figure.query {{ border-color: {_rgb(figures.QUERY_COLOR)}; }}
+figure.same {{ border-color: {_rgb(figures.ABOVE_COLOR)}; }}
+figure.diff {{ border-color: {_rgb(figures.BELOW_COLOR)}; }}
 </style></head><body>
 <h1>Images most similar to the query</h1>
-<p>P(same kind of object) by the similarity net; green: above {thr}, red: below.</p>
+<p>P(same kind of object) by the similarity net: blue the query; orange above {thr} (the model says "the
+same kind"), gray below.</p>
 <figure class="query"><img src="{_data_uri(_thumbnail(query))}">
 <figcaption>query<br>{html.escape(str(query))}</figcaption></figure>
 <hr>
@@ -76,19 +86,32 @@ figure.diff {{ border-color: #d21e1e; }}
   return out
 
 
+def short_name(name: str, n: int = 20) -> str:
+  """A file name cut in the middle to n characters, its extension kept ('a_long_pho...to_2.jpeg')."""
+  if len(name) <= n:
+    return name
+  stem, dot, ext = name.rpartition(".")
+  if not dot or len(ext) > 5:
+    stem, ext = name, ""
+  keep = n - len(ext) - (1 if ext else 0) - 1
+  head = (keep + 1) // 2
+  return stem[:head] + "\u2026" + stem[len(stem) - (keep - head):] + (f".{ext}" if ext else "")
+
+
 def write_sheet(out: str | Path, query: str | Path, matches: Sequence[Match], threshold: float | None,
                 columns: int = 6) -> Path:
-  """A PNG sheet: the query (blue border) and its matches (green above the threshold, red below)."""
+  """A PNG sheet: the query (blue border) and its matches (orange above the threshold, gray below),
+  with a legend; the colours of jsim.evaluate.figures, where green and red mean the ground truth."""
   from matplotlib.figure import Figure
   from jsim.evaluate import figures
 
   t = 0.5 if threshold is None else threshold
-  cells = [(query, "query", (30, 90, 220))] + [
-      (m.path, f"{i}: p={m.probability:.3f}\n{Path(m.path).name[:18]}",
-       (20, 170, 40) if m.probability > t else (210, 30, 30)) for i, m in enumerate(matches, 1)]
+  cells = [(query, f"query\n{short_name(Path(query).name)}", figures.QUERY_COLOR)] + [
+      (m.path, f"{i}: p={m.probability:.3f}\n{short_name(Path(m.path).name)}",
+       figures.ABOVE_COLOR if m.probability > t else figures.BELOW_COLOR) for i, m in enumerate(matches, 1)]
   cols = min(columns, len(cells))
   rows = math.ceil(len(cells) / cols)
-  fig = Figure(figsize=(1.6 * cols, 2.0 * rows))
+  fig = Figure(figsize=(1.6 * cols, 2.0 * rows + 0.4))
   axes = np.asarray(fig.subplots(rows, cols, squeeze=False)).ravel()
   for ax, (path, title, color) in zip(axes, cells):
     img = np.asarray(_thumbnail(path, 128))
@@ -100,8 +123,33 @@ def write_sheet(out: str | Path, query: str | Path, matches: Sequence[Match], th
     ax.set_title(title, fontsize=7)
   for ax in axes:
     ax.axis("off")
-  fig.tight_layout()
+  where = f"the validation threshold {t:.3f}" if threshold is not None else "0.5"
+  fig.legend(handles=figures.legend_patches([(figures.QUERY_COLOR, "query"),
+                                             (figures.ABOVE_COLOR, f"P(same) above {where}"),
+                                             (figures.BELOW_COLOR, "below")]),
+             loc="lower center", ncol=3, fontsize=7, frameon=False, borderaxespad=0.2)
+  fig.tight_layout(rect=(0, 0.35 / fig.get_figheight(), 1, 1))
   return figures._save(fig, out)
+
+
+SHEET_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+
+
+def check_output_path(flag: str, path: str | Path, suffixes: Sequence[str]) -> None:
+  """ValueError in one line if `path` cannot be written (checked before any search runs)."""
+  import os
+  p = Path(path)
+  if p.suffix.lower() not in suffixes:
+    raise ValueError(f"{flag}={path}: expected a file name ending in {' or '.join(suffixes)}")
+  if p.is_dir():
+    raise ValueError(f"{flag}={path} is a directory; give a file name")
+  parent = p.parent
+  while not parent.exists():
+    parent = parent.parent
+  if not parent.is_dir():
+    raise ValueError(f"{flag}={path}: {parent} is a file, not a directory")
+  if not os.access(parent, os.W_OK):
+    raise ValueError(f"{flag}={path}: cannot write in {parent}")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -123,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="a workdir trained by python -m jsim.main")
   p.add_argument("--query", help="query image for a gallery search")
   p.add_argument("--gallery", help="folder of images to rank (recursive)")
-  p.add_argument("--top", type=int, default=10, help="how many matches to show (0: all)")
+  p.add_argument("--top", type=int, default=10, help="how many matches to show (0: all; default 10)")
   p.add_argument("--html", help="write an HTML page of the query and its matches")
   p.add_argument("--sheet", help="write a PNG sheet of the query and its matches")
   p.add_argument("--no_cache", "--no-cache", action="store_true", help="embed the gallery again, ignore the cache")
@@ -211,11 +259,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"expected two images to compare (or --query and --gallery), got {len(args.images)}")
   if not search and (args.html or args.sheet):
     parser.error("--html and --sheet go with --query/--gallery")
+  if args.top < 0:
+    parser.error(f"--top={args.top}: must be >= 0 (0 shows every match)")
   if not args.verbose:
     _quiet_libraries()
   try:
     # Cheap checks first (JSON records, the input images, the gallery listing): a bad
     # command fails before JAX and the checkpoints load.
+    if args.html:
+      check_output_path("--html", args.html, (".html", ".htm"))
+    if args.sheet:
+      check_output_path("--sheet", args.sheet, SHEET_FORMATS)
     records = wd.read_records(args.workdir)
     names = [args.query] if search else args.images
     images = [prepare_image(name, records.image_size) for name in names]
