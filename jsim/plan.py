@@ -95,7 +95,7 @@ def _data_lines(config, workdir: Path) -> list[str]:
   import numpy as np
   from jsim import validate
   from jsim.data import splits
-  from jsim.data.prepare import load_image_sets, resolve_source
+  from jsim.data.sources import load_image_sets, resolve_source
   sets = load_image_sets(config.data)
   train, test = sets["train"], sets["test"]
   split = splits.load_split(workdir) if workdir.exists() else None

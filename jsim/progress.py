@@ -73,7 +73,7 @@ class Progress:
       return
     if self.terminal:
       import tqdm
-      self._bar = tqdm.tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=True,
+      self._bar = tqdm.tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=False,
                             dynamic_ncols=True, file=self.stream, mininterval=0.5, leave=False,
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
       if compiles:

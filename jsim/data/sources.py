@@ -116,24 +116,20 @@ def load_image_sets(data_config) -> dict[str, ImageSet]:
   return load_image_sets_and_report(data_config)[0]
 
 
-def class_names(data_config: Any, class_ids: tuple[str, ...]) -> list[str]:
+def class_names(data_config, class_ids: tuple[str, ...]) -> list[str]:
   """A readable name per class id: the first name of words.txt ('n01443537' -> 'goldfish'), else the id.
 
   For the folder, zip, download and synthetic sources (TFDS ids are names already).
   """
-  from jsim.data.prepare import resolve_source
-  source = resolve_source(data_config)
+  d = data_config
+  source = resolve_source(d)
   words: dict[str, str] = {}
   try:
     if source in ("folder", "synthetic"):
-      root = _field(data_config, "root") if source == "folder" else synthetic_root(data_config)
-      text = tiny_imagenet._Folder(root).read("words.txt")
+      text = tiny_imagenet._Folder(d.root if source == "folder" else synthetic_root(d)).read("words.txt")
     elif source in ("zip", "download"):
-      if source == "zip":
-        path = _field(data_config, "zip_path")
-      else:
-        url = _field(data_config, "download_url")
-        path = cache.resolve_cache_dir(_field(data_config, "cache_dir")) / "downloads" / (url.rsplit("/", 1)[-1])
+      path = d.zip_path if source == "zip" else \
+          cache.resolve_cache_dir(d.cache_dir) / "downloads" / (d.download_url.rsplit("/", 1)[-1] or "data.zip")
       text = tiny_imagenet._Zip(path).read("words.txt")
     else:
       text = b""
