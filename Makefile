@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	@echo "installing the test extras into $(VENV)/ (pytest, torch, tensorboard; once; log: $(VENV)/install.log)"
+	@echo "installing the test extras into $(VENV)/ (pytest, ruff, torch, tensorboard; once; log: $(VENV)/install.log)"
 	@$(PIP_INSTALL) -e '.[test,torch]' > $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
 	@touch $@
 
