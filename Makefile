@@ -42,7 +42,7 @@ demo: setup
 
 test: setup-test
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 clean-demo:
 	rm -rf $(WORKDIR)

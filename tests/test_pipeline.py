@@ -4,7 +4,13 @@ import json
 
 import numpy as np
 
+import pytest
+
 from conftest import run_jsim
+
+# The tests on the shared tiny workdir run in one pytest-xdist worker (make test: --dist loadgroup),
+# which builds it once.
+pytestmark = pytest.mark.xdist_group("tiny_workdir")
 
 
 def _json(path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -302,22 +303,21 @@ def train_classifier(config, workdir: str | Path) -> dict:
   plan = ClassifierPlan(config, data, model, tx, mesh)
   write_augmentation_figure(config, data, workdir, stage_dir)
   settings = loop.LoopSettings.from_config(config.classifier, "stage 1")
-  state, meta = loop.fit(plan, state, stage_dir, settings,
-                         place_state=lambda s: parallel.put_replicated(s, mesh), config_dict=wd.config_to_dict(config))
-  best = meta["best"]
-  best_state, _ = restore_best(stage_dir, abstract_like(state), "stage-1")
-  test_images, test_labels = place_images(config.data.pipeline, data.test_set.images, data.test_head_labels, mesh)
-  seen_test = data.test_idx[data.test_head_labels[data.test_idx] >= 0]
-  test = evaluate_accuracy(plan.eval_fn, best_state, test_images, test_labels, seen_test,
-                           config.classifier.eval_batch_size, desc="stage 1 test")
+  with contextlib.closing(MetricsWriter(stage_dir)) as writer:   # (the test metrics go to fit's event file)
+    state, meta = loop.fit(plan, state, stage_dir, settings, place_state=lambda s: parallel.put_replicated(s, mesh),
+                           config_dict=wd.config_to_dict(config), writer=writer)
+    best = meta["best"]
+    best_state, _ = restore_best(stage_dir, abstract_like(state), "stage-1")
+    test_images, test_labels = place_images(config.data.pipeline, data.test_set.images, data.test_head_labels, mesh)
+    seen_test = data.test_idx[data.test_head_labels[data.test_idx] >= 0]
+    test = evaluate_accuracy(plan.eval_fn, best_state, test_images, test_labels, seen_test,
+                             config.classifier.eval_batch_size, desc="stage 1 test")
+    writer.write_scalars(best["step"], {"test/accuracy": test["accuracy"], "test/loss": test["loss"]})
   result = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_images": test["count"],
             "best_epoch": best["epoch"], "best_step": best["step"], "best_val_accuracy": best["val_accuracy"],
             "epochs": len(meta["rows"]), "halving_epochs": meta["halving_epochs"]}
   if parallel.is_main_process():
     wd.finish_stage(stage_dir, result)
-    writer = MetricsWriter(stage_dir)
-    writer.write_scalars(best["step"], {"test/accuracy": test["accuracy"], "test/loss": test["loss"]})
-    writer.close()
   parallel.sync_processes("stage1 result")
   logging.info("stage 1 finished: test accuracy %.2f %% on %d seen-class test images (best epoch %d)",
                100 * test["accuracy"], test["count"], best["epoch"])

@@ -190,24 +190,28 @@ def _sums_from_host(d: dict | None) -> dict:
 
 
 def fit(plan: EpochPlan, state: Any, stage_dir: str | Path, settings: LoopSettings, *,
-        place_state: Callable[[Any], Any] = lambda s: s, config_dict: dict | None = None) -> tuple[Any, dict]:
+        place_state: Callable[[Any], Any] = lambda s: s, config_dict: dict | None = None,
+        writer: MetricsWriter | None = None) -> tuple[Any, dict]:
   """Trains `state` to `settings.num_epochs`, resuming from stage_dir/checkpoints.
 
   `place_state` puts a host or restored pytree (the state, the running sums) where
   the jitted step expects it, so that a resumed run compiles the same step.
   `config_dict` (the resolved config) goes to TensorBoard as text and hparams, and so
   do a few training images if the plan has `augmented_examples()` (uint8 [N, H, W, 3]).
+  `writer`: a MetricsWriter the caller opened and closes (to add to the same event file after fit).
   Returns the final state and the meta dict (rows, best checkpoint, ...).
   Raises Preempted (checkpoint saved) or NonFiniteLoss (nothing saved).
   """
   stage_dir = Path(stage_dir)
   ckpts = StageCheckpoints(stage_dir / "checkpoints", keep=settings.keep_checkpoints)
-  writer = MetricsWriter(stage_dir)
+  own_writer = writer is None
+  writer = writer if writer is not None else MetricsWriter(stage_dir)
   try:
     with preemption_guard() as guard:
       return _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict)
   finally:
-    writer.close()
+    if own_writer:
+      writer.close()
     ckpts.close()
 
 
