@@ -98,8 +98,8 @@ def evaluate(config, workdir: str | Path) -> dict:
   workdir = Path(workdir)
   changes = changes_since_report(config, workdir)
   if changes == [] and not config.overwrite:
-    logging.info("evaluation is current (same stages and settings as report.json): skipped; "
-                 "--config.stage=evaluate --config.overwrite=True redoes it")
+    logging.info("evaluation is current (as in report.json): skipped; --config.stage=evaluate "
+                 "--config.overwrite=True redoes it")
     return _report_summary(wd.read_json(workdir / report.REPORT_JSON))
   if changes:
     logging.info("evaluation: redone, report.json is replaced (%s)", "; ".join(changes))
