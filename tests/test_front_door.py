@@ -295,10 +295,11 @@ def test_tensorboard_reads_the_stages_and_the_evaluation(tiny_workdir):
     assert json.loads(config)["similarity"]["num_epochs"] == 3
   ea = _events(w / "stage1" / "tb")
   result = json.loads((w / "stage1" / "result.json").read_text())
-  assert len(list((w / "stage1" / "tb").glob("events.out.tfevents.*"))) == 1   # one event file a run
+  # One event file a run (and the augmentation figure's own, jsim.train.classifier.write_augmentation_figure).
+  assert len([p for p in (w / "stage1" / "tb").glob("events.out.tfevents.*") if "augmentations" not in p.name]) == 1
   (test,) = ea.Scalars("test/accuracy")
   assert test.step == result["best_step"] and test.value == pytest.approx(result["test_accuracy"])
-  (images,) = ea.Images("train/augmented_images")
+  (images,) = ea.Images("augmentations")   # augmented training images
   assert images.width > 0 and images.height > 0
 
   ea = _events(w / "evaluation" / "tb")

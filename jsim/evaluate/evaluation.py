@@ -166,7 +166,7 @@ def _write_tensorboard(workdir: Path, result, table: str, step: int, fig_dir: Pa
       writer.write_pr_curve(f"test/pr_{group}", result.hist_pos[idx].sum(0), result.hist_neg[idx].sum(0), step)
     for png in sorted(fig_dir.glob("*.png")):
       with Image.open(png) as im:
-        writer.write_images(f"figures/{png.stem}", np.asarray(im.convert("RGB"))[None], step)
+        writer.write_image(f"figures/{png.stem}", np.asarray(im.convert("RGB")), step)
   finally:
     writer.close()
 

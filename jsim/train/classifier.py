@@ -191,7 +191,6 @@ class ClassifierPlan:
     self._records = _Records(data.train_set.images, data.train_head_labels)
     step_args = dict(model=model, tx=tx, mean=data.mean, std=data.std, input_size=cfg.input_size,
                      augment_config=cfg.augment, seed_key=jax.random.PRNGKey(config.seed))
-    self._mean, self._std = data.mean, data.std
     rep = parallel.replicated(mesh)
     self._gathered_step = jax.jit(
         functools.partial(gathered_train_step, batch_size=cfg.batch_size, mesh=mesh, **step_args),
@@ -204,15 +203,6 @@ class ClassifierPlan:
 
   def num_batches(self, epoch: int) -> int:
     return len(self.batch_sizes)
-
-  def augmented_examples(self, num: int = 8) -> np.ndarray:
-    """uint8 [num, S, S, 3]: the first train images as the step augments them (for TensorBoard)."""
-    idx = np.sort(self.train_idx[:num])
-    key = jax.random.fold_in(jax.random.PRNGKey(self.seed), 0)
-    x = augment.augment(key, jnp.asarray(np.asarray(self._records.images[idx])), self._mean, self._std,
-                        self.cfg.input_size, self.cfg.augment)
-    pixels = np.asarray(x) * np.asarray(self._std) + np.asarray(self._mean)
-    return np.clip(np.round(pixels * 255), 0, 255).astype(np.uint8)
 
   def begin_epoch(self, epoch: int) -> None:
     self._close_stream()

@@ -196,8 +196,7 @@ def fit(plan: EpochPlan, state: Any, stage_dir: str | Path, settings: LoopSettin
 
   `place_state` puts a host or restored pytree (the state, the running sums) where
   the jitted step expects it, so that a resumed run compiles the same step.
-  `config_dict` (the resolved config) goes to TensorBoard as text and hparams, and so
-  do a few training images if the plan has `augmented_examples()` (uint8 [N, H, W, 3]).
+  `config_dict` (the resolved config) goes to TensorBoard as text and hparams.
   `writer`: a MetricsWriter the caller opened and closes (to add to the same event file after fit).
   Returns the final state and the meta dict (rows, best checkpoint, ...).
   Raises Preempted (checkpoint saved) or NonFiniteLoss (nothing saved).
@@ -227,8 +226,6 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=N
   writer.reset(meta["rows"])
   if config_dict is not None:
     writer.write_config(config_dict)
-  if writer.enabled and hasattr(plan, "augmented_examples") and meta["epoch"] < settings.num_epochs:
-    writer.write_images("train/augmented_images", plan.augmented_examples(), int(state.step))
   saved = [latest]   # the step of the latest checkpoint
 
   def save(sums, val_accuracy=None):

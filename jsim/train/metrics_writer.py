@@ -83,12 +83,6 @@ class MetricsWriter:
       self._tb.file_writer.add_summary(summary)
     self._tb.flush()
 
-  def write_images(self, tag: str, images, step: int) -> None:
-    """uint8 [N, H, W, 3] images."""
-    if self.enabled:
-      self._tb.add_images(tag, images, step, dataformats="NHWC")
-      self._tb.flush()
-
   def write_text(self, tag: str, text: str, step: int) -> None:
     if self.enabled:
       self._tb.add_text(tag, text, step)
