@@ -174,7 +174,8 @@ def test_finished_run_says_what_it_skips_and_sums_up(tiny_workdir, jsim_cache, t
   evaluation too, a summary; then a changed evaluation setting redoes the evaluation and says why."""
   w = tmp_path / "w"
   shutil.copytree(tiny_workdir, w)
-  proc = run_jsim([TINY, f"--workdir={w}"], jsim_cache, timeout=300)
+  same = [TINY, f"--workdir={w}", "--config.evaluation.augmentation_examples=3"]   # what conftest ran
+  proc = run_jsim(same, jsim_cache, timeout=300)
   out = proc.stdout + proc.stderr
   assert proc.returncode == 0, out[-3000:]
   assert re.search(r"stage 1 already finished \(2 epochs, test accuracy \d+\.\d %\): skipped", out), out
@@ -187,8 +188,7 @@ def test_finished_run_says_what_it_skips_and_sums_up(tiny_workdir, jsim_cache, t
   own = [line for line in out.splitlines() if str(w) not in line]   # (the workdir's path is as long as it is)
   assert all(len(line) < 140 for line in own), max(own, key=len)
 
-  proc = run_jsim([TINY, f"--workdir={w}", "--config.stage=evaluate", "--config.evaluation.num_bins=500"],
-                  jsim_cache, timeout=300)
+  proc = run_jsim([*same, "--config.stage=evaluate", "--config.evaluation.num_bins=500"], jsim_cache, timeout=300)
   out = proc.stdout + proc.stderr
   assert proc.returncode == 0, out[-3000:]
   assert "evaluation: redone, report.json is replaced (config.evaluation changed)" in out

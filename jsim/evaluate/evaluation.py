@@ -81,8 +81,10 @@ def changes_since_report(config, workdir: Path) -> list[str] | None:
     if (extra.get(key) or {}).get("run_id") != now.get("run_id"):
       changes.append(f"{stage} was retrained")
   current = report.report_config(wd.config_to_dict(config))
+  # (evaluation.augmentation_examples is stage 1's figure: no reason to redo the evaluation)
+  drop = lambda d: {k: v for k, v in d.items() if k != "augmentation_examples"} if isinstance(d, dict) else d
   for key in ("seed", "evaluation", "similarity"):
-    if recorded.get(key) != current.get(key):
+    if drop(recorded.get(key)) != drop(current.get(key)):
       changes.append(f"config.{key} changed")
   if not (workdir / FIGURES).is_dir():
     changes.append("figures/ is missing")
