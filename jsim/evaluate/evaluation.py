@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -19,8 +20,28 @@ _TEST_PAIRS = 7   # stream of the seed for the sampled test pairs (apart from st
 FIGURES = "figures"
 
 
+def check_current(workdir: Path, stage: str, emb: dict) -> None:
+  """Refuses a stage 2 trained on other embeddings than the current ones, and embeddings of an older stage 1."""
+  stage1 = wd.stage_result(workdir, wd.STAGE1)
+  meta = emb["meta"]
+  if stage1 is not None and meta.get("stage1_run_id") not in (None, stage1.get("run_id")):
+    raise ValueError(f"{workdir / wd.EMBEDDINGS} come from an earlier stage 1 (step {meta['stage1_step']}; its best "
+                     f"step is now {stage1['best_step']}); run --config.stage=all to recompute them and retrain "
+                     f"stage 2")
+  record = workdir / stage / "config.json"
+  recorded = wd.read_json(record) if record.exists() else None
+  trained_on = recorded.get("embeddings") if isinstance(recorded, dict) else None
+  current = json.loads(json.dumps(similarity.stage_identity_sources(emb)))
+  if trained_on is not None and trained_on != current:
+    was = ", ".join(f"stage-1 step {s.get('stage1_step')}" for s in trained_on)
+    now = ", ".join(f"stage-1 step {s.get('stage1_step')}" for s in current)
+    raise ValueError(f"{workdir / stage} was trained on other embeddings ({was}; now {now}); run "
+                     f"--config.stage=all (or similarity) to retrain it on the current ones")
+
+
 def evaluate_stage2(config, workdir: Path, stage: str, emb: dict, mesh) -> dict:
   """Threshold on the validation pairs, then the test pairs; returns the pieces of a report."""
+  check_current(workdir, stage, emb)
   ev = config.evaluation
   dim = emb["train"].shape[1]
   model, state = similarity.restore_similarity(config, workdir, mesh, dim=dim, stage=stage)
@@ -60,8 +81,11 @@ def backbone_label(emb: dict) -> str:
 def evaluate(config, workdir: str | Path) -> dict:
   """Evaluates the best stage-2 checkpoint: report.json, report.md and figures in the workdir."""
   workdir = Path(workdir)
-  mesh = parallel.make_mesh()
   emb = similarity.load_stage2_embeddings(config, workdir)
+  current = _current_report(config, workdir, emb)
+  if current is not None:
+    return current
+  mesh = parallel.make_mesh()
   out = evaluate_stage2(config, workdir, wd.STAGE2, emb, mesh)
   result = out["result"]
   fig_dir = workdir / FIGURES
@@ -90,6 +114,28 @@ def evaluate(config, workdir: str | Path) -> dict:
   return {"accuracy": result.accuracy("all"), "seen_accuracy": result.accuracy("seen"),
           "unseen_accuracy": result.accuracy("unseen"), "auc": result.auc("all"), "threshold": out["threshold"],
           "table": table}
+
+
+def _current_report(config, workdir: Path, emb: dict) -> dict | None:
+  """The numbers of W/report.json if it evaluated the current stage 2 with these settings (nothing to redo)."""
+  path = workdir / report.REPORT_JSON
+  if config.overwrite or not path.exists():
+    return None
+  try:
+    done = wd.read_json(path)
+    check_current(workdir, wd.STAGE2, emb)
+    stage2 = wd.stage_result(workdir, wd.STAGE2)
+  except ValueError:
+    return None
+  now = wd.config_to_dict(config)
+  keys = ("seed", "data", "model", "similarity", "evaluation")
+  if not isinstance(done, dict) or stage2 is None or (done.get("extra") or {}).get("stage2", {}).get("run_id") != \
+      stage2["run_id"] or any((done.get("config") or {}).get(k) != now[k] for k in keys):
+    return None
+  logging.info("the report is current (stage-2 run %s): %s", stage2["run_id"][:8], workdir / report.REPORT_MD)
+  acc = done["accuracy_at_0.5"]
+  return {"accuracy": acc["overall"], "seen_accuracy": acc["seen"], "unseen_accuracy": acc["unseen"],
+          "auc": done["auc"]["overall"], "threshold": done["val_threshold"], "table": report.case_table_markdown(done)}
 
 
 def _unseen_retrieval(config, workdir: Path, emb: dict, out: dict, fig_dir: Path) -> dict:
