@@ -409,17 +409,19 @@ def _catches(pid: int, sig: int) -> bool:
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-@pytest.mark.parametrize("when", ["handlers", "drew the split"])
+@pytest.mark.parametrize("when", ["handlers", "config file"])
 def test_signal_at_startup_is_one_line_and_leaves_nothing(jsim_cache, tmp_path, sig, code, when):
-  """As soon as jsim's handlers are installed (the libraries still import), or while the run checks the pair
-  counts against the data before stage 1 (the split is drawn, the workdir made): one line, the usual exit code,
-  and no workdir left."""
+  """As soon as jsim's handlers are installed (the libraries still import), or while flag parsing runs the
+  config file (one that takes its time): one line, the usual exit code, no workdir."""
   w = tmp_path / "w"
-  run = Jsim(["--config=configs/tiny.py", f"--workdir={w}"], jsim_cache)
+  cfg = tmp_path / "slow_config.py"
+  cfg.write_text("import time\n\nfrom jsim import configs\n\n\ndef get_config():\n"
+                 "  print('loading the config', flush=True)\n  time.sleep(60)\n  return configs.base_config()\n")
+  run = Jsim([f"--config={cfg}", f"--workdir={w}"], jsim_cache)
   if when == "handlers":
     run.wait_until(lambda: _catches(run.proc.pid, signal.SIGTERM), "jsim's signal handlers", timeout=60)
   else:
-    run.wait_for_text(when)
+    run.wait_for_text("loading the config")
   run.send(sig)
   assert run.finish() == code, run.output[-3000:]
   _one_line_error(run.output, f"jsim: stopped by {signal.Signals(sig).name}")
