@@ -373,12 +373,13 @@ def finish_stage(stage_dir: Path, result: dict) -> None:
   write_json(Path(stage_dir) / RESULT_FILE, result)
 
 
-def stage_result(workdir: Path, stage: str) -> dict | None:
+def stage_result(workdir: Path, stage: str, required: tuple[str, ...] = ("best_step",)) -> dict | None:
+  """W/<stage>/result.json (None if the stage has not finished); ValueError naming it if it lacks `required`."""
   path = Path(workdir) / stage / RESULT_FILE
   if not path.exists():
     return None
   result = read_json(path)
-  missing = [k for k in ("run_id", "epochs", "best_step") if not isinstance(result, dict) or k not in result]
+  missing = [k for k in required if not isinstance(result, dict) or k not in result]
   if missing:
     raise ValueError(f"{path}: not a jsim result (no {missing[0]!r}); restore it, or redo that stage with "
                      f"--config.overwrite=True")

@@ -333,7 +333,7 @@ def _damage_workdir(w: Path, what: str) -> None:
 
 @pytest.mark.parametrize("what, args, expect", [
     ("split []", ["--config.stage=classifier"], "split.json: not a valid split file (a JSON object expected"),
-    ("result {}", ["--config.stage=classifier"], "stage1/result.json: not a jsim result (no 'run_id')"),
+    ("result {}", ["--config.stage=classifier"], "stage1/result.json: not a jsim result (no 'best_step')"),
     ("record [1, 2]", ["--config.stage=classifier"], "stage1/config.json: not a jsim stage record"),
     ("record [1, 2]", ["--config.stage=embed"], "stage1/config.json: not a jsim stage record"),
 ])

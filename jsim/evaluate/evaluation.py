@@ -129,8 +129,9 @@ def _current_report(config, workdir: Path, emb: dict) -> dict | None:
     return None
   now = wd.config_to_dict(config)
   keys = ("seed", "data", "model", "similarity", "evaluation")
-  if not isinstance(done, dict) or stage2 is None or (done.get("extra") or {}).get("stage2", {}).get("run_id") != \
-      stage2["run_id"] or any((done.get("config") or {}).get(k) != now[k] for k in keys):
+  if not isinstance(done, dict) or stage2 is None or stage2.get("run_id") is None or \
+      (done.get("extra") or {}).get("stage2", {}).get("run_id") != stage2["run_id"] or \
+      any((done.get("config") or {}).get(k) != now[k] for k in keys):
     return None
   logging.info("the report is current (stage-2 run %s): %s", stage2["run_id"][:8], workdir / report.REPORT_MD)
   acc = done["accuracy_at_0.5"]

@@ -265,7 +265,7 @@ def train_classifier(config, workdir: str | Path) -> dict:
   identity = stage_identity(config)
   finished = wd.check_stage(workdir, wd.STAGE1, identity, overwrite=config.overwrite)
   if finished:
-    result = wd.stage_result(workdir, wd.STAGE1)
+    result = wd.stage_result(workdir, wd.STAGE1, required=("best_step", "epochs"))
     if result["epochs"] >= config.classifier.num_epochs:
       logging.info("stage 1 already finished: %s", result)
       return result

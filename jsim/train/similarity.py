@@ -214,7 +214,7 @@ def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> 
   # A stage 2 on other embeddings (stage 1 retrained or continued) is derived, not the user's work: replaced.
   finished = wd.check_stage(workdir, stage, identity, overwrite=config.overwrite, derived=("embeddings",))
   if finished:
-    result = wd.stage_result(workdir, stage)
+    result = wd.stage_result(workdir, stage, required=("best_step", "epochs"))
     if result["epochs"] >= config.similarity.num_epochs:
       logging.info("stage 2 already finished: %s", result)
       return result
