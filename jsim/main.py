@@ -13,6 +13,7 @@ if __name__ == "__main__":   # handlers first: a signal while the libraries impo
 import difflib
 import importlib.util
 import logging as logging_std
+import os
 import re
 import sys
 import traceback
@@ -138,6 +139,11 @@ def main(argv):
   except run.EXPECTED_ERRORS as e:
     logging.flush()
     print(f"jsim: {e}", file=sys.stderr)
+    from jsim.checkpoint import DamagedCheckpoint
+    if isinstance(e, DamagedCheckpoint):   # tensorstore's failed reads complain at interpreter exit: skip it
+      sys.stderr.flush()
+      sys.stdout.flush()
+      os._exit(run.exit_code(e))
     sys.exit(run.exit_code(e))
   except KeyboardInterrupt:   # a second Ctrl-C (the first one saves a checkpoint and stops)
     logging.flush()
