@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.sweep = ml_collections.ConfigDict(dict(features=("l1", "sq", "prod", "cos", "l1+prod")))
+  c.lock()   # a config file sets these keys; a misspelt one is an error, not a new key
   return c
 
 

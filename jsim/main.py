@@ -8,14 +8,22 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":   # handlers first: a signal while the libraries import is one line too
+  from jsim import interrupts
+  interrupts.install_while_importing()
+
 import difflib
 import importlib.util
+import os
 import re
 import sys
+import traceback
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from jsim import interrupts
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for split, checkpoints, metrics and reports.")
@@ -25,17 +33,54 @@ flags.DEFINE_bool("dry_run", False, "Validate the config, the data and the workd
 flags.mark_flags_as_required(["config"])
 
 
-def _loaded_config(argv: list[str]):
-  """The config that --config names, loaded again (only to explain a bad override)."""
+def _config_arg(argv: list[str]) -> tuple[str, str] | None:
+  """(path, argument) of --config=PATH[:ARG], or None."""
   for i, arg in enumerate(argv):
     m = re.fullmatch(r"--?config(?:=(.*))?", arg)
     if m:
       path = m.group(1) if m.group(1) is not None else (argv[i + 1] if i + 1 < len(argv) else "")
       path, _, arg = path.partition(":")
-      spec = importlib.util.spec_from_file_location("_jsim_config", path)
-      module = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(module)
-      return module.get_config(arg) if arg else module.get_config()
+      return path, arg
+  return None
+
+
+def _loaded_config(argv: list[str]):
+  """The config that --config names, loaded (to check the file, and to explain a bad override)."""
+  found = _config_arg(argv)
+  if found is None:
+    return None
+  path, arg = found
+  spec = importlib.util.spec_from_file_location("_jsim_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _config_file_problem(argv: list[str]) -> str | None:
+  """One line for a config file that is missing, does not parse, or fails (a key the base config
+  lacks, a wrong type): naming the file, and the line where it failed. None if it loads."""
+  found = _config_arg(argv)
+  if found is None or not found[0]:
+    return None   # absl says that --config is required
+  path = found[0]
+  if not Path(path).is_file():
+    return f"--config={path}: no such file"
+  try:
+    _loaded_config(argv)
+  except SyntaxError as e:
+    return f"{path}:{e.lineno}: not valid Python ({e.msg})"
+  except Exception as e:  # noqa: BLE001 - whatever the file raises, it is reported as one line
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == Path(path).resolve()]
+    where = f"{path}:{frames[-1].lineno}" if frames else path
+    code = f" ({frames[-1].line.strip()})" if frames and frames[-1].line else ""
+    text = str(e.args[0]) if e.args else str(e)
+    m = re.search(r'Key "([^"]+)" does not exist', text)
+    if m:
+      close = re.search(r'Did you mean "([^"]+)"', text)
+      hint = f"; did you mean {close.group(1)!r}?" if close else ""
+      return f"{where}{code}: the config has no key {m.group(1)!r} (a config file sets keys of " \
+             f"jsim.configs.base_config, it cannot add any){hint}"
+    return f"{where}{code}: {type(e).__name__}: {text.splitlines()[0] if text else ''}"
   return None
 
 
@@ -65,16 +110,21 @@ def _unknown_override(argv: list[str]) -> str | None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a one-line error (not a traceback) for an unknown config key."""
+  """absl's flag parsing, with a one-line error (not a traceback) for a bad config file or key."""
   if any(a in ("-h", "--help", "-help", "--helpshort", "-?") for a in argv[1:]):
     from jsim import console
     prog = "jsim" if Path(argv[0]).name == "jsim" else "python -m jsim.main"
     print(console.help_text(prog), end="")
     sys.exit(0)
+  problem = _config_file_problem(argv)
+  if problem:
+    print(f"FATAL Flags parsing error: {problem}", file=sys.stderr)
+    sys.exit(1)
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:   # what ml_collections raises for a key the config lacks
-    message = _unknown_override(argv) or f"a --config override names a key the config lacks ({e})"
+    text = str(e.args[0]) if e.args else str(e)
+    message = _unknown_override(argv) or f"a --config override names a key the config lacks ({text.splitlines()[0]})"
     print(f"FATAL Flags parsing error: {message}", file=sys.stderr)
     sys.exit(1)
 
@@ -98,6 +148,11 @@ def main(argv):
   except run.EXPECTED_ERRORS as e:
     logging.flush()
     print(f"jsim: {e}", file=sys.stderr)
+    from jsim.checkpoint import DamagedCheckpoint
+    if isinstance(e, DamagedCheckpoint):   # tensorstore's failed reads complain at interpreter exit: skip it
+      sys.stderr.flush()
+      sys.stdout.flush()
+      os._exit(run.exit_code(e))
     sys.exit(run.exit_code(e))
   except KeyboardInterrupt:   # a second Ctrl-C (the first one saves a checkpoint and stops)
     logging.flush()
@@ -105,8 +160,26 @@ def main(argv):
     sys.exit(130)
 
 
+def _close_progress_bars() -> None:
+  """Closes the bars an exception left open, so that they do not print after the message (at exit)."""
+  tqdm = sys.modules.get("tqdm")
+  for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+    bar.close()
+
+
 def entry_point():
-  app.run(main, flags_parser=parse_flags)
+  interrupts.install()
+  try:
+    app.run(main, flags_parser=parse_flags)
+  except interrupts.Interrupted as e:   # outside a training stage (those stop at a step, with a checkpoint)
+    logging.flush()
+    _close_progress_bars()
+    print(f"jsim: stopped by {e.name}; finished stages and saved checkpoints are kept, rerun the same command "
+          f"to continue", file=sys.stderr)
+    sys.exit(e.exit_code)
+  except SystemExit:
+    interrupts.install_after_run()
+    raise
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
-from jsim import console, parallel, plan, workdir as wd
+from jsim import console, interrupts, parallel, plan, workdir as wd
 from jsim.data.download import DownloadError
 from jsim.train.loop import NonFiniteLoss, Preempted, preemption_guard
 
@@ -31,13 +32,38 @@ def exit_code(error: Exception) -> int:
 
 
 def run(config, workdir: str | Path) -> dict:
-  """Runs config.stage in workdir and returns what the last stage returned."""
+  """Runs config.stage in workdir and returns what the last stage returned.
+
+  One run at a time holds the workdir (wd.locked); a run that fails, is refused or is
+  interrupted removes what it made without doing any work (wd.drop_unused).
+  """
   from jsim import validate
   parallel.maybe_initialize_distributed()   # first: any JAX call (the device count) would prevent it
   validate.check_config(config)
   plan.check_prerequisites(config, workdir)   # (before the workdir is made: a refused run leaves nothing)
   workdir = Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise NotADirectoryError(f"--workdir={workdir} is a file, not a folder; name a folder (new or a jsim workdir)")
+  wd.start_run()
+  existed = {p.name for p in workdir.iterdir()} if workdir.is_dir() else None
   workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    with wd.locked(workdir):
+      try:
+        return _run_stages(config, workdir)
+      except BaseException:
+        wd.drop_unused(workdir, existed)
+        raise
+  finally:
+    if existed is None and parallel.is_main_process():
+      with contextlib.suppress(OSError):
+        workdir.rmdir()   # (only if it is empty: a refused run's workdir)
+
+
+def _run_stages(config, workdir: Path) -> dict:
+  if config.overwrite:
+    wd.begin_overwrite(workdir, wd.config_to_dict(config))
+  wd.check_split(workdir)
   if config.stage in ("embed", "similarity", "evaluate", "sweep"):   # ('all' checks in stage 1's claim)
     # They read stage 1 with config.model: another backbone would fail to restore, obscurely.
     wd.check_recorded(workdir, wd.STAGE1, {"seed": config.seed, "model": {"name": config.model.name}})
@@ -47,13 +73,22 @@ def run(config, workdir: str | Path) -> dict:
   names = _CHAINS.get(config.stage, (config.stage,))
   result, timings = None, []
   for name in names:
+    interrupts.raise_if_received()
     if len(names) > 1:
       logging.info("=== %s", name)
     start = time.perf_counter()
     result = _run_stage(stage_function(name), name, config, workdir)
     timings.append((name, time.perf_counter() - start, console.stage_result_text(name, result)))
-  if parallel.is_main_process():   # (not before: a refused or failed run must not replace the record)
-    wd.write_json(workdir / "config.json", wd.config_to_dict(config))
+  record = wd.config_to_dict(config)
+  path = workdir / "config.json"
+  with contextlib.suppress(ValueError):   # (an unreadable record is replaced)
+    if path.exists() and wd.read_json(path) == record:
+      path = None   # unchanged: a read-only finished workdir needs no write
+  if parallel.is_main_process() and path is not None:
+    wd.write_json(path, record)   # (not before: a refused or failed run must not replace the record)
+  interrupts.raise_if_received()
+  wd.end_overwrite(workdir)
+  if parallel.is_main_process():
     print("\n".join(console.summary_lines(workdir, timings)), flush=True)
   return result
 

@@ -9,6 +9,7 @@ known, before the first stage that draws pairs).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import jax
@@ -20,10 +21,16 @@ def _choice(key: str, value, allowed) -> None:
     raise ValueError(f"{key}={value!r}: expected one of {', '.join(map(repr, allowed))}")
 
 
+# Pair counts are int32 on the device.
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
 def _positive(key: str, value, *, allow_zero: bool = False) -> None:
   # Fields without a fixed type (None by default, tuples) take any literal from the command line.
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     raise ValueError(f"{key}={value!r}: expected a number")
+  if not math.isfinite(value):
+    raise ValueError(f"{key}={value!r}: must be a finite number")
   if value < 0 or (value == 0 and not allow_zero):
     raise ValueError(f"{key}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
 
@@ -47,6 +54,21 @@ def _training(prefix: str, cfg, devices: int) -> None:
   _positive(f"{prefix}.keep_checkpoints", cfg.keep_checkpoints)
   from jsim.train import schedule
   _choice(f"{prefix}.nag_form", cfg.get("nag_form", "optax"), schedule.NAG_FORMS)
+
+
+def _pair_count(key: str, value) -> None:
+  """A number of pairs per class (pair): a whole number whose pairs an int32 index can count."""
+  if value != int(value):
+    raise ValueError(f"{key}={value!r}: expected a whole number")
+  if value * 2 > _INT32_MAX:   # (two classes at the least)
+    raise ValueError(f"{key}={value!r}: too many pairs (pairs are counted in int32, at most {_INT32_MAX:,})")
+
+
+def _total_pairs(key: str, per_ordered_pair: int, per_class: int, num_classes: int) -> None:
+  total = int(per_ordered_pair) * num_classes * (num_classes - 1) + int(per_class) * num_classes
+  if total > _INT32_MAX:
+    raise ValueError(f"{key}={per_ordered_pair:,} gives {total:,} pairs over {num_classes} classes, more than "
+                     f"int32 can count ({_INT32_MAX:,}); lower it")
 
 
 def check_config(config) -> None:
@@ -121,6 +143,7 @@ def check_config(config) -> None:
   for key in ("train_per_ordered_class_pair", "train_similar_per_class", "val_per_ordered_class_pair",
               "val_similar_per_class"):
     _positive(f"similarity.{key}", s[key])
+    _pair_count(f"similarity.{key}", s[key])
   _choice("similarity.exclusion", s.exclusion, pairs.EXCLUSIONS)
   for other in s.ensemble_workdirs:
     if not Path(other).is_dir():
@@ -130,6 +153,8 @@ def check_config(config) -> None:
   _choice("evaluation.mode", e.mode, pairs.EVALUATION_MODES)
   _positive("evaluation.test_per_ordered_class_pair", e.test_per_ordered_class_pair)
   _positive("evaluation.test_similar_per_class", e.test_similar_per_class)
+  _pair_count("evaluation.test_per_ordered_class_pair", e.test_per_ordered_class_pair)
+  _pair_count("evaluation.test_similar_per_class", e.test_similar_per_class)
   _positive("evaluation.chunk_size", e.chunk_size)
   _divisible("evaluation.chunk_size", e.chunk_size, devices)
   _positive("evaluation.num_bins", e.num_bins)
@@ -188,6 +213,8 @@ def check_pair_supply(config, train_labels: np.ndarray, class_ids: tuple[str, ..
   name = lambda c: _class_name(class_ids, c)
   train_labels = np.asarray(train_labels)
   classes = np.unique(train_labels)
+  _total_pairs("similarity.train_per_ordered_class_pair", s.train_per_ordered_class_pair,
+               s.train_similar_per_class, len(classes))
   n = np.bincount(train_labels)[classes].astype(np.int64)
   for c, k in zip(classes, n):
     if k < 2:
@@ -262,6 +289,8 @@ def check_test_pairs(config, test_labels: np.ndarray, class_ids: tuple[str, ...]
                        f"data has {len(test_labels)}; use evaluation.mode='sampled'")
     return
   num_classes = len(class_ids) if class_ids is not None else int(test_labels.max()) + 1
+  _total_pairs("evaluation.test_per_ordered_class_pair", ev.test_per_ordered_class_pair, ev.test_similar_per_class,
+               num_classes)
   counts = np.bincount(test_labels, minlength=num_classes)
   if counts.min() < 2:
     c = int(np.argmin(counts))

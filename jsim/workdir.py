@@ -19,15 +19,32 @@ outputs can record to tell a retrained stage from the one they came from.
 
 Every file is written to a temporary name and renamed, so a killed run leaves
 either the old file or the new one, never half of one.
+
+One run at a time: `locked` holds an fcntl lock on W/.jsim.lock (the kernel drops it
+when the process dies, so a SIGKILL leaves no stale lock). A stage is claimed (its
+config.json written, stale outputs removed) only once its inputs are loaded, and
+`drop_unused` removes what a failed or refused run made without doing any work (a
+claim without a checkpoint, a split drawn for nothing, a workdir it created), so the
+corrected command is not refused as "another configuration".
+
+config.overwrite and preemption: W/overwrite.json records the overwrite run in
+progress (a fingerprint of its config) and the stages it has replaced; its verbatim
+rerun (a requeue) resumes those instead of replacing them again. It is removed when
+the run completes, so the next overwrite run replaces again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+import socket
 import time
-import dataclasses
 import uuid
 from pathlib import Path
 from typing import Any
@@ -38,11 +55,15 @@ from absl import logging
 STAGE1, EMBEDDINGS, STAGE2 = "stage1", "embeddings", "stage2"
 RESULT_FILE = "result.json"
 TMP_SUFFIX = ".tmp"
+LOCK_FILE = ".jsim.lock"
+OVERWRITE_FILE = "overwrite.json"
 # What is computed from a stage's outputs, and goes stale when the stage is redone.
 _DERIVED = {STAGE1: (EMBEDDINGS, STAGE2, "sweep")}
 
 # Keys that may differ between a run and its resumption.
-_FREE_KEYS = {"stage", "overwrite", "num_epochs", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+# learning_rate, alpha, halving_wait: the rate from here on (a NaN stop is continued at a lower one).
+_FREE_KEYS = {"stage", "overwrite", "num_epochs", "split_sha256", "learning_rate", "alpha", "halving_wait",
+              "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
               "eval_batch_size", "cache_dir", "num_workers", "pipeline", "evaluation", "sweep", "embed"}
 
 
@@ -51,11 +72,15 @@ def write_json(path: Path, obj: Any) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   # One temporary name per process: several processes may write the same file.
   tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
-  with open(tmp, "w") as f:
-    f.write(json.dumps(obj, indent=1, sort_keys=True, default=str))
-    f.flush()
-    os.fsync(f.fileno())   # the rename must not land before the data (a crash, not only a kill)
-  tmp.replace(path)
+  try:
+    with open(tmp, "w") as f:
+      f.write(json.dumps(obj, indent=1, sort_keys=True, default=str))
+      f.flush()
+      os.fsync(f.fileno())   # the rename must not land before the data (a crash, not only a kill)
+    tmp.replace(path)
+  except BaseException:   # (a signal, a full disk: no half-written temporary file stays)
+    tmp.unlink(missing_ok=True)
+    raise
 
 
 def read_json(path: Path) -> Any:
@@ -92,6 +117,15 @@ def _subset(recorded: Any, like: Any) -> Any:
   return recorded
 
 
+def _read_record(path: Path) -> dict:
+  """A stage's config.json: a JSON object, or a one-line error naming the file."""
+  recorded = read_json(path)
+  if not isinstance(recorded, dict):
+    raise ValueError(f"{path}: not a jsim stage record (a JSON object expected, found {type(recorded).__name__}); "
+                     f"restore it, or redo that stage with --config.overwrite=True")
+  return recorded
+
+
 def check_recorded(workdir: Path, stage: str, expected: dict) -> None:
   """Refuses to build on W/<stage> when its config.json records other values of `expected`'s keys.
 
@@ -101,7 +135,7 @@ def check_recorded(workdir: Path, stage: str, expected: dict) -> None:
   path = Path(workdir) / stage / "config.json"
   if not path.exists():
     return
-  diffs = _differences(_subset(read_json(path), expected), expected)
+  diffs = _differences(_subset(_read_record(path), expected), expected)
   if diffs:
     raise ValueError(f"{path.parent} was made by another configuration ({'; '.join(diffs[:4])}); "
                      f"use another --workdir, or redo that stage with --config.overwrite=True")
@@ -121,23 +155,83 @@ def _remove_stale(paths: list[Path], stage: str) -> None:
     multihost_utils.sync_global_devices(f"overwrite {stage}")
 
 
-def claim_stage(workdir: Path, stage: str, identity: dict, *, overwrite: bool) -> tuple[Path, bool]:
-  """Makes W/<stage> ready for a run; returns (stage_dir, already_finished).
+# --- config.overwrite across a preemption: the claim of the overwrite run in progress -------------------------------
 
-  Refuses a stage folder made with other defining settings; with overwrite, clears it
-  and what was derived from it.
-  """
+_overwrite_claim: dict | None = None   # {"workdir", "fingerprint", "stages"} of this process's run, if any
+
+
+def begin_overwrite(workdir: Path, config_dict: dict) -> None:
+  """Starts (or, for the verbatim rerun of an unfinished one, continues) an overwrite run's claim."""
+  global _overwrite_claim
+  fingerprint = hashlib.sha256(json.dumps(config_dict, sort_keys=True, default=str).encode()).hexdigest()
+  path = Path(workdir) / OVERWRITE_FILE
+  stages: list[str] = []
+  if path.exists():
+    try:
+      recorded = read_json(path)
+      if isinstance(recorded, dict) and recorded.get("fingerprint") == fingerprint:
+        stages = list(recorded.get("stages", []))
+    except ValueError:
+      pass   # unreadable: a new claim replaces it
+  if stages:
+    logging.info("overwrite: continuing the interrupted run of the same command (already replaced: %s)",
+                 ", ".join(stages))
+  _overwrite_claim = {"workdir": str(Path(workdir).absolute()), "fingerprint": fingerprint, "stages": stages}
+  # (written when it first replaces a stage: a refused run leaves no claim behind)
+
+
+def _save_overwrite_claim() -> None:
+  import jax
+  if jax.process_index() == 0:
+    c = _overwrite_claim
+    write_json(Path(c["workdir"]) / OVERWRITE_FILE, {"fingerprint": c["fingerprint"], "stages": c["stages"]})
+
+
+def end_overwrite(workdir: Path) -> None:
+  """The overwrite run completed: a later run of the same command replaces again."""
+  global _overwrite_claim
+  import jax
+  if _overwrite_claim is not None and jax.process_index() == 0:
+    (Path(workdir) / OVERWRITE_FILE).unlink(missing_ok=True)
+  _overwrite_claim = None
+
+
+def replaces(workdir: Path, stage: str, overwrite: bool) -> bool:
+  """Whether config.overwrite replaces W/<stage>: not when the current overwrite run made it itself."""
+  c = _overwrite_claim
+  if not overwrite or c is None or c["workdir"] != str(Path(workdir).absolute()):
+    return overwrite
+  return stage not in c["stages"]
+
+
+def mark_replaced(workdir: Path, stages: list[str]) -> None:
+  c = _overwrite_claim
+  if c is not None and c["workdir"] == str(Path(workdir).absolute()):
+    c["stages"] = sorted(set(c["stages"]) | set(stages))
+    _save_overwrite_claim()
+
+
+# --- claiming a stage ---------------------------------------------------------------------------------------------
+
+_claimed: list[Path] = []   # stage folders whose config.json this process wrote anew (see drop_unused)
+
+
+def _stale_only(diffs_keys: list[str], derived: tuple[str, ...]) -> bool:
+  return bool(diffs_keys) and all(k.split(".")[0] in derived for k in diffs_keys)
+
+
+def check_stage(workdir: Path, stage: str, identity: dict, *, overwrite: bool,
+                derived: tuple[str, ...] = ()) -> bool:
+  """What claim_stage would decide, without writing anything: returns whether W/<stage> is finished
+  (and stays: not replaced); raises ValueError where claim_stage would refuse."""
   stage_dir = Path(workdir) / stage
+  if replaces(workdir, stage, overwrite):
+    return False
   recorded_path = stage_dir / "config.json"
-  if overwrite:
-    stale = [p for p in [stage_dir] + [Path(workdir) / d for d in _DERIVED.get(stage, ())] if p.exists()]
-    if stale:
-      logging.warning("overwrite: removing %s", ", ".join(str(p) for p in stale))
-    _remove_stale(stale, stage)
-  recorded = None
   if recorded_path.exists():
-    recorded = read_json(recorded_path)
-    diffs = _differences(_identity(recorded), _identity(identity))
+    diffs = _differences(_identity(_read_record(recorded_path)), _identity(identity))
+    if diffs and _stale_only([d.split(":")[0] for d in diffs], derived):
+      return False   # derived from outputs that have changed: claim_stage replaces it
     if diffs:
       raise ValueError(f"{stage_dir} was made by another configuration ({'; '.join(diffs[:4])}); "
                        f"use another --workdir, or --config.overwrite=True to replace it")
@@ -145,9 +239,132 @@ def claim_stage(workdir: Path, stage: str, identity: dict, *, overwrite: bool) -
     # (a run killed while writing config.json for the first time leaves only config.json.*.tmp)
     raise ValueError(f"{stage_dir} exists but has no config.json: not a jsim stage folder; "
                      f"use another --workdir, or --config.overwrite=True to replace it")
+  return (stage_dir / RESULT_FILE).exists()
+
+
+def claim_stage(workdir: Path, stage: str, identity: dict, *, overwrite: bool,
+                derived: tuple[str, ...] = ()) -> tuple[Path, bool]:
+  """Makes W/<stage> ready for a run; returns (stage_dir, already_finished).
+
+  Refuses a stage folder made with other defining settings; with overwrite, clears it
+  and what was derived from it (unless this overwrite run made it: see begin_overwrite).
+  A stage whose record differs only in `derived` keys (what it was computed from, such
+  as stage 2's embeddings) is stale, not the user's work: it is replaced.
+  """
+  workdir = Path(workdir)
+  stage_dir = workdir / stage
+  recorded_path = stage_dir / "config.json"
+  replace = replaces(workdir, stage, overwrite)
+  if not replace and recorded_path.exists():
+    diffs = _differences(_identity(_read_record(recorded_path)), _identity(identity))
+    if diffs and _stale_only([d.split(":")[0] for d in diffs], derived):
+      logging.warning("%s was computed from other inputs (%s): replacing it", stage_dir, "; ".join(diffs[:2]))
+      _remove_stale([stage_dir], stage)
+  if replace:
+    stale = [p for p in [stage_dir] + [workdir / d for d in _DERIVED.get(stage, ())] if p.exists()]
+    if stale:
+      logging.warning("overwrite: removing %s", ", ".join(str(p) for p in stale))
+    _remove_stale(stale, stage)
+    mark_replaced(workdir, [stage, *_DERIVED.get(stage, ())])
+  finished = check_stage(workdir, stage, identity, overwrite=False, derived=derived)
+  recorded = _read_record(recorded_path) if recorded_path.exists() else None
   if recorded != json.loads(json.dumps(identity, default=str)):   # (a finished stage is left untouched)
+    if recorded is None:
+      _claimed.append(stage_dir)
     write_json(recorded_path, identity)
-  return stage_dir, (stage_dir / RESULT_FILE).exists()
+  return stage_dir, finished
+
+
+def start_run() -> None:
+  """Forgets the claims of an earlier run in this process (run.run calls it first)."""
+  global _overwrite_claim
+  _claimed.clear()
+  _overwrite_claim = None
+
+
+def _holds_work(path: Path) -> bool:
+  """Whether a folder holds something a run produced: a complete checkpoint, a result, embeddings, a report."""
+  if not path.is_dir():
+    return False
+  for p in path.rglob("*"):
+    if p.name in (RESULT_FILE, "meta.json", "report.json") or (p.parent.name == "checkpoints" and p.name.isdigit()):
+      return True
+  return False
+
+
+def drop_unused(workdir: Path, existed_before: set[str] | None) -> None:
+  """After a failed, refused or interrupted run: removes what it made without doing any work.
+
+  existed_before: the names in W when the run began (None: the run created W). Stage
+  folders it claimed without a checkpoint go; then, if nothing in W holds work, so
+  does every entry the run created, and W itself if the run created it and it is empty.
+  """
+  import jax
+  workdir = Path(workdir)
+  if jax.process_index() != 0 or not workdir.is_dir():
+    return
+  for stage_dir in _claimed:
+    if stage_dir.is_dir() and not _holds_work(stage_dir):
+      shutil.rmtree(stage_dir, ignore_errors=True)
+  _claimed.clear()
+  before = existed_before or set()
+  if any(_holds_work(p) for p in workdir.iterdir()):
+    return
+  for p in workdir.iterdir():
+    if p.name not in before and p.name != LOCK_FILE:
+      shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+# --- one run at a time --------------------------------------------------------------------------------------------
+
+
+class WorkdirInUse(ValueError):
+  """Another process holds the workdir's lock."""
+
+
+@contextlib.contextmanager
+def locked(workdir: Path):
+  """Holds W/.jsim.lock for the duration (process 0 only, for several processes).
+
+  A read-only workdir is not locked: no run can write it anyway. The lock file is
+  removed on exit; a run that opened it in the meantime sees another inode and retries.
+  """
+  import jax
+  workdir = Path(workdir)
+  if jax.process_index() != 0:
+    yield
+    return
+  path = workdir / LOCK_FILE
+  while True:
+    try:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        yield   # read-only
+        return
+      raise
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 200).decode(errors="replace").split()
+      os.close(fd)
+      who = f"process {holder[0]} on host {holder[1]}" if len(holder) >= 2 else "another process"
+      raise WorkdirInUse(f"{workdir} is in use by {who}; wait until it ends, or use another --workdir") from None
+    try:
+      same = os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+      same = False
+    if same:
+      break
+    os.close(fd)   # its holder removed it on exit: lock the new one
+  try:
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    yield
+  finally:
+    with contextlib.suppress(OSError):
+      path.unlink()
+    os.close(fd)
 
 
 def finish_stage(stage_dir: Path, result: dict) -> None:
@@ -156,9 +373,18 @@ def finish_stage(stage_dir: Path, result: dict) -> None:
   write_json(Path(stage_dir) / RESULT_FILE, result)
 
 
-def stage_result(workdir: Path, stage: str) -> dict | None:
+def stage_result(workdir: Path, stage: str, required: tuple[str, ...] = ("best_step",)) -> dict | None:
+  """W/<stage>/result.json (None if the stage has not finished); ValueError naming it if it lacks `required`."""
   path = Path(workdir) / stage / RESULT_FILE
-  return read_json(path) if path.exists() else None
+  if not path.exists():
+    return None
+  result = read_json(path)
+  missing = [k for k in required if not isinstance(result, dict) or k not in result]
+  if missing:
+    raise ValueError(f"{path}: not a jsim result (no {missing[0]!r}); restore it, or redo that stage with "
+                     f"--config.overwrite=True")
+  return result
+
 
 
 # ----------------------------------------------------------------------------- a trained workdir's records
@@ -286,3 +512,36 @@ def read_records(workdir: str | os.PathLike) -> WorkdirRecords:
   report = workdir / "report.json"
   threshold = read_json(report).get("val_threshold") if report.exists() else None
   return WorkdirRecords(workdir, stage2, members, None if threshold is None else float(threshold))
+
+
+def split_digest(workdir: Path) -> str | None:
+  """SHA-256 of W/split.json's content (not its formatting); None if there is none."""
+  path = Path(workdir) / "split.json"
+  if not path.exists():
+    return None
+  split = read_json(path)
+  if not isinstance(split, dict):
+    raise ValueError(f"{path}: not a valid split file (a JSON object expected, found {type(split).__name__}); "
+                     f"restore it, or use another --workdir")
+  return hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()
+
+
+def check_split(workdir: Path) -> None:
+  """Refuses a workdir whose split.json is not the one its stages were made with (an edit, a copy)."""
+  workdir = Path(workdir)
+  current = None
+  for record in (workdir / STAGE1 / "config.json", workdir / EMBEDDINGS / "meta.json", workdir / STAGE2 / "config.json"):
+    if not record.exists():
+      continue
+    recorded = read_json(record)
+    digest = recorded.get("split_sha256") if isinstance(recorded, dict) else None
+    if digest is None:
+      continue   # (made before digests were recorded)
+    current = current or split_digest(workdir)
+    if current is None:
+      raise ValueError(f"{workdir / 'split.json'} is missing, but {record} was made with one; restore it, or "
+                       f"use another --workdir")
+    if digest != current:
+      raise ValueError(f"{workdir / 'split.json'} is not the split that {record.parent.name} was made with "
+                       f"(SHA-256 {current[:12]}... now, {digest[:12]}... recorded); restore it, or use another "
+                       f"--workdir")

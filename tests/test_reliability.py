@@ -222,7 +222,7 @@ def test_stage1_signals_sigkill_mid_save_and_exact_resume(jsim_cache, tmp_path, 
     run.send(signal.SIGCONT)   # it finished between the look and the stop: catch the next one
   run.send(signal.SIGKILL)
   assert run.finish() == -signal.SIGKILL
-  assert "stage 1: resumed from step 1 (epoch 0, batch 1)" in run.output
+  assert "stage 1: resumed from step 1 (epoch 1, batch 1/7)" in run.output   # numbered as the stop message
   killed_at = _tmp_steps(ckpts, 33)
   last = max(_steps(ckpts))
   assert killed_at and last < killed_at[0]
@@ -256,8 +256,11 @@ def test_stage1_signals_sigkill_mid_save_and_exact_resume(jsim_cache, tmp_path, 
 
 
 def _meta_line(out: str) -> dict:
-  m = re.search(r"resumed from step (\d+) \(epoch (\d+), batch (\d+)\)", out)
+  """'resumed from step S (epoch E, batch B/N)', or '(end of epoch E)' (then batch is N)."""
+  m = re.search(r"resumed from step (\d+) \((?:epoch (\d+), batch (\d+)/\d+|end of epoch (\d+))\)", out)
   assert m, out[-3000:]
+  if m.group(4):
+    return {"step": int(m.group(1)), "epoch": int(m.group(4)), "batch": None}
   return {"step": int(m.group(1)), "epoch": int(m.group(2)), "batch": int(m.group(3))}
 
 
@@ -276,7 +279,7 @@ def test_stage2_sigterm_and_exact_resume(reference, jsim_cache, tmp_path):
 
   run = Jsim(args, jsim_cache)
   assert run.finish() == 0, run.output[-3000:]
-  assert _meta_line(run.output) == {"step": 1, "epoch": 0, "batch": 1}
+  assert _meta_line(run.output) == {"step": 1, "epoch": 1, "batch": 1}
 
   ref = reference / "A" / "stage2"
   _assert_bitwise_equal(_state(ckpts, STAGE2_STEPS), _state(ref / "checkpoints", STAGE2_STEPS))

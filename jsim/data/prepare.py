@@ -52,16 +52,23 @@ def prepare(config, workdir: str | Path) -> Prepared:
   if train_set.class_ids != test_set.class_ids:
     raise ValueError("the train and test parts of the data set name different classes")
   split = splits.load_split(workdir)
-  if split is None:
+  drawn = split is None
+  if drawn:
     split = splits.make_split(train_set, test_set, num_seen=config.data.num_seen_classes,
                               val_fraction=config.data.val_fraction, seed=config.seed)
-    splits.save_split(split, workdir)
-    logging.info("drew the split: %d seen / %d unseen classes, %d / %d / %d images", len(split.seen_classes),
-                 len(split.unseen_classes), len(split.train_ids), len(split.val_ids), len(split.test_ids))
   elif split.seed != config.seed or len(split.seen_classes) != config.data.num_seen_classes:
     raise ValueError(f"{workdir / splits.SPLIT_FILE} was drawn with seed {split.seed} and "
                      f"{len(split.seen_classes)} seen classes, the config asks for seed {config.seed} and "
                      f"{config.data.num_seen_classes}; use another --workdir")
+  for ids, what in ((split.train_ids, "stage-1 train"), (split.val_ids, "stage-1 validation")):
+    if not ids:
+      raise ValueError(f"data.val_fraction={config.data.val_fraction} leaves {what} with no images (of "
+                       f"{len(split.train_ids) + len(split.val_ids)} seen-class images); choose a fraction that "
+                       f"gives both some")
+  if drawn:   # (recorded once it is usable)
+    splits.save_split(split, workdir)
+    logging.info("drew the split: %d seen / %d unseen classes, %d / %d / %d images", len(split.seen_classes),
+                 len(split.unseen_classes), len(split.train_ids), len(split.val_ids), len(split.test_ids))
   train_idx = splits.indices_of(train_set, split.train_ids, what="stage-1 train")
   val_idx = splits.indices_of(train_set, split.val_ids, what="stage-1 validation")
   test_idx = splits.indices_of(test_set, split.test_ids, what="test")

@@ -83,9 +83,12 @@ def load_split(workdir: str | Path) -> Split | None:
   if not path.exists():
     return None
   try:
-    return Split.from_json(json.loads(path.read_text()))
+    d = json.loads(path.read_text())
+    if not isinstance(d, dict):
+      raise TypeError(f"a JSON object expected, found {type(d).__name__}")
+    return Split.from_json(d)
   except (json.JSONDecodeError, TypeError) as e:
-    raise ValueError(f"{path}: not a valid split file ({e})") from None
+    raise ValueError(f"{path}: not a valid split file ({e}); restore it, or use another --workdir") from None
 
 
 def indices_of(image_set: ImageSet, ids: tuple[str, ...], *, what: str) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -19,8 +20,28 @@ _TEST_PAIRS = 7   # stream of the seed for the sampled test pairs (apart from st
 FIGURES = "figures"
 
 
+def check_current(workdir: Path, stage: str, emb: dict) -> None:
+  """Refuses a stage 2 trained on other embeddings than the current ones, and embeddings of an older stage 1."""
+  stage1 = wd.stage_result(workdir, wd.STAGE1)
+  meta = emb["meta"]
+  if stage1 is not None and meta.get("stage1_run_id") not in (None, stage1.get("run_id")):
+    raise ValueError(f"{workdir / wd.EMBEDDINGS} come from an earlier stage 1 (step {meta['stage1_step']}; its best "
+                     f"step is now {stage1['best_step']}); run --config.stage=all to recompute them and retrain "
+                     f"stage 2")
+  record = workdir / stage / "config.json"
+  recorded = wd.read_json(record) if record.exists() else None
+  trained_on = recorded.get("embeddings") if isinstance(recorded, dict) else None
+  current = json.loads(json.dumps(similarity.stage_identity_sources(emb)))
+  if trained_on is not None and trained_on != current:
+    was = ", ".join(f"stage-1 step {s.get('stage1_step')}" for s in trained_on)
+    now = ", ".join(f"stage-1 step {s.get('stage1_step')}" for s in current)
+    raise ValueError(f"{workdir / stage} was trained on other embeddings ({was}; now {now}); run "
+                     f"--config.stage=all (or similarity) to retrain it on the current ones")
+
+
 def evaluate_stage2(config, workdir: Path, stage: str, emb: dict, mesh) -> dict:
   """Threshold on the validation pairs, then the test pairs; returns the pieces of a report."""
+  check_current(workdir, stage, emb)
   ev = config.evaluation
   dim = emb["train"].shape[1]
   model, state = similarity.restore_similarity(config, workdir, mesh, dim=dim, stage=stage)
@@ -98,6 +119,8 @@ def evaluate(config, workdir: str | Path) -> dict:
   settings (unless config.overwrite).
   """
   workdir = Path(workdir)
+  emb = similarity.load_stage2_embeddings(config, workdir)
+  check_current(workdir, wd.STAGE2, emb)   # (a stage 2 of older embeddings is refused, even with a report)
   changes = changes_since_report(config, workdir)
   if changes == [] and not config.overwrite:
     logging.info("evaluation is current (as in report.json): skipped; --config.stage=evaluate "
@@ -108,7 +131,6 @@ def evaluate(config, workdir: str | Path) -> dict:
   elif changes == []:
     logging.info("evaluation: redone (overwrite=True), report.json is replaced")
   mesh = parallel.make_mesh()
-  emb = similarity.load_stage2_embeddings(config, workdir)
   out = evaluate_stage2(config, workdir, wd.STAGE2, emb, mesh)
   result = out["result"]
   fig_dir = workdir / FIGURES

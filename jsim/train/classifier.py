@@ -275,9 +275,10 @@ def restore_classifier(config, workdir: str | Path, mesh) -> tuple[object, Train
 def train_classifier(config, workdir: str | Path) -> dict:
   """Trains (or resumes) stage 1 in workdir/stage1 and returns its result.json."""
   workdir = Path(workdir)
-  stage_dir, finished = wd.claim_stage(workdir, wd.STAGE1, stage_identity(config), overwrite=config.overwrite)
+  identity = stage_identity(config)
+  finished = wd.check_stage(workdir, wd.STAGE1, identity, overwrite=config.overwrite)
   if finished:
-    result = wd.stage_result(workdir, wd.STAGE1)
+    result = wd.stage_result(workdir, wd.STAGE1, required=("best_step", "epochs"))
     if result["epochs"] >= config.classifier.num_epochs:
       logging.info("stage 1 already finished (%d epochs, test accuracy %.1f %%): skipped", result["epochs"],
                    100 * result["test_accuracy"])
@@ -291,6 +292,9 @@ def train_classifier(config, workdir: str | Path) -> dict:
   variables = initial_variables(config, model, num_classes, config.classifier.input_size)
   state = parallel.put_replicated(TrainState.create(variables, tx), mesh)
   plan = ClassifierPlan(config, data, model, tx, mesh)
+  # Claimed once the data, the split and the model have loaded: a refused run leaves no claim.
+  identity["split_sha256"] = wd.split_digest(workdir)
+  stage_dir, _ = wd.claim_stage(workdir, wd.STAGE1, identity, overwrite=config.overwrite)
   write_augmentation_figure(config, data, workdir, stage_dir)
   settings = loop.LoopSettings.from_config(config.classifier, "stage 1")
   with contextlib.closing(MetricsWriter(stage_dir)) as writer:   # (the test metrics go to fit's event file)

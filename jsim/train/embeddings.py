@@ -73,7 +73,7 @@ def compute_embeddings(config, workdir: str | Path) -> dict:
     raise FileNotFoundError(f"{workdir / wd.STAGE1}: stage 1 has not finished; run --config.stage=classifier first")
   out_dir = workdir / wd.EMBEDDINGS
   meta_path = out_dir / META_FILE
-  if meta_path.exists() and not config.overwrite:
+  if meta_path.exists() and not wd.replaces(workdir, wd.EMBEDDINGS, config.overwrite):
     meta = wd.read_json(meta_path)
     if meta["stage1_step"] == stage1["best_step"] and meta.get("stage1_run_id") == stage1.get("run_id"):
       logging.info("embeddings are current (best stage-1 checkpoint, step %d): skipped", meta["stage1_step"])
@@ -92,7 +92,7 @@ def compute_embeddings(config, workdir: str | Path) -> dict:
   meta = {"stage1_step": stage1["best_step"], "stage1_run_id": stage1.get("run_id"), "model": config.model.name,
           "dim": int(train_emb.shape[1]),
           "train_count": len(t180), "test_count": len(data.test_idx), "class_ids": list(data.train_set.class_ids),
-          "seen_classes": list(data.split.seen_classes)}
+          "seen_classes": list(data.split.seen_classes), "split_sha256": wd.split_digest(workdir)}
   if parallel.is_main_process():
     out_dir.mkdir(parents=True, exist_ok=True)
     if meta_path.exists():
@@ -107,6 +107,8 @@ def compute_embeddings(config, workdir: str | Path) -> dict:
       tmp.replace(out_dir / f"{name}.npy")
     wd.write_json(meta_path, meta)
   parallel.sync_processes("embeddings written")
+  if config.overwrite:
+    wd.mark_replaced(workdir, [wd.EMBEDDINGS])
   logging.info("embedded %d train images of the seen classes (T180: stage 2's images) and %d test images (%d-d) "
                "with stage-1 step %d", len(t180), len(data.test_idx), meta["dim"], meta["stage1_step"])
   return meta

@@ -13,6 +13,11 @@ they agree) and after every epoch: it saves a checkpoint at the current step (a
 mid-epoch one keeps the epoch's running sums) and raises `Preempted`.
 Nothing is saved with a NaN/Inf loss or parameters: `NonFiniteLoss` leaves the
 last good checkpoint as the latest.
+
+Every restore is verified (jsim.checkpoint's checksums). A resume starts from the
+newest checkpoint that verifies: newer damaged ones are moved to
+W/<stage>/damaged_checkpoints/ with one line saying so. A damaged best checkpoint
+is an error naming it (the stage's result would otherwise come from another one).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import numpy as np
 from absl import logging
 
 from jsim import console
-from jsim.checkpoint import StageCheckpoints, abstract_like
+from jsim.checkpoint import DamagedCheckpoint, StageCheckpoints, abstract_like
 from jsim.train import schedule
 from jsim.train.metrics_writer import MetricsWriter, progress_bar
 
@@ -80,12 +85,15 @@ class LoopSettings:
   checkpoint_every_steps: int = 0        # 0: at epoch ends (and on preemption) only
   keep_checkpoints: int = 2
   name: str = "stage"
+  learning_rate: float | None = None     # the configured rate: a change on resume is applied and recorded
+  config_key: str = ""                   # 'classifier' | 'similarity', for the messages
 
   @classmethod
   def from_config(cls, cfg, name: str) -> "LoopSettings":
     return cls(num_epochs=cfg.num_epochs, alpha=cfg.alpha, halving_wait=cfg.halving_wait,
                log_every_steps=cfg.log_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps,
-               keep_checkpoints=cfg.keep_checkpoints, name=name)
+               keep_checkpoints=cfg.keep_checkpoints, name=name, learning_rate=cfg.learning_rate,
+               config_key="classifier" if name == "stage 1" else "similarity")
 
 
 class _PreemptionGuard:
@@ -96,8 +104,12 @@ class _PreemptionGuard:
     self._previous = {}
 
   def install(self) -> None:
+    from jsim import interrupts
     for sig in (signal.SIGTERM, signal.SIGINT):
       self._previous[sig] = signal.signal(sig, self._handle)
+    if interrupts.received is not None:   # a signal before the stage, whose exception something swallowed
+      self.uninstall()
+      interrupts.raise_if_received()
 
   def _handle(self, signum, frame):
     if self.signal_name is not None and signum == signal.SIGINT:
@@ -217,12 +229,17 @@ def fit(plan: EpochPlan, state: Any, stage_dir: str | Path, settings: LoopSettin
 def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=None):
   meta = {"epoch": 0, "batch_in_epoch": 0, "sums": None, "rows": [], "val_accuracies": [],
           "halving_epochs": [], "best": None, "finished": False}
-  latest = ckpts.latest_step()
+  latest, restored = _restore_latest(ckpts, state, settings.name)
   if latest is not None:
-    state, meta = ckpts.restore(latest, abstract_like(state))
-    state = place_state(state)
-    logging.info("%s: resumed from step %d (epoch %d, batch %d)", settings.name, latest, meta["epoch"],
-                 meta["batch_in_epoch"])
+    state, meta = place_state(restored[0]), restored[1]
+    if meta["batch_in_epoch"]:   # numbered as the stop message numbers it: epoch N, batch b/B
+      where = f"epoch {meta['epoch'] + 1}, batch {meta['batch_in_epoch']}/{plan.num_batches(meta['epoch'] + 1)}"
+    else:
+      where = f"end of epoch {meta['epoch']}"
+    logging.info("%s: resumed from step %d (%s)", settings.name, latest, where)
+    state = _apply_learning_rate_change(state, meta, latest, settings)
+  if settings.learning_rate is not None:
+    meta["learning_rate"] = settings.learning_rate
   writer.reset(meta["rows"])
   if config_dict is not None:
     writer.write_config(config_dict)
@@ -287,6 +304,9 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=N
     if halve:
       meta["halving_epochs"].append(epoch)
       state = state.replace(opt_state=schedule.set_learning_rate(state.opt_state, lr / 2))
+    changes = [c for c in meta.get("learning_rate_changes", []) if c["epoch"] == epoch]
+    if changes:
+      row["learning_rate_changed"] = changes[-1]   # (recorded in metrics.jsonl with the epoch it happened in)
     new_best = meta["best"] is None or val["accuracy"] > meta["best"]["val_accuracy"]
     if new_best:
       meta["best"] = {"step": int(state.step), "epoch": epoch, "val_accuracy": val["accuracy"]}
@@ -304,6 +324,29 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=N
   return state, meta
 
 
+def _apply_learning_rate_change(state: Any, meta: dict, step: int, settings: LoopSettings) -> Any:
+  """A resumed run with another learning_rate (e.g. after a NaN stop) continues at the new rate.
+
+  learning_rate is the rate before any halving: the rate now becomes the new one halved as
+  often as the run has halved so far. The change goes into meta and the epoch's metrics row.
+  """
+  if settings.learning_rate is None:
+    return state
+  current = schedule.get_learning_rate(state.opt_state)
+  halvings = len(meta["halving_epochs"])
+  before = meta.get("learning_rate", current * 2 ** halvings)   # (checkpoints that predate the record)
+  if abs(before - settings.learning_rate) <= 1e-6 * abs(settings.learning_rate):
+    return state
+  new = settings.learning_rate * 0.5 ** halvings
+  epoch = meta["epoch"] + 1
+  meta.setdefault("learning_rate_changes", []).append(
+      {"step": step, "epoch": epoch, "from": before, "to": settings.learning_rate, "rate": new})
+  logging.warning("%s: %s.learning_rate changed from %g to %g on resume at step %d: the rate is now %g%s",
+                  settings.name, settings.config_key, before, settings.learning_rate, step, new,
+                  f" (after {halvings} halving{'s' if halvings > 1 else ''})" if halvings else "")
+  return state.replace(opt_state=schedule.set_learning_rate(state.opt_state, new))
+
+
 def _check_finite(sums: dict, state: Any, settings: LoopSettings, last_saved: int | None) -> dict:
   """The running sums on the host; NonFiniteLoss if a loss (or a parameter of `state`) is NaN/Inf."""
   host = _sums_to_host(sums)
@@ -315,6 +358,40 @@ def _check_finite(sums: dict, state: Any, settings: LoopSettings, last_saved: in
   if problem:
     kept = f"the last good checkpoint (step {last_saved}) stays" if last_saved is not None else \
         "no checkpoint was saved"
-    raise NonFiniteLoss(f"{settings.name}: {problem}; stopped without saving, {kept}. "
-                        f"A lower learning rate may help")
+    key = f"--config.{settings.config_key}.learning_rate" if settings.config_key else "a lower learning rate"
+    go_on = f"rerun with a lower {key}: it resumes from step {last_saved} at that rate" if last_saved is not None \
+        else f"rerun with a lower {key}"
+    raise NonFiniteLoss(f"{settings.name}: {problem}; stopped without saving, {kept}. A lower learning rate may "
+                        f"help: {go_on}")
   return host
+
+
+def _restore_latest(ckpts: StageCheckpoints, state: Any, name: str) -> tuple[int | None, tuple | None]:
+  """(step, (state, meta)) of the newest checkpoint that verifies, or (None, None).
+
+  Damaged newer ones are moved aside, and one line says which and where resuming starts.
+  """
+  damaged, reason = [], ""
+  for step in sorted(ckpts.all_steps(), reverse=True):
+    try:
+      restored = ckpts.restore(step, abstract_like(state))
+    except DamagedCheckpoint as e:
+      reason = reason or str(e).split(" is damaged ", 1)[-1]
+      damaged.append((step, ckpts.set_aside(step)))
+      continue
+    if damaged:
+      logging.warning("%s: %s; moved to %s; resuming from step %d, the newest checkpoint that verifies",
+                      name, _damaged_steps(damaged, reason), damaged[0][1].parent, step)
+    return step, restored
+  if damaged:
+    logging.warning("%s: %s; moved to %s; no checkpoint verifies, so the stage starts from the beginning",
+                    name, _damaged_steps(damaged, reason), damaged[0][1].parent)
+  return None, None
+
+
+def _damaged_steps(damaged: list, reason: str) -> str:
+  steps = ", ".join(str(s) for s, _ in damaged)
+  reason = reason[1:-1] if reason.startswith("(") and reason.endswith(")") else reason
+  return f"checkpoint{'s' if len(damaged) > 1 else ''} of step{'s' if len(damaged) > 1 else ''} {steps} " \
+         f"damaged ({reason})"
+

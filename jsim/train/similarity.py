@@ -183,10 +183,15 @@ class SimilarityPlan:
     return self._evaluate(state.params, self.emb, self.val_pairs, self.val_same, desc="stage 2 validation")
 
 
+def stage_identity_sources(emb: dict) -> list[dict]:
+  """What stage 2 was trained on: each embedding source's model, stage-1 checkpoint and run, width."""
+  return [{k: m.get(k) for k in ("model", "stage1_step", "stage1_run_id", "dim")} for m in emb["sources"]]
+
+
 def stage_identity(config, emb: dict) -> dict:
   d = wd.config_to_dict(config)
-  sources = [{k: m.get(k) for k in ("model", "stage1_step", "stage1_run_id", "dim")} for m in emb["sources"]]
-  return {"seed": d["seed"], "model": d["model"]["name"], "similarity": d["similarity"], "embeddings": sources}
+  return {"seed": d["seed"], "model": d["model"]["name"], "similarity": d["similarity"],
+          "embeddings": stage_identity_sources(emb)}
 
 
 def init_state(config, model, embedding_dim: int, tx) -> TrainState:
@@ -212,9 +217,11 @@ def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> 
   """Trains (or resumes) Ms in workdir/<stage> and returns its result.json."""
   workdir = Path(workdir)
   emb = load_stage2_embeddings(config, workdir)
-  stage_dir, finished = wd.claim_stage(workdir, stage, stage_identity(config, emb), overwrite=config.overwrite)
+  identity = stage_identity(config, emb)
+  # A stage 2 on other embeddings (stage 1 retrained or continued) is derived, not the user's work: replaced.
+  finished = wd.check_stage(workdir, stage, identity, overwrite=config.overwrite, derived=("embeddings",))
   if finished:
-    result = wd.stage_result(workdir, stage)
+    result = wd.stage_result(workdir, stage, required=("best_step", "epochs"))
     if result["epochs"] >= config.similarity.num_epochs:
       logging.info("%s already finished (%d epochs, best validation accuracy %.1f %%): skipped",
                    "stage 2" if stage == wd.STAGE2 else stage, result["epochs"], 100 * result["best_val_accuracy"])
@@ -225,6 +232,8 @@ def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> 
   tx = classifier.make_optimizer(config.similarity)
   state = parallel.put_replicated(init_state(config, model, dim, tx), mesh)
   plan = SimilarityPlan(config, emb["train"], emb["train_labels"], model, tx, mesh)
+  identity["split_sha256"] = wd.split_digest(workdir)
+  stage_dir, _ = wd.claim_stage(workdir, stage, identity, overwrite=config.overwrite, derived=("embeddings",))
   settings = loop.LoopSettings.from_config(config.similarity, "stage 2")
   state, meta = loop.fit(plan, state, stage_dir, settings, place_state=lambda s: parallel.put_replicated(s, mesh),
                          config_dict=wd.config_to_dict(config))
