@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic.update(num_classes=40, train_per_class=60, test_per_class=20)
   c.data.num_seen_classes = 180
   c.data.val_fraction = 0.3
+  c.data.seen_classes = "random"  # random (the protocol: drawn from the seed) | first (benchmarks: first half)
   c.data.normalization = "t180"  # t180 (the source: T180's statistics) | train (stage-1 train split) | imagenet
   # Stage 1's input: device (every train image held on each device, batches gathered in the step) |
   # stream (images stay on the host; grain reads each batch, sent sharded: device memory holds batches only).

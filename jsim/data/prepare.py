@@ -54,7 +54,8 @@ def prepare(config, workdir: str | Path) -> Prepared:
   split = splits.load_split(workdir)
   if split is None:
     split = splits.make_split(train_set, test_set, num_seen=config.data.num_seen_classes,
-                              val_fraction=config.data.val_fraction, seed=config.seed)
+                              val_fraction=config.data.val_fraction, seed=config.seed,
+                              seen_classes=config.data.get("seen_classes", "random"))
     splits.save_split(split, workdir)
     logging.info("drew the split: %d seen / %d unseen classes, %d / %d / %d images", len(split.seen_classes),
                  len(split.unseen_classes), len(split.train_ids), len(split.val_ids), len(split.test_ids))
