@@ -83,3 +83,17 @@ def test_kmeans_nmi_equals_pml():
   want = _pml(far, far_labels, ("NMI",))["NMI"]
   assert 0.9 < want < 1.0
   assert retrieval.kmeans_nmi(far, far_labels) == pytest.approx(want, abs=1e-9)
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_embedding_metrics_equal_the_full_ranking_and_pml(distance):
+  emb, labels = _clustered(4, num_classes=12)
+  fast = retrieval.embedding_metrics(emb, labels, distance=distance, queries_per_block=16)
+  ranked = emb / np.linalg.norm(emb, axis=1, keepdims=True) if distance == "cosine" else emb
+  full = retrieval.retrieval_metrics(retrieval.negative_distance, None, ranked, labels)
+  want = _pml(ranked, labels, ("precision_at_1", "r_precision", "mean_average_precision_at_r"))
+  for key, pml_key in (("precision@1", "precision_at_1"), ("r_precision", "r_precision"),
+                       ("map@r", "mean_average_precision_at_r")):
+    assert fast[key] == pytest.approx(full[key], rel=1e-6)   # (float32 sums there)
+    assert fast[key] == pytest.approx(want[pml_key], rel=1e-6)
+  assert fast["num_queries"] == full["num_queries"]
