@@ -7,11 +7,27 @@ are type-checked by ml_collections and an unknown key is refused.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from jsim.data import augment, sources
 
 # config.stage: one stage, or 'all' / 'sweep', which run the stages they need (jsim.run); 'prepare' the data only.
 STAGES = ("prepare", "classifier", "embed", "similarity", "evaluate", "all", "sweep")
+
+
+def add_metric_learning_fields(cl: ml_collections.ConfigDict) -> None:
+  """Stage 1's loss by name (jsim.losses), and what metric learning adds; cross_entropy ignores them."""
+  from jsim import losses
+  cl.loss = "cross_entropy"      # cross_entropy (the protocol's head) | one of jsim.losses.available()
+  # Each loss's hyperparameters, with PML's defaults: --config.classifier.loss_hparams.triplet.margin=0.1
+  cl.loss_hparams = ml_collections.ConfigDict(
+      {name: losses.build(name).hyperparameters() for name in losses.available()})
+  cl.embedding_dim = 0           # > 0: a linear embedding head to this width, L2-normalised
+  cl.sampler = "auto"            # auto (uniform for cross_entropy, m_per_class otherwise) | uniform | m_per_class
+  cl.sampler_m = 4               # m_per_class: images per class in a batch
+  cl.head_learning_rate = config_dict.placeholder(float)   # the embedding head's rate; None: learning_rate
+  cl.loss_learning_rate = config_dict.placeholder(float)   # proxies / class weights / Ms; None: learning_rate
+  cl.retrieval_distance = "auto"  # validation MAP@R by: auto (cosine, l2 for pair_ms) | l2 | cosine
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -49,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
       augment=augment.default_augment_config(),
       log_every_steps=50, checkpoint_every_steps=0, keep_checkpoints=2,
   ))
+  add_metric_learning_fields(c.classifier)
 
   c.embed = ml_collections.ConfigDict(dict(batch_size=256))
 

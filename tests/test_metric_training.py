@@ -1,0 +1,167 @@
+"""Stage 1 by a metric-learning loss: the step itself, the per-group rates, exact resume, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import run_jsim
+from jsim import configs, losses, models
+from jsim.data.samplers import MPerClassSampler
+from jsim.models.metric_model import MetricModel
+from jsim.train import classifier, metric, schedule
+from jsim.train.loop import zero_sums
+from jsim.train.state import TrainState
+from test_reliability import Jsim, _assert_bitwise_equal, _state, _steps
+
+SIZE = 16
+
+
+def _tiny_config(loss="cross_entropy", **cl):
+  c = configs.base_config()
+  c.model.name, c.model.init, c.model.dtype = "resnet_tiny", "random", "float32"
+  c.classifier.input_size = SIZE
+  c.classifier.augment.crop_size = SIZE - 2
+  c.classifier.loss = loss
+  c.classifier.update(cl)
+  return c
+
+
+def test_cross_entropy_stays_the_protocol():
+  c = _tiny_config()
+  model = classifier.build_classifier(c, 5)
+  assert not isinstance(model, MetricModel)
+  plain = schedule.make_optimizer(learning_rate=0.01, momentum=0.8, nesterov=True)
+  params = {"w": jnp.ones(3)}
+  assert jax.tree.structure(classifier.make_optimizer(c.classifier).init(params)) == \
+      jax.tree.structure(plain.init(params))
+  identity = classifier.stage_identity(c)["classifier"]
+  assert not set(metric.METRIC_FIELDS) & set(identity)   # old workdirs keep their identity
+  c.classifier.loss = "triplet"
+  assert classifier.stage_identity(c)["classifier"]["loss"] == "triplet"
+
+
+def test_group_rates_and_halving():
+  c = _tiny_config("proxy_anchor", learning_rate=0.01, head_learning_rate=0.1, loss_learning_rate=1.0,
+                   momentum=0.0)
+  tx = classifier.make_optimizer(c.classifier)
+  params = {"backbone": {"w": jnp.ones(2)}, "embedding_head": {"kernel": jnp.ones(2)}, "loss": {"proxies": jnp.ones(2)}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  state = tx.init(params)
+  updates, state = tx.update(grads, state, params)
+  assert {k: float(v[next(iter(v))][0]) for k, v in updates.items()} == pytest.approx(
+      {"backbone": -0.01, "embedding_head": -0.1, "loss": -1.0})
+  state = schedule.set_learning_rate(state, schedule.get_learning_rate(state) / 2)   # the halving rule
+  updates, _ = tx.update(grads, state, params)
+  assert float(updates["loss"]["proxies"][0]) == pytest.approx(-0.5)
+  with pytest.raises(ValueError, match="classifier.head_learning_rate=-1.0 must be > 0"):
+    classifier.make_optimizer(_tiny_config("triplet", head_learning_rate=-1.0).classifier)
+
+
+# One loss per family (the losses themselves are checked against PML in test_losses.py).
+@pytest.mark.parametrize("loss_name", ["triplet", "arcface", "pair_ms"])
+def test_train_step_updates_backbone_head_and_loss(loss_name):
+  num_classes = 4
+  c = _tiny_config(loss_name, embedding_dim=8, loss_learning_rate=0.1)
+  if loss_name == "triplet":
+    c.classifier.loss_hparams.triplet.mining = "batch_hard"
+  model = classifier.build_classifier(c, num_classes)
+  assert isinstance(model, MetricModel) and model.embedding_dim == 8
+  variables = classifier.initial_variables(c, model, num_classes, SIZE)
+  assert ("loss" in variables["params"]) == (losses.build(loss_name).param_name is not None)
+  tx = classifier.make_optimizer(c.classifier)
+  state = TrainState.create(variables, tx)
+  labels = np.repeat(np.arange(num_classes), 3)
+  images = np.random.default_rng(0).integers(0, 255, (len(labels), SIZE, SIZE, 3), np.uint8)
+  step = jax.jit(lambda s, x, y, sums: metric.metric_train_step(
+      s, x, y, sums, model=model, loss=model.loss, tx=tx, mean=(120.0,) * 3, std=(60.0,) * 3, input_size=SIZE,
+      augment_config=c.classifier.augment, seed_key=jax.random.PRNGKey(0)))
+  new, sums = step(state, jnp.asarray(images), jnp.asarray(labels, jnp.int32), zero_sums())
+  assert int(new.step) == 1 and np.isfinite(float(sums["loss_sum"])) and float(sums["count"]) == len(labels)
+  assert 0 <= float(sums["correct"]) <= len(labels)
+  for part in new.params:
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new.params[part], state.params[part]))
+    assert any(changed), f"{part} did not move"
+  # The embedding the later stages see is the head's, L2-normalised.
+  _, e = model.apply(new.variables, jnp.zeros((2, SIZE, SIZE, 3)), train=False)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(e), axis=1), 1.0, rtol=1e-5)
+
+
+def test_torchvision_backbone_goes_under_the_wrapper(monkeypatch):
+  c = _tiny_config("proxy_anchor")
+  c.model.init = "torchvision"
+  backbone = models.build("resnet_tiny", num_classes=3)
+  x = jnp.zeros((1, SIZE, SIZE, 3))
+  ported = backbone.init({"params": jax.random.key(5), "dropout": jax.random.key(5)}, x, train=False)
+  monkeypatch.setattr(models, "from_torchvision", lambda *a, **k: ported)
+  model = classifier.build_classifier(c, 3)
+  variables = classifier.initial_variables(c, model, 3, SIZE)
+  _assert_bitwise_equal(jax.tree.map(np.asarray, variables["params"]["backbone"]),
+                        jax.tree.map(np.asarray, ported["params"]))
+  assert variables["params"]["loss"]["proxies"].shape == (3, model.backbone.embedding_dim)
+
+
+def test_sampler_batches_feed_the_plan_from_seed_and_epoch():
+  labels = np.repeat(np.arange(6), 7)
+  s = MPerClassSampler(labels, m=2, batch_size=6)
+  assert s.num_batches == 7
+  a, b = np.asarray(s.epoch(0, 1)), np.asarray(s.epoch(0, 1))
+  np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------- through the command line
+
+METRIC1 = ["--config=configs/tiny.py", "--config.classifier.loss=contrastive", "--config.classifier.sampler_m=2",
+           "--config.classifier.embedding_dim=8", "--config.classifier.loss_learning_rate=0.05",
+           "--config.classifier.num_epochs=3", "--config.classifier.alpha=0.5", "--config.classifier.halving_wait=1",
+           "--config.classifier.checkpoint_every_steps=4", "--config.stage=classifier"]
+METRIC1_STEPS = 21
+
+
+def test_metric_run_resumes_bitwise(jsim_cache, tmp_path):
+  """SIGINT during the first step saves step 1; the resumed run ends bitwise where an uninterrupted one does."""
+  ref = tmp_path / "ref"
+  proc = run_jsim([*METRIC1, f"--workdir={ref}"], jsim_cache)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  w = tmp_path / "B"
+  run = Jsim([*METRIC1, f"--workdir={w}"], jsim_cache)
+  run.wait_for_text("stage 1 epoch 1/3")
+  run.send(signal.SIGINT)
+  assert run.finish() == 0, run.output[-3000:]
+  assert _steps(w / "stage1" / "checkpoints") == [1]
+  run = Jsim([*METRIC1, f"--workdir={w}"], jsim_cache)
+  assert run.finish() == 0, run.output[-3000:]
+  assert "resumed from step 1 (epoch 0, batch 1)" in run.output
+  _assert_bitwise_equal(_state(w / "stage1" / "checkpoints", METRIC1_STEPS),
+                        _state(ref / "stage1" / "checkpoints", METRIC1_STEPS))
+  rows = lambda d: [{k: v for k, v in json.loads(line).items() if k != "items_per_s"}
+                    for line in (d / "stage1" / "metrics.jsonl").read_text().splitlines()]
+  assert rows(w) == rows(ref)
+  assert [r["halved"] for r in rows(ref)] == [False, False, False]   # halving needs > 3 epochs
+  result = json.loads((ref / "stage1" / "result.json").read_text())
+  assert result["loss"] == "contrastive" and 0 <= result["test_map@r"] <= 1
+  assert result["best_val_map@r"] == max(r["val_accuracy"] for r in rows(ref))
+
+
+@pytest.mark.parametrize("args", [
+    ["--config.classifier.loss=multi_similarity", "--config.classifier.sampler_m=2"],
+    ["--config.classifier.loss=proxy_anchor", "--config.classifier.embedding_dim=8",
+     "--config.classifier.sampler=uniform", "--config.classifier.loss_learning_rate=0.1"],
+    ["--config.classifier.loss=pair_ms", "--config.classifier.sampler_m=3"],
+], ids=["pair", "proxy", "pair_ms"])
+def test_every_stage_runs_after_metric_learning(args, jsim_cache, tmp_path):
+  w = tmp_path / "run"
+  proc = run_jsim(["--config=configs/tiny.py", *args, f"--workdir={w}"], jsim_cache)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((w / "report.json").read_text())
+  assert "all (1-5)" in (w / "report.md").read_text()
+  assert report["extra"]["stage1"]["loss"] == args[0].split("=")[1]
+  assert 0 <= report["extra"]["stage1"]["test_map@r"] <= 1
+  meta = json.loads((w / "embeddings" / "meta.json").read_text())
+  assert meta["dim"] == (8 if "--config.classifier.embedding_dim=8" in args else models.embedding_dim("resnet_tiny"))
+  assert 0 <= report["auc"]["overall"] <= 1
