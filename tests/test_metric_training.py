@@ -165,3 +165,61 @@ def test_every_stage_runs_after_metric_learning(args, jsim_cache, tmp_path):
   meta = json.loads((w / "embeddings" / "meta.json").read_text())
   assert meta["dim"] == (8 if "--config.classifier.embedding_dim=8" in args else models.embedding_dim("resnet_tiny"))
   assert 0 <= report["auc"]["overall"] <= 1
+
+
+# ---------------------------------------------------------------------------- 4 devices == 1 device
+
+
+def _four_devices() -> dict:
+  """3 metric-learning steps sharded over 4 devices versus 1, and the validation MAP@R (JSON)."""
+  from jax.sharding import Mesh
+
+  from jsim import parallel
+  from jsim.train import loop
+  from test_parallel import closeness, fake_stage1_data, tiny_config
+
+  jax.config.update("jax_default_matmul_precision", "highest")
+  assert jax.device_count() == 4
+  config = tiny_config(**{"classifier.batch_size": 16, "classifier.loss": "proxy_anchor",
+                          "classifier.embedding_dim": 8, "classifier.sampler_m": 4})
+  data = fake_stage1_data()
+  model = classifier.build_classifier(config, 6)
+  variables = jax.tree.map(np.asarray, classifier.initial_variables(config, model, 6, 32))
+  tx = classifier.make_optimizer(config.classifier)
+  res = []
+  for mesh in (parallel.make_mesh(), Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,))):
+    state = parallel.put_replicated(TrainState.create(variables, tx), mesh)
+    plan = metric.MetricPlan(config, data, model, tx, mesh, place_images=classifier.place_images,
+                             padded_batches=classifier.padded_batches)
+    plan.begin_epoch(1)
+    sums = loop.zero_sums()
+    for b in range(3):
+      state, sums = plan.train_step(state, 1, b, sums)
+    res.append({"params": jax.device_get(state.params), "batch_stats": jax.device_get(state.batch_stats),
+                "loss_sum": float(sums["loss_sum"]), "val": plan.evaluate(state)})
+  return {"params": closeness(res[0]["params"], res[1]["params"]),
+          "groups": {k: closeness(res[0]["params"][k], res[1]["params"][k]) for k in res[1]["params"]},
+          "batch_stats": closeness(res[0]["batch_stats"], res[1]["batch_stats"]),
+          "loss_sum": [r["loss_sum"] for r in res], "val": [r["val"]["accuracy"] for r in res]}
+
+
+@pytest.mark.slow
+def test_four_devices_match_one_device_for_a_metric_loss():
+  import subprocess
+  import sys
+
+  from test_parallel import REPO, _worker_env
+  proc = subprocess.run([sys.executable, __file__, "four_devices"], cwd=REPO, capture_output=True, text=True,
+                        timeout=600, env=_worker_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  # The loss is one over the global batch: computed per device (4 images, one class each) it would
+  # differ by far more than this. The parameters move through exp(32 cos) and L2 normalisation,
+  # which amplify the reduction-order differences: within 5x test_parallel's tolerance (measured 2x).
+  np.testing.assert_allclose(*r["loss_sum"], rtol=1e-5)
+  assert r["params"] <= 5 and r["batch_stats"] <= 1, r
+  assert r["val"][0] == pytest.approx(r["val"][1], abs=1e-6)
+
+
+if __name__ == "__main__" and len(__import__("sys").argv) > 1 and __import__("sys").argv[1] == "four_devices":
+  print(json.dumps(_four_devices()))
