@@ -30,6 +30,38 @@ def add_metric_learning_fields(cl: ml_collections.ConfigDict) -> None:
   cl.retrieval_distance = "auto"  # validation MAP@R by: auto (cosine, l2 for pair_ms) | l2 | cosine
 
 
+# Rates of the loss's own parameters relative to the backbone's: proxies and class weights learn
+# faster (Proxy-Anchor uses 100x with AdamW; 10x with SGD here, untuned); Ms as the protocol's stage 2 (0.5x).
+LOSS_RATE_FACTOR = {"proxy_anchor": 10.0, "normalized_softmax": 10.0, "arcface": 10.0, "pair_ms": 0.5}
+
+
+def parse_args(arg: str | None, defaults: dict[str, str], where: str) -> dict[str, str]:
+  """'loss=triplet,size=cpu' -> {'loss': 'triplet', 'size': 'cpu'} over `defaults`; one-line errors."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in out:
+      raise ValueError(f"{where}:{arg}: expected {','.join(f'{k}=...' for k in defaults)}, got {item!r}")
+    out[key] = value
+  return out
+
+
+def use_metric_loss(c: ml_collections.ConfigDict, loss: str, *, embedding_dim: int = 512, m: int = 4) -> None:
+  """Stage 1 trained by `loss` (or the protocol's cross_entropy): head, sampler and rates as the configs use them."""
+  from jsim import losses
+  if loss != "cross_entropy" and loss not in losses.available():
+    raise ValueError(f"loss={loss!r}: expected cross_entropy or one of {', '.join(losses.available())}")
+  cl = c.classifier
+  cl.loss = loss
+  if loss == "cross_entropy":
+    return
+  cl.embedding_dim = embedding_dim
+  cl.sampler = "m_per_class"
+  cl.sampler_m = m
+  if loss in LOSS_RATE_FACTOR:
+    cl.loss_learning_rate = cl.learning_rate * LOSS_RATE_FACTOR[loss]
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # prepare (the data, split and statistics only) | classifier | embed | similarity | evaluate |

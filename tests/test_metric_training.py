@@ -223,3 +223,39 @@ def test_four_devices_match_one_device_for_a_metric_loss():
 
 if __name__ == "__main__" and len(__import__("sys").argv) > 1 and __import__("sys").argv[1] == "four_devices":
   print(json.dumps(_four_devices()))
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    ({"loss": "nope"}, "classifier.loss='nope': expected 'cross_entropy' or one of arcface"),
+    ({"loss": "triplet", "sampler_m": 5}, "classifier.sampler_m=5: must be >= 1 and divide classifier.batch_size=64"),
+    ({"loss": "triplet", "sampler": "random"}, "classifier.sampler='random'"),
+    ({"loss": "triplet", "embedding_dim": -1}, "classifier.embedding_dim=-1"),
+    ({"loss": "proxy_anchor", "loss_learning_rate": 0.0}, "classifier.loss_learning_rate=0.0 must be > 0"),
+    ({"sampler": "m_per_class"}, "needs a metric-learning classifier.loss"),
+])
+def test_config_errors_name_the_key(overrides, expect):
+  c = _tiny_config()
+  c.classifier.update(overrides)
+  with pytest.raises(ValueError, match=expect.replace("(", r"\(").replace(")", r"\)")):
+    metric.check_config(c.classifier)
+  c = _tiny_config("triplet")
+  c.classifier.loss_hparams.triplet.mining = "hardest"
+  with pytest.raises(ValueError, match="classifier.loss_hparams.triplet: loss hyperparameter mining='hardest'"):
+    metric.check_config(c.classifier)
+
+
+@pytest.mark.parametrize("name", ["metric", "cub200", "cars196", "sop"])
+def test_experiment_configs_build(name):
+  import importlib.util
+
+  from conftest import REPO
+  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for loss in ["cross_entropy", *losses.available()]:
+    c = module.get_config(f"loss={loss}")
+    assert c.classifier.loss == loss
+    metric.check_config(c.classifier)
+  assert module.get_config().classifier.loss == "multi_similarity"
+  with pytest.raises(ValueError, match=f"configs/{name}.py:los=x: expected loss=..."):
+    module.get_config("los=x")

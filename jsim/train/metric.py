@@ -43,11 +43,34 @@ def is_metric(cfg) -> bool:
   return cfg.get("loss", CROSS_ENTROPY) != CROSS_ENTROPY
 
 
+def check_config(cfg) -> None:
+  """ValueError naming the first impossible metric-learning value of config.classifier (before any data)."""
+  if not is_metric(cfg):
+    if cfg.get("sampler", "auto") == "m_per_class":
+      raise ValueError("classifier.sampler='m_per_class' needs a metric-learning classifier.loss; cross_entropy "
+                       "keeps the protocol's uniform batches")
+    return
+  build_loss(cfg)
+  if cfg.sampler not in SAMPLERS:
+    raise ValueError(f"classifier.sampler={cfg.sampler!r}: expected one of {', '.join(SAMPLERS)}")
+  if cfg.sampler != "uniform" and (cfg.sampler_m < 1 or cfg.batch_size % cfg.sampler_m):
+    raise ValueError(f"classifier.sampler_m={cfg.sampler_m}: must be >= 1 and divide classifier.batch_size="
+                     f"{cfg.batch_size}")
+  if cfg.embedding_dim < 0:
+    raise ValueError(f"classifier.embedding_dim={cfg.embedding_dim}: must be >= 0 (0: no embedding head)")
+  if cfg.retrieval_distance not in ("auto", "l2", "cosine"):
+    raise ValueError(f"classifier.retrieval_distance={cfg.retrieval_distance!r}: expected 'auto', 'l2' or 'cosine'")
+  make_optimizer(cfg)   # the rates
+
+
 def build_loss(cfg) -> loss_base.Loss:
   if cfg.loss not in losses.available():
     raise ValueError(f"classifier.loss={cfg.loss!r}: expected {CROSS_ENTROPY!r} or one of "
                      f"{', '.join(losses.available())}")
-  return losses.build(cfg.loss, **dict(cfg.loss_hparams[cfg.loss]))
+  try:
+    return losses.build(cfg.loss, **dict(cfg.loss_hparams[cfg.loss]))
+  except ValueError as e:
+    raise ValueError(f"classifier.loss_hparams.{cfg.loss}: {e}") from None
 
 
 def wrap_backbone(cfg, backbone, num_classes: int) -> MetricModel:
