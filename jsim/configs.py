@@ -102,6 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.embed = ml_collections.ConfigDict(dict(batch_size=256))
 
   c.similarity = ml_collections.ConfigDict(dict(
+      model="mlp",            # mlp (Ms, the protocol) | distance (a calibrated embedding distance, no training)
+      distance="cosine",      # model=distance: cosine | l2
       feature="l1",           # l1 | sq | prod | cos | l2, or a concatenation such as "l1+prod"
       hidden=(),              # empty: halve the embedding width twice (the protocol)
       dropout=0.25, batch_size=256, learning_rate=0.005, momentum=0.8, nesterov=True,

@@ -149,7 +149,8 @@ def test_metric_run_resumes_bitwise(jsim_cache, tmp_path):
 
 
 @pytest.mark.parametrize("args", [
-    ["--config.classifier.loss=multi_similarity", "--config.classifier.sampler_m=2"],
+    ["--config.classifier.loss=multi_similarity", "--config.classifier.sampler_m=2",
+     "--config.similarity.model=distance"],
     ["--config.classifier.loss=proxy_anchor", "--config.classifier.embedding_dim=8",
      "--config.classifier.sampler=uniform", "--config.classifier.loss_learning_rate=0.1"],
     ["--config.classifier.loss=pair_ms", "--config.classifier.sampler_m=3"],
@@ -165,6 +166,22 @@ def test_every_stage_runs_after_metric_learning(args, jsim_cache, tmp_path):
   meta = json.loads((w / "embeddings" / "meta.json").read_text())
   assert meta["dim"] == (8 if "--config.classifier.embedding_dim=8" in args else models.embedding_dim("resnet_tiny"))
   assert 0 <= report["auc"]["overall"] <= 1
+  assert report["method"]["stage1_loss"] == args[0].split("=")[1]
+  distance_model = "--config.similarity.model=distance" in args
+  assert report["method"]["similarity"].startswith("distance (cosine)" if distance_model else "Ms on l1")
+  stage2 = report["extra"]["stage2"]
+  assert (stage2.get("model") == "distance") == distance_model
+  if distance_model:   # the calibration: P(same) = sigmoid(scale d + bias), its 0.5 point
+    assert stage2["distance_at_0.5"] == pytest.approx(-stage2["bias"] / stage2["scale"])
+  er = report["embedding_retrieval"]
+  assert er["distance"] == ("l2" if "pair_ms" in args[0] else "cosine")
+  for part in ("seen", "unseen"):
+    assert set(er[part]) == {"precision@1", "r_precision", "map@r", "nmi", "num_queries"}
+  # The seen test images' MAP@R is stage 1's test figure, computed the same way.
+  assert er["seen"]["map@r"] == pytest.approx(report["extra"]["stage1"]["test_map@r"], abs=1e-6)
+  b = report["balanced_unseen_accuracy"]["at_0.5"]
+  cases = {c["case"]: c["accuracy_at_0.5"] for c in report["cases"]}
+  assert b == pytest.approx((cases[4] + cases[5]) / 2)
 
 
 # ---------------------------------------------------------------------------- 4 devices == 1 device

@@ -63,6 +63,17 @@ def check_config(cfg) -> None:
   make_optimizer(cfg)   # the rates
 
 
+def retrieval_distance(cfg) -> str:
+  """How embeddings are ranked for P@1 / MAP@R: classifier.retrieval_distance, where 'auto' is cosine for
+  the metric losses (they compare L2-normalised embeddings) and L2 for cross_entropy and pair_ms."""
+  distance = cfg.get("retrieval_distance", "auto")
+  if distance == "auto":
+    return "cosine" if is_metric(cfg) and cfg.loss != "pair_ms" else "l2"
+  if distance not in ("l2", "cosine"):
+    raise ValueError(f"classifier.retrieval_distance={distance!r}: expected 'auto', 'l2' or 'cosine'")
+  return distance
+
+
 def build_loss(cfg) -> loss_base.Loss:
   if cfg.loss not in losses.available():
     raise ValueError(f"classifier.loss={cfg.loss!r}: expected {CROSS_ENTROPY!r} or one of "
@@ -191,12 +202,7 @@ class MetricPlan:
                                out_shardings=rep)
     self._embed = jax.jit(functools.partial(embed_batch, model=model, mean=data.mean, std=data.std,
                                             input_size=cfg.input_size), out_shardings=rep)
-    distance = cfg.retrieval_distance
-    if distance == "auto":
-      distance = "l2" if cfg.loss == "pair_ms" else "cosine"
-    if distance not in ("l2", "cosine"):
-      raise ValueError(f"classifier.retrieval_distance={distance!r}: expected 'auto', 'l2' or 'cosine'")
-    self.distance = distance
+    self.distance = retrieval_distance(cfg)
     self._batches = None   # the epoch's [num_batches, B] image indices (on the device; on the host for 'stream')
 
   def num_batches(self, epoch: int) -> int:
