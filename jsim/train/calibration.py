@@ -29,6 +29,13 @@ def uses_distance(config) -> bool:
   return model == "distance"
 
 
+def identity(similarity_dict: dict) -> dict:
+  """Stage 2's config identity: an Ms run's is what it was before the distance model existed."""
+  if similarity_dict.get("model", "mlp") == "mlp":
+    return {k: v for k, v in similarity_dict.items() if k not in ("model", "distance")}
+  return similarity_dict
+
+
 def method_name(config) -> str:
   """How stage 2 scores a pair, for reports: 'Ms on l1' or 'distance (cosine), calibrated'."""
   if uses_distance(config):

@@ -186,7 +186,8 @@ class SimilarityPlan:
 def stage_identity(config, emb: dict) -> dict:
   d = wd.config_to_dict(config)
   sources = [{k: m.get(k) for k in ("model", "stage1_step", "stage1_run_id", "dim")} for m in emb["sources"]]
-  return {"seed": d["seed"], "model": d["model"]["name"], "similarity": d["similarity"], "embeddings": sources}
+  return {"seed": d["seed"], "model": d["model"]["name"], "similarity": calibration.identity(d["similarity"]),
+          "embeddings": sources}
 
 
 def init_state(config, model, embedding_dim: int, tx) -> TrainState:
