@@ -276,3 +276,31 @@ def test_experiment_configs_build(name):
   assert module.get_config().classifier.loss == "multi_similarity"
   with pytest.raises(ValueError, match=f"configs/{name}.py:los=x: expected loss=..."):
     module.get_config("los=x")
+
+
+def test_stream_pipeline_trains_as_the_device_pipeline():
+  from jax.sharding import Mesh
+
+  from jsim import parallel
+  from jsim.train import loop
+  from test_parallel import fake_stage1_data, tiny_config
+  data = fake_stage1_data(num_images=48, size=16)
+  mesh = Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,))
+  out = {}
+  for pipeline in ("device", "stream"):
+    config = tiny_config(**{"classifier.batch_size": 12, "classifier.loss": "multi_similarity",
+                            "classifier.sampler_m": 3, "classifier.input_size": SIZE,
+                            "classifier.augment.crop_size": SIZE - 2, "data.pipeline": pipeline})
+    model = classifier.build_classifier(config, 6)
+    tx = classifier.make_optimizer(config.classifier)
+    variables = jax.tree.map(np.asarray, classifier.initial_variables(config, model, 6, SIZE))
+    state = parallel.put_replicated(TrainState.create(variables, tx), mesh)
+    plan = metric.MetricPlan(config, data, model, tx, mesh, place_images=classifier.place_images,
+                             padded_batches=classifier.padded_batches)
+    plan.begin_epoch(2)
+    sums = loop.zero_sums()
+    for b in range(plan.num_batches(2)):
+      state, sums = plan.train_step(state, 2, b, sums)
+    out[pipeline] = (jax.device_get(state.params), plan.evaluate(state)["accuracy"])
+  _assert_bitwise_equal(out["device"][0], out["stream"][0])
+  assert out["device"][1] == out["stream"][1]
