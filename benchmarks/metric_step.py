@@ -29,7 +29,6 @@ LOSSES = ("cross_entropy", "contrastive", "triplet", "multi_similarity", "proxy_
 
 
 def run(args) -> dict:
-  import jax
   from jsim import parallel
   from jsim.train import classifier, loop, metric
   from jsim.train.state import TrainState

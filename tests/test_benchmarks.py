@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from jsim import configs
-from jsim.data import benchmarks, prepare, tiny_imagenet
+from jsim.data import benchmarks, prepare, sources, tiny_imagenet
 
 SIZES = [5, 4, 6, 3]   # images per class; classes 1-2 seen, 3-4 unseen
 
@@ -112,7 +112,7 @@ def _config(name, root, cache_dir, fraction=0.25):
 def test_reader_parts_labels_and_pixels(name, tmp_path):
   files = MAKERS[name](tmp_path)
   c = _config(name, tmp_path, tmp_path / "cache")
-  sets = prepare.load_image_sets(c.data)
+  sets = sources.load_image_sets(c.data)
   train, test = sets["train"], sets["test"]
   class_ids = sorted({cls for _, cls in files.values()})
   assert train.class_ids == test.class_ids == tuple(class_ids)
@@ -126,7 +126,7 @@ def test_reader_parts_labels_and_pixels(name, tmp_path):
       want, _, _ = tiny_imagenet.decode_image(data, 16)
       np.testing.assert_array_equal(part.images[i], want)
   # Read again: from the decoded cache, identical.
-  again = prepare.load_image_sets(c.data)
+  again = sources.load_image_sets(c.data)
   np.testing.assert_array_equal(again["test"].images, test.images)
 
 
@@ -148,7 +148,7 @@ def test_unpacked_folder_is_read_in_place(tmp_path):
   for root in (tmp_path / "unpacked", tmp_path / "unpacked" / "Stanford_Online_Products"):
     c = _config("sop", root, tmp_path / "cache")
     assert benchmarks.locate(benchmarks.BENCHMARKS["sop"], c.data) == (tmp_path / "unpacked").resolve()
-  sets = prepare.load_image_sets(_config("sop", tmp_path / "unpacked", tmp_path / "cache").data)
+  sets = sources.load_image_sets(_config("sop", tmp_path / "unpacked", tmp_path / "cache").data)
   assert len(sets["train"]) + len(sets["test"]) == len(files)
 
 
@@ -162,13 +162,13 @@ def test_download_fetches_and_checks_the_archives(tmp_path, monkeypatch):
   good = dataclasses.replace(bench, archives=(benchmarks.Archive(archive.name, archive.as_uri(), md5),))
   monkeypatch.setitem(benchmarks.BENCHMARKS, "cub200", good)
   c = _config("cub200", "", tmp_path / "cache")
-  sets = prepare.load_image_sets(c.data)
+  sets = sources.load_image_sets(c.data)
   assert len(sets["train"]) == 7
   assert (tmp_path / "cache" / "downloads" / archive.name).is_file()
   bad = dataclasses.replace(bench, archives=(benchmarks.Archive("other.tgz", archive.as_uri(), "0" * 32),))
   monkeypatch.setitem(benchmarks.BENCHMARKS, "cub200", bad)
   with pytest.raises(ValueError, match="has md5 .*expected 0000"):
-    prepare.load_image_sets(c.data)
+    sources.load_image_sets(c.data)
   assert not (tmp_path / "cache" / "downloads" / "other.tgz").exists()
 
 
@@ -176,10 +176,10 @@ def test_clear_errors(tmp_path):
   c = _config("cars196", tmp_path, tmp_path / "cache")
   with pytest.raises(FileNotFoundError, match="neither the unpacked cars196 layout.*missing: car_ims.tgz, "
                                               "cars_annos.mat"):
-    prepare.load_image_sets(c.data)
+    sources.load_image_sets(c.data)
   make_cub(tmp_path)
   (tmp_path / "CUB_200_2011.tgz").write_bytes(b"not an archive")
   with pytest.raises(ValueError, match="CUB_200_2011.tgz: cannot unpack"):
-    prepare.load_image_sets(_config("cub200", tmp_path, tmp_path / "cache").data)
+    sources.load_image_sets(_config("cub200", tmp_path, tmp_path / "cache").data)
   with pytest.raises(ValueError, match="seen_test_fraction=1.0"):
     benchmarks.parts_of([("a", "x", True)], 1.0)

@@ -155,7 +155,7 @@ def test_metric_run_resumes_bitwise(jsim_cache, tmp_path):
      "--config.classifier.sampler=uniform", "--config.classifier.loss_learning_rate=0.1"],
     ["--config.classifier.loss=pair_ms", "--config.classifier.sampler_m=3"],
 ], ids=["pair", "proxy", "pair_ms"])
-def test_every_stage_runs_after_metric_learning(args, jsim_cache, tmp_path):
+def test_every_stage_runs_after_metric_learning(args, jsim_cache, tmp_path, monkeypatch):
   w = tmp_path / "run"
   proc = run_jsim(["--config=configs/tiny.py", *args, f"--workdir={w}"], jsim_cache)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -182,6 +182,28 @@ def test_every_stage_runs_after_metric_learning(args, jsim_cache, tmp_path):
   b = report["balanced_unseen_accuracy"]["at_0.5"]
   cases = {c["case"]: c["accuracy_at_0.5"] for c in report["cases"]}
   assert b == pytest.approx((cases[4] + cases[5]) / 2)
+  monkeypatch.setenv("JSIM_CACHE", str(jsim_cache))   # the runs' decoded data
+  _predict_agrees_with_the_stored_embeddings(w, stage2)
+
+
+def _predict_agrees_with_the_stored_embeddings(w, stage2):
+  """jsim.predict restores this workdir (metric backbone, Ms or the distance) and scores like the stages."""
+  from jsim.data import sources
+  from jsim.models import distance
+  from jsim.predict import Similarity
+  from jsim.train.embeddings import load_embeddings
+  emb = load_embeddings(w)
+  config = configs.config_from_dict(json.loads((w / "stage1" / "config.json").read_text()))
+  images = sources.load_image_sets(config.data)["test"].images
+  a, b = (np.asarray(images[emb["test_index"][k]]) for k in (0, 1))
+  sim = Similarity.load(w)
+  e = sim.embed([a, b])
+  np.testing.assert_allclose(e, emb["test"][:2], atol=1e-5 * max(1.0, np.abs(emb["test"]).max()))
+  p = sim.probability(a, b)
+  assert 0.0 <= p <= 1.0
+  if stage2.get("model") == "distance":
+    d = float(distance.pair_distance(jnp.asarray(e[:1]), jnp.asarray(e[1:]), stage2["distance"])[0])
+    assert p == pytest.approx(1 / (1 + np.exp(-(stage2["scale"] * d + stage2["bias"]))), abs=1e-5)
 
 
 # ---------------------------------------------------------------------------- 4 devices == 1 device
@@ -240,6 +262,15 @@ def test_four_devices_match_one_device_for_a_metric_loss():
 
 if __name__ == "__main__" and len(__import__("sys").argv) > 1 and __import__("sys").argv[1] == "four_devices":
   print(json.dumps(_four_devices()))
+
+
+def test_bad_loss_is_one_line_from_the_cli(jsim_cache, tmp_path):
+  w = tmp_path / "w"
+  proc = run_jsim(["--config=configs/tiny.py", "--config.classifier.loss=tripplet", f"--workdir={w}"], jsim_cache)
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr
+  assert "classifier.loss='tripplet': expected 'cross_entropy' or one of arcface" in proc.stderr
+  assert not w.exists() or not any(w.iterdir())   # a refused run leaves nothing behind
 
 
 @pytest.mark.parametrize("overrides,expect", [

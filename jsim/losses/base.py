@@ -8,8 +8,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-# torch.nn.functional.normalize's eps.
-NORMALIZE_EPS = 1e-12
+from jsim.models.metric_model import NORMALIZE_EPS, l2_normalize  # noqa: F401  (one definition, shared)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +45,6 @@ class Loss:
   def apply(self, params: dict, embeddings: jax.Array, labels: jax.Array, *, rng: jax.Array | None = None
             ) -> jax.Array:
     raise NotImplementedError
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-  """torch.nn.functional.normalize: x / max(||x||, 1e-12), in float32."""
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), NORMALIZE_EPS)
 
 
 def safe_sqrt(s: jax.Array) -> jax.Array:

@@ -21,13 +21,20 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jsim.losses.base import Loss, l2_normalize
+# torch.nn.functional.normalize's eps.
+NORMALIZE_EPS = 1e-12
+
+
+def l2_normalize(x, axis: int = -1):
+  """torch.nn.functional.normalize: x / max(||x||, 1e-12), in float32."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), NORMALIZE_EPS)
 
 
 class MetricModel(nn.Module):
   backbone: nn.Module
   head_dim: int = 0            # 0: the backbone's embedding as it is
-  loss: Loss | None = None     # whose parameters (if any) the model holds under "loss"
+  loss: Any = None             # a jsim.losses.Loss whose parameters (if any) the model holds under "loss"
   num_classes: int = 0         # classes of the loss's parameters
 
   @property

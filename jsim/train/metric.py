@@ -24,9 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jsim import losses, parallel
+from jsim import knn_metrics, losses, parallel
 from jsim.data import augment, samplers, streaming
-from jsim.evaluate import retrieval
 from jsim.losses import base as loss_base
 from jsim.models.metric_model import MetricModel, param_group
 from jsim.train import loop, schedule
@@ -242,7 +241,7 @@ class MetricPlan:
   def retrieval(self, state, images, labels: np.ndarray, indices: np.ndarray) -> dict:
     """P@1, R-precision and MAP@R of the images `indices` among themselves."""
     emb = self.embed(state, images, indices)
-    return retrieval.embedding_metrics(emb, np.asarray(labels)[indices], distance=self.distance)
+    return knn_metrics.embedding_metrics(emb, np.asarray(labels)[indices], distance=self.distance)
 
   def evaluate(self, state) -> dict:
     m = self.retrieval(state, self.images, np.asarray(self.labels) if not isinstance(self.labels, jax.Array)
