@@ -7,11 +7,59 @@ are type-checked by ml_collections and an unknown key is refused.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from jsim.data import augment, sources
 
 # config.stage: one stage, or 'all' / 'sweep', which run the stages they need (jsim.run); 'prepare' the data only.
 STAGES = ("prepare", "classifier", "embed", "similarity", "evaluate", "all", "sweep")
+
+
+def add_metric_learning_fields(cl: ml_collections.ConfigDict) -> None:
+  """Stage 1's loss by name (jsim.losses), and what metric learning adds; cross_entropy ignores them."""
+  from jsim import losses
+  cl.loss = "cross_entropy"      # cross_entropy (the protocol's head) | one of jsim.losses.available()
+  # Each loss's hyperparameters, with PML's defaults: --config.classifier.loss_hparams.triplet.margin=0.1
+  cl.loss_hparams = ml_collections.ConfigDict(
+      {name: losses.build(name).hyperparameters() for name in losses.available()})
+  cl.embedding_dim = 0           # > 0: a linear embedding head to this width, L2-normalised
+  cl.sampler = "auto"            # auto (uniform for cross_entropy, m_per_class otherwise) | uniform | m_per_class
+  cl.sampler_m = 4               # m_per_class: images per class in a batch
+  cl.head_learning_rate = config_dict.placeholder(float)   # the embedding head's rate; None: learning_rate
+  cl.loss_learning_rate = config_dict.placeholder(float)   # proxies / class weights / Ms; None: learning_rate
+  cl.retrieval_distance = "auto"  # validation MAP@R by: auto (cosine, l2 for pair_ms) | l2 | cosine
+
+
+# Rates of the loss's own parameters relative to the backbone's: proxies and class weights learn
+# faster (Proxy-Anchor uses 100x with AdamW; 10x with SGD here, untuned); Ms as the protocol's stage 2 (0.5x).
+LOSS_RATE_FACTOR = {"proxy_anchor": 10.0, "normalized_softmax": 10.0, "arcface": 10.0, "pair_ms": 0.5}
+
+
+def parse_args(arg: str | None, defaults: dict[str, str], where: str) -> dict[str, str]:
+  """'loss=triplet,size=cpu' -> {'loss': 'triplet', 'size': 'cpu'} over `defaults`; one-line errors."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in out:
+      raise ValueError(f"{where}:{arg}: expected {','.join(f'{k}=...' for k in defaults)}, got {item!r}")
+    out[key] = value
+  return out
+
+
+def use_metric_loss(c: ml_collections.ConfigDict, loss: str, *, embedding_dim: int = 512, m: int = 4) -> None:
+  """Stage 1 trained by `loss` (or the protocol's cross_entropy): head, sampler and rates as the configs use them."""
+  from jsim import losses
+  if loss != "cross_entropy" and loss not in losses.available():
+    raise ValueError(f"loss={loss!r}: expected cross_entropy or one of {', '.join(losses.available())}")
+  cl = c.classifier
+  cl.loss = loss
+  if loss == "cross_entropy":
+    return
+  cl.embedding_dim = embedding_dim
+  cl.sampler = "m_per_class"
+  cl.sampler_m = m
+  if loss in LOSS_RATE_FACTOR:
+    cl.loss_learning_rate = cl.learning_rate * LOSS_RATE_FACTOR[loss]
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -29,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic.update(num_classes=40, train_per_class=60, test_per_class=20)
   c.data.num_seen_classes = 180
   c.data.val_fraction = 0.3
+  c.data.seen_classes = "random"  # random (the protocol: drawn from the seed) | first (benchmarks: first half)
   c.data.normalization = "t180"  # t180 (the source: T180's statistics) | train (stage-1 train split) | imagenet
   # Stage 1's input: device (every train image held on each device, batches gathered in the step) |
   # stream (images stay on the host; grain reads each batch, sent sharded: device memory holds batches only).
@@ -48,10 +97,13 @@ def base_config() -> ml_collections.ConfigDict:
       augment=augment.default_augment_config(),
       log_every_steps=50, checkpoint_every_steps=0, keep_checkpoints=2,
   ))
+  add_metric_learning_fields(c.classifier)
 
   c.embed = ml_collections.ConfigDict(dict(batch_size=256))
 
   c.similarity = ml_collections.ConfigDict(dict(
+      model="mlp",            # mlp (Ms, the protocol) | distance (a calibrated embedding distance, no training)
+      distance="cosine",      # model=distance: cosine | l2
       feature="l1",           # l1 | sq | prod | cos | l2, or a concatenation such as "l1+prod"
       hidden=(),              # empty: halve the embedding width twice (the protocol)
       dropout=0.25, batch_size=256, learning_rate=0.005, momentum=0.8, nesterov=True,

@@ -201,11 +201,15 @@ def pct(x: float | None) -> str:
   return "-" if x is None or not math.isfinite(x) else f"{100 * x:.1f} %"
 
 
+def _num3(x: float | None) -> str:
+  return "-" if x is None else f"{x:.3f}"   # None: a metric-learning stage 1 has no validation loss
+
+
 def epoch_line(name: str, row: dict, num_epochs: int) -> str:
   """One short aligned line per epoch: 'stage 1 epoch  3/16  loss 2.261 acc 24.9 % | val ...'."""
   width = len(str(num_epochs))
   line = (f"{name} epoch {row['epoch']:>{width}}/{num_epochs}  loss {row['train_loss']:.3f}  acc "
-          f"{pct(row['train_accuracy']):>7} | val loss {row['val_loss']:.3f}  acc {pct(row['val_accuracy']):>7}"
+          f"{pct(row['train_accuracy']):>7} | val loss {_num3(row['val_loss'])}  acc {pct(row['val_accuracy']):>7}"
           f" | lr {row['lr']:.3g}  {rate(row['items_per_s'])}/s")
   if row.get("halved"):
     line += f"  -> lr halved to {row['lr'] / 2:.3g}"

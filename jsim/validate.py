@@ -75,9 +75,9 @@ def check_config(config) -> None:
   """Raises ValueError naming the first impossible value."""
   # Each component owns its allowed values; this only asks them.
   from jsim import configs, models
-  from jsim.data import augment, pairs, prepare, sources, tiny_imagenet
-  from jsim.models import similarity
-  from jsim.train import classifier
+  from jsim.data import augment, pairs, prepare, sources, splits, tiny_imagenet
+  from jsim.models import distance, similarity
+  from jsim.train import calibration, classifier, metric
   devices = jax.device_count()
   _choice("stage", config.stage, configs.STAGES)
   d = config.data
@@ -100,6 +100,9 @@ def check_config(config) -> None:
     raise ValueError("data.source='zip' needs data.zip_path (tiny-imagenet-200.zip)")
   if d.source == "tfds" and not d.tfds_name:
     raise ValueError("data.source='tfds' needs data.tfds_name")
+  _choice("data.seen_classes", d.seen_classes, splits.SEEN_CLASSES)
+  if not 0.0 <= d.seen_test_fraction < 1.0:
+    raise ValueError(f"data.seen_test_fraction={d.seen_test_fraction!r}: must be in [0, 1)")
 
   if d.source in ("synthetic", "tfds"):
     for key in ("root", "zip_path"):
@@ -126,11 +129,14 @@ def check_config(config) -> None:
   if not 0.0 <= c.augment.prob <= 1.0:
     raise ValueError(f"classifier.augment.prob={c.augment.prob!r}: must be in [0, 1]")
   augment.check_config(c.augment, (d.image_size, d.image_size))
+  metric.check_config(c)
   _positive("embed.batch_size", config.embed.batch_size)
   _divisible("embed.batch_size", config.embed.batch_size, devices)
 
   s = config.similarity
   _training("similarity", s, devices)
+  _choice("similarity.model", s.model, calibration.SIMILARITY_MODELS)
+  _choice("similarity.distance", s.distance, distance.DISTANCES)
   similarity.parse_feature_kind(s.feature)
   for f in config.sweep.features:
     similarity.parse_feature_kind(f)

@@ -463,7 +463,8 @@ def stage2_records(workdir: Path, own: StageRecords) -> tuple[dict, list[StageRe
   hint = "train stage 2 first (--config.stage=similarity)"
   stage2 = _read(workdir / STAGE2 / "config.json", f"stage 2 never ran here; {hint}")
   result = _read(workdir / STAGE2 / RESULT_FILE, f"stage 2 has not finished; {hint}")
-  if not (workdir / STAGE2 / "checkpoints").is_dir():
+  # (similarity.model=distance has no checkpoint: its calibration is result.json itself.)
+  if result.get("model") != "distance" and not (workdir / STAGE2 / "checkpoints").is_dir():
     raise FileNotFoundError(f"{workdir / STAGE2}/checkpoints: no checkpoint; {hint}")
   where = workdir / STAGE2 / "config.json"
   if stage2.get("model") != own.model_name:

@@ -55,7 +55,8 @@ def prepare(config, workdir: str | Path) -> Prepared:
   drawn = split is None
   if drawn:
     split = splits.make_split(train_set, test_set, num_seen=config.data.num_seen_classes,
-                              val_fraction=config.data.val_fraction, seed=config.seed)
+                              val_fraction=config.data.val_fraction, seed=config.seed,
+                              seen_classes=config.data.seen_classes)
   elif split.seed != config.seed or len(split.seen_classes) != config.data.num_seen_classes:
     raise ValueError(f"{workdir / splits.SPLIT_FILE} was drawn with seed {split.seed} and "
                      f"{len(split.seen_classes)} seen classes, the config asks for seed {config.seed} and "

@@ -7,6 +7,7 @@ Sources (`data.source`):
   download   the official zip, fetched once into data.cache_dir/downloads and verified
   synthetic  a generated stand-in in the same layout (no download; for demos and tests)
   tfds       a TFDS data set by name (jsim.data.tfds_source)
+  cub200, cars196, sop   the metric-learning benchmarks (jsim.data.benchmarks), from data.root
 
 All give {'train': ImageSet, 'test': ImageSet}: 'test' is Tiny ImageNet's val
 folder. The folder, zip, download and synthetic sources decode once into the
@@ -25,7 +26,8 @@ from ml_collections import config_dict
 from jsim.data import cache, download, synthetic, tiny_imagenet
 from jsim.data.dataset import ImageSet
 
-SOURCES = ("auto", "folder", "zip", "download", "synthetic", "tfds")
+SOURCES = ("auto", "folder", "zip", "download", "synthetic", "tfds", "cub200", "cars196", "sop")
+BENCHMARK_SOURCES = ("cub200", "cars196", "sop")   # jsim.data.benchmarks
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -45,6 +47,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.tfds_data_dir = ""
   c.tfds_train_split = "train"
   c.tfds_test_split = "test"
+  c.seen_test_fraction = 0.2   # cub200 / cars196 / sop: share of each seen class held out as test images
   c.synthetic = ml_collections.ConfigDict(dict(
       num_classes=20, train_per_class=100, test_per_class=20, image_size=64, seed=0,
       grayscale_fraction=0.02))
@@ -95,6 +98,9 @@ def load_image_sets_and_report(data_config) -> tuple[dict[str, ImageSet], dict[s
     sets = tfds_source.load_image_sets(d)
     return sets, {"source": "tfds", "location": d.tfds_name, "num_images": {k: len(v) for k, v in sets.items()},
                   "num_classes": len(next(iter(sets.values())).class_ids)}
+  if source in BENCHMARK_SOURCES:
+    from jsim.data import benchmarks
+    return benchmarks.load(source, d)
   options = dict(image_size=d.image_size, on_bad_image=d.on_bad_image, num_workers=d.num_workers,
                  cache_dir=d.cache_dir)
   if source == "folder":

@@ -16,6 +16,8 @@ from jsim.data.dataset import ImageSet
 from jsim.workdir import write_json
 
 SPLIT_FILE = "split.json"
+# data.seen_classes: drawn from the seed (the protocol) | the first ones in sorted order (the benchmarks).
+SEEN_CLASSES = ("random", "first")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +49,15 @@ class Split:
     return self.head_index(class_ids) >= 0
 
 
-def make_split(train: ImageSet, test: ImageSet, *, num_seen: int, val_fraction: float, seed: int) -> Split:
-  """Draws seen/unseen classes and the 70/30 split of T180 from `seed`."""
+def make_split(train: ImageSet, test: ImageSet, *, num_seen: int, val_fraction: float, seed: int,
+               seen_classes: str = "random") -> Split:
+  """Draws seen/unseen classes and the 70/30 split of T180 from `seed`.
+
+  seen_classes='random': the seen classes are drawn from the seed (the protocol);
+  'first': they are the first `num_seen` in sorted order (the benchmarks' first half).
+  """
+  if seen_classes not in SEEN_CLASSES:
+    raise ValueError(f"data.seen_classes={seen_classes!r}: expected one of {', '.join(SEEN_CLASSES)}")
   num_classes = len(train.class_ids)
   if not 0 < num_seen <= num_classes:
     raise ValueError(f"data.num_seen_classes={num_seen} must be in [1, {num_classes}] (the data set has "
@@ -56,7 +65,8 @@ def make_split(train: ImageSet, test: ImageSet, *, num_seen: int, val_fraction: 
   if not 0.0 < val_fraction < 1.0:
     raise ValueError(f"data.val_fraction={val_fraction} must be in (0, 1)")
   rng = np.random.default_rng(seed)
-  seen = np.sort(rng.permutation(num_classes)[:num_seen])
+  drawn = rng.permutation(num_classes)   # drawn either way: the stream of the seed stays the same
+  seen = np.arange(num_seen) if seen_classes == "first" else np.sort(drawn[:num_seen])
   seen_mask = np.zeros(num_classes, bool)
   seen_mask[seen] = True
   t_seen = np.flatnonzero(seen_mask[train.labels])

@@ -13,8 +13,7 @@ from jsim import parallel, workdir as wd
 from jsim.data import pairs as pairs_lib
 from jsim.evaluate import compare, figures, report, retrieval
 from jsim.evaluate.pairwise import evaluate_pairs, save_result
-from jsim.models.similarity import make_prob_fn
-from jsim.train import similarity
+from jsim.train import calibration, metric, similarity
 
 _TEST_PAIRS = 7   # stream of the seed for the sampled test pairs (apart from stage 2's)
 FIGURES = "figures"
@@ -44,9 +43,7 @@ def evaluate_stage2(config, workdir: Path, stage: str, emb: dict, mesh) -> dict:
   check_current(workdir, stage, emb)
   ev = config.evaluation
   dim = emb["train"].shape[1]
-  model, state = similarity.restore_similarity(config, workdir, mesh, dim=dim, stage=stage)
-  params = state.params
-  prob_fn = make_prob_fn(model)
+  prob_fn, params = calibration.restore_scorer(config, workdir, mesh, dim=dim, stage=stage)
   class_ids = emb["meta"]["class_ids"]
   seen = set(emb["meta"]["seen_classes"])
   seen_mask = np.array([c in seen for c in class_ids])
@@ -137,12 +134,17 @@ def evaluate(config, workdir: str | Path) -> dict:
   retrieval_metrics = None
   if parallel.is_main_process():
     fig_dir.mkdir(parents=True, exist_ok=True)
-    for stage, title in ((wd.STAGE1, "Stage 1: classifier Mc"), (wd.STAGE2, "Stage 2: similarity net Ms")):
+    curves = [(wd.STAGE1, "Stage 1: classifier Mc")]
+    if not calibration.uses_distance(config):   # a distance model has no training curve
+      curves.append((wd.STAGE2, "Stage 2: similarity net Ms"))
+    for stage, title in curves:
       figures.plot_stage_curves(workdir / stage / "metrics.jsonl", fig_dir / f"{stage}_curves.png",
                                 f"{title} ({config.model.name})")
-    figures.plot_roc(result, fig_dir / "roc.png", title=f"ROC of Ms ({backbone_label(emb)})")
+    figures.plot_roc(result, fig_dir / "roc.png", title=f"ROC of {calibration.method_name(config)} "
+                                                        f"({backbone_label(emb)})")
   if config.evaluation.retrieval:
     retrieval_metrics = _unseen_retrieval(config, workdir, emb, out, fig_dir)
+  embedding_retrieval = _embedding_retrieval(config, emb, out["seen_mask"])
   extra = {"stage1": wd.stage_result(workdir, wd.STAGE1), "stage2": wd.stage_result(workdir, wd.STAGE2),
            "embeddings": emb["sources"], "val_accuracy_at_0.5": out["val_accuracy_at_0.5"]}
   table = ""
@@ -152,7 +154,10 @@ def evaluate(config, workdir: str | Path) -> dict:
       this = "+".join(report.BACKBONE_TITLES.get(m["model"], m["model"]) for m in emb["sources"])
       compare.roc_of_workdirs(config.evaluation.compare_workdirs, fig_dir / compare.FIGURE, extra={this: result})
     table = report.write_report(workdir, result, val_threshold=out["threshold"], backbone=backbone_label(emb),
-                                config_dict=wd.config_to_dict(config), retrieval=retrieval_metrics, extra=extra)
+                                config_dict=wd.config_to_dict(config), retrieval=retrieval_metrics, extra=extra,
+                                method={"stage1_loss": config.classifier.loss,
+                                        "similarity": calibration.method_name(config)},
+                                embedding_retrieval=embedding_retrieval)
     print(f"\nFive-case test accuracy ({result.mode}, {result.num_pairs:,} pairs; {workdir / 'report.md'}):\n")
     print(table, flush=True)
     _write_tensorboard(workdir, result, table, extra["stage2"]["best_step"], fig_dir, wd.config_to_dict(config))
@@ -193,6 +198,24 @@ def _write_tensorboard(workdir: Path, result, table: str, step: int, fig_dir: Pa
         writer.write_image(f"figures/{png.stem}", np.asarray(im.convert("RGB")), step)
   finally:
     writer.close()
+
+
+def _embedding_retrieval(config, emb: dict, seen_mask: np.ndarray) -> dict:
+  """P@1, R-precision, MAP@R and k-means NMI of the seen and of the unseen test images, each set
+  among itself, ranked by embedding distance (metric.retrieval_distance): the field's figures."""
+  out = {"distance": metric.retrieval_distance(config.classifier)}
+  seen_test = seen_mask[emb["test_labels"]]
+  for name, keep in (("seen", seen_test), ("unseen", ~seen_test)):
+    e, labels = emb["test"][keep], emb["test_labels"][keep]
+    if len(labels) < 3 or len(np.unique(labels)) < 2:
+      out[name] = None
+      continue
+    m = retrieval.embedding_metrics(e, labels, distance=out["distance"])
+    if out["distance"] == "cosine":
+      e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    m["nmi"] = retrieval.kmeans_nmi(e, labels, seed=config.seed)
+    out[name] = m
+  return out
 
 
 def _unseen_retrieval(config, workdir: Path, emb: dict, out: dict, fig_dir: Path) -> dict:

@@ -303,15 +303,16 @@ class Similarity:
         print(f"{_PROG}: warning: using the JAX backend, the ONNX one is unavailable ({_first_line(e)})",
               file=sys.stderr)
     from jsim import configs, parallel
-    from jsim.models.similarity import make_prob_fn
-    from jsim.train import similarity
+    from jsim.train import calibration
 
     mesh = parallel.make_mesh()
     backbones = [_load_backbone(rec, mesh) for rec in records.members]
     config = configs.config_from_dict({**records.members[0].config, "similarity": records.stage2["similarity"]})
     dim = sum(b.dim for b in backbones)
-    model, state = similarity.restore_similarity(config, records.workdir, mesh, dim=dim)
-    return cls(records.workdir, backbones, make_prob_fn(model), state.params, int(state.step), records.threshold)
+    # Ms's best checkpoint, or the calibrated distance (similarity.model=distance, step 0).
+    prob_fn, params = calibration.restore_scorer(config, records.workdir, mesh, dim=dim)
+    step = int(wd.stage_result(records.workdir, wd.STAGE2).get("best_step", 0))
+    return cls(records.workdir, backbones, prob_fn, params, step, records.threshold)
 
   # -- embeddings
 

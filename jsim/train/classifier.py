@@ -16,7 +16,8 @@ from jsim import models, parallel, workdir as wd
 from jsim.checkpoint import abstract_like, restore_best
 from jsim.data import augment, splits, streaming
 from jsim.data.prepare import Prepared, prepare
-from jsim.train import loop, schedule
+from jsim.models.metric_model import MetricModel
+from jsim.train import loop, metric, schedule
 from jsim.train.metrics_writer import MetricsWriter, progress_bar
 from jsim.train.state import TrainState
 
@@ -26,10 +27,18 @@ PIPELINES = ("device", "stream")
 
 
 def build_classifier(config, num_classes: int):
-  return models.build(config.model.name, num_classes=num_classes, dtype=models.compute_dtype(config.model.dtype))
+  """The backbone; for a metric-learning loss, wrapped with its embedding head and loss parameters."""
+  backbone = models.build(config.model.name, num_classes=num_classes, dtype=models.compute_dtype(config.model.dtype))
+  if metric.is_metric(config.classifier):
+    return metric.wrap_backbone(config.classifier, backbone, num_classes)
+  return backbone
 
 
 def initial_variables(config, model, num_classes: int, input_size: int) -> dict:
+  if isinstance(model, MetricModel):
+    backbone = initial_variables(config, model.backbone, num_classes, input_size) \
+        if config.model.init == "torchvision" else None
+    return metric.initial_variables(model, backbone, input_size, config.seed)
   if config.model.init == "torchvision":
     logging.info("stage 1 starts from torchvision weights %s", config.model.weights)
     return models.from_torchvision(config.model.name, config.model.weights, num_classes=num_classes,
@@ -40,6 +49,8 @@ def initial_variables(config, model, num_classes: int, input_size: int) -> dict:
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
+  if metric.is_metric(cfg):
+    return metric.make_optimizer(cfg)
   return schedule.make_optimizer(learning_rate=cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                  weight_decay=cfg.weight_decay, nag_form=cfg.get("nag_form", "optax"))
 
@@ -242,7 +253,7 @@ class ClassifierPlan:
 
 def stage_identity(config) -> dict:
   d = wd.config_to_dict(config)
-  return {"seed": d["seed"], "data": d["data"], "model": d["model"], "classifier": d["classifier"]}
+  return {"seed": d["seed"], "data": d["data"], "model": d["model"], "classifier": metric.identity(d["classifier"])}
 
 
 def abstract_state(config, model, mesh):
@@ -291,7 +302,11 @@ def train_classifier(config, workdir: str | Path) -> dict:
   tx = make_optimizer(config.classifier)
   variables = initial_variables(config, model, num_classes, config.classifier.input_size)
   state = parallel.put_replicated(TrainState.create(variables, tx), mesh)
-  plan = ClassifierPlan(config, data, model, tx, mesh)
+  if isinstance(model, MetricModel):
+    plan = metric.MetricPlan(config, data, model, tx, mesh, place_images=place_images,
+                             padded_batches=padded_batches)
+  else:
+    plan = ClassifierPlan(config, data, model, tx, mesh)
   # Claimed once the data, the split and the model have loaded: a refused run leaves no claim.
   identity["split_sha256"] = wd.split_digest(workdir)
   stage_dir, _ = wd.claim_stage(workdir, wd.STAGE1, identity, overwrite=config.overwrite)
@@ -304,12 +319,27 @@ def train_classifier(config, workdir: str | Path) -> dict:
     best_state, _ = restore_best(stage_dir, abstract_like(state), "stage-1")
     test_images, test_labels = place_images(config.data.pipeline, data.test_set.images, data.test_head_labels, mesh)
     seen_test = data.test_idx[data.test_head_labels[data.test_idx] >= 0]
-    test = evaluate_accuracy(plan.eval_fn, best_state, test_images, test_labels, seen_test,
-                             config.classifier.eval_batch_size, desc="stage 1 test")
-    writer.write_scalars(best["step"], {"test/accuracy": test["accuracy"], "test/loss": test["loss"]})
-  result = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_images": test["count"],
-            "best_epoch": best["epoch"], "best_step": best["step"], "best_val_accuracy": best["val_accuracy"],
-            "epochs": len(meta["rows"]), "halving_epochs": meta["halving_epochs"]}
+    common = {"best_epoch": best["epoch"], "best_step": best["step"], "best_val_accuracy": best["val_accuracy"],
+              "epochs": len(meta["rows"]), "halving_epochs": meta["halving_epochs"]}
+    if isinstance(plan, metric.MetricPlan):
+      # No classifier head to score: the seen test images retrieved among themselves instead.
+      mtest = plan.retrieval(best_state, test_images, data.test_head_labels, seen_test)
+      writer.write_scalars(best["step"], {"test/map_at_r": mtest["map@r"], "test/precision_at_1": mtest["precision@1"]})
+    else:
+      test = evaluate_accuracy(plan.eval_fn, best_state, test_images, test_labels, seen_test,
+                               config.classifier.eval_batch_size, desc="stage 1 test")
+      writer.write_scalars(best["step"], {"test/accuracy": test["accuracy"], "test/loss": test["loss"]})
+  if isinstance(plan, metric.MetricPlan):
+    result = {"loss": config.classifier.loss, "test_precision@1": mtest["precision@1"],
+              "test_r_precision": mtest["r_precision"], "test_map@r": mtest["map@r"],
+              "test_images": len(seen_test), "best_val_map@r": best["val_accuracy"], **common}
+    if parallel.is_main_process():
+      wd.finish_stage(stage_dir, result)
+    parallel.sync_processes("stage1 result")
+    logging.info("stage 1 (%s) finished: MAP@R %.4f, P@1 %.4f on %d seen-class test images (best epoch %d)",
+                 config.classifier.loss, mtest["map@r"], mtest["precision@1"], len(seen_test), best["epoch"])
+    return result
+  result = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_images": test["count"], **common}
   if parallel.is_main_process():
     wd.finish_stage(stage_dir, result)
   parallel.sync_processes("stage1 result")

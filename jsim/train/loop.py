@@ -73,7 +73,9 @@ class EpochPlan(Protocol):
   def num_batches(self, epoch: int) -> int: ...
   def begin_epoch(self, epoch: int) -> None: ...
   def train_step(self, state: Any, epoch: int, batch: int, sums: dict) -> tuple[Any, dict]: ...
-  def evaluate(self, state: Any) -> dict: ...  # {'loss': float, 'accuracy': float}
+  # {'loss': float or None, 'accuracy': float (what selects the best epoch and drives the halving rule),
+  #  'extra': {name: float} (optional, more columns of metrics.jsonl)}
+  def evaluate(self, state: Any) -> dict: ...
 
 
 @dataclasses.dataclass
@@ -299,7 +301,7 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=N
                                   wait=settings.halving_wait)
     row = {"epoch": epoch, "step": int(state.step), "lr": lr,
            "train_loss": host["loss_sum"] / host["count"], "train_accuracy": host["correct"] / host["count"],
-           "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+           "val_loss": val["loss"], "val_accuracy": val["accuracy"], **val.get("extra", {}),
            "items_per_s": (num_batches - first) * plan.items_per_batch / seconds, "halved": halve}
     if halve:
       meta["halving_epochs"].append(epoch)

@@ -74,7 +74,8 @@ def paper_nag(learning_rate, momentum: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(*, learning_rate: float, momentum: float, nesterov: bool = True,
-                   weight_decay: float = 0.0, nag_form: str = "optax") -> optax.GradientTransformation:
+                   weight_decay: float = 0.0, nag_form: str = "optax", param_groups=None,
+                   rate_multipliers: dict[str, float] | None = None) -> optax.GradientTransformation:
   """SGD with Nesterov momentum, its learning rate a hyperparameter in the state.
 
   The protocol's NAG (u_t = g u_{t-1} + lr grad L(theta_t - g u_{t-1})) evaluates the
@@ -86,6 +87,10 @@ def make_optimizer(*, learning_rate: float, momentum: float, nesterov: bool = Tr
   the size of the difference). nag_form='paper' (with nesterov=True) is the paper's
   update exactly (`paper_nag`). inject_hyperparams lets `set_learning_rate` change the
   rate between epochs without recompiling the step.
+
+  param_groups (a function of the params tree to group names, as optax.multi_transform
+  takes) with rate_multipliers {group: factor}: each group's rate is learning_rate x its
+  factor (optax.multi_transform), so halving the one injected rate halves them all.
   """
   if nag_form not in NAG_FORMS:
     raise ValueError(f"nag_form={nag_form!r}: expected one of {NAG_FORMS}")
@@ -98,7 +103,13 @@ def make_optimizer(*, learning_rate: float, momentum: float, nesterov: bool = Tr
     if weight_decay:
       tx = optax.chain(optax.add_decayed_weights(weight_decay), tx)
     return tx
-  return optax.inject_hyperparams(sgd)(learning_rate=learning_rate)
+
+  if param_groups is None:
+    return optax.inject_hyperparams(sgd)(learning_rate=learning_rate)
+
+  def grouped(learning_rate):
+    return optax.multi_transform({g: sgd(learning_rate * f) for g, f in rate_multipliers.items()}, param_groups)
+  return optax.inject_hyperparams(grouped)(learning_rate=learning_rate)
 
 
 def get_learning_rate(opt_state) -> float:

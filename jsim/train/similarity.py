@@ -15,7 +15,7 @@ from jsim import models, parallel, workdir as wd
 from jsim.checkpoint import abstract_like, restore_best
 from jsim.data import pairs as pairs_lib
 from jsim.models.similarity import SimilarityMLP
-from jsim.train import classifier, loop
+from jsim.train import calibration, classifier, loop
 from jsim.train.embeddings import load_embeddings
 from jsim.train.metrics_writer import progress_bar
 from jsim.train.state import TrainState
@@ -190,7 +190,7 @@ def stage_identity_sources(emb: dict) -> list[dict]:
 
 def stage_identity(config, emb: dict) -> dict:
   d = wd.config_to_dict(config)
-  return {"seed": d["seed"], "model": d["model"]["name"], "similarity": d["similarity"],
+  return {"seed": d["seed"], "model": d["model"]["name"], "similarity": calibration.identity(d["similarity"]),
           "embeddings": stage_identity_sources(emb)}
 
 
@@ -214,7 +214,9 @@ def restore_similarity(config, workdir: str | Path, mesh, *, dim: int, stage: st
 
 
 def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> dict:
-  """Trains (or resumes) Ms in workdir/<stage> and returns its result.json."""
+  """Trains (or resumes) Ms in workdir/<stage> and returns its result.json (similarity.model=distance: fits it)."""
+  if calibration.uses_distance(config):
+    return calibration.calibrate_stage(config, workdir, stage=stage)
   workdir = Path(workdir)
   emb = load_stage2_embeddings(config, workdir)
   identity = stage_identity(config, emb)

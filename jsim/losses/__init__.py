@@ -1,0 +1,82 @@
+"""Metric-learning losses looked up by name: pure JAX, jittable, differentiable.
+
+    from jsim import losses
+    loss = losses.build("multi_similarity", alpha=2.0, beta=50.0, base=0.5)
+    params = loss.init(key, num_classes=C, dim=D)   # {} without parameters;
+                                                    # {"proxies": [C, D]}, {"weights": [C, D]} or {"ms": ...}
+    value = loss.apply(params, embeddings, labels)   # [B, D] float, int [B] -> float32 scalar
+    losses.available()
+
+Defaults, distances, embedding normalisation and reductions are those of
+pytorch-metric-learning (PML) 2.x, so that a user moving from PML gets the same
+numbers (tests/test_losses.py compares every loss with PML itself):
+
+  contrastive         LpDistance (L2-normalised), relu(d - pos_margin) over positive pairs and
+                      relu(neg_margin - d) over negative pairs, each averaged over its non-zero terms
+  triplet             LpDistance, relu(d_ap - d_an + margin) averaged over the non-zero triplets;
+                      mining: 'all' triplets, 'batch_hard' (BatchHardMiner) or 'semi_hard'
+                      (TripletMarginMiner(margin, 'semihard'), the loss's margin)
+  multi_similarity    CosineSimilarity, PML's MultiSimilarityLoss, mean over anchors
+  proxy_anchor        CosineSimilarity to learned proxies, PML's DivisorReducer
+  normalized_softmax  softmax over cosine / temperature to learned class weights
+  arcface             additive angular margin on the target's cosine, scaled
+  pair_ms             the protocol's Ms (an MLP on |e1 - e2| or another pair feature) on every
+                      pair of the batch, trained with the backbone: cross-entropy, similar and
+                      dissimilar pairs weighted equally (no PML counterpart)
+
+PML keeps class weights as [D, C]; here every class-parameter array is [C, D]
+(transpose to compare). `cross_entropy` (the protocol's classifier head) is not a
+loss of this registry: it is stage 1's default, on the head's logits.
+Adding a loss means adding a class with `init` / `apply` and one `register` call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jsim.losses import pair_losses, pair_ms, proxy_losses
+from jsim.losses.base import Loss
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(name: str, cls: type) -> None:
+  """Registers a loss class (a dataclass with `init` and `apply`) under `name`."""
+  if name in _REGISTRY:
+    raise ValueError(f"loss {name!r} is already registered")
+  _REGISTRY[name] = cls
+
+
+def available() -> list[str]:
+  """Names accepted by `build`, sorted."""
+  return sorted(_REGISTRY)
+
+
+def build(name: str, **kwargs: Any) -> Loss:
+  """The loss `name` with its hyperparameters (PML's defaults for those not given).
+
+  An unknown name or hyperparameter is a ValueError naming it and what is accepted.
+  """
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown loss {name!r}; available: {', '.join(available())} (or 'cross_entropy' for the "
+                     f"classifier head)")
+  cls = _REGISTRY[name]
+  fields = cls.hyperparameter_names()
+  unknown = sorted(set(kwargs) - set(fields))
+  if unknown:
+    raise ValueError(f"loss {name!r} has no hyperparameter {unknown[0]!r}; its hyperparameters: "
+                     f"{', '.join(fields) or 'none'}")
+  loss = cls(**kwargs)
+  loss.validate()
+  return loss
+
+
+register("contrastive", pair_losses.Contrastive)
+register("triplet", pair_losses.Triplet)
+register("multi_similarity", pair_losses.MultiSimilarity)
+register("proxy_anchor", proxy_losses.ProxyAnchor)
+register("normalized_softmax", proxy_losses.NormalizedSoftmax)
+register("arcface", proxy_losses.ArcFace)
+register("pair_ms", pair_ms.PairMs)
+
+__all__ = ["Loss", "available", "build", "register"]

@@ -1,0 +1,94 @@
+"""What every loss shares: the interface, PML's distances, its reducers, its masked logsumexp."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from jsim.models.metric_model import NORMALIZE_EPS, l2_normalize  # noqa: F401  (one definition, shared)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  """A loss: hyperparameters as dataclass fields, parameters (if any) as an explicit pytree.
+
+  Class attributes:
+    param_name: the key of its parameters in `init`'s dict ('proxies', 'weights', 'ms'), or None.
+    uses_dropout: whether `apply` takes an `rng` for dropout (pair_ms).
+  """
+
+  param_name: ClassVar[str | None] = None
+  uses_dropout: ClassVar[bool] = False
+
+  @classmethod
+  def hyperparameter_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+  @property
+  def name(self) -> str:
+    return type(self).registry_name
+
+  def hyperparameters(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def validate(self) -> None:
+    """ValueError naming a hyperparameter whose value is out of range."""
+
+  def init(self, key: jax.Array, num_classes: int, dim: int) -> dict:
+    """The loss's parameters: {} for a loss without any."""
+    del key, num_classes, dim
+    return {}
+
+  def apply(self, params: dict, embeddings: jax.Array, labels: jax.Array, *, rng: jax.Array | None = None
+            ) -> jax.Array:
+    raise NotImplementedError
+
+
+def safe_sqrt(s: jax.Array) -> jax.Array:
+  """sqrt(max(s, 0)) with a zero (not NaN) gradient at 0, e.g. for two identical embeddings."""
+  pos = s > 0
+  return jnp.where(pos, jnp.sqrt(jnp.where(pos, s, 1.0)), 0.0)
+
+
+def l2_distance_matrix(a: jax.Array, b: jax.Array) -> jax.Array:
+  """PML's LpDistance (p=2, normalize_embeddings=True): ||a_i/|a_i| - b_j/|b_j| ||_2, [Na, Nb]."""
+  a, b = l2_normalize(a), l2_normalize(b)
+  sq = (jnp.sum(a * a, -1)[:, None] + jnp.sum(b * b, -1)[None, :]
+        - 2.0 * jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST))
+  return safe_sqrt(sq)
+
+
+def cosine_matrix(a: jax.Array, b: jax.Array) -> jax.Array:
+  """PML's CosineSimilarity: <a_i/|a_i|, b_j/|b_j|>, [Na, Nb]."""
+  return jnp.matmul(l2_normalize(a), l2_normalize(b).T, precision=jax.lax.Precision.HIGHEST)
+
+
+def label_masks(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(positive, negative) bool [B, B]: same label and not the same element / different label."""
+  same = labels[:, None] == labels[None, :]
+  return same & ~jnp.eye(labels.shape[0], dtype=bool), ~same
+
+
+def mean_of_nonzero(losses: jax.Array, mask: jax.Array) -> jax.Array:
+  """PML's AvgNonZeroReducer: the mean of the terms (where mask) that are > 0; 0 when there are none."""
+  nonzero = mask & (losses > 0)
+  count = jnp.sum(nonzero)
+  return jnp.where(count > 0, jnp.sum(jnp.where(nonzero, losses, 0.0)) / jnp.maximum(count, 1), 0.0)
+
+
+def logsumexp_add_one(x: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
+  """PML's lmu.logsumexp(x, keep_mask, add_one=True): log(1 + sum_mask exp(x)); 0 where nothing is kept."""
+  x = jnp.where(mask, x, -jnp.inf)
+  m = jnp.maximum(jnp.max(x, axis=axis, keepdims=True), 0.0)   # the added one is exp(0)
+  m = jax.lax.stop_gradient(m)
+  s = jnp.sum(jnp.where(mask, jnp.exp(x - m), 0.0), axis=axis, keepdims=True) + jnp.exp(-m)
+  out = jnp.squeeze(m + jnp.log(s), axis)
+  return jnp.where(jnp.any(mask, axis=axis), out, 0.0)
+
+
+def check_positive(name: str, value: float, what: str) -> None:
+  if not value > 0:
+    raise ValueError(f"loss hyperparameter {what}={value!r} must be > 0 ({name})")
