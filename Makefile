@@ -42,6 +42,7 @@ demo: setup
 
 test: setup-test
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 clean-demo:

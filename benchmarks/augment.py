@@ -46,10 +46,20 @@ def main() -> None:
     key = jax.random.PRNGKey(0)
     t_aug = _median_seconds(lambda i: aug(jax.random.fold_in(key, i), images), args.steps)
     t_pre = _median_seconds(lambda i: pre(images), args.steps)
-    print(json.dumps({"device": device, "batch": batch, "out_size": args.out_size,
-                      "augment_ms": round(t_aug * 1e3, 3), "augment_images_per_s": round(batch / t_aug),
-                      "preprocess_ms": round(t_pre * 1e3, 3), "preprocess_images_per_s": round(batch / t_pre)}),
-          flush=True)
+    print(
+      json.dumps(
+        {
+          "device": device,
+          "batch": batch,
+          "out_size": args.out_size,
+          "augment_ms": round(t_aug * 1e3, 3),
+          "augment_images_per_s": round(batch / t_aug),
+          "preprocess_ms": round(t_pre * 1e3, 3),
+          "preprocess_images_per_s": round(batch / t_pre),
+        }
+      ),
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

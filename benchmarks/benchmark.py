@@ -47,10 +47,10 @@ NUM_CLASSES = 180
 
 # REFERENCE.md's targets: (what, ratio or absolute figure).
 TARGETS = {
-    "resnet50_train": ("jsim / torch.compile, ResNet50 train", 1.10),
-    "vgg16_train": ("jsim / torch eager, VGG16 train", 1.25),
-    "embed": ("jsim embedding / torch eager inference", 1.7),
-    "evaluator": ("evaluator pairs/s, ResNet50 Ms (D=2048)", 25e6),
+  "resnet50_train": ("jsim / torch.compile, ResNet50 train", 1.10),
+  "vgg16_train": ("jsim / torch eager, VGG16 train", 1.25),
+  "embed": ("jsim embedding / torch eager inference", 1.7),
+  "evaluator": ("evaluator pairs/s, ResNet50 Ms (D=2048)", 25e6),
 }
 
 
@@ -62,13 +62,29 @@ def _csv(text: str, cast=str) -> list:
 # The torchvision reference (a subprocess, before JAX claims the GPU's memory).
 
 
-def run_torch_anchor(anchor: Path, python: str, models: list[str], batches: list[int], *, steps: int, warmup: int,
-                     resolution: int, compile_: bool, timeout: float) -> dict:
+def run_torch_anchor(
+  anchor: Path,
+  python: str,
+  models: list[str],
+  batches: list[int],
+  *,
+  steps: int,
+  warmup: int,
+  resolution: int,
+  compile_: bool,
+  timeout: float,
+) -> dict:
   """Rows printed by the anchor script (one JSON dict per line), or an 'error'."""
   if not anchor.exists():
     return {"rows": [], "error": f"{anchor}: not found (pass --torch_anchor)"}
-  env = dict(os.environ, STEPS=str(steps), WARM=str(warmup), RES=str(resolution),
-             BATCHES=",".join(map(str, batches)), COMPILE="1" if compile_ else "0")
+  env = dict(
+    os.environ,
+    STEPS=str(steps),
+    WARM=str(warmup),
+    RES=str(resolution),
+    BATCHES=",".join(map(str, batches)),
+    COMPILE="1" if compile_ else "0",
+  )
   t0 = time.perf_counter()
   try:
     proc = subprocess.run([python, str(anchor), *models], capture_output=True, text=True, env=env, timeout=timeout)
@@ -87,9 +103,18 @@ def run_torch_anchor(anchor: Path, python: str, models: list[str], batches: list
   if proc.returncode != 0:
     out["error"] = f"exit {proc.returncode}: {proc.stderr.strip()[-600:]}"
   try:
-    version = subprocess.run([python, "-c", "import torch, torchvision; print(torch.__version__, "
-                              "torchvision.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() "
-                              "else 'cpu')"], capture_output=True, text=True, timeout=120).stdout.strip()
+    version = subprocess.run(
+      [
+        python,
+        "-c",
+        "import torch, torchvision; print(torch.__version__, "
+        "torchvision.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() "
+        "else 'cpu')",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=120,
+    ).stdout.strip()
     out["versions"] = version
   except (OSError, subprocess.TimeoutExpired):
     pass
@@ -98,8 +123,13 @@ def run_torch_anchor(anchor: Path, python: str, models: list[str], batches: list
 
 def torch_figure(rows: list[dict], framework: str, model: str, mode: str, batch: int | None = None) -> float | None:
   for r in rows:
-    if r.get("framework") == framework and r.get("model") == model and r.get("mode") == mode \
-        and (batch is None or r.get("batch") == batch) and "img_s" in r:
+    if (
+      r.get("framework") == framework
+      and r.get("model") == model
+      and r.get("mode") == mode
+      and (batch is None or r.get("batch") == batch)
+      and "img_s" in r
+    ):
       return float(r["img_s"])
   return None
 
@@ -111,6 +141,7 @@ def torch_figure(rows: list[dict], framework: str, model: str, mode: str, batch:
 def _timed(fn, warmup: int, steps: int) -> tuple[float, float]:
   """(seconds of the first `warmup` calls incl. compilation, seconds of the next `steps`)."""
   import jax
+
   t0 = time.perf_counter()
   out = None
   for i in range(warmup):
@@ -125,6 +156,7 @@ def _timed(fn, warmup: int, steps: int) -> tuple[float, float]:
 
 def _base_config(args, model_name: str, batch: int):
   from jsim import configs
+
   c = configs.base_config()
   c.model.name = model_name
   c.model.init = "random"
@@ -133,7 +165,7 @@ def _base_config(args, model_name: str, batch: int):
   c.classifier.batch_size = batch
   c.classifier.eval_batch_size = batch
   c.classifier.input_size = args.input_size
-  c.classifier.augment.crop_size = args.image_size * 7 // 8   # 56 of 64, as the protocol
+  c.classifier.augment.crop_size = args.image_size * 7 // 8  # 56 of 64, as the protocol
   c.embed.batch_size = args.embed_batch
   c.similarity.batch_size = args.pair_batch
   return c
@@ -142,11 +174,16 @@ def _base_config(args, model_name: str, batch: int):
 def _fake_data(args, rng: np.random.Generator, num_images: int):
   """What ClassifierPlan reads of jsim.data.prepare.Prepared: random uint8 images and labels."""
   from jsim.data import augment
+
   images = rng.integers(0, 256, (num_images, args.image_size, args.image_size, 3), dtype=np.uint8)
-  return types.SimpleNamespace(train_set=types.SimpleNamespace(images=images), train_idx=np.arange(num_images),
-                               val_idx=np.arange(min(num_images, 64)),
-                               train_head_labels=rng.integers(0, NUM_CLASSES, num_images).astype(np.int32),
-                               mean=augment.IMAGENET_MEAN, std=augment.IMAGENET_STD)
+  return types.SimpleNamespace(
+    train_set=types.SimpleNamespace(images=images),
+    train_idx=np.arange(num_images),
+    val_idx=np.arange(min(num_images, 64)),
+    train_head_labels=rng.integers(0, NUM_CLASSES, num_images).astype(np.int32),
+    mean=augment.IMAGENET_MEAN,
+    std=augment.IMAGENET_STD,
+  )
 
 
 def bench_stage1(args, model_name: str, batch: int, mesh, rng) -> tuple[dict, object, object, object]:
@@ -156,6 +193,7 @@ def bench_stage1(args, model_name: str, batch: int, mesh, rng) -> tuple[dict, ob
   from jsim import models
   from jsim.train import classifier
   from jsim.train.state import TrainState
+
   config = _base_config(args, model_name, batch)
   model = classifier.build_classifier(config, NUM_CLASSES)
   tx = classifier.make_optimizer(config.classifier)
@@ -165,14 +203,20 @@ def bench_stage1(args, model_name: str, batch: int, mesh, rng) -> tuple[dict, ob
   data = _fake_data(args, rng, max(args.num_images, batch))
   plan = classifier.ClassifierPlan(config, data, model, tx, mesh)
   compile_s, sec, state = _time_plan(plan, state, args)
-  out = {"workload": f"{model_name} train", "batch": batch, "img_s": batch * args.steps / sec,
-         "warmup_s": round(compile_s, 1), "compute_dtype": str(jax.numpy.dtype(models.compute_dtype(args.dtype)))}
+  out = {
+    "workload": f"{model_name} train",
+    "batch": batch,
+    "img_s": batch * args.steps / sec,
+    "warmup_s": round(compile_s, 1),
+    "compute_dtype": str(jax.numpy.dtype(models.compute_dtype(args.dtype))),
+  }
   return out, model, state, data
 
 
 def _time_plan(plan, state, args):
   """(warm-up seconds, timed seconds, state) of the plan's real train step over epoch 1's full batches."""
   from jsim.train import loop
+
   plan.begin_epoch(1)
   full = sum(1 for size in plan.batch_sizes if size == plan.batch_size)  # the remainder batch compiles apart
   box = {"state": state, "sums": loop.zero_sums()}
@@ -189,6 +233,7 @@ def bench_embed(args, model_name: str, model, state, data, mesh) -> dict:
   """Embedding images/s through embed_images (indices in, float32 embeddings on the host out)."""
   from jsim import parallel
   from jsim.train import embeddings as embed
+
   images = parallel.put_replicated(data.train_set.images, mesh)
   n = data.train_set.images.shape[0]
   fn = embed.make_embed_fn(model, data.mean, data.std, args.input_size, mesh)
@@ -203,14 +248,20 @@ def bench_embed(args, model_name: str, model, state, data, mesh) -> dict:
   e = embed.embed_images(model, variables, images, idx(b * args.steps, b * args.warmup), **kw)
   sec = time.perf_counter() - t1
   assert e.shape[0] == b * args.steps and np.isfinite(e).all()
-  return {"workload": f"{model_name} embedding", "batch": b, "img_s": b * args.steps / sec,
-          "warmup_s": round(t1 - t0, 1), "dim": int(e.shape[1])}
+  return {
+    "workload": f"{model_name} embedding",
+    "batch": b,
+    "img_s": b * args.steps / sec,
+    "warmup_s": round(t1 - t0, 1),
+    "dim": int(e.shape[1]),
+  }
 
 
 def bench_stage2(args, mesh, rng) -> tuple[dict, object, object]:
   """Stage-2 train pairs/s; also returns (Ms, its params) for the evaluator."""
   from jsim import parallel
   from jsim.train import classifier, similarity
+
   config = _base_config(args, "resnet50", 64)
   # Few validation pairs (not measured), so that a reduced run's small classes can still
   # give the protocol's 644,400 training pairs without colliding with them.
@@ -225,10 +276,18 @@ def bench_stage2(args, mesh, rng) -> tuple[dict, object, object]:
   state = parallel.put_replicated(similarity.init_state(config, model, dim, tx), mesh)
   plan = similarity.SimilarityPlan(config, emb, labels, model, tx, mesh)
   compile_s, sec, state = _time_plan(plan, state, args)
-  return ({"workload": f"stage 2 train (D={dim})", "batch": args.pair_batch,
-           "pairs_s": args.pair_batch * args.steps / sec, "warmup_s": round(compile_s, 1),
-           "embeddings": int(labels.size), "pairs_per_epoch": int(sum(plan.batch_sizes))},
-          model, state.params)
+  return (
+    {
+      "workload": f"stage 2 train (D={dim})",
+      "batch": args.pair_batch,
+      "pairs_s": args.pair_batch * args.steps / sec,
+      "warmup_s": round(compile_s, 1),
+      "embeddings": int(labels.size),
+      "pairs_per_epoch": int(sum(plan.batch_sizes)),
+    },
+    model,
+    state.params,
+  )
 
 
 def bench_evaluator(args, model, params, mesh, rng) -> dict:
@@ -238,21 +297,27 @@ def bench_evaluator(args, model, params, mesh, rng) -> dict:
   from jsim.data import pairs as pairs_lib
   from jsim.evaluate import pairwise
   from jsim.models.similarity import make_prob_fn
-  labels = np.repeat(np.arange(200), 50).astype(np.int32)   # the val folder: 200 classes x 50
+
+  labels = np.repeat(np.arange(200), 50).astype(np.int32)  # the val folder: 200 classes x 50
   seen = np.arange(200) < NUM_CLASSES
   emb = parallel.put_replicated(rng.standard_normal((labels.size, args.dim), dtype=np.float32), mesh)
   pairs, same, case = pairs_lib.sample_test_pairs(jax.random.key(0), pairs_lib.build_class_index(labels, 200), seen)
-  perm = jax.random.permutation(jax.random.key(1), pairs.shape[0])[:args.eval_pairs]
+  perm = jax.random.permutation(jax.random.key(1), pairs.shape[0])[: args.eval_pairs]
   test = (pairs[perm], same[perm], case[perm])
   prob_fn = make_prob_fn(model)
   kw = dict(chunk_size=args.eval_chunk, mesh=mesh)
   t0 = time.perf_counter()
-  pairwise.evaluate_pairs(prob_fn, params, emb, labels, seen, test, **kw)   # compiles
+  pairwise.evaluate_pairs(prob_fn, params, emb, labels, seen, test, **kw)  # compiles
   t1 = time.perf_counter()
   res = pairwise.evaluate_pairs(prob_fn, params, emb, labels, seen, test, **kw)
   sec = time.perf_counter() - t1
-  return {"workload": f"evaluator (D={args.dim})", "batch": args.eval_chunk, "pairs_s": res.num_pairs / sec,
-          "warmup_s": round(t1 - t0, 1), "pairs": res.num_pairs}
+  return {
+    "workload": f"evaluator (D={args.dim})",
+    "batch": args.eval_chunk,
+    "pairs_s": res.num_pairs / sec,
+    "warmup_s": round(t1 - t0, 1),
+    "pairs": res.num_pairs,
+  }
 
 
 # ---------------------------------------------------------------------------
@@ -261,9 +326,16 @@ def bench_evaluator(args, model, params, mesh, rng) -> dict:
 
 def device_description() -> dict:
   import jax
+
   d = jax.devices()[0]
-  out = {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count(),
-         "process_count": jax.process_count(), "jax": jax.__version__, "python": platform.python_version()}
+  out = {
+    "platform": d.platform,
+    "device_kind": d.device_kind,
+    "device_count": jax.device_count(),
+    "process_count": jax.process_count(),
+    "jax": jax.__version__,
+    "python": platform.python_version(),
+  }
   if d.platform == "cpu":
     out["cpu_cores"] = os.cpu_count()
     try:
@@ -323,33 +395,48 @@ def _fmt(v, digits=0) -> str:
 
 def markdown(result: dict) -> str:
   dev = result["device"]
-  name = dev["device_kind"] + (f" ({dev.get('cpu_model', '')}, {dev.get('cpu_cores')} cores)"
-                               if dev["platform"] == "cpu" else "")
-  lines = ["# jsim benchmark", "",
-           f"Device: {name}, jsim on {dev['devices_used']} of {dev['device_count']} device(s); jax {dev['jax']}, python {dev['python']}; "
-           f"torch: {result['torch'].get('versions', 'not run')}.",
-           f"Settings: {json.dumps(result['settings'])}", ""]
+  name = dev["device_kind"] + (
+    f" ({dev.get('cpu_model', '')}, {dev.get('cpu_cores')} cores)" if dev["platform"] == "cpu" else ""
+  )
+  lines = [
+    "# jsim benchmark",
+    "",
+    f"Device: {name}, jsim on {dev['devices_used']} of {dev['device_count']} device(s); jax {dev['jax']}, python {dev['python']}; "
+    f"torch: {result['torch'].get('versions', 'not run')}.",
+    f"Settings: {json.dumps(result['settings'])}",
+    "",
+  ]
   if result.get("reduced"):
-    lines += [f"**Reduced run** ({result['reduced']}): not comparable with the GPU targets (column 'met' left "
-              f"empty).", ""]
-  lines += ["| workload | batch | jsim /s | torch eager | torch.compile | jsim/eager | jsim/compile | target | met |",
-            "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines += [
+      f"**Reduced run** ({result['reduced']}): not comparable with the GPU targets (column 'met' left empty).",
+      "",
+    ]
+  lines += [
+    "| workload | batch | jsim /s | torch eager | torch.compile | jsim/eager | jsim/compile | target | met |",
+    "|---|---:|---:|---:|---:|---:|---:|---|---|",
+  ]
   for r in result["rows"]:
     speed = r.get("img_s", r.get("pairs_s"))
     unit = "img" if "img_s" in r else "pairs"
-    lines.append(f"| {r['workload']} | {r['batch']} | {_fmt(speed)} {unit} | {_fmt(r.get('torch_eager'))} | "
-                 f"{_fmt(r.get('torch_compile'))} | {_fmt(r.get('vs_eager'), 2)} | {_fmt(r.get('vs_compile'), 2)} | "
-                 f"{r.get('target', '')} | {_fmt(r.get('meets_target'))} |")
+    lines.append(
+      f"| {r['workload']} | {r['batch']} | {_fmt(speed)} {unit} | {_fmt(r.get('torch_eager'))} | "
+      f"{_fmt(r.get('torch_compile'))} | {_fmt(r.get('vs_eager'), 2)} | {_fmt(r.get('vs_compile'), 2)} | "
+      f"{r.get('target', '')} | {_fmt(r.get('meets_target'))} |"
+    )
   if result["torch"].get("error"):
     lines += ["", f"torch reference: {result['torch']['error']}"]
-  lines += ["", "Warm-up (compilation) seconds: " +
-            ", ".join(f"{r['workload']} b{r['batch']}: {r['warmup_s']}" for r in result["rows"])]
+  lines += [
+    "",
+    "Warm-up (compilation) seconds: "
+    + ", ".join(f"{r['workload']} b{r['batch']}: {r['warmup_s']}" for r in result["rows"]),
+  ]
   return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  ap = argparse.ArgumentParser(
+    description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+  )
   ap.add_argument("--out", default=None, help="write <out>.json and <out>.md")
   ap.add_argument("--models", default="resnet50,vgg16")
   ap.add_argument("--batches", default="64,256", help="stage-1 train batches")
@@ -365,10 +452,10 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--num_embeddings", type=int, default=90_000, help="stage-2 train embeddings (T180: 90,000)")
   ap.add_argument("--eval_pairs", type=int, default=3_980_000, help="evaluator pairs (protocol: 3,980,000)")
   ap.add_argument("--eval_chunk", type=int, default=65536)
-  ap.add_argument("--num_devices", type=int, default=1,
-                  help="devices jsim uses (0: all); the torch reference uses one")
-  ap.add_argument("--only", default="stage1,embed,stage2,evaluator",
-                  help="jsim parts to run (embed needs stage1 of the same model)")
+  ap.add_argument("--num_devices", type=int, default=1, help="devices jsim uses (0: all); the torch reference uses one")
+  ap.add_argument(
+    "--only", default="stage1,embed,stage2,evaluator", help="jsim parts to run (embed needs stage1 of the same model)"
+  )
   ap.add_argument("--torch_anchor", default=str(DEFAULT_ANCHOR), help="path of torch_anchor.py")
   ap.add_argument("--torch_python", default=sys.executable, help="interpreter for the torch reference")
   ap.add_argument("--no_torch", action="store_true", help="skip the torch reference")
@@ -386,9 +473,17 @@ def main(argv: list[str] | None = None) -> int:
   torch_result = {"rows": [], "skipped": True}
   if not args.no_torch:
     print(f"torch reference: {args.torch_anchor} {' '.join(models)} ...", flush=True)
-    torch_result = run_torch_anchor(Path(args.torch_anchor), args.torch_python, models, batches, steps=args.steps,
-                                    warmup=args.warmup, resolution=args.input_size,
-                                    compile_=not args.no_torch_compile, timeout=args.torch_timeout)
+    torch_result = run_torch_anchor(
+      Path(args.torch_anchor),
+      args.torch_python,
+      models,
+      batches,
+      steps=args.steps,
+      warmup=args.warmup,
+      resolution=args.input_size,
+      compile_=not args.no_torch_compile,
+      timeout=args.torch_timeout,
+    )
     for r in torch_result["rows"]:
       print("  torch:", json.dumps(r), flush=True)
     if torch_result.get("error"):
@@ -397,8 +492,9 @@ def main(argv: list[str] | None = None) -> int:
   import jax
   from jax.sharding import Mesh
   from jsim import parallel
+
   parallel.maybe_initialize_distributed()
-  devices = jax.devices()[:args.num_devices] if args.num_devices > 0 else jax.devices()
+  devices = jax.devices()[: args.num_devices] if args.num_devices > 0 else jax.devices()
   mesh = Mesh(np.asarray(devices), (parallel.DATA_AXIS,))
   dev = device_description()
   dev["devices_used"] = len(devices)
@@ -409,8 +505,11 @@ def main(argv: list[str] | None = None) -> int:
   def record(row):
     rows.append(row)
     speed = row.get("img_s", row.get("pairs_s"))
-    print(f"  jsim: {row['workload']:<28} batch {row['batch']:>6}: {speed:>14,.1f} "
-          f"{'img' if 'img_s' in row else 'pairs'}/s (warm-up {row['warmup_s']} s)", flush=True)
+    print(
+      f"  jsim: {row['workload']:<28} batch {row['batch']:>6}: {speed:>14,.1f} "
+      f"{'img' if 'img_s' in row else 'pairs'}/s (warm-up {row['warmup_s']} s)",
+      flush=True,
+    )
 
   for name in models:
     if "stage1" not in parts:
@@ -441,10 +540,15 @@ def main(argv: list[str] | None = None) -> int:
   if reduced:  # ratios are still shown, but a reduced run says nothing about the targets
     for r in compared:
       r["meets_target"] = None
-  result = {"device": dev, "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
-            "torch": torch_result, "rows": compared, "reduced": ", ".join(reduced),
-            "targets": {k: {"what": w, "value": v} for k, (w, v) in TARGETS.items()},
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+  result = {
+    "device": dev,
+    "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+    "torch": torch_result,
+    "rows": compared,
+    "reduced": ", ".join(reduced),
+    "targets": {k: {"what": w, "value": v} for k, (w, v) in TARGETS.items()},
+    "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+  }
   md = markdown(result)
   print("\n" + md, flush=True)
   if args.out and parallel.is_main_process():

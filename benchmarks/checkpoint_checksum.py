@@ -35,6 +35,7 @@ def resnet50_state():
   from jsim import configs, models
   from jsim.train import classifier
   from jsim.train.state import TrainState
+
   config = configs.base_config()
   model = models.build("resnet50", num_classes=180, dtype=jnp.float32)
   tx = classifier.make_optimizer(config.classifier)
@@ -46,17 +47,29 @@ def resnet50_state():
 
   shapes = jax.eval_shape(create)
   rng = np.random.default_rng(0)
-  return jax.tree.map(lambda s: jax.device_put(rng.standard_normal(s.shape).astype(s.dtype)
-                                               if jnp.issubdtype(s.dtype, jnp.floating) else np.zeros(s.shape, s.dtype)),
-                      shapes)
+  return jax.tree.map(
+    lambda s: jax.device_put(
+      rng.standard_normal(s.shape).astype(s.dtype)
+      if jnp.issubdtype(s.dtype, jnp.floating)
+      else np.zeros(s.shape, s.dtype)
+    ),
+    shapes,
+  )
 
 
 def device_name() -> str:
   d = jax.devices()[0]
   if d.platform == "cpu":
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
+    model = next(
+      (
+        line.split(":", 1)[1].strip()
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("model name")
+      ),
+      platform.processor(),
+    )
     import os
+
     return f"CPU: {model}, {os.cpu_count()} cores"
   return f"{d.platform.upper()}: {d.device_kind}"
 
@@ -91,21 +104,28 @@ def main() -> None:
     step[0] += 1
     ckpts.save(step[0], state, meta)
 
-  save()   # warm-up (orbax's first save sets up its handlers)
+  save()  # warm-up (orbax's first save sets up its handlers)
   digest = timed(lambda: (state_digest(state), meta_digest(meta)), args.repeats)
   saving = timed(save, args.repeats)
   abstract = abstract_like(state)
   latest = ckpts.latest_step()
-  ckpts.restore(latest, abstract)   # warm-up
+  ckpts.restore(latest, abstract)  # warm-up
   restoring = timed(lambda: jax.block_until_ready(ckpts.restore(latest, abstract)[0]), args.repeats)
   restored, _ = ckpts.restore(latest, abstract)
   checking = timed(lambda: state_digest(restored), args.repeats)
   ckpts.close()
   shutil.rmtree(root, ignore_errors=True)
 
-  out = {"device": device_name(), "state_mb": nbytes / 1e6, "repeats": args.repeats,
-         "save_s": saving, "save_checksum_s": digest, "restore_s": restoring, "restore_check_s": checking,
-         "checksum_gb_per_s": nbytes / 1e9 / digest}
+  out = {
+    "device": device_name(),
+    "state_mb": nbytes / 1e6,
+    "repeats": args.repeats,
+    "save_s": saving,
+    "save_checksum_s": digest,
+    "restore_s": restoring,
+    "restore_check_s": checking,
+    "checksum_gb_per_s": nbytes / 1e9 / digest,
+  }
   print(f"ResNet50 stage-1 state, {nbytes / 1e6:.0f} MB, on {out['device']} (median of {args.repeats})")
   print(f"  save    {saving:7.3f} s, of which the checksum {digest:6.3f} s ({digest / saving:.0%})")
   print(f"  restore {restoring:7.3f} s, of which the check    {checking:6.3f} s ({checking / restoring:.0%})")

@@ -41,12 +41,12 @@ def main() -> None:
   prob_fn = similarity.make_prob_fn(model)
   ci = pairs_lib.build_class_index(labels)
   pairs, same, case = pairs_lib.sample_test_pairs(jax.random.key(2), ci, seen)
-  perm = jax.random.permutation(jax.random.key(3), pairs.shape[0])[:args.pairs]
+  perm = jax.random.permutation(jax.random.key(3), pairs.shape[0])[: args.pairs]
   test = (pairs[perm], same[perm], case[perm])
 
   # One chunk alone: compilation + one chunk. The full run compiles once more (the pairs
   # array has another shape), so steady state = (n - chunk) / (full - one chunk).
-  one = tuple(x[:args.chunk] for x in test)
+  one = tuple(x[: args.chunk] for x in test)
   t0 = time.perf_counter()
   pairwise.evaluate_pairs(prob_fn, params, emb, labels, seen, one, chunk_size=args.chunk)
   first = time.perf_counter() - t0
@@ -56,12 +56,18 @@ def main() -> None:
   n = res.num_pairs
   steady = (n - args.chunk) / max(sec - first, 1e-9)
   flops = 2 * steady * (args.dim * args.dim // 2 + args.dim // 2 * args.dim // 4 + args.dim // 4 * 2)
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, cores: {os.cpu_count()}, "
-        f"D={args.dim}, dtype={args.dtype}, chunk={args.chunk}")
-  print(f"{n:,} pairs in {sec:.2f} s incl. compile ({n / sec:,.0f} pairs/s); compile + 1 chunk {first:.2f} s; "
-        f"steady state {steady:,.0f} pairs/s ({flops / 1e9:.1f} GFLOP/s)")
-  print(f"at that rate: protocol test set (3,980,000 pairs) {3_980_000 / steady:.0f} s, "
-        f"exhaustive (49,995,000) {49_995_000 / steady / 60:.1f} min")
+  print(
+    f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, cores: {os.cpu_count()}, "
+    f"D={args.dim}, dtype={args.dtype}, chunk={args.chunk}"
+  )
+  print(
+    f"{n:,} pairs in {sec:.2f} s incl. compile ({n / sec:,.0f} pairs/s); compile + 1 chunk {first:.2f} s; "
+    f"steady state {steady:,.0f} pairs/s ({flops / 1e9:.1f} GFLOP/s)"
+  )
+  print(
+    f"at that rate: protocol test set (3,980,000 pairs) {3_980_000 / steady:.0f} s, "
+    f"exhaustive (49,995,000) {49_995_000 / steady / 60:.1f} min"
+  )
 
 
 if __name__ == "__main__":

@@ -24,14 +24,23 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark as bench  # noqa: E402  (jsim's benchmark helpers: timing, fake data, device)
 
-LOSSES = ("cross_entropy", "contrastive", "triplet", "multi_similarity", "proxy_anchor", "normalized_softmax",
-          "arcface", "pair_ms")
+LOSSES = (
+  "cross_entropy",
+  "contrastive",
+  "triplet",
+  "multi_similarity",
+  "proxy_anchor",
+  "normalized_softmax",
+  "arcface",
+  "pair_ms",
+)
 
 
 def run(args) -> dict:
   from jsim import parallel
   from jsim.train import classifier, loop, metric
   from jsim.train.state import TrainState
+
   mesh = parallel.make_mesh()
   rng = np.random.default_rng(0)
   data = bench._fake_data(args, rng, max(args.num_images, args.batch))
@@ -48,8 +57,9 @@ def run(args) -> dict:
     if name == "cross_entropy":
       plan = classifier.ClassifierPlan(config, data, model, tx, mesh)
     else:
-      plan = metric.MetricPlan(config, data, model, tx, mesh, place_images=classifier.place_images,
-                               padded_batches=classifier.padded_batches)
+      plan = metric.MetricPlan(
+        config, data, model, tx, mesh, place_images=classifier.place_images, padded_batches=classifier.padded_batches
+      )
     plan.begin_epoch(1)
     full = plan.num_batches(1) - (1 if name == "cross_entropy" and plan._sizes[-1] != args.batch else 0)
     box = {"state": state, "sums": loop.zero_sums()}
@@ -69,10 +79,14 @@ def run(args) -> dict:
 
 def markdown(result: dict) -> str:
   a, d = result["args"], result["device"]
-  lines = [f"Stage-1 train step, {a['model']} at {a['input_size']} px, batch {a['batch']} (m={a['m']}), "
-           f"embedding head {a['embedding_dim']}, {a['steps']} timed steps; device: {d.get('device_kind')} "
-           f"x{d.get('device_count')} {d.get('cpu_model', '')}", "",
-           "| loss | images/s | vs cross_entropy | warm-up (compile) s |", "|---|---:|---:|---:|"]
+  lines = [
+    f"Stage-1 train step, {a['model']} at {a['input_size']} px, batch {a['batch']} (m={a['m']}), "
+    f"embedding head {a['embedding_dim']}, {a['steps']} timed steps; device: {d.get('device_kind')} "
+    f"x{d.get('device_count')} {d.get('cpu_model', '')}",
+    "",
+    "| loss | images/s | vs cross_entropy | warm-up (compile) s |",
+    "|---|---:|---:|---:|",
+  ]
   for r in result["rows"]:
     lines.append(f"| {r['loss']} | {r['img_s']:.1f} | {r['vs_cross_entropy']} | {r['warmup_s']} |")
   return "\n".join(lines) + "\n"

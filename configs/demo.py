@@ -42,13 +42,13 @@ def get_config():
   s = c.similarity
   s.num_epochs = 15
   s.train_per_ordered_class_pair = 10
-  s.train_similar_per_class = 310          # balanced: 32 * 31 * 10 = 32 * 310
+  s.train_similar_per_class = 310  # balanced: 32 * 31 * 10 = 32 * 310
   s.val_per_ordered_class_pair = 6
   s.val_similar_per_class = 186
   s.log_every_steps = 20
 
   e = c.evaluation
   e.test_per_ordered_class_pair = 50
-  e.test_similar_per_class = 1950          # balanced: 40 * 39 * 50 = 40 * 1950
+  e.test_similar_per_class = 1950  # balanced: 40 * 39 * 50 = 40 * 1950
   e.chunk_size = 8192
   return c

@@ -23,7 +23,7 @@ from jsim import configs
 
 
 def get_config():
-  c = configs.base_config()   # the protocol's values (configs/protocol.py sets them visibly)
+  c = configs.base_config()  # the protocol's values (configs/protocol.py sets them visibly)
   c.stage = "all"
   c.model.name = "resnet50"
   c.similarity.ensemble_workdirs = ("runs/vgg16",)

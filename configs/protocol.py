@@ -48,8 +48,9 @@ def _parse(arg: str | None) -> dict[str, str]:
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
     if not sep or key not in out:
-      raise ValueError(f"configs/protocol.py:{arg}: expected 'model=<{'|'.join(BACKBONES)}>,stage=<stage>', "
-                       f"got {item!r}")
+      raise ValueError(
+        f"configs/protocol.py:{arg}: expected 'model=<{'|'.join(BACKBONES)}>,stage=<stage>', got {item!r}"
+      )
     out[key] = value
   if out["model"] not in BACKBONES:
     raise ValueError(f"configs/protocol.py:{arg}: model={out['model']!r}, expected one of {BACKBONES}")

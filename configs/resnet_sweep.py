@@ -16,7 +16,7 @@ from jsim import configs
 
 
 def get_config():
-  c = configs.base_config()   # the protocol's values (configs/protocol.py sets them visibly)
+  c = configs.base_config()  # the protocol's values (configs/protocol.py sets them visibly)
   c.stage = "sweep"
   c.model.name = "resnet50"
   c.sweep.features = ("l1", "sq", "prod", "cos", "l1+prod", "l1+sq")

@@ -17,8 +17,9 @@ def get_config():
   c.stage = "all"
   c.data.source = "synthetic"
   c.data.image_size = 32
-  c.data.synthetic.update(num_classes=8, train_per_class=10, test_per_class=4, image_size=32, seed=0,
-                          grayscale_fraction=0.1)
+  c.data.synthetic.update(
+    num_classes=8, train_per_class=10, test_per_class=4, image_size=32, seed=0, grayscale_fraction=0.1
+  )
   c.data.num_seen_classes = 6
   c.data.num_workers = 1
   c.model.name = "resnet_tiny"
@@ -27,7 +28,7 @@ def get_config():
 
   cl = c.classifier
   cl.input_size = 32
-  cl.batch_size = 6        # 7 equal batches of the 42 train images (no 2-image BatchNorm batch)
+  cl.batch_size = 6  # 7 equal batches of the 42 train images (no 2-image BatchNorm batch)
   cl.eval_batch_size = 16
   cl.learning_rate = 0.01
   cl.num_epochs = 2

@@ -34,8 +34,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 BEST_METRIC = "val_accuracy"
-CHECKSUM_KEY = "checksum"        # in meta: {"state": sha256 hex, "meta": sha256 hex}
-DAMAGED_DIR = "damaged_checkpoints"   # beside checkpoints/: where damaged steps are moved
+CHECKSUM_KEY = "checksum"  # in meta: {"state": sha256 hex, "meta": sha256 hex}
+DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/: where damaged steps are moved
 
 
 class DamagedCheckpoint(ValueError):
@@ -44,7 +44,7 @@ class DamagedCheckpoint(ValueError):
 
 def _host_array(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable and x.is_fully_replicated:
-    x = x.addressable_data(0)   # (a replicated multi-process array: every process has all of it)
+    x = x.addressable_data(0)  # (a replicated multi-process array: every process has all of it)
   return np.ascontiguousarray(np.asarray(x))
 
 
@@ -84,14 +84,22 @@ class StageCheckpoints:
 
   def __init__(self, directory: str | Path, *, keep: int = 2):
     self.directory = Path(directory).absolute()
-    preservation = policies.AnyPreservationPolicy([
+    preservation = policies.AnyPreservationPolicy(
+      [
         policies.LatestN(n=keep),
-        policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1,
-                       keep_checkpoints_without_metrics=False),
-    ])
+        policies.BestN(
+          get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1, keep_checkpoints_without_metrics=False
+        ),
+      ]
+    )
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=preservation, best_fn=lambda m: m[BEST_METRIC], best_mode="max",
-        cleanup_tmp_directories=True, enable_async_checkpointing=False, create=True)
+      preservation_policy=preservation,
+      best_fn=lambda m: m[BEST_METRIC],
+      best_mode="max",
+      cleanup_tmp_directories=True,
+      enable_async_checkpointing=False,
+      create=True,
+    )
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
   def latest_step(self) -> int | None:
@@ -107,13 +115,16 @@ class StageCheckpoints:
     of tied ones) is kept besides the latest few.
     """
     metrics = None if val_accuracy is None else {BEST_METRIC: float(val_accuracy)}
-    meta = json.loads(json.dumps(meta, default=str))   # as it will be read back
+    meta = json.loads(json.dumps(meta, default=str))  # as it will be read back
     meta[CHECKSUM_KEY] = {"state": state_digest(state), "meta": meta_digest(meta)}
-    if step in self._manager.all_steps():   # orbax does not overwrite a step (e.g. preempted after
-      self._manager.delete(step)            # an epoch's last batch, then saved again at its end)
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)),
-                       metrics=metrics, force=True)
+    if step in self._manager.all_steps():  # orbax does not overwrite a step (e.g. preempted after
+      self._manager.delete(step)  # an epoch's last batch, then saved again at its end)
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      metrics=metrics,
+      force=True,
+    )
     self._manager.wait_until_finished()
 
   def step_dir(self, step: int) -> Path:
@@ -126,8 +137,9 @@ class StageCheckpoints:
     """
     meta = self.restore_meta(step)
     try:
-      state = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))["state"]
+      state = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
+        "state"
+      ]
     except Exception as e:  # noqa: BLE001 - tensorstore/orbax read errors have no common type
       if not _is_read_error(e):
         raise
@@ -142,8 +154,7 @@ class StageCheckpoints:
     try:
       meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001 - a JSON error, or orbax not finding the item
-      raise DamagedCheckpoint(f"{self.step_dir(step)} is damaged (its meta cannot be read: "
-                              f"{_first_line(e)})") from None
+      raise DamagedCheckpoint(f"{self.step_dir(step)} is damaged (its meta cannot be read: {_first_line(e)})") from None
     if not isinstance(meta, dict):
       raise DamagedCheckpoint(f"{self.step_dir(step)} is damaged (its meta is not a JSON object)")
     recorded = meta.get(CHECKSUM_KEY)
@@ -162,6 +173,7 @@ class StageCheckpoints:
       shutil.move(str(self.step_dir(step)), str(target))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
     self._manager.reload()
     return target
@@ -173,9 +185,21 @@ class StageCheckpoints:
 def _is_read_error(e: BaseException) -> bool:
   """Whether an exception from orbax's restore means unreadable files (not a state of another shape)."""
   text = f"{e} {e.__cause__ or ''}".lower()
-  return isinstance(e, (OSError, json.JSONDecodeError, UnicodeDecodeError)) or any(m in text for m in (
-      "data_loss", "error reading", "error while reading", "error decoding", "error opening", "out_of_range",
-      "unexpected end", "corrupt", "truncated", "expecting value"))
+  return isinstance(e, (OSError, json.JSONDecodeError, UnicodeDecodeError)) or any(
+    m in text
+    for m in (
+      "data_loss",
+      "error reading",
+      "error while reading",
+      "error decoding",
+      "error opening",
+      "out_of_range",
+      "unexpected end",
+      "corrupt",
+      "truncated",
+      "expecting value",
+    )
+  )
 
 
 def abstract_like(tree: Any, sharding: Any = None) -> Any:
@@ -183,8 +207,12 @@ def abstract_like(tree: Any, sharding: Any = None) -> Any:
 
   Each leaf keeps its own sharding unless `sharding` (e.g. `parallel.replicated(mesh)`) is given.
   """
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=sharding if sharding is not None else getattr(x, "sharding", None)), tree)
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=sharding if sharding is not None else getattr(x, "sharding", None)
+    ),
+    tree,
+  )
 
 
 def restore_best(stage_dir: str | Path, abstract_state: Any, what: str = "stage") -> tuple[Any, dict]:
@@ -209,25 +237,32 @@ def restore_best(stage_dir: str | Path, abstract_state: Any, what: str = "stage"
       except DamagedCheckpoint as e:
         errors.append(str(e))
     if meta is None:
-      raise DamagedCheckpoint(f"{errors[0]}; no checkpoint of {stage_dir} can be read: redo the stage with "
-                              f"--config.overwrite=True")
+      raise DamagedCheckpoint(
+        f"{errors[0]}; no checkpoint of {stage_dir} can be read: redo the stage with --config.overwrite=True"
+      )
     if not meta.get("best"):
       raise FileNotFoundError(f"{stage_dir}/checkpoints: no finished epoch yet; train this stage first")
     best = meta["best"]
     redo = f"redo {stage_dir.name} with --config.overwrite=True (or restore that folder from a copy)"
     if best["step"] not in steps:
-      raise DamagedCheckpoint(f"{ckpts.step_dir(best['step'])}, the best checkpoint of {stage_dir.name} (epoch "
-                              f"{best['epoch']}), is missing; {redo}")
+      raise DamagedCheckpoint(
+        f"{ckpts.step_dir(best['step'])}, the best checkpoint of {stage_dir.name} (epoch "
+        f"{best['epoch']}), is missing; {redo}"
+      )
     try:
       return ckpts.restore(best["step"], abstract_state)
     except DamagedCheckpoint as e:
-      raise DamagedCheckpoint(f"{e}; it is the best checkpoint of {stage_dir.name} (epoch {best['epoch']}), "
-                              f"which this stage's results come from: {redo}") from None
+      raise DamagedCheckpoint(
+        f"{e}; it is the best checkpoint of {stage_dir.name} (epoch {best['epoch']}), "
+        f"which this stage's results come from: {redo}"
+      ) from None
     except FileNotFoundError:
       raise
     except Exception as e:  # orbax: shapes or structure that do not fit the config
       first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-      raise ValueError(f"{stage_dir}/checkpoints: the {what} checkpoint does not fit the recorded config "
-                       f"({type(e).__name__}: {first[:300]})") from None
+      raise ValueError(
+        f"{stage_dir}/checkpoints: the {what} checkpoint does not fit the recorded config "
+        f"({type(e).__name__}: {first[:300]})"
+      ) from None
   finally:
     ckpts.close()

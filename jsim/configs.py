@@ -18,15 +18,17 @@ STAGES = ("prepare", "classifier", "embed", "similarity", "evaluate", "all", "sw
 def add_metric_learning_fields(cl: ml_collections.ConfigDict) -> None:
   """Stage 1's loss by name (jsim.losses), and what metric learning adds; cross_entropy ignores them."""
   from jsim import losses
-  cl.loss = "cross_entropy"      # cross_entropy (the protocol's head) | one of jsim.losses.available()
+
+  cl.loss = "cross_entropy"  # cross_entropy (the protocol's head) | one of jsim.losses.available()
   # Each loss's hyperparameters, with PML's defaults: --config.classifier.loss_hparams.triplet.margin=0.1
   cl.loss_hparams = ml_collections.ConfigDict(
-      {name: losses.build(name).hyperparameters() for name in losses.available()})
-  cl.embedding_dim = 0           # > 0: a linear embedding head to this width, L2-normalised
-  cl.sampler = "auto"            # auto (uniform for cross_entropy, m_per_class otherwise) | uniform | m_per_class
-  cl.sampler_m = 4               # m_per_class: images per class in a batch
-  cl.head_learning_rate = config_dict.placeholder(float)   # the embedding head's rate; None: learning_rate
-  cl.loss_learning_rate = config_dict.placeholder(float)   # proxies / class weights / Ms; None: learning_rate
+    {name: losses.build(name).hyperparameters() for name in losses.available()}
+  )
+  cl.embedding_dim = 0  # > 0: a linear embedding head to this width, L2-normalised
+  cl.sampler = "auto"  # auto (uniform for cross_entropy, m_per_class otherwise) | uniform | m_per_class
+  cl.sampler_m = 4  # m_per_class: images per class in a batch
+  cl.head_learning_rate = config_dict.placeholder(float)  # the embedding head's rate; None: learning_rate
+  cl.loss_learning_rate = config_dict.placeholder(float)  # proxies / class weights / Ms; None: learning_rate
   cl.retrieval_distance = "auto"  # validation MAP@R by: auto (cosine, l2 for pair_ms) | l2 | cosine
 
 
@@ -49,6 +51,7 @@ def parse_args(arg: str | None, defaults: dict[str, str], where: str) -> dict[st
 def use_metric_loss(c: ml_collections.ConfigDict, loss: str, *, embedding_dim: int = 512, m: int = 4) -> None:
   """Stage 1 trained by `loss` (or the protocol's cross_entropy): head, sampler and rates as the configs use them."""
   from jsim import losses
+
   if loss != "cross_entropy" and loss not in losses.available():
     raise ValueError(f"loss={loss!r}: expected cross_entropy or one of {', '.join(losses.available())}")
   cl = c.classifier
@@ -68,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   # all (every stage, skipping finished ones) | sweep.
   c.stage = "all"
   c.seed = 0
-  c.overwrite = False   # True: redo a finished stage (its old outputs are replaced)
+  c.overwrite = False  # True: redo a finished stage (its old outputs are replaced)
 
   c.data = sources.default_data_config()
   with c.data.ignore_type():
@@ -83,50 +86,84 @@ def base_config() -> ml_collections.ConfigDict:
   # stream (images stay on the host; grain reads each batch, sent sharded: device memory holds batches only).
   c.data.pipeline = "device"
 
-  c.model = ml_collections.ConfigDict(dict(
-      name="resnet50",        # see jsim.models.available()
-      init="torchvision",     # torchvision | random
+  c.model = ml_collections.ConfigDict(
+    dict(
+      name="resnet50",  # see jsim.models.available()
+      init="torchvision",  # torchvision | random
       weights="IMAGENET1K_V1",  # torchvision weights name, or a .pth path
-      dtype="auto",           # auto (bf16 on accelerators, float32 on CPU) | float32 | bfloat16
-  ))
+      dtype="auto",  # auto (bf16 on accelerators, float32 on CPU) | float32 | bfloat16
+    )
+  )
 
-  c.classifier = ml_collections.ConfigDict(dict(
-      batch_size=64, eval_batch_size=256, learning_rate=0.01, momentum=0.8, nesterov=True,
-      weight_decay=0.0, alpha=0.02, halving_wait=3, num_epochs=30, input_size=224,
-      nag_form="optax",       # optax | paper: the paper's u_t keeps the old rate after a halving (PROTOCOL.md)
+  c.classifier = ml_collections.ConfigDict(
+    dict(
+      batch_size=64,
+      eval_batch_size=256,
+      learning_rate=0.01,
+      momentum=0.8,
+      nesterov=True,
+      weight_decay=0.0,
+      alpha=0.02,
+      halving_wait=3,
+      num_epochs=30,
+      input_size=224,
+      nag_form="optax",  # optax | paper: the paper's u_t keeps the old rate after a halving (PROTOCOL.md)
       augment=augment.default_augment_config(),
-      log_every_steps=50, checkpoint_every_steps=0, keep_checkpoints=2,
-  ))
+      log_every_steps=50,
+      checkpoint_every_steps=0,
+      keep_checkpoints=2,
+    )
+  )
   add_metric_learning_fields(c.classifier)
 
   c.embed = ml_collections.ConfigDict(dict(batch_size=256))
 
-  c.similarity = ml_collections.ConfigDict(dict(
-      model="mlp",            # mlp (Ms, the protocol) | distance (a calibrated embedding distance, no training)
-      distance="cosine",      # model=distance: cosine | l2
-      feature="l1",           # l1 | sq | prod | cos | l2, or a concatenation such as "l1+prod"
-      hidden=(),              # empty: halve the embedding width twice (the protocol)
-      dropout=0.25, batch_size=256, learning_rate=0.005, momentum=0.8, nesterov=True,
-      weight_decay=0.0, alpha=0.01, halving_wait=3, num_epochs=50, nag_form="optax",
-      train_per_ordered_class_pair=10, train_similar_per_class=1790,
-      val_per_ordered_class_pair=6, val_similar_per_class=1074,
-      exclusion="redraw",     # a training pair that is a validation pair: redraw it | remove it (PROTOCOL.md)
-      ensemble_workdirs=(),   # other workdirs (same data and seed) whose embeddings are concatenated
-      log_every_steps=200, checkpoint_every_steps=0, keep_checkpoints=2,
-  ))
+  c.similarity = ml_collections.ConfigDict(
+    dict(
+      model="mlp",  # mlp (Ms, the protocol) | distance (a calibrated embedding distance, no training)
+      distance="cosine",  # model=distance: cosine | l2
+      feature="l1",  # l1 | sq | prod | cos | l2, or a concatenation such as "l1+prod"
+      hidden=(),  # empty: halve the embedding width twice (the protocol)
+      dropout=0.25,
+      batch_size=256,
+      learning_rate=0.005,
+      momentum=0.8,
+      nesterov=True,
+      weight_decay=0.0,
+      alpha=0.01,
+      halving_wait=3,
+      num_epochs=50,
+      nag_form="optax",
+      train_per_ordered_class_pair=10,
+      train_similar_per_class=1790,
+      val_per_ordered_class_pair=6,
+      val_similar_per_class=1074,
+      exclusion="redraw",  # a training pair that is a validation pair: redraw it | remove it (PROTOCOL.md)
+      ensemble_workdirs=(),  # other workdirs (same data and seed) whose embeddings are concatenated
+      log_every_steps=200,
+      checkpoint_every_steps=0,
+      keep_checkpoints=2,
+    )
+  )
 
-  c.evaluation = ml_collections.ConfigDict(dict(
-      mode="sampled",         # sampled (the protocol's 3.98M pairs) | exhaustive (every distinct pair)
-      test_per_ordered_class_pair=50, test_similar_per_class=9950,
-      chunk_size=65536, num_bins=1000, retrieval=True, retrieval_examples=8,
+  c.evaluation = ml_collections.ConfigDict(
+    dict(
+      mode="sampled",  # sampled (the protocol's 3.98M pairs) | exhaustive (every distinct pair)
+      test_per_ordered_class_pair=50,
+      test_similar_per_class=9950,
+      chunk_size=65536,
+      num_bins=1000,
+      retrieval=True,
+      retrieval_examples=8,
       # Stage 1 draws this many train images under each augmentation in W/figures/augmentations.png
       # and its TensorBoard (the source's Table 1); 0: none. Not part of stage 1's identity.
       augmentation_examples=4,
-      compare_workdirs=(),    # other evaluated workdirs: their ROC curves beside this run's (figures/roc_backbones.png)
-  ))
+      compare_workdirs=(),  # other evaluated workdirs: their ROC curves beside this run's (figures/roc_backbones.png)
+    )
+  )
 
   c.sweep = ml_collections.ConfigDict(dict(features=("l1", "sq", "prod", "cos", "l1+prod")))
-  c.lock()   # a config file sets these keys; a misspelt one is an error, not a new key
+  c.lock()  # a config file sets these keys; a misspelt one is an error, not a new key
   return c
 
 

@@ -22,13 +22,13 @@ from jsim.progress import duration, rate
 REPO = Path(__file__).resolve().parents[1]
 
 STAGE_HELP = (
-    ("prepare", "decode and cache the data, write the split and the normalisation statistics, stop"),
-    ("classifier", "stage 1: fine-tune (or train) the classifier Mc on the seen classes"),
-    ("embed", "embeddings of the best stage-1 checkpoint (the input of Mc's last layer)"),
-    ("similarity", "stage 2: the similarity net Ms on pairs of embeddings (runs embed first)"),
-    ("evaluate", "the five-case test of Ms: report.md, report.json, figures/"),
-    ("all", "classifier, embed, similarity, evaluate in turn, skipping finished ones (the default)"),
-    ("sweep", "one Ms per pair feature in sweep.features, one comparison table"),
+  ("prepare", "decode and cache the data, write the split and the normalisation statistics, stop"),
+  ("classifier", "stage 1: fine-tune (or train) the classifier Mc on the seen classes"),
+  ("embed", "embeddings of the best stage-1 checkpoint (the input of Mc's last layer)"),
+  ("similarity", "stage 2: the similarity net Ms on pairs of embeddings (runs embed first)"),
+  ("evaluate", "the five-case test of Ms: report.md, report.json, figures/"),
+  ("all", "classifier, embed, similarity, evaluate in turn, skipping finished ones (the default)"),
+  ("sweep", "one Ms per pair feature in sweep.features, one comparison table"),
 )
 
 
@@ -74,6 +74,7 @@ _ONCE_FILES = ("tiny_imagenet.py", "tfds_source.py")
 def setup_logging() -> None:
   """INFO lines with a short time stamp, without library chatter or repeats (for jsim.main)."""
   from absl import logging
+
   logging.set_verbosity(logging.INFO)
   handler = logging.get_absl_handler()
   handler.setFormatter(_ShortFormatter())
@@ -99,15 +100,17 @@ def config_files(folder: Path | None = None) -> list[tuple[str, str]]:
 
 
 def help_text(prog: str = "python -m jsim.main") -> str:
-  lines = [f"usage: {prog} --config=configs/FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]",
-           f"       {prog} --config=configs/FILE.py --print_config      (every key and its value, then stop)",
-           f"       {prog} --config=configs/FILE.py --workdir=DIR --dry_run   (check everything, train nothing)",
-           "",
-           "Trains and evaluates two-stage image similarity (a classifier's embeddings, then a similarity",
-           "net on |x1 - x2|) with seen/unseen classes; everything a run writes goes to --workdir, and",
-           "rerunning the same command resumes or skips what is finished.",
-           "",
-           "stages (--config.stage=NAME):"]
+  lines = [
+    f"usage: {prog} --config=configs/FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]",
+    f"       {prog} --config=configs/FILE.py --print_config      (every key and its value, then stop)",
+    f"       {prog} --config=configs/FILE.py --workdir=DIR --dry_run   (check everything, train nothing)",
+    "",
+    "Trains and evaluates two-stage image similarity (a classifier's embeddings, then a similarity",
+    "net on |x1 - x2|) with seen/unseen classes; everything a run writes goes to --workdir, and",
+    "rerunning the same command resumes or skips what is finished.",
+    "",
+    "stages (--config.stage=NAME):",
+  ]
   width = max(len(n) for n, _ in STAGE_HELP)
   lines += [f"  {name:<{width}}  {text}" for name, text in STAGE_HELP]
   lines += ["", "configs (each file's docstring gives its command and expected result):"]
@@ -117,21 +120,23 @@ def help_text(prog: str = "python -m jsim.main") -> str:
     lines += [f"  {p:<{width}}  {_clip(d, 104 - width)}" for p, d in files]
   else:
     lines.append(f"  (no configs/ folder beside {REPO / 'jsim'})")
-  lines += ["",
-            "overrides: any key of the config, typed as in the config:",
-            "  --config.classifier.num_epochs=5 --config.model.init=random --config.classifier.input_size=64",
-            "  --config.data.root=/path/to/tiny-imagenet-200 --config.similarity.hidden='(512,256)'",
-            "  --print_config lists every key, its default and the value in force.",
-            "",
-            "flags:",
-            "  --config       the experiment config file (required)",
-            "  --workdir      directory for the split, checkpoints, metrics, report (required, except with",
-            "                 --print_config)",
-            "  --print_config print the resolved config and stop",
-            "  --dry_run      validate the config, the data and the workdir, show what would run, and stop",
-            "  --helpfull     every absl flag (logging and the like)",
-            "",
-            "Ask a trained model about your own images: jsim-predict --help"]
+  lines += [
+    "",
+    "overrides: any key of the config, typed as in the config:",
+    "  --config.classifier.num_epochs=5 --config.model.init=random --config.classifier.input_size=64",
+    "  --config.data.root=/path/to/tiny-imagenet-200 --config.similarity.hidden='(512,256)'",
+    "  --print_config lists every key, its default and the value in force.",
+    "",
+    "flags:",
+    "  --config       the experiment config file (required)",
+    "  --workdir      directory for the split, checkpoints, metrics, report (required, except with",
+    "                 --print_config)",
+    "  --print_config print the resolved config and stop",
+    "  --dry_run      validate the config, the data and the workdir, show what would run, and stop",
+    "  --helpfull     every absl flag (logging and the like)",
+    "",
+    "Ask a trained model about your own images: jsim-predict --help",
+  ]
   return "\n".join(lines) + "\n"
 
 
@@ -139,7 +144,7 @@ def _clip(text: str, width: int) -> str:
   width = max(width, 30)
   if len(text) <= width:
     return text
-  return text[:width - 3].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+  return text[: width - 3].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
 
 
 # ---------------------------------------------------------------------------------------------- the config
@@ -156,6 +161,7 @@ def _leaves(d: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
 def config_lines(config) -> list[str]:
   """'key = value' for every key of the resolved config, with the default where the value differs."""
   from jsim import configs, workdir as wd
+
   values = dict(_leaves(wd.config_to_dict(config)))
   defaults = dict(_leaves(wd.config_to_dict(configs.base_config())))
   width = min(max(len(k) for k in values), 48)
@@ -175,7 +181,7 @@ def print_config(config, file=None) -> None:
   try:
     print("# the resolved config: every key, the value in force, the default where it differs", file=file)
     print("\n".join(config_lines(config)), file=file, flush=True)
-  except BrokenPipeError:   # `... --print_config | head`
+  except BrokenPipeError:  # `... --print_config | head`
     os.dup2(os.open(os.devnull, os.O_WRONLY), file.fileno())
 
 
@@ -185,12 +191,15 @@ def print_config(config, file=None) -> None:
 def cpu_hints(config) -> list[str]:
   """Advice for settings that take hours on a CPU (printed when such a run starts, and by --dry_run)."""
   import jax
+
   if jax.default_backend() != "cpu" or config.stage not in ("all", "classifier", "embed", "similarity", "sweep"):
     return []
   hints = []
   if config.classifier.input_size >= 160:
-    hints.append(f"classifier.input_size={config.classifier.input_size} on a CPU: stage 1 and the embeddings "
-                 f"take hours an epoch; for a first run add --config.classifier.input_size=64")
+    hints.append(
+      f"classifier.input_size={config.classifier.input_size} on a CPU: stage 1 and the embeddings "
+      f"take hours an epoch; for a first run add --config.classifier.input_size=64"
+    )
   return hints
 
 
@@ -202,15 +211,17 @@ def pct(x: float | None) -> str:
 
 
 def _num3(x: float | None) -> str:
-  return "-" if x is None else f"{x:.3f}"   # None: a metric-learning stage 1 has no validation loss
+  return "-" if x is None else f"{x:.3f}"  # None: a metric-learning stage 1 has no validation loss
 
 
 def epoch_line(name: str, row: dict, num_epochs: int) -> str:
   """One short aligned line per epoch: 'stage 1 epoch  3/16  loss 2.261 acc 24.9 % | val ...'."""
   width = len(str(num_epochs))
-  line = (f"{name} epoch {row['epoch']:>{width}}/{num_epochs}  loss {row['train_loss']:.3f}  acc "
-          f"{pct(row['train_accuracy']):>7} | val loss {_num3(row['val_loss'])}  acc {pct(row['val_accuracy']):>7}"
-          f" | lr {row['lr']:.3g}  {rate(row['items_per_s'])}/s")
+  line = (
+    f"{name} epoch {row['epoch']:>{width}}/{num_epochs}  loss {row['train_loss']:.3f}  acc "
+    f"{pct(row['train_accuracy']):>7} | val loss {_num3(row['val_loss'])}  acc {pct(row['val_accuracy']):>7}"
+    f" | lr {row['lr']:.3g}  {rate(row['items_per_s'])}/s"
+  )
   if row.get("halved"):
     line += f"  -> lr halved to {row['lr'] / 2:.3g}"
   return line
@@ -239,19 +250,26 @@ def stage_result_text(name: str, result: Any) -> str:
   """One phrase of what a stage produced, for the summary."""
   r = result if isinstance(result, dict) else {}
   if name == "prepare":
-    return f"{r.get('seen_classes')} seen / {r.get('unseen_classes')} unseen classes, {r.get('train', 0):,} + " \
-           f"{r.get('val', 0):,} + {r.get('test', 0):,} images"
+    return (
+      f"{r.get('seen_classes')} seen / {r.get('unseen_classes')} unseen classes, {r.get('train', 0):,} + "
+      f"{r.get('val', 0):,} + {r.get('test', 0):,} images"
+    )
   if name == "classifier":
-    return f"test accuracy {pct(r.get('test_accuracy'))} on {r.get('test_images', 0):,} seen-class images " \
-           f"(best epoch {r.get('best_epoch')} of {r.get('epochs')})"
+    return (
+      f"test accuracy {pct(r.get('test_accuracy'))} on {r.get('test_images', 0):,} seen-class images "
+      f"(best epoch {r.get('best_epoch')} of {r.get('epochs')})"
+    )
   if name == "embed":
     return f"{r.get('train_count', 0):,} + {r.get('test_count', 0):,} images, {r.get('dim')}-d"
   if name == "similarity":
-    return f"validation accuracy {pct(r.get('best_val_accuracy'))} (best epoch {r.get('best_epoch')} of " \
-           f"{r.get('epochs')})"
+    return (
+      f"validation accuracy {pct(r.get('best_val_accuracy'))} (best epoch {r.get('best_epoch')} of {r.get('epochs')})"
+    )
   if name == "evaluate":
-    return f"test accuracy {pct(r.get('accuracy'))}: seen {pct(r.get('seen_accuracy'))}, unseen " \
-           f"{pct(r.get('unseen_accuracy'))}, AUC {r.get('auc', float('nan')):.3f}"
+    return (
+      f"test accuracy {pct(r.get('accuracy'))}: seen {pct(r.get('seen_accuracy'))}, unseen "
+      f"{pct(r.get('unseen_accuracy'))}, AUC {r.get('auc', float('nan')):.3f}"
+    )
   if name == "sweep":
     return f"{len(r.get('rows', []))} pair features compared"
   return ""

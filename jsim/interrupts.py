@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 
-received: int | None = None   # the last signal handled here
+received: int | None = None  # the last signal handled here
 
 
 class Interrupted(BaseException):
@@ -45,7 +45,7 @@ def _in_finalizer(frame) -> bool:
 def _handle(signum, frame):
   global received
   received = signum
-  if _in_finalizer(frame):   # it would print "Exception ignored" and go on: deliver the signal again shortly
+  if _in_finalizer(frame):  # it would print "Exception ignored" and go on: deliver the signal again shortly
     threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
     return
   raise Interrupted(signum)
@@ -67,6 +67,7 @@ def _exit_now(message: str):
     sys.stderr.write(f"jsim: stopped by {signal.Signals(signum).name}{message}\n")
     sys.stderr.flush()
     os._exit(128 + signum)
+
   return handle
 
 

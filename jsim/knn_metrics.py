@@ -23,14 +23,13 @@ def _knn_block(embeddings, labels, q_idx, *, k: int, distance: str):
   # -||q - e||^2 up to the query's own norm (which does not change its ranking).
   scores = 2.0 * jnp.matmul(q, e.T, precision=jax.lax.Precision.HIGHEST) - jnp.sum(e * e, axis=1)[None, :]
   scores = jnp.where(jnp.arange(e.shape[0])[None, :] == q_idx[:, None], -jnp.inf, scores)
-  _, top = jax.lax.top_k(scores, k)   # ties: lower index first, as the stable sort of rank_queries
+  _, top = jax.lax.top_k(scores, k)  # ties: lower index first, as the stable sort of rank_queries
   rel = labels[top] == labels[q_idx][:, None]
   num_rel = jnp.sum(labels[None, :] == labels[q_idx][:, None], axis=1) - 1
   return rel, num_rel
 
 
-def embedding_metrics(embeddings, labels, *, distance: str = "l2", queries_per_block: int = 1024
-                      ) -> dict[str, float]:
+def embedding_metrics(embeddings, labels, *, distance: str = "l2", queries_per_block: int = 1024) -> dict[str, float]:
   """{'precision@1', 'r_precision', 'map@r', 'num_queries'} by nearest neighbours in embedding space.
 
   The same numbers as `retrieval_metrics(negative_distance, ...)` (distance='l2'; 'cosine'
@@ -63,5 +62,9 @@ def embedding_metrics(embeddings, labels, *, distance: str = "l2", queries_per_b
   in_r = np.arange(k)[None, :] < num_rel[:, None]
   hit = rel & in_r
   precision = np.cumsum(hit, axis=1) / np.arange(1, k + 1)[None, :]
-  return {"precision@1": float(rel[:, 0].mean()), "r_precision": float((hit.sum(1) / num_rel).mean()),
-          "map@r": float((np.where(hit, precision, 0.0).sum(1) / num_rel).mean()), "num_queries": int(has.sum())}
+  return {
+    "precision@1": float(rel[:, 0].mean()),
+    "r_precision": float((hit.sum(1) / num_rel).mean()),
+    "map@r": float((np.where(hit, precision, 0.0).sum(1) / num_rel).mean()),
+    "num_queries": int(has.sum()),
+  }

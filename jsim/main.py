@@ -8,8 +8,9 @@
 
 from __future__ import annotations
 
-if __name__ == "__main__":   # handlers first: a signal while the libraries import is one line too
+if __name__ == "__main__":  # handlers first: a signal while the libraries import is one line too
   from jsim import interrupts
+
   interrupts.install_while_importing()
 
 import difflib
@@ -61,7 +62,7 @@ def _config_file_problem(argv: list[str]) -> str | None:
   lacks, a wrong type): naming the file, and the line where it failed. None if it loads."""
   found = _config_arg(argv)
   if found is None or not found[0]:
-    return None   # absl says that --config is required
+    return None  # absl says that --config is required
   path = found[0]
   if not Path(path).is_file():
     return f"--config={path}: no such file"
@@ -78,8 +79,10 @@ def _config_file_problem(argv: list[str]) -> str | None:
     if m:
       close = re.search(r'Did you mean "([^"]+)"', text)
       hint = f"; did you mean {close.group(1)!r}?" if close else ""
-      return f"{where}{code}: the config has no key {m.group(1)!r} (a config file sets keys of " \
-             f"jsim.configs.base_config, it cannot add any){hint}"
+      return (
+        f"{where}{code}: the config has no key {m.group(1)!r} (a config file sets keys of "
+        f"jsim.configs.base_config, it cannot add any){hint}"
+      )
     return f"{where}{code}: {type(e).__name__}: {text.splitlines()[0] if text else ''}"
   return None
 
@@ -102,8 +105,11 @@ def _unknown_override(argv: list[str]) -> str | None:
         where = f"config.{'.'.join(walked)}" if walked else "the config"
         known = list(node.keys()) if hasattr(node, "keys") else []
         close = difflib.get_close_matches(part, known, n=1)
-        hint = f"; did you mean {'.'.join(walked + close)!r}?" if close else \
-            (f"; it has {', '.join(sorted(known))}" if known else f" ({where} is a value, not a group)")
+        hint = (
+          f"; did you mean {'.'.join(walked + close)!r}?"
+          if close
+          else (f"; it has {', '.join(sorted(known))}" if known else f" ({where} is a value, not a group)")
+        )
         return f"--config.{m.group(1)}: {where} has no key {part!r}{hint}"
       node, walked = node[part], walked + [part]
   return None
@@ -113,6 +119,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a one-line error (not a traceback) for a bad config file or key."""
   if any(a in ("-h", "--help", "-help", "--helpshort", "-?") for a in argv[1:]):
     from jsim import console
+
     prog = "jsim" if Path(argv[0]).name == "jsim" else "python -m jsim.main"
     print(console.help_text(prog), end="")
     sys.exit(0)
@@ -122,7 +129,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(1)
   try:
     return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:   # what ml_collections raises for a key the config lacks
+  except (AttributeError, KeyError) as e:  # what ml_collections raises for a key the config lacks
     text = str(e.args[0]) if e.args else str(e)
     message = _unknown_override(argv) or f"a --config override names a key the config lacks ({text.splitlines()[0]})"
     print(f"FATAL Flags parsing error: {message}", file=sys.stderr)
@@ -133,6 +140,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from jsim import console, run  # after flag parsing: keeps --help fast
+
   if FLAGS.print_config:
     console.print_config(FLAGS.config)
     return
@@ -142,6 +150,7 @@ def main(argv):
   try:
     if FLAGS.dry_run:
       from jsim import plan
+
       plan.dry_run(FLAGS.config, FLAGS.workdir)
       return
     run.run(FLAGS.config, FLAGS.workdir)
@@ -149,12 +158,13 @@ def main(argv):
     logging.flush()
     print(f"jsim: {e}", file=sys.stderr)
     from jsim.checkpoint import DamagedCheckpoint
-    if isinstance(e, DamagedCheckpoint):   # tensorstore's failed reads complain at interpreter exit: skip it
+
+    if isinstance(e, DamagedCheckpoint):  # tensorstore's failed reads complain at interpreter exit: skip it
       sys.stderr.flush()
       sys.stdout.flush()
       os._exit(run.exit_code(e))
     sys.exit(run.exit_code(e))
-  except KeyboardInterrupt:   # a second Ctrl-C (the first one saves a checkpoint and stops)
+  except KeyboardInterrupt:  # a second Ctrl-C (the first one saves a checkpoint and stops)
     logging.flush()
     print("jsim: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
     sys.exit(130)
@@ -171,11 +181,13 @@ def entry_point():
   interrupts.install()
   try:
     app.run(main, flags_parser=parse_flags)
-  except interrupts.Interrupted as e:   # outside a training stage (those stop at a step, with a checkpoint)
+  except interrupts.Interrupted as e:  # outside a training stage (those stop at a step, with a checkpoint)
     logging.flush()
     _close_progress_bars()
-    print(f"jsim: stopped by {e.name}; finished stages and saved checkpoints are kept, rerun the same command "
-          f"to continue", file=sys.stderr)
+    print(
+      f"jsim: stopped by {e.name}; finished stages and saved checkpoints are kept, rerun the same command to continue",
+      file=sys.stderr,
+    )
     sys.exit(e.exit_code)
   except SystemExit:
     interrupts.install_after_run()

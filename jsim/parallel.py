@@ -37,12 +37,12 @@ def maybe_initialize_distributed() -> None:
     try:
       args = (addr, int(os.environ["JSIM_NUM_PROCESSES"]), int(os.environ["JSIM_PROCESS_ID"]))
     except (KeyError, ValueError):
-      raise ValueError("JSIM_COORDINATOR is set: JSIM_NUM_PROCESSES and JSIM_PROCESS_ID must be integers too") \
-          from None
-  elif ("SLURM_STEP_NODELIST" in os.environ
-        and int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1"))) > 1) \
-      or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-    args = ()   # jax.distributed detects SLURM / Open MPI itself
+      raise ValueError("JSIM_COORDINATOR is set: JSIM_NUM_PROCESSES and JSIM_PROCESS_ID must be integers too") from None
+  elif (
+    "SLURM_STEP_NODELIST" in os.environ
+    and int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1"))) > 1
+  ) or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    args = ()  # jax.distributed detects SLURM / Open MPI itself
   else:
     return
   # CPU processes need a cross-process collective backend: gloo (jax's default) unless
@@ -50,8 +50,13 @@ def maybe_initialize_distributed() -> None:
   if not getattr(jax.config, "jax_cpu_collectives_implementation", "gloo"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(*args, local_device_ids=_local_device_ids())
-  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+    "process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def _local_device_ids() -> list[int] | None:
@@ -63,14 +68,15 @@ def _local_device_ids() -> list[int] | None:
     visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     count = len(visible) or int(os.environ.get("SLURM_GPUS_ON_NODE", "0"))
     if not count:
-      raise ValueError("JSIM_LOCAL_DEVICE_IDS=all: cannot count the GPUs (neither CUDA_VISIBLE_DEVICES nor "
-                       "SLURM_GPUS_ON_NODE is set); list them instead, e.g. JSIM_LOCAL_DEVICE_IDS=0,1,2,3")
+      raise ValueError(
+        "JSIM_LOCAL_DEVICE_IDS=all: cannot count the GPUs (neither CUDA_VISIBLE_DEVICES nor "
+        "SLURM_GPUS_ON_NODE is set); list them instead, e.g. JSIM_LOCAL_DEVICE_IDS=0,1,2,3"
+      )
     return list(range(count))
   try:
     return [int(v) for v in spec.split(",")]
   except ValueError:
-    raise ValueError(f"JSIM_LOCAL_DEVICE_IDS={spec!r}: expected 'all' or a comma-separated list of integers") \
-        from None
+    raise ValueError(f"JSIM_LOCAL_DEVICE_IDS={spec!r}: expected 'all' or a comma-separated list of integers") from None
 
 
 def make_mesh() -> Mesh:
@@ -96,8 +102,9 @@ def put_replicated(tree, mesh: Mesh):
   sharding = replicated(mesh)
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding)
-  return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]),
-                      tree)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]), tree
+  )
 
 
 def ensure_replicated(tree, mesh: Mesh):
@@ -133,10 +140,12 @@ def sync_processes(name: str) -> None:
   """
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
 def default_compute_dtype():
   """bf16 compute on accelerators, float32 on CPU (config model.dtype='auto')."""
   import jax.numpy as jnp
+
   return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16

@@ -11,13 +11,23 @@ from pathlib import Path
 from jsim import workdir as wd
 
 # The stages a stage reads the outputs of, in the order they must have run.
-_NEEDS = {"embed": ("classifier",), "similarity": ("classifier",), "sweep": ("classifier",),
-          "evaluate": ("classifier", "embed", "similarity")}
+_NEEDS = {
+  "embed": ("classifier",),
+  "similarity": ("classifier",),
+  "sweep": ("classifier",),
+  "evaluate": ("classifier", "embed", "similarity"),
+}
 # The stages config.stage runs (run.py's chains).
-CHAINS = {"all": ("classifier", "embed", "similarity", "evaluate"), "similarity": ("embed", "similarity"),
-          "sweep": ("embed", "sweep")}
-_MISSING = {"classifier": "stage 1 has not finished", "embed": "there are no embeddings",
-            "similarity": "stage 2 has not finished"}
+CHAINS = {
+  "all": ("classifier", "embed", "similarity", "evaluate"),
+  "similarity": ("embed", "similarity"),
+  "sweep": ("embed", "sweep"),
+}
+_MISSING = {
+  "classifier": "stage 1 has not finished",
+  "embed": "there are no embeddings",
+  "similarity": "stage 2 has not finished",
+}
 
 
 def _done(workdir: Path, stage: str) -> bool:
@@ -46,8 +56,10 @@ def check_prerequisites(config, workdir: str | Path) -> None:
     return
   # embed is run by 'similarity' itself: point at the stage that makes both.
   command = "similarity" if missing == "embed" else missing
-  raise FileNotFoundError(f"{Path(workdir)}: {_MISSING[missing]} (stage {config.stage!r} needs it); run "
-                          f"--config.stage={command} first, or --config.stage=all for every stage")
+  raise FileNotFoundError(
+    f"{Path(workdir)}: {_MISSING[missing]} (stage {config.stage!r} needs it); run "
+    f"--config.stage={command} first, or --config.stage=all for every stage"
+  )
 
 
 def _checkpoint_steps(stage_dir: Path) -> list[int]:
@@ -71,10 +83,14 @@ def stage_status(config, workdir: Path, stage: str) -> str:
       return f"resumes from step {steps[-1]} ({cfg.num_epochs} epochs in all)"
     return f"to run ({cfg.num_epochs} epochs)"
   if stage == "embed":
-    return "current: skipped" if _done(workdir, "embed") and _done(workdir, "classifier") and \
-        _embeddings_current(workdir) else "to run"
+    return (
+      "current: skipped"
+      if _done(workdir, "embed") and _done(workdir, "classifier") and _embeddings_current(workdir)
+      else "to run"
+    )
   if stage == "evaluate":
     from jsim.evaluate.evaluation import changes_since_report
+
     upstream_done = all(stage_status(config, workdir, s).endswith("skipped") for s in ("classifier", "similarity"))
     if upstream_done and not config.overwrite and changes_since_report(config, workdir) == []:
       return "current (report.json): skipped"
@@ -96,25 +112,31 @@ def _data_lines(config, workdir: Path) -> list[str]:
   from jsim import validate
   from jsim.data import splits
   from jsim.data.sources import load_image_sets, resolve_source
+
   sets = load_image_sets(config.data)
   train, test = sets["train"], sets["test"]
   split = splits.load_split(workdir) if workdir.exists() else None
   where = "recorded in split.json"
   if split is None:
-    split = splits.make_split(train, test, num_seen=config.data.num_seen_classes,
-                              val_fraction=config.data.val_fraction, seed=config.seed)
+    split = splits.make_split(
+      train, test, num_seen=config.data.num_seen_classes, val_fraction=config.data.val_fraction, seed=config.seed
+    )
     where = f"would be drawn from seed {config.seed}"
   elif split.seed != config.seed or len(split.seen_classes) != config.data.num_seen_classes:
-    raise ValueError(f"{workdir / splits.SPLIT_FILE} was drawn with seed {split.seed} and "
-                     f"{len(split.seen_classes)} seen classes, the config asks for seed {config.seed} and "
-                     f"{config.data.num_seen_classes}; use another --workdir")
+    raise ValueError(
+      f"{workdir / splits.SPLIT_FILE} was drawn with seed {split.seed} and "
+      f"{len(split.seen_classes)} seen classes, the config asks for seed {config.seed} and "
+      f"{config.data.num_seen_classes}; use another --workdir"
+    )
   seen = split.seen_mask(train.class_ids)
   t180 = np.flatnonzero(seen[train.labels])
-  lines = [f"data:   {resolve_source(config.data)}, {len(train):,} train + {len(test):,} test images, "
-           f"{len(train.class_ids)} classes",
-           f"split:  {len(split.seen_classes)} seen / {len(split.unseen_classes)} unseen classes; "
-           f"{len(split.train_ids):,} stage-1 train, {len(split.val_ids):,} validation, {len(split.test_ids):,} "
-           f"test images ({where})"]
+  lines = [
+    f"data:   {resolve_source(config.data)}, {len(train):,} train + {len(test):,} test images, "
+    f"{len(train.class_ids)} classes",
+    f"split:  {len(split.seen_classes)} seen / {len(split.unseen_classes)} unseen classes; "
+    f"{len(split.train_ids):,} stage-1 train, {len(split.val_ids):,} validation, {len(split.test_ids):,} "
+    f"test images ({where})",
+  ]
   if config.stage in ("all", "similarity", "sweep"):
     validate.check_pair_supply(config, train.labels[t180], tuple(train.class_ids))
   if config.stage in ("all", "similarity", "sweep", "evaluate"):
@@ -129,6 +151,7 @@ def dry_run(config, workdir: str | Path) -> list[str]:
   Raises what the run would raise (one line each) for a bad config, workdir or data.
   """
   from jsim import console, validate
+
   workdir = Path(workdir)
   validate.check_config(config)
   names = CHAINS.get(config.stage, (config.stage,))
@@ -136,8 +159,10 @@ def dry_run(config, workdir: str | Path) -> list[str]:
     if config.stage in ("embed", "similarity", "evaluate", "sweep"):
       wd.check_recorded(workdir, wd.STAGE1, {"seed": config.seed, "model": {"name": config.model.name}})
       check_prerequisites(config, workdir)
-  lines = [f"dry run in {workdir}{'' if workdir.exists() else ' (does not exist yet)'}: nothing is trained "
-           f"or written there", f"config: valid; stage {config.stage!r}"]
+  lines = [
+    f"dry run in {workdir}{'' if workdir.exists() else ' (does not exist yet)'}: nothing is trained or written there",
+    f"config: valid; stage {config.stage!r}",
+  ]
   lines += _data_lines(config, workdir)
   lines.append("would run:")
   width = max(len(n) for n in names)

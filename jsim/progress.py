@@ -53,29 +53,50 @@ class Progress:
   includes the compilation of the step) unless `compiles` is False.
   """
 
-  def __init__(self, total: int, desc: str, unit: str, *, initial: int = 0, enabled: bool = True,
-               compiles: bool = True, announce: bool = False, stream=None, terminal: bool | None = None):
+  def __init__(
+    self,
+    total: int,
+    desc: str,
+    unit: str,
+    *,
+    initial: int = 0,
+    enabled: bool = True,
+    compiles: bool = True,
+    announce: bool = False,
+    stream=None,
+    terminal: bool | None = None,
+  ):
     self.total, self.desc, self.unit = total, desc, unit
-    self.compiles = compiles   # False: nothing to compile, the rate counts from the start
+    self.compiles = compiles  # False: nothing to compile, the rate counts from the start
     self.n = initial
     self.enabled = enabled
     self.stream = stream or sys.stderr
     self.terminal = _is_terminal(self.stream) if terminal is None else terminal
     self._start = time.perf_counter()
-    self._t0 = self._n0 = None   # after the first update: where the rate is measured from
+    self._t0 = self._n0 = None  # after the first update: where the rate is measured from
     if not compiles:
       self._t0, self._n0 = self._start, initial
     self._last_plain = self._start
-    self._periodic = 0   # plain lines written since the start
+    self._periodic = 0  # plain lines written since the start
     self._postfix = ""
     self._bar = None
     if not enabled:
       return
     if self.terminal:
       import tqdm
-      self._bar = tqdm.tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=False,
-                            dynamic_ncols=True, file=self.stream, mininterval=0.5, leave=False,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+
+      self._bar = tqdm.tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        unit_scale=False,
+        dynamic_ncols=True,
+        file=self.stream,
+        mininterval=0.5,
+        leave=False,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+      )
       if compiles:
         self._bar.set_postfix_str("compiling", refresh=True)
     elif announce:
@@ -133,17 +154,18 @@ class Progress:
     if self._bar is not None:
       self._bar.close()
       self._bar = None
-    elif self._periodic:   # (a short step says nothing in a log; a long one says when it ended)
+    elif self._periodic:  # (a short step says nothing in a log; a long one says when it ended)
       elapsed = time.perf_counter() - self._start
       self._plain(f"done in {duration(elapsed)}")
     self.enabled = False
 
 
-def progress(total: int, desc: str, unit: str, *, initial: int = 0, compiles: bool = True,
-             announce: bool = False) -> Progress:
+def progress(
+  total: int, desc: str, unit: str, *, initial: int = 0, compiles: bool = True, announce: bool = False
+) -> Progress:
   """A Progress on the main process (silent on the others)."""
   import jax
-  return Progress(total, desc, unit, initial=initial, enabled=jax.process_index() == 0, compiles=compiles,
-                  announce=announce)
 
-
+  return Progress(
+    total, desc, unit, initial=initial, enabled=jax.process_index() == 0, compiles=compiles, announce=announce
+  )

@@ -15,22 +15,22 @@ from __future__ import annotations
 from typing import Any
 
 PUBLISHED: dict[str, dict[str, Any]] = {
-    "resnet50": {
-        "stage1_test_accuracy": 69.51,
-        "stage2_val_accuracy": 96.3,
-        "test_accuracy": 86.51,
-        "case_accuracy": {1: 83.36, 2: 92.22, 3: 84.27, 4: 74.25, 5: 69.56},
-        "seen_accuracy": 87.55,    # section 6 (the abstract: 87.5)
-        "unseen_accuracy": 73.8,   # the abstract
-    },
-    "vgg16": {
-        "stage1_test_accuracy": 67.96,
-        "stage2_val_accuracy": 91.2,
-        "test_accuracy": 82.54,
-        "case_accuracy": {1: 83.40, 2: 83.85, 3: 73.47, 4: 83.00, 5: 56.89},
-        "seen_accuracy": 83.61,    # section 6
-        "unseen_accuracy": None,   # not given
-    },
+  "resnet50": {
+    "stage1_test_accuracy": 69.51,
+    "stage2_val_accuracy": 96.3,
+    "test_accuracy": 86.51,
+    "case_accuracy": {1: 83.36, 2: 92.22, 3: 84.27, 4: 74.25, 5: 69.56},
+    "seen_accuracy": 87.55,  # section 6 (the abstract: 87.5)
+    "unseen_accuracy": 73.8,  # the abstract
+  },
+  "vgg16": {
+    "stage1_test_accuracy": 67.96,
+    "stage2_val_accuracy": 91.2,
+    "test_accuracy": 82.54,
+    "case_accuracy": {1: 83.40, 2: 83.85, 3: 73.47, 4: 83.00, 5: 56.89},
+    "seen_accuracy": 83.61,  # section 6
+    "unseen_accuracy": None,  # not given
+  },
 }
 BACKBONE_TITLES = {"resnet50": "ResNet50", "vgg16": "VGG16"}
 

@@ -53,6 +53,7 @@ def _training(prefix: str, cfg, devices: int) -> None:
   _positive(f"{prefix}.checkpoint_every_steps", cfg.checkpoint_every_steps, allow_zero=True)
   _positive(f"{prefix}.keep_checkpoints", cfg.keep_checkpoints)
   from jsim.train import schedule
+
   _choice(f"{prefix}.nag_form", cfg.get("nag_form", "optax"), schedule.NAG_FORMS)
 
 
@@ -60,15 +61,17 @@ def _pair_count(key: str, value) -> None:
   """A number of pairs per class (pair): a whole number whose pairs an int32 index can count."""
   if value != int(value):
     raise ValueError(f"{key}={value!r}: expected a whole number")
-  if value * 2 > _INT32_MAX:   # (two classes at the least)
+  if value * 2 > _INT32_MAX:  # (two classes at the least)
     raise ValueError(f"{key}={value!r}: too many pairs (pairs are counted in int32, at most {_INT32_MAX:,})")
 
 
 def _total_pairs(key: str, per_ordered_pair: int, per_class: int, num_classes: int) -> None:
   total = int(per_ordered_pair) * num_classes * (num_classes - 1) + int(per_class) * num_classes
   if total > _INT32_MAX:
-    raise ValueError(f"{key}={per_ordered_pair:,} gives {total:,} pairs over {num_classes} classes, more than "
-                     f"int32 can count ({_INT32_MAX:,}); lower it")
+    raise ValueError(
+      f"{key}={per_ordered_pair:,} gives {total:,} pairs over {num_classes} classes, more than "
+      f"int32 can count ({_INT32_MAX:,}); lower it"
+    )
 
 
 def check_config(config) -> None:
@@ -78,6 +81,7 @@ def check_config(config) -> None:
   from jsim.data import augment, pairs, prepare, sources, splits, tiny_imagenet
   from jsim.models import distance, similarity
   from jsim.train import calibration, classifier, metric
+
   devices = jax.device_count()
   _choice("stage", config.stage, configs.STAGES)
   d = config.data
@@ -90,8 +94,10 @@ def check_config(config) -> None:
     _positive("data.num_workers", d.num_workers)
   _positive("data.num_seen_classes", d.num_seen_classes)
   if d.source == "synthetic" and d.num_seen_classes > d.synthetic.num_classes:
-    raise ValueError(f"data.num_seen_classes={d.num_seen_classes} is more than the "
-                     f"{d.synthetic.num_classes} classes of data.synthetic.num_classes")
+    raise ValueError(
+      f"data.num_seen_classes={d.num_seen_classes} is more than the "
+      f"{d.synthetic.num_classes} classes of data.synthetic.num_classes"
+    )
   if not 0.0 < d.val_fraction < 1.0:
     raise ValueError(f"data.val_fraction={d.val_fraction!r}: must be in (0, 1)")
   if d.source == "folder" and not d.root:
@@ -108,17 +114,22 @@ def check_config(config) -> None:
     for key in ("root", "zip_path"):
       if d[key]:
         what = "this config draws its own images" if d.source == "synthetic" else "it reads data.tfds_name"
-        raise ValueError(f"data.{key}={d[key]!r} is set, but data.source={d.source!r} ({what}) would ignore it; "
-                         f"add --config.data.source=auto to read it")
+        raise ValueError(
+          f"data.{key}={d[key]!r} is set, but data.source={d.source!r} ({what}) would ignore it; "
+          f"add --config.data.source=auto to read it"
+        )
 
   m = config.model
   _choice("model.name", m.name, models.available())
   _choice("model.init", m.init, models.INITS)
   from jsim.models import torchvision_port
+
   if m.init == "torchvision" and m.name not in torchvision_port._ARCHS:
-    raise ValueError(f"model.init='torchvision': torchvision has no weights for model.name={m.name!r} (only for "
-                     f"{', '.join(sorted(torchvision_port._ARCHS))}); add --config.model.init=random to train it "
-                     f"from scratch")
+    raise ValueError(
+      f"model.init='torchvision': torchvision has no weights for model.name={m.name!r} (only for "
+      f"{', '.join(sorted(torchvision_port._ARCHS))}); add --config.model.init=random to train it "
+      f"from scratch"
+    )
   _choice("model.dtype", m.dtype, models.DTYPES)
 
   c = config.classifier
@@ -144,10 +155,16 @@ def check_config(config) -> None:
     raise ValueError(f"similarity.dropout={s.dropout!r}: must be in [0, 1)")
   for h in s.hidden:
     if isinstance(h, bool) or not isinstance(h, int) or h <= 0:
-      raise ValueError(f"similarity.hidden={tuple(s.hidden)!r}: expected positive integers (layer widths), "
-                       f"e.g. --config.similarity.hidden='(512,256)'")
-  for key in ("train_per_ordered_class_pair", "train_similar_per_class", "val_per_ordered_class_pair",
-              "val_similar_per_class"):
+      raise ValueError(
+        f"similarity.hidden={tuple(s.hidden)!r}: expected positive integers (layer widths), "
+        f"e.g. --config.similarity.hidden='(512,256)'"
+      )
+  for key in (
+    "train_per_ordered_class_pair",
+    "train_similar_per_class",
+    "val_per_ordered_class_pair",
+    "val_similar_per_class",
+  ):
     _positive(f"similarity.{key}", s[key])
     _pair_count(f"similarity.{key}", s[key])
   _choice("similarity.exclusion", s.exclusion, pairs.EXCLUSIONS)
@@ -180,6 +197,7 @@ def _redraw_rounds() -> int:
   """How often stage 2 redraws a training pair that is a validation pair (sample_pairs' default)."""
   import inspect
   from jsim.data import pairs
+
   return inspect.signature(pairs.sample_pairs).parameters["max_redraw_rounds"].default
 
 
@@ -188,10 +206,11 @@ def _validation_coverage(config, train_labels: np.ndarray, classes: np.ndarray) 
   import jax.numpy as jnp
   from jsim.data import pairs as pairs_lib
   from jsim.train import similarity
+
   index = pairs_lib.build_class_index(train_labels)
   val, _ = similarity.validation_pairs(config, index, jnp.asarray(classes, jnp.int32))
-  val = np.unique(np.sort(np.asarray(val), axis=1), axis=0)   # distinct unordered pairs
-  pos = np.searchsorted(classes, train_labels[val])           # class positions [P, 2]
+  val = np.unique(np.sort(np.asarray(val), axis=1), axis=0)  # distinct unordered pairs
+  pos = np.searchsorted(classes, train_labels[val])  # class positions [P, 2]
   taken = np.zeros((len(classes), len(classes)), np.int64)
   np.add.at(taken, (pos[:, 0], pos[:, 1]), 1)
   taken = taken + taken.T - np.diag(np.diag(taken))
@@ -219,13 +238,16 @@ def check_pair_supply(config, train_labels: np.ndarray, class_ids: tuple[str, ..
   name = lambda c: _class_name(class_ids, c)
   train_labels = np.asarray(train_labels)
   classes = np.unique(train_labels)
-  _total_pairs("similarity.train_per_ordered_class_pair", s.train_per_ordered_class_pair,
-               s.train_similar_per_class, len(classes))
+  _total_pairs(
+    "similarity.train_per_ordered_class_pair", s.train_per_ordered_class_pair, s.train_similar_per_class, len(classes)
+  )
   n = np.bincount(train_labels)[classes].astype(np.int64)
   for c, k in zip(classes, n):
     if k < 2:
-      raise ValueError(f"{name(c)} has {k} stage-2 (T180) image(s): similar pairs need two different images "
-                       f"of a class; use data with >= 2 images in every class")
+      raise ValueError(
+        f"{name(c)} has {k} stage-2 (T180) image(s): similar pairs need two different images "
+        f"of a class; use data with >= 2 images in every class"
+      )
 
   # Distinct pairs of each class and of each pair of classes, and a bound on the share that
   # the validation pairs take (a draw with replacement takes at most one new pair).
@@ -238,15 +260,16 @@ def check_pair_supply(config, train_labels: np.ndarray, class_ids: tuple[str, ..
     f_same = (same_taken / same_avail) ** rounds
     f_cross = (cross_taken / cross_avail) ** rounds
     np.fill_diagonal(f_cross, 0.0)
-    return s.num_epochs * (s.train_similar_per_class * f_same.sum()
-                           + s.train_per_ordered_class_pair * f_cross.sum())
+    return s.num_epochs * (s.train_similar_per_class * f_same.sum() + s.train_per_ordered_class_pair * f_cross.sum())
 
   def refuse_full(c):
-    raise ValueError(f"similarity.val_similar_per_class={s.val_similar_per_class}: the validation pairs take "
-                     f"all {same_avail[c]} distinct pairs of {name(classes[c])} ({n[c]} images), so no "
-                     f"training pair of that class can avoid them; lower it, or use more images per class")
+    raise ValueError(
+      f"similarity.val_similar_per_class={s.val_similar_per_class}: the validation pairs take "
+      f"all {same_avail[c]} distinct pairs of {name(classes[c])} ({n[c]} images), so no "
+      f"training pair of that class can avoid them; lower it, or use more images per class"
+    )
 
-  if np.any(same_avail == 1):   # two images: the one pair is a validation pair, no need to draw
+  if np.any(same_avail == 1):  # two images: the one pair is a validation pair, no need to draw
     refuse_full(int(np.argmax(same_avail == 1)))
   bound_same = np.minimum(s.val_similar_per_class, same_avail)
   bound_cross = np.minimum(2 * s.val_per_ordered_class_pair, cross_avail)
@@ -259,25 +282,35 @@ def check_pair_supply(config, train_labels: np.ndarray, class_ids: tuple[str, ..
     full = np.argwhere(cross_taken >= cross_avail)
     if full.size:
       a, b = full[0]
-      raise ValueError(f"similarity.val_per_ordered_class_pair={s.val_per_ordered_class_pair}: the validation "
-                       f"pairs take all {cross_avail[a, b]} distinct pairs of {name(classes[a])} and "
-                       f"{name(classes[b])}, so no training pair of those classes can avoid them; lower it")
+      raise ValueError(
+        f"similarity.val_per_ordered_class_pair={s.val_per_ordered_class_pair}: the validation "
+        f"pairs take all {cross_avail[a, b]} distinct pairs of {name(classes[a])} and "
+        f"{name(classes[b])}, so no training pair of those classes can avoid them; lower it"
+      )
     expected = expected_failures(same_taken, cross_taken)
     if expected > _MAX_EXPECTED_FAILURES:
       share_same, share_cross = same_taken / same_avail, cross_taken / cross_avail
-      if s.train_similar_per_class * share_same.max() ** rounds >= \
-          s.train_per_ordered_class_pair * share_cross.max() ** rounds:
+      if (
+        s.train_similar_per_class * share_same.max() ** rounds
+        >= s.train_per_ordered_class_pair * share_cross.max() ** rounds
+      ):
         c = int(np.argmax(share_same))
-        what = (f"similarity.val_similar_per_class={s.val_similar_per_class}: the validation pairs take "
-                f"{share_same[c]:.0%} of the {same_avail[c]} distinct pairs of {name(classes[c])}")
+        what = (
+          f"similarity.val_similar_per_class={s.val_similar_per_class}: the validation pairs take "
+          f"{share_same[c]:.0%} of the {same_avail[c]} distinct pairs of {name(classes[c])}"
+        )
       else:
         a, b = np.unravel_index(int(np.argmax(share_cross)), share_cross.shape)
-        what = (f"similarity.val_per_ordered_class_pair={s.val_per_ordered_class_pair}: the validation pairs "
-                f"take {share_cross[a, b]:.0%} of the {cross_avail[a, b]} distinct pairs of {name(classes[a])} "
-                f"and {name(classes[b])}")
-      raise ValueError(f"{what}; training pairs, redrawn {rounds - 1} times when they hit one, would still hit "
-                       f"them (~{expected:.2g} times in {s.num_epochs} epochs) and stage 2 would fail; lower it, "
-                       f"or use more images per class")
+        what = (
+          f"similarity.val_per_ordered_class_pair={s.val_per_ordered_class_pair}: the validation pairs "
+          f"take {share_cross[a, b]:.0%} of the {cross_avail[a, b]} distinct pairs of {name(classes[a])} "
+          f"and {name(classes[b])}"
+        )
+      raise ValueError(
+        f"{what}; training pairs, redrawn {rounds - 1} times when they hit one, would still hit "
+        f"them (~{expected:.2g} times in {s.num_epochs} epochs) and stage 2 would fail; lower it, "
+        f"or use more images per class"
+      )
 
 
 def check_test_pairs(config, test_labels: np.ndarray, class_ids: tuple[str, ...] | None = None) -> None:
@@ -290,16 +323,22 @@ def check_test_pairs(config, test_labels: np.ndarray, class_ids: tuple[str, ...]
   test_labels = np.asarray(test_labels)
   if ev.mode == "exhaustive":
     from jsim.data import pairs
+
     if not 2 <= len(test_labels) <= pairs.MAX_EXHAUSTIVE_IMAGES:
-      raise ValueError(f"evaluation.mode='exhaustive' needs 2 to {pairs.MAX_EXHAUSTIVE_IMAGES} test images, the "
-                       f"data has {len(test_labels)}; use evaluation.mode='sampled'")
+      raise ValueError(
+        f"evaluation.mode='exhaustive' needs 2 to {pairs.MAX_EXHAUSTIVE_IMAGES} test images, the "
+        f"data has {len(test_labels)}; use evaluation.mode='sampled'"
+      )
     return
   num_classes = len(class_ids) if class_ids is not None else int(test_labels.max()) + 1
-  _total_pairs("evaluation.test_per_ordered_class_pair", ev.test_per_ordered_class_pair, ev.test_similar_per_class,
-               num_classes)
+  _total_pairs(
+    "evaluation.test_per_ordered_class_pair", ev.test_per_ordered_class_pair, ev.test_similar_per_class, num_classes
+  )
   counts = np.bincount(test_labels, minlength=num_classes)
   if counts.min() < 2:
     c = int(np.argmin(counts))
-    raise ValueError(f"{_class_name(class_ids, c)} has {counts[c]} test image(s): evaluation.test_similar_per_class="
-                     f"{ev.test_similar_per_class} similar test pairs of it need two different images; use "
-                     f"evaluation.mode='exhaustive', or data with >= 2 test images in every class")
+    raise ValueError(
+      f"{_class_name(class_ids, c)} has {counts[c]} test image(s): evaluation.test_similar_per_class="
+      f"{ev.test_similar_per_class} similar test pairs of it need two different images; use "
+      f"evaluation.mode='exhaustive', or data with >= 2 test images in every class"
+    )

@@ -62,9 +62,25 @@ _DERIVED = {STAGE1: (EMBEDDINGS, STAGE2, "sweep")}
 
 # Keys that may differ between a run and its resumption.
 # learning_rate, alpha, halving_wait: the rate from here on (a NaN stop is continued at a lower one).
-_FREE_KEYS = {"stage", "overwrite", "num_epochs", "split_sha256", "learning_rate", "alpha", "halving_wait",
-              "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-              "eval_batch_size", "cache_dir", "num_workers", "pipeline", "evaluation", "sweep", "embed"}
+_FREE_KEYS = {
+  "stage",
+  "overwrite",
+  "num_epochs",
+  "split_sha256",
+  "learning_rate",
+  "alpha",
+  "halving_wait",
+  "log_every_steps",
+  "checkpoint_every_steps",
+  "keep_checkpoints",
+  "eval_batch_size",
+  "cache_dir",
+  "num_workers",
+  "pipeline",
+  "evaluation",
+  "sweep",
+  "embed",
+}
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -76,9 +92,9 @@ def write_json(path: Path, obj: Any) -> None:
     with open(tmp, "w") as f:
       f.write(json.dumps(obj, indent=1, sort_keys=True, default=str))
       f.flush()
-      os.fsync(f.fileno())   # the rename must not land before the data (a crash, not only a kill)
+      os.fsync(f.fileno())  # the rename must not land before the data (a crash, not only a kill)
     tmp.replace(path)
-  except BaseException:   # (a signal, a full disk: no half-written temporary file stays)
+  except BaseException:  # (a signal, a full disk: no half-written temporary file stays)
     tmp.unlink(missing_ok=True)
     raise
 
@@ -121,8 +137,10 @@ def _read_record(path: Path) -> dict:
   """A stage's config.json: a JSON object, or a one-line error naming the file."""
   recorded = read_json(path)
   if not isinstance(recorded, dict):
-    raise ValueError(f"{path}: not a jsim stage record (a JSON object expected, found {type(recorded).__name__}); "
-                     f"restore it, or redo that stage with --config.overwrite=True")
+    raise ValueError(
+      f"{path}: not a jsim stage record (a JSON object expected, found {type(recorded).__name__}); "
+      f"restore it, or redo that stage with --config.overwrite=True"
+    )
   return recorded
 
 
@@ -137,13 +155,16 @@ def check_recorded(workdir: Path, stage: str, expected: dict) -> None:
     return
   diffs = _differences(_subset(_read_record(path), expected), expected)
   if diffs:
-    raise ValueError(f"{path.parent} was made by another configuration ({'; '.join(diffs[:4])}); "
-                     f"use another --workdir, or redo that stage with --config.overwrite=True")
+    raise ValueError(
+      f"{path.parent} was made by another configuration ({'; '.join(diffs[:4])}); "
+      f"use another --workdir, or redo that stage with --config.overwrite=True"
+    )
 
 
 def _remove_stale(paths: list[Path], stage: str) -> None:
   """Removes `paths` (process 0 only; the others wait, so that none sees them half gone)."""
   import jax
+
   if jax.process_index() == 0:
     for p in paths:
       if p.is_dir():
@@ -152,12 +173,13 @@ def _remove_stale(paths: list[Path], stage: str) -> None:
         p.unlink()
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(f"overwrite {stage}")
 
 
 # --- config.overwrite across a preemption: the claim of the overwrite run in progress -------------------------------
 
-_overwrite_claim: dict | None = None   # {"workdir", "fingerprint", "stages"} of this process's run, if any
+_overwrite_claim: dict | None = None  # {"workdir", "fingerprint", "stages"} of this process's run, if any
 
 
 def begin_overwrite(workdir: Path, config_dict: dict) -> None:
@@ -172,16 +194,18 @@ def begin_overwrite(workdir: Path, config_dict: dict) -> None:
       if isinstance(recorded, dict) and recorded.get("fingerprint") == fingerprint:
         stages = list(recorded.get("stages", []))
     except ValueError:
-      pass   # unreadable: a new claim replaces it
+      pass  # unreadable: a new claim replaces it
   if stages:
-    logging.info("overwrite: continuing the interrupted run of the same command (already replaced: %s)",
-                 ", ".join(stages))
+    logging.info(
+      "overwrite: continuing the interrupted run of the same command (already replaced: %s)", ", ".join(stages)
+    )
   _overwrite_claim = {"workdir": str(Path(workdir).absolute()), "fingerprint": fingerprint, "stages": stages}
   # (written when it first replaces a stage: a refused run leaves no claim behind)
 
 
 def _save_overwrite_claim() -> None:
   import jax
+
   if jax.process_index() == 0:
     c = _overwrite_claim
     write_json(Path(c["workdir"]) / OVERWRITE_FILE, {"fingerprint": c["fingerprint"], "stages": c["stages"]})
@@ -191,6 +215,7 @@ def end_overwrite(workdir: Path) -> None:
   """The overwrite run completed: a later run of the same command replaces again."""
   global _overwrite_claim
   import jax
+
   if _overwrite_claim is not None and jax.process_index() == 0:
     (Path(workdir) / OVERWRITE_FILE).unlink(missing_ok=True)
   _overwrite_claim = None
@@ -213,15 +238,14 @@ def mark_replaced(workdir: Path, stages: list[str]) -> None:
 
 # --- claiming a stage ---------------------------------------------------------------------------------------------
 
-_claimed: list[Path] = []   # stage folders whose config.json this process wrote anew (see drop_unused)
+_claimed: list[Path] = []  # stage folders whose config.json this process wrote anew (see drop_unused)
 
 
 def _stale_only(diffs_keys: list[str], derived: tuple[str, ...]) -> bool:
   return bool(diffs_keys) and all(k.split(".")[0] in derived for k in diffs_keys)
 
 
-def check_stage(workdir: Path, stage: str, identity: dict, *, overwrite: bool,
-                derived: tuple[str, ...] = ()) -> bool:
+def check_stage(workdir: Path, stage: str, identity: dict, *, overwrite: bool, derived: tuple[str, ...] = ()) -> bool:
   """What claim_stage would decide, without writing anything: returns whether W/<stage> is finished
   (and stays: not replaced); raises ValueError where claim_stage would refuse."""
   stage_dir = Path(workdir) / stage
@@ -231,19 +255,24 @@ def check_stage(workdir: Path, stage: str, identity: dict, *, overwrite: bool,
   if recorded_path.exists():
     diffs = _differences(_identity(_read_record(recorded_path)), _identity(identity))
     if diffs and _stale_only([d.split(":")[0] for d in diffs], derived):
-      return False   # derived from outputs that have changed: claim_stage replaces it
+      return False  # derived from outputs that have changed: claim_stage replaces it
     if diffs:
-      raise ValueError(f"{stage_dir} was made by another configuration ({'; '.join(diffs[:4])}); "
-                       f"use another --workdir, or --config.overwrite=True to replace it")
+      raise ValueError(
+        f"{stage_dir} was made by another configuration ({'; '.join(diffs[:4])}); "
+        f"use another --workdir, or --config.overwrite=True to replace it"
+      )
   elif stage_dir.exists() and any(not p.name.endswith(TMP_SUFFIX) for p in stage_dir.iterdir()):
     # (a run killed while writing config.json for the first time leaves only config.json.*.tmp)
-    raise ValueError(f"{stage_dir} exists but has no config.json: not a jsim stage folder; "
-                     f"use another --workdir, or --config.overwrite=True to replace it")
+    raise ValueError(
+      f"{stage_dir} exists but has no config.json: not a jsim stage folder; "
+      f"use another --workdir, or --config.overwrite=True to replace it"
+    )
   return (stage_dir / RESULT_FILE).exists()
 
 
-def claim_stage(workdir: Path, stage: str, identity: dict, *, overwrite: bool,
-                derived: tuple[str, ...] = ()) -> tuple[Path, bool]:
+def claim_stage(
+  workdir: Path, stage: str, identity: dict, *, overwrite: bool, derived: tuple[str, ...] = ()
+) -> tuple[Path, bool]:
   """Makes W/<stage> ready for a run; returns (stage_dir, already_finished).
 
   Refuses a stage folder made with other defining settings; with overwrite, clears it
@@ -268,7 +297,7 @@ def claim_stage(workdir: Path, stage: str, identity: dict, *, overwrite: bool,
     mark_replaced(workdir, [stage, *_DERIVED.get(stage, ())])
   finished = check_stage(workdir, stage, identity, overwrite=False, derived=derived)
   recorded = _read_record(recorded_path) if recorded_path.exists() else None
-  if recorded != json.loads(json.dumps(identity, default=str)):   # (a finished stage is left untouched)
+  if recorded != json.loads(json.dumps(identity, default=str)):  # (a finished stage is left untouched)
     if recorded is None:
       _claimed.append(stage_dir)
     write_json(recorded_path, identity)
@@ -300,6 +329,7 @@ def drop_unused(workdir: Path, existed_before: set[str] | None) -> None:
   does every entry the run created, and W itself if the run created it and it is empty.
   """
   import jax
+
   workdir = Path(workdir)
   if jax.process_index() != 0 or not workdir.is_dir():
     return
@@ -330,6 +360,7 @@ def locked(workdir: Path):
   removed on exit; a run that opened it in the meantime sees another inode and retries.
   """
   import jax
+
   workdir = Path(workdir)
   if jax.process_index() != 0:
     yield
@@ -340,7 +371,7 @@ def locked(workdir: Path):
       fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
       if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        yield   # read-only
+        yield  # read-only
         return
       raise
     try:
@@ -356,7 +387,7 @@ def locked(workdir: Path):
       same = False
     if same:
       break
-    os.close(fd)   # its holder removed it on exit: lock the new one
+    os.close(fd)  # its holder removed it on exit: lock the new one
   try:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
@@ -381,10 +412,10 @@ def stage_result(workdir: Path, stage: str, required: tuple[str, ...] = ("best_s
   result = read_json(path)
   missing = [k for k in required if not isinstance(result, dict) or k not in result]
   if missing:
-    raise ValueError(f"{path}: not a jsim result (no {missing[0]!r}); restore it, or redo that stage with "
-                     f"--config.overwrite=True")
+    raise ValueError(
+      f"{path}: not a jsim result (no {missing[0]!r}); restore it, or redo that stage with --config.overwrite=True"
+    )
   return result
-
 
 
 # ----------------------------------------------------------------------------- a trained workdir's records
@@ -401,8 +432,9 @@ def _read(path: Path, what: str) -> Any:
 @dataclasses.dataclass(frozen=True)
 class StageRecords:
   """What one workdir recorded about its stage 1 and embeddings (JSON only, no JAX)."""
+
   workdir: Path
-  config: dict            # W/config.json overlaid with stage1/config.json
+  config: dict  # W/config.json overlaid with stage1/config.json
   num_classes: int
   image_size: int
   mean: tuple[float, ...]
@@ -417,8 +449,9 @@ class StageRecords:
 
 def stage1_records(workdir: Path) -> StageRecords:
   if workdir.exists() and not workdir.is_dir():
-    raise NotADirectoryError(f"workdir {workdir} is a file, not a directory: give the folder that "
-                             f"python -m jsim.main --workdir=... trained")
+    raise NotADirectoryError(
+      f"workdir {workdir} is a file, not a directory: give the folder that python -m jsim.main --workdir=... trained"
+    )
   if not workdir.is_dir():
     raise FileNotFoundError(f"workdir {workdir}: no such directory")
   hint = "train the model first (python -m jsim.main --config=... --workdir=...)"
@@ -437,25 +470,39 @@ def stage1_records(workdir: Path) -> StageRecords:
       config[key] = stage1[key]
   name = config["model"]["name"]
   if meta.get("model") != name:
-    raise ValueError(f"{workdir / EMBEDDINGS}/meta.json was made by model {meta.get('model')!r}, stage 1 "
-                     f"is {name!r}; rerun --config.stage=embed")
+    raise ValueError(
+      f"{workdir / EMBEDDINGS}/meta.json was made by model {meta.get('model')!r}, stage 1 "
+      f"is {name!r}; rerun --config.stage=embed"
+    )
   if meta.get("stage1_step") != result["best_step"]:
-    raise ValueError(f"{workdir / EMBEDDINGS} come from stage-1 step {meta.get('stage1_step')}, the best "
-                     f"stage-1 checkpoint is step {result['best_step']}; rerun --config.stage=embed and similarity")
+    raise ValueError(
+      f"{workdir / EMBEDDINGS} come from stage-1 step {meta.get('stage1_step')}, the best "
+      f"stage-1 checkpoint is step {result['best_step']}; rerun --config.stage=embed and similarity"
+    )
   mean, std = tuple(float(x) for x in pre["mean"]), tuple(float(x) for x in pre["std"])
   if len(mean) != 3 or len(std) != 3:
     raise ValueError(f"{workdir}/preprocessing.json: mean and std need 3 values each")
   image_size = int(pre.get("image_size") or config.get("data", {}).get("image_size", 64))
-  return StageRecords(workdir=workdir, config=config, num_classes=len(split["seen_classes"]), image_size=image_size,
-                  mean=mean, std=std, stage1_step=int(result["best_step"]), embedding_dim=int(meta["dim"]))
+  return StageRecords(
+    workdir=workdir,
+    config=config,
+    num_classes=len(split["seen_classes"]),
+    image_size=image_size,
+    mean=mean,
+    std=std,
+    stage1_step=int(result["best_step"]),
+    embedding_dim=int(meta["dim"]),
+  )
 
 
 def _resolve_member(path: str, workdir: Path) -> Path:
   for candidate in (Path(path), workdir.parent / path, workdir / path):
     if candidate.is_dir():
       return candidate
-  raise FileNotFoundError(f"{workdir / STAGE2}/config.json names ensemble workdir {path!r}, which is not a "
-                          f"directory (from here, nor beside {workdir})")
+  raise FileNotFoundError(
+    f"{workdir / STAGE2}/config.json names ensemble workdir {path!r}, which is not a "
+    f"directory (from here, nor beside {workdir})"
+  )
 
 
 def stage2_records(workdir: Path, own: StageRecords) -> tuple[dict, list[StageRecords]]:
@@ -468,37 +515,49 @@ def stage2_records(workdir: Path, own: StageRecords) -> tuple[dict, list[StageRe
     raise FileNotFoundError(f"{workdir / STAGE2}/checkpoints: no checkpoint; {hint}")
   where = workdir / STAGE2 / "config.json"
   if stage2.get("model") != own.model_name:
-    raise ValueError(f"{where}: stage 2 was trained for model {stage2.get('model')!r}, stage 1 is "
-                     f"{own.model_name!r}; retrain stage 2 (--config.stage=similarity --config.overwrite=True)")
-  members = [own] + [stage1_records(_resolve_member(p, workdir))
-                     for p in stage2.get("similarity", {}).get("ensemble_workdirs", [])]
+    raise ValueError(
+      f"{where}: stage 2 was trained for model {stage2.get('model')!r}, stage 1 is "
+      f"{own.model_name!r}; retrain stage 2 (--config.stage=similarity --config.overwrite=True)"
+    )
+  members = [own] + [
+    stage1_records(_resolve_member(p, workdir)) for p in stage2.get("similarity", {}).get("ensemble_workdirs", [])
+  ]
   sources = stage2.get("embeddings", [])
   if len(sources) != len(members):
-    raise ValueError(f"{where} records {len(sources)} embedding sources for {len(members)} workdirs "
-                     f"(this one + similarity.ensemble_workdirs)")
+    raise ValueError(
+      f"{where} records {len(sources)} embedding sources for {len(members)} workdirs "
+      f"(this one + similarity.ensemble_workdirs)"
+    )
   for src, rec in zip(sources, members):
     got = {"model": rec.model_name, "stage1_step": rec.stage1_step, "dim": rec.embedding_dim}
     diffs = [f"{k} {src.get(k)!r} there, {v!r} in {rec.workdir}" for k, v in got.items() if src.get(k) != v]
     if diffs:
-      raise ValueError(f"{where}: stage 2 does not match the stage-1 backbone ({'; '.join(diffs)}); rerun "
-                       f"--config.stage=embed and --config.stage=similarity with --config.overwrite=True")
+      raise ValueError(
+        f"{where}: stage 2 does not match the stage-1 backbone ({'; '.join(diffs)}); rerun "
+        f"--config.stage=embed and --config.stage=similarity with --config.overwrite=True"
+      )
   if len({m.image_size for m in members}) > 1:
-    raise ValueError(f"{where}: the ensemble's workdirs use different image sizes "
-                     f"{[m.image_size for m in members]}; they must share the data")
+    raise ValueError(
+      f"{where}: the ensemble's workdirs use different image sizes "
+      f"{[m.image_size for m in members]}; they must share the data"
+    )
   dim = sum(m.embedding_dim for m in members)
   if "embedding_dim" in result and int(result["embedding_dim"]) != dim:
-    raise ValueError(f"{workdir / STAGE2}/result.json: embedding_dim {result['embedding_dim']} differs from "
-                     f"the {dim} of its embedding sources")
+    raise ValueError(
+      f"{workdir / STAGE2}/result.json: embedding_dim {result['embedding_dim']} differs from "
+      f"the {dim} of its embedding sources"
+    )
   return stage2, members
 
 
 @dataclasses.dataclass(frozen=True)
 class WorkdirRecords:
   """A trained workdir's records, checked against each other (JSON only: no JAX, no checkpoint read)."""
+
   workdir: Path
-  stage2: dict                # stage2/config.json
-  members: list[StageRecords]     # this workdir's stage 1, then each ensemble member's
-  threshold: float | None     # report.json "val_threshold"
+  stage2: dict  # stage2/config.json
+  members: list[StageRecords]  # this workdir's stage 1, then each ensemble member's
+  threshold: float | None  # report.json "val_threshold"
 
   @property
   def image_size(self) -> int:
@@ -522,8 +581,10 @@ def split_digest(workdir: Path) -> str | None:
     return None
   split = read_json(path)
   if not isinstance(split, dict):
-    raise ValueError(f"{path}: not a valid split file (a JSON object expected, found {type(split).__name__}); "
-                     f"restore it, or use another --workdir")
+    raise ValueError(
+      f"{path}: not a valid split file (a JSON object expected, found {type(split).__name__}); "
+      f"restore it, or use another --workdir"
+    )
   return hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()
 
 
@@ -531,18 +592,25 @@ def check_split(workdir: Path) -> None:
   """Refuses a workdir whose split.json is not the one its stages were made with (an edit, a copy)."""
   workdir = Path(workdir)
   current = None
-  for record in (workdir / STAGE1 / "config.json", workdir / EMBEDDINGS / "meta.json", workdir / STAGE2 / "config.json"):
+  for record in (
+    workdir / STAGE1 / "config.json",
+    workdir / EMBEDDINGS / "meta.json",
+    workdir / STAGE2 / "config.json",
+  ):
     if not record.exists():
       continue
     recorded = read_json(record)
     digest = recorded.get("split_sha256") if isinstance(recorded, dict) else None
     if digest is None:
-      continue   # (made before digests were recorded)
+      continue  # (made before digests were recorded)
     current = current or split_digest(workdir)
     if current is None:
-      raise ValueError(f"{workdir / 'split.json'} is missing, but {record} was made with one; restore it, or "
-                       f"use another --workdir")
+      raise ValueError(
+        f"{workdir / 'split.json'} is missing, but {record} was made with one; restore it, or use another --workdir"
+      )
     if digest != current:
-      raise ValueError(f"{workdir / 'split.json'} is not the split that {record.parent.name} was made with "
-                       f"(SHA-256 {current[:12]}... now, {digest[:12]}... recorded); restore it, or use another "
-                       f"--workdir")
+      raise ValueError(
+        f"{workdir / 'split.json'} is not the split that {record.parent.name} was made with "
+        f"(SHA-256 {current[:12]}... now, {digest[:12]}... recorded); restore it, or use another "
+        f"--workdir"
+      )

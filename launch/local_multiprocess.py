@@ -39,8 +39,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def child_env(base: dict, process_id: int, num_processes: int, coordinator: str,
-              gpus_per_process: int = 0) -> dict:
+def child_env(base: dict, process_id: int, num_processes: int, coordinator: str, gpus_per_process: int = 0) -> dict:
   """The environment of child `process_id`: the JSIM_* variables (and its GPUs)."""
   env = dict(base)
   env.update(JSIM_COORDINATOR=coordinator, JSIM_NUM_PROCESSES=str(num_processes), JSIM_PROCESS_ID=str(process_id))
@@ -70,8 +69,16 @@ def exit_status(returncode: int) -> int:
   return 128 - returncode if returncode < 0 else returncode
 
 
-def launch(command: list[str], num_processes: int, *, port: int = 0, gpus_per_process: int = 0,
-           log_dir: str | None = None, quiet_others: bool = False, grace_s: float = 30.0) -> int:
+def launch(
+  command: list[str],
+  num_processes: int,
+  *,
+  port: int = 0,
+  gpus_per_process: int = 0,
+  log_dir: str | None = None,
+  quiet_others: bool = False,
+  grace_s: float = 30.0,
+) -> int:
   """Starts `command` num_processes times and returns the combined exit status."""
   if num_processes < 1:
     raise ValueError(f"--num_processes={num_processes}: must be >= 1")
@@ -84,12 +91,20 @@ def launch(command: list[str], num_processes: int, *, port: int = 0, gpus_per_pr
   for i in range(num_processes):
     env = child_env(os.environ, i, num_processes, coordinator, gpus_per_process)
     # A new session each: a terminal's Ctrl-C reaches only us, and we forward it once.
-    p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         bufsize=1, start_new_session=True)
+    p = subprocess.Popen(
+      command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True
+    )
     procs.append(p)
-    t = threading.Thread(target=_pump, args=(p.stdout, f"[{i}] ", i == 0 or not quiet_others,
-                                             os.path.join(log_dir, f"process_{i}.log") if log_dir else None),
-                         daemon=True)
+    t = threading.Thread(
+      target=_pump,
+      args=(
+        p.stdout,
+        f"[{i}] ",
+        i == 0 or not quiet_others,
+        os.path.join(log_dir, f"process_{i}.log") if log_dir else None,
+      ),
+      daemon=True,
+    )
     t.start()
     pumps.append(t)
 
@@ -138,23 +153,32 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if "--" in argv:
     cut = argv.index("--")
-    own, command = argv[:cut], argv[cut + 1:]
+    own, command = argv[:cut], argv[cut + 1 :]
   else:
     own, command = argv, []
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                               usage="%(prog)s [options] -- command [args...]")
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], usage="%(prog)s [options] -- command [args...]")
   ap.add_argument("--num_processes", "-n", type=int, default=2)
   ap.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
-  ap.add_argument("--gpus_per_process", type=int, default=0,
-                  help="give each child its own K GPUs via CUDA_VISIBLE_DEVICES (0: all visible)")
+  ap.add_argument(
+    "--gpus_per_process",
+    type=int,
+    default=0,
+    help="give each child its own K GPUs via CUDA_VISIBLE_DEVICES (0: all visible)",
+  )
   ap.add_argument("--log_dir", default=None, help="also write process_<i>.log files here")
   ap.add_argument("--quiet_others", action="store_true", help="print only process 0's output")
-  ap.add_argument("--grace_s", type=float, default=30.0,
-                  help="seconds the others get to finish after one child fails")
+  ap.add_argument("--grace_s", type=float, default=30.0, help="seconds the others get to finish after one child fails")
   args = ap.parse_args(own)
   try:
-    return launch(command, args.num_processes, port=args.port, gpus_per_process=args.gpus_per_process,
-                  log_dir=args.log_dir, quiet_others=args.quiet_others, grace_s=args.grace_s)
+    return launch(
+      command,
+      args.num_processes,
+      port=args.port,
+      gpus_per_process=args.gpus_per_process,
+      log_dir=args.log_dir,
+      quiet_others=args.quiet_others,
+      grace_s=args.grace_s,
+    )
   except ValueError as e:
     print(f"local_multiprocess: {e}", file=sys.stderr)
     return 2

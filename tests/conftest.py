@@ -25,8 +25,14 @@ def jsim_env(cache_dir: Path, **extra: str) -> dict:
 
 def run_jsim(args: list[str], cache_dir: Path, *, timeout: float = 900, **env) -> subprocess.CompletedProcess:
   """`python -m jsim.main ARGS` from the repository root; output captured as text."""
-  return subprocess.run([sys.executable, "-m", "jsim.main", *args], cwd=REPO, env=jsim_env(cache_dir, **env),
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "jsim.main", *args],
+    cwd=REPO,
+    env=jsim_env(cache_dir, **env),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +44,8 @@ def jsim_cache(tmp_path_factory) -> Path:
 def tiny_workdir(tmp_path_factory, jsim_cache) -> Path:
   """A workdir where configs/tiny.py ran every stage (built once per test process)."""
   workdir = tmp_path_factory.mktemp("tiny") / "run"
-  proc = run_jsim(["--config=configs/tiny.py", f"--workdir={workdir}",
-                   "--config.evaluation.augmentation_examples=3"], jsim_cache)
+  proc = run_jsim(
+    ["--config=configs/tiny.py", f"--workdir={workdir}", "--config.evaluation.augmentation_examples=3"], jsim_cache
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir

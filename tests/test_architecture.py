@@ -58,7 +58,7 @@ def _graph() -> dict[str, dict[str, set[str]]]:
 
 def test_no_import_cycle_between_parts():
   graph = _graph()
-  assert graph["train"].get("data") and graph["evaluate"].get("train")   # not empty by accident
+  assert graph["train"].get("data") and graph["evaluate"].get("train")  # not empty by accident
   # Depth-first search for a cycle, reporting the edges that make it.
   state: dict[str, int] = {}
 
@@ -66,7 +66,7 @@ def test_no_import_cycle_between_parts():
     state[node] = 1
     for nxt in sorted(graph.get(node, {})):
       if state.get(nxt) == 1:
-        cycle = path[path.index(nxt):] + [node, nxt] if nxt in path else [node, nxt]
+        cycle = path[path.index(nxt) :] + [node, nxt] if nxt in path else [node, nxt]
         edges = [sorted(graph[a][b])[0] for a, b in zip(cycle, cycle[1:]) if b in graph.get(a, {})]
         raise AssertionError(f"import cycle {' -> '.join(cycle)}: {edges}")
       if not state.get(nxt):
@@ -104,7 +104,12 @@ print(json.dumps(sorted(sys.modules)))
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   loaded = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert "jsim.train.classifier" in loaded and "jsim.data.prepare" in loaded   # it did import the stage
-  unwanted = [m for m in loaded if m.split(".")[0] in ("tensorflow_datasets", "tensorflow", "matplotlib")
-              or m == "jsim.evaluate" or m.startswith("jsim.evaluate.")]
+  assert "jsim.train.classifier" in loaded and "jsim.data.prepare" in loaded  # it did import the stage
+  unwanted = [
+    m
+    for m in loaded
+    if m.split(".")[0] in ("tensorflow_datasets", "tensorflow", "matplotlib")
+    or m == "jsim.evaluate"
+    or m.startswith("jsim.evaluate.")
+  ]
   assert not unwanted, unwanted

@@ -44,8 +44,9 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def _resize(t: torch.Tensor, out: int) -> torch.Tensor:
-  return torch.nn.functional.interpolate(t, size=(out, out), mode="bilinear", align_corners=False,
-                                         antialias=out < t.shape[-1])
+  return torch.nn.functional.interpolate(
+    t, size=(out, out), mode="bilinear", align_corners=False, antialias=out < t.shape[-1]
+  )
 
 
 def _cfg(enabled=aug.TRANSFORMS, prob=1.0, **kw):
@@ -96,14 +97,17 @@ def test_default_config():
   assert aug.IMAGENET_MEAN == (0.485, 0.456, 0.406) and aug.IMAGENET_STD == (0.229, 0.224, 0.225)
 
 
-@pytest.mark.parametrize("field,value,match", [
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
     ("enabled", ("crop", "blur"), "blur"),
     ("prob", 1.5, "prob"),
     ("crop_size", 65, "crop_size"),
     ("hue", 0.7, "hue"),
     ("brightness", -0.1, "brightness"),
     ("order", "rotation_first", "order"),
-])
+  ],
+)
 def test_bad_config(field, value, match):
   cfg = aug.default_augment_config()
   cfg[field] = value
@@ -154,8 +158,7 @@ def test_prob_zero_equals_preprocess(out):
   x = _images()
   cfg = _cfg(prob=0.0)
   pre = jax.jit(lambda im: aug.preprocess(im, aug.IMAGENET_MEAN, aug.IMAGENET_STD, out))(x)
-  got = jax.jit(lambda k, im: aug.augment(k, im, aug.IMAGENET_MEAN, aug.IMAGENET_STD, out, cfg))(
-      jax.random.key(3), x)
+  got = jax.jit(lambda k, im: aug.augment(k, im, aug.IMAGENET_MEAN, aug.IMAGENET_STD, out, cfg))(jax.random.key(3), x)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(pre))
 
 
@@ -182,7 +185,7 @@ def test_crop():
     cy, cx = int(p["crop_y"]), int(p["crop_x"])
     assert p["crop"] and 0 <= cy <= 8 and 0 <= cx <= 8
     offsets.add((cy, cx))
-    window = x[i:i + 1, cy:cy + 56, cx:cx + 56]
+    window = x[i : i + 1, cy : cy + 56, cx : cx + 56]
     ref = _numpy(_resize(TF.normalize(_torch(window), aug.IMAGENET_MEAN, aug.IMAGENET_STD), 224))
     np.testing.assert_allclose(got[i], ref[0], atol=2e-5)
   assert len(offsets) > 1
@@ -197,7 +200,7 @@ def test_rotation_matches_torchvision():
   angles = np.asarray(params["angle"])
   assert np.all(np.abs(angles) <= math.pi / 3) and np.ptp(angles) > 0.1
   for i in range(B):
-    ref = TF.rotate(_torch(x[i:i + 1]), math.degrees(angles[i]), interpolation=BILINEAR, fill=[0.0])
+    ref = TF.rotate(_torch(x[i : i + 1]), math.degrees(angles[i]), interpolation=BILINEAR, fill=[0.0])
     np.testing.assert_allclose(got[i], _numpy(ref)[0], atol=2e-5)
   # Corners are uncovered for |angle| > ~3 degrees: black in pixel space.
   big = np.abs(angles) > 0.1
@@ -230,8 +233,8 @@ def _reference_chain(t: torch.Tensor, p: dict, out: int, order: str) -> torch.Te
     t = rotate(t)
     if p["flip"]:
       t = torch.flip(t, dims=[-1])
-    return _resize(t[..., cy:cy + 56, cx:cx + 56], out)
-  t = t[..., cy:cy + 56, cx:cx + 56]  # the paper's: crop, flip, rotate the window, resize
+    return _resize(t[..., cy : cy + 56, cx : cx + 56], out)
+  t = t[..., cy : cy + 56, cx : cx + 56]  # the paper's: crop, flip, rotate the window, resize
   if p["flip"]:
     t = torch.flip(t, dims=[-1])
   return _resize(rotate(t), out)
@@ -248,7 +251,7 @@ def test_crop_flip_rotation_composed(out, order):
   n_outside = 0
   for i in range(B):
     p = _one_param(params, i)
-    ref = _numpy(_reference_chain(_torch(x[i:i + 1]), p, out, order))[0]
+    ref = _numpy(_reference_chain(_torch(x[i : i + 1]), p, out, order))[0]
     # Compare where the reference never touched the fill (its result for a ones image is 1);
     # within about a pixel of the rotated border the two resampling chains blend the fill differently.
     ones = _numpy(_reference_chain(torch.ones(1, 3, 64, 64), p, out, order))[0]
@@ -272,7 +275,7 @@ def test_flip_rotation_exact(order):
   got = _apply(x, params, 64, order=order)
   for i in range(B):
     p = _one_param(params, i)
-    t = _torch(x[i:i + 1])
+    t = _torch(x[i : i + 1])
     rotate = functools.partial(TF.rotate, angle=math.degrees(p["angle"]), interpolation=BILINEAR, fill=[0.0])
     flip = (lambda u: torch.flip(u, dims=[-1])) if p["flip"] else (lambda u: u)
     ref = rotate(flip(t)) if order == "paper" else flip(rotate(t))
@@ -312,9 +315,9 @@ def test_crop_flip_composed_exact(order):
     p = _one_param(params, i)
     cy, cx = int(p["crop_y"]), int(p["crop_x"])
     if order == "paper":
-      window = np.flip(x[i:i + 1, cy:cy + 56, cx:cx + 56], axis=2)
+      window = np.flip(x[i : i + 1, cy : cy + 56, cx : cx + 56], axis=2)
     else:
-      window = np.flip(x[i:i + 1], axis=2)[:, cy:cy + 56, cx:cx + 56]
+      window = np.flip(x[i : i + 1], axis=2)[:, cy : cy + 56, cx : cx + 56]
     np.testing.assert_allclose(got[i], _numpy(_resize(_torch(window), 224))[0], atol=2e-6)
 
 
@@ -333,10 +336,10 @@ def test_disabled_transforms_are_identity():
 
 
 _ADJUST = {
-    "brightness": TF.adjust_brightness,
-    "contrast": TF.adjust_contrast,
-    "saturation": TF.adjust_saturation,
-    "hue": TF.adjust_hue,
+  "brightness": TF.adjust_brightness,
+  "contrast": TF.adjust_contrast,
+  "saturation": TF.adjust_saturation,
+  "hue": TF.adjust_hue,
 }
 
 
@@ -354,7 +357,7 @@ def test_jitter_component(op):
     assert np.all((factors >= 0.6) & (factors <= 1.4))
   assert np.ptp(factors) > 0.05
   for i in range(B):
-    ref = _ADJUST[op](_torch(x[i:i + 1]), float(factors[i]))
+    ref = _ADJUST[op](_torch(x[i : i + 1]), float(factors[i]))
     np.testing.assert_allclose(got[i], _numpy(ref)[0], atol=2e-5)
 
 
@@ -368,7 +371,7 @@ def test_jitter_random_order():
     for i in range(B):
       p = _one_param(params, i)
       orders.add(tuple(p["jitter_order"]))
-      t = _torch(x[i:i + 1])
+      t = _torch(x[i : i + 1])
       for op in p["jitter_order"]:
         name = aug.JITTER_OPS[op]
         t = _ADJUST[name](t, float(p[name]))

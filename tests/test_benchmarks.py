@@ -16,7 +16,7 @@ from PIL import Image
 from jsim import configs
 from jsim.data import benchmarks, prepare, sources, tiny_imagenet
 
-SIZES = [5, 4, 6, 3]   # images per class; classes 1-2 seen, 3-4 unseen
+SIZES = [5, 4, 6, 3]  # images per class; classes 1-2 seen, 3-4 unseen
 
 
 def _jpeg(seed: int) -> bytes:
@@ -48,14 +48,19 @@ def make_cub(folder: Path) -> dict:
         images.append(f"{n} {rel}")
         labels.append(f"{n} {c}")
         files[f"CUB_200_2011/images/{rel}"] = (data, f"{c:03d}.Bird_{c}")
-    for name, lines in (("classes.txt", classes), ("images.txt", images), ("image_class_labels.txt", labels),
-                        ("train_test_split.txt", [f"{i} 1" for i in range(1, n + 1)])):
+    for name, lines in (
+      ("classes.txt", classes),
+      ("images.txt", images),
+      ("image_class_labels.txt", labels),
+      ("train_test_split.txt", [f"{i} 1" for i in range(1, n + 1)]),
+    ):
       _add(tf, f"CUB_200_2011/{name}", ("\n".join(lines) + "\n").encode())
   return files
 
 
 def make_cars(folder: Path) -> dict:
   import scipy.io
+
   files, rows, n = {}, [], 0
   with tarfile.open(folder / "car_ims.tgz", "w:gz") as tf:
     for c, size in enumerate(SIZES, 1):
@@ -66,8 +71,15 @@ def make_cars(folder: Path) -> dict:
         _add(tf, rel, data)
         files[rel] = (data, f"{c:03d}.Make Model/{c}".replace("/", "-"))
         rows.append((rel, 1, 2, 30, 20, c, n % 2))
-  dt = [("relative_im_path", "O"), ("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"),
-        ("class", "O"), ("test", "O")]
+  dt = [
+    ("relative_im_path", "O"),
+    ("bbox_x1", "O"),
+    ("bbox_y1", "O"),
+    ("bbox_x2", "O"),
+    ("bbox_y2", "O"),
+    ("class", "O"),
+    ("test", "O"),
+  ]
   ann = np.array([tuple(r) for r in rows], dtype=dt)
   names = np.array([f"Make Model/{c}" for c in range(1, len(SIZES) + 1)], dtype=object)
   scipy.io.savemat(folder / "cars_annos.mat", {"annotations": ann[None, :], "class_names": names[None, :]})
@@ -174,8 +186,9 @@ def test_download_fetches_and_checks_the_archives(tmp_path, monkeypatch):
 
 def test_clear_errors(tmp_path):
   c = _config("cars196", tmp_path, tmp_path / "cache")
-  with pytest.raises(FileNotFoundError, match="neither the unpacked cars196 layout.*missing: car_ims.tgz, "
-                                              "cars_annos.mat"):
+  with pytest.raises(
+    FileNotFoundError, match="neither the unpacked cars196 layout.*missing: car_ims.tgz, cars_annos.mat"
+  ):
     sources.load_image_sets(c.data)
   make_cub(tmp_path)
   (tmp_path / "CUB_200_2011.tgz").write_bytes(b"not an archive")

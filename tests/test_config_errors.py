@@ -62,7 +62,7 @@ def test_unknown_key_names_the_key_and_suggests_the_right_one(jsim_cache, tmp_pa
   proc = _cli(["--config.classifier.learning_rte=0.1"], jsim_cache, tmp_path)
   last = _refused(proc, expect="--config.classifier.learning_rte")
   assert "has no key 'learning_rte'" in last and "did you mean 'classifier.learning_rate'" in last
-  assert not (tmp_path / "w").exists()   # refused before the workdir is touched
+  assert not (tmp_path / "w").exists()  # refused before the workdir is touched
 
 
 def test_unknown_group_lists_the_keys(jsim_cache, tmp_path):
@@ -80,8 +80,9 @@ def test_wrong_type_names_the_flag(jsim_cache, tmp_path):
 
 
 def test_batch_not_divisible_by_the_devices(jsim_cache, tmp_path):
-  proc = _cli(["--config.classifier.batch_size=6"], jsim_cache, tmp_path,
-              XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  proc = _cli(
+    ["--config.classifier.batch_size=6"], jsim_cache, tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=4"
+  )
   _refused(proc, expect="jsim: classifier.batch_size=6 is not divisible by the 4 devices")
 
 
@@ -113,8 +114,9 @@ def test_class_with_two_images_cannot_give_training_pairs(jsim_cache, tmp_path):
 def test_too_many_validation_pairs(jsim_cache, tmp_path):
   # 10 images per class = 45 distinct pairs; 1000 validation draws take every one of them.
   proc = _cli(["--config.similarity.val_similar_per_class=1000"], jsim_cache, tmp_path)
-  last = _refused(proc, expect="jsim: similarity.val_similar_per_class=1000: the validation pairs take all 45",
-                  data_check=True)
+  last = _refused(
+    proc, expect="jsim: similarity.val_similar_per_class=1000: the validation pairs take all 45", data_check=True
+  )
   assert "(10 images)" in last
 
 
@@ -126,7 +128,9 @@ def test_test_class_with_one_image(jsim_cache, tmp_path):
 # --- in process: the checks themselves -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key, value, message", [
+@pytest.mark.parametrize(
+  "key, value, message",
+  [
     ("classifier.learning_rate", -1.0, "classifier.learning_rate=-1.0: must be > 0"),
     ("classifier.momentum", 1.0, "classifier.momentum=1.0: must be in [0, 1)"),
     ("classifier.num_epochs", 0, "classifier.num_epochs=0: must be > 0"),
@@ -138,9 +142,11 @@ def test_test_class_with_one_image(jsim_cache, tmp_path):
     ("data.val_fraction", 1.0, "data.val_fraction=1.0: must be in (0, 1)"),
     ("evaluation.mode", "all", "evaluation.mode='all': expected one of 'sampled', 'exhaustive'"),
     ("model.name", "resnet18", "model.name='resnet18': expected one of"),
-])
+  ],
+)
 def test_check_config_names_key_and_value(key, value, message):
   from jsim import validate
+
   config = tiny_config()
   group, name = key.split(".")
   with config.unlocked(), config[group].ignore_type():
@@ -152,6 +158,7 @@ def test_check_config_names_key_and_value(key, value, message):
 
 def test_untyped_field_with_a_string():
   from jsim import validate
+
   config = tiny_config()
   with config.unlocked(), config.data.ignore_type():
     config.data.num_workers = "four"
@@ -161,9 +168,10 @@ def test_untyped_field_with_a_string():
 
 def test_the_tiny_config_is_valid():
   from jsim import validate
+
   config = tiny_config()
   validate.check_config(config)
-  labels = np.repeat(np.array([0, 1, 2, 4, 5, 7]), 10)   # T180 of the tiny data: 6 classes x 10 images
+  labels = np.repeat(np.array([0, 1, 2, 4, 5, 7]), 10)  # T180 of the tiny data: 6 classes x 10 images
   validate.check_pair_supply(config, labels)
   validate.check_test_pairs(config, np.repeat(np.arange(8), 4))
 
@@ -171,7 +179,8 @@ def test_the_tiny_config_is_valid():
 def test_pair_supply_limits():
   """Distinct pairs: a class of n images has n(n-1)/2, two classes n_a * n_b (drawn with replacement)."""
   from jsim import validate
-  config = tiny_config()   # 5 validation pairs per class, 1 per ordered class pair; 3 epochs
+
+  config = tiny_config()  # 5 validation pairs per class, 1 per ordered class pair; 3 epochs
   with pytest.raises(ValueError, match=r"class 3 has 1 stage-2 \(T180\) image"):
     validate.check_pair_supply(config, np.array([0, 0, 3, 5, 5]))
   # 20 draws take at most 20 of a class's 45 distinct pairs: 16 redraws almost surely avoid them.
@@ -192,10 +201,11 @@ def test_pair_supply_limits():
 
 def test_test_pair_limits():
   from jsim import validate
+
   config = tiny_config()
   with pytest.raises(ValueError, match=r"class 'c' has 0 test image\(s\)"):
     validate.check_test_pairs(config, np.array([0, 0, 1, 1]), ("a", "b", "c"))
-  config.evaluation.mode = "exhaustive"   # no sampling: one image of a class is fine
+  config.evaluation.mode = "exhaustive"  # no sampling: one image of a class is fine
   validate.check_test_pairs(config, np.array([0, 0, 1, 2]), ("a", "b", "c"))
   with pytest.raises(ValueError, match=r"needs 2 to 65536 test images"):
     validate.check_test_pairs(config, np.array([0]), ("a",))

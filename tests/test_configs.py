@@ -19,20 +19,38 @@ def _load(name: str):
   return module
 
 
-@pytest.mark.parametrize("arg,stage,model", [(None, "all", "resnet50"), ("", "all", "resnet50"),
-                                             ("model=vgg16", "all", "vgg16"),
-                                             ("model=vgg16,stage=classifier", "classifier", "vgg16"),
-                                             ("stage=evaluate,model=resnet50", "evaluate", "resnet50")])
+@pytest.mark.parametrize(
+  "arg,stage,model",
+  [
+    (None, "all", "resnet50"),
+    ("", "all", "resnet50"),
+    ("model=vgg16", "all", "vgg16"),
+    ("model=vgg16,stage=classifier", "classifier", "vgg16"),
+    ("stage=evaluate,model=resnet50", "evaluate", "resnet50"),
+  ],
+)
 def test_protocol_config_is_the_schema_with_stage_and_backbone(arg, stage, model):
   c = _load("protocol").get_config(arg)
   assert (c.stage, c.model.name) == (stage, model)
   # The protocol's values, as PROTOCOL.md gives them.
-  assert (c.classifier.batch_size, c.classifier.learning_rate, c.classifier.momentum, c.classifier.alpha) == \
-      (64, 0.01, 0.8, 0.02)
-  assert (c.similarity.batch_size, c.similarity.learning_rate, c.similarity.alpha, c.similarity.dropout) == \
-      (256, 0.005, 0.01, 0.25)
-  assert (c.similarity.train_per_ordered_class_pair, c.similarity.train_similar_per_class,
-          c.similarity.val_per_ordered_class_pair, c.similarity.val_similar_per_class) == (10, 1790, 6, 1074)
+  assert (c.classifier.batch_size, c.classifier.learning_rate, c.classifier.momentum, c.classifier.alpha) == (
+    64,
+    0.01,
+    0.8,
+    0.02,
+  )
+  assert (c.similarity.batch_size, c.similarity.learning_rate, c.similarity.alpha, c.similarity.dropout) == (
+    256,
+    0.005,
+    0.01,
+    0.25,
+  )
+  assert (
+    c.similarity.train_per_ordered_class_pair,
+    c.similarity.train_similar_per_class,
+    c.similarity.val_per_ordered_class_pair,
+    c.similarity.val_similar_per_class,
+  ) == (10, 1790, 6, 1074)
   assert (c.evaluation.test_per_ordered_class_pair, c.evaluation.test_similar_per_class) == (50, 9950)
   # Everything else is the schema's default (what the six per-stage files gave).
   base = configs.base_config()

@@ -36,8 +36,9 @@ NUM_CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = 4, 6, 3
 def dataset(tmp_path_factory) -> Path:
   """A small data set in the official layout, a quarter of it grayscale JPEGs."""
   root = tmp_path_factory.mktemp("data") / "tiny-imagenet-200"
-  return synthetic.write_synthetic_tiny_imagenet(root, NUM_CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS,
-                                                 seed=3, grayscale_fraction=0.25)
+  return synthetic.write_synthetic_tiny_imagenet(
+    root, NUM_CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS, seed=3, grayscale_fraction=0.25
+  )
 
 
 @pytest.fixture
@@ -62,8 +63,11 @@ def _pil_rgb(path: Path, size: int = 64) -> np.ndarray:
 def _expected(root: Path):
   """{part: [(path, label, image_id)]} from the layout's rules."""
   wnids = sorted(w for w in (root / "wnids.txt").read_text().split())
-  train = [(root / "train" / w / "images" / f, wnids.index(w), f) for w in wnids
-           for f in sorted(p.name for p in (root / "train" / w / "images").iterdir())]
+  train = [
+    (root / "train" / w / "images" / f, wnids.index(w), f)
+    for w in wnids
+    for f in sorted(p.name for p in (root / "train" / w / "images").iterdir())
+  ]
   ann = dict(line.split("\t")[:2] for line in (root / "val" / "val_annotations.txt").read_text().splitlines())
   test = [(root / "val" / "images" / f, wnids.index(ann[f]), f) for f in sorted(ann)]
   return wnids, {"train": train, "test": test}
@@ -257,8 +261,9 @@ def test_stray_and_hidden_files_are_left_out_alike(copy, tmp_path):
   folder, report = _load(copy, tmp_path / "c1")
   assert report["ignored_files"] == 1 and report["num_skipped"] == 0
   assert len(folder["train"]) == NUM_CLASSES * TRAIN_PER_CLASS
-  zipped, report = tiny_imagenet.load_zip(_zip_folder(copy, tmp_path / "t.zip"), cache_dir=tmp_path / "c2",
-                                          num_workers=1)
+  zipped, report = tiny_imagenet.load_zip(
+    _zip_folder(copy, tmp_path / "t.zip"), cache_dir=tmp_path / "c2", num_workers=1
+  )
   assert report["ignored_files"] == 1
   _assert_same(folder, zipped)
 
@@ -350,8 +355,7 @@ def http_dir(tmp_path):
   """(folder served over HTTP on 127.0.0.1, base URL)."""
   served = tmp_path / "served"
   served.mkdir()
-  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                           functools.partial(_QuietHandler, directory=str(served)))
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(served)))
   thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
   thread.start()
   yield served, f"http://127.0.0.1:{server.server_address[1]}"
@@ -414,8 +418,12 @@ def test_no_network_gives_one_clear_message(tmp_path):
     sources.load_image_sets(cfg)
   msg = str(e.value)
   assert "\n" not in msg and url in msg
-  for key in ("--config.data.source=folder", "--config.data.root=", "--config.data.zip_path=",
-              str(tmp_path / "cache" / "downloads" / "tiny-imagenet-200.zip")):
+  for key in (
+    "--config.data.source=folder",
+    "--config.data.root=",
+    "--config.data.zip_path=",
+    str(tmp_path / "cache" / "downloads" / "tiny-imagenet-200.zip"),
+  ):
     assert key in msg
   assert e.value.__cause__ is None and e.value.__suppress_context__
   assert not (tmp_path / "cache" / "downloads" / "tiny-imagenet-200.zip").exists()
@@ -443,8 +451,14 @@ def test_default_config_fields():
   assert cfg.download_md5 == "90528d7ca1a48142e341f4ef8d21d0de"
   assert cfg.num_workers is None and cfg.cache_dir == ""
   assert (cfg.tfds_train_split, cfg.tfds_test_split) == ("train", "test")
-  assert set(cfg.synthetic.keys()) == {"num_classes", "train_per_class", "test_per_class", "image_size",
-                                       "seed", "grayscale_fraction"}
+  assert set(cfg.synthetic.keys()) == {
+    "num_classes",
+    "train_per_class",
+    "test_per_class",
+    "image_size",
+    "seed",
+    "grayscale_fraction",
+  }
   with pytest.raises(ValueError, match="data.source='nope'"):
     cfg.source = "nope"
     sources.load_image_sets(cfg)
@@ -494,11 +508,13 @@ def test_synthetic_source_generates_once_and_reads_through_the_folder_reader(tmp
 def test_tfds_source_is_delegated(monkeypatch):
   calls = []
   fake = types.ModuleType("jsim.data.tfds_source")
-  sets = {p: ImageSet(np.zeros((1, 64, 64, 3), np.uint8), np.zeros(1, np.int32), ("a",), ("x",))
-          for p in ("train", "test")}
+  sets = {
+    p: ImageSet(np.zeros((1, 64, 64, 3), np.uint8), np.zeros(1, np.int32), ("a",), ("x",)) for p in ("train", "test")
+  }
   fake.load_image_sets = lambda c: calls.append(c) or sets
   monkeypatch.setitem(sys.modules, "jsim.data.tfds_source", fake)
   import jsim.data
+
   monkeypatch.setattr(jsim.data, "tfds_source", fake, raising=False)
   cfg = sources.default_data_config()
   cfg.source = "tfds"

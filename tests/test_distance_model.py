@@ -12,10 +12,12 @@ from jsim.models import distance
 def test_distances():
   a = np.array([[3.0, 4.0], [1.0, 0.0]], np.float32)
   b = np.array([[0.0, 0.0], [0.0, 2.0]], np.float32)
-  np.testing.assert_allclose(distance.pair_distance(jnp.asarray(a), jnp.asarray(b), "l2"), [5.0, np.sqrt(5.0)],
-                             rtol=1e-6)
-  np.testing.assert_allclose(distance.pair_distance(jnp.asarray(a), jnp.asarray(a[::-1]), "cosine"),
-                             [1 - 0.6, 1 - 0.6], rtol=1e-6)
+  np.testing.assert_allclose(
+    distance.pair_distance(jnp.asarray(a), jnp.asarray(b), "l2"), [5.0, np.sqrt(5.0)], rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    distance.pair_distance(jnp.asarray(a), jnp.asarray(a[::-1]), "cosine"), [1 - 0.6, 1 - 0.6], rtol=1e-6
+  )
   with pytest.raises(ValueError, match="similarity.distance='l3'"):
     distance.make_prob_fn("l3")
 
@@ -51,7 +53,7 @@ def test_calibration_makes_a_prob_fn_for_the_evaluators(kind):
   cal = distance.calibrate(emb, pairs, same, kind)
   prob_fn = distance.make_prob_fn(kind)
   p = np.asarray(prob_fn(distance.params_of(cal), jnp.asarray(emb[i]), jnp.asarray(emb[j])))
-  assert cal["scale"] < 0   # farther = less likely the same class
+  assert cal["scale"] < 0  # farther = less likely the same class
   assert ((p > 0.5) == same).mean() > 0.85
   d = np.asarray(distance.pair_distance(jnp.asarray(emb[i]), jnp.asarray(emb[j]), kind))
   np.testing.assert_array_equal(p > 0.5, d < cal["distance_at_0.5"])

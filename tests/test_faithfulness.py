@@ -62,6 +62,7 @@ def test_similarity_plan_exclusion(exclusion):
 
 def test_exclusion_is_checked_with_the_config():
   from jsim import validate
+
   config = tiny_config()
   validate.check_config(config)
   assert config.similarity.exclusion == "redraw"  # the default: the protocol's exact 644,400 pairs
@@ -74,6 +75,7 @@ def test_normalization_statistics_come_from_t180(tmp_path):
   # The source computes the statistics "across the training set": T180 = stage-1 train +
   # validation. 'train' (the stage-1 split only) and 'imagenet' stay available.
   from jsim.data import augment, prepare
+
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
   images[20:] //= 2  # the validation images differ, so the two choices do too
@@ -88,6 +90,7 @@ def test_normalization_statistics_come_from_t180(tmp_path):
   assert np.abs(np.subtract(mean, stage1_mean)).max() > 0.01
   # Recorded once; a workdir recorded with another choice says how to continue it.
   import json
+
   assert json.loads((tmp_path / prepare.PREPROCESSING_FILE).read_text())["normalization"] == "t180"
   config.data.normalization = "train"
   with pytest.raises(ValueError, match="--config.data.normalization=t180"):
@@ -99,6 +102,7 @@ def test_normalization_statistics_come_from_t180(tmp_path):
 
 def test_compare_workdirs_must_be_evaluated(tmp_path):
   from jsim import validate
+
   config = tiny_config()
   config.evaluation.compare_workdirs = (str(tmp_path),)
   with pytest.raises(ValueError, match="evaluation.compare_workdirs: .* has no evaluation.npz"):

@@ -46,8 +46,9 @@ def _one_line_refusal(proc, expect: str) -> str:
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_exits_0_and_says_what_a_user_needs(flag):
-  proc = subprocess.run([sys.executable, "-m", "jsim.main", flag], cwd=REPO, capture_output=True, text=True,
-                        timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", "jsim.main", flag], cwd=REPO, capture_output=True, text=True, timeout=120
+  )
   assert proc.returncode == 0, proc.stderr
   out = proc.stdout
   assert out.startswith("usage: python -m jsim.main --config=")
@@ -55,15 +56,14 @@ def test_help_exits_0_and_says_what_a_user_needs(flag):
     assert re.search(rf"^  {stage}\s+\S", out, re.M), stage
   for path in sorted((REPO / "configs").glob("*.py")):
     line = next(x for x in out.splitlines() if f"configs/{path.name}" in x)
-    assert len(line.split(path.name, 1)[1].strip()) > 10, line   # a description, not just the name
+    assert len(line.split(path.name, 1)[1].strip()) > 10, line  # a description, not just the name
   assert "--config.classifier.num_epochs=5" in out and "--print_config" in out and "--dry_run" in out
-  assert "Everything else is" not in out   # not the module's developer docstring
+  assert "Everything else is" not in out  # not the module's developer docstring
 
 
 def test_help_of_the_console_script_names_it():
   code = "import sys; sys.argv[0] = 'jsim'; from jsim.main import entry_point; entry_point()"
-  proc = subprocess.run([sys.executable, "-c", code, "--help"], cwd=REPO, capture_output=True, text=True,
-                        timeout=120)
+  proc = subprocess.run([sys.executable, "-c", code, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0 and proc.stdout.startswith("usage: jsim --config="), proc.stdout + proc.stderr
 
 
@@ -72,19 +72,24 @@ def test_print_config_lists_every_key_with_defaults(tmp_path, jsim_cache):
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = [x for x in proc.stdout.splitlines() if x and not x.startswith("#")]
   from jsim import console, workdir as wd
+
   keys = [k for k, _ in console._leaves(wd.config_to_dict(tiny_config()))]
   assert [x.split(" = ")[0].strip() for x in lines] == keys
   by_key = {x.split(" = ")[0].strip(): x for x in lines}
-  assert re.search(r"= 7\s+\(default 30\)$", by_key["classifier.num_epochs"])       # the override, and the default
-  assert re.search(r"= 6\s+\(default 64\)$", by_key["classifier.batch_size"])       # set by the config file
-  assert by_key["classifier.momentum"].endswith("= 0.8")                          # a default in force
+  assert re.search(r"= 7\s+\(default 30\)$", by_key["classifier.num_epochs"])  # the override, and the default
+  assert re.search(r"= 6\s+\(default 64\)$", by_key["classifier.batch_size"])  # set by the config file
+  assert by_key["classifier.momentum"].endswith("= 0.8")  # a default in force
   assert not list(tmp_path.iterdir())
 
 
 def test_dry_run_checks_everything_and_writes_nothing(tmp_path, jsim_cache):
   w = tmp_path / "w"
-  proc = run_jsim([TINY, f"--workdir={w}", "--dry_run", "--config.classifier.input_size=224"], jsim_cache,
-                  timeout=300, JAX_LOG_COMPILES="1")
+  proc = run_jsim(
+    [TINY, f"--workdir={w}", "--dry_run", "--config.classifier.input_size=224"],
+    jsim_cache,
+    timeout=300,
+    JAX_LOG_COMPILES="1",
+  )
   out = proc.stdout + proc.stderr
   assert proc.returncode == 0, out[-3000:]
   assert "split:  6 seen / 2 unseen classes; 42 stage-1 train, 18 validation, 32 test images" in out
@@ -105,12 +110,20 @@ def test_prepare_stage_writes_split_and_statistics_only(tmp_path, jsim_cache):
   proc = run_jsim([TINY, f"--workdir={w}", "--config.stage=prepare"], jsim_cache, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert sorted(p.name for p in w.iterdir()) == ["config.json", "preprocessing.json", "split.json"]
-  assert json.loads((w / "split.json").read_text())["counts"] == {"seen_classes": 6, "unseen_classes": 2,
-                                                                  "train": 42, "val": 18, "test": 32}
+  assert json.loads((w / "split.json").read_text())["counts"] == {
+    "seen_classes": 6,
+    "unseen_classes": 2,
+    "train": 42,
+    "val": 18,
+    "test": 32,
+  }
   assert len(json.loads((w / "preprocessing.json").read_text())["mean"]) == 3
   line = next(x for x in proc.stderr.splitlines() if "prepared" in x)
-  assert re.search(r"prepared \S+ in \d+\.\d s: 6 seen / 2 unseen classes; 42 stage-1 train, 18 validation, "
-                   r"32 test images; mean \(", line), line
+  assert re.search(
+    r"prepared \S+ in \d+\.\d s: 6 seen / 2 unseen classes; 42 stage-1 train, 18 validation, "
+    r"32 test images; mean \(",
+    line,
+  ), line
   assert re.search(r"^  prepare\s+\S+ s\s+6 seen / 2 unseen classes", proc.stdout, re.M), proc.stdout
 
 
@@ -120,14 +133,17 @@ def test_prepare_stage_writes_split_and_statistics_only(tmp_path, jsim_cache):
 def test_evaluate_on_an_empty_workdir_names_the_first_missing_stage(tmp_path, jsim_cache):
   w = tmp_path / "w"
   proc = run_jsim([TINY, f"--workdir={w}", "--config.stage=evaluate"], jsim_cache, timeout=300)
-  line = _one_line_refusal(proc, "stage 1 has not finished (stage 'evaluate' needs it); run "
-                                 "--config.stage=classifier first, or --config.stage=all")
+  line = _one_line_refusal(
+    proc,
+    "stage 1 has not finished (stage 'evaluate' needs it); run --config.stage=classifier first, or --config.stage=all",
+  )
   assert "embed" not in line
   assert not w.exists()
 
 
 def test_first_missing_stage(tmp_path):
   from jsim import plan
+
   (tmp_path / "stage1").mkdir()
   (tmp_path / "stage1" / "result.json").write_text("{}")
   assert plan.first_missing_stage("evaluate", tmp_path) == "embed"
@@ -138,16 +154,28 @@ def test_first_missing_stage(tmp_path):
   assert plan.first_missing_stage("all", tmp_path / "nothing") is None
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("model.init", "torchvision", "torchvision has no weights for model.name='resnet_tiny' (only for resnet50, "
-                                  "vgg16); add --config.model.init=random"),
-    ("data.root", "/data/tiny-imagenet-200", "data.root='/data/tiny-imagenet-200' is set, but "
-                                             "data.source='synthetic' (this config draws its own images) would "
-                                             "ignore it; add --config.data.source=auto"),
+@pytest.mark.parametrize(
+  "key, value, message",
+  [
+    (
+      "model.init",
+      "torchvision",
+      "torchvision has no weights for model.name='resnet_tiny' (only for resnet50, "
+      "vgg16); add --config.model.init=random",
+    ),
+    (
+      "data.root",
+      "/data/tiny-imagenet-200",
+      "data.root='/data/tiny-imagenet-200' is set, but "
+      "data.source='synthetic' (this config draws its own images) would "
+      "ignore it; add --config.data.source=auto",
+    ),
     ("data.zip_path", "t.zip", "data.zip_path='t.zip' is set, but data.source='synthetic'"),
-])
+  ],
+)
 def test_settings_that_would_be_ignored_or_fail_later_are_refused(key, value, message):
   from jsim import validate
+
   config = tiny_config()
   group, name = key.split(".")
   config[group][name] = value
@@ -158,6 +186,7 @@ def test_settings_that_would_be_ignored_or_fail_later_are_refused(key, value, me
 
 def test_cpu_hint_for_224_pixels():
   from jsim import console
+
   config = tiny_config()
   assert console.cpu_hints(config) == []
   config.classifier.input_size = 224
@@ -168,24 +197,24 @@ def test_cpu_hint_for_224_pixels():
 # --- the console ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xdist_group("tiny_workdir")   # (with --dist loadgroup: the worker that built it for test_pipeline)
+@pytest.mark.xdist_group("tiny_workdir")  # (with --dist loadgroup: the worker that built it for test_pipeline)
 def test_finished_run_says_what_it_skips_and_sums_up(tiny_workdir, jsim_cache, tmp_path):
   """A second run of a finished workdir (the second `make demo`): every stage skipped with a reason, the
   evaluation too, a summary; then a changed evaluation setting redoes the evaluation and says why."""
   w = tmp_path / "w"
   shutil.copytree(tiny_workdir, w)
-  same = [TINY, f"--workdir={w}", "--config.evaluation.augmentation_examples=3"]   # what conftest ran
+  same = [TINY, f"--workdir={w}", "--config.evaluation.augmentation_examples=3"]  # what conftest ran
   proc = run_jsim(same, jsim_cache, timeout=300)
   out = proc.stdout + proc.stderr
   assert proc.returncode == 0, out[-3000:]
   assert re.search(r"stage 1 already finished \(2 epochs, test accuracy \d+\.\d %\): skipped", out), out
   assert "embeddings are current" in out and "stage 2 already finished (3 epochs" in out
   assert "evaluation is current" in out and "Five-case" not in out
-  assert "{" not in out   # no raw dicts
+  assert "{" not in out  # no raw dicts
   for stage in ("classifier", "embed", "similarity", "evaluate"):
     assert re.search(rf"^  {stage}\s+\d+\.\d s\s+\S", proc.stdout, re.M), proc.stdout
   assert f"report:  {w / 'report.md'}" in proc.stdout and f"figures: {w / 'figures'}/" in proc.stdout
-  own = [line for line in out.splitlines() if str(w) not in line]   # (the workdir's path is as long as it is)
+  own = [line for line in out.splitlines() if str(w) not in line]  # (the workdir's path is as long as it is)
   assert all(len(line) < 140 for line in own), max(own, key=len)
 
   proc = run_jsim([*same, "--config.stage=evaluate", "--config.evaluation.num_bins=500"], jsim_cache, timeout=300)
@@ -197,26 +226,40 @@ def test_finished_run_says_what_it_skips_and_sums_up(tiny_workdir, jsim_cache, t
 
 def test_epoch_line_is_short_and_aligned():
   from jsim import console
-  row = {"epoch": 3, "step": 126, "lr": 0.05, "train_loss": 2.2612, "train_accuracy": 0.2493, "val_loss": 1.874,
-         "val_accuracy": 0.3229, "items_per_s": 308200.0, "halved": True}
+
+  row = {
+    "epoch": 3,
+    "step": 126,
+    "lr": 0.05,
+    "train_loss": 2.2612,
+    "train_accuracy": 0.2493,
+    "val_loss": 1.874,
+    "val_accuracy": 0.3229,
+    "items_per_s": 308200.0,
+    "halved": True,
+  }
   line = console.epoch_line("stage 1", row, 16)
-  assert line == ("stage 1 epoch  3/16  loss 2.261  acc  24.9 % | val loss 1.874  acc  32.3 % | lr 0.05  "
-                  "308k/s  -> lr halved to 0.025")
+  assert line == (
+    "stage 1 epoch  3/16  loss 2.261  acc  24.9 % | val loss 1.874  acc  32.3 % | lr 0.05  "
+    "308k/s  -> lr halved to 0.025"
+  )
   assert len(console.epoch_line("stage 1", dict(row, epoch=12, halved=False), 16)) == len(line.split("  ->")[0])
 
 
 def test_log_filter_drops_library_chatter_and_repeats():
   from jsim import console
+
   f = console._QuietFilter()
 
   def record(name, path, line, level=logging.INFO, msg="m"):
     return logging.LogRecord(name, level, path, line, msg, None, None)
 
   data = "/x/jsim/data/tiny_imagenet.py"
-  assert f.filter(record("absl", data, 450)) and not f.filter(record("absl", data, 450))   # once a run
+  assert f.filter(record("absl", data, 450)) and not f.filter(record("absl", data, 450))  # once a run
   assert f.filter(record("absl", data, 455))
-  assert not f.filter(record("jax._src.xla_bridge", "/x/jax/_src/xla_bridge.py", 848,
-                             msg="Unable to initialize backend 'tpu'"))
+  assert not f.filter(
+    record("jax._src.xla_bridge", "/x/jax/_src/xla_bridge.py", 848, msg="Unable to initialize backend 'tpu'")
+  )
   assert not f.filter(record("absl", "/x/orbax/checkpoint/x.py", 1))
   assert f.filter(record("jax._src.xla_bridge", "/x/jax/_src/xla_bridge.py", 9, logging.WARNING))
   assert f.filter(record("absl", "/x/jsim/train/loop.py", 1))
@@ -224,10 +267,11 @@ def test_log_filter_drops_library_chatter_and_repeats():
 
 def test_progress_in_a_log_is_plain_lines_with_rate_and_eta(monkeypatch):
   from jsim import progress
+
   monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)
   stream = io.StringIO()
   bar = progress.Progress(100, "stage 1 epoch 1/2", "img", announce=True, stream=stream, terminal=False)
-  bar.update(10)   # the compiled first step: not counted in the rate
+  bar.update(10)  # the compiled first step: not counted in the rate
   bar.update(10)
   bar.set_postfix("loss 1.2345")
   bar.update(10)
@@ -248,6 +292,7 @@ def test_progress_in_a_log_is_plain_lines_with_rate_and_eta(monkeypatch):
 
 def test_progress_on_a_terminal_says_compiling_then_rate():
   from jsim import progress
+
   stream = io.StringIO()
   bar = progress.Progress(100, "stage 2 epoch 1/3", "pair", stream=stream, terminal=True)
   assert "compiling" in stream.getvalue()
@@ -263,6 +308,7 @@ def test_progress_on_a_terminal_says_compiling_then_rate():
 
 def _events(run_dir):
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
   ea = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
   ea.Reload()
   return ea
@@ -270,6 +316,7 @@ def _events(run_dir):
 
 def _hparams(ea) -> dict:
   from tensorboard.plugins.hparams import plugin_data_pb2
+
   content = ea.PluginTagToContent("hparams")["_hparams_/session_start_info"]
   info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
   return {k: (v.number_value if v.HasField("number_value") else v.string_value) for k, v in info.hparams.items()}
@@ -283,7 +330,7 @@ def test_tensorboard_reads_the_stages_and_the_evaluation(tiny_workdir):
     rows = [json.loads(x) for x in (w / stage / "metrics.jsonl").read_text().splitlines()]
     scalars = ea.Tags()["scalars"]
     for tag in ("val/accuracy", "val/loss", "train/accuracy", "learning_rate", "learning_rate_halved"):
-      assert [e.step for e in ea.Scalars(tag)] == [r["step"] for r in rows], (stage, tag)   # steps, not epochs
+      assert [e.step for e in ea.Scalars(tag)] == [r["step"] for r in rows], (stage, tag)  # steps, not epochs
     assert [e.value for e in ea.Scalars("val/accuracy")] == pytest.approx([r["val_accuracy"] for r in rows])
     assert [e.value for e in ea.Scalars("learning_rate")] == pytest.approx([r["lr"] for r in rows])
     steps = [e.step for e in ea.Scalars("train/loss")]
@@ -299,7 +346,7 @@ def test_tensorboard_reads_the_stages_and_the_evaluation(tiny_workdir):
   assert len([p for p in (w / "stage1" / "tb").glob("events.out.tfevents.*") if "augmentations" not in p.name]) == 1
   (test,) = ea.Scalars("test/accuracy")
   assert test.step == result["best_step"] and test.value == pytest.approx(result["test_accuracy"])
-  (images,) = ea.Images("augmentations")   # augmented training images
+  (images,) = ea.Images("augmentations")  # augmented training images
   assert images.width > 0 and images.height > 0
 
   ea = _events(w / "evaluation" / "tb")
@@ -323,9 +370,10 @@ def test_retrieval_sheet_queries_and_names(jsim_cache):
   import numpy as np
   from jsim.data import sources
   from jsim.evaluate import evaluation
+
   labels = np.repeat([3, 5, 7], [4, 2, 6])
   picks = evaluation._one_query_per_class(labels, 3, seed=0)
-  assert sorted(labels[picks]) == [3, 5, 7]   # each class once
+  assert sorted(labels[picks]) == [3, 5, 7]  # each class once
   picks = evaluation._one_query_per_class(labels, 7, seed=1)
   assert len(set(picks)) == 7 and np.bincount(labels[picks]).max() <= 3
   config = tiny_config()
@@ -343,20 +391,22 @@ def test_retrieval_sheet_queries_and_names(jsim_cache):
 
 def test_make_installs_once_and_has_help(tmp_path):
   import os
+
   venv = tmp_path / "venv"
   (venv / "bin").mkdir(parents=True)
   (venv / "bin" / "python").symlink_to(sys.executable)
   (venv / ".installed").touch()
 
   def make(*args):
-    proc = subprocess.run(["make", "--no-print-directory", *args, f"VENV={venv}"], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+      ["make", "--no-print-directory", *args, f"VENV={venv}"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
-  assert "pip" not in make("-n", "demo")   # installed: the second `make demo` goes straight to the run
+  assert "pip" not in make("-n", "demo")  # installed: the second `make demo` goes straight to the run
   assert f"{venv}/bin/python -m jsim.main --config=configs/demo.py --workdir=runs/demo" in make("-n", "demo")
-  os.utime(venv / ".installed", (0, 0))    # older than pyproject.toml: install again
+  os.utime(venv / ".installed", (0, 0))  # older than pyproject.toml: install again
   assert "pip install" in make("-n", "demo")
   text = make("help")
   assert "make demo" in text and "make test" in text

@@ -22,14 +22,14 @@ BATCHES, BATCH, DIM = 5, 4, 3
 
 def _toy_step(state: TrainState, x, sums, *, tx):
   """Least squares towards the batch: per-example loss |x - w|^2, 'correct' when below 1."""
+
   def loss_fn(params):
     losses = jnp.sum((x - params["w"]) ** 2, axis=-1)
     return losses.mean(), losses
 
   grads, losses = jax.grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
   return new_state, loop.add_to_sums(sums, losses, losses < 1.0, state.step)
 
 
@@ -59,7 +59,7 @@ class ToyPlan:
     step = (epoch - 1) * BATCHES + batch
     if step == self.signal_at_step:
       self.signal_at_step = None
-      os.kill(os.getpid(), signal.SIGTERM)   # handled by fit's guard: stops before the next step
+      os.kill(os.getpid(), signal.SIGTERM)  # handled by fit's guard: stops before the next step
     x = np.random.default_rng([epoch, batch]).normal(size=(BATCH, DIM)).astype(np.float32)
     if step == self.nan_at_step:
       x[0, 0] = np.nan
@@ -77,8 +77,9 @@ def _start(lr=0.1):
 
 
 def _settings(num_epochs, **kw):
-  return loop.LoopSettings(**{"num_epochs": num_epochs, "alpha": 0.02, "halving_wait": 3, "log_every_steps": 2,
-                              "name": "toy", **kw})
+  return loop.LoopSettings(
+    **{"num_epochs": num_epochs, "alpha": 0.02, "halving_wait": 3, "log_every_steps": 2, "name": "toy", **kw}
+  )
 
 
 def _fit(stage_dir, num_epochs, accuracies, **plan_kw):
@@ -100,11 +101,14 @@ def test_resume_at_an_epoch_end_equals_an_uninterrupted_run(tmp_path):
   _, whole, whole_meta = _fit(tmp_path / "whole", 6, RISING)
   _fit(tmp_path / "parts", 2, RISING)
   plan, resumed, meta = _fit(tmp_path / "parts", 6, RISING)
-  assert plan.steps_run == list(range(2 * BATCHES, 6 * BATCHES))   # only the missing epochs ran
+  assert plan.steps_run == list(range(2 * BATCHES, 6 * BATCHES))  # only the missing epochs ran
   assert int(resumed.step) == int(whole.step) == 6 * BATCHES
   np.testing.assert_array_equal(np.asarray(resumed.params["w"]), np.asarray(whole.params["w"]))
   assert _rows(meta) == _rows(whole_meta) and meta["best"] == whole_meta["best"] == {
-      "step": 6 * BATCHES, "epoch": 6, "val_accuracy": 0.8}
+    "step": 6 * BATCHES,
+    "epoch": 6,
+    "val_accuracy": 0.8,
+  }
   # A finished run asked for no more epochs trains nothing.
   plan, again, _ = _fit(tmp_path / "whole", 6, RISING)
   assert plan.steps_run == [] and int(again.step) == 6 * BATCHES
@@ -137,7 +141,7 @@ def test_mid_epoch_checkpoints(tmp_path):
 
 
 def test_halving_rule_halves_the_learning_rate_and_survives_a_resume(tmp_path):
-  flat = [0.5] * 8   # E_k - mean(E_{k-1..k-3}) = 0 < alpha from epoch 4; then every 3 epochs
+  flat = [0.5] * 8  # E_k - mean(E_{k-1..k-3}) = 0 < alpha from epoch 4; then every 3 epochs
   _, _, meta = _fit(tmp_path / "whole", 8, flat)
   assert meta["halving_epochs"] == [4, 7]
   lrs = [r["lr"] for r in meta["rows"]]
@@ -154,8 +158,11 @@ def test_halving_rule_halves_the_learning_rate_and_survives_a_resume(tmp_path):
 
 
 def test_nan_loss_stops_without_saving_and_keeps_the_last_good_checkpoint(tmp_path):
-  with pytest.raises(loop.NonFiniteLoss, match=r"NaN or Inf at step 7; stopped without saving, the last good "
-                                               r"checkpoint \(step 5\) stays"):
+  with pytest.raises(
+    loop.NonFiniteLoss,
+    match=r"NaN or Inf at step 7; stopped without saving, the last good "
+    r"checkpoint \(step 5\) stays",
+  ):
     _fit(tmp_path / "s", 3, RISING, nan_at_step=6)
   ckpts = StageCheckpoints(tmp_path / "s" / "checkpoints")
   try:

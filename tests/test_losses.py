@@ -21,8 +21,8 @@ B, D, C = 24, 8, 7
 def _batch(seed=0, num_classes=C):
   rng = np.random.default_rng(seed)
   emb = rng.normal(size=(B, D)).astype(np.float32)
-  labels = rng.integers(0, num_classes - 1, size=B).astype(np.int64)   # the last class has no image
-  labels[0] = num_classes - 2   # one class with a single image at most... and others with several
+  labels = rng.integers(0, num_classes - 1, size=B).astype(np.int64)  # the last class has no image
+  labels[0] = num_classes - 2  # one class with a single image at most... and others with several
   return emb, labels
 
 
@@ -45,17 +45,33 @@ def _close(a, b, what):
 
 
 PAIR_CASES = [
-    ("contrastive", {}, lambda: pml_losses.ContrastiveLoss(), None),
-    ("contrastive", {"pos_margin": 0.3, "neg_margin": 1.2},
-     lambda: pml_losses.ContrastiveLoss(pos_margin=0.3, neg_margin=1.2), None),
-    ("triplet", {}, lambda: pml_losses.TripletMarginLoss(), None),
-    ("triplet", {"margin": 0.4, "mining": "batch_hard"}, lambda: pml_losses.TripletMarginLoss(margin=0.4),
-     lambda: pml_miners.BatchHardMiner()),
-    ("triplet", {"margin": 0.3, "mining": "semi_hard"}, lambda: pml_losses.TripletMarginLoss(margin=0.3),
-     lambda: pml_miners.TripletMarginMiner(margin=0.3, type_of_triplets="semihard")),
-    ("multi_similarity", {}, lambda: pml_losses.MultiSimilarityLoss(), None),
-    ("multi_similarity", {"alpha": 1.0, "beta": 10.0, "base": 0.2},
-     lambda: pml_losses.MultiSimilarityLoss(alpha=1.0, beta=10.0, base=0.2), None),
+  ("contrastive", {}, lambda: pml_losses.ContrastiveLoss(), None),
+  (
+    "contrastive",
+    {"pos_margin": 0.3, "neg_margin": 1.2},
+    lambda: pml_losses.ContrastiveLoss(pos_margin=0.3, neg_margin=1.2),
+    None,
+  ),
+  ("triplet", {}, lambda: pml_losses.TripletMarginLoss(), None),
+  (
+    "triplet",
+    {"margin": 0.4, "mining": "batch_hard"},
+    lambda: pml_losses.TripletMarginLoss(margin=0.4),
+    lambda: pml_miners.BatchHardMiner(),
+  ),
+  (
+    "triplet",
+    {"margin": 0.3, "mining": "semi_hard"},
+    lambda: pml_losses.TripletMarginLoss(margin=0.3),
+    lambda: pml_miners.TripletMarginMiner(margin=0.3, type_of_triplets="semihard"),
+  ),
+  ("multi_similarity", {}, lambda: pml_losses.MultiSimilarityLoss(), None),
+  (
+    "multi_similarity",
+    {"alpha": 1.0, "beta": 10.0, "base": 0.2},
+    lambda: pml_losses.MultiSimilarityLoss(alpha=1.0, beta=10.0, base=0.2),
+    None,
+  ),
 ]
 
 
@@ -68,6 +84,7 @@ def test_pair_losses_equal_pml(name, kwargs, make_pml, make_miner, seed):
 
   def ref(e):
     return pml(e, t_labels, miner(e, t_labels)) if miner else pml(e, t_labels)
+
   want, want_grad, _ = _torch_value_and_grad(ref, emb)
   loss = losses.build(name, **kwargs)
   got, got_grad, _ = _jax_value_and_grad(loss, loss.init(jax.random.key(0), C, D), emb, labels)
@@ -78,27 +95,41 @@ def test_pair_losses_equal_pml(name, kwargs, make_pml, make_miner, seed):
 
 def test_triplet_miners_differ_and_no_triplet_is_zero():
   emb, labels = _batch(3)
-  values = {m: float(losses.build("triplet", margin=0.3, mining=m).apply({}, emb, labels))
-            for m in ("all", "batch_hard", "semi_hard")}
+  values = {
+    m: float(losses.build("triplet", margin=0.3, mining=m).apply({}, emb, labels))
+    for m in ("all", "batch_hard", "semi_hard")
+  }
   assert len(set(values.values())) == 3, values
   # One class only: no negative, no triplet, no pair of the negative kind -> 0 as in PML.
   same = np.zeros(B, np.int32)
   for name in ("triplet", "contrastive"):
     assert float(losses.build(name).apply({}, emb, same)) == pytest.approx(
-        pml_losses.TripletMarginLoss()(torch.tensor(emb), torch.tensor(same)).item() if name == "triplet"
-        else float(pml_losses.ContrastiveLoss()(torch.tensor(emb), torch.tensor(same))), abs=1e-6)
+      pml_losses.TripletMarginLoss()(torch.tensor(emb), torch.tensor(same)).item()
+      if name == "triplet"
+      else float(pml_losses.ContrastiveLoss()(torch.tensor(emb), torch.tensor(same))),
+      abs=1e-6,
+    )
 
 
 PROXY_CASES = [
-    ("proxy_anchor", {}, lambda: pml_losses.ProxyAnchorLoss(C, D), "proxies", False),
-    ("proxy_anchor", {"margin": 0.2, "alpha": 16.0}, lambda: pml_losses.ProxyAnchorLoss(C, D, margin=0.2, alpha=16),
-     "proxies", False),
-    ("normalized_softmax", {}, lambda: pml_losses.NormalizedSoftmaxLoss(C, D), "W", True),
-    ("normalized_softmax", {"temperature": 0.5}, lambda: pml_losses.NormalizedSoftmaxLoss(C, D, temperature=0.5),
-     "W", True),
-    ("arcface", {}, lambda: pml_losses.ArcFaceLoss(C, D), "W", True),
-    ("arcface", {"margin": 10.0, "scale": 8.0}, lambda: pml_losses.ArcFaceLoss(C, D, margin=10.0, scale=8.0),
-     "W", True),
+  ("proxy_anchor", {}, lambda: pml_losses.ProxyAnchorLoss(C, D), "proxies", False),
+  (
+    "proxy_anchor",
+    {"margin": 0.2, "alpha": 16.0},
+    lambda: pml_losses.ProxyAnchorLoss(C, D, margin=0.2, alpha=16),
+    "proxies",
+    False,
+  ),
+  ("normalized_softmax", {}, lambda: pml_losses.NormalizedSoftmaxLoss(C, D), "W", True),
+  (
+    "normalized_softmax",
+    {"temperature": 0.5},
+    lambda: pml_losses.NormalizedSoftmaxLoss(C, D, temperature=0.5),
+    "W",
+    True,
+  ),
+  ("arcface", {}, lambda: pml_losses.ArcFaceLoss(C, D), "W", True),
+  ("arcface", {"margin": 10.0, "scale": 8.0}, lambda: pml_losses.ArcFaceLoss(C, D, margin=10.0, scale=8.0), "W", True),
 ]
 
 
@@ -108,17 +139,18 @@ def test_proxy_losses_equal_pml(name, kwargs, make_pml, attr, transposed, seed):
   emb, labels = _batch(seed)
   loss = losses.build(name, **kwargs)
   params = loss.init(jax.random.key(seed), C, D)
-  (key, value), = params.items()
+  ((key, value),) = params.items()
   assert key == loss.param_name and value.shape == (C, D)
   pml = make_pml()
   torch_param = np.asarray(value).T.copy() if transposed else np.asarray(value)
 
   def ref(e, p):
-    getattr(pml, attr).data = p   # the loss's own parameter, now a leaf we can differentiate
+    getattr(pml, attr).data = p  # the loss's own parameter, now a leaf we can differentiate
     setattr(pml, attr, torch.nn.Parameter(p))
     out = pml(e, torch.tensor(labels))
     ref.param = getattr(pml, attr)
     return out
+
   e = torch.tensor(emb, requires_grad=True)
   out = ref(e, torch.tensor(torch_param))
   out.backward()
@@ -139,7 +171,8 @@ def test_parameter_init_follows_pml():
   assert weights.std() == pytest.approx(1.0, rel=0.03)
   torch.manual_seed(0)
   assert pml_losses.ProxyAnchorLoss(n_cls, dim).proxies.detach().numpy().std() == pytest.approx(
-      math.sqrt(2.0 / n_cls), rel=0.03)
+    math.sqrt(2.0 / n_cls), rel=0.03
+  )
   assert losses.build("contrastive").init(jax.random.key(0), n_cls, dim) == {}
 
 
@@ -175,8 +208,9 @@ def test_pair_ms_equals_torch_ms_on_every_pair():
 
 
 def test_registry_and_errors():
-  assert losses.available() == sorted(["arcface", "contrastive", "multi_similarity", "normalized_softmax",
-                                       "pair_ms", "proxy_anchor", "triplet"])
+  assert losses.available() == sorted(
+    ["arcface", "contrastive", "multi_similarity", "normalized_softmax", "pair_ms", "proxy_anchor", "triplet"]
+  )
   with pytest.raises(ValueError, match="unknown loss 'nope'.*available: arcface"):
     losses.build("nope")
   with pytest.raises(ValueError, match="no hyperparameter 'gamma'.*alpha, beta, base"):

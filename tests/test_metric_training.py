@@ -38,25 +38,26 @@ def test_cross_entropy_stays_the_protocol():
   assert not isinstance(model, MetricModel)
   plain = schedule.make_optimizer(learning_rate=0.01, momentum=0.8, nesterov=True)
   params = {"w": jnp.ones(3)}
-  assert jax.tree.structure(classifier.make_optimizer(c.classifier).init(params)) == \
-      jax.tree.structure(plain.init(params))
+  assert jax.tree.structure(classifier.make_optimizer(c.classifier).init(params)) == jax.tree.structure(
+    plain.init(params)
+  )
   identity = classifier.stage_identity(c)["classifier"]
-  assert not set(metric.METRIC_FIELDS) & set(identity)   # old workdirs keep their identity
+  assert not set(metric.METRIC_FIELDS) & set(identity)  # old workdirs keep their identity
   c.classifier.loss = "triplet"
   assert classifier.stage_identity(c)["classifier"]["loss"] == "triplet"
 
 
 def test_group_rates_and_halving():
-  c = _tiny_config("proxy_anchor", learning_rate=0.01, head_learning_rate=0.1, loss_learning_rate=1.0,
-                   momentum=0.0)
+  c = _tiny_config("proxy_anchor", learning_rate=0.01, head_learning_rate=0.1, loss_learning_rate=1.0, momentum=0.0)
   tx = classifier.make_optimizer(c.classifier)
   params = {"backbone": {"w": jnp.ones(2)}, "embedding_head": {"kernel": jnp.ones(2)}, "loss": {"proxies": jnp.ones(2)}}
   grads = jax.tree.map(jnp.ones_like, params)
   state = tx.init(params)
   updates, state = tx.update(grads, state, params)
   assert {k: float(v[next(iter(v))][0]) for k, v in updates.items()} == pytest.approx(
-      {"backbone": -0.01, "embedding_head": -0.1, "loss": -1.0})
-  state = schedule.set_learning_rate(state, schedule.get_learning_rate(state) / 2)   # the halving rule
+    {"backbone": -0.01, "embedding_head": -0.1, "loss": -1.0}
+  )
+  state = schedule.set_learning_rate(state, schedule.get_learning_rate(state) / 2)  # the halving rule
   updates, _ = tx.update(grads, state, params)
   assert float(updates["loss"]["proxies"][0]) == pytest.approx(-0.5)
   with pytest.raises(ValueError, match="classifier.head_learning_rate=-1.0 must be > 0"):
@@ -78,9 +79,22 @@ def test_train_step_updates_backbone_head_and_loss(loss_name):
   state = TrainState.create(variables, tx)
   labels = np.repeat(np.arange(num_classes), 3)
   images = np.random.default_rng(0).integers(0, 255, (len(labels), SIZE, SIZE, 3), np.uint8)
-  step = jax.jit(lambda s, x, y, sums: metric.metric_train_step(
-      s, x, y, sums, model=model, loss=model.loss, tx=tx, mean=(120.0,) * 3, std=(60.0,) * 3, input_size=SIZE,
-      augment_config=c.classifier.augment, seed_key=jax.random.PRNGKey(0)))
+  step = jax.jit(
+    lambda s, x, y, sums: metric.metric_train_step(
+      s,
+      x,
+      y,
+      sums,
+      model=model,
+      loss=model.loss,
+      tx=tx,
+      mean=(120.0,) * 3,
+      std=(60.0,) * 3,
+      input_size=SIZE,
+      augment_config=c.classifier.augment,
+      seed_key=jax.random.PRNGKey(0),
+    )
+  )
   new, sums = step(state, jnp.asarray(images), jnp.asarray(labels, jnp.int32), zero_sums())
   assert int(new.step) == 1 and np.isfinite(float(sums["loss_sum"])) and float(sums["count"]) == len(labels)
   assert 0 <= float(sums["correct"]) <= len(labels)
@@ -101,8 +115,9 @@ def test_torchvision_backbone_goes_under_the_wrapper(monkeypatch):
   monkeypatch.setattr(models, "from_torchvision", lambda *a, **k: ported)
   model = classifier.build_classifier(c, 3)
   variables = classifier.initial_variables(c, model, 3, SIZE)
-  _assert_bitwise_equal(jax.tree.map(np.asarray, variables["params"]["backbone"]),
-                        jax.tree.map(np.asarray, ported["params"]))
+  _assert_bitwise_equal(
+    jax.tree.map(np.asarray, variables["params"]["backbone"]), jax.tree.map(np.asarray, ported["params"])
+  )
   assert variables["params"]["loss"]["proxies"].shape == (3, model.backbone.embedding_dim)
 
 
@@ -118,9 +133,15 @@ def test_sampler_batches_feed_the_plan_from_seed_and_epoch():
 
 # Pair family, 2 epochs of 7 steps, mid-epoch checkpoints every 4 steps; the reference run goes
 # on through every stage, with the distance model as stage 2.
-METRIC1 = ["--config=configs/tiny.py", "--config.classifier.loss=contrastive", "--config.classifier.sampler_m=2",
-           "--config.classifier.embedding_dim=8", "--config.classifier.num_epochs=2",
-           "--config.classifier.checkpoint_every_steps=4", "--config.similarity.model=distance"]
+METRIC1 = [
+  "--config=configs/tiny.py",
+  "--config.classifier.loss=contrastive",
+  "--config.classifier.sampler_m=2",
+  "--config.classifier.embedding_dim=8",
+  "--config.classifier.num_epochs=2",
+  "--config.classifier.checkpoint_every_steps=4",
+  "--config.similarity.model=distance",
+]
 METRIC1_STEPS = 14
 
 
@@ -140,10 +161,13 @@ def test_metric_run_resumes_bitwise_and_every_stage_follows(jsim_cache, tmp_path
   run = Jsim(args, jsim_cache)
   assert run.finish() == 0, run.output[-3000:]
   assert "resumed from step 1 (epoch 0, batch 1)" in run.output
-  _assert_bitwise_equal(_state(w / "stage1" / "checkpoints", METRIC1_STEPS),
-                        _state(ref / "stage1" / "checkpoints", METRIC1_STEPS))
-  rows = lambda d: [{k: v for k, v in json.loads(line).items() if k != "items_per_s"}
-                    for line in (d / "stage1" / "metrics.jsonl").read_text().splitlines()]
+  _assert_bitwise_equal(
+    _state(w / "stage1" / "checkpoints", METRIC1_STEPS), _state(ref / "stage1" / "checkpoints", METRIC1_STEPS)
+  )
+  rows = lambda d: [
+    {k: v for k, v in json.loads(line).items() if k != "items_per_s"}
+    for line in (d / "stage1" / "metrics.jsonl").read_text().splitlines()
+  ]
   assert rows(w) == rows(ref) and len(rows(ref)) == 2
   result = json.loads((ref / "stage1" / "result.json").read_text())
   assert result["loss"] == "contrastive" and 0 <= result["test_map@r"] <= 1
@@ -151,11 +175,19 @@ def test_metric_run_resumes_bitwise_and_every_stage_follows(jsim_cache, tmp_path
   _check_every_stage(ref, "contrastive", METRIC1, jsim_cache, monkeypatch)
 
 
-@pytest.mark.parametrize("args", [
-    ["--config.classifier.loss=proxy_anchor", "--config.classifier.embedding_dim=8",
-     "--config.classifier.sampler=uniform", "--config.classifier.loss_learning_rate=0.1"],
+@pytest.mark.parametrize(
+  "args",
+  [
+    [
+      "--config.classifier.loss=proxy_anchor",
+      "--config.classifier.embedding_dim=8",
+      "--config.classifier.sampler=uniform",
+      "--config.classifier.loss_learning_rate=0.1",
+    ],
     ["--config.classifier.loss=pair_ms", "--config.classifier.sampler_m=3"],
-], ids=["proxy", "pair_ms"])
+  ],
+  ids=["proxy", "pair_ms"],
+)
 def test_every_stage_runs_after_metric_learning(args, jsim_cache, tmp_path, monkeypatch):
   w = tmp_path / "run"
   proc = run_jsim(["--config=configs/tiny.py", *args, f"--workdir={w}"], jsim_cache)
@@ -177,7 +209,7 @@ def _check_every_stage(w, loss, args, jsim_cache, monkeypatch):
   assert report["method"]["similarity"].startswith("distance (cosine)" if distance_model else "Ms on l1")
   stage2 = report["extra"]["stage2"]
   assert (stage2.get("model") == "distance") == distance_model
-  if distance_model:   # the calibration: P(same) = sigmoid(scale d + bias), its 0.5 point
+  if distance_model:  # the calibration: P(same) = sigmoid(scale d + bias), its 0.5 point
     assert stage2["distance_at_0.5"] == pytest.approx(-stage2["bias"] / stage2["scale"])
   er = report["embedding_retrieval"]
   assert er["distance"] == ("l2" if loss == "pair_ms" else "cosine")
@@ -188,7 +220,7 @@ def _check_every_stage(w, loss, args, jsim_cache, monkeypatch):
   b = report["balanced_unseen_accuracy"]["at_0.5"]
   cases = {c["case"]: c["accuracy_at_0.5"] for c in report["cases"]}
   assert b == pytest.approx((cases[4] + cases[5]) / 2)
-  monkeypatch.setenv("JSIM_CACHE", str(jsim_cache))   # the runs' decoded data
+  monkeypatch.setenv("JSIM_CACHE", str(jsim_cache))  # the runs' decoded data
   _predict_agrees_with_the_stored_embeddings(w, stage2)
 
 
@@ -198,6 +230,7 @@ def _predict_agrees_with_the_stored_embeddings(w, stage2):
   from jsim.models import distance
   from jsim.predict import Similarity
   from jsim.train.embeddings import load_embeddings
+
   emb = load_embeddings(w)
   config = configs.config_from_dict(json.loads((w / "stage1" / "config.json").read_text()))
   images = sources.load_image_sets(config.data)["test"].images
@@ -225,8 +258,14 @@ def _four_devices() -> dict:
 
   jax.config.update("jax_default_matmul_precision", "highest")
   assert jax.device_count() == 4
-  config = tiny_config(**{"classifier.batch_size": 16, "classifier.loss": "proxy_anchor",
-                          "classifier.embedding_dim": 8, "classifier.sampler_m": 4})
+  config = tiny_config(
+    **{
+      "classifier.batch_size": 16,
+      "classifier.loss": "proxy_anchor",
+      "classifier.embedding_dim": 8,
+      "classifier.sampler_m": 4,
+    }
+  )
   data = fake_stage1_data()
   model = classifier.build_classifier(config, 6)
   variables = jax.tree.map(np.asarray, classifier.initial_variables(config, model, 6, 32))
@@ -234,18 +273,28 @@ def _four_devices() -> dict:
   res = []
   for mesh in (parallel.make_mesh(), Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,))):
     state = parallel.put_replicated(TrainState.create(variables, tx), mesh)
-    plan = metric.MetricPlan(config, data, model, tx, mesh, place_images=classifier.place_images,
-                             padded_batches=classifier.padded_batches)
+    plan = metric.MetricPlan(
+      config, data, model, tx, mesh, place_images=classifier.place_images, padded_batches=classifier.padded_batches
+    )
     plan.begin_epoch(1)
     sums = loop.zero_sums()
     for b in range(3):
       state, sums = plan.train_step(state, 1, b, sums)
-    res.append({"params": jax.device_get(state.params), "batch_stats": jax.device_get(state.batch_stats),
-                "loss_sum": float(sums["loss_sum"]), "val": plan.evaluate(state)})
-  return {"params": closeness(res[0]["params"], res[1]["params"]),
-          "groups": {k: closeness(res[0]["params"][k], res[1]["params"][k]) for k in res[1]["params"]},
-          "batch_stats": closeness(res[0]["batch_stats"], res[1]["batch_stats"]),
-          "loss_sum": [r["loss_sum"] for r in res], "val": [r["val"]["accuracy"] for r in res]}
+    res.append(
+      {
+        "params": jax.device_get(state.params),
+        "batch_stats": jax.device_get(state.batch_stats),
+        "loss_sum": float(sums["loss_sum"]),
+        "val": plan.evaluate(state),
+      }
+    )
+  return {
+    "params": closeness(res[0]["params"], res[1]["params"]),
+    "groups": {k: closeness(res[0]["params"][k], res[1]["params"][k]) for k in res[1]["params"]},
+    "batch_stats": closeness(res[0]["batch_stats"], res[1]["batch_stats"]),
+    "loss_sum": [r["loss_sum"] for r in res],
+    "val": [r["val"]["accuracy"] for r in res],
+  }
 
 
 @pytest.mark.slow
@@ -254,8 +303,15 @@ def test_four_devices_match_one_device_for_a_metric_loss():
   import sys
 
   from test_parallel import REPO, _worker_env
-  proc = subprocess.run([sys.executable, __file__, "four_devices"], cwd=REPO, capture_output=True, text=True,
-                        timeout=600, env=_worker_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+
+  proc = subprocess.run(
+    [sys.executable, __file__, "four_devices"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=_worker_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   r = json.loads(proc.stdout.strip().splitlines()[-1])
   # The loss is one over the global batch: computed per device (4 images, one class each) it would
@@ -278,17 +334,20 @@ def test_bad_loss_is_one_line_from_the_cli(jsim_cache, tmp_path):
   assert proc.returncode != 0
   assert "Traceback" not in proc.stderr
   assert "classifier.loss='tripplet': expected 'cross_entropy' or one of arcface" in proc.stderr
-  assert not w.exists() or not any(w.iterdir())   # a refused run leaves nothing behind
+  assert not w.exists() or not any(w.iterdir())  # a refused run leaves nothing behind
 
 
-@pytest.mark.parametrize("overrides,expect", [
+@pytest.mark.parametrize(
+  "overrides,expect",
+  [
     ({"loss": "nope"}, "classifier.loss='nope': expected 'cross_entropy' or one of arcface"),
     ({"loss": "triplet", "sampler_m": 5}, "classifier.sampler_m=5: must be >= 1 and divide classifier.batch_size=64"),
     ({"loss": "triplet", "sampler": "random"}, "classifier.sampler='random'"),
     ({"loss": "triplet", "embedding_dim": -1}, "classifier.embedding_dim=-1"),
     ({"loss": "proxy_anchor", "loss_learning_rate": 0.0}, "classifier.loss_learning_rate=0.0 must be > 0"),
     ({"sampler": "m_per_class"}, "needs a metric-learning classifier.loss"),
-])
+  ],
+)
 def test_config_errors_name_the_key(overrides, expect):
   c = _tiny_config()
   c.classifier.update(overrides)
@@ -305,6 +364,7 @@ def test_experiment_configs_build(name):
   import importlib.util
 
   from conftest import REPO
+
   spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -323,19 +383,28 @@ def test_stream_pipeline_trains_as_the_device_pipeline():
   from jsim import parallel
   from jsim.train import loop
   from test_parallel import fake_stage1_data, tiny_config
+
   data = fake_stage1_data(num_images=48, size=16)
   mesh = Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,))
   out = {}
   for pipeline in ("device", "stream"):
-    config = tiny_config(**{"classifier.batch_size": 12, "classifier.loss": "multi_similarity",
-                            "classifier.sampler_m": 3, "classifier.input_size": SIZE,
-                            "classifier.augment.crop_size": SIZE - 2, "data.pipeline": pipeline})
+    config = tiny_config(
+      **{
+        "classifier.batch_size": 12,
+        "classifier.loss": "multi_similarity",
+        "classifier.sampler_m": 3,
+        "classifier.input_size": SIZE,
+        "classifier.augment.crop_size": SIZE - 2,
+        "data.pipeline": pipeline,
+      }
+    )
     model = classifier.build_classifier(config, 6)
     tx = classifier.make_optimizer(config.classifier)
     variables = jax.tree.map(np.asarray, classifier.initial_variables(config, model, 6, SIZE))
     state = parallel.put_replicated(TrainState.create(variables, tx), mesh)
-    plan = metric.MetricPlan(config, data, model, tx, mesh, place_images=classifier.place_images,
-                             padded_batches=classifier.padded_batches)
+    plan = metric.MetricPlan(
+      config, data, model, tx, mesh, place_images=classifier.place_images, padded_batches=classifier.padded_batches
+    )
     plan.begin_epoch(2)
     sums = loop.zero_sums()
     for b in range(plan.num_batches(2)):

@@ -25,8 +25,9 @@ def _init(model, rngs, x):
 def _apply(model, variables, x, train=False, rng=None):
   """Jitted apply (one compile instead of one per op); train mode as the training code calls it."""
   if train:
-    return jax.jit(lambda v, x, k: model.apply(v, x, train=True, mutable=["batch_stats"],
-                                               rngs={"dropout": k}))(variables, x, rng)
+    return jax.jit(lambda v, x, k: model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": k}))(
+      variables, x, rng
+    )
   return jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
 
 
@@ -51,8 +52,9 @@ def test_trainable_parameter_counts_with_180_way_head(name, count, emb):
   assert model.embedding_dim == emb == models.embedding_dim(name)
   assert shapes["params"]["head"]["kernel"].shape == (emb, 180)
   assert ("batch_stats" in shapes) == (name == "resnet50")
-  logits, embedding = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), shapes,
-                                     jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32))
+  logits, embedding = jax.eval_shape(
+    lambda v, x: model.apply(v, x, train=False), shapes, jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+  )
   assert logits.shape == (2, 180) and embedding.shape == (2, emb)
 
 
@@ -75,18 +77,17 @@ def test_resnet_tiny_train_step_updates_batch_stats_with_momentum_0_9(tiny):
   assert set(variables) == {"params", "batch_stats"}
   (logits, emb), updates = _apply(model, variables, x, True, jax.random.PRNGKey(3))
   assert logits.shape == (4, 50) and emb.shape == (4, model.embedding_dim) == (4, 256)
-  assert jax.tree_util.tree_structure(updates["batch_stats"]) == jax.tree_util.tree_structure(
-      variables["batch_stats"])
+  assert jax.tree_util.tree_structure(updates["batch_stats"]) == jax.tree_util.tree_structure(variables["batch_stats"])
   # Stem BN: new = 0.9 * old + 0.1 * batch statistic (biased variance), old = (0, 1).
   kernel = variables["params"]["conv1"]["kernel"]
-  y = jax.lax.conv_general_dilated(x, kernel, (2, 2), ((3, 3), (3, 3)),
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = jax.lax.conv_general_dilated(x, kernel, (2, 2), ((3, 3), (3, 3)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
   stats = updates["batch_stats"]["bn1"]
   np.testing.assert_allclose(stats["mean"], 0.1 * y.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * y.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
   # Every BN layer moved; eval uses the running statistics: deterministic, unlike train mode.
-  for old, new in zip(jax.tree_util.tree_leaves(variables["batch_stats"]),
-                      jax.tree_util.tree_leaves(updates["batch_stats"])):
+  for old, new in zip(
+    jax.tree_util.tree_leaves(variables["batch_stats"]), jax.tree_util.tree_leaves(updates["batch_stats"])
+  ):
     assert not np.allclose(old, new)
   eval1, _ = _apply(model, variables, x)
   eval2, _ = _apply(model, variables, x)
@@ -154,9 +155,9 @@ def test_initialisation_follows_torchvision(tiny):
 
 def test_adaptive_pool_bins_follow_torch_formula():
   # in 3 -> out 2: bins [0, 2) and [1, 3) overlap; in 2 -> out 3: [0,1), [0,2), [1,2).
-  np.testing.assert_allclose(vgg.adaptive_pool_matrix(3, 2), [[.5, .5, 0], [0, .5, .5]])
-  np.testing.assert_allclose(vgg.adaptive_pool_matrix(2, 3), [[1, 0], [.5, .5], [0, 1]])
-  np.testing.assert_allclose(vgg.adaptive_pool_matrix(14, 7), np.kron(np.eye(7), [[.5, .5]]))
+  np.testing.assert_allclose(vgg.adaptive_pool_matrix(3, 2), [[0.5, 0.5, 0], [0, 0.5, 0.5]])
+  np.testing.assert_allclose(vgg.adaptive_pool_matrix(2, 3), [[1, 0], [0.5, 0.5], [0, 1]])
+  np.testing.assert_allclose(vgg.adaptive_pool_matrix(14, 7), np.kron(np.eye(7), [[0.5, 0.5]]))
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 7, 4))
   np.testing.assert_array_equal(vgg.adaptive_avg_pool(x, (7, 7)), x)
 

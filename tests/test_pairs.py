@@ -33,7 +33,7 @@ def test_class_index_unequal_sizes():
   order = np.asarray(ci.order)
   for c in range(4):
     s, n = int(ci.start[c]), int(ci.count[c])
-    assert sorted(order[s:s + n]) == sorted(np.nonzero(labels == c)[0])
+    assert sorted(order[s : s + n]) == sorted(np.nonzero(labels == c)[0])
   with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
     P.build_class_index(labels, 3)
 
@@ -160,8 +160,9 @@ def test_exclusion_on_tiny_set_with_frequent_collisions():
   # Membership is exact and order-free; a pair absent from the set is not found.
   assert bool(exclusion.contains(val[:, ::-1]).all())
   all_pairs = np.array(list(itertools.combinations(range(12), 2)), np.int32)
-  np.testing.assert_array_equal(np.asarray(exclusion.contains(jnp.asarray(all_pairs))),
-                                np.isin(_keys(all_pairs), val_keys))
+  np.testing.assert_array_equal(
+    np.asarray(exclusion.contains(jnp.asarray(all_pairs))), np.isin(_keys(all_pairs), val_keys)
+  )
   for seed in range(3):
     pairs, same, stats = P.sample_pairs_with_stats(jax.random.key(100 + seed), ci, classes, 30, 30, exclusion)
     assert int(stats["collisions"]) > 10  # collisions are frequent here ...
@@ -245,8 +246,7 @@ def test_exhaustive_large_n_row_boundaries_and_last_pair(n):
   rows = np.arange(n - 1, dtype=np.int64)
   row_start = rows * (2 * n - rows - 1) // 2
   rng = np.random.default_rng(n)
-  k = np.concatenate([row_start, row_start[1:] - 1, row_start[1:] + 1, [total - 1],
-                      rng.integers(0, total, 200000)])
+  k = np.concatenate([row_start, row_start[1:] - 1, row_start[1:] + 1, [total - 1], rng.integers(0, total, 200000)])
   k = k[(k >= 0) & (k < total)]
   i, j = _linear_to_pair(jnp.asarray(k.astype(np.int32)), n)
   ri, rj = _reference_pairs(k, n)

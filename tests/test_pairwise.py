@@ -64,8 +64,9 @@ def test_sampled_against_numpy_over_all_scores(data):
   emb, labels, seen, (pairs, same, case) = data
   pairs_np, same_np, case_np = np.asarray(pairs), np.asarray(same), np.asarray(case)
   thr = 0.37
-  res = PW.evaluate_pairs(prob_fn, PARAMS, jnp.asarray(emb), labels, seen, (pairs, same, case), chunk_size=500,
-                          num_bins=200, threshold=thr)
+  res = PW.evaluate_pairs(
+    prob_fn, PARAMS, jnp.asarray(emb), labels, seen, (pairs, same, case), chunk_size=500, num_bins=200, threshold=thr
+  )
   p = _np_scores(emb, pairs_np)
   assert res.num_pairs == len(p) == 12 * 11 * 3 + 12 * 40
   for c in range(1, 6):
@@ -87,8 +88,9 @@ def test_sampled_against_numpy_over_all_scores(data):
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
   assert 0.6 < res.auc("all") < 1.0  # the stand-in model separates the classes, imperfectly
   # Pairs alone (no same/case): derived from the labels, same result.
-  res2 = PW.evaluate_pairs(prob_fn, PARAMS, jnp.asarray(emb), labels, seen, pairs, chunk_size=500, num_bins=200,
-                           threshold=thr)
+  res2 = PW.evaluate_pairs(
+    prob_fn, PARAMS, jnp.asarray(emb), labels, seen, pairs, chunk_size=500, num_bins=200, threshold=thr
+  )
   np.testing.assert_array_equal(res2.hist_pos, res.hist_pos)
   np.testing.assert_array_equal(res2.correct_threshold, res.correct_threshold)
 
@@ -118,8 +120,9 @@ def test_exhaustive_against_numpy(data):
   emb, labels, seen, _ = data
   n = 50
   emb, labels = emb[:n], labels[:n]
-  res = PW.evaluate_pairs(prob_fn, PARAMS, jnp.asarray(emb), labels, seen, mode="exhaustive", chunk_size=300,
-                          num_bins=100, threshold=0.6)
+  res = PW.evaluate_pairs(
+    prob_fn, PARAMS, jnp.asarray(emb), labels, seen, mode="exhaustive", chunk_size=300, num_bins=100, threshold=0.6
+  )
   i, j = np.triu_indices(n, 1)
   p = _np_scores(emb, np.stack([i, j], 1))
   same = labels[i] == labels[j]
@@ -151,8 +154,9 @@ def test_chosen_threshold_accuracy_matches_counts(data):
   emb, labels, seen, test = data
   res = PW.evaluate_pairs(prob_fn, PARAMS, jnp.asarray(emb), labels, seen, test, chunk_size=512, num_bins=100)
   t = res.best_threshold()
-  at_t = PW.evaluate_pairs(prob_fn, PARAMS, jnp.asarray(emb), labels, seen, test, chunk_size=512, num_bins=100,
-                           threshold=t)
+  at_t = PW.evaluate_pairs(
+    prob_fn, PARAMS, jnp.asarray(emb), labels, seen, test, chunk_size=512, num_bins=100, threshold=t
+  )
   # The histogram's best edge is the best of all 101 edges, and the exact count agrees.
   b = round(t * 100)
   best = res.hist_pos.sum(0)[b:].sum() + res.hist_neg.sum(0)[:b].sum()
@@ -193,8 +197,14 @@ def test_mesh_sharded_chunks_match_single_device(tmp_path):
     print("OK")
   """)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = subprocess.run(
+    [sys.executable, "-c", script],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=120,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
 
 
@@ -212,8 +222,7 @@ def test_retrieval_hand_made_negative_distance(pairs_per_block):
   #   q0: 1(A) 4 2 3 5 -> AP 1        q1: 0(A) 4 2 3 5 -> AP 1
   #   q2: 3(B) 4(B) 1 0 5 -> AP 1     q3: 2(B) 4(B) 1 0 5 -> AP 1
   #   q4: 1 0 2(B) 3(B) 5 -> AP (1/3 + 2/4) / 2, no hit in the top 2
-  m = R.retrieval_metrics(R.negative_distance, None, RET_EMB, RET_LABELS, ks=(1, 2, 3),
-                          pairs_per_block=pairs_per_block)
+  m = R.retrieval_metrics(R.negative_distance, None, RET_EMB, RET_LABELS, ks=(1, 2, 3), pairs_per_block=pairs_per_block)
   assert m["num_queries"] == 5
   assert m["recall@1"] == pytest.approx(0.8) and m["recall@2"] == pytest.approx(0.8)
   assert m["recall@3"] == pytest.approx(1.0)

@@ -56,28 +56,35 @@ def fake_stage1_data(num_images: int = 64, size: int = 32, num_classes: int = 6,
   images = rng.integers(0, 256, (num_images, size, size, 3), dtype=np.uint8)
   n_train = num_images * 3 // 4
   return types.SimpleNamespace(
-      train_set=types.SimpleNamespace(images=images),
-      train_idx=np.arange(n_train), val_idx=np.arange(n_train, num_images),
-      train_head_labels=rng.integers(0, num_classes, num_images).astype(np.int32),
-      mean=(0.48, 0.45, 0.40), std=(0.23, 0.22, 0.22))
+    train_set=types.SimpleNamespace(images=images),
+    train_idx=np.arange(n_train),
+    val_idx=np.arange(n_train, num_images),
+    train_head_labels=rng.integers(0, num_classes, num_images).astype(np.int32),
+    mean=(0.48, 0.45, 0.40),
+    std=(0.23, 0.22, 0.22),
+  )
 
 
 def initial_variables(config, num_classes: int = 6) -> dict:
   """The seed's initial variables of the config's backbone, as host (numpy) arrays."""
   import jax
   from jsim.train import classifier
+
   model = classifier.build_classifier(config, num_classes)
-  return jax.tree.map(np.asarray, classifier.initial_variables(config, model, num_classes,
-                                                               config.classifier.input_size))
+  return jax.tree.map(
+    np.asarray, classifier.initial_variables(config, model, num_classes, config.classifier.input_size)
+  )
 
 
-def stage1_steps(config, data, mesh, num_steps: int, variables: dict, *, evaluate: bool = False,
-                 num_classes: int = 6) -> dict:
+def stage1_steps(
+  config, data, mesh, num_steps: int, variables: dict, *, evaluate: bool = False, num_classes: int = 6
+) -> dict:
   """num_steps real ClassifierPlan steps from `variables`; host copies of the results."""
   import jax
   from jsim import parallel
   from jsim.train import classifier, loop
   from jsim.train.state import TrainState
+
   model = classifier.build_classifier(config, num_classes)
   tx = classifier.make_optimizer(config.classifier)
   # From host copies: the step donates its state, which must not alias `variables`.
@@ -87,8 +94,12 @@ def stage1_steps(config, data, mesh, num_steps: int, variables: dict, *, evaluat
   sums = loop.zero_sums()
   for b in range(num_steps):
     state, sums = plan.train_step(state, 1, b, sums)
-  return {"params": jax.device_get(state.params), "batch_stats": jax.device_get(state.batch_stats),
-          "sums": jax.device_get(sums), "val": plan.evaluate(state) if evaluate else None}
+  return {
+    "params": jax.device_get(state.params),
+    "batch_stats": jax.device_get(state.batch_stats),
+    "sums": jax.device_get(sums),
+    "val": plan.evaluate(state) if evaluate else None,
+  }
 
 
 # ---------------------------------------------------------------------------
@@ -98,8 +109,12 @@ def stage1_steps(config, data, mesh, num_steps: int, variables: dict, *, evaluat
 def closeness(a, b) -> float:
   """max |a - b| / (ATOL + RTOL |b|) over two pytrees: <= 1 means allclose."""
   import jax
-  f = lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))
-                                / (ATOL + RTOL * np.abs(np.asarray(y, np.float64)))))
+
+  f = lambda x, y: float(
+    np.max(
+      np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)) / (ATOL + RTOL * np.abs(np.asarray(y, np.float64)))
+    )
+  )
   return max(jax.tree.leaves(jax.tree.map(f, a, b)))
 
 
@@ -134,17 +149,22 @@ def _four_devices() -> dict:
   # kink of the model, not a sharding error (no max-pool ties). rotate_first's smallest |pre-ReLU| is 1.7e-5.
   cfg16 = tiny_config(**{"classifier.batch_size": 16, "classifier.augment.order": "rotate_first"})
   s4, s1 = (stage1_steps(cfg16, data, m, 3, variables, evaluate=True) for m in (mesh4, mesh1))
-  moved = max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), s1["params"],
-                                           variables["params"])))
-  out["stage1"] = {"params": closeness(s4["params"], s1["params"]),
-                   "batch_stats": closeness(s4["batch_stats"], s1["batch_stats"]),
-                   "loss_sum": [float(s4["sums"]["loss_sum"]), float(s1["sums"]["loss_sum"])],
-                   "count": [float(s4["sums"]["count"]), float(s1["sums"]["count"])],
-                   "val": [s4["val"], s1["val"]], "params_moved": moved}
+  moved = max(
+    jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), s1["params"], variables["params"]))
+  )
+  out["stage1"] = {
+    "params": closeness(s4["params"], s1["params"]),
+    "batch_stats": closeness(s4["batch_stats"], s1["batch_stats"]),
+    "loss_sum": [float(s4["sums"]["loss_sum"]), float(s1["sums"]["loss_sum"])],
+    "count": [float(s4["sums"]["count"]), float(s1["sums"]["count"])],
+    "val": [s4["val"], s1["val"]],
+    "params_moved": moved,
+  }
 
   # The augmentation itself (default order, key traced as in the step): bitwise equal when sharded.
   from jax.sharding import NamedSharding, PartitionSpec
   from jsim.data import augment
+
   aug_cfg = config.classifier.augment
   images = data.train_set.images[:16]
 
@@ -162,9 +182,20 @@ def _four_devices() -> dict:
 
   # Embeddings of the same images.
   model = classifier.build_classifier(config, 6)
-  embs = [embed.embed_images(model, variables, parallel.put_replicated(data.train_set.images, m), np.arange(50),
-                             mean=data.mean, std=data.std, input_size=32, batch_size=16, mesh=m)
-          for m in (mesh4, mesh1)]
+  embs = [
+    embed.embed_images(
+      model,
+      variables,
+      parallel.put_replicated(data.train_set.images, m),
+      np.arange(50),
+      mean=data.mean,
+      std=data.std,
+      input_size=32,
+      batch_size=16,
+      mesh=m,
+    )
+    for m in (mesh4, mesh1)
+  ]
   out["embed"] = {"shape": list(embs[0].shape), "diff": closeness(embs[0], embs[1])}
 
   # Stage 2: 3 steps of batch 16 with dropout, then the validation pairs.
@@ -182,8 +213,11 @@ def _four_devices() -> dict:
     for b in range(3):
       state, sums = plan.train_step(state, 1, b, sums)
     res.append({"params": jax.device_get(state.params), "sums": jax.device_get(sums), "val": plan.evaluate(state)})
-  out["stage2"] = {"params": closeness(res[0]["params"], res[1]["params"]),
-                   "loss_sum": [float(r["sums"]["loss_sum"]) for r in res], "val": [r["val"] for r in res]}
+  out["stage2"] = {
+    "params": closeness(res[0]["params"], res[1]["params"]),
+    "loss_sum": [float(r["sums"]["loss_sum"]) for r in res],
+    "val": [r["val"] for r in res],
+  }
 
   # The streaming evaluator: sampled and exhaustive pairs, chunks split over 4 devices.
   params = res[1]["params"]
@@ -191,27 +225,40 @@ def _four_devices() -> dict:
   test_emb = rng.normal(size=(40, 32)).astype(np.float32)
   test_labels = np.repeat(np.arange(8), 5).astype(np.int32)
   seen = np.arange(8) < 6
-  test_pairs = pairs_lib.sample_test_pairs(jax.random.key(3), pairs_lib.build_class_index(test_labels, 8), seen,
-                                           2, 10)
+  test_pairs = pairs_lib.sample_test_pairs(jax.random.key(3), pairs_lib.build_class_index(test_labels, 8), seen, 2, 10)
   ev = {}
   for mode in ("sampled", "exhaustive"):
-    r4, r1 = (pairwise.evaluate_pairs(prob_fn, params, parallel.put_replicated(test_emb, m) if m else test_emb,
-                                      test_labels, seen, pairs=test_pairs, mode=mode, chunk_size=64, num_bins=50,
-                                      mesh=m)
-              for m in (mesh4, None))
-    ev[mode] = {f: [getattr(r, f).tolist() for r in (r4, r1)]
-                for f in ("count", "correct_05", "hist_pos", "hist_neg")}
+    r4, r1 = (
+      pairwise.evaluate_pairs(
+        prob_fn,
+        params,
+        parallel.put_replicated(test_emb, m) if m else test_emb,
+        test_labels,
+        seen,
+        pairs=test_pairs,
+        mode=mode,
+        chunk_size=64,
+        num_bins=50,
+        mesh=m,
+      )
+      for m in (mesh4, None)
+    )
+    ev[mode] = {f: [getattr(r, f).tolist() for r in (r4, r1)] for f in ("count", "correct_05", "hist_pos", "hist_neg")}
   out["evaluator"] = ev
 
   # Batches that do not divide by 4 devices: refused before anything compiles.
   errors = {}
   bad = tiny_config(**{"classifier.batch_size": 6})
   for name, fn in (
-      ("validate", lambda: validate.check_config(bad)),
-      ("plan", lambda: classifier.ClassifierPlan(bad, data, model, classifier.make_optimizer(bad.classifier),
-                                                 mesh4)),
-      ("embed", lambda: embed.embed_images(model, variables, None, np.arange(5), mean=data.mean, std=data.std,
-                                           input_size=32, batch_size=6, mesh=mesh4))):
+    ("validate", lambda: validate.check_config(bad)),
+    ("plan", lambda: classifier.ClassifierPlan(bad, data, model, classifier.make_optimizer(bad.classifier), mesh4)),
+    (
+      "embed",
+      lambda: embed.embed_images(
+        model, variables, None, np.arange(5), mean=data.mean, std=data.std, input_size=32, batch_size=6, mesh=mesh4
+      ),
+    ),
+  ):
     try:
       fn()
       errors[name] = None
@@ -227,22 +274,32 @@ def _four_devices() -> dict:
 
 def _worker_env(**extra) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JSIM_COORDINATOR", "JSIM_NUM", "JSIM_PROCESS"))}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-             TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+  env.update(
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    TF_CPP_MIN_LOG_LEVEL="3",
+    PYTHONUNBUFFERED="1",
+  )
   env.update(extra)
   return env
 
 
 @pytest.mark.slow
 def test_four_devices_match_one_device():
-  proc = subprocess.run([sys.executable, __file__, "four_devices"], cwd=REPO, capture_output=True, text=True,
-                        timeout=600, env=_worker_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+  proc = subprocess.run(
+    [sys.executable, __file__, "four_devices"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=_worker_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   r = json.loads(proc.stdout.strip().splitlines()[-1])
   assert r["devices"] == 4
 
   s1 = r["stage1"]
-  assert s1["params_moved"] > 1e-4            # the steps did something
+  assert s1["params_moved"] > 1e-4  # the steps did something
   assert s1["params"] <= 1 and s1["batch_stats"] <= 1, s1
   assert s1["count"] == [48.0, 48.0]
   np.testing.assert_allclose(*s1["loss_sum"], rtol=1e-5)
@@ -273,10 +330,21 @@ def test_four_devices_match_one_device():
 
 def test_bad_batch_is_one_line_from_the_cli(tmp_path):
   # The real command line with 4 devices and classifier.batch_size=6: refused, no traceback.
-  proc = subprocess.run([sys.executable, "-m", "jsim.main", f"--config={TINY}", f"--workdir={tmp_path / 'w'}",
-                         "--config.classifier.batch_size=6"], cwd=REPO, capture_output=True, text=True,
-                        timeout=300, env=_worker_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                                                     JSIM_CACHE=str(tmp_path / "cache")))
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jsim.main",
+      f"--config={TINY}",
+      f"--workdir={tmp_path / 'w'}",
+      "--config.classifier.batch_size=6",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=_worker_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JSIM_CACHE=str(tmp_path / "cache")),
+  )
   assert proc.returncode == 1
   assert "jsim: classifier.batch_size=6 is not divisible by the 4 devices" in proc.stderr
   assert "Traceback" not in proc.stderr
@@ -286,15 +354,20 @@ def _one_step_updates(model_name: str) -> dict:
   """{dtype: (flat parameter update of one stage-1 step, mean loss, state)} for bf16 and float32 compute."""
   import jax
   from jsim import parallel
+
   data = fake_stage1_data()
   variables = initial_variables(tiny_config(**{"model.name": model_name}))  # float32 whatever the compute dtype
   out = {}
   for dtype in ("bfloat16", "float32"):
-    r = stage1_steps(tiny_config(**{"model.name": model_name, "model.dtype": dtype}), data, parallel.make_mesh(), 1,
-                     variables)
+    r = stage1_steps(
+      tiny_config(**{"model.name": model_name, "model.dtype": dtype}), data, parallel.make_mesh(), 1, variables
+    )
     delta = jax.tree.map(lambda p, p0: (p - p0).astype(np.float64), r["params"], variables["params"])
-    out[dtype] = (np.concatenate([x.ravel() for x in jax.tree.leaves(delta)]),
-                  float(r["sums"]["loss_sum"] / r["sums"]["count"]), r)
+    out[dtype] = (
+      np.concatenate([x.ravel() for x in jax.tree.leaves(delta)]),
+      float(r["sums"]["loss_sum"] / r["sums"]["count"]),
+      r,
+    )
   return out
 
 
@@ -318,12 +391,15 @@ def test_bfloat16_compute_keeps_float32_params():
   variables = initial_variables(config)
   fwd = lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])
   x = jnp.zeros((2, 32, 32, 3), jnp.float32)
-  eqns = [e for e in jax.make_jaxpr(fwd)(variables, x).jaxpr.eqns
-          if e.primitive.name in ("conv_general_dilated", "dot_general")]
+  eqns = [
+    e
+    for e in jax.make_jaxpr(fwd)(variables, x).jaxpr.eqns
+    if e.primitive.name in ("conv_general_dilated", "dot_general")
+  ]
   assert len(eqns) >= 5
   assert {str(v.aval.dtype) for e in eqns for v in e.invars} == {"bfloat16"}
   (logits, emb), _ = jax.eval_shape(fwd, variables, x)
-  assert logits.dtype == emb.dtype == jnp.float32   # ... and the outputs are cast back
+  assert logits.dtype == emb.dtype == jnp.float32  # ... and the outputs are cast back
 
   # Close to float32: the loss to bf16 rounding. The update direction is only roughly the
   # same (measured cosine ~0.92): train-mode BatchNorm over 8 values (layer 4 is 1x1 at this
@@ -347,14 +423,21 @@ LAUNCHER = REPO / "launch" / "local_multiprocess.py"
 
 
 def _launch(child: str, *options: str) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, str(LAUNCHER), *options, "--", sys.executable, "-c", child],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_worker_env())
+  return subprocess.Popen(
+    [sys.executable, str(LAUNCHER), *options, "--", sys.executable, "-c", child],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    env=_worker_env(),
+  )
 
 
 def test_launcher_sets_the_environment_and_propagates_exit_codes():
-  child = ("import os, sys; e = os.environ; print('id', e['JSIM_PROCESS_ID'], 'of', e['JSIM_NUM_PROCESSES'], "
-           "e['JSIM_COORDINATOR'].split(':')[0], e.get('CUDA_VISIBLE_DEVICES')); "
-           "sys.exit(3 if e['JSIM_PROCESS_ID'] == '2' else 0)")
+  child = (
+    "import os, sys; e = os.environ; print('id', e['JSIM_PROCESS_ID'], 'of', e['JSIM_NUM_PROCESSES'], "
+    "e['JSIM_COORDINATOR'].split(':')[0], e.get('CUDA_VISIBLE_DEVICES')); "
+    "sys.exit(3 if e['JSIM_PROCESS_ID'] == '2' else 0)"
+  )
   proc = _launch(child, "--num_processes=3", "--gpus_per_process=2")
   out, _ = proc.communicate(timeout=60)
   assert proc.returncode == 3, out
@@ -373,12 +456,15 @@ def test_launcher_stops_the_others_when_one_fails():
 def test_launcher_forwards_sigterm():
   import signal
   import time
-  child = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (print('checkpoint', flush=True), "
-           "sys.exit(0))); print('ready', flush=True); time.sleep(120); sys.exit(1)")
+
+  child = (
+    "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (print('checkpoint', flush=True), "
+    "sys.exit(0))); print('ready', flush=True); time.sleep(120); sys.exit(1)"
+  )
   proc = _launch(child, "--num_processes=2")
   seen = []
   deadline = time.monotonic() + 60
-  while len(seen) < 2 and time.monotonic() < deadline:   # both children up and their handlers set
+  while len(seen) < 2 and time.monotonic() < deadline:  # both children up and their handlers set
     line = proc.stdout.readline()
     if "ready" in line:
       seen.append(line)
@@ -393,13 +479,29 @@ def test_two_processes_train_and_write_one_checkpoint_set(tmp_path):
   """2 JAX processes on localhost (gloo) run every stage of the tiny config via the real CLI."""
   workdir = tmp_path / "w"
   proc = subprocess.run(
-      [sys.executable, str(LAUNCHER), "--num_processes=2", "--grace_s=20", "--", sys.executable, "-m", "jsim.main",
-       f"--config={TINY}", f"--workdir={workdir}", "--config.classifier.num_epochs=1",
-       "--config.similarity.num_epochs=1", "--config.evaluation.retrieval=False",
-       # 42 train images / 6 = 7 equal batches: one compiled step (6 divides by 2 devices).
-       "--config.classifier.batch_size=6"],
-      cwd=REPO, capture_output=True, text=True, timeout=600,
-      env=_worker_env(JSIM_CACHE=str(tmp_path / "cache")))
+    [
+      sys.executable,
+      str(LAUNCHER),
+      "--num_processes=2",
+      "--grace_s=20",
+      "--",
+      sys.executable,
+      "-m",
+      "jsim.main",
+      f"--config={TINY}",
+      f"--workdir={workdir}",
+      "--config.classifier.num_epochs=1",
+      "--config.similarity.num_epochs=1",
+      "--config.evaluation.retrieval=False",
+      # 42 train images / 6 = 7 equal batches: one compiled step (6 divides by 2 devices).
+      "--config.classifier.batch_size=6",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=_worker_env(JSIM_CACHE=str(tmp_path / "cache")),
+  )
   log = proc.stdout + proc.stderr
   assert proc.returncode == 0, log[-4000:]
   # Both processes joined one runtime of 2 devices.
@@ -434,6 +536,7 @@ def test_two_processes_train_and_write_one_checkpoint_set(tmp_path):
   from jsim import parallel
   from jsim.checkpoint import StageCheckpoints
   from jsim.train import classifier
+
   config = tiny_config()
   model = classifier.build_classifier(config, 6)
   abstract = classifier.abstract_state(config, model, parallel.make_mesh())
@@ -444,8 +547,9 @@ def test_two_processes_train_and_write_one_checkpoint_set(tmp_path):
     ckpts.close()
   assert int(state.step) == 7 and meta["epoch"] == 1 and meta["best"]["step"] == 7
   init = classifier.initial_variables(config, model, 6, 32)["params"]
-  moved = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
-                                           state.params, init)))
+  moved = max(
+    jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), state.params, init))
+  )
   assert moved > 1e-5
 
 

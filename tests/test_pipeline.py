@@ -21,12 +21,13 @@ def _tensorboard_values(tb_dir):
   """Every summary value in a TensorBoard folder's event files (TFRecord framing, tensorboardX's protos)."""
   import struct
   from tensorboardX.proto import event_pb2
+
   values = []
   for path in sorted(tb_dir.glob("events.out.tfevents.*")):
     data, pos = path.read_bytes(), 0
     while pos + 12 <= len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
       values += list(event.summary.value)
       pos += 12 + length + 4
   return values
@@ -79,8 +80,7 @@ def test_workdir_contract(tiny_workdir):
 
 def test_rerun_resumes_instead_of_restarting(tiny_workdir, jsim_cache):
   before = {p: p.stat().st_mtime_ns for p in (tiny_workdir / "stage1" / "checkpoints").rglob("*")}
-  proc = run_jsim(["--config=configs/tiny.py", f"--workdir={tiny_workdir}", "--config.stage=classifier"],
-                  jsim_cache)
+  proc = run_jsim(["--config=configs/tiny.py", f"--workdir={tiny_workdir}", "--config.stage=classifier"], jsim_cache)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "stage 1 already finished" in proc.stderr
   after = {p: p.stat().st_mtime_ns for p in (tiny_workdir / "stage1" / "checkpoints").rglob("*")}
@@ -90,12 +90,23 @@ def test_rerun_resumes_instead_of_restarting(tiny_workdir, jsim_cache):
 def test_ensemble_of_two_backbones(tiny_workdir, jsim_cache, tmp_path):
   """configs/ensemble_sim.py's recipe: Ms on [ResNet, VGG] embeddings in a copy of the ResNet workdir."""
   import shutil
+
   vgg = tmp_path / "vgg"
-  proc = run_jsim(["--config=configs/tiny.py", f"--workdir={vgg}", "--config.model.name=vgg_tiny",
-                   "--config.stage=similarity"], jsim_cache)
+  proc = run_jsim(
+    ["--config=configs/tiny.py", f"--workdir={vgg}", "--config.model.name=vgg_tiny", "--config.stage=similarity"],
+    jsim_cache,
+  )
   assert proc.returncode != 0 and "stage 1 has not finished" in proc.stderr  # embeddings need stage 1
-  proc = run_jsim(["--config=configs/tiny.py", f"--workdir={vgg}", "--config.model.name=vgg_tiny",
-                   "--config.stage=all", "--config.evaluation.retrieval=False"], jsim_cache)
+  proc = run_jsim(
+    [
+      "--config=configs/tiny.py",
+      f"--workdir={vgg}",
+      "--config.model.name=vgg_tiny",
+      "--config.stage=all",
+      "--config.evaluation.retrieval=False",
+    ],
+    jsim_cache,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   ens = tmp_path / "ensemble"
   shutil.copytree(tiny_workdir, ens)
@@ -114,7 +125,7 @@ def test_feature_sweep_writes_one_comparison_table(tiny_workdir, jsim_cache):
   proc = run_jsim(["--config=configs/tiny.py", f"--workdir={tiny_workdir}", "--config.stage=sweep"], jsim_cache)
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = json.loads((tiny_workdir / "sweep" / "comparison.json").read_text())
-  assert [r["feature"] for r in rows] == ["l1", "prod"]   # configs/tiny.py's sweep.features
+  assert [r["feature"] for r in rows] == ["l1", "prod"]  # configs/tiny.py's sweep.features
   for r in rows:
     assert 0.0 <= r["test_accuracy"] <= 1.0 and (tiny_workdir / "sweep" / r["feature"] / "result.json").exists()
   table = (tiny_workdir / "sweep" / "comparison.md").read_text()

@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 @dataclasses.dataclass(frozen=True)
 class Trained:
   workdir: Path
-  files: list[Path]         # files[r]: the image file of row r of W/embeddings/test.npy
-  test: np.ndarray          # stored test embeddings
-  labels: np.ndarray        # their classes
+  files: list[Path]  # files[r]: the image file of row r of W/embeddings/test.npy
+  test: np.ndarray  # stored test embeddings
+  labels: np.ndarray  # their classes
   threshold: float
 
   def rows(self, same: bool, start: int = 0) -> tuple[int, int]:
@@ -52,25 +52,43 @@ def trained(tmp_path_factory) -> Trained:
       shutil.rmtree(root, ignore_errors=True)
       root.mkdir(parents=True)
       env = {**os.environ, "JSIM_CACHE": str(root / "cache")}
-      r = subprocess.run([sys.executable, "-m", "jsim.main", "--config=configs/tiny.py", f"--workdir={root / 'W'}",
-                          # Batch sizes that divide the tiny splits: one compiled train step per stage.
-                          "--config.classifier.batch_size=6", "--config.similarity.batch_size=24",
-                          "--config.evaluation.retrieval=False"], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=900)
+      r = subprocess.run(
+        [
+          sys.executable,
+          "-m",
+          "jsim.main",
+          "--config=configs/tiny.py",
+          f"--workdir={root / 'W'}",
+          # Batch sizes that divide the tiny splits: one compiled train step per stage.
+          "--config.classifier.batch_size=6",
+          "--config.similarity.batch_size=24",
+          "--config.evaluation.retrieval=False",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+      )
       assert r.returncode == 0, r.stderr[-3000:]
   w = root / "W"
   images = next((root / "cache").glob("synthetic-*")) / "val" / "images"
   test_ids = json.loads((w / "split.json").read_text())["test_ids"]
   # test.npy row r embeds test_set[test_index[r]]; test_ids is in test_set order (file names).
   files = [images / test_ids[i] for i in np.load(w / "embeddings" / "test_index.npy")]
-  return Trained(workdir=w, files=files, test=np.load(w / "embeddings" / "test.npy"),
-                 labels=np.load(w / "embeddings" / "test_labels.npy"),
-                 threshold=json.loads((w / "report.json").read_text())["val_threshold"])
+  return Trained(
+    workdir=w,
+    files=files,
+    test=np.load(w / "embeddings" / "test.npy"),
+    labels=np.load(w / "embeddings" / "test_labels.npy"),
+    threshold=json.loads((w / "report.json").read_text())["val_threshold"],
+  )
 
 
 @pytest.fixture(scope="session")
 def sim(trained):
   from jsim import predict
+
   return predict.Similarity.load(trained.workdir)
 
 
@@ -95,8 +113,9 @@ def ms_reference(trained):
 
 
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "jsim.predict", *map(str, args)], cwd=REPO, capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "jsim.predict", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout
+  )
 
 
 def cli_json(*args: str) -> tuple[dict, str]:
@@ -150,8 +169,12 @@ def test_png_grayscale_rgba_palette_and_odd_sizes(trained, sim, tmp_path):
     assert x.shape == (size, size, 3) and x.dtype == np.uint8
     # PIL images and uint8 arrays go the same way as the file.
     np.testing.assert_array_equal(predict.prepare_image(Image.open(path), size), x)
-    np.testing.assert_array_equal(predict.prepare_image(np.asarray(Image.open(path).convert(
-        "RGBA" if path == rgba else "L" if path == gray else "RGB")), size), x)
+    np.testing.assert_array_equal(
+      predict.prepare_image(
+        np.asarray(Image.open(path).convert("RGBA" if path == rgba else "L" if path == gray else "RGB")), size
+      ),
+      x,
+    )
 
   r = cli(f"--workdir={trained.workdir}", gray, rgba)
   assert r.returncode == 0, r.stderr
@@ -212,12 +235,12 @@ def test_gallery_search_ranks_caches_and_invalidates(trained, sim, ms_reference,
   assert second["cache"]["embedded"] == 0 and second["cache"]["reused"] == len(rows)
   assert f"{len(rows)} from the cache, 0 embedded" in err
   assert cache.stat().st_mtime_ns == stamp
-  assert [(m["path"], m["probability"]) for m in second["results"]] == \
-         [(m["path"], m["probability"]) for m in first["results"][:3]]
+  assert [(m["path"], m["probability"]) for m in second["results"]] == [
+    (m["path"], m["probability"]) for m in first["results"][:3]
+  ]
   api = sim.search(query, gal, top=3)
   assert [m.path for m in api] == [m["path"] for m in second["results"]]
-  np.testing.assert_allclose([m.probability for m in api], [m["probability"] for m in second["results"]],
-                             atol=1e-6)
+  np.testing.assert_allclose([m.probability for m in api], [m["probability"] for m in second["results"]], atol=1e-6)
 
   # Change the folder: one file modified (another image), one added, one removed.
   shutil.copyfile(trained.files[8], gal / "a.jpg")
@@ -315,10 +338,26 @@ def _bad_case(name: str, trained: Trained, tmp: Path) -> tuple[list, str]:
   raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", ["missing image", "unreadable image", "missing workdir", "untrained workdir",
-                                  "no stage 2", "embedding dim mismatch", "model mismatch", "stale embeddings",
-                                  "gallery without images", "gallery not a folder", "one image", "negative top",
-                                  "workdir is a file", "html under a file", "sheet not an image"])
+@pytest.mark.parametrize(
+  "name",
+  [
+    "missing image",
+    "unreadable image",
+    "missing workdir",
+    "untrained workdir",
+    "no stage 2",
+    "embedding dim mismatch",
+    "model mismatch",
+    "stale embeddings",
+    "gallery without images",
+    "gallery not a folder",
+    "one image",
+    "negative top",
+    "workdir is a file",
+    "html under a file",
+    "sheet not an image",
+  ],
+)
 def test_bad_input_is_one_line_and_nonzero(trained, tmp_path, name):
   args, expected = _bad_case(name, trained, tmp_path)
   r = cli(*args, timeout=120)
@@ -328,16 +367,18 @@ def test_bad_input_is_one_line_and_nonzero(trained, tmp_path, name):
   assert len(lines) == 1, r.stderr
   assert lines[0].startswith("jsim-predict: ") and expected in lines[0], lines[0]
   assert r.stdout == ""
-  if name in ("html under a file", "sheet not an image"):   # refused before the search: nothing embedded
+  if name in ("html under a file", "sheet not an image"):  # refused before the search: nothing embedded
     assert not (trained.workdir / "predict_cache").exists() or not any(
-        str((tmp_path / "g").resolve()) in str(np.load(f)["gallery"])
-        for f in (trained.workdir / "predict_cache").glob("*.npz"))
+      str((tmp_path / "g").resolve()) in str(np.load(f)["gallery"])
+      for f in (trained.workdir / "predict_cache").glob("*.npz")
+    )
 
 
 def test_sheet_colours_mean_the_decision_and_names_keep_their_extension(trained, tmp_path):
   from jsim.evaluate import figures
   from jsim.predict import Match
   from jsim.predict.cli import short_name, write_sheet
+
   assert short_name("a_very_long_name_of_a_holiday_photo_2.jpeg") == "a_very_\u2026photo_2.jpeg"
   assert len(short_name("a_very_long_name_of_a_holiday_photo_2.jpeg")) == 20
   assert short_name("short.jpg") == "short.jpg"
@@ -349,7 +390,7 @@ def test_sheet_colours_mean_the_decision_and_names_keep_their_extension(trained,
     return int((np.abs(arr - np.asarray(color)).sum(-1) < 30).sum())
 
   assert count(figures.ABOVE_COLOR) > 50 and count(figures.BELOW_COLOR) > 50 and count(figures.QUERY_COLOR) > 50
-  assert count(figures.SAME_COLOR) == 0   # green means "same class" (ground truth) elsewhere: not used here
+  assert count(figures.SAME_COLOR) == 0  # green means "same class" (ground truth) elsewhere: not used here
 
 
 def test_checkpoint_that_does_not_fit_the_config_is_refused(trained, tmp_path):
@@ -381,6 +422,7 @@ def test_ensemble_workdir_concatenates_member_embeddings(trained, tmp_path):
   dim = 2 * trained.test.shape[1]
   (w2 / "stage2" / "result.json").write_text(json.dumps({"embedding_dim": dim, "best_step": 0}))
   from jsim import configs
+
   config = configs.config_from_dict({"similarity": stage2["similarity"], "model": {"dtype": "float32"}})
   config.seed = 3  # weights unlike the trained Ms
   model = similarity.build_similarity(config, dim)
@@ -401,6 +443,10 @@ def test_console_script_is_installed(trained, tmp_path):
   script = Path(sys.executable).with_name("jsim-predict")
   if not script.exists():
     pytest.skip("jsim-predict is not installed beside this python")
-  r = subprocess.run([str(script), f"--workdir={trained.workdir}", trained.files[0], tmp_path / "missing.png"],
-                     capture_output=True, text=True, timeout=120)
+  r = subprocess.run(
+    [str(script), f"--workdir={trained.workdir}", trained.files[0], tmp_path / "missing.png"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert r.returncode == 1 and r.stderr.strip() == f"jsim-predict: {tmp_path / 'missing.png'}: no such file"

@@ -36,14 +36,25 @@ TMP_CHECKPOINT = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 # alpha=0.5 the halving rule always fires once allowed (consecutive running means of
 # accuracies differ by far less than 0.5): after epochs 4, 5 and 6 (halving_wait=1).
 # A checkpoint every 4 steps gives mid-epoch ones (4, 8, 12, ..., 32, 36, 40).
-TINY1 = ["--config=configs/tiny.py", "--config.classifier.batch_size=6", "--config.classifier.num_epochs=6",
-         "--config.classifier.alpha=0.5", "--config.classifier.halving_wait=1",
-         "--config.classifier.checkpoint_every_steps=4"]
+TINY1 = [
+  "--config=configs/tiny.py",
+  "--config.classifier.batch_size=6",
+  "--config.classifier.num_epochs=6",
+  "--config.classifier.alpha=0.5",
+  "--config.classifier.halving_wait=1",
+  "--config.classifier.checkpoint_every_steps=4",
+]
 STAGE1 = [*TINY1, "--config.stage=classifier"]
 STAGE1_STEPS = 42
 # Stage 2: 6*5*2 + 6*10 = 120 pairs in batches of 24 = 5 steps an epoch; halving after epoch 4.
-STAGE2 = ["--config=configs/tiny.py", "--config.stage=similarity", "--config.similarity.batch_size=24",
-          "--config.similarity.num_epochs=4", "--config.similarity.alpha=0.5", "--config.similarity.halving_wait=1"]
+STAGE2 = [
+  "--config=configs/tiny.py",
+  "--config.stage=similarity",
+  "--config.similarity.batch_size=24",
+  "--config.similarity.num_epochs=4",
+  "--config.similarity.alpha=0.5",
+  "--config.similarity.halving_wait=1",
+]
 STAGE2_STEPS = 20
 
 
@@ -52,8 +63,13 @@ class Jsim:
 
   def __init__(self, args: list[str], cache: Path):
     self.args = args
-    self.proc = subprocess.Popen([sys.executable, "-m", "jsim.main", *args], cwd=REPO, env=jsim_env(cache),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    self.proc = subprocess.Popen(
+      [sys.executable, "-m", "jsim.main", *args],
+      cwd=REPO,
+      env=jsim_env(cache),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+    )
     self._chunks: list[bytes] = []
     self._reader = threading.Thread(target=self._pump, daemon=True)
     self._reader.start()
@@ -119,12 +135,14 @@ def _state(ckpt_dir: Path, step: int) -> dict:
   """The saved state pytree as numpy arrays, restored without the model (its stored structure)."""
   import jax
   import orbax.checkpoint as ocp
+
   state = ocp.StandardCheckpointer().restore((ckpt_dir / str(step) / "state").absolute())
   return jax.tree.map(np.asarray, state)
 
 
 def _assert_bitwise_equal(a, b) -> None:
   import jax
+
   paths_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
   paths_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
   assert tree_a == tree_b
@@ -166,7 +184,7 @@ def reference(tmp_path_factory) -> Path:
   A before stage 2; root/A_done a copy of the finished A (for the tests that modify it)."""
   base = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent   # this session's folder, shared by its xdist workers: train once
+    base = base.parent  # this session's folder, shared by its xdist workers: train once
   root = base / "reliability_reference"
   with FileLock(str(base / "reliability_reference.lock")):
     if not (root / "done").exists():
@@ -208,7 +226,7 @@ def test_stage1_signals_sigkill_mid_save_and_exact_resume(jsim_cache, tmp_path, 
   assert _steps(ckpts) == [1] and not _tmp_steps(ckpts)
   meta = _meta(ckpts, 1)
   assert (meta["epoch"], meta["batch_in_epoch"], meta["rows"]) == (0, 1, [])
-  assert meta["sums"]["count"] == 6.0   # the running sums of the partial epoch: one batch
+  assert meta["sums"]["count"] == 6.0  # the running sums of the partial epoch: one batch
 
   # 2. The same command resumes at batch 1; SIGKILL while orbax writes a checkpoint after the
   #    halving after epoch 4 (step 28) and the mid-epoch checkpoint of step 32 (so that the run
@@ -219,10 +237,10 @@ def test_stage1_signals_sigkill_mid_save_and_exact_resume(jsim_cache, tmp_path, 
     run.send(signal.SIGSTOP)
     if _tmp_steps(ckpts, 33):
       break
-    run.send(signal.SIGCONT)   # it finished between the look and the stop: catch the next one
+    run.send(signal.SIGCONT)  # it finished between the look and the stop: catch the next one
   run.send(signal.SIGKILL)
   assert run.finish() == -signal.SIGKILL
-  assert "stage 1: resumed from step 1 (epoch 1, batch 1/7)" in run.output   # numbered as the stop message
+  assert "stage 1: resumed from step 1 (epoch 1, batch 1/7)" in run.output  # numbered as the stop message
   killed_at = _tmp_steps(ckpts, 33)
   last = max(_steps(ckpts))
   assert killed_at and last < killed_at[0]
@@ -238,8 +256,10 @@ def test_stage1_signals_sigkill_mid_save_and_exact_resume(jsim_cache, tmp_path, 
   assert resumed["step"] == last, run.output[-3000:]
   assert not _tmp_steps(ckpts), "the partial checkpoint was not cleaned up"
   assert STAGE1_STEPS in _steps(ckpts)
-  print(f"SIGKILL while writing step {killed_at[0]}; resumed from step {last} "
-        f"(epoch {resumed['epoch']}, batch {resumed['batch']})")
+  print(
+    f"SIGKILL while writing step {killed_at[0]}; resumed from step {last} "
+    f"(epoch {resumed['epoch']}, batch {resumed['batch']})"
+  )
 
   # Bitwise the uninterrupted run: parameters, batch statistics, momentum, learning rate, step.
   ref = request.getfixturevalue("reference") / "A" / "stage1"
@@ -295,9 +315,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference, jsim_cache
   stage 1 (embeddings, stage 2) go with it; the new run stops at the first NaN/Inf loss."""
   w = tmp_path / "W"
   shutil.copytree(reference / "A_done", w)
-  proc = run_jsim([*STAGE1, f"--workdir={w}", "--config.overwrite=True", "--config.classifier.learning_rate=1e30",
-                   "--config.classifier.checkpoint_every_steps=1", "--config.classifier.log_every_steps=1"],
-                  jsim_cache, timeout=900)
+  proc = run_jsim(
+    [
+      *STAGE1,
+      f"--workdir={w}",
+      "--config.overwrite=True",
+      "--config.classifier.learning_rate=1e30",
+      "--config.classifier.checkpoint_every_steps=1",
+      "--config.classifier.log_every_steps=1",
+    ],
+    jsim_cache,
+    timeout=900,
+  )
   out = proc.stdout + proc.stderr
   assert proc.returncode == 1, out[-3000:]
   line = _one_line_error(out, "stage 1: the training loss became NaN or Inf at step ")
@@ -307,6 +336,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference, jsim_cache
   assert good == bad - 1 and f"the last good checkpoint (step {good}) stays" in line
   state = _state(ckpts, good)
   import jax
+
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
   assert not _tmp_steps(ckpts)
 
@@ -317,18 +347,27 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference, jsim_cache
   assert json.loads((w / "stage1" / "config.json").read_text())["classifier"]["learning_rate"] == 1e30
 
 
-@pytest.mark.parametrize("args, expect", [
+@pytest.mark.parametrize(
+  "args, expect",
+  [
     # Another architecture's checkpoints.
-    (["--config.stage=classifier", "--config.model.name=vgg_tiny"],
-     "stage1 was made by another configuration (model.name: 'resnet_tiny' in the workdir, 'vgg_tiny' now)"),
+    (
+      ["--config.stage=classifier", "--config.model.name=vgg_tiny"],
+      "stage1 was made by another configuration (model.name: 'resnet_tiny' in the workdir, 'vgg_tiny' now)",
+    ),
     # Another split: another seed, or another number of seen classes.
     (["--config.stage=all", "--config.seed=1"], "stage1 was made by another configuration (seed: 0 in the workdir"),
-    (["--config.stage=classifier", "--config.data.num_seen_classes=5"],
-     "data.num_seen_classes: 6 in the workdir, 5 now"),
+    (
+      ["--config.stage=classifier", "--config.data.num_seen_classes=5"],
+      "data.num_seen_classes: 6 in the workdir, 5 now",
+    ),
     # A stage that reads stage 1 with another model: refused before a confusing restore error.
-    (["--config.stage=embed", "--config.model.name=vgg_tiny"],
-     "stage1 was made by another configuration (model.name: 'resnet_tiny' in the workdir, 'vgg_tiny' now)"),
-])
+    (
+      ["--config.stage=embed", "--config.model.name=vgg_tiny"],
+      "stage1 was made by another configuration (model.name: 'resnet_tiny' in the workdir, 'vgg_tiny' now)",
+    ),
+  ],
+)
 def test_workdir_of_another_configuration_is_refused(reference, jsim_cache, tmp_path, args, expect):
   w = tmp_path / "W"
   shutil.copytree(reference / "A_done", w)
@@ -337,7 +376,7 @@ def test_workdir_of_another_configuration_is_refused(reference, jsim_cache, tmp_
   proc = run_jsim([*TINY1, f"--workdir={w}", *args], jsim_cache, timeout=300)
   assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
   _one_line_error(proc.stdout + proc.stderr, expect)
-  assert (_snapshot(*stages), (w / "config.json").read_text()) == before   # the record too
+  assert (_snapshot(*stages), (w / "config.json").read_text()) == before  # the record too
 
 
 def test_finished_stage_is_not_redone(reference, jsim_cache, tmp_path):
@@ -352,6 +391,7 @@ def test_finished_stage_is_not_redone(reference, jsim_cache, tmp_path):
 def test_killed_first_claim_leaves_a_usable_stage_folder(tmp_path):
   """A run killed while writing a stage's config.json for the first time leaves only the temporary file."""
   from jsim import workdir as wd
+
   (tmp_path / "stage1").mkdir()
   (tmp_path / "stage1" / "config.json.999.tmp").write_text('{"seed":')
   stage_dir, finished = wd.claim_stage(tmp_path, wd.STAGE1, {"seed": 0}, overwrite=False)

@@ -25,19 +25,31 @@ def _result(threshold=0.4, count=(100, 200, 50, 40, 10)):
   hp[0, 9], hp[3, 9] = count[0], count[3]
   hn[1, 0], hn[2, 0] = count[1], count[2]
   hn[4, 0], hn[4, 9] = count[4] // 2, count[4] - count[4] // 2
-  return PairEvalResult(count=count, correct_05=np.array([80, 190, 40, 30, 5]),
-                        correct_threshold=np.array([90, 180, 45, 32, 6]), hist_pos=hp, hist_neg=hn,
-                        threshold=threshold, mode="sampled", pairs_per_s=1234.0)
+  return PairEvalResult(
+    count=count,
+    correct_05=np.array([80, 190, 40, 30, 5]),
+    correct_threshold=np.array([90, 180, 45, 32, 6]),
+    hist_pos=hp,
+    hist_neg=hn,
+    threshold=threshold,
+    mode="sampled",
+    pairs_per_s=1234.0,
+  )
 
 
 def test_report_json_and_markdown(tmp_path):
   res = _result()
   (tmp_path / "figures").mkdir()
   figures.plot_roc(res, tmp_path / "figures" / "roc.png")
-  table = report.write_report(tmp_path, res, val_threshold=0.4, backbone="resnet50",
-                              config_dict={"feature": "l1", "lr": 0.005, "hidden": (1024, 512)},
-                              retrieval={"recall@1": 0.5, "recall@5": 0.75, "mAP": 0.3, "num_queries": 1000},
-                              extra={"checkpoint_step": 7})
+  table = report.write_report(
+    tmp_path,
+    res,
+    val_threshold=0.4,
+    backbone="resnet50",
+    config_dict={"feature": "l1", "lr": 0.005, "hidden": (1024, 512)},
+    retrieval={"recall@1": 0.5, "recall@5": 0.75, "mAP": 0.3, "num_queries": 1000},
+    extra={"checkpoint_step": 7},
+  )
   rep = json.loads((tmp_path / "report.json").read_text())
   assert rep["backbone"] == "resnet50" and rep["num_pairs"] == 400 and rep["val_threshold"] == 0.4
   assert [c["pairs"] for c in rep["cases"]] == [100, 200, 50, 40, 10]
@@ -68,8 +80,9 @@ def test_report_json_and_markdown(tmp_path):
 
 def test_report_vgg_and_unknown_backbones_and_empty_case(tmp_path):
   res = _result(count=(100, 200, 50, 0, 10))
-  res = PairEvalResult(**{**res.__dict__, "correct_05": np.array([80, 190, 40, 0, 5]),
-                          "correct_threshold": np.array([90, 180, 45, 0, 6])})
+  res = PairEvalResult(
+    **{**res.__dict__, "correct_05": np.array([80, 190, 40, 0, 5]), "correct_threshold": np.array([90, 180, 45, 0, 6])}
+  )
   table = report.write_report(tmp_path / "vgg", res, val_threshold=None, backbone="vgg16", config_dict=None)
   seen_row = next(line for line in table.splitlines() if "seen (1-2)" in line and "unseen" not in line)
   assert seen_row.rstrip().endswith("| 83.61 % |")  # the source's section 6 for VGG16, cases 1-2
@@ -80,8 +93,7 @@ def test_report_vgg_and_unknown_backbones_and_empty_case(tmp_path):
   rep = json.loads((tmp_path / "vgg" / "report.json").read_text())
   assert rep["cases"][3]["accuracy_at_0.5"] is None and rep["published"]["seen"] == pytest.approx(0.8361)
   assert rep["published"]["unseen"] is None
-  table = report.write_report(tmp_path / "tiny", _result(), val_threshold=0.4, backbone="resnet_tiny",
-                              config_dict={})
+  table = report.write_report(tmp_path / "tiny", _result(), val_threshold=0.4, backbone="resnet_tiny", config_dict={})
   # A backbone the source did not use: ResNet50's and VGG16's numbers, labelled, for scale (issue 13).
   header, _, row1, *_ = table.splitlines()
   assert "| published ResNet50 (for scale) | published VGG16 (for scale) |" in header
@@ -96,6 +108,7 @@ def test_report_vgg_and_unknown_backbones_and_empty_case(tmp_path):
 
 def test_published_numbers_are_the_sources():
   from jsim import published
+
   pub = published.PUBLISHED
   # Section 6's seen figures are cases 1-2 weighted by their pair counts (180*9,950 and 180*179*50).
   n1, n2 = 180 * 9950, 180 * 179 * 50
@@ -115,13 +128,14 @@ def test_configs_quote_only_published_numbers():
   import re
 
   from jsim import published
+
   values = published.all_values()
   quoted = 0
   for path in sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.py")):
     doc = ast.get_docstring(ast.parse(path.read_text())) or ""
     in_table = False
     for line in doc.splitlines():
-      in_table = in_table and bool(line.strip())   # a paragraph ends at a blank line
+      in_table = in_table and bool(line.strip())  # a paragraph ends at a blank line
       if line.lstrip().startswith("Published"):
         in_table = True
       if in_table or "ublished" in line:
@@ -140,9 +154,20 @@ def _png(path):
 
 
 def test_figures(tmp_path):
-  rows = [{"epoch": e, "lr": 0.01 / 2 ** (e > 4), "train_loss": 1.0 / e, "train_accuracy": 0.4 + 0.05 * e,
-           "val_loss": 1.1 / e, "val_accuracy": 0.35 + 0.04 * e, "items_per_s": 1000.0, "halved": e == 4,
-           "extra_key": "x"} for e in range(1, 8)]
+  rows = [
+    {
+      "epoch": e,
+      "lr": 0.01 / 2 ** (e > 4),
+      "train_loss": 1.0 / e,
+      "train_accuracy": 0.4 + 0.05 * e,
+      "val_loss": 1.1 / e,
+      "val_accuracy": 0.35 + 0.04 * e,
+      "items_per_s": 1000.0,
+      "halved": e == 4,
+      "extra_key": "x",
+    }
+    for e in range(1, 8)
+  ]
   rows[2]["val_accuracy"] = None
   metrics = tmp_path / "metrics.jsonl"
   metrics.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
@@ -152,9 +177,17 @@ def test_figures(tmp_path):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, size=(8, 16, 16, 3), dtype=np.uint8)
   labels = np.array([0, 0, 1, 1, 2, 2, 0, 1])
-  arr = _png(figures.plot_retrieval_sheet(images, labels, [0, 2], [[1, 2, 6], [3, 0, 7]],
-                                          tmp_path / "figures" / "retrieval.png", class_names=["a", "b", "c"],
-                                          title="unseen queries"))
+  arr = _png(
+    figures.plot_retrieval_sheet(
+      images,
+      labels,
+      [0, 2],
+      [[1, 2, 6], [3, 0, 7]],
+      tmp_path / "figures" / "retrieval.png",
+      class_names=["a", "b", "c"],
+      title="unseen queries",
+    )
+  )
   # Green (right) and red (wrong) borders are both present.
   assert ((arr[..., 1] > 150) & (arr[..., 0] < 60) & (arr[..., 2] < 80)).sum() > 20
   assert ((arr[..., 0] > 190) & (arr[..., 1] < 60) & (arr[..., 2] < 60)).sum() > 20
@@ -168,14 +201,28 @@ def test_figures(tmp_path):
 
 
 def test_comparison_table(tmp_path):
-  rows = [{"name": "l1", "feature": "l1", "val_accuracy": 0.9631, "test_accuracy": 0.8651, "seen_accuracy": 0.875,
-           "unseen_accuracy": 0.738, "auc": 0.93456},
-          {"name": "l1+prod", "feature": "l1+prod", "val_accuracy": 0.97, "test_accuracy": None, "auc": float("nan"),
-           "dropout": 0.5}]
+  rows = [
+    {
+      "name": "l1",
+      "feature": "l1",
+      "val_accuracy": 0.9631,
+      "test_accuracy": 0.8651,
+      "seen_accuracy": 0.875,
+      "unseen_accuracy": 0.738,
+      "auc": 0.93456,
+    },
+    {
+      "name": "l1+prod",
+      "feature": "l1+prod",
+      "val_accuracy": 0.97,
+      "test_accuracy": None,
+      "auc": float("nan"),
+      "dropout": 0.5,
+    },
+  ]
   md = report.write_comparison(rows, tmp_path / "cmp.md", tmp_path / "cmp.json")
   lines = md.splitlines()
-  assert lines[0] == ("| run | feature | val accuracy | test accuracy | seen (1-2) | unseen (4-5) | AUC | "
-                      "dropout |")
+  assert lines[0] == ("| run | feature | val accuracy | test accuracy | seen (1-2) | unseen (4-5) | AUC | dropout |")
   assert lines[2] == "| l1 | l1 | 96.31 % | 86.51 % | 87.50 % | 73.80 % | 0.9346 | - |"
   assert lines[3] == "| l1+prod | l1+prod | 97.00 % | - | - | - | - | 0.5 |"
   assert (tmp_path / "cmp.md").read_text() == md
@@ -188,6 +235,7 @@ def test_comparison_table(tmp_path):
 def test_result_round_trip_and_figure7_from_two_workdirs(tmp_path, capsys, monkeypatch):
   # The source's Figure 7: both backbones' ROC curves, all / seen / unseen, from two evaluated workdirs.
   from jsim.evaluate import compare, pairwise
+
   res = {"resnet50": _result(0.4), "vgg16": _result(0.6, count=(100, 200, 50, 40, 20))}
   for backbone, r in res.items():
     w = tmp_path / backbone
@@ -209,8 +257,9 @@ def test_result_round_trip_and_figure7_from_two_workdirs(tmp_path, capsys, monke
   # evaluation.compare_workdirs: this run's curves first, others labelled apart when they share a backbone.
   seen = {}
   monkeypatch.setattr(figures, "plot_roc_backbones", lambda results, out: seen.update(results) or out)
-  compare.roc_of_workdirs([tmp_path / "resnet50", tmp_path / "vgg16"], tmp_path / "x.png",
-                          extra={"ResNet50": res["resnet50"]})
+  compare.roc_of_workdirs(
+    [tmp_path / "resnet50", tmp_path / "vgg16"], tmp_path / "x.png", extra={"ResNet50": res["resnet50"]}
+  )
   assert list(seen) == ["ResNet50", "ResNet50 (resnet50)", "VGG16"]
   # Refusals: one line each, nothing overwritten, nothing written.
   assert compare.main([str(tmp_path / "resnet50"), f"--out={out}"]) == 1
@@ -225,6 +274,7 @@ def test_augmentation_figure(tmp_path):
   # The source's Table 1: each augmentation alone, then all four, on a few images.
   from jsim.data import augment
   from jsim.data import augment_figure as figures
+
   rng = np.random.default_rng(3)
   images = rng.integers(60, 200, size=(3, 32, 32, 3), dtype=np.uint8)
   cfg = augment.default_augment_config()
@@ -233,9 +283,9 @@ def test_augmentation_figure(tmp_path):
   assert examples.shape == (3, len(figures.AUGMENTATION_COLUMNS), 32, 32, 3) and examples.dtype == np.uint8
   np.testing.assert_array_equal(examples[:, 0], images)
   col = {name: examples[:, i] for i, name in enumerate(figures.AUGMENTATION_COLUMNS)}
-  np.testing.assert_array_equal(col["flip"], images[:, :, ::-1])   # flip alone is exact
+  np.testing.assert_array_equal(col["flip"], images[:, :, ::-1])  # flip alone is exact
   assert not np.array_equal(col["jitter"], images) and (col["jitter"] > 0).all()  # colour only: no fill
-  assert not (col["crop"] == 0).any()                                # a crop alone has no fill either
+  assert not (col["crop"] == 0).any()  # a crop alone has no fill either
   assert (col["rotation"] == 0).all(-1).any() and (col["all four"] == 0).all(-1).any()  # black fill
   assert np.all(np.abs(angles) <= np.pi / 3)
   arr = _png(figures.plot_augmentations(examples, tmp_path / "aug.png", angles=angles, title="Table 1"))

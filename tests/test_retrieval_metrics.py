@@ -20,7 +20,7 @@ def _pml(emb, labels, include):
 def _clustered(seed, num_classes=9, dim=6, spread=1.0):
   rng = np.random.default_rng(seed)
   sizes = rng.integers(2, 12, size=num_classes)
-  sizes[-1] = 1   # a lone query: skipped by both
+  sizes[-1] = 1  # a lone query: skipped by both
   labels = np.repeat(np.arange(num_classes), sizes)
   centres = rng.normal(size=(num_classes, dim)) * 2.0
   emb = (centres[labels] + spread * rng.normal(size=(len(labels), dim))).astype(np.float32)
@@ -32,12 +32,12 @@ def test_precision_r_precision_map_at_r_equal_pml(seed):
   emb, labels = _clustered(seed)
   want = _pml(emb, labels, ("precision_at_1", "r_precision", "mean_average_precision_at_r"))
   got = retrieval.retrieval_metrics(retrieval.negative_distance, None, emb, labels, pairs_per_block=64)
-  assert 0.2 < got["map@r"] < 0.95   # neither trivial nor perfect, so the comparison means something
+  assert 0.2 < got["map@r"] < 0.95  # neither trivial nor perfect, so the comparison means something
   np.testing.assert_allclose(got["precision@1"], want["precision_at_1"], rtol=1e-6)
   np.testing.assert_allclose(got["r_precision"], want["r_precision"], rtol=1e-6)
   np.testing.assert_allclose(got["map@r"], want["mean_average_precision_at_r"], rtol=1e-6)
   assert got["num_queries"] == len(labels) - 1
-  assert got["precision@1"] == got["recall@1"]   # the old keys stay, with their meaning
+  assert got["precision@1"] == got["recall@1"]  # the old keys stay, with their meaning
 
 
 def test_metrics_by_hand_on_a_tiny_ranking():
@@ -57,9 +57,10 @@ def test_nmi_equals_sklearn_formula():
   rng = np.random.default_rng(0)
   for _ in range(5):
     a, b = rng.integers(0, 6, 200), rng.integers(0, 4, 200)
-    b[:100] = a[:100] % 4   # partly dependent
+    b[:100] = a[:100] % 4  # partly dependent
     assert retrieval.normalized_mutual_information(a, b) == pytest.approx(
-        metrics.normalized_mutual_info_score(a, b), rel=1e-9)
+      metrics.normalized_mutual_info_score(a, b), rel=1e-9
+    )
   assert retrieval.normalized_mutual_information([0, 0, 1, 1], [5, 5, 3, 3]) == pytest.approx(1.0)
 
 
@@ -75,11 +76,11 @@ def test_kmeans_nmi_equals_pml():
   # k-means ends in a start-dependent local optimum (PML: one faiss run of 20 iterations; here
   # the best of 10 k-means++ starts), so overlapping clusters agree to about one point moved.
   assert got == pytest.approx(want, abs=0.005)
-  assert retrieval.kmeans_nmi(emb, labels, seed=0) == got   # seeded: deterministic
+  assert retrieval.kmeans_nmi(emb, labels, seed=0) == got  # seeded: deterministic
   # Separated clusters with uneven sizes: one optimum, the same NMI.
   far = emb + labels[:, None] * 10.0
   far_labels = labels.copy()
-  far_labels[:7] = 1   # a few points labelled against their cluster: NMI < 1
+  far_labels[:7] = 1  # a few points labelled against their cluster: NMI < 1
   want = _pml(far, far_labels, ("NMI",))["NMI"]
   assert 0.9 < want < 1.0
   assert retrieval.kmeans_nmi(far, far_labels) == pytest.approx(want, abs=1e-9)
@@ -92,8 +93,11 @@ def test_embedding_metrics_equal_the_full_ranking_and_pml(distance):
   ranked = emb / np.linalg.norm(emb, axis=1, keepdims=True) if distance == "cosine" else emb
   full = retrieval.retrieval_metrics(retrieval.negative_distance, None, ranked, labels)
   want = _pml(ranked, labels, ("precision_at_1", "r_precision", "mean_average_precision_at_r"))
-  for key, pml_key in (("precision@1", "precision_at_1"), ("r_precision", "r_precision"),
-                       ("map@r", "mean_average_precision_at_r")):
-    assert fast[key] == pytest.approx(full[key], rel=1e-6)   # (float32 sums there)
+  for key, pml_key in (
+    ("precision@1", "precision_at_1"),
+    ("r_precision", "r_precision"),
+    ("map@r", "mean_average_precision_at_r"),
+  ):
+    assert fast[key] == pytest.approx(full[key], rel=1e-6)  # (float32 sums there)
     assert fast[key] == pytest.approx(want[pml_key], rel=1e-6)
   assert fast["num_queries"] == full["num_queries"]

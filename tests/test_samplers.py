@@ -12,7 +12,7 @@ from jsim.data.samplers import MPerClassSampler
 
 def _labels():
   rng = np.random.default_rng(0)
-  sizes = [9, 2, 7, 12, 5, 3, 8, 6, 10, 4]   # class 1 and 5 have fewer than m=4 images
+  sizes = [9, 2, 7, 12, 5, 3, 8, 6, 10, 4]  # class 1 and 5 have fewer than m=4 images
   labels = np.repeat(np.arange(len(sizes)), sizes)
   return labels[rng.permutation(len(labels))]
 
@@ -38,7 +38,7 @@ def test_every_batch_has_p_classes_of_m_images():
     for b in np.asarray(s.epoch(seed=3, epoch=e)):
       counts.update(set(labels[b].tolist()))
   freq = np.array([counts[c] for c in range(10)]) / (800 * len(batches))
-  np.testing.assert_allclose(freq, 0.4, atol=0.035)   # ~4 standard deviations
+  np.testing.assert_allclose(freq, 0.4, atol=0.035)  # ~4 standard deviations
 
 
 def test_images_of_a_class_are_drawn_uniformly():

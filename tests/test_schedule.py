@@ -36,7 +36,7 @@ def test_matches_formula_on_random_curves(seed):
 
 
 def test_improving_curve_does_not_halve():
-  v = [0.1, 0.2, 0.3, 0.4]   # E = .1 .15 .2 .25 -> .25 - .15 = .1 >= alpha
+  v = [0.1, 0.2, 0.3, 0.4]  # E = .1 .15 .2 .25 -> .25 - .15 = .1 >= alpha
   assert not schedule.should_halve(v, [], alpha=0.02)
   assert schedule.should_halve(v, [], alpha=0.11)
 
@@ -53,7 +53,7 @@ def test_wait_after_halving():
 def test_nesterov_matches_protocol_nag():
   """optax's Nesterov SGD tracks the protocol's NAG at the look-ahead point."""
   a = jnp.array([3.0, -1.0, 0.5])
-  loss = lambda th: 0.5 * jnp.sum(a * th ** 2)
+  loss = lambda th: 0.5 * jnp.sum(a * th**2)
   lr, g = 0.1, 0.8
   tx = schedule.make_optimizer(learning_rate=lr, momentum=g)
   phi = jnp.array([1.0, 2.0, -1.0])
@@ -71,7 +71,7 @@ def test_nesterov_matches_protocol_nag():
 def _nag_runs(nag_form, steps=12, halve_at=(4, 8)):
   """(look-ahead params from make_optimizer, the formula's theta - g u) over steps with halvings."""
   a = jnp.array([3.0, -1.0, 0.5, 2.0])
-  loss = lambda th: 0.5 * jnp.sum(a * th ** 2) + jnp.sum(jnp.sin(th))
+  loss = lambda th: 0.5 * jnp.sum(a * th**2) + jnp.sum(jnp.sin(th))
   lr, g = 0.1, 0.8
   tx = schedule.make_optimizer(learning_rate=lr, momentum=g, nag_form=nag_form)
   phi = jnp.array([1.0, 2.0, -1.0, 0.3])
@@ -82,7 +82,7 @@ def _nag_runs(nag_form, steps=12, halve_at=(4, 8)):
     if t in halve_at:
       lr /= 2
       st = schedule.set_learning_rate(st, lr)
-    u = g * u + lr * jax.grad(loss)(theta - g * u)   # the protocol's NAG, written out
+    u = g * u + lr * jax.grad(loss)(theta - g * u)  # the protocol's NAG, written out
     theta = theta - u
     upd, st = tx.update(jax.grad(loss)(phi), st, phi)
     phi = optax.apply_updates(phi, upd)
@@ -140,4 +140,4 @@ def test_set_learning_rate_keeps_dtype_and_no_retrace():
   assert schedule.get_learning_rate(st) == pytest.approx(0.005)
   p2, _ = step(params, st)
   assert len(traces) == 1
-  np.testing.assert_allclose(p2["w"], params["w"] - 0.005 * (1 + 0.8 * 1.8) , rtol=1e-6)
+  np.testing.assert_allclose(p2["w"], params["w"] - 0.005 * (1 + 0.8 * 1.8), rtol=1e-6)

@@ -10,8 +10,9 @@ from jsim.data.dataset import ImageSet
 def _image_set(num_classes, per_class, prefix):
   labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
   ids = tuple(f"{prefix}{i}.JPEG" for i in range(len(labels)))
-  return ImageSet(np.zeros((len(labels), 1, 1, 3), np.uint8), labels,
-                  tuple(f"n{c:08d}" for c in range(num_classes)), ids)
+  return ImageSet(
+    np.zeros((len(labels), 1, 1, 3), np.uint8), labels, tuple(f"n{c:08d}" for c in range(num_classes)), ids
+  )
 
 
 @pytest.fixture(scope="module")

@@ -49,13 +49,20 @@ def tiny_data():
   labels = np.repeat(np.arange(NUM_CLASSES), PER_CLASS).astype(np.int32)
   # A class-dependent tint, so that the model's predictions are not all one class.
   images = (rng.integers(0, 160, (len(labels), 32, 32, 3)) + labels[:, None, None, None] * 9).astype(np.uint8)
-  train_set = ImageSet(images, labels, tuple(f"c{i}" for i in range(NUM_CLASSES)),
-                       tuple(f"img{i}" for i in range(len(labels))))
+  train_set = ImageSet(
+    images, labels, tuple(f"c{i}" for i in range(NUM_CLASSES)), tuple(f"img{i}" for i in range(len(labels)))
+  )
   head = np.where(labels < SEEN, labels, -1).astype(np.int32)
   seen = np.flatnonzero(head >= 0)
   chosen = rng.permutation(seen)
-  return types.SimpleNamespace(train_set=train_set, train_idx=np.sort(chosen[:15]), val_idx=np.sort(chosen[15:26]),
-                               train_head_labels=head, mean=(0.4, 0.4, 0.4), std=(0.25, 0.25, 0.25))
+  return types.SimpleNamespace(
+    train_set=train_set,
+    train_idx=np.sort(chosen[:15]),
+    val_idx=np.sort(chosen[15:26]),
+    train_head_labels=head,
+    mean=(0.4, 0.4, 0.4),
+    std=(0.25, 0.25, 0.25),
+  )
 
 
 def host(tree):
@@ -83,7 +90,7 @@ def make_plan(pipeline, setup):
 def run(plan, state, sums, epoch, batches, mesh):
   """train_step over `batches` of `epoch` (after begin_epoch, as the loop does); host copies after each step."""
   plan.begin_epoch(epoch)
-  state = parallel.put_replicated(state, mesh)   # the step donates its inputs: never the host copies
+  state = parallel.put_replicated(state, mesh)  # the step donates its inputs: never the host copies
   snapshots = []
   for b in batches:
     state, sums = plan.train_step(state, epoch, b, sums)

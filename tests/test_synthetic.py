@@ -14,13 +14,17 @@ from jsim.data import synthetic, tiny_imagenet
 
 
 def _tree(root: Path) -> dict[str, str]:
-  return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(root.rglob("*")) if p.is_file()}
+  return {
+    p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in sorted(root.rglob("*"))
+    if p.is_file()
+  }
 
 
 def test_official_layout(tmp_path):
-  root = synthetic.write_synthetic_tiny_imagenet(tmp_path / "d", num_classes=3, train_per_class=4,
-                                                 test_per_class=2, image_size=48)
+  root = synthetic.write_synthetic_tiny_imagenet(
+    tmp_path / "d", num_classes=3, train_per_class=4, test_per_class=2, image_size=48
+  )
   wnids = (root / "wnids.txt").read_text().split()
   assert wnids == ["n90000000", "n90000001", "n90000002"]
   words = dict(line.split("\t") for line in (root / "words.txt").read_text().splitlines())
@@ -53,8 +57,9 @@ def test_deterministic_from_the_seed_and_independent_of_workers(tmp_path):
 
 
 def test_grayscale_and_corrupt_files(tmp_path):
-  root = synthetic.write_synthetic_tiny_imagenet(tmp_path / "d", num_classes=5, train_per_class=8,
-                                                 test_per_class=4, grayscale_fraction=0.25, corrupt_files=3)
+  root = synthetic.write_synthetic_tiny_imagenet(
+    tmp_path / "d", num_classes=5, train_per_class=8, test_per_class=4, grayscale_fraction=0.25, corrupt_files=3
+  )
   corrupt = set(json.loads((root / synthetic.INFO_FILE).read_text())["corrupt_files"])
   assert len(corrupt) == 3
   modes = {"train": [], "val": []}
@@ -97,8 +102,9 @@ def test_a_tiny_cnn_learns_it_and_its_features_transfer_to_held_out_classes(tmp_
   import flax.linen as nn
   import optax
 
-  root = synthetic.write_synthetic_tiny_imagenet(tmp_path / "d", num_classes=15, train_per_class=40,
-                                                 test_per_class=20, image_size=32, seed=0)
+  root = synthetic.write_synthetic_tiny_imagenet(
+    tmp_path / "d", num_classes=15, train_per_class=40, test_per_class=20, image_size=32, seed=0
+  )
   sets, _ = tiny_imagenet.load_folder(root, image_size=32, num_workers=1, cache_dir=tmp_path / "c")
   train, test = sets["train"], sets["test"]
 
@@ -142,7 +148,7 @@ def test_a_tiny_cnn_learns_it_and_its_features_transfer_to_held_out_classes(tmp_
   def held_out_accuracy(p):  # nearest class mean of the embeddings, 5 held-out classes
     e = np.asarray(embed(p))
     e = e / (np.linalg.norm(e, axis=1, keepdims=True) + 1e-6)
-    e_train, e_test = e[:len(train)], e[len(train):]
+    e_train, e_test = e[: len(train)], e[len(train) :]
     classes = np.arange(10, 15)
     means = np.stack([e_train[train.labels == c].mean(0) for c in classes])
     held = test.labels >= 10

@@ -24,9 +24,15 @@ from jsim.data import tfds_source
 # Deliberately not sorted in wnids.txt: labels must index the sorted list.
 WNIDS = ["n03000000", "n01000000", "n02000000"]
 TRAIN_PER_CLASS = 4
-VAL = [("val_0.JPEG", "n02000000"), ("val_1.JPEG", "n01000000"), ("val_2.JPEG", "n03000000"),
-       ("val_3.JPEG", "n01000000"), ("val_4.JPEG", "n03000000"), ("val_5.JPEG", "n02000000"),
-       ("val_10.JPEG", "n01000000")]
+VAL = [
+  ("val_0.JPEG", "n02000000"),
+  ("val_1.JPEG", "n01000000"),
+  ("val_2.JPEG", "n03000000"),
+  ("val_3.JPEG", "n01000000"),
+  ("val_4.JPEG", "n03000000"),
+  ("val_5.JPEG", "n02000000"),
+  ("val_10.JPEG", "n01000000"),
+]
 GRAY_TRAIN = "n02000000_1.JPEG"
 GRAY_VAL = "val_3.JPEG"
 
@@ -70,8 +76,11 @@ def _pil_rgb(path: Path) -> np.ndarray:
 def _expected(root: Path):
   """(paths, labels, ids) per part, in the order the spec fixes: classes sorted, then file names sorted."""
   wnids = sorted(WNIDS)
-  train = [(root / "train" / w / "images" / f, wnids.index(w), f) for w in wnids
-           for f in sorted(p.name for p in (root / "train" / w / "images").iterdir())]
+  train = [
+    (root / "train" / w / "images" / f, wnids.index(w), f)
+    for w in wnids
+    for f in sorted(p.name for p in (root / "train" / w / "images").iterdir())
+  ]
   test = [(root / "val" / "images" / f, wnids.index(w), f) for f, w in sorted(VAL)]
   return {"train": train, "test": test}
 
@@ -86,9 +95,16 @@ def prepared(tmp_path_factory):
 
 
 def _config(data_dir, **kw):
-  cfg = dict(source="tfds", tfds_name="jsim_tiny_imagenet", tfds_data_dir=str(data_dir),
-             tfds_train_split="train", tfds_test_split="test", image_size=64, on_bad_image="error",
-             num_workers=2)
+  cfg = dict(
+    source="tfds",
+    tfds_name="jsim_tiny_imagenet",
+    tfds_data_dir=str(data_dir),
+    tfds_train_split="train",
+    tfds_test_split="test",
+    image_size=64,
+    on_bad_image="error",
+    num_workers=2,
+  )
   cfg.update(kw)
   return ml_collections.ConfigDict(cfg)
 
@@ -121,8 +137,10 @@ def test_load_image_sets_matches_pil(prepared):
 def test_grayscale_becomes_rgb(prepared):
   root, data_dir = prepared
   sets = tfds_source.load_image_sets(_config(data_dir))
-  for part, name, path in [("train", GRAY_TRAIN, root / "train" / "n02000000" / "images" / GRAY_TRAIN),
-                           ("test", GRAY_VAL, root / "val" / "images" / GRAY_VAL)]:
+  for part, name, path in [
+    ("train", GRAY_TRAIN, root / "train" / "n02000000" / "images" / GRAY_TRAIN),
+    ("test", GRAY_VAL, root / "val" / "images" / GRAY_VAL),
+  ]:
     with Image.open(path) as im:
       assert im.mode == "L"
       gray = np.asarray(im)
@@ -220,18 +238,24 @@ def test_stream_batches_one_epoch(prepared):
   ts = tfds_source.open_tfds_split("jsim_tiny_imagenet", "train", data_dir)
   ref = tfds_source.load_image_sets(_config(data_dir))["train"]
   indices = np.array([0, 2, 3, 5, 6, 7, 8, 9, 11])  # A subset, like stage-1 train images.
-  batches = _collect(streaming.stream_batches(ts.source, indices, 4, seed=1, epoch=2, image_size=64, label_map=ts.label_map))
+  batches = _collect(
+    streaming.stream_batches(ts.source, indices, 4, seed=1, epoch=2, image_size=64, label_map=ts.label_map)
+  )
   assert [len(l) for _, l in batches] == [4, 4, 1]  # Last partial batch kept.
   order = indices[np.random.default_rng([1, 2]).permutation(len(indices))]
   np.testing.assert_array_equal(np.concatenate([i for i, _ in batches]), ref.images[order])
   np.testing.assert_array_equal(np.concatenate([l for _, l in batches]), ref.labels[order])
   assert sorted(order.tolist()) == sorted(indices.tolist())  # Each index exactly once.
   # Same seed and epoch: same sequence; another epoch: another order.
-  again = _collect(streaming.stream_batches(ts.source, indices, 4, seed=1, epoch=2, image_size=64, label_map=ts.label_map))
+  again = _collect(
+    streaming.stream_batches(ts.source, indices, 4, seed=1, epoch=2, image_size=64, label_map=ts.label_map)
+  )
   for (a, la), (b, lb) in zip(batches, again):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(la, lb)
-  other = np.concatenate([l for _, l in streaming.stream_batches(ts.source, indices, 9, 1, 3, 64, label_map=ts.label_map)])
+  other = np.concatenate(
+    [l for _, l in streaming.stream_batches(ts.source, indices, 9, 1, 3, 64, label_map=ts.label_map)]
+  )
   assert sorted(other.tolist()) == sorted(ref.labels[indices].tolist())
 
 
@@ -239,10 +263,14 @@ def test_stream_batches_resume_and_resize(prepared):
   _, data_dir = prepared
   ts = tfds_source.open_tfds_split("jsim_tiny_imagenet", "test", data_dir)
   indices = np.arange(len(ts))
-  full = _collect(streaming.stream_batches(ts.source, indices, 3, seed=0, epoch=0, image_size=48, label_map=ts.label_map))
+  full = _collect(
+    streaming.stream_batches(ts.source, indices, 3, seed=0, epoch=0, image_size=48, label_map=ts.label_map)
+  )
   assert full[0][0].shape == (3, 48, 48, 3)
   for start in (1, 2):
-    tail = _collect(streaming.stream_batches(ts.source, indices, 3, 0, 0, 48, start_batch=start, label_map=ts.label_map))
+    tail = _collect(
+      streaming.stream_batches(ts.source, indices, 3, 0, 0, 48, start_batch=start, label_map=ts.label_map)
+    )
     assert len(tail) == len(full) - start
     for (a, la), (b, lb) in zip(full[start:], tail):
       np.testing.assert_array_equal(a, b)
@@ -279,10 +307,16 @@ class JsimToyTfdsTest(tfds.core.GeneratorBasedBuilder):
     return None  # See JsimTinyImagenet.code_path.
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(encoding_format="png"),
-        "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
-        "label": tfds.features.ClassLabel(names=TOY_NAMES)}))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(encoding_format="png"),
+          "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+          "label": tfds.features.ClassLabel(names=TOY_NAMES),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples(0, 7), "test": self._generate_examples(7, 10)}
@@ -300,8 +334,13 @@ def test_another_tfds_data_set(tmp_path):
     s = sets[part]
     assert s.class_ids == ("apple", "mango", "zebra")
     assert s.image_ids == tuple(f"{part}/{i}" for i in range(hi - lo))
-    ds = tfds.data_source("jsim_toy_tfds_test", split=part, data_dir=str(tmp_path), download=False,
-                          decoders={"image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()})
+    ds = tfds.data_source(
+      "jsim_toy_tfds_test",
+      split=part,
+      data_dir=str(tmp_path),
+      download=False,
+      decoders={"image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()},
+    )
     for i in range(hi - lo):
       ex = ds[i]
       with Image.open(io.BytesIO(ex["image"])) as im:
@@ -330,10 +369,13 @@ def test_builder_reads_the_layout_like_the_folder_source(tmp_path):
   # One reader: a val image without an annotation line is refused by the TFDS builder as by
   # the folder source (it used to be dropped silently), and dropped with on_bad_image=skip.
   from jsim.data import tiny_imagenet
+
   root = _write_layout(tmp_path / "tiny-imagenet-200")
   (root / "val" / "images" / "val_99.JPEG").write_bytes((root / "val" / "images" / "val_0.JPEG").read_bytes())
-  for load in (lambda: tfds_source.prepare_tiny_imagenet(root, tmp_path / "error"),
-               lambda: tiny_imagenet.load_folder(root, num_workers=1, cache_dir=tmp_path / "cache")):
+  for load in (
+    lambda: tfds_source.prepare_tiny_imagenet(root, tmp_path / "error"),
+    lambda: tiny_imagenet.load_folder(root, num_workers=1, cache_dir=tmp_path / "cache"),
+  ):
     with pytest.raises(ValueError, match="val_99.JPEG has no line in val/val_annotations.txt"):
       load()
   tfds_source.prepare_tiny_imagenet(root, tmp_path / "skip", on_bad_image="skip")

@@ -72,8 +72,11 @@ def test_logits_and_embeddings_match_torchvision(reference, arch):
 
   # 180 classes: same backbone, a fresh seeded head drawn like torch's nn.Linear default.
   v180 = models.from_torchvision(arch, tm.state_dict(), num_classes=180, seed=3)
-  same = jax.tree_util.tree_map(np.array_equal, {**v180, "params": {**v180["params"], "head": None}},
-                                {**variables, "params": {**variables["params"], "head": None}})
+  same = jax.tree_util.tree_map(
+    np.array_equal,
+    {**v180, "params": {**v180["params"], "head": None}},
+    {**variables, "params": {**variables["params"], "head": None}},
+  )
   assert all(jax.tree_util.tree_leaves(same))
   head = v180["params"]["head"]
   fan_in = model.embedding_dim
@@ -96,8 +99,10 @@ def test_ported_tree_is_exactly_the_init_tree(reference):
   for arch, (tm, _) in reference.items():
     ported[arch] = v = models.from_torchvision(arch, tm.state_dict(), num_classes=180)
     model = models.build(arch, num_classes=180)
-    shapes = jax.eval_shape(lambda x: model.init({"params": jax.random.PRNGKey(0)}, x, train=False),
-                            jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+    shapes = jax.eval_shape(
+      lambda x: model.init({"params": jax.random.PRNGKey(0)}, x, train=False),
+      jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
+    )
     assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(shapes)
     for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(shapes)):
       assert a.shape == b.shape and a.dtype == np.float32
@@ -108,18 +113,20 @@ def test_ported_tree_is_exactly_the_init_tree(reference):
   np.testing.assert_array_equal(vp["conv5_3"]["bias"], tm.features[28].bias.detach().numpy())
   sd = reference["resnet50"][0].state_dict()
   got = ported["resnet50"]
-  np.testing.assert_array_equal(got["params"]["layer2_0"]["conv2"]["kernel"],
-                                sd["layer2.0.conv2.weight"].numpy().transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(got["batch_stats"]["layer3_5"]["bn3"]["var"],
-                                sd["layer3.5.bn3.running_var"].numpy())
-  np.testing.assert_array_equal(got["params"]["layer4_0"]["downsample_bn"]["scale"],
-                                sd["layer4.0.downsample.1.weight"].numpy())
+  np.testing.assert_array_equal(
+    got["params"]["layer2_0"]["conv2"]["kernel"], sd["layer2.0.conv2.weight"].numpy().transpose(2, 3, 1, 0)
+  )
+  np.testing.assert_array_equal(got["batch_stats"]["layer3_5"]["bn3"]["var"], sd["layer3.5.bn3.running_var"].numpy())
+  np.testing.assert_array_equal(
+    got["params"]["layer4_0"]["downsample_bn"]["scale"], sd["layer4.0.downsample.1.weight"].numpy()
+  )
 
 
 def test_ported_arrays_are_copies(reference):
   # Converting must not alias the caller's tensors: editing them in place, or a train-mode
   # forward (which updates BN running statistics in place), leaves the Flax variables as they were.
   import copy
+
   tm = copy.deepcopy(reference["resnet50"][0])
   variables = models.from_torchvision("resnet50", tm.state_dict(), num_classes=180)
   numpy_sd = {k: v.numpy().copy() for k, v in tm.state_dict().items()}
@@ -152,8 +159,9 @@ def test_pth_file_round_trip(reference, tmp_path):
   # A DataParallel checkpoint ('module.' prefix) loads the same.
   wrapped = tmp_path / "dp.pth"
   torch.save({"module." + k: v for k, v in sd.items()}, wrapped)
-  np.testing.assert_array_equal(models.from_torchvision("resnet50", wrapped)["params"]["bn1"]["scale"],
-                                sd["bn1.weight"].numpy())
+  np.testing.assert_array_equal(
+    models.from_torchvision("resnet50", wrapped)["params"]["bn1"]["scale"], sd["bn1.weight"].numpy()
+  )
 
 
 def test_bad_weights_give_clear_errors(reference, tmp_path):
@@ -164,8 +172,11 @@ def test_bad_weights_give_clear_errors(reference, tmp_path):
   with pytest.raises(ValueError, match=r"unexpected 1 key\(s\): extra\.weight"):
     models.from_torchvision("resnet50", {**sd, "extra.weight": torch.zeros(3)})
   bad = {**sd, "layer1.0.conv2.weight": torch.zeros(64, 64, 1, 1)}
-  with pytest.raises(ValueError, match=r"layer1\.0\.conv2\.weight has shape \(64, 64, 1, 1\).*"
-                                       r"params/layer1_0/conv2/kernel needs \(3, 3, 64, 64\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"layer1\.0\.conv2\.weight has shape \(64, 64, 1, 1\).*"
+    r"params/layer1_0/conv2/kernel needs \(3, 3, 64, 64\)",
+  ):
     models.from_torchvision("resnet50", bad)
   with pytest.raises(ValueError, match=r"fc\.weight has shape \(1000, 100\)"):
     models.from_torchvision("resnet50", {**sd, "fc.weight": torch.zeros(1000, 100)}, num_classes=1000)
@@ -198,11 +209,16 @@ def _network_reachable() -> bool:
 def test_named_weights_without_network_say_how_to_pass_a_file(monkeypatch, tmp_path):
   monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache: the name must be downloaded
   if _network_reachable():  # never download 100 MB in a test: make the download fail instead
+
     def offline(*args, **kwargs):
       raise urllib.error.URLError("no network (simulated)")
+
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
-  with pytest.raises(ConnectionError, match=r"cannot download ResNet50_Weights\.IMAGENET1K_V2 .*"
-                                            r"pass its local path"):
+  with pytest.raises(
+    ConnectionError,
+    match=r"cannot download ResNet50_Weights\.IMAGENET1K_V2 .*"
+    r"pass its local path",
+  ):
     models.from_torchvision("resnet50", "DEFAULT")  # DEFAULT is V2 for resnet50
 
 

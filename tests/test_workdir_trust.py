@@ -19,11 +19,22 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_jsim
-from test_reliability import STAGE1, STAGE1_STEPS, STAGE2, TINY1, Jsim, _assert_bitwise_equal, _ok, _one_line_error, \
-    _snapshot, _state, _steps
+from test_reliability import (
+  STAGE1,
+  STAGE1_STEPS,
+  STAGE2,
+  TINY1,
+  Jsim,
+  _assert_bitwise_equal,
+  _ok,
+  _one_line_error,
+  _snapshot,
+  _state,
+  _steps,
+)
 import test_reliability
 
-reference = test_reliability.reference   # the session's uninterrupted reference runs (a fixture), shared
+reference = test_reliability.reference  # the session's uninterrupted reference runs (a fixture), shared
 
 
 def _array_file(step_dir: Path) -> Path:
@@ -33,11 +44,11 @@ def _array_file(step_dir: Path) -> Path:
 
 def _damage(path: Path, how: str) -> None:
   data = path.read_bytes()
-  if how == "overwrite":   # 64 bytes inside the file: still decodes, to other values
+  if how == "overwrite":  # 64 bytes inside the file: still decodes, to other values
     mid = len(data) // 2
-    path.write_bytes(data[:mid] + bytes(range(64)) + data[mid + 64:])
+    path.write_bytes(data[:mid] + bytes(range(64)) + data[mid + 64 :])
   elif how == "truncate":
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
   elif how == "empty":
     path.write_bytes(b"")
   else:
@@ -52,6 +63,7 @@ def test_checkpoint_checksums_catch_damage(tmp_path, how):
   """Real orbax files, damaged on disk: restore raises DamagedCheckpoint naming the step; meta damage too."""
   import jax.numpy as jnp
   from jsim.checkpoint import DamagedCheckpoint, StageCheckpoints, abstract_like
+
   state = {"w": jnp.arange(60000, dtype=jnp.float32).reshape(200, 300) / 7, "b": jnp.ones(3), "step": jnp.int32(5)}
   ckpts = StageCheckpoints(tmp_path / "checkpoints")
   ckpts.save(5, state, {"epoch": 1})
@@ -64,13 +76,20 @@ def test_checkpoint_checksums_catch_damage(tmp_path, how):
   ckpts.close()
 
 
-@pytest.mark.parametrize("file, garbage", [("meta/metadata", "{not json"), ("meta/metadata", "edited"),
-                                           ("state/_METADATA", "{not json"),
-                                           ("state/array_metadatas/process_0", "{not json")])
+@pytest.mark.parametrize(
+  "file, garbage",
+  [
+    ("meta/metadata", "{not json"),
+    ("meta/metadata", "edited"),
+    ("state/_METADATA", "{not json"),
+    ("state/array_metadatas/process_0", "{not json"),
+  ],
+)
 def test_damaged_metadata_is_caught(tmp_path, file, garbage):
   """jsim's meta (garbage, or an edit that still parses) and orbax's own metadata files."""
   import jax.numpy as jnp
   from jsim.checkpoint import DamagedCheckpoint, StageCheckpoints, abstract_like
+
   state = {"w": jnp.ones((4, 4))}
   ckpts = StageCheckpoints(tmp_path / "checkpoints")
   ckpts.save(1, state, {"epoch": 1})
@@ -89,7 +108,7 @@ def test_damaged_latest_checkpoint_falls_back_and_resumes_exactly(reference, jsi
   shutil.copytree(reference / "A" / "stage1", w / "stage1")
   for name in ("split.json", "preprocessing.json"):
     shutil.copy(reference / "A" / name, w / name)
-  (w / "stage1" / "result.json").unlink()   # unfinished: it resumes from its latest checkpoint
+  (w / "stage1" / "result.json").unlink()  # unfinished: it resumes from its latest checkpoint
   ckpts = w / "stage1" / "checkpoints"
   assert _steps(ckpts)[-2:] == [40, STAGE1_STEPS]
   _damage(_array_file(ckpts / str(STAGE1_STEPS)), "overwrite")
@@ -98,7 +117,7 @@ def test_damaged_latest_checkpoint_falls_back_and_resumes_exactly(reference, jsi
   assert f"checkpoint of step {STAGE1_STEPS} damaged (its arrays do not match their checksum)" in line, line
   assert "resuming from step 40, the newest checkpoint that verifies" in line, line
   assert "stage 1: resumed from step 40 (epoch 6, batch 5/7)" in out
-  assert (w / "stage1" / "damaged_checkpoints" / str(STAGE1_STEPS)).is_dir()   # kept, out of the way
+  assert (w / "stage1" / "damaged_checkpoints" / str(STAGE1_STEPS)).is_dir()  # kept, out of the way
   ref = reference / "A" / "stage1" / "checkpoints"
   _assert_bitwise_equal(_state(ckpts, STAGE1_STEPS), _state(ref, STAGE1_STEPS))
   assert "Traceback" not in out
@@ -154,7 +173,7 @@ def test_preempted_overwrite_run_resumes_on_its_verbatim_rerun(reference, jsim_c
   assert "stage 1 already finished" in run.output and "embeddings are current" in run.output
   assert "stage 2: resumed from step 1 (epoch 1, batch 1/5)" in run.output
   assert _run_id(w / "stage1") == new_run
-  assert not (w / "overwrite.json").exists()   # complete: the next overwrite run replaces again
+  assert not (w / "overwrite.json").exists()  # complete: the next overwrite run replaces again
   assert (w / "report.json").exists()
   ckpts, ref = w / "stage2" / "checkpoints", reference / "A" / "stage2" / "checkpoints"
   _assert_bitwise_equal(_state(ckpts, 20), _state(ref, 20))
@@ -165,6 +184,7 @@ def test_preempted_overwrite_run_resumes_on_its_verbatim_rerun(reference, jsim_c
 
 def test_second_run_is_refused_naming_the_first_and_sigkill_leaves_no_stale_lock(jsim_cache, tmp_path):
   import socket
+
   w = tmp_path / "W"
   args = [*STAGE1, f"--workdir={w}"]
   first = Jsim(args, jsim_cache)
@@ -174,11 +194,12 @@ def test_second_run_is_refused_naming_the_first_and_sigkill_leaves_no_stale_lock
   out = proc.stdout + proc.stderr
   assert proc.returncode == 1, out[-3000:]
   _one_line_error(out, f"{w} is in use by process {first.proc.pid} on host {socket.gethostname()}")
-  assert {p for p in _snapshot(w) if "checkpoints" not in str(p)} >= {p for p in before if "checkpoints" not in
-                                                                        str(p)}   # it removed nothing
+  assert {p for p in _snapshot(w) if "checkpoints" not in str(p)} >= {
+    p for p in before if "checkpoints" not in str(p)
+  }  # it removed nothing
   first.send(signal.SIGKILL)
   assert first.finish() == -signal.SIGKILL
-  assert (w / ".jsim.lock").exists()   # left by the killed run, but not held: the kernel dropped the lock
+  assert (w / ".jsim.lock").exists()  # left by the killed run, but not held: the kernel dropped the lock
   third = Jsim(args, jsim_cache)
   third.wait_for_text("stage 1 epoch 1/6")
   third.send(signal.SIGKILL)
@@ -192,18 +213,28 @@ def test_second_run_is_refused_naming_the_first_and_sigkill_leaves_no_stale_lock
 def test_refused_run_leaves_nothing_and_loses_nothing(reference, jsim_cache, tmp_path):
   missing = tmp_path / "no_such_data"
   w = tmp_path / "new"
-  proc = run_jsim([*TINY1, f"--workdir={w}", "--config.data.source=folder", f"--config.data.root={missing}"],
-                  jsim_cache, timeout=300)
+  proc = run_jsim(
+    [*TINY1, f"--workdir={w}", "--config.data.source=folder", f"--config.data.root={missing}"], jsim_cache, timeout=300
+  )
   assert proc.returncode == 1
   _one_line_error(proc.stdout + proc.stderr, str(missing))
-  assert not w.exists()   # not even the empty workdir
+  assert not w.exists()  # not even the empty workdir
 
   # With overwrite on a finished workdir: refused before anything of the old stage 1 is removed.
   w = tmp_path / "W"
   shutil.copytree(reference / "A_done", w)
   before = _snapshot(w)
-  proc = run_jsim([*STAGE1, f"--workdir={w}", "--config.overwrite=True", "--config.data.source=folder",
-                   f"--config.data.root={missing}"], jsim_cache, timeout=300)
+  proc = run_jsim(
+    [
+      *STAGE1,
+      f"--workdir={w}",
+      "--config.overwrite=True",
+      "--config.data.source=folder",
+      f"--config.data.root={missing}",
+    ],
+    jsim_cache,
+    timeout=300,
+  )
   assert proc.returncode == 1
   _one_line_error(proc.stdout + proc.stderr, str(missing))
   assert _snapshot(w) == before
@@ -211,10 +242,16 @@ def test_refused_run_leaves_nothing_and_loses_nothing(reference, jsim_cache, tmp
 
 def test_bad_image_refusal_then_the_suggested_command_is_accepted(jsim_cache, tmp_path):
   from jsim.data import synthetic
+
   root = synthetic.write_synthetic_tiny_imagenet(tmp_path / "data", 8, 10, 4, image_size=32, seed=0, corrupt_files=1)
   w = tmp_path / "W"
-  args = [*STAGE1, f"--workdir={w}", "--config.data.source=folder", f"--config.data.root={root}",
-          "--config.classifier.num_epochs=1"]
+  args = [
+    *STAGE1,
+    f"--workdir={w}",
+    "--config.data.source=folder",
+    f"--config.data.root={root}",
+    "--config.classifier.num_epochs=1",
+  ]
   proc = run_jsim([*args, "--config.data.on_bad_image=error"], jsim_cache, timeout=300)
   assert proc.returncode == 1
   _one_line_error(proc.stdout + proc.stderr, "on_bad_image=skip")
@@ -231,9 +268,10 @@ def test_stage2_on_old_embeddings_is_not_evaluated_and_all_retrains_it(reference
   w = tmp_path / "W"
   shutil.copytree(reference / "A_done", w)
   old_stage2 = _run_id(w / "stage2")
-  _ok([*STAGE1, f"--workdir={w}", "--config.classifier.num_epochs=7"], jsim_cache)   # stage 1 continues
-  proc = run_jsim([*FULL, f"--workdir={w}", "--config.stage=evaluate", "--config.classifier.num_epochs=7"],
-                  jsim_cache, timeout=300)
+  _ok([*STAGE1, f"--workdir={w}", "--config.classifier.num_epochs=7"], jsim_cache)  # stage 1 continues
+  proc = run_jsim(
+    [*FULL, f"--workdir={w}", "--config.stage=evaluate", "--config.classifier.num_epochs=7"], jsim_cache, timeout=300
+  )
   assert proc.returncode == 1
   _one_line_error(proc.stdout + proc.stderr, "embeddings come from an earlier stage 1")
   assert not (w / "report.json").exists()
@@ -252,7 +290,7 @@ def test_evaluate_refuses_a_stage2_trained_on_other_embeddings(reference, jsim_c
   shutil.copytree(reference / "A_done", w)
   record = w / "stage2" / "config.json"
   d = json.loads(record.read_text())
-  d["embeddings"][0]["stage1_step"] = 7   # as if stage 2 had been trained on an earlier stage 1's embeddings
+  d["embeddings"][0]["stage1_step"] = 7  # as if stage 2 had been trained on an earlier stage 1's embeddings
   record.write_text(json.dumps(d))
   proc = run_jsim([*FULL, f"--workdir={w}", "--config.stage=evaluate"], jsim_cache, timeout=300)
   assert proc.returncode == 1
@@ -264,8 +302,13 @@ def test_evaluate_refuses_a_stage2_trained_on_other_embeddings(reference, jsim_c
 
 def test_nan_stop_is_continued_with_a_lower_learning_rate(jsim_cache, tmp_path):
   w = tmp_path / "W"
-  args = [*STAGE1, f"--workdir={w}", "--config.classifier.num_epochs=2", "--config.classifier.checkpoint_every_steps=2",
-          "--config.classifier.log_every_steps=1"]
+  args = [
+    *STAGE1,
+    f"--workdir={w}",
+    "--config.classifier.num_epochs=2",
+    "--config.classifier.checkpoint_every_steps=2",
+    "--config.classifier.log_every_steps=1",
+  ]
   # A rate of 30 diverges after a few checkpoints (step 11 with this seed).
   proc = run_jsim([*args, "--config.classifier.learning_rate=30"], jsim_cache, timeout=600)
   out = proc.stdout + proc.stderr
@@ -295,15 +338,20 @@ def test_nan_stop_is_continued_with_a_lower_learning_rate(jsim_cache, tmp_path):
 _CONFIG_HEAD = "from jsim import configs\n\n\ndef get_config():\n  c = configs.base_config()\n  cl = c.classifier\n"
 
 
-@pytest.mark.parametrize("body, expect", [
-    ("  cl.batch_sise = 32\n  return c\n",
-     "cfg.py:7 (cl.batch_sise = 32): the config has no key 'batch_sise' (a config file sets keys of "
-     "jsim.configs.base_config, it cannot add any); did you mean 'batch_size'?"),
-    ('  cl.batch_size = "32"\n  return c\n', "cfg.py:7 (cl.batch_size = \"32\"): TypeError: Could not override field"),
+@pytest.mark.parametrize(
+  "body, expect",
+  [
+    (
+      "  cl.batch_sise = 32\n  return c\n",
+      "cfg.py:7 (cl.batch_sise = 32): the config has no key 'batch_sise' (a config file sets keys of "
+      "jsim.configs.base_config, it cannot add any); did you mean 'batch_size'?",
+    ),
+    ('  cl.batch_size = "32"\n  return c\n', 'cfg.py:7 (cl.batch_size = "32"): TypeError: Could not override field'),
     ("  cl.batch_size = (\n  return c\n", "cfg.py:7: not valid Python ("),
     ("  return c.nothing_here\n", "cfg.py:7 (return c.nothing_here): AttributeError: \"'nothing_here'\""),
     (None, "--config=CFG: no such file"),
-])
+  ],
+)
 def test_config_file_errors_are_one_line_naming_file_and_line(jsim_cache, tmp_path, body, expect):
   cfg = tmp_path / "cfg.py"
   if body is not None:
@@ -320,8 +368,9 @@ def test_config_file_errors_are_one_line_naming_file_and_line(jsim_cache, tmp_pa
 
 def test_base_config_is_locked():
   from jsim import configs
+
   c = configs.base_config()
-  c.classifier.batch_size = 32   # setting a key is fine
+  c.classifier.batch_size = 32  # setting a key is fine
   with pytest.raises(AttributeError, match="batch_sise"):
     c.classifier.batch_sise = 32
 
@@ -338,12 +387,15 @@ def _damage_workdir(w: Path, what: str) -> None:
     (w / "stage1" / "config.json").write_text("[1, 2]")
 
 
-@pytest.mark.parametrize("what, args, expect", [
+@pytest.mark.parametrize(
+  "what, args, expect",
+  [
     ("split []", ["--config.stage=classifier"], "split.json: not a valid split file (a JSON object expected"),
     ("result {}", ["--config.stage=classifier"], "stage1/result.json: not a jsim result (no 'best_step')"),
     ("record [1, 2]", ["--config.stage=classifier"], "stage1/config.json: not a jsim stage record"),
     ("record [1, 2]", ["--config.stage=embed"], "stage1/config.json: not a jsim stage record"),
-])
+  ],
+)
 def test_damaged_workdir_files_are_one_line_naming_the_file(reference, jsim_cache, tmp_path, what, args, expect):
   w = tmp_path / "W"
   shutil.copytree(reference / "A_done", w)
@@ -357,19 +409,25 @@ def test_damaged_workdir_files_are_one_line_naming_the_file(reference, jsim_cach
   assert _snapshot(w) == before
 
 
-@pytest.mark.parametrize("args, expect", [
+@pytest.mark.parametrize(
+  "args, expect",
+  [
     (["--config.data.val_fraction=0.005"], "data.val_fraction=0.005 leaves stage-1 validation with no images (of 60"),
-    (["--config.evaluation.test_per_ordered_class_pair=1000000000"],
-     "evaluation.test_per_ordered_class_pair=1,000,000,000 gives 56,000,000,112 pairs over 8 classes, more than int32"),
-    (["--config.evaluation.test_per_ordered_class_pair=3000000000"],
-     "evaluation.test_per_ordered_class_pair=3000000000: too many pairs"),
+    (
+      ["--config.evaluation.test_per_ordered_class_pair=1000000000"],
+      "evaluation.test_per_ordered_class_pair=1,000,000,000 gives 56,000,000,112 pairs over 8 classes, more than int32",
+    ),
+    (
+      ["--config.evaluation.test_per_ordered_class_pair=3000000000"],
+      "evaluation.test_per_ordered_class_pair=3000000000: too many pairs",
+    ),
     (["--config.classifier.learning_rate=nan"], "classifier.learning_rate=nan: must be a finite number"),
     (["--config.similarity.learning_rate=inf"], "similarity.learning_rate=inf: must be a finite number"),
-])
+  ],
+)
 def test_impossible_values_are_refused_before_compiling(jsim_cache, tmp_path, args, expect):
   w = tmp_path / "w"
-  proc = run_jsim(["--config=configs/tiny.py", f"--workdir={w}", *args], jsim_cache, timeout=300,
-                  JAX_LOG_COMPILES="1")
+  proc = run_jsim(["--config=configs/tiny.py", f"--workdir={w}", *args], jsim_cache, timeout=300, JAX_LOG_COMPILES="1")
   out = proc.stdout + proc.stderr
   assert proc.returncode == 1, out[-3000:]
   _one_line_error(out, expect)
@@ -422,8 +480,10 @@ def test_signal_at_startup_is_one_line_and_leaves_nothing(jsim_cache, tmp_path, 
   config file (one that takes its time): one line, the usual exit code, no workdir."""
   w = tmp_path / "w"
   cfg = tmp_path / "slow_config.py"
-  cfg.write_text("import time\n\nfrom jsim import configs\n\n\ndef get_config():\n"
-                 "  print('loading the config', flush=True)\n  time.sleep(60)\n  return configs.base_config()\n")
+  cfg.write_text(
+    "import time\n\nfrom jsim import configs\n\n\ndef get_config():\n"
+    "  print('loading the config', flush=True)\n  time.sleep(60)\n  return configs.base_config()\n"
+  )
   run = Jsim([f"--config={cfg}", f"--workdir={w}"], jsim_cache)
   if when == "handlers":
     run.wait_until(lambda: _catches(run.proc.pid, signal.SIGTERM), "jsim's signal handlers", timeout=60)
@@ -455,21 +515,50 @@ def test_installed_package_wins_from_the_folder_above_a_clone_named_jsim(tmp_pat
   """`pip install -e` of a clone named jsim, then Python started in the folder that holds the clone: the
   clone's root (a namespace package `jsim` there) must not shadow the installed package."""
   clone = tmp_path / "jsim"
-  shutil.copytree(REPO, clone, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", "*.egg-info",
-                                                              "build", "tests", "benchmarks", "docs"))
+  shutil.copytree(
+    REPO,
+    clone,
+    ignore=shutil.ignore_patterns(
+      ".git", ".venv", "runs", "__pycache__", "*.egg-info", "build", "tests", "benchmarks", "docs"
+    ),
+  )
   prefix = tmp_path / "prefix"
-  pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                        "--no-index", f"--prefix={prefix}", "-e", str(clone)], capture_output=True, text=True,
-                       timeout=300, cwd=tmp_path)
+  pip = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "pip",
+      "install",
+      "-q",
+      "--no-deps",
+      "--no-build-isolation",
+      "--no-index",
+      f"--prefix={prefix}",
+      "-e",
+      str(clone),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=tmp_path,
+  )
   assert pip.returncode == 0, pip.stderr[-3000:]
   site_dir = next(prefix.rglob("site-packages"))
-  code = (f"import site; site.addsitedir({str(site_dir)!r})\n"
-          "from jsim.predict import Similarity\n"
-          "import jsim, jsim.configs; jsim.configs.base_config()\n"
-          "print(jsim.__file__)")
+  code = (
+    f"import site; site.addsitedir({str(site_dir)!r})\n"
+    "from jsim.predict import Similarity\n"
+    "import jsim, jsim.configs; jsim.configs.base_config()\n"
+    "print(jsim.__file__)"
+  )
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                        env=dict(env, JAX_PLATFORMS="cpu"))
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(env, JAX_PLATFORMS="cpu"),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip().splitlines()[-1] == str(clone / "jsim" / "__init__.py")
 
@@ -480,12 +569,12 @@ def test_installed_package_wins_from_the_folder_above_a_clone_named_jsim(tmp_pat
 def test_finished_workdir_is_left_untouched_and_may_be_read_only(reference, jsim_cache, tmp_path):
   w = tmp_path / "W"
   shutil.copytree(reference / "A_done", w)
-  _ok([*FULL, f"--workdir={w}", "--config.stage=all"], jsim_cache)   # the report, once
+  _ok([*FULL, f"--workdir={w}", "--config.stage=all"], jsim_cache)  # the report, once
   before = _snapshot(w), sorted(p.name for p in w.iterdir())
   out = _ok([*FULL, f"--workdir={w}", "--config.stage=all"], jsim_cache)
   assert "evaluation is current" in out
   assert (_snapshot(w), sorted(p.name for p in w.iterdir())) == before
-  if os.geteuid() != 0:   # (root writes read-only folders anyway)
+  if os.geteuid() != 0:  # (root writes read-only folders anyway)
     for p in [w, *w.rglob("*")]:
       p.chmod(p.stat().st_mode & ~0o222)
     try:

@@ -88,7 +88,8 @@ def default_augment_config() -> ml_collections.ConfigDict:
   U[-max_rotation, max_rotation]), order (one of ORDERS: 'paper' crops, flips, then
   rotates the window; 'rotate_first' rotates the whole image, then flips and crops).
   """
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       prob=0.5,
       enabled=TRANSFORMS,
       brightness=0.1,
@@ -98,12 +99,14 @@ def default_augment_config() -> ml_collections.ConfigDict:
       crop_size=56,
       max_rotation=math.pi / 3,
       order="paper",
-  ))
+    )
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
   """The static (Python) part of a config, validated against an image size."""
+
   prob: float
   enabled: frozenset[str]
   strengths: tuple[float, float, float, float]  # brightness, contrast, saturation, hue
@@ -175,17 +178,18 @@ def _dynamic(spec: _Spec) -> dict[str, jax.Array]:
   """The config values sampling only needs as numbers (not as shapes)."""
   s = np.asarray(spec.strengths, np.float32)
   return dict(
-      prob=jnp.float32(spec.prob),
-      enabled=jnp.asarray([t in spec.enabled for t in TRANSFORMS]),
-      lo=jnp.asarray(np.concatenate([np.maximum(0.0, 1.0 - s[:3]), -s[3:]]), jnp.float32),
-      hi=jnp.asarray(np.concatenate([1.0 + s[:3], s[3:]]), jnp.float32),
-      max_rotation=jnp.float32(spec.max_rotation),
+    prob=jnp.float32(spec.prob),
+    enabled=jnp.asarray([t in spec.enabled for t in TRANSFORMS]),
+    lo=jnp.asarray(np.concatenate([np.maximum(0.0, 1.0 - s[:3]), -s[3:]]), jnp.float32),
+    hi=jnp.asarray(np.concatenate([1.0 + s[:3], s[3:]]), jnp.float32),
+    max_rotation=jnp.float32(spec.max_rotation),
   )
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _sample_batch(key: jax.Array, dyn: dict[str, jax.Array], batch: int, image_size: tuple[int, int],
-                  crop_size: int) -> Params:
+def _sample_batch(
+  key: jax.Array, dyn: dict[str, jax.Array], batch: int, image_size: tuple[int, int], crop_size: int
+) -> Params:
   # Jitted so that eager calls (tests, host code) compile once per batch and image size
   # rather than op by op; inside a caller's jit it is simply inlined (and dyn constant-folded).
   keys = jax.random.split(key, batch)
@@ -418,8 +422,9 @@ def _finish(x: jax.Array, mean: jax.Array, std: jax.Array, out_size: int) -> jax
 
 
 @functools.partial(jax.jit, static_argnames="out_size")
-def preprocess(images: jax.Array, mean: Sequence[float] | jax.Array, std: Sequence[float] | jax.Array,
-               out_size: int) -> jax.Array:
+def preprocess(
+  images: jax.Array, mean: Sequence[float] | jax.Array, std: Sequence[float] | jax.Array, out_size: int
+) -> jax.Array:
   """Eval-path preprocessing: [0, 1] scaling, per-channel normalisation, resize to out_size.
 
   Args:
@@ -445,8 +450,14 @@ def preprocess(images: jax.Array, mean: Sequence[float] | jax.Array, std: Sequen
   return _finish(x, mean, std, out_size)
 
 
-def apply_params(images: jax.Array, params: Params, mean: Sequence[float] | jax.Array,
-                 std: Sequence[float] | jax.Array, out_size: int, cfg: Any) -> jax.Array:
+def apply_params(
+  images: jax.Array,
+  params: Params,
+  mean: Sequence[float] | jax.Array,
+  std: Sequence[float] | jax.Array,
+  out_size: int,
+  cfg: Any,
+) -> jax.Array:
   """Augments a batch with given per-image parameters (from sample_params), then normalises
   and resizes like preprocess. Transforms not in cfg.enabled are not traced at all.
 
@@ -466,8 +477,14 @@ def apply_params(images: jax.Array, params: Params, mean: Sequence[float] | jax.
   return _finish(jax.vmap(one)(x, params), mean, std, out_size)
 
 
-def augment(key: jax.Array, images: jax.Array, mean: Sequence[float] | jax.Array,
-            std: Sequence[float] | jax.Array, out_size: int, cfg: Any) -> jax.Array:
+def augment(
+  key: jax.Array,
+  images: jax.Array,
+  mean: Sequence[float] | jax.Array,
+  std: Sequence[float] | jax.Array,
+  out_size: int,
+  cfg: Any,
+) -> jax.Array:
   """Training-path augmentation (PROTOCOL.md): per image, colour jitter, random crop,
   horizontal flip and rotation (of the cropped window, cfg.order='paper'), each with
   probability cfg.prob; then normalise and resize to out_size. Crop, flip, rotation and resize are one bilinear resampling.
@@ -495,13 +512,15 @@ def channel_stats(images: np.ndarray, chunk: int = 256) -> tuple[tuple[float, ..
   of them) need no float copy, and the sums are exact integers.
   """
   if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f"channel_stats needs a uint8 numpy array [N, H, W, 3], got "
-                     f"{getattr(images, 'dtype', type(images))} {getattr(images, 'shape', '')}")
+    raise ValueError(
+      f"channel_stats needs a uint8 numpy array [N, H, W, 3], got "
+      f"{getattr(images, 'dtype', type(images))} {getattr(images, 'shape', '')}"
+    )
   if images.shape[0] == 0:
     raise ValueError("channel_stats got no images")
   counts = np.zeros((3, 256), np.int64)
   for start in range(0, images.shape[0], chunk):
-    part = images[start:start + chunk].reshape(-1, 3)
+    part = images[start : start + chunk].reshape(-1, 3)
     for c in range(3):
       counts[c] += np.bincount(part[:, c], minlength=256)
   values = np.arange(256, dtype=np.int64)

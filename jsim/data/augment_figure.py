@@ -45,8 +45,9 @@ def augmentation_examples(images: np.ndarray, augment_cfg, seed: int = 0) -> tup
   return np.stack(columns, axis=1), np.asarray(params["angle"])
 
 
-def plot_augmentations(examples: np.ndarray, out_png: str | Path, *, title: str | None = None,
-                       angles: Sequence[float] | None = None) -> Path:
+def plot_augmentations(
+  examples: np.ndarray, out_png: str | Path, *, title: str | None = None, angles: Sequence[float] | None = None
+) -> Path:
   """The grid of `augmentation_examples` (one row per image, one column per augmentation)."""
   examples = np.asarray(examples)
   rows, cols = examples.shape[:2]

@@ -56,9 +56,9 @@ class Archive:
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
   name: str
-  markers: tuple[str, ...]         # what identifies the unpacked layout, relative to its root
+  markers: tuple[str, ...]  # what identifies the unpacked layout, relative to its root
   archives: tuple[Archive, ...]
-  read_index: Callable[[Path], list[tuple[str, str, bool]]]   # root -> [(relative image path, class id, seen)]
+  read_index: Callable[[Path], list[tuple[str, str, bool]]]  # root -> [(relative image path, class id, seen)]
 
   def unpacked_at(self, root: Path) -> bool:
     return all((root / m).exists() for m in self.markers)
@@ -72,16 +72,19 @@ def _cub_index(root: Path) -> list[tuple[str, str, bool]]:
   for line in _lines(base / "image_class_labels.txt"):
     image, number = line.split()
     if image not in paths or number not in names:
-      raise ValueError(f"{base / 'image_class_labels.txt'}: image {image} or class {number} is not listed in "
-                       "images.txt / classes.txt")
+      raise ValueError(
+        f"{base / 'image_class_labels.txt'}: image {image} or class {number} is not listed in images.txt / classes.txt"
+      )
     k = int(number)
-    out.append((f"CUB_200_2011/images/{paths[image].strip()}", f"{k:03d}.{names[number].strip().split('.', 1)[-1]}",
-                None))
+    out.append(
+      (f"CUB_200_2011/images/{paths[image].strip()}", f"{k:03d}.{names[number].strip().split('.', 1)[-1]}", None)
+    )
   return _first_half_seen(out)
 
 
 def _cars_index(root: Path) -> list[tuple[str, str, bool]]:
-  import scipy.io   # scipy ships with jax
+  import scipy.io  # scipy ships with jax
+
   mat_path = root / "cars_annos.mat"
   try:
     mat = scipy.io.loadmat(mat_path, squeeze_me=True, struct_as_record=False)
@@ -101,7 +104,7 @@ def _sop_index(root: Path) -> list[tuple[str, str, bool]]:
   out = []
   for part, seen in (("train", True), ("test", False)):
     path = base / f"Ebay_{part}.txt"
-    for n, line in enumerate(_lines(path)[1:], 2):   # a header line first
+    for n, line in enumerate(_lines(path)[1:], 2):  # a header line first
       fields = line.split()
       if len(fields) != 4:
         raise ValueError(f"{path} line {n}: expected 'image_id class_id super_class_id path', got {line[:80]!r}")
@@ -122,17 +125,41 @@ def _first_half_seen(index):
 
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "cub200": Benchmark("cub200", ("CUB_200_2011/images.txt",),
-                        (Archive("CUB_200_2011.tgz", "https://data.caltech.edu/records/65de6-vp158/files/"
-                                 "CUB_200_2011.tgz", "97eceeb196236b17998738112f37df78"),), _cub_index),
-    "cars196": Benchmark("cars196", ("cars_annos.mat", "car_ims"),
-                         (Archive("car_ims.tgz", "http://ai.stanford.edu/~jkrause/car196/car_ims.tgz",
-                                  "d5c8f0aa497503f355e17dc7886c3f14"),
-                          Archive("cars_annos.mat", "http://ai.stanford.edu/~jkrause/car196/cars_annos.mat",
-                                  "b407c6086d669747186bd1d764ff9dbc")), _cars_index),
-    "sop": Benchmark("sop", ("Stanford_Online_Products/Ebay_train.txt",),
-                     (Archive("Stanford_Online_Products.zip", "ftp://cs.stanford.edu/cs/cvgl/"
-                              "Stanford_Online_Products.zip", "7f73d41a2f44250d4779881525aea32e"),), _sop_index),
+  "cub200": Benchmark(
+    "cub200",
+    ("CUB_200_2011/images.txt",),
+    (
+      Archive(
+        "CUB_200_2011.tgz",
+        "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
+        "97eceeb196236b17998738112f37df78",
+      ),
+    ),
+    _cub_index,
+  ),
+  "cars196": Benchmark(
+    "cars196",
+    ("cars_annos.mat", "car_ims"),
+    (
+      Archive("car_ims.tgz", "http://ai.stanford.edu/~jkrause/car196/car_ims.tgz", "d5c8f0aa497503f355e17dc7886c3f14"),
+      Archive(
+        "cars_annos.mat", "http://ai.stanford.edu/~jkrause/car196/cars_annos.mat", "b407c6086d669747186bd1d764ff9dbc"
+      ),
+    ),
+    _cars_index,
+  ),
+  "sop": Benchmark(
+    "sop",
+    ("Stanford_Online_Products/Ebay_train.txt",),
+    (
+      Archive(
+        "Stanford_Online_Products.zip",
+        "ftp://cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
+        "7f73d41a2f44250d4779881525aea32e",
+      ),
+    ),
+    _sop_index,
+  ),
 }
 
 
@@ -153,7 +180,7 @@ def _unpack(archive: Path, dest: Path) -> None:
         zf.extractall(dest)
     else:
       with tarfile.open(archive) as tf:
-        tf.extractall(dest, filter="data")   # refuses links and paths out of dest
+        tf.extractall(dest, filter="data")  # refuses links and paths out of dest
   except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:
     raise ValueError(f"{archive}: cannot unpack ({type(e).__name__}: {e})") from None
 
@@ -166,14 +193,15 @@ def locate(bench: Benchmark, data_config: Any) -> Path:
     root = Path(root_cfg).expanduser()
     if bench.unpacked_at(root):
       return root.resolve()
-    if bench.unpacked_at(root.parent):   # root is the layout's top folder itself
+    if bench.unpacked_at(root.parent):  # root is the layout's top folder itself
       return root.parent.resolve()
     archives = [root / a.filename for a in bench.archives]
     missing = [a.name for a in archives if not a.is_file()]
     if missing:
       raise FileNotFoundError(
-          f"data.root={root_cfg!r} holds neither the unpacked {bench.name} layout ({', '.join(bench.markers)}) "
-          f"nor its archive(s) {', '.join(a.filename for a in bench.archives)} (missing: {', '.join(missing)})")
+        f"data.root={root_cfg!r} holds neither the unpacked {bench.name} layout ({', '.join(bench.markers)}) "
+        f"nor its archive(s) {', '.join(a.filename for a in bench.archives)} (missing: {', '.join(missing)})"
+      )
   else:
     downloads = cache_root / "downloads"
     archives = []
@@ -182,8 +210,9 @@ def locate(bench: Benchmark, data_config: Any) -> Path:
         archives.append(download.fetch(a.url, downloads / a.filename, md5=a.md5))
       except download.DownloadError:
         raise download.DownloadError(
-            f"cannot download {a.url}: get {', '.join(x.filename for x in bench.archives)} another way and set "
-            f"--config.data.root to the folder holding them (or copy them to {downloads})") from None
+          f"cannot download {a.url}: get {', '.join(x.filename for x in bench.archives)} another way and set "
+          f"--config.data.root to the folder holding them (or copy them to {downloads})"
+        ) from None
   stats = [[a.name, a.stat().st_size, a.stat().st_mtime_ns, str(a.resolve())] for a in archives]
   dest = cache_root / "extracted" / f"{bench.name}-{cache.digest([_VERSION, stats])[:16]}"
   if not bench.unpacked_at(dest):
@@ -194,8 +223,10 @@ def locate(bench: Benchmark, data_config: Any) -> Path:
       for a in archives:
         _unpack(a, tmp)
       if not bench.unpacked_at(tmp):
-        raise ValueError(f"{', '.join(str(a) for a in archives)}: no {', '.join(bench.markers)} inside: not the "
-                         f"official {bench.name} archive")
+        raise ValueError(
+          f"{', '.join(str(a) for a in archives)}: no {', '.join(bench.markers)} inside: not the "
+          f"official {bench.name} archive"
+        )
   return dest
 
 
@@ -257,43 +288,76 @@ def load(name: str, data_config: Any) -> tuple[dict[str, ImageSet], dict[str, An
     raise ValueError(f"{root}: the {bench.name} annotations list no image")
   missing = [p for p, _, _ in index if not (root / p).is_file()]
   if missing and on_bad_image == "error":
-    raise FileNotFoundError(f"{root / missing[0]} is listed in the annotations but missing ({len(missing)} "
-                            "missing in all); set --config.data.on_bad_image=skip to drop such files")
+    raise FileNotFoundError(
+      f"{root / missing[0]} is listed in the annotations but missing ({len(missing)} "
+      "missing in all); set --config.data.on_bad_image=skip to drop such files"
+    )
   index = [row for row in index if (root / row[0]).is_file()]
   class_ids = tuple(sorted({c for _, c, _ in index}))
   parts = parts_of(index, fraction)
   listing = sorted((p, os.stat(root / p).st_size) for p, _, _ in index)
-  source_id = cache.digest([cache.FORMAT_VERSION, _VERSION, bench.name, str(root), image_size, on_bad_image,
-                            fraction])
-  path = cache.entry_dir(cache.resolve_cache_dir(_get(data_config, "cache_dir", "")), source_id,
-                         cache.digest([source_id, listing]))
+  source_id = cache.digest([cache.FORMAT_VERSION, _VERSION, bench.name, str(root), image_size, on_bad_image, fraction])
+  path = cache.entry_dir(
+    cache.resolve_cache_dir(_get(data_config, "cache_dir", "")), source_id, cache.digest([source_id, listing])
+  )
   hit = cache.read_entry(path)
   if hit is not None:
     sets, meta = hit
     return sets, dict(meta, cache_hit=True, cache_path=str(path))
   label_of = {c: i for i, c in enumerate(class_ids)}
   idx = tiny_imagenet._Index(
-      class_ids=class_ids,
-      files={p: [f for f, _ in parts[p]] for p in tiny_imagenet.PARTS},
-      labels={p: [label_of[c] for _, c in parts[p]] for p in tiny_imagenet.PARTS},
-      image_ids={p: [f for f, _ in parts[p]] for p in tiny_imagenet.PARTS},
-      skipped=[{"file": m, "reason": "listed but missing"} for m in missing], ignored=0)
+    class_ids=class_ids,
+    files={p: [f for f, _ in parts[p]] for p in tiny_imagenet.PARTS},
+    labels={p: [label_of[c] for _, c in parts[p]] for p in tiny_imagenet.PARTS},
+    image_ids={p: [f for f, _ in parts[p]] for p in tiny_imagenet.PARTS},
+    skipped=[{"file": m, "reason": "listed but missing"} for m in missing],
+    ignored=0,
+  )
   if path.exists():
     shutil.rmtree(path)
   with cache.atomic_dir(path) as tmp:
-    stats = tiny_imagenet._decode_all(_Root(root), idx, tmp, image_size=image_size, on_bad_image=on_bad_image,
-                                      num_workers=_get(data_config, "num_workers", None) or os.cpu_count() or 1,
-                                      chunk_size=256)
-    sets = {p: ImageSet(np.load(tmp / f"{p}_images.npy", mmap_mode="r"), np.asarray(idx.labels[p], np.int32),
-                        class_ids, tuple(idx.image_ids[p])) for p in tiny_imagenet.PARTS}
+    stats = tiny_imagenet._decode_all(
+      _Root(root),
+      idx,
+      tmp,
+      image_size=image_size,
+      on_bad_image=on_bad_image,
+      num_workers=_get(data_config, "num_workers", None) or os.cpu_count() or 1,
+      chunk_size=256,
+    )
+    sets = {
+      p: ImageSet(
+        np.load(tmp / f"{p}_images.npy", mmap_mode="r"),
+        np.asarray(idx.labels[p], np.int32),
+        class_ids,
+        tuple(idx.image_ids[p]),
+      )
+      for p in tiny_imagenet.PARTS
+    }
     seen_classes = sorted({c for _, c, s in index if s})
-    meta = {"source": bench.name, "location": str(root), "image_size": image_size, "num_classes": len(class_ids),
-            "num_seen_classes": len(seen_classes), "num_images": {p: len(sets[p]) for p in sets},
-            "seen_test_fraction": fraction, "num_skipped": len(idx.skipped), "skipped": idx.skipped, **stats}
+    meta = {
+      "source": bench.name,
+      "location": str(root),
+      "image_size": image_size,
+      "num_classes": len(class_ids),
+      "num_seen_classes": len(seen_classes),
+      "num_images": {p: len(sets[p]) for p in sets},
+      "seen_test_fraction": fraction,
+      "num_skipped": len(idx.skipped),
+      "skipped": idx.skipped,
+      **stats,
+    }
     cache.write_entry(tmp, sets, meta)
     del sets
   cache.remove_stale(path)
   sets, meta = cache.read_entry(path)
-  logging.info("%s from %s: %d train + %d test images, %d classes (%d seen)", bench.name, root,
-               meta["num_images"]["train"], meta["num_images"]["test"], len(class_ids), meta["num_seen_classes"])
+  logging.info(
+    "%s from %s: %d train + %d test images, %d classes (%d seen)",
+    bench.name,
+    root,
+    meta["num_images"]["train"],
+    meta["num_images"]["test"],
+    len(class_ids),
+    meta["num_seen_classes"],
+  )
   return sets, dict(meta, cache_hit=False, cache_path=str(path))

@@ -30,8 +30,7 @@ class ImageSet:
     if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
       raise ValueError(f"ImageSet.images must be uint8 [N, H, W, 3], got {self.images.dtype} {self.images.shape}")
     if self.images.shape[0] != n or self.labels.shape != (n,):
-      raise ValueError(
-          f"ImageSet sizes disagree: {self.images.shape[0]} images, {self.labels.shape} labels, {n} ids")
+      raise ValueError(f"ImageSet sizes disagree: {self.images.shape[0]} images, {self.labels.shape} labels, {n} ids")
     if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_ids)):
       raise ValueError(f"ImageSet labels outside [0, {len(self.class_ids)})")
 
@@ -40,5 +39,6 @@ class ImageSet:
 
   def subset(self, indices: np.ndarray) -> "ImageSet":
     indices = np.asarray(indices)
-    return ImageSet(self.images[indices], self.labels[indices], self.class_ids,
-                    tuple(self.image_ids[i] for i in indices))
+    return ImageSet(
+      self.images[indices], self.labels[indices], self.class_ids, tuple(self.image_ids[i] for i in indices)
+    )

@@ -59,21 +59,27 @@ def _check(path: Path, *, sha256: str, md5: str, what: str) -> str | None:
         return f"{what} is a zip without wnids.txt: not a tiny-imagenet-200 archive"
   except zipfile.BadZipFile as e:
     return f"{what} is not a zip file ({e})"
-  logging.warning("No checksum configured (data.download_sha256 / data.download_md5): checked only that "
-                  "%s is an intact zip holding wnids.txt.", path)
+  logging.warning(
+    "No checksum configured (data.download_sha256 / data.download_md5): checked only that "
+    "%s is an intact zip holding wnids.txt.",
+    path,
+  )
   return None
 
 
 def offline_message(url: str, dest: Path, reason: str) -> str:
   """The one-line message for a failed download: where to put the data and which key to set."""
-  return (f"Cannot download {url} ({reason}). Without network, get tiny-imagenet-200 another way, then either "
-          f"unpack it and set --config.data.source=folder --config.data.root=/path/to/tiny-imagenet-200, or set "
-          f"--config.data.source=zip --config.data.zip_path=/path/to/tiny-imagenet-200.zip, or copy the zip to "
-          f"{dest} (where source=download looks first).")
+  return (
+    f"Cannot download {url} ({reason}). Without network, get tiny-imagenet-200 another way, then either "
+    f"unpack it and set --config.data.source=folder --config.data.root=/path/to/tiny-imagenet-200, or set "
+    f"--config.data.source=zip --config.data.zip_path=/path/to/tiny-imagenet-200.zip, or copy the zip to "
+    f"{dest} (where source=download looks first)."
+  )
 
 
-def fetch(url: str, dest: str | os.PathLike, *, sha256: str = "", md5: str = "", timeout: float = 60.0,
-          progress: bool = True) -> Path:
+def fetch(
+  url: str, dest: str | os.PathLike, *, sha256: str = "", md5: str = "", timeout: float = 60.0, progress: bool = True
+) -> Path:
   """Returns `dest` holding the verified file at `url`, downloading it if needed.
 
   Args:
@@ -107,8 +113,15 @@ def fetch(url: str, dest: str | os.PathLike, *, sha256: str = "", md5: str = "",
     with response, open(part, "wb") as f:
       total = int(response.headers.get("Content-Length") or 0) or None
       written = 0
-      with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"Downloading {dest.name}",
-                disable=not progress, mininterval=1.0) as bar:
+      with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"Downloading {dest.name}",
+        disable=not progress,
+        mininterval=1.0,
+      ) as bar:
         try:
           while chunk := response.read(_CHUNK):
             f.write(chunk)

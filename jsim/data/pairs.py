@@ -38,11 +38,11 @@ EVALUATION_MODES = ("sampled", "exhaustive")
 
 # Evaluation cases (PROTOCOL.md, Evaluation).
 CASE_NAMES: dict[int, str] = {
-    1: "similar, seen class",
-    2: "dissimilar, both seen",
-    3: "dissimilar, one seen, one unseen",
-    4: "similar, unseen class",
-    5: "dissimilar, both unseen",
+  1: "similar, seen class",
+  2: "dissimilar, both seen",
+  3: "dissimilar, one seen, one unseen",
+  4: "similar, unseen class",
+  5: "dissimilar, both unseen",
 }
 SEEN_CASES = (1, 2)
 UNSEEN_CASES = (4, 5)
@@ -87,8 +87,12 @@ def build_class_index(labels, num_classes: int | None = None) -> ClassIndex:
   order = np.argsort(labels, kind="stable").astype(np.int32)
   count = np.bincount(labels, minlength=num_classes).astype(np.int32)
   start = (np.cumsum(count) - count).astype(np.int32)
-  return ClassIndex(order=jnp.asarray(order), start=jnp.asarray(start), count=jnp.asarray(count),
-                    labels=jnp.asarray(labels.astype(np.int32)))
+  return ClassIndex(
+    order=jnp.asarray(order),
+    start=jnp.asarray(start),
+    count=jnp.asarray(count),
+    labels=jnp.asarray(labels.astype(np.int32)),
+  )
 
 
 def _uniform_offset(key: jax.Array, n: jax.Array) -> jax.Array:
@@ -197,11 +201,21 @@ def make_exclusion(pairs) -> PairSet:
 EXCLUSIONS = ("redraw", "remove")
 
 
-@functools.partial(jax.jit, static_argnames=("per_ordered_class_pair", "similar_per_class", "max_redraw_rounds",
-                                             "shuffle", "exclusion"))
-def sample_pairs_with_stats(key: jax.Array, class_index: ClassIndex, classes: jax.Array, per_ordered_class_pair: int,
-                            similar_per_class: int, exclude: PairSet | None = None, *, max_redraw_rounds: int = 16,
-                            shuffle: bool = False, exclusion: str = "redraw") -> tuple[jax.Array, jax.Array, dict]:
+@functools.partial(
+  jax.jit, static_argnames=("per_ordered_class_pair", "similar_per_class", "max_redraw_rounds", "shuffle", "exclusion")
+)
+def sample_pairs_with_stats(
+  key: jax.Array,
+  class_index: ClassIndex,
+  classes: jax.Array,
+  per_ordered_class_pair: int,
+  similar_per_class: int,
+  exclude: PairSet | None = None,
+  *,
+  max_redraw_rounds: int = 16,
+  shuffle: bool = False,
+  exclusion: str = "redraw",
+) -> tuple[jax.Array, jax.Array, dict]:
   """`sample_pairs` without the host-side check, usable inside jit.
 
   Returns (pairs, same, stats) with stats = {'collisions': pairs that hit `exclude` in
@@ -272,9 +286,18 @@ def _check_counts(class_index: ClassIndex, classes, k: int, s: int, what: str) -
     raise ValueError(f"{what}: class {int(small[0])} has {int(counts[small[0]])} images, needs >= {need}")
 
 
-def sample_pairs(key: jax.Array, class_index: ClassIndex, classes, per_ordered_class_pair: int,
-                 similar_per_class: int, exclude: PairSet | None = None, *, max_redraw_rounds: int = 16,
-                 shuffle: bool = False, exclusion: str = "redraw") -> tuple[jax.Array, jax.Array]:
+def sample_pairs(
+  key: jax.Array,
+  class_index: ClassIndex,
+  classes,
+  per_ordered_class_pair: int,
+  similar_per_class: int,
+  exclude: PairSet | None = None,
+  *,
+  max_redraw_rounds: int = 16,
+  shuffle: bool = False,
+  exclusion: str = "redraw",
+) -> tuple[jax.Array, jax.Array]:
   """Pairs over the class subset `classes` (int32 [C]): (pairs int32 [P, 2], same bool [P]).
 
   For every ordered pair (i, j) of distinct classes of the subset, `per_ordered_class_pair`
@@ -297,14 +320,24 @@ def sample_pairs(key: jax.Array, class_index: ClassIndex, classes, per_ordered_c
   p = num_pairs(int(np.shape(classes)[0]), per_ordered_class_pair, similar_per_class)
   if p > INT32_MAX:
     raise ValueError(f"sample_pairs: {p} pairs do not fit int32 indexing")
-  pairs, same, stats = sample_pairs_with_stats(key, class_index, classes, per_ordered_class_pair,
-                                               similar_per_class, exclude, max_redraw_rounds=max_redraw_rounds,
-                                               shuffle=shuffle, exclusion=exclusion)
+  pairs, same, stats = sample_pairs_with_stats(
+    key,
+    class_index,
+    classes,
+    per_ordered_class_pair,
+    similar_per_class,
+    exclude,
+    max_redraw_rounds=max_redraw_rounds,
+    shuffle=shuffle,
+    exclusion=exclusion,
+  )
   remaining = int(stats["remaining"])
   if remaining:
-    raise ValueError(f"sample_pairs: {remaining} pairs still collide with the exclusion set after "
-                       f"{max_redraw_rounds} redraw rounds ({int(stats['collisions'])} collided at first); "
-                       "the classes are too small for the number of pairs asked")
+    raise ValueError(
+      f"sample_pairs: {remaining} pairs still collide with the exclusion set after "
+      f"{max_redraw_rounds} redraw rounds ({int(stats['collisions'])} collided at first); "
+      "the classes are too small for the number of pairs asked"
+    )
   if exclusion == "remove":
     kept = int(stats["kept"])
     return pairs[:kept], same[:kept]
@@ -328,8 +361,9 @@ def pair_case(label_a: jax.Array, label_b: jax.Array, seen_mask: jax.Array) -> j
   return jnp.where(same, jnp.where(seen_a, 1, 4), dis).astype(jnp.int8)
 
 
-def sample_test_pairs(key: jax.Array, class_index: ClassIndex, seen_mask, per_ordered_class_pair: int = 50,
-                      similar_per_class: int = 9950) -> tuple[jax.Array, jax.Array, jax.Array]:
+def sample_test_pairs(
+  key: jax.Array, class_index: ClassIndex, seen_mask, per_ordered_class_pair: int = 50, similar_per_class: int = 9950
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The evaluation pairs over all classes: (pairs int32 [P, 2], same bool [P], case int8 [P]).
 
   Drawn like `sample_pairs` over every class of `class_index`: `per_ordered_class_pair`

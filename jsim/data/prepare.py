@@ -23,12 +23,12 @@ NORMALIZATIONS = ("t180", "train", "imagenet")
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-  train_set: ImageSet          # the whole train folder (all classes)
-  test_set: ImageSet           # the val folder (all classes)
+  train_set: ImageSet  # the whole train folder (all classes)
+  test_set: ImageSet  # the val folder (all classes)
   split: splits.Split
-  train_idx: np.ndarray        # stage-1 train images: positions in train_set
-  val_idx: np.ndarray          # stage-1 validation images: positions in train_set
-  test_idx: np.ndarray         # positions in test_set
+  train_idx: np.ndarray  # stage-1 train images: positions in train_set
+  val_idx: np.ndarray  # stage-1 validation images: positions in train_set
+  test_idx: np.ndarray  # positions in test_set
   train_head_labels: np.ndarray  # per train_set image: stage-1 head index, -1 for unseen classes
   test_head_labels: np.ndarray
   mean: tuple[float, float, float]
@@ -54,29 +54,53 @@ def prepare(config, workdir: str | Path) -> Prepared:
   split = splits.load_split(workdir)
   drawn = split is None
   if drawn:
-    split = splits.make_split(train_set, test_set, num_seen=config.data.num_seen_classes,
-                              val_fraction=config.data.val_fraction, seed=config.seed,
-                              seen_classes=config.data.seen_classes)
+    split = splits.make_split(
+      train_set,
+      test_set,
+      num_seen=config.data.num_seen_classes,
+      val_fraction=config.data.val_fraction,
+      seed=config.seed,
+      seen_classes=config.data.seen_classes,
+    )
   elif split.seed != config.seed or len(split.seen_classes) != config.data.num_seen_classes:
-    raise ValueError(f"{workdir / splits.SPLIT_FILE} was drawn with seed {split.seed} and "
-                     f"{len(split.seen_classes)} seen classes, the config asks for seed {config.seed} and "
-                     f"{config.data.num_seen_classes}; use another --workdir")
+    raise ValueError(
+      f"{workdir / splits.SPLIT_FILE} was drawn with seed {split.seed} and "
+      f"{len(split.seen_classes)} seen classes, the config asks for seed {config.seed} and "
+      f"{config.data.num_seen_classes}; use another --workdir"
+    )
   for ids, what in ((split.train_ids, "stage-1 train"), (split.val_ids, "stage-1 validation")):
     if not ids:
-      raise ValueError(f"data.val_fraction={config.data.val_fraction} leaves {what} with no images (of "
-                       f"{len(split.train_ids) + len(split.val_ids)} seen-class images); choose a fraction that "
-                       f"gives both some")
-  if drawn:   # (recorded once it is usable)
+      raise ValueError(
+        f"data.val_fraction={config.data.val_fraction} leaves {what} with no images (of "
+        f"{len(split.train_ids) + len(split.val_ids)} seen-class images); choose a fraction that "
+        f"gives both some"
+      )
+  if drawn:  # (recorded once it is usable)
     splits.save_split(split, workdir)
-    logging.info("drew the split: %d seen / %d unseen classes, %d / %d / %d images", len(split.seen_classes),
-                 len(split.unseen_classes), len(split.train_ids), len(split.val_ids), len(split.test_ids))
+    logging.info(
+      "drew the split: %d seen / %d unseen classes, %d / %d / %d images",
+      len(split.seen_classes),
+      len(split.unseen_classes),
+      len(split.train_ids),
+      len(split.val_ids),
+      len(split.test_ids),
+    )
   train_idx = splits.indices_of(train_set, split.train_ids, what="stage-1 train")
   val_idx = splits.indices_of(train_set, split.val_ids, what="stage-1 validation")
   test_idx = splits.indices_of(test_set, split.test_ids, what="test")
   mean, std = _statistics(config, workdir, train_set.images, train_idx, val_idx)
-  return Prepared(train_set, test_set, split, train_idx, val_idx, test_idx,
-                  split.head_index(train_set.class_ids)[train_set.labels],
-                  split.head_index(test_set.class_ids)[test_set.labels], mean, std)
+  return Prepared(
+    train_set,
+    test_set,
+    split,
+    train_idx,
+    val_idx,
+    test_idx,
+    split.head_index(train_set.class_ids)[train_set.labels],
+    split.head_index(test_set.class_ids)[test_set.labels],
+    mean,
+    std,
+  )
 
 
 def _statistics(config, workdir: Path, images: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray):
@@ -85,9 +109,11 @@ def _statistics(config, workdir: Path, images: np.ndarray, train_idx: np.ndarray
     rec = read_json(path)
     if rec["normalization"] == config.data.normalization:
       return tuple(rec["mean"]), tuple(rec["std"])
-    raise ValueError(f"{path} records normalization={rec['normalization']!r}, the config asks for "
-                     f"{config.data.normalization!r}; use another --workdir, or pass "
-                     f"--config.data.normalization={rec['normalization']} to continue this one")
+    raise ValueError(
+      f"{path} records normalization={rec['normalization']!r}, the config asks for "
+      f"{config.data.normalization!r}; use another --workdir, or pass "
+      f"--config.data.normalization={rec['normalization']} to continue this one"
+    )
   if config.data.normalization == "imagenet":
     mean, std = augment.IMAGENET_MEAN, augment.IMAGENET_STD
   elif config.data.normalization == "t180":
@@ -97,23 +123,40 @@ def _statistics(config, workdir: Path, images: np.ndarray, train_idx: np.ndarray
   else:
     raise ValueError(f"data.normalization={config.data.normalization!r}: expected one of {NORMALIZATIONS}")
   mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-  write_json(path, {"normalization": config.data.normalization, "mean": mean, "std": std,
-                    "image_size": int(images.shape[1])})
+  write_json(
+    path, {"normalization": config.data.normalization, "mean": mean, "std": std, "image_size": int(images.shape[1])}
+  )
   return mean, std
 
 
 def prepare_stage(config, workdir: str | Path) -> dict:
   """--config.stage=prepare: decodes and caches the data, writes split.json and preprocessing.json, stops."""
   import time
+
   start = time.perf_counter()
   data = prepare(config, workdir)
-  counts = {"seen_classes": len(data.split.seen_classes), "unseen_classes": len(data.split.unseen_classes),
-            "train": len(data.train_idx), "val": len(data.val_idx), "test": len(data.test_idx)}
+  counts = {
+    "seen_classes": len(data.split.seen_classes),
+    "unseen_classes": len(data.split.unseen_classes),
+    "train": len(data.train_idx),
+    "val": len(data.val_idx),
+    "test": len(data.test_idx),
+  }
   seconds = time.perf_counter() - start
-  logging.info("prepared %s in %.1f s: %d seen / %d unseen classes; %d stage-1 train, %d validation, %d test "
-               "images; mean %s, std %s (%s)", workdir, seconds, counts["seen_classes"], counts["unseen_classes"],
-               counts["train"], counts["val"], counts["test"], _rounded(data.mean), _rounded(data.std),
-               config.data.normalization)
+  logging.info(
+    "prepared %s in %.1f s: %d seen / %d unseen classes; %d stage-1 train, %d validation, %d test "
+    "images; mean %s, std %s (%s)",
+    workdir,
+    seconds,
+    counts["seen_classes"],
+    counts["unseen_classes"],
+    counts["train"],
+    counts["val"],
+    counts["test"],
+    _rounded(data.mean),
+    _rounded(data.std),
+    config.data.normalization,
+  )
   return dict(counts, seconds=seconds, mean=list(data.mean), std=list(data.std))
 
 

@@ -27,8 +27,9 @@ _SAMPLER_STREAM = 11
 
 
 @functools.partial(jax.jit, static_argnames=("m", "classes_per_batch", "num_batches", "max_count"))
-def draw_m_per_class(key: jax.Array, class_index: pairs.ClassIndex, *, m: int, classes_per_batch: int,
-                     num_batches: int, max_count: int) -> jax.Array:
+def draw_m_per_class(
+  key: jax.Array, class_index: pairs.ClassIndex, *, m: int, classes_per_batch: int, num_batches: int, max_count: int
+) -> jax.Array:
   """int32 [num_batches, classes_per_batch * m]: per batch, m positions of each of P distinct classes."""
   num_classes = class_index.num_classes
   eligible = class_index.count > 0
@@ -38,10 +39,10 @@ def draw_m_per_class(key: jax.Array, class_index: pairs.ClassIndex, *, m: int, c
     # Classes without images sort last, so they are never drawn (P <= classes with images).
     u = jnp.where(eligible, jax.random.uniform(k_cls, (num_classes,)), 2.0)
     classes = jnp.argsort(u)[:classes_per_batch]
-    count = class_index.count[classes]                               # [P]
+    count = class_index.count[classes]  # [P]
     slot = jnp.arange(max_count)
     r = jnp.where(slot[None, :] < count[:, None], jax.random.uniform(k_img, (classes_per_batch, max_count)), 2.0)
-    perm = jnp.argsort(r, axis=1)                                    # a random order of [0, count) first
+    perm = jnp.argsort(r, axis=1)  # a random order of [0, count) first
     offsets = jnp.take_along_axis(perm, jnp.arange(m)[None, :] % count[:, None], axis=1)
     return class_index.order[class_index.start[classes][:, None] + offsets].reshape(-1)
 
@@ -61,8 +62,10 @@ class MPerClassSampler:
     self.classes_per_batch = batch_size // m
     with_images = int(np.sum(counts > 0))
     if self.classes_per_batch > with_images:
-      raise ValueError(f"a batch of {batch_size} with m={m} needs {self.classes_per_batch} classes, but only "
-                       f"{with_images} have training images: raise classifier.sampler_m or lower the batch size")
+      raise ValueError(
+        f"a batch of {batch_size} with m={m} needs {self.classes_per_batch} classes, but only "
+        f"{with_images} have training images: raise classifier.sampler_m or lower the batch size"
+      )
     self.max_count = int(counts.max())
     self.num_batches = len(labels) // batch_size
     if self.num_batches < 1:
@@ -71,5 +74,11 @@ class MPerClassSampler:
   def epoch(self, seed: int, epoch: int) -> jax.Array:
     """The epoch's batches, int32 [num_batches, batch_size], a function of (seed, epoch) only."""
     key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), _SAMPLER_STREAM), epoch)
-    return draw_m_per_class(key, self.class_index, m=self.m, classes_per_batch=self.classes_per_batch,
-                            num_batches=self.num_batches, max_count=self.max_count)
+    return draw_m_per_class(
+      key,
+      self.class_index,
+      m=self.m,
+      classes_per_batch=self.classes_per_batch,
+      num_batches=self.num_batches,
+      max_count=self.max_count,
+    )

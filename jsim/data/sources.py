@@ -27,30 +27,30 @@ from jsim.data import cache, download, synthetic, tiny_imagenet
 from jsim.data.dataset import ImageSet
 
 SOURCES = ("auto", "folder", "zip", "download", "synthetic", "tfds", "cub200", "cars196", "sop")
-BENCHMARK_SOURCES = ("cub200", "cars196", "sop")   # jsim.data.benchmarks
+BENCHMARK_SOURCES = ("cub200", "cars196", "sop")  # jsim.data.benchmarks
 
 
 def default_data_config() -> ml_collections.ConfigDict:
   """The data fields of the config, with their defaults (configs/default.py uses this)."""
   c = ml_collections.ConfigDict()
-  c.source = "folder"          # one of SOURCES (the experiment configs use "auto")
-  c.root = ""                  # source=folder: path of tiny-imagenet-200/ (or of the folder holding it)
-  c.zip_path = ""              # source=zip: path of tiny-imagenet-200.zip
+  c.source = "folder"  # one of SOURCES (the experiment configs use "auto")
+  c.root = ""  # source=folder: path of tiny-imagenet-200/ (or of the folder holding it)
+  c.zip_path = ""  # source=zip: path of tiny-imagenet-200.zip
   c.download_url = download.OFFICIAL_URL
-  c.download_md5 = download.OFFICIAL_MD5   # '' to skip; with no checksum the zip's structure is checked
+  c.download_md5 = download.OFFICIAL_MD5  # '' to skip; with no checksum the zip's structure is checked
   c.download_sha256 = ""
-  c.cache_dir = ""             # '' = $JSIM_CACHE or ~/.cache/jsim: decoded arrays, downloads, synthetic data
-  c.on_bad_image = "error"     # 'error': stop, naming the file; 'skip': drop it and count it
+  c.cache_dir = ""  # '' = $JSIM_CACHE or ~/.cache/jsim: decoded arrays, downloads, synthetic data
+  c.on_bad_image = "error"  # 'error': stop, naming the file; 'skip': drop it and count it
   c.num_workers = config_dict.placeholder(int)  # decoding processes; None = os.cpu_count()
-  c.image_size = 64            # images of another size are resized (PIL bilinear)
+  c.image_size = 64  # images of another size are resized (PIL bilinear)
   c.tfds_name = "jsim_tiny_imagenet"  # the builder in jsim.data.tfds_source
   c.tfds_data_dir = ""
   c.tfds_train_split = "train"
   c.tfds_test_split = "test"
-  c.seen_test_fraction = 0.2   # cub200 / cars196 / sop: share of each seen class held out as test images
-  c.synthetic = ml_collections.ConfigDict(dict(
-      num_classes=20, train_per_class=100, test_per_class=20, image_size=64, seed=0,
-      grayscale_fraction=0.02))
+  c.seen_test_fraction = 0.2  # cub200 / cars196 / sop: share of each seen class held out as test images
+  c.synthetic = ml_collections.ConfigDict(
+    dict(num_classes=20, train_per_class=100, test_per_class=20, image_size=64, seed=0, grayscale_fraction=0.02)
+  )
   return c
 
 
@@ -95,14 +95,19 @@ def load_image_sets_and_report(data_config) -> tuple[dict[str, ImageSet], dict[s
   source = resolve_source(d)
   if source == "tfds":
     from jsim.data import tfds_source  # lazy: TFDS is heavy and optional
+
     sets = tfds_source.load_image_sets(d)
-    return sets, {"source": "tfds", "location": d.tfds_name, "num_images": {k: len(v) for k, v in sets.items()},
-                  "num_classes": len(next(iter(sets.values())).class_ids)}
+    return sets, {
+      "source": "tfds",
+      "location": d.tfds_name,
+      "num_images": {k: len(v) for k, v in sets.items()},
+      "num_classes": len(next(iter(sets.values())).class_ids),
+    }
   if source in BENCHMARK_SOURCES:
     from jsim.data import benchmarks
+
     return benchmarks.load(source, d)
-  options = dict(image_size=d.image_size, on_bad_image=d.on_bad_image, num_workers=d.num_workers,
-                 cache_dir=d.cache_dir)
+  options = dict(image_size=d.image_size, on_bad_image=d.on_bad_image, num_workers=d.num_workers, cache_dir=d.cache_dir)
   if source == "folder":
     return tiny_imagenet.load_folder(d.root, **options)
   if source == "zip":
@@ -134,14 +139,17 @@ def class_names(data_config, class_ids: tuple[str, ...]) -> list[str]:
     if source in ("folder", "synthetic"):
       text = tiny_imagenet._Folder(d.root if source == "folder" else synthetic_root(d)).read("words.txt")
     elif source in ("zip", "download"):
-      path = d.zip_path if source == "zip" else \
-          cache.resolve_cache_dir(d.cache_dir) / "downloads" / (d.download_url.rsplit("/", 1)[-1] or "data.zip")
+      path = (
+        d.zip_path
+        if source == "zip"
+        else cache.resolve_cache_dir(d.cache_dir) / "downloads" / (d.download_url.rsplit("/", 1)[-1] or "data.zip")
+      )
       text = tiny_imagenet._Zip(path).read("words.txt")
     else:
       text = b""
     for line in text.decode(errors="replace").splitlines():
       wnid, _, name = line.partition("\t")
       words[wnid.strip()] = name.split(",")[0].strip()
-  except (OSError, ValueError, KeyError):   # no words.txt: the ids it is
+  except (OSError, ValueError, KeyError):  # no words.txt: the ids it is
     pass
   return [words.get(c) or c for c in class_ids]

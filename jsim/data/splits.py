@@ -22,17 +22,22 @@ SEEN_CLASSES = ("random", "first")
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  seen_classes: tuple[str, ...]     # sorted; position = stage-1 head index
-  unseen_classes: tuple[str, ...]   # sorted
-  train_ids: tuple[str, ...]        # stage-1 train (70% of T180)
-  val_ids: tuple[str, ...]          # stage-1 validation (30% of T180)
-  test_ids: tuple[str, ...]         # the test folder, all classes
+  seen_classes: tuple[str, ...]  # sorted; position = stage-1 head index
+  unseen_classes: tuple[str, ...]  # sorted
+  train_ids: tuple[str, ...]  # stage-1 train (70% of T180)
+  val_ids: tuple[str, ...]  # stage-1 validation (30% of T180)
+  test_ids: tuple[str, ...]  # the test folder, all classes
   seed: int
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
-    d["counts"] = {"seen_classes": len(self.seen_classes), "unseen_classes": len(self.unseen_classes),
-                   "train": len(self.train_ids), "val": len(self.val_ids), "test": len(self.test_ids)}
+    d["counts"] = {
+      "seen_classes": len(self.seen_classes),
+      "unseen_classes": len(self.unseen_classes),
+      "train": len(self.train_ids),
+      "val": len(self.val_ids),
+      "test": len(self.test_ids),
+    }
     return d
 
   @classmethod
@@ -49,8 +54,9 @@ class Split:
     return self.head_index(class_ids) >= 0
 
 
-def make_split(train: ImageSet, test: ImageSet, *, num_seen: int, val_fraction: float, seed: int,
-               seen_classes: str = "random") -> Split:
+def make_split(
+  train: ImageSet, test: ImageSet, *, num_seen: int, val_fraction: float, seed: int, seen_classes: str = "random"
+) -> Split:
   """Draws seen/unseen classes and the 70/30 split of T180 from `seed`.
 
   seen_classes='random': the seen classes are drawn from the seed (the protocol);
@@ -60,12 +66,13 @@ def make_split(train: ImageSet, test: ImageSet, *, num_seen: int, val_fraction: 
     raise ValueError(f"data.seen_classes={seen_classes!r}: expected one of {', '.join(SEEN_CLASSES)}")
   num_classes = len(train.class_ids)
   if not 0 < num_seen <= num_classes:
-    raise ValueError(f"data.num_seen_classes={num_seen} must be in [1, {num_classes}] (the data set has "
-                     f"{num_classes} classes)")
+    raise ValueError(
+      f"data.num_seen_classes={num_seen} must be in [1, {num_classes}] (the data set has {num_classes} classes)"
+    )
   if not 0.0 < val_fraction < 1.0:
     raise ValueError(f"data.val_fraction={val_fraction} must be in (0, 1)")
   rng = np.random.default_rng(seed)
-  drawn = rng.permutation(num_classes)   # drawn either way: the stream of the seed stays the same
+  drawn = rng.permutation(num_classes)  # drawn either way: the stream of the seed stays the same
   seen = np.arange(num_seen) if seen_classes == "first" else np.sort(drawn[:num_seen])
   seen_mask = np.zeros(num_classes, bool)
   seen_mask[seen] = True
@@ -74,12 +81,13 @@ def make_split(train: ImageSet, test: ImageSet, *, num_seen: int, val_fraction: 
   num_val = int(round(val_fraction * len(t_seen)))
   val_idx, train_idx = np.sort(t_seen[order[:num_val]]), np.sort(t_seen[order[num_val:]])
   return Split(
-      seen_classes=tuple(train.class_ids[i] for i in seen),
-      unseen_classes=tuple(c for i, c in enumerate(train.class_ids) if not seen_mask[i]),
-      train_ids=tuple(train.image_ids[i] for i in train_idx),
-      val_ids=tuple(train.image_ids[i] for i in val_idx),
-      test_ids=tuple(test.image_ids),
-      seed=seed)
+    seen_classes=tuple(train.class_ids[i] for i in seen),
+    unseen_classes=tuple(c for i, c in enumerate(train.class_ids) if not seen_mask[i]),
+    train_ids=tuple(train.image_ids[i] for i in train_idx),
+    val_ids=tuple(train.image_ids[i] for i in val_idx),
+    test_ids=tuple(test.image_ids),
+    seed=seed,
+  )
 
 
 def save_split(split: Split, workdir: str | Path) -> Path:
@@ -106,6 +114,8 @@ def indices_of(image_set: ImageSet, ids: tuple[str, ...], *, what: str) -> np.nd
   pos = {name: i for i, name in enumerate(image_set.image_ids)}
   missing = [i for i in ids if i not in pos]
   if missing:
-    raise ValueError(f"split.json names {len(missing)} {what} images that the data set does not have "
-                     f"(first: {missing[0]!r}); the workdir was made from other data")
+    raise ValueError(
+      f"split.json names {len(missing)} {what} images that the data set does not have "
+      f"(first: {missing[0]!r}); the workdir was made from other data"
+    )
   return np.fromiter((pos[i] for i in ids), np.int64, count=len(ids))

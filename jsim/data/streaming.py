@@ -46,8 +46,9 @@ class _ReadExample:
   """Record index -> (uint8 image [S, S, 3], int32 label). A class, not a closure, so it pickles
   into grain's worker processes."""
 
-  def __init__(self, source: Sequence[dict], image_key: str, label_key: str,
-               label_map: np.ndarray | None, image_size: int | None):
+  def __init__(
+    self, source: Sequence[dict], image_key: str, label_key: str, label_map: np.ndarray | None, image_size: int | None
+  ):
     self.source, self.image_key, self.label_key = source, image_key, label_key
     self.label_map, self.image_size = label_map, image_size
 
@@ -63,11 +64,21 @@ class _ReadExample:
     return image, np.int32(label)
 
 
-def stream_batches(data_source: Sequence[dict], indices: Sequence[int] | np.ndarray,
-                   batch_size: int, seed: int, epoch: int, image_size: int | None,
-                   start_batch: int = 0, *, num_workers: int = 0, num_threads: int = 8,
-                   image_key: str = "image", label_key: str = "label",
-                   label_map: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def stream_batches(
+  data_source: Sequence[dict],
+  indices: Sequence[int] | np.ndarray,
+  batch_size: int,
+  seed: int,
+  epoch: int,
+  image_size: int | None,
+  start_batch: int = 0,
+  *,
+  num_workers: int = 0,
+  num_threads: int = 8,
+  image_key: str = "image",
+  label_key: str = "label",
+  label_map: np.ndarray | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Yields (images uint8 [B, S, S, 3], labels int32 [B]) for one epoch over `indices`.
 
   Args:
@@ -96,17 +107,17 @@ def stream_batches(data_source: Sequence[dict], indices: Sequence[int] | np.ndar
     raise ValueError(f"indices outside [0, {n_records}) of the data source")
   total = num_batches(len(indices), batch_size)
   if not 0 <= start_batch <= total:
-    raise ValueError(f"start_batch={start_batch} outside [0, {total}] ({len(indices)} examples, "
-                     f"batch {batch_size})")
-  order = indices[epoch_permutation(seed, epoch, len(indices))][start_batch * batch_size:]
+    raise ValueError(f"start_batch={start_batch} outside [0, {total}] ({len(indices)} examples, batch {batch_size})")
+  order = indices[epoch_permutation(seed, epoch, len(indices))][start_batch * batch_size :]
   if not order.size:
     return iter(())
-  ds = (grain.MapDataset.source(order)
-        .map(_ReadExample(data_source, image_key, label_key, label_map, image_size))
-        .batch(batch_size, drop_remainder=False))
+  ds = (
+    grain.MapDataset.source(order)
+    .map(_ReadExample(data_source, image_key, label_key, label_map, image_size))
+    .batch(batch_size, drop_remainder=False)
+  )
   # Threads decode ahead of the consumer: about two batches in flight.
-  read_options = grain.ReadOptions(num_threads=num_threads,
-                                   prefetch_buffer_size=2 * batch_size if num_threads else 0)
+  read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * batch_size if num_threads else 0)
   it = ds.to_iter_dataset(read_options)
   if num_workers > 0:
     # grain's workers read absl flags; outside an absl app (tests, notebooks)

@@ -35,8 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "hexagon", "bars",
-          "crescent")
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "hexagon", "bars", "crescent")
 # Hues in [0, 1): ten well separated colours of the HSV wheel.
 HUES = tuple(i / 10 for i in range(10))
 HUE_NAMES = ("red", "orange", "yellow", "lime", "green", "teal", "cyan", "blue", "violet", "magenta")
@@ -109,8 +108,10 @@ def _texture(texture: str, u: np.ndarray, v: np.ndarray, freq: float, phase: flo
   if texture == "checker":
     return (np.sin(freq * u + phase) > 0) ^ (np.sin(freq * v + phase) > 0)
   if texture == "dots":
-    return np.hypot(((u * freq / (2 * math.pi) + phase) % 1.0) - 0.5,
-                    ((v * freq / (2 * math.pi) + phase) % 1.0) - 0.5) < 0.25
+    return (
+      np.hypot(((u * freq / (2 * math.pi) + phase) % 1.0) - 0.5, ((v * freq / (2 * math.pi) + phase) % 1.0) - 0.5)
+      < 0.25
+    )
   raise ValueError(f"unknown synthetic texture {texture!r}")
 
 
@@ -126,7 +127,7 @@ def render_image(k: int, rng: np.random.Generator, image_size: int = 64) -> tupl
   c, s = math.cos(theta) / scale, math.sin(theta) / scale
 
   def frame(n):  # pixel centres in [-1, 1] -> the shape's own frame (u, v)
-    coords = ((np.arange(n, dtype=np.float32) + 0.5) * (2 / n) - 1)
+    coords = (np.arange(n, dtype=np.float32) + 0.5) * (2 / n) - 1
     x, y = coords[None, :], coords[:, None]
     return x, y, c * (x - cx) + s * (y - cy), c * (y - cy) - s * (x - cx)
 
@@ -185,13 +186,14 @@ def _corrupt(data: bytes, which: int) -> bytes:
 @dataclasses.dataclass(frozen=True)
 class _ClassJob:
   """Everything needed to write the images of one class (train and val)."""
+
   root: str
   k: int
   seed: int
   image_size: int
   train_gray: tuple[bool, ...]
-  train_corrupt: tuple[int, ...]       # -1: intact, else which kind of damage
-  val_numbers: tuple[int, ...]         # j of val_<j>.JPEG for each of the class's val images
+  train_corrupt: tuple[int, ...]  # -1: intact, else which kind of damage
+  val_numbers: tuple[int, ...]  # j of val_<j>.JPEG for each of the class's val images
   val_gray: tuple[bool, ...]
 
 
@@ -218,11 +220,18 @@ def _write_class(job: _ClassJob) -> tuple[str, dict[int, str]]:
   return "".join(boxes), annotations
 
 
-def write_synthetic_tiny_imagenet(root: str | os.PathLike, num_classes: int = 10,
-                                  train_per_class: int = 20, test_per_class: int = 5,
-                                  image_size: int = 64, seed: int = 0,
-                                  grayscale_fraction: float = 0.0,
-                                  corrupt_files: int = 0, *, num_workers: int = 1) -> Path:
+def write_synthetic_tiny_imagenet(
+  root: str | os.PathLike,
+  num_classes: int = 10,
+  train_per_class: int = 20,
+  test_per_class: int = 5,
+  image_size: int = 64,
+  seed: int = 0,
+  grayscale_fraction: float = 0.0,
+  corrupt_files: int = 0,
+  *,
+  num_workers: int = 1,
+) -> Path:
   """Writes a synthetic data set in Tiny ImageNet's layout under `root` and returns `root`.
 
   Args:
@@ -276,14 +285,23 @@ def write_synthetic_tiny_imagenet(root: str | os.PathLike, num_classes: int = 10
   jobs = []
   for k in range(num_classes):
     tr = slice(k * train_per_class, (k + 1) * train_per_class)
-    va = val_position[k * test_per_class:(k + 1) * test_per_class]
-    jobs.append(_ClassJob(str(root), k, seed, image_size, tuple(train_gray[tr].tolist()),
-                          tuple(train_corrupt[tr].tolist()), tuple(va.tolist()), tuple(val_gray[va].tolist())))
+    va = val_position[k * test_per_class : (k + 1) * test_per_class]
+    jobs.append(
+      _ClassJob(
+        str(root),
+        k,
+        seed,
+        image_size,
+        tuple(train_gray[tr].tolist()),
+        tuple(train_corrupt[tr].tolist()),
+        tuple(va.tolist()),
+        tuple(val_gray[va].tolist()),
+      )
+    )
   num_workers = max(1, min(num_workers, num_classes))
   if num_workers > 1:
     # spawn, not fork: the caller may already run JAX's threads.
-    with concurrent.futures.ProcessPoolExecutor(num_workers,
-                                                mp_context=multiprocessing.get_context("spawn")) as pool:
+    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
       results = list(pool.map(_write_class, jobs))
   else:
     results = [_write_class(job) for job in jobs]
@@ -294,13 +312,23 @@ def write_synthetic_tiny_imagenet(root: str | os.PathLike, num_classes: int = 10
     annotations.update(lines)
   (root / "val" / "val_annotations.txt").write_text("".join(annotations[j] for j in range(n_val)))
 
-  corrupt_paths = [f"train/{wnids[f // train_per_class]}/images/{wnids[f // train_per_class]}_"
-                   f"{f % train_per_class}.JPEG" for f in np.flatnonzero(train_corrupt >= 0).tolist()]
-  info = {"num_classes": num_classes, "train_per_class": train_per_class,
-          "test_per_class": test_per_class, "image_size": image_size, "seed": seed,
-          "grayscale_fraction": grayscale_fraction, "corrupt_files": corrupt_paths,
-          "grayscale_files": int(train_gray.sum() + val_gray.sum()),
-          "classes": {w: {"shape": f[0], "hue": HUE_NAMES[f[1]], "texture": f[2]}
-                      for w, f in ((w, class_factors(k)) for k, w in enumerate(wnids))}}
+  corrupt_paths = [
+    f"train/{wnids[f // train_per_class]}/images/{wnids[f // train_per_class]}_{f % train_per_class}.JPEG"
+    for f in np.flatnonzero(train_corrupt >= 0).tolist()
+  ]
+  info = {
+    "num_classes": num_classes,
+    "train_per_class": train_per_class,
+    "test_per_class": test_per_class,
+    "image_size": image_size,
+    "seed": seed,
+    "grayscale_fraction": grayscale_fraction,
+    "corrupt_files": corrupt_paths,
+    "grayscale_files": int(train_gray.sum() + val_gray.sum()),
+    "classes": {
+      w: {"shape": f[0], "hue": HUE_NAMES[f[1]], "texture": f[2]}
+      for w, f in ((w, class_factors(k)) for k, w in enumerate(wnids))
+    },
+  }
   (root / INFO_FILE).write_text(json.dumps(info, indent=1))
   return root

@@ -94,11 +94,18 @@ class JsimTinyImagenet(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Original JPEG bytes; 'train' = train folder, 'test' = val folder."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "Put tiny-imagenet-200.zip (http://cs231n.stanford.edu/tiny-imagenet-200.zip) or its unpacked "
-      "tiny-imagenet-200/ folder in the manual dir, or pass source=<folder or zip> to the builder.")
+    "Put tiny-imagenet-200.zip (http://cs231n.stanford.edu/tiny-imagenet-200.zip) or its unpacked "
+    "tiny-imagenet-200/ folder in the manual dir, or pass source=<folder or zip> to the builder."
+  )
 
-  def __init__(self, *, source: str | os.PathLike | None = None, allow_download: bool = False,
-               on_bad_image: str = "error", **kwargs: Any):
+  def __init__(
+    self,
+    *,
+    source: str | os.PathLike | None = None,
+    allow_download: bool = False,
+    on_bad_image: str = "error",
+    **kwargs: Any,
+  ):
     if on_bad_image not in ON_BAD_IMAGE:
       raise ValueError(f"on_bad_image={on_bad_image!r} must be one of {ON_BAD_IMAGE}")
     self._source = None if source is None else os.fspath(source)
@@ -106,8 +113,7 @@ class JsimTinyImagenet(tfds.core.GeneratorBasedBuilder):
     self._on_bad_image = on_bad_image
     super().__init__(**kwargs)
     # DatasetBuilder pickles by re-running __init__ with this dict.
-    self._original_state.update(source=self._source, allow_download=allow_download,
-                                on_bad_image=on_bad_image)
+    self._original_state.update(source=self._source, allow_download=allow_download, on_bad_image=on_bad_image)
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -121,21 +127,24 @@ class JsimTinyImagenet(tfds.core.GeneratorBasedBuilder):
     # when reading, TFDS restores them from the prepared folder (label.labels.txt).
     label = tfds.features.ClassLabel()
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=("Tiny ImageNet (tiny-imagenet-200): 64x64 RGB images of 200 ImageNet classes. "
-                     "'train' is the train folder (500 per class), 'test' the labelled val folder "
-                     "(50 per class). Labels index the sorted WordNet ids of wnids.txt; image_id is "
-                     "the file name."),
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(TINY_IMAGENET_SIZE, TINY_IMAGENET_SIZE, 3),
-                                         encoding_format="jpeg"),
-            "label": label,
-            "image_id": tfds.features.Text(),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="http://cs231n.stanford.edu/",
-        # Keep the layout's order (classes sorted, then file names sorted) on disk.
-        disable_shuffling=True,
+      builder=self,
+      description=(
+        "Tiny ImageNet (tiny-imagenet-200): 64x64 RGB images of 200 ImageNet classes. "
+        "'train' is the train folder (500 per class), 'test' the labelled val folder "
+        "(50 per class). Labels index the sorted WordNet ids of wnids.txt; image_id is "
+        "the file name."
+      ),
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(TINY_IMAGENET_SIZE, TINY_IMAGENET_SIZE, 3), encoding_format="jpeg"),
+          "label": label,
+          "image_id": tfds.features.Text(),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      homepage="http://cs231n.stanford.edu/",
+      # Keep the layout's order (classes sorted, then file names sorted) on disk.
+      disable_shuffling=True,
     )
 
   def _locate(self, dl_manager: tfds.download.DownloadManager):
@@ -149,8 +158,9 @@ class JsimTinyImagenet(tfds.core.GeneratorBasedBuilder):
       return tiny_imagenet.open_layout(os.fspath(manual))
     if not self._allow_download:
       raise FileNotFoundError(
-          f"{TINY_IMAGENET_NAME}: no data to prepare. Pass source=<tiny-imagenet-200 folder or zip>, "
-          f"put it in the manual dir, or pass allow_download=True to fetch {TINY_IMAGENET_URL}")
+        f"{TINY_IMAGENET_NAME}: no data to prepare. Pass source=<tiny-imagenet-200 folder or zip>, "
+        f"put it in the manual dir, or pass allow_download=True to fetch {TINY_IMAGENET_URL}"
+      )
     # Download only (no extraction: that path needs TensorFlow); the zip is read directly.
     return tiny_imagenet.open_layout(os.fspath(dl_manager.download(TINY_IMAGENET_URL)))
 
@@ -177,15 +187,23 @@ class JsimTinyImagenet(tfds.core.GeneratorBasedBuilder):
       yield name, {"image": data, "label": label, "image_id": name}
 
 
-def prepare_tiny_imagenet(source: str | os.PathLike | None, data_dir: str | os.PathLike | None = None,
-                          *, allow_download: bool = False, on_bad_image: str = "error"
-                          ) -> tfds.core.DatasetBuilder:
+def prepare_tiny_imagenet(
+  source: str | os.PathLike | None,
+  data_dir: str | os.PathLike | None = None,
+  *,
+  allow_download: bool = False,
+  on_bad_image: str = "error",
+) -> tfds.core.DatasetBuilder:
   """Prepares 'jsim_tiny_imagenet' (array_record) in `data_dir` from a folder or zip; returns the builder.
 
   A no-op when it is already prepared there.
   """
-  builder = JsimTinyImagenet(data_dir=None if data_dir is None else os.fspath(data_dir),
-                             source=source, allow_download=allow_download, on_bad_image=on_bad_image)
+  builder = JsimTinyImagenet(
+    data_dir=None if data_dir is None else os.fspath(data_dir),
+    source=source,
+    allow_download=allow_download,
+    on_bad_image=on_bad_image,
+  )
   builder.download_and_prepare(file_format="array_record")
   return builder
 
@@ -224,15 +242,17 @@ class TfdsSplit:
 def _not_prepared(name: str, data_dir: str | None, why: str) -> FileNotFoundError:
   where = data_dir or "the default TFDS data dir (TFDS_DATA_DIR or ~/tensorflow_datasets)"
   if name == TINY_IMAGENET_NAME:
-    how = (f"python -m jsim.data.tfds_source --source <tiny-imagenet-200 folder or zip> "
-           f"--data_dir {data_dir or '<dir>'}")
+    how = f"python -m jsim.data.tfds_source --source <tiny-imagenet-200 folder or zip> --data_dir {data_dir or '<dir>'}"
   else:
-    how = (f"tfds.builder({name!r}, data_dir={data_dir!r}).download_and_prepare(file_format='array_record') "
-           "(if its preparation needs TensorFlow, run that where TF is installed and copy the folder)")
+    how = (
+      f"tfds.builder({name!r}, data_dir={data_dir!r}).download_and_prepare(file_format='array_record') "
+      "(if its preparation needs TensorFlow, run that where TF is installed and copy the folder)"
+    )
   return FileNotFoundError(
-      f"TFDS data set {name!r} is not usable in {where}: {why}. Prepare it with: {how}. "
-      "This machine has no TensorFlow, so only array_record-prepared data sets can be read "
-      "(not TFRecord).")
+    f"TFDS data set {name!r} is not usable in {where}: {why}. Prepare it with: {how}. "
+    "This machine has no TensorFlow, so only array_record-prepared data sets can be read "
+    "(not TFRecord)."
+  )
 
 
 def _pick_key(features, cls, preferred: Sequence[str], what: str, name: str, required: bool = True):
@@ -244,8 +264,10 @@ def _pick_key(features, cls, preferred: Sequence[str], what: str, name: str, req
     return keys[0]
   if not required:
     return None
-  raise ValueError(f"TFDS data set {name!r} has {len(keys)} top-level {what} features {keys}; "
-                   f"jsim needs exactly one (or one named {preferred[0]!r})")
+  raise ValueError(
+    f"TFDS data set {name!r} has {len(keys)} top-level {what} features {keys}; "
+    f"jsim needs exactly one (or one named {preferred[0]!r})"
+  )
 
 
 def open_tfds_split(name: str, split: str, data_dir: str | os.PathLike | None = None) -> TfdsSplit:
@@ -263,8 +285,9 @@ def open_tfds_split(name: str, split: str, data_dir: str | os.PathLike | None = 
     raise _not_prepared(name, data_dir, f"not prepared (no {builder.data_dir})")
   formats = {builder.info.file_format} | set(getattr(builder.info, "alternative_file_formats", ()) or ())
   if tfds.core.file_adapters.FileFormat.ARRAY_RECORD not in formats:
-    raise _not_prepared(name, data_dir, f"prepared as {sorted(str(f.value) for f in formats if f)} "
-                        "in " + str(builder.data_dir))
+    raise _not_prepared(
+      name, data_dir, f"prepared as {sorted(str(f.value) for f in formats if f)} in " + str(builder.data_dir)
+    )
   features = builder.info.features
   # Slices and sums ('train[:80%]', 'train+test') are TFDS's to parse; check the names only.
   for part in split.split("+"):
@@ -277,25 +300,39 @@ def open_tfds_split(name: str, split: str, data_dir: str | os.PathLike | None = 
     id_key = None  # A lone Text feature need not name the image (e.g. a caption).
   # Skip TFDS's decoding of every image feature: we decode with PIL ourselves,
   # and other images (e.g. segmentation masks) are not needed at all.
-  decoders = {k: tfds.decode.SkipDecoding() for k, f in features.items()
-              if isinstance(f, tfds.features.Image)}
+  decoders = {k: tfds.decode.SkipDecoding() for k, f in features.items() if isinstance(f, tfds.features.Image)}
   source = tfds.data_source(name, split=split, data_dir=data_dir, download=False, decoders=decoders)
   names = list(features[label_key].names or [str(i) for i in range(features[label_key].num_classes)])
   # ImageSet wants class ids sorted; unnamed classes ('0', '1', ...) keep numeric order.
-  order = (list(range(len(names))) if all(n.isdigit() for n in names)
-           else sorted(range(len(names)), key=lambda i: names[i]))
+  order = (
+    list(range(len(names))) if all(n.isdigit() for n in names) else sorted(range(len(names)), key=lambda i: names[i])
+  )
   label_map = np.empty(len(names), np.int32)
   label_map[order] = np.arange(len(names), dtype=np.int32)
-  return TfdsSplit(name=name, split=split, source=source, class_ids=tuple(names[i] for i in order),
-                   label_map=label_map, image_key=image_key, label_key=label_key, id_key=id_key)
+  return TfdsSplit(
+    name=name,
+    split=split,
+    source=source,
+    class_ids=tuple(names[i] for i in order),
+    label_map=label_map,
+    image_key=image_key,
+    label_key=label_key,
+    id_key=id_key,
+  )
 
 
 def _text(value: Any) -> str:
   return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
 
 
-def read_image_set(ts: TfdsSplit, image_size: int | None, *, on_bad_image: str = "error",
-                   num_threads: int | None = None, chunk_size: int = 512) -> ImageSet:
+def read_image_set(
+  ts: TfdsSplit,
+  image_size: int | None,
+  *,
+  on_bad_image: str = "error",
+  num_threads: int | None = None,
+  chunk_size: int = 512,
+) -> ImageSet:
   """Decodes a whole TFDS split into an ImageSet, in parallel chunks of `chunk_size` records.
 
   image_size: side of the output images (None: all images must share one size).
@@ -331,8 +368,7 @@ def read_image_set(ts: TfdsSplit, image_size: int | None, *, on_bad_image: str =
     for f in [pool.submit(work, s) for s in range(0, n, chunk_size)]:
       f.result()  # Re-raises the first error.
   if ts.id_key and len(set(ids)) != n:
-    log.warning("%s/%s: %r does not name images uniquely; using '<split>/<index>' ids",
-                ts.name, ts.split, ts.id_key)
+    log.warning("%s/%s: %r does not name images uniquely; using '<split>/<index>' ids", ts.name, ts.split, ts.id_key)
     ids = [f"{ts.split}/{i}" for i in range(n)]
   if not ok.all():
     keep = np.flatnonzero(ok)
@@ -365,18 +401,23 @@ def load_image_sets(data_config: Any) -> dict[str, ImageSet]:
 
 def main(argv: Sequence[str] | None = None) -> None:
   """Command line: prepare 'jsim_tiny_imagenet' from a folder or zip."""
-  p = argparse.ArgumentParser(description="Prepare Tiny ImageNet as the TFDS data set "
-                              f"{TINY_IMAGENET_NAME!r} (array_record, no TensorFlow needed).")
+  p = argparse.ArgumentParser(
+    description="Prepare Tiny ImageNet as the TFDS data set "
+    f"{TINY_IMAGENET_NAME!r} (array_record, no TensorFlow needed)."
+  )
   p.add_argument("--source", default=None, help="tiny-imagenet-200 folder or zip (default: the manual dir)")
   p.add_argument("--data_dir", default=None, help="TFDS data dir (default: TFDS_DATA_DIR or ~/tensorflow_datasets)")
   p.add_argument("--allow_download", action="store_true", help=f"download {TINY_IMAGENET_URL} if no source")
   p.add_argument("--on_bad_image", default="error", choices=ON_BAD_IMAGE)
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO)
-  builder = prepare_tiny_imagenet(args.source, args.data_dir, allow_download=args.allow_download,
-                                  on_bad_image=args.on_bad_image)
-  print(f"{TINY_IMAGENET_NAME} prepared in {builder.data_dir}: "
-        + ", ".join(f"{k} {v.num_examples}" for k, v in sorted(builder.info.splits.items())))
+  builder = prepare_tiny_imagenet(
+    args.source, args.data_dir, allow_download=args.allow_download, on_bad_image=args.on_bad_image
+  )
+  print(
+    f"{TINY_IMAGENET_NAME} prepared in {builder.data_dir}: "
+    + ", ".join(f"{k} {v.num_examples}" for k, v in sorted(builder.info.splits.items()))
+  )
 
 
 if __name__ == "__main__":

@@ -118,9 +118,10 @@ class _Folder:
       root = root / _FOLDER_NAME  # the folder that holds tiny-imagenet-200/ is fine too
     if not (root / "wnids.txt").is_file():
       raise FileNotFoundError(
-          f"data.root={str(given)!r} is not a tiny-imagenet-200 folder (no wnids.txt there): set "
-          "--config.data.root=/path/to/tiny-imagenet-200, or use --config.data.source=zip with "
-          "--config.data.zip_path=..., source=download, or source=synthetic for a demo")
+        f"data.root={str(given)!r} is not a tiny-imagenet-200 folder (no wnids.txt there): set "
+        "--config.data.root=/path/to/tiny-imagenet-200, or use --config.data.source=zip with "
+        "--config.data.zip_path=..., source=download, or source=synthetic for a demo"
+      )
     self.root = root.resolve()
     self.location = str(self.root)
 
@@ -171,8 +172,9 @@ class _Zip:
     path = Path(zip_path).expanduser()
     if not path.is_file():
       raise FileNotFoundError(
-          f"data.zip_path={str(zip_path)!r} is not a file: set --config.data.zip_path=/path/to/"
-          "tiny-imagenet-200.zip, or use --config.data.source=folder with --config.data.root=...")
+        f"data.zip_path={str(zip_path)!r} is not a file: set --config.data.zip_path=/path/to/"
+        "tiny-imagenet-200.zip, or use --config.data.source=folder with --config.data.root=..."
+      )
     self.path = path.resolve()
     self.location = str(self.path)
     try:
@@ -181,18 +183,27 @@ class _Zip:
     except zipfile.BadZipFile as e:
       raise ValueError(f"{self.path} is not a readable zip file ({e})") from None
     # The archive's root: the folder of the shallowest wnids.txt ('tiny-imagenet-200/').
-    roots = sorted((i.filename[: -len("wnids.txt")] for i in infos
-                    if i.filename.endswith("wnids.txt") and i.filename.count("/") <= 1
-                    and i.filename.rsplit("/", 1)[-1] == "wnids.txt"), key=len)
+    roots = sorted(
+      (
+        i.filename[: -len("wnids.txt")]
+        for i in infos
+        if i.filename.endswith("wnids.txt")
+        and i.filename.count("/") <= 1
+        and i.filename.rsplit("/", 1)[-1] == "wnids.txt"
+      ),
+      key=len,
+    )
     if not roots:
-      raise ValueError(f"{self.path} holds no wnids.txt (at its top or in one folder): "
-                       "not a tiny-imagenet-200 archive")
+      raise ValueError(f"{self.path} holds no wnids.txt (at its top or in one folder): not a tiny-imagenet-200 archive")
     self.prefix = roots[0]
-    self._infos = {i.filename[len(self.prefix):]: i for i in infos if i.filename.startswith(self.prefix)}
+    self._infos = {i.filename[len(self.prefix) :]: i for i in infos if i.filename.startswith(self.prefix)}
 
   def listing(self) -> dict[str, tuple[int, ...]]:
-    return {rel: (i.file_size, i.CRC) for rel, i in self._infos.items()
-            if rel == "wnids.txt" or rel == "val/val_annotations.txt" or _is_image_path(rel)}
+    return {
+      rel: (i.file_size, i.CRC)
+      for rel, i in self._infos.items()
+      if rel == "wnids.txt" or rel == "val/val_annotations.txt" or _is_image_path(rel)
+    }
 
   def __getstate__(self):  # workers only read members: don't ship the member table
     return {k: v for k, v in self.__dict__.items() if k != "_infos"}
@@ -216,9 +227,10 @@ class _Zip:
 def _is_image_path(rel: str) -> bool:
   """Whether `rel` sits where the layout keeps images (hidden files, e.g. macOS '._x', excluded)."""
   parts = rel.split("/")
-  return (not parts[-1].startswith(".")
-          and ((len(parts) == 4 and parts[0] == "train" and parts[2] == "images")
-               or (len(parts) == 3 and parts[:2] == ["val", "images"])))
+  return not parts[-1].startswith(".") and (
+    (len(parts) == 4 and parts[0] == "train" and parts[2] == "images")
+    or (len(parts) == 3 and parts[:2] == ["val", "images"])
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -228,11 +240,11 @@ def _is_image_path(rel: str) -> bool:
 @dataclasses.dataclass
 class _Index:
   class_ids: tuple[str, ...]
-  files: dict[str, list[str]]      # part -> relative paths, in output order
+  files: dict[str, list[str]]  # part -> relative paths, in output order
   labels: dict[str, list[int]]
   image_ids: dict[str, list[str]]
-  skipped: list[dict[str, str]]    # {'file', 'reason'} of dropped files (on_bad_image='skip')
-  ignored: int                     # files in image folders without an image extension
+  skipped: list[dict[str, str]]  # {'file', 'reason'} of dropped files (on_bad_image='skip')
+  ignored: int  # files in image folders without an image extension
 
 
 def build_index(src: _Folder | _Zip, on_bad_image: str) -> _Index:
@@ -276,13 +288,15 @@ def _build_index(src: _Folder | _Zip, listing: dict[str, Any], on_bad_image: str
   names = collections.Counter(name for _, name, _ in train)
   clash = sorted(n for n, c in names.items() if c > 1)
   if clash:
-    raise ValueError(f"{src.describe('train')}: two train images are named {clash[0]}; "
-                     "image ids (file names) must be unique")
+    raise ValueError(
+      f"{src.describe('train')}: two train images are named {clash[0]}; image ids (file names) must be unique"
+    )
   empty = sorted(set(class_ids) - {w for w, _, _ in train})
   if empty:
     raise ValueError(
-        f"{src.describe('train')} has no images of {len(empty)} of the {len(class_ids)} classes in "
-        f"wnids.txt (first: {empty[0]}): incomplete data? (all train parts must be unpacked)")
+      f"{src.describe('train')} has no images of {len(empty)} of the {len(class_ids)} classes in "
+      f"wnids.txt (first: {empty[0]}): incomplete data? (all train parts must be unpacked)"
+    )
 
   ann_rel = "val/val_annotations.txt"
   if ann_rel not in listing:
@@ -315,11 +329,13 @@ def _build_index(src: _Folder | _Zip, listing: dict[str, Any], on_bad_image: str
   val = sorted(val_label)
 
   return _Index(
-      class_ids=class_ids,
-      files={"train": [rel for _, _, rel in train], "test": [f"val/images/{n}" for n in val]},
-      labels={"train": [label_of[w] for w, _, _ in train], "test": [val_label[n] for n in val]},
-      image_ids={"train": [name for _, name, _ in train], "test": val},
-      skipped=skipped, ignored=ignored)
+    class_ids=class_ids,
+    files={"train": [rel for _, _, rel in train], "test": [f"val/images/{n}" for n in val]},
+    labels={"train": [label_of[w] for w, _, _ in train], "test": [val_label[n] for n in val]},
+    image_ids={"train": [name for _, name, _ in train], "test": val},
+    skipped=skipped,
+    ignored=ignored,
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -354,17 +370,29 @@ def _decode_chunk(task: tuple[str, int, Sequence[str]]) -> list[tuple[bool, str,
   return results
 
 
-def _decode_all(src: _Folder | _Zip, index: _Index, tmp: Path, *, image_size: int, on_bad_image: str,
-                num_workers: int, chunk_size: int) -> dict[str, Any]:
+def _decode_all(
+  src: _Folder | _Zip,
+  index: _Index,
+  tmp: Path,
+  *,
+  image_size: int,
+  on_bad_image: str,
+  num_workers: int,
+  chunk_size: int,
+) -> dict[str, Any]:
   """Decodes every indexed file into tmp/<part>_images.npy; returns decode statistics."""
   out_files = {}
   for part in PARTS:
     path = tmp / f"{part}_images.npy"
-    np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8,
-                              shape=(len(index.files[part]), image_size, image_size, 3)).flush()
+    np.lib.format.open_memmap(
+      path, mode="w+", dtype=np.uint8, shape=(len(index.files[part]), image_size, image_size, 3)
+    ).flush()
     out_files[part] = str(path)
-  tasks = [(part, s, index.files[part][s:s + chunk_size]) for part in PARTS
-           for s in range(0, len(index.files[part]), chunk_size)]
+  tasks = [
+    (part, s, index.files[part][s : s + chunk_size])
+    for part in PARTS
+    for s in range(0, len(index.files[part]), chunk_size)
+  ]
   total = sum(len(index.files[p]) for p in PARTS)
   workers = max(1, min(num_workers, len(tasks)))
 
@@ -378,8 +406,11 @@ def _decode_all(src: _Folder | _Zip, index: _Index, tmp: Path, *, image_size: in
       # spawn, not fork: the caller may already run JAX's threads. An executor,
       # not multiprocessing.Pool: a worker that dies raises instead of hanging.
       pool = concurrent.futures.ProcessPoolExecutor(
-          workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-          initargs=(src, out_files, image_size))
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(src, out_files, image_size),
+      )
       results = pool.map(_decode_chunk, tasks)  # in order: the first bad file reported is the first in order
     else:
       _init_worker(src, out_files, image_size)
@@ -399,8 +430,9 @@ def _decode_all(src: _Folder | _Zip, index: _Index, tmp: Path, *, image_size: in
         bar.update(len(rels))
   except BrokenProcessPool:
     raise RuntimeError(
-        "A decoding process died (out of memory? or a main script without `if __name__ == '__main__':`, "
-        "which spawned processes need); --config.data.num_workers=1 decodes in this process") from None
+      "A decoding process died (out of memory? or a main script without `if __name__ == '__main__':`, "
+      "which spawned processes need); --config.data.num_workers=1 decodes in this process"
+    ) from None
   finally:
     if pool is not None:
       pool.shutdown(wait=True, cancel_futures=True)
@@ -413,23 +445,34 @@ def _decode_all(src: _Folder | _Zip, index: _Index, tmp: Path, *, image_size: in
       new_path = tmp / f"{part}_images.kept.npy"
       new = np.lib.format.open_memmap(new_path, mode="w+", dtype=np.uint8, shape=(len(keep),) + old.shape[1:])
       for s in range(0, len(keep), 4096):
-        new[s:s + 4096] = old[keep[s:s + 4096]]
+        new[s : s + 4096] = old[keep[s : s + 4096]]
       new.flush()
       del old, new
       os.replace(new_path, out_files[part])
       for key in ("files", "labels", "image_ids"):
         values = getattr(index, key)[part]
         getattr(index, key)[part] = [values[i] for i in keep]
-  return {"converted_modes": {m: c for m, c in sorted(modes.items()) if m != "RGB"},
-          "num_resized": resized, "decode_seconds": round(time.perf_counter() - t0, 3), "workers": workers}
+  return {
+    "converted_modes": {m: c for m, c in sorted(modes.items()) if m != "RGB"},
+    "num_resized": resized,
+    "decode_seconds": round(time.perf_counter() - t0, 3),
+    "workers": workers,
+  }
 
 
 # ---------------------------------------------------------------------------
 # Loading with the cache.
 
 
-def _load(src: _Folder | _Zip, *, image_size: int, on_bad_image: str, num_workers: int | None,
-          cache_dir: str | os.PathLike | None, chunk_size: int) -> tuple[dict[str, ImageSet], dict[str, Any]]:
+def _load(
+  src: _Folder | _Zip,
+  *,
+  image_size: int,
+  on_bad_image: str,
+  num_workers: int | None,
+  cache_dir: str | os.PathLike | None,
+  chunk_size: int,
+) -> tuple[dict[str, ImageSet], dict[str, Any]]:
   if on_bad_image not in ON_BAD_IMAGE:
     raise ValueError(f"data.on_bad_image={on_bad_image!r} must be one of {ON_BAD_IMAGE}")
   if not (isinstance(image_size, int) and image_size > 0):
@@ -454,24 +497,36 @@ def _load(src: _Folder | _Zip, *, image_size: int, on_bad_image: str, num_worker
     shutil.rmtree(path)
   index = _build_index(src, listing, on_bad_image)
   with cache.atomic_dir(path) as tmp:
-    stats = _decode_all(src, index, tmp, image_size=image_size, on_bad_image=on_bad_image,
-                        num_workers=num_workers, chunk_size=chunk_size)
+    stats = _decode_all(
+      src, index, tmp, image_size=image_size, on_bad_image=on_bad_image, num_workers=num_workers, chunk_size=chunk_size
+    )
     parts = {}
     for part in PARTS:
       images = np.load(tmp / f"{part}_images.npy", mmap_mode="r")
-      parts[part] = ImageSet(images, np.asarray(index.labels[part], np.int32), index.class_ids,
-                             tuple(index.image_ids[part]))
-    meta = {"source": src.kind, "location": src.location, "fingerprint": fingerprint,
-            "image_size": image_size, "on_bad_image": on_bad_image, "pil_version": PIL.__version__,
-            "num_classes": len(index.class_ids), "num_images": {p: len(parts[p]) for p in PARTS},
-            "num_skipped": len(index.skipped), "skipped": index.skipped,
-            "ignored_files": index.ignored, **stats}
+      parts[part] = ImageSet(
+        images, np.asarray(index.labels[part], np.int32), index.class_ids, tuple(index.image_ids[part])
+      )
+    meta = {
+      "source": src.kind,
+      "location": src.location,
+      "fingerprint": fingerprint,
+      "image_size": image_size,
+      "on_bad_image": on_bad_image,
+      "pil_version": PIL.__version__,
+      "num_classes": len(index.class_ids),
+      "num_images": {p: len(parts[p]) for p in PARTS},
+      "num_skipped": len(index.skipped),
+      "skipped": index.skipped,
+      "ignored_files": index.ignored,
+      **stats,
+    }
     cache.write_entry(tmp, parts, meta)
     del parts, images  # drop the memory maps before the rename
   removed = cache.remove_stale(path)
   if removed:
-    logging.info("Removed %d outdated data cache(s) of %s: %s", len(removed), src.location,
-                 ", ".join(str(r) for r in removed))
+    logging.info(
+      "Removed %d outdated data cache(s) of %s: %s", len(removed), src.location, ", ".join(str(r) for r in removed)
+    )
   parts, meta = cache.read_entry(path)
   meta = dict(meta, cache_hit=False, cache_path=str(path), load_seconds=round(time.perf_counter() - t0, 3))
   _log_report(meta)
@@ -480,26 +535,41 @@ def _load(src: _Folder | _Zip, *, image_size: int, on_bad_image: str, num_worker
 
 def _log_report(meta: dict[str, Any]) -> None:
   n = meta["num_images"]
-  logging.info("Tiny ImageNet from %s %s: %d train + %d test images, %d classes, %s in %.1f s (cache %s)",
-               meta["source"], meta["location"], n["train"], n["test"], meta["num_classes"],
-               "read from the cache" if meta["cache_hit"] else "decoded", meta["load_seconds"],
-               meta["cache_path"])
+  logging.info(
+    "Tiny ImageNet from %s %s: %d train + %d test images, %d classes, %s in %.1f s (cache %s)",
+    meta["source"],
+    meta["location"],
+    n["train"],
+    n["test"],
+    meta["num_classes"],
+    "read from the cache" if meta["cache_hit"] else "decoded",
+    meta["load_seconds"],
+    meta["cache_path"],
+  )
   if meta["converted_modes"]:
     logging.info("Converted to RGB: %s", ", ".join(f"{c} {m}" for m, c in meta["converted_modes"].items()))
   if meta["ignored_files"]:
-    logging.info("Ignored %d files without an image extension %s in the image folders",
-                 meta["ignored_files"], IMAGE_EXTENSIONS)
+    logging.info(
+      "Ignored %d files without an image extension %s in the image folders", meta["ignored_files"], IMAGE_EXTENSIONS
+    )
   if meta["num_resized"]:
     logging.info("Resized %d images to %dx%d", meta["num_resized"], meta["image_size"], meta["image_size"])
   if meta["num_skipped"]:
     first = meta["skipped"][0]
-    logging.warning("Skipped %d bad files (on_bad_image=skip); first: %s (%s)", meta["num_skipped"],
-                    first["file"], first["reason"])
+    logging.warning(
+      "Skipped %d bad files (on_bad_image=skip); first: %s (%s)", meta["num_skipped"], first["file"], first["reason"]
+    )
 
 
-def load_folder(root: str | os.PathLike, *, image_size: int = 64, on_bad_image: str = "error",
-                num_workers: int | None = None, cache_dir: str | os.PathLike | None = None,
-                chunk_size: int = 512) -> tuple[dict[str, ImageSet], dict[str, Any]]:
+def load_folder(
+  root: str | os.PathLike,
+  *,
+  image_size: int = 64,
+  on_bad_image: str = "error",
+  num_workers: int | None = None,
+  cache_dir: str | os.PathLike | None = None,
+  chunk_size: int = 512,
+) -> tuple[dict[str, ImageSet], dict[str, Any]]:
   """Loads an unpacked tiny-imagenet-200 folder (or a folder holding one).
 
   Returns ({'train': ImageSet, 'test': ImageSet}, report). The report (also
@@ -510,13 +580,31 @@ def load_folder(root: str | os.PathLike, *, image_size: int = 64, on_bad_image: 
   ~/.cache/jsim). A script that calls this with several workers needs an
   `if __name__ == '__main__':` guard (the workers are spawned).
   """
-  return _load(_Folder(root), image_size=image_size, on_bad_image=on_bad_image, num_workers=num_workers,
-               cache_dir=cache_dir, chunk_size=chunk_size)
+  return _load(
+    _Folder(root),
+    image_size=image_size,
+    on_bad_image=on_bad_image,
+    num_workers=num_workers,
+    cache_dir=cache_dir,
+    chunk_size=chunk_size,
+  )
 
 
-def load_zip(zip_path: str | os.PathLike, *, image_size: int = 64, on_bad_image: str = "error",
-             num_workers: int | None = None, cache_dir: str | os.PathLike | None = None,
-             chunk_size: int = 512) -> tuple[dict[str, ImageSet], dict[str, Any]]:
+def load_zip(
+  zip_path: str | os.PathLike,
+  *,
+  image_size: int = 64,
+  on_bad_image: str = "error",
+  num_workers: int | None = None,
+  cache_dir: str | os.PathLike | None = None,
+  chunk_size: int = 512,
+) -> tuple[dict[str, ImageSet], dict[str, Any]]:
   """Loads tiny-imagenet-200.zip without unpacking it; same result and report as load_folder."""
-  return _load(_Zip(zip_path), image_size=image_size, on_bad_image=on_bad_image, num_workers=num_workers,
-               cache_dir=cache_dir, chunk_size=chunk_size)
+  return _load(
+    _Zip(zip_path),
+    image_size=image_size,
+    on_bad_image=on_bad_image,
+    num_workers=num_workers,
+    cache_dir=cache_dir,
+    chunk_size=chunk_size,
+  )

@@ -50,9 +50,11 @@ def roc_of_workdirs(workdirs: Sequence[str | Path], out_png: str | Path, extra: 
 
 def main(argv: Sequence[str] | None = None) -> int:
   import argparse
-  parser = argparse.ArgumentParser(prog="python -m jsim.evaluate.compare",
-                                   description="Both backbones' ROC curves (the source's Figure 7) from evaluated "
-                                               "workdirs.")
+
+  parser = argparse.ArgumentParser(
+    prog="python -m jsim.evaluate.compare",
+    description="Both backbones' ROC curves (the source's Figure 7) from evaluated workdirs.",
+  )
   parser.add_argument("workdirs", nargs="+", help="evaluated workdirs (each has evaluation.npz)")
   parser.add_argument("--out", default=FIGURE, help=f"output PNG (default {FIGURE})")
   args = parser.parse_args(argv)

@@ -15,7 +15,7 @@ from jsim.evaluate import compare, figures, report, retrieval
 from jsim.evaluate.pairwise import evaluate_pairs, save_result
 from jsim.train import calibration, metric, similarity
 
-_TEST_PAIRS = 7   # stream of the seed for the sampled test pairs (apart from stage 2's)
+_TEST_PAIRS = 7  # stream of the seed for the sampled test pairs (apart from stage 2's)
 FIGURES = "figures"
 
 
@@ -24,9 +24,11 @@ def check_current(workdir: Path, stage: str, emb: dict) -> None:
   stage1 = wd.stage_result(workdir, wd.STAGE1)
   meta = emb["meta"]
   if stage1 is not None and meta.get("stage1_run_id") not in (None, stage1.get("run_id")):
-    raise ValueError(f"{workdir / wd.EMBEDDINGS} come from an earlier stage 1 (step {meta['stage1_step']}; its best "
-                     f"step is now {stage1['best_step']}); run --config.stage=all to recompute them and retrain "
-                     f"stage 2")
+    raise ValueError(
+      f"{workdir / wd.EMBEDDINGS} come from an earlier stage 1 (step {meta['stage1_step']}; its best "
+      f"step is now {stage1['best_step']}); run --config.stage=all to recompute them and retrain "
+      f"stage 2"
+    )
   record = workdir / stage / "config.json"
   recorded = wd.read_json(record) if record.exists() else None
   trained_on = recorded.get("embeddings") if isinstance(recorded, dict) else None
@@ -34,8 +36,10 @@ def check_current(workdir: Path, stage: str, emb: dict) -> None:
   if trained_on is not None and trained_on != current:
     was = ", ".join(f"stage-1 step {s.get('stage1_step')}" for s in trained_on)
     now = ", ".join(f"stage-1 step {s.get('stage1_step')}" for s in current)
-    raise ValueError(f"{workdir / stage} was trained on other embeddings ({was}; now {now}); run "
-                     f"--config.stage=all (or similarity) to retrain it on the current ones")
+    raise ValueError(
+      f"{workdir / stage} was trained on other embeddings ({was}; now {now}); run "
+      f"--config.stage=all (or similarity) to retrain it on the current ones"
+    )
 
 
 def evaluate_stage2(config, workdir: Path, stage: str, emb: dict, mesh) -> dict:
@@ -54,22 +58,53 @@ def evaluate_stage2(config, workdir: Path, stage: str, emb: dict, mesh) -> dict:
   index = pairs_lib.build_class_index(train_labels, len(class_ids))
   val_pairs, _ = similarity.validation_pairs(config, index, similarity.seen_classes(emb))
   kw = dict(chunk_size=ev.chunk_size, num_bins=ev.num_bins, mesh=mesh)
-  val = evaluate_pairs(prob_fn, params, put(emb["train"]), train_labels, seen_mask, pairs=val_pairs,
-                       progress=parallel.is_main_process(), desc="validation pairs (threshold)", **kw)
+  val = evaluate_pairs(
+    prob_fn,
+    params,
+    put(emb["train"]),
+    train_labels,
+    seen_mask,
+    pairs=val_pairs,
+    progress=parallel.is_main_process(),
+    desc="validation pairs (threshold)",
+    **kw,
+  )
   threshold = val.best_threshold("all")
 
   test_emb, test_labels = put(emb["test"]), emb["test_labels"]
   if ev.mode == "sampled":
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _TEST_PAIRS)
-    test_pairs = pairs_lib.sample_test_pairs(key, pairs_lib.build_class_index(test_labels, len(class_ids)),
-                                             seen_mask, ev.test_per_ordered_class_pair, ev.test_similar_per_class)
+    test_pairs = pairs_lib.sample_test_pairs(
+      key,
+      pairs_lib.build_class_index(test_labels, len(class_ids)),
+      seen_mask,
+      ev.test_per_ordered_class_pair,
+      ev.test_similar_per_class,
+    )
   else:
     test_pairs = None
-  result = evaluate_pairs(prob_fn, params, test_emb, test_labels, seen_mask, pairs=test_pairs, mode=ev.mode,
-                          threshold=threshold, progress=parallel.is_main_process(), desc=f"test pairs ({ev.mode})",
-                          **kw)
-  return {"result": result, "threshold": threshold, "val_accuracy_at_0.5": val.accuracy("all"),
-          "prob_fn": prob_fn, "params": params, "test_emb": test_emb, "seen_mask": seen_mask}
+  result = evaluate_pairs(
+    prob_fn,
+    params,
+    test_emb,
+    test_labels,
+    seen_mask,
+    pairs=test_pairs,
+    mode=ev.mode,
+    threshold=threshold,
+    progress=parallel.is_main_process(),
+    desc=f"test pairs ({ev.mode})",
+    **kw,
+  )
+  return {
+    "result": result,
+    "threshold": threshold,
+    "val_accuracy_at_0.5": val.accuracy("all"),
+    "prob_fn": prob_fn,
+    "params": params,
+    "test_emb": test_emb,
+    "seen_mask": seen_mask,
+  }
 
 
 def backbone_label(emb: dict) -> str:
@@ -79,8 +114,14 @@ def backbone_label(emb: dict) -> str:
 
 def _report_summary(rep: dict) -> dict:
   acc = rep["accuracy_at_0.5"]
-  return {"accuracy": acc["overall"], "seen_accuracy": acc["seen"], "unseen_accuracy": acc["unseen"],
-          "auc": rep["auc"]["overall"], "threshold": rep["val_threshold"], "table": report.case_table_markdown(rep)}
+  return {
+    "accuracy": acc["overall"],
+    "seen_accuracy": acc["seen"],
+    "unseen_accuracy": acc["unseen"],
+    "auc": rep["auc"]["overall"],
+    "threshold": rep["val_threshold"],
+    "table": report.case_table_markdown(rep),
+  }
 
 
 def changes_since_report(config, workdir: Path) -> list[str] | None:
@@ -117,11 +158,12 @@ def evaluate(config, workdir: str | Path) -> dict:
   """
   workdir = Path(workdir)
   emb = similarity.load_stage2_embeddings(config, workdir)
-  check_current(workdir, wd.STAGE2, emb)   # (a stage 2 of older embeddings is refused, even with a report)
+  check_current(workdir, wd.STAGE2, emb)  # (a stage 2 of older embeddings is refused, even with a report)
   changes = changes_since_report(config, workdir)
   if changes == [] and not config.overwrite:
-    logging.info("evaluation is current (as in report.json): skipped; --config.stage=evaluate "
-                 "--config.overwrite=True redoes it")
+    logging.info(
+      "evaluation is current (as in report.json): skipped; --config.stage=evaluate --config.overwrite=True redoes it"
+    )
     return _report_summary(wd.read_json(workdir / report.REPORT_JSON))
   if changes:
     logging.info("evaluation: redone, report.json is replaced (%s)", "; ".join(changes))
@@ -135,39 +177,56 @@ def evaluate(config, workdir: str | Path) -> dict:
   if parallel.is_main_process():
     fig_dir.mkdir(parents=True, exist_ok=True)
     curves = [(wd.STAGE1, "Stage 1: classifier Mc")]
-    if not calibration.uses_distance(config):   # a distance model has no training curve
+    if not calibration.uses_distance(config):  # a distance model has no training curve
       curves.append((wd.STAGE2, "Stage 2: similarity net Ms"))
     for stage, title in curves:
-      figures.plot_stage_curves(workdir / stage / "metrics.jsonl", fig_dir / f"{stage}_curves.png",
-                                f"{title} ({config.model.name})")
-    figures.plot_roc(result, fig_dir / "roc.png", title=f"ROC of {calibration.method_name(config)} "
-                                                        f"({backbone_label(emb)})")
+      figures.plot_stage_curves(
+        workdir / stage / "metrics.jsonl", fig_dir / f"{stage}_curves.png", f"{title} ({config.model.name})"
+      )
+    figures.plot_roc(
+      result, fig_dir / "roc.png", title=f"ROC of {calibration.method_name(config)} ({backbone_label(emb)})"
+    )
   if config.evaluation.retrieval:
     retrieval_metrics = _unseen_retrieval(config, workdir, emb, out, fig_dir)
   embedding_retrieval = _embedding_retrieval(config, emb, out["seen_mask"])
-  extra = {"stage1": wd.stage_result(workdir, wd.STAGE1), "stage2": wd.stage_result(workdir, wd.STAGE2),
-           "embeddings": emb["sources"], "val_accuracy_at_0.5": out["val_accuracy_at_0.5"]}
+  extra = {
+    "stage1": wd.stage_result(workdir, wd.STAGE1),
+    "stage2": wd.stage_result(workdir, wd.STAGE2),
+    "embeddings": emb["sources"],
+    "val_accuracy_at_0.5": out["val_accuracy_at_0.5"],
+  }
   table = ""
   if parallel.is_main_process():
-    save_result(result, workdir / compare.RESULT_FILE)   # for Figure 7 (jsim.evaluate.compare)
+    save_result(result, workdir / compare.RESULT_FILE)  # for Figure 7 (jsim.evaluate.compare)
     if config.evaluation.get("compare_workdirs"):
       this = "+".join(report.BACKBONE_TITLES.get(m["model"], m["model"]) for m in emb["sources"])
       compare.roc_of_workdirs(config.evaluation.compare_workdirs, fig_dir / compare.FIGURE, extra={this: result})
-    table = report.write_report(workdir, result, val_threshold=out["threshold"], backbone=backbone_label(emb),
-                                config_dict=wd.config_to_dict(config), retrieval=retrieval_metrics, extra=extra,
-                                method={"stage1_loss": config.classifier.loss,
-                                        "similarity": calibration.method_name(config)},
-                                embedding_retrieval=embedding_retrieval)
+    table = report.write_report(
+      workdir,
+      result,
+      val_threshold=out["threshold"],
+      backbone=backbone_label(emb),
+      config_dict=wd.config_to_dict(config),
+      retrieval=retrieval_metrics,
+      extra=extra,
+      method={"stage1_loss": config.classifier.loss, "similarity": calibration.method_name(config)},
+      embedding_retrieval=embedding_retrieval,
+    )
     print(f"\nFive-case test accuracy ({result.mode}, {result.num_pairs:,} pairs; {workdir / 'report.md'}):\n")
     print(table, flush=True)
     _write_tensorboard(workdir, result, table, extra["stage2"]["best_step"], fig_dir, wd.config_to_dict(config))
   parallel.sync_processes("report written")
-  return {"accuracy": result.accuracy("all"), "seen_accuracy": result.accuracy("seen"),
-          "unseen_accuracy": result.accuracy("unseen"), "auc": result.auc("all"), "threshold": out["threshold"],
-          "table": table}
+  return {
+    "accuracy": result.accuracy("all"),
+    "seen_accuracy": result.accuracy("seen"),
+    "unseen_accuracy": result.accuracy("unseen"),
+    "auc": result.auc("all"),
+    "threshold": out["threshold"],
+    "table": table,
+  }
 
 
-TENSORBOARD_DIR = "evaluation"   # MetricsWriter writes its tb/ inside
+TENSORBOARD_DIR = "evaluation"  # MetricsWriter writes its tb/ inside
 
 
 def _write_tensorboard(workdir: Path, result, table: str, step: int, fig_dir: Path, config_dict: dict) -> None:
@@ -176,10 +235,12 @@ def _write_tensorboard(workdir: Path, result, table: str, step: int, fig_dir: Pa
   from PIL import Image
   from jsim.train.metrics_writer import MetricsWriter
   from jsim.evaluate.pairwise import GROUPS
+
   writer = MetricsWriter(workdir / TENSORBOARD_DIR)
   try:
-    writer.write_config(config_dict, metrics=("test/accuracy_all", "test/accuracy_seen", "test/accuracy_unseen",
-                                              "test/auc_all"))
+    writer.write_config(
+      config_dict, metrics=("test/accuracy_all", "test/accuracy_seen", "test/accuracy_unseen", "test/auc_all")
+    )
     scalars = {}
     for case, acc in result.case_accuracy("0.5").items():
       scalars[f"test/accuracy_case{case}"] = acc
@@ -229,13 +290,20 @@ def _unseen_retrieval(config, workdir: Path, emb: dict, out: dict, fig_dir: Path
   num = min(config.evaluation.retrieval_examples, len(unseen))
   if num and parallel.is_main_process():
     from jsim.data import sources
+
     test_images = sources.load_image_sets(config.data)["test"].images[emb["test_index"][unseen]]
     ranked = retrieval.rank_queries(out["prob_fn"], out["params"], emb_u, labels_u, num_top=min(8, len(unseen) - 1))
     queries = _one_query_per_class(labels_u, num, config.seed)
     names = sources.class_names(config.data, tuple(emb["meta"]["class_ids"]))
-    figures.plot_retrieval_sheet(test_images, labels_u, queries, ranked["top_indices"][queries],
-                                 fig_dir / "retrieval_unseen.png", class_names=names,
-                                 title="Unseen classes: a query per class and its top matches by Ms")
+    figures.plot_retrieval_sheet(
+      test_images,
+      labels_u,
+      queries,
+      ranked["top_indices"][queries],
+      fig_dir / "retrieval_unseen.png",
+      class_names=names,
+      title="Unseen classes: a query per class and its top matches by Ms",
+    )
   return metrics
 
 
@@ -267,9 +335,18 @@ def sweep(config, workdir: str | Path) -> dict:
     trained = similarity.train_similarity(cfg, workdir, stage=stage)
     out = evaluate_stage2(cfg, workdir, stage, emb, mesh)
     r = out["result"]
-    rows.append({"name": stage, "backbone": backbone_label(emb), "feature": feature,
-                 "val_accuracy": trained["best_val_accuracy"], "test_accuracy": r.accuracy("all"),
-                 "seen_accuracy": r.accuracy("seen"), "unseen_accuracy": r.accuracy("unseen"), "auc": r.auc("all")})
+    rows.append(
+      {
+        "name": stage,
+        "backbone": backbone_label(emb),
+        "feature": feature,
+        "val_accuracy": trained["best_val_accuracy"],
+        "test_accuracy": r.accuracy("all"),
+        "seen_accuracy": r.accuracy("seen"),
+        "unseen_accuracy": r.accuracy("unseen"),
+        "auc": r.auc("all"),
+      }
+    )
   table = ""
   if parallel.is_main_process():
     table = report.write_comparison(rows, workdir / "sweep" / "comparison.md", workdir / "sweep" / "comparison.json")

@@ -17,11 +17,11 @@ from matplotlib.figure import Figure
 GROUP_LABELS = {"all": "all pairs (cases 1-5)", "seen": "seen (cases 1-2)", "unseen": "unseen (cases 4-5)"}
 GROUP_COLORS = {"all": "black", "seen": "tab:green", "unseen": "tab:red"}
 # Borders of example images, the same meaning in every figure (and in jsim-predict's sheet):
-QUERY_COLOR = (30, 90, 220)        # blue: the query
-SAME_COLOR = (20, 170, 40)         # green: the same class as the query (ground truth)
-OTHER_COLOR = (210, 30, 30)        # red: another class
-ABOVE_COLOR = (235, 150, 20)       # orange: P(same) above the threshold (the model's decision; no ground truth)
-BELOW_COLOR = (160, 160, 160)      # gray: below the threshold
+QUERY_COLOR = (30, 90, 220)  # blue: the query
+SAME_COLOR = (20, 170, 40)  # green: the same class as the query (ground truth)
+OTHER_COLOR = (210, 30, 30)  # red: another class
+ABOVE_COLOR = (235, 150, 20)  # orange: P(same) above the threshold (the model's decision; no ground truth)
+BELOW_COLOR = (160, 160, 160)  # gray: below the threshold
 
 
 def _save(fig: Figure, out_png: str | Path, *, dpi: int = 120, palette: bool = False) -> Path:
@@ -33,6 +33,7 @@ def _save(fig: Figure, out_png: str | Path, *, dpi: int = 120, palette: bool = F
     fig.savefig(out_png, dpi=dpi)
     return out_png
   from PIL import Image
+
   fig.set_dpi(dpi)
   canvas.draw()
   rgb = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3])
@@ -43,6 +44,7 @@ def _save(fig: Figure, out_png: str | Path, *, dpi: int = 120, palette: bool = F
 def legend_patches(entries: Sequence[tuple[tuple[int, int, int], str]]) -> list:
   """Legend handles for coloured image borders."""
   from matplotlib.patches import Patch
+
   return [Patch(facecolor="white", edgecolor=np.asarray(c) / 255.0, linewidth=3, label=text) for c, text in entries]
 
 
@@ -80,6 +82,7 @@ def plot_stage_curves(metrics_jsonl_path: str | Path, out_png: str | Path, title
   are shown in percent.
   """
   from matplotlib.ticker import MaxNLocator
+
   rows = sorted(read_metrics_jsonl(metrics_jsonl_path), key=lambda r: r["epoch"])
   epoch = _column(rows, "epoch")
   train, val = _column(rows, "train_accuracy"), _column(rows, "val_accuracy")
@@ -96,8 +99,11 @@ def plot_stage_curves(metrics_jsonl_path: str | Path, out_png: str | Path, title
   ax.plot(epoch, val * scale, "s-", ms=3, label="validation accuracy")
   halved = [r["epoch"] for r in rows if r.get("halved")]
   for i, e in enumerate(halved):
-    label = f"learning rate halved (after epoch{'s' if len(halved) > 1 else ''} " \
-            f"{', '.join(str(h) for h in halved)})" if i == 0 else None
+    label = (
+      f"learning rate halved (after epoch{'s' if len(halved) > 1 else ''} {', '.join(str(h) for h in halved)})"
+      if i == 0
+      else None
+    )
     for a in (ax, ax_lr) if ax_lr is not None else (ax,):
       a.axvline(e, color="gray", ls="--", lw=1, label=label if a is ax else None)
   ax.set_ylabel("accuracy (%)" if scale == 100.0 else "accuracy")
@@ -126,8 +132,12 @@ def plot_stage_curves(metrics_jsonl_path: str | Path, out_png: str | Path, title
   return _save(fig, out_png)
 
 
-def plot_roc(result, out_png: str | Path, title: str = "ROC of Ms on the test pairs",
-             groups: Sequence[str] = ("all", "seen", "unseen")) -> Path:
+def plot_roc(
+  result,
+  out_png: str | Path,
+  title: str = "ROC of Ms on the test pairs",
+  groups: Sequence[str] = ("all", "seen", "unseen"),
+) -> Path:
   """ROC curves for all / seen / unseen pairs with their AUCs in the legend.
 
   `result` is a PairEvalResult, or {name: PairEvalResult} (e.g. both backbones), drawn
@@ -170,8 +180,16 @@ def _bordered(img: np.ndarray, color: tuple[int, int, int], width: int) -> np.nd
   return out
 
 
-def plot_retrieval_sheet(images: np.ndarray, labels, query_indices, top_indices, out_png: str | Path, *,
-                         class_names: Sequence[str] | None = None, title: str | None = None) -> Path:
+def plot_retrieval_sheet(
+  images: np.ndarray,
+  labels,
+  query_indices,
+  top_indices,
+  out_png: str | Path,
+  *,
+  class_names: Sequence[str] | None = None,
+  title: str | None = None,
+) -> Path:
   """A sheet of retrieval examples: one row per query, then its top-k matches.
 
   images: uint8 [N, H, W, 3]; labels: [N]; query_indices: [Q]; top_indices: [Q, k]
@@ -188,7 +206,7 @@ def plot_retrieval_sheet(images: np.ndarray, labels, query_indices, top_indices,
   top_indices = np.asarray(top_indices).reshape(query_indices.shape[0], -1)
   q, k = top_indices.shape
   width = max(2, images.shape[1] // 16)
-  cell = 0.95   # inches a cell (about 90 pixels at the saved dpi)
+  cell = 0.95  # inches a cell (about 90 pixels at the saved dpi)
   fig = Figure(figsize=(cell * (k + 1), (cell + 0.12) * q + 0.35 + (0.25 if title else 0)))
   axes = np.asarray(fig.subplots(q, k + 1, squeeze=False))
   name = (lambda c: _short(str(class_names[c]))) if class_names is not None else (lambda c: f"class {c}")
@@ -199,30 +217,40 @@ def plot_retrieval_sheet(images: np.ndarray, labels, query_indices, top_indices,
     for c in range(k):
       mi = int(top_indices[r, c])
       right = labels[mi] == labels[qi]
-      axes[r, c + 1].imshow(_bordered(images[mi], SAME_COLOR if right else OTHER_COLOR, width),
-                            interpolation="nearest")
+      axes[r, c + 1].imshow(_bordered(images[mi], SAME_COLOR if right else OTHER_COLOR, width), interpolation="nearest")
       axes[r, c + 1].set_title(f"{c + 1}: {name(int(labels[mi]))}", fontsize=5.5)
   for ax in axes.ravel():
     ax.axis("off")
   if title:
     fig.suptitle(title, fontsize=8)
-  fig.legend(handles=legend_patches([(QUERY_COLOR, "query"), (SAME_COLOR, "same class as the query"),
-                                     (OTHER_COLOR, "another class")]),
-             loc="lower center", ncol=3, fontsize=7, frameon=False, borderaxespad=0.2)
+  fig.legend(
+    handles=legend_patches(
+      [(QUERY_COLOR, "query"), (SAME_COLOR, "same class as the query"), (OTHER_COLOR, "another class")]
+    ),
+    loc="lower center",
+    ncol=3,
+    fontsize=7,
+    frameon=False,
+    borderaxespad=0.2,
+  )
   fig.tight_layout(rect=(0, 0.28 / fig.get_figheight(), 1, 1))
   return _save(fig, out_png, dpi=100, palette=True)
 
 
 def _short(text: str, n: int = 17) -> str:
-  return text if len(text) <= n else text[:n - 1].rstrip() + "\u2026"
+  return text if len(text) <= n else text[: n - 1].rstrip() + "\u2026"
+
 
 # ---------------------------------------------------------------------------
 # The source's Figure 7 (both backbones' ROC curves); its Table 1 is jsim.data.augment_figure.
 
 
-def plot_roc_backbones(results: Mapping[str, object], out_png: str | Path,
-                       groups: Sequence[str] = ("all", "seen", "unseen"),
-                       title: str = "ROC of Ms: the backbones side by side") -> Path:
+def plot_roc_backbones(
+  results: Mapping[str, object],
+  out_png: str | Path,
+  groups: Sequence[str] = ("all", "seen", "unseen"),
+  title: str = "ROC of Ms: the backbones side by side",
+) -> Path:
   """One panel per pair group (all / seen / unseen), each with every backbone's curve and AUC.
 
   results: {label: PairEvalResult}, e.g. {"ResNet50": ..., "VGG16": ...} from two workdirs.

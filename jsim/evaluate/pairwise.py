@@ -32,8 +32,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jsim.data import pairs as pairs_lib
 
 NUM_CASES = 5
-GROUPS: dict[str, tuple[int, ...]] = {"all": (1, 2, 3, 4, 5), "seen": pairs_lib.SEEN_CASES,
-                                      "unseen": pairs_lib.UNSEEN_CASES}
+GROUPS: dict[str, tuple[int, ...]] = {
+  "all": (1, 2, 3, 4, 5),
+  "seen": pairs_lib.SEEN_CASES,
+  "unseen": pairs_lib.UNSEEN_CASES,
+}
 ProbFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 
@@ -161,12 +164,16 @@ class PairEvalResult:
 
   def summary(self) -> dict:
     """Plain-Python numbers (JSON-ready, NaN kept as float) of every metric."""
-    out = {"mode": self.mode, "num_pairs": self.num_pairs, "threshold": float(self.threshold),
-           "num_bins": self.num_bins, "pairs_per_s": float(self.pairs_per_s),
-           "pairs_per_case": {c + 1: int(self.count[c]) for c in range(NUM_CASES)}}
+    out = {
+      "mode": self.mode,
+      "num_pairs": self.num_pairs,
+      "threshold": float(self.threshold),
+      "num_bins": self.num_bins,
+      "pairs_per_s": float(self.pairs_per_s),
+      "pairs_per_case": {c + 1: int(self.count[c]) for c in range(NUM_CASES)},
+    }
     for at in ("0.5", "threshold"):
-      out[f"accuracy_at_{at}"] = {"case": self.case_accuracy(at),
-                                  **{g: self.accuracy(g, at) for g in GROUPS}}
+      out[f"accuracy_at_{at}"] = {"case": self.case_accuracy(at), **{g: self.accuracy(g, at) for g in GROUPS}}
     out["auc"] = {g: self.auc(g) for g in GROUPS}
     return out
 
@@ -177,8 +184,13 @@ class PairEvalResult:
 
 def _zero_acc(num_bins: int) -> dict:
   z = lambda *s: jnp.zeros(s, jnp.int32)
-  return {"count": z(NUM_CASES), "correct_05": z(NUM_CASES), "correct_threshold": z(NUM_CASES),
-          "hist_pos": z(NUM_CASES * num_bins), "hist_neg": z(NUM_CASES * num_bins)}
+  return {
+    "count": z(NUM_CASES),
+    "correct_05": z(NUM_CASES),
+    "correct_threshold": z(NUM_CASES),
+    "hist_pos": z(NUM_CASES * num_bins),
+    "hist_neg": z(NUM_CASES * num_bins),
+  }
 
 
 def score_bins(p: jax.Array, num_bins: int) -> jax.Array:
@@ -187,8 +199,9 @@ def score_bins(p: jax.Array, num_bins: int) -> jax.Array:
   return jnp.clip(b, 0, num_bins - 1)
 
 
-def accumulate(acc: dict, p: jax.Array, same: jax.Array, case: jax.Array, valid: jax.Array,
-               threshold: jax.Array, num_bins: int) -> dict:
+def accumulate(
+  acc: dict, p: jax.Array, same: jax.Array, case: jax.Array, valid: jax.Array, threshold: jax.Array, num_bins: int
+) -> dict:
   """Adds one chunk of scores p [B] (with same, case 1..5, valid masks) to the counts."""
   w = valid.astype(jnp.int32)
   c = jnp.clip(case.astype(jnp.int32) - 1, 0, NUM_CASES - 1)
@@ -196,16 +209,34 @@ def accumulate(acc: dict, p: jax.Array, same: jax.Array, case: jax.Array, valid:
   okt = ((p > threshold) == same).astype(jnp.int32) * w
   flat = c * num_bins + score_bins(p, num_bins)
   pos = same.astype(jnp.int32) * w
-  return {"count": acc["count"].at[c].add(w),
-          "correct_05": acc["correct_05"].at[c].add(ok05),
-          "correct_threshold": acc["correct_threshold"].at[c].add(okt),
-          "hist_pos": acc["hist_pos"].at[flat].add(pos),
-          "hist_neg": acc["hist_neg"].at[flat].add(w - pos)}
+  return {
+    "count": acc["count"].at[c].add(w),
+    "correct_05": acc["correct_05"].at[c].add(ok05),
+    "correct_threshold": acc["correct_threshold"].at[c].add(okt),
+    "hist_pos": acc["hist_pos"].at[flat].add(pos),
+    "hist_neg": acc["hist_neg"].at[flat].add(w - pos),
+  }
 
 
 @functools.partial(jax.jit, static_argnames=("prob_fn", "chunk_size", "num_bins", "exhaustive", "mesh"))
-def _eval_chunk(acc, params, embeddings, labels, seen_mask, pairs, same, case, start, threshold, *,
-                prob_fn: ProbFn, chunk_size: int, num_bins: int, exhaustive: bool, mesh: Mesh | None):
+def _eval_chunk(
+  acc,
+  params,
+  embeddings,
+  labels,
+  seen_mask,
+  pairs,
+  same,
+  case,
+  start,
+  threshold,
+  *,
+  prob_fn: ProbFn,
+  chunk_size: int,
+  num_bins: int,
+  exhaustive: bool,
+  mesh: Mesh | None,
+):
   start = jnp.asarray(start, jnp.int32)
   if exhaustive:
     idx, valid = pairs_lib.exhaustive_pairs_chunk(start, chunk_size, embeddings.shape[0])
@@ -220,17 +251,28 @@ def _eval_chunk(acc, params, embeddings, labels, seen_mask, pairs, same, case, s
   if mesh is not None:
     # Split the chunk's pairs over the devices; XLA partitions the gathers and the MLP.
     sharding = NamedSharding(mesh, PartitionSpec("data"))
-    idx, valid, same_c, case_c = (jax.lax.with_sharding_constraint(x, sharding)
-                                  for x in (idx, valid, same_c, case_c))
+    idx, valid, same_c, case_c = (jax.lax.with_sharding_constraint(x, sharding) for x in (idx, valid, same_c, case_c))
   p = prob_fn(params, embeddings[idx[:, 0]], embeddings[idx[:, 1]]).astype(jnp.float32)
   return accumulate(acc, p, same_c, case_c, valid, threshold, num_bins)
 
 
-def evaluate_pairs(prob_fn: ProbFn, params: Any, embeddings: jax.Array, labels, seen_mask, pairs=None,
-                   mode: str = "sampled", chunk_size: int = 65536, num_bins: int = 1000, threshold: float = 0.5,
-                   mesh: Mesh | None = None, *, key: jax.Array | None = None, progress: bool = False,
-                   desc: str | None = None
-                   ) -> PairEvalResult:
+def evaluate_pairs(
+  prob_fn: ProbFn,
+  params: Any,
+  embeddings: jax.Array,
+  labels,
+  seen_mask,
+  pairs=None,
+  mode: str = "sampled",
+  chunk_size: int = 65536,
+  num_bins: int = 1000,
+  threshold: float = 0.5,
+  mesh: Mesh | None = None,
+  *,
+  key: jax.Array | None = None,
+  progress: bool = False,
+  desc: str | None = None,
+) -> PairEvalResult:
   """Streams pairs of `embeddings` [N, D] through `prob_fn` and accumulates the metrics per case.
 
   Args:
@@ -292,17 +334,19 @@ def evaluate_pairs(prob_fn: ProbFn, params: Any, embeddings: jax.Array, labels, 
     operands = jax.device_put(operands, NamedSharding(mesh, PartitionSpec()))
   acc = _zero_acc(num_bins)
   thr = jnp.float32(threshold)
-  step = functools.partial(_eval_chunk, prob_fn=prob_fn, chunk_size=chunk_size, num_bins=num_bins,
-                           exhaustive=exhaustive, mesh=mesh)
+  step = functools.partial(
+    _eval_chunk, prob_fn=prob_fn, chunk_size=chunk_size, num_bins=num_bins, exhaustive=exhaustive, mesh=mesh
+  )
   starts = range(0, total, chunk_size)
   bar = None
   if progress:
     from jsim.progress import progress
+
     bar = progress(total, desc or f"pairs ({mode})", "pair")
   t0 = time.perf_counter()
   for start in starts:
     acc = step(acc, *operands, start, thr)
-    if bar is not None:   # (waits for the chunk: the bar shows what is done, not what is queued)
+    if bar is not None:  # (waits for the chunk: the bar shows what is done, not what is queued)
       jax.block_until_ready(acc)
       bar.update(min(chunk_size, total - start))
   acc = jax.device_get(acc)
@@ -312,16 +356,22 @@ def evaluate_pairs(prob_fn: ProbFn, params: Any, embeddings: jax.Array, labels, 
   count = np.asarray(acc["count"], np.int64)
   if count.sum() != total:  # the padding/masking contract, checked every time
     raise RuntimeError(f"evaluated {count.sum()} pairs, expected {total}")
-  return PairEvalResult(count=count, correct_05=np.asarray(acc["correct_05"], np.int64),
-                        correct_threshold=np.asarray(acc["correct_threshold"], np.int64),
-                        hist_pos=np.asarray(acc["hist_pos"], np.int64).reshape(NUM_CASES, num_bins),
-                        hist_neg=np.asarray(acc["hist_neg"], np.int64).reshape(NUM_CASES, num_bins),
-                        threshold=float(threshold), mode=mode, pairs_per_s=total / max(seconds, 1e-9))
+  return PairEvalResult(
+    count=count,
+    correct_05=np.asarray(acc["correct_05"], np.int64),
+    correct_threshold=np.asarray(acc["correct_threshold"], np.int64),
+    hist_pos=np.asarray(acc["hist_pos"], np.int64).reshape(NUM_CASES, num_bins),
+    hist_neg=np.asarray(acc["hist_neg"], np.int64).reshape(NUM_CASES, num_bins),
+    threshold=float(threshold),
+    mode=mode,
+    pairs_per_s=total / max(seconds, 1e-9),
+  )
 
 
 def save_result(result: PairEvalResult, path) -> None:
   """Writes a PairEvalResult (counts and histograms, a few kB) to an .npz, atomically."""
   import os
+
   path = os.fspath(path)
   tmp = path + ".tmp.npz"
   np.savez(tmp, **{f.name: np.asarray(getattr(result, f.name)) for f in dataclasses.fields(result)})
@@ -334,6 +384,13 @@ def load_result(path) -> PairEvalResult:
     missing = [f.name for f in dataclasses.fields(PairEvalResult) if f.name not in z.files]
     if missing:
       raise ValueError(f"{path}: not an evaluation result (missing {', '.join(missing)})")
-    return PairEvalResult(count=z["count"], correct_05=z["correct_05"], correct_threshold=z["correct_threshold"],
-                          hist_pos=z["hist_pos"], hist_neg=z["hist_neg"], threshold=float(z["threshold"]),
-                          mode=str(z["mode"]), pairs_per_s=float(z["pairs_per_s"]))
+    return PairEvalResult(
+      count=z["count"],
+      correct_05=z["correct_05"],
+      correct_threshold=z["correct_threshold"],
+      hist_pos=z["hist_pos"],
+      hist_neg=z["hist_neg"],
+      threshold=float(z["threshold"]),
+      mode=str(z["mode"]),
+      pairs_per_s=float(z["pairs_per_s"]),
+    )

@@ -18,8 +18,11 @@ from jsim.data.pairs import CASE_NAMES, UNSEEN_CASES
 from jsim.evaluate.pairwise import PairEvalResult
 from jsim.published import BACKBONE_TITLES, PUBLISHED, published  # noqa: F401  (one place; re-exported)
 
-GROUP_ROWS = (("all", "all (1-5)", "test_accuracy"), ("seen", "seen (1-2)", "seen_accuracy"),
-              ("unseen", "unseen (4-5)", "unseen_accuracy"))
+GROUP_ROWS = (
+  ("all", "all (1-5)", "test_accuracy"),
+  ("seen", "seen (1-2)", "seen_accuracy"),
+  ("unseen", "unseen (4-5)", "unseen_accuracy"),
+)
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
@@ -62,42 +65,67 @@ def report_config(config_dict: Any) -> Any:
   return _clean(config_dict)
 
 
-def report_dict(result: PairEvalResult, *, val_threshold: float | None, backbone: str, config_dict: Any = None,
-                retrieval: dict | None = None, extra: dict | None = None, method: dict | None = None,
-                embedding_retrieval: dict | None = None) -> dict:
+def report_dict(
+  result: PairEvalResult,
+  *,
+  val_threshold: float | None,
+  backbone: str,
+  config_dict: Any = None,
+  retrieval: dict | None = None,
+  extra: dict | None = None,
+  method: dict | None = None,
+  embedding_retrieval: dict | None = None,
+) -> dict:
   """The content of report.json (see `write_report`)."""
   if val_threshold is not None and not math.isclose(val_threshold, result.threshold, abs_tol=1e-9):
-    raise ValueError(f"val_threshold={val_threshold} differs from the threshold the result was counted at "
-                     f"({result.threshold}); evaluate with threshold=val_threshold")
+    raise ValueError(
+      f"val_threshold={val_threshold} differs from the threshold the result was counted at "
+      f"({result.threshold}); evaluate with threshold=val_threshold"
+    )
   pub = published(backbone)
   acc05, acct = result.case_accuracy("0.5"), result.case_accuracy("threshold")
-  cases = [{"case": c, "name": CASE_NAMES[c], "pairs": int(result.count[c - 1]), "accuracy_at_0.5": acc05[c],
-            "accuracy_at_val_threshold": acct[c],
-            "published_accuracy": _frac(pub["case_accuracy"][c]) if pub else None} for c in CASE_NAMES]
+  cases = [
+    {
+      "case": c,
+      "name": CASE_NAMES[c],
+      "pairs": int(result.count[c - 1]),
+      "accuracy_at_0.5": acc05[c],
+      "accuracy_at_val_threshold": acct[c],
+      "published_accuracy": _frac(pub["case_accuracy"][c]) if pub else None,
+    }
+    for c in CASE_NAMES
+  ]
   groups = {"overall": "all", "seen": "seen", "unseen": "unseen"}
   out = {
-      "backbone": backbone,
-      "mode": result.mode,
-      "num_pairs": result.num_pairs,
-      "num_bins": result.num_bins,
-      "val_threshold": result.threshold,
-      "pairs_per_s": result.pairs_per_s,
-      "cases": cases,
-      "accuracy_at_0.5": {k: result.accuracy(g, "0.5") for k, g in groups.items()},
-      "accuracy_at_val_threshold": {k: result.accuracy(g, "threshold") for k, g in groups.items()},
-      "auc": {k: result.auc(g) for k, g in groups.items()},
-      "published": None if pub is None else {
-          "overall": _frac(pub["test_accuracy"]), "seen": _frac(pub["seen_accuracy"]),
-          "unseen": _frac(pub["unseen_accuracy"]), "stage2_val_accuracy": _frac(pub["stage2_val_accuracy"]),
-          "stage1_test_accuracy": _frac(pub["stage1_test_accuracy"])},
-      "retrieval": retrieval,
-      # Case 4 outweighs case 5 about ten to one in the pair-weighted unseen figure: their plain mean too.
-      "balanced_unseen_accuracy": {"at_0.5": _mean_of(acc05, UNSEEN_CASES),
-                                   "at_val_threshold": _mean_of(acct, UNSEEN_CASES)},
-      "method": method,
-      "embedding_retrieval": embedding_retrieval,
-      "config": config_dict,
-      "extra": extra or {},
+    "backbone": backbone,
+    "mode": result.mode,
+    "num_pairs": result.num_pairs,
+    "num_bins": result.num_bins,
+    "val_threshold": result.threshold,
+    "pairs_per_s": result.pairs_per_s,
+    "cases": cases,
+    "accuracy_at_0.5": {k: result.accuracy(g, "0.5") for k, g in groups.items()},
+    "accuracy_at_val_threshold": {k: result.accuracy(g, "threshold") for k, g in groups.items()},
+    "auc": {k: result.auc(g) for k, g in groups.items()},
+    "published": None
+    if pub is None
+    else {
+      "overall": _frac(pub["test_accuracy"]),
+      "seen": _frac(pub["seen_accuracy"]),
+      "unseen": _frac(pub["unseen_accuracy"]),
+      "stage2_val_accuracy": _frac(pub["stage2_val_accuracy"]),
+      "stage1_test_accuracy": _frac(pub["stage1_test_accuracy"]),
+    },
+    "retrieval": retrieval,
+    # Case 4 outweighs case 5 about ten to one in the pair-weighted unseen figure: their plain mean too.
+    "balanced_unseen_accuracy": {
+      "at_0.5": _mean_of(acc05, UNSEEN_CASES),
+      "at_val_threshold": _mean_of(acct, UNSEEN_CASES),
+    },
+    "method": method,
+    "embedding_retrieval": embedding_retrieval,
+    "config": config_dict,
+    "extra": extra or {},
   }
   return _clean(out)
 
@@ -116,8 +144,11 @@ def _published_columns(report: dict) -> list[tuple[str, dict[int, float | None],
   for name, title in BACKBONE_TITLES.items():
     pub = published(name)
     cases = {c: _frac(v) for c, v in pub["case_accuracy"].items()}
-    groups = {"overall": _frac(pub["test_accuracy"]), "seen": _frac(pub["seen_accuracy"]),
-              "unseen": _frac(pub["unseen_accuracy"])}
+    groups = {
+      "overall": _frac(pub["test_accuracy"]),
+      "seen": _frac(pub["seen_accuracy"]),
+      "unseen": _frac(pub["unseen_accuracy"]),
+    }
     out.append((f"published {title} (for scale)", cases, groups))
   return out
 
@@ -131,69 +162,107 @@ def case_table_markdown(report: dict) -> str:
   """The five-case table (plus all / seen / unseen rows) of a report dict, beside the published numbers."""
   t = report["val_threshold"]
   columns = _published_columns(report)
-  lines = [f"| case | pairs | accuracy (p > 0.5) | accuracy (p > {t:.3f}, val threshold) | "
-           + " | ".join(h for h, _, _ in columns) + " |",
-           "|---|---:|---:|---:|" + "---:|" * len(columns)]
+  lines = [
+    f"| case | pairs | accuracy (p > 0.5) | accuracy (p > {t:.3f}, val threshold) | "
+    + " | ".join(h for h, _, _ in columns)
+    + " |",
+    "|---|---:|---:|---:|" + "---:|" * len(columns),
+  ]
   for c in report["cases"]:
-    lines.append(f"| {c['case']}. {c['name']} | {c['pairs']:,} | {_pct(c['accuracy_at_0.5'])} | "
-                 f"{_pct(c['accuracy_at_val_threshold'])} | "
-                 + " | ".join(_pct(cases.get(c["case"])) for _, cases, _ in columns) + " |")
+    lines.append(
+      f"| {c['case']}. {c['name']} | {c['pairs']:,} | {_pct(c['accuracy_at_0.5'])} | "
+      f"{_pct(c['accuracy_at_val_threshold'])} | "
+      + " | ".join(_pct(cases.get(c["case"])) for _, cases, _ in columns)
+      + " |"
+    )
   counts = {c["case"]: c["pairs"] for c in report["cases"]}
   for key, label, _ in GROUP_ROWS:
     name = "overall" if key == "all" else key
     n = sum(counts[c] for c in {"all": (1, 2, 3, 4, 5), "seen": (1, 2), "unseen": (4, 5)}[key])
-    lines.append(f"| **{label}** | {n:,} | {_pct(report['accuracy_at_0.5'][name])} | "
-                 f"{_pct(report['accuracy_at_val_threshold'][name])} | "
-                 + " | ".join(_pct(groups.get(name)) for _, _, groups in columns) + " |")
+    lines.append(
+      f"| **{label}** | {n:,} | {_pct(report['accuracy_at_0.5'][name])} | "
+      f"{_pct(report['accuracy_at_val_threshold'][name])} | "
+      + " | ".join(_pct(groups.get(name)) for _, _, groups in columns)
+      + " |"
+    )
   return "\n".join(lines) + "\n"
 
 
 def _markdown(report: dict, table: str, figures: list[str]) -> str:
   title = BACKBONE_TITLES.get(report["backbone"], report["backbone"])
   auc = report["auc"]
-  parts = [f"# Similarity evaluation: {title}\n",
-           f"{report['num_pairs']:,} test pairs ({report['mode']}); validation threshold "
-           f"{report['val_threshold']:.3f}; accuracies are exact counts, AUCs from {report['num_bins']}-bin "
-           "score histograms.\n",
-           "## Accuracy per case\n", table,
-           "Published seen numbers are the source's section 6 (cases 1-2 weighted by their pair counts), "
-           "unseen the abstract's (ResNet50 only); '-' where the source gives none."
-           + (" The source did not use this backbone: its ResNet50 and VGG16 numbers (Tiny ImageNet, 180 seen "
-              "classes) are there for scale only." if report["published"] is None else "") + "\n",
-           "## ROC AUC\n", "| pairs | all (1-5) | seen (1-2) | unseen (4-5) |", "|---|---:|---:|---:|",
-           f"| AUC | {_num(auc['overall'])} | {_num(auc['seen'])} | {_num(auc['unseen'])} |\n",
-           "(The source publishes ROC curves but no AUC values.)\n"]
+  parts = [
+    f"# Similarity evaluation: {title}\n",
+    f"{report['num_pairs']:,} test pairs ({report['mode']}); validation threshold "
+    f"{report['val_threshold']:.3f}; accuracies are exact counts, AUCs from {report['num_bins']}-bin "
+    "score histograms.\n",
+    "## Accuracy per case\n",
+    table,
+    "Published seen numbers are the source's section 6 (cases 1-2 weighted by their pair counts), "
+    "unseen the abstract's (ResNet50 only); '-' where the source gives none."
+    + (
+      " The source did not use this backbone: its ResNet50 and VGG16 numbers (Tiny ImageNet, 180 seen "
+      "classes) are there for scale only."
+      if report["published"] is None
+      else ""
+    )
+    + "\n",
+    "## ROC AUC\n",
+    "| pairs | all (1-5) | seen (1-2) | unseen (4-5) |",
+    "|---|---:|---:|---:|",
+    f"| AUC | {_num(auc['overall'])} | {_num(auc['seen'])} | {_num(auc['unseen'])} |\n",
+    "(The source publishes ROC curves but no AUC values.)\n",
+  ]
   if report.get("method"):
     m = report["method"]
     parts.insert(1, f"Stage 1 trained by {m.get('stage1_loss')}; pairs scored by {m.get('similarity')}.\n")
   if report.get("balanced_unseen_accuracy", {}).get("at_0.5") is not None:
     b = report["balanced_unseen_accuracy"]
-    parts += [f"Balanced unseen accuracy (mean of cases 4 and 5): {_pct(b['at_0.5'])} at 0.5, "
-              f"{_pct(b['at_val_threshold'])} at the validation threshold.\n"]
+    parts += [
+      f"Balanced unseen accuracy (mean of cases 4 and 5): {_pct(b['at_0.5'])} at 0.5, "
+      f"{_pct(b['at_val_threshold'])} at the validation threshold.\n"
+    ]
   er = report.get("embedding_retrieval") or {}
   if er.get("seen") or er.get("unseen"):
-    parts += [f"## Retrieval by embedding distance ({er['distance']}; each set among itself)\n",
-              "| test images | P@1 | R-precision | MAP@R | NMI (k-means) | queries |", "|---|---:|---:|---:|---:|---:|"]
+    parts += [
+      f"## Retrieval by embedding distance ({er['distance']}; each set among itself)\n",
+      "| test images | P@1 | R-precision | MAP@R | NMI (k-means) | queries |",
+      "|---|---:|---:|---:|---:|---:|",
+    ]
     for name in ("seen", "unseen"):
       if er.get(name):
         r = er[name]
-        parts.append(f"| {name} classes | {_pct(r['precision@1'])} | {_pct(r['r_precision'])} | "
-                     f"{_pct(r['map@r'])} | {_num(r['nmi'])} | {r['num_queries']} |")
+        parts.append(
+          f"| {name} classes | {_pct(r['precision@1'])} | {_pct(r['r_precision'])} | "
+          f"{_pct(r['map@r'])} | {_num(r['nmi'])} | {r['num_queries']} |"
+        )
     parts.append("")
   if report.get("retrieval"):
     r = report["retrieval"]
     keys = [k for k in r if k.startswith("recall@") or k == "mAP"]
-    parts += ["## Retrieval (unseen classes' test images)\n", "| " + " | ".join(keys) + " | queries |",
-              "|" + "---:|" * (len(keys) + 1),
-              "| " + " | ".join(_pct(r[k]) for k in keys) + f" | {r.get('num_queries', '-')} |\n"]
+    parts += [
+      "## Retrieval (unseen classes' test images)\n",
+      "| " + " | ".join(keys) + " | queries |",
+      "|" + "---:|" * (len(keys) + 1),
+      "| " + " | ".join(_pct(r[k]) for k in keys) + f" | {r.get('num_queries', '-')} |\n",
+    ]
   if figures:
     parts += ["## Figures\n"] + [f"![{Path(f).stem}]({f})" for f in figures] + [""]
   return "\n".join(parts)
 
 
-def write_report(out_dir: str | Path, result: PairEvalResult, *, val_threshold: float | None, backbone: str,
-                 config_dict: Any = None, retrieval: dict | None = None, extra: dict | None = None,
-                 method: dict | None = None, embedding_retrieval: dict | None = None) -> str:
+def write_report(
+  out_dir: str | Path,
+  result: PairEvalResult,
+  *,
+  val_threshold: float | None,
+  backbone: str,
+  config_dict: Any = None,
+  retrieval: dict | None = None,
+  extra: dict | None = None,
+  method: dict | None = None,
+  embedding_retrieval: dict | None = None,
+) -> str:
   """Writes out_dir/report.json and out_dir/report.md; returns the markdown case table.
 
   report.json: pair counts and accuracy per case, overall / seen / unseen accuracy at 0.5
@@ -204,9 +273,16 @@ def write_report(out_dir: str | Path, result: PairEvalResult, *, val_threshold: 
   """
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  report = report_dict(result, val_threshold=val_threshold, backbone=backbone, config_dict=config_dict,
-                       retrieval=retrieval, extra=extra, method=method,
-                       embedding_retrieval=embedding_retrieval)
+  report = report_dict(
+    result,
+    val_threshold=val_threshold,
+    backbone=backbone,
+    config_dict=config_dict,
+    retrieval=retrieval,
+    extra=extra,
+    method=method,
+    embedding_retrieval=embedding_retrieval,
+  )
   table = case_table_markdown(report)
   figures = sorted(f"figures/{p.name}" for p in (out_dir / "figures").glob("*.png"))
   tmp = out_dir / (REPORT_JSON + ".tmp")
@@ -220,15 +296,15 @@ def write_report(out_dir: str | Path, result: PairEvalResult, *, val_threshold: 
 # The research sweep.
 
 COMPARISON_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    # key, header, format ('pct' | 'num' | 'str')
-    ("name", "run", "str"),
-    ("backbone", "backbone", "str"),
-    ("feature", "feature", "str"),
-    ("val_accuracy", "val accuracy", "pct"),
-    ("test_accuracy", "test accuracy", "pct"),
-    ("seen_accuracy", "seen (1-2)", "pct"),
-    ("unseen_accuracy", "unseen (4-5)", "pct"),
-    ("auc", "AUC", "num"),
+  # key, header, format ('pct' | 'num' | 'str')
+  ("name", "run", "str"),
+  ("backbone", "backbone", "str"),
+  ("feature", "feature", "str"),
+  ("val_accuracy", "val accuracy", "pct"),
+  ("test_accuracy", "test accuracy", "pct"),
+  ("seen_accuracy", "seen (1-2)", "pct"),
+  ("unseen_accuracy", "unseen (4-5)", "pct"),
+  ("auc", "AUC", "num"),
 )
 
 
@@ -260,8 +336,10 @@ def write_comparison(rows: Sequence[dict], out_md: str | Path, out_json: str | P
   for r in rows:
     extra += [k for k in r if k not in known_keys and k not in extra]
   columns = known + [(k, k, "str") for k in extra]
-  lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
-           "|" + "|".join("---" if f == "str" else "---:" for _, _, f in columns) + "|"]
+  lines = [
+    "| " + " | ".join(h for _, h, _ in columns) + " |",
+    "|" + "|".join("---" if f == "str" else "---:" for _, _, f in columns) + "|",
+  ]
   for r in rows:
     lines.append("| " + " | ".join(_cell(r.get(k), f) for k, _, f in columns) + " |")
   md = "\n".join(lines) + "\n"

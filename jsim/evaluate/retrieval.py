@@ -57,16 +57,31 @@ def _query_block(params, embeddings, labels, q_idx, *, score_fn: ScoreFn, ks: tu
   ranks = jnp.arange(1, n + 1, dtype=jnp.float32)
   precision = jnp.cumsum(rel, axis=1).astype(jnp.float32) / ranks
   ap = jnp.sum(jnp.where(rel, precision, 0.0), axis=1) / jnp.maximum(num_rel, 1)
-  in_r = jnp.arange(n)[None, :] < num_rel[:, None]   # the top R ranks
+  in_r = jnp.arange(n)[None, :] < num_rel[:, None]  # the top R ranks
   r = jnp.maximum(num_rel, 1).astype(jnp.float32)
   r_precision = jnp.sum(rel & in_r, axis=1) / r
   ap_at_r = jnp.sum(jnp.where(rel & in_r, precision, 0.0), axis=1) / r
-  return (hits, ap, num_rel, r_precision, ap_at_r, order[:, :num_top],
-          jnp.take_along_axis(scores, order[:, :num_top], axis=1))
+  return (
+    hits,
+    ap,
+    num_rel,
+    r_precision,
+    ap_at_r,
+    order[:, :num_top],
+    jnp.take_along_axis(scores, order[:, :num_top], axis=1),
+  )
 
 
-def rank_queries(score_fn: ScoreFn, params: Any, embeddings, labels, *, ks: Sequence[int] = (1, 5),
-                 num_top: int = 5, pairs_per_block: int = 65536) -> dict[str, np.ndarray]:
+def rank_queries(
+  score_fn: ScoreFn,
+  params: Any,
+  embeddings,
+  labels,
+  *,
+  ks: Sequence[int] = (1, 5),
+  num_top: int = 5,
+  pairs_per_block: int = 65536,
+) -> dict[str, np.ndarray]:
   """Per-query results: {'hits': bool [len(ks), N], 'ap': [N], 'num_relevant': [N], 'r_precision': [N],
   'ap_at_r': [N], 'top_indices': int [N, num_top], 'top_scores': [N, num_top]} (self excluded).
 
@@ -93,8 +108,9 @@ def rank_queries(score_fn: ScoreFn, params: Any, embeddings, labels, *, ks: Sequ
   return {name: np.concatenate([p[i] for p in parts], axis=1 if i == 0 else 0) for i, name in enumerate(names)}
 
 
-def retrieval_metrics(score_fn: ScoreFn, params: Any, embeddings, labels, *, ks: Sequence[int] = (1, 5),
-                      pairs_per_block: int = 65536) -> dict[str, float]:
+def retrieval_metrics(
+  score_fn: ScoreFn, params: Any, embeddings, labels, *, ks: Sequence[int] = (1, 5), pairs_per_block: int = 65536
+) -> dict[str, float]:
   """{'recall@k' for k in ks, 'mAP', 'precision@1', 'r_precision', 'map@r', 'num_queries'} of the set
   ranked against itself (queries without another image of their class skipped).
 
@@ -102,9 +118,10 @@ def retrieval_metrics(score_fn: ScoreFn, params: Any, embeddings, labels, *, ks:
   and reused as the same object to avoid recompiling.
   """
   ks = tuple(int(k) for k in ks)
-  ranked_ks = ks if 1 in ks else (1,) + ks   # precision@1 needs the top 1
-  r = rank_queries(score_fn, params, embeddings, labels, ks=ranked_ks, num_top=max(ranked_ks),
-                   pairs_per_block=pairs_per_block)
+  ranked_ks = ks if 1 in ks else (1,) + ks  # precision@1 needs the top 1
+  r = rank_queries(
+    score_fn, params, embeddings, labels, ks=ranked_ks, num_top=max(ranked_ks), pairs_per_block=pairs_per_block
+  )
   has = r["num_relevant"] > 0
   if not has.any():
     raise ValueError("retrieval: no query has another image of its class")
@@ -118,8 +135,7 @@ def retrieval_metrics(score_fn: ScoreFn, params: Any, embeddings, labels, *, ks:
   return out
 
 
-def kmeans(embeddings, num_clusters: int, *, seed: int = 0, num_iters: int = 100, num_starts: int = 10
-           ) -> np.ndarray:
+def kmeans(embeddings, num_clusters: int, *, seed: int = 0, num_iters: int = 100, num_starts: int = 10) -> np.ndarray:
   """Cluster of each row of embeddings [N, D]: Lloyd's k-means from `num_starts` seeded k-means++
   starts, keeping the one of least within-cluster sum of squares (so that the result rarely
   depends on the start)."""
@@ -133,7 +149,7 @@ def kmeans(embeddings, num_clusters: int, *, seed: int = 0, num_iters: int = 100
   for _ in range(num_starts):
     centers = [x[rng.integers(n)]]
     d2 = np.sum((x - centers[0]) ** 2, axis=1)
-    for _ in range(1, num_clusters):   # k-means++: the next centre with probability ~ d^2
+    for _ in range(1, num_clusters):  # k-means++: the next centre with probability ~ d^2
       total = d2.sum()
       i = rng.choice(n, p=d2 / total) if total > 0 else rng.integers(n)
       centers.append(x[i])
@@ -169,7 +185,7 @@ def normalized_mutual_information(labels_a, labels_b) -> float:
   mi = float(np.sum(p[nz] * np.log(p[nz] / np.outer(pa, pb)[nz])))
   ha, hb = -float(np.sum(pa * np.log(pa))), -float(np.sum(pb * np.log(pb)))
   if ha == 0 and hb == 0:
-    return 1.0   # both a single cluster: identical partitions
+    return 1.0  # both a single cluster: identical partitions
   return max(0.0, mi / max((ha + hb) / 2, 1e-15))
 
 

@@ -58,14 +58,16 @@ def build(name: str, **kwargs: Any) -> Loss:
   An unknown name or hyperparameter is a ValueError naming it and what is accepted.
   """
   if name not in _REGISTRY:
-    raise ValueError(f"unknown loss {name!r}; available: {', '.join(available())} (or 'cross_entropy' for the "
-                     f"classifier head)")
+    raise ValueError(
+      f"unknown loss {name!r}; available: {', '.join(available())} (or 'cross_entropy' for the classifier head)"
+    )
   cls = _REGISTRY[name]
   fields = cls.hyperparameter_names()
   unknown = sorted(set(kwargs) - set(fields))
   if unknown:
-    raise ValueError(f"loss {name!r} has no hyperparameter {unknown[0]!r}; its hyperparameters: "
-                     f"{', '.join(fields) or 'none'}")
+    raise ValueError(
+      f"loss {name!r} has no hyperparameter {unknown[0]!r}; its hyperparameters: {', '.join(fields) or 'none'}"
+    )
   loss = cls(**kwargs)
   loss.validate()
   return loss

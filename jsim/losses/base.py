@@ -42,8 +42,7 @@ class Loss:
     del key, num_classes, dim
     return {}
 
-  def apply(self, params: dict, embeddings: jax.Array, labels: jax.Array, *, rng: jax.Array | None = None
-            ) -> jax.Array:
+  def apply(self, params: dict, embeddings: jax.Array, labels: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
     raise NotImplementedError
 
 
@@ -56,8 +55,11 @@ def safe_sqrt(s: jax.Array) -> jax.Array:
 def l2_distance_matrix(a: jax.Array, b: jax.Array) -> jax.Array:
   """PML's LpDistance (p=2, normalize_embeddings=True): ||a_i/|a_i| - b_j/|b_j| ||_2, [Na, Nb]."""
   a, b = l2_normalize(a), l2_normalize(b)
-  sq = (jnp.sum(a * a, -1)[:, None] + jnp.sum(b * b, -1)[None, :]
-        - 2.0 * jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST))
+  sq = (
+    jnp.sum(a * a, -1)[:, None]
+    + jnp.sum(b * b, -1)[None, :]
+    - 2.0 * jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
+  )
   return safe_sqrt(sq)
 
 
@@ -82,7 +84,7 @@ def mean_of_nonzero(losses: jax.Array, mask: jax.Array) -> jax.Array:
 def logsumexp_add_one(x: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
   """PML's lmu.logsumexp(x, keep_mask, add_one=True): log(1 + sum_mask exp(x)); 0 where nothing is kept."""
   x = jnp.where(mask, x, -jnp.inf)
-  m = jnp.maximum(jnp.max(x, axis=axis, keepdims=True), 0.0)   # the added one is exp(0)
+  m = jnp.maximum(jnp.max(x, axis=axis, keepdims=True), 0.0)  # the added one is exp(0)
   m = jax.lax.stop_gradient(m)
   s = jnp.sum(jnp.where(mask, jnp.exp(x - m), 0.0), axis=axis, keepdims=True) + jnp.exp(-m)
   out = jnp.squeeze(m + jnp.log(s), axis)

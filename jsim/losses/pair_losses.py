@@ -60,7 +60,7 @@ class Triplet(base.Loss):
       keep = jnp.any(pos, axis=1) & jnp.any(neg, axis=1)
       violation = jnp.where(keep, d_ap - d_an + self.margin, 0.0)
       return base.mean_of_nonzero(jax.nn.relu(violation), keep)
-    d_ap = d[:, :, None]    # [anchor, positive, negative]
+    d_ap = d[:, :, None]  # [anchor, positive, negative]
     d_an = d[:, None, :]
     triplet = pos[:, :, None] & neg[:, None, :]
     if self.mining == "semi_hard":

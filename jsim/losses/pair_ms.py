@@ -43,8 +43,7 @@ class PairMs(base.Loss):
       raise ValueError(f"loss hyperparameter dropout={self.dropout!r} must be in [0, 1) (pair_ms)")
 
   def model(self) -> similarity.SimilarityMLP:
-    return similarity.SimilarityMLP(hidden=tuple(self.hidden) or None, dropout_rate=self.dropout,
-                                    feature=self.feature)
+    return similarity.SimilarityMLP(hidden=tuple(self.hidden) or None, dropout_rate=self.dropout, feature=self.feature)
 
   def init(self, key, num_classes, dim):
     del num_classes
@@ -66,4 +65,5 @@ class PairMs(base.Loss):
     def mean_where(mask):
       n = jnp.sum(mask)
       return jnp.where(n > 0, jnp.sum(jnp.where(mask, ce, 0.0)) / jnp.maximum(n, 1), 0.0)
+
     return 0.5 * (mean_where(same) + mean_where(~same))

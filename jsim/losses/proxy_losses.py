@@ -22,8 +22,9 @@ def _check_labels(labels: jax.Array, num_classes: int) -> None:
   if not isinstance(labels, jax.core.Tracer) and labels.size:
     lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
     if lo < 0 or hi >= num_classes:
-      raise ValueError(f"labels outside [0, {num_classes}) (min {lo}, max {hi}): the loss was built for "
-                       f"{num_classes} classes")
+      raise ValueError(
+        f"labels outside [0, {num_classes}) (min {lo}, max {hi}): the loss was built for {num_classes} classes"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +47,9 @@ class ProxyAnchor(base.Loss):
     del rng
     proxies = params["proxies"]
     _check_labels(labels, proxies.shape[0])
-    cos = base.cosine_matrix(embeddings, proxies)                   # [B, C]
+    cos = base.cosine_matrix(embeddings, proxies)  # [B, C]
     pos = jax.nn.one_hot(labels, proxies.shape[0], dtype=bool)
-    pos_term = base.logsumexp_add_one(self.alpha * (self.margin - cos), pos, axis=0)   # [C]
+    pos_term = base.logsumexp_add_one(self.alpha * (self.margin - cos), pos, axis=0)  # [C]
     neg_term = base.logsumexp_add_one(self.alpha * (cos + self.margin), ~pos, axis=0)
     with_pos = jnp.sum(jnp.any(pos, axis=0))
     pos_loss = jnp.where(with_pos > 0, jnp.sum(pos_term) / jnp.maximum(with_pos, 1), 0.0)
@@ -88,7 +89,7 @@ class ArcFace(base.Loss):
 
   registry_name: ClassVar[str] = "arcface"
   param_name: ClassVar[str] = "weights"
-  margin: float = 28.6    # degrees
+  margin: float = 28.6  # degrees
   scale: float = 64.0
 
   def init(self, key, num_classes, dim):
@@ -99,7 +100,7 @@ class ArcFace(base.Loss):
     weights = params["weights"]
     _check_labels(labels, weights.shape[0])
     m = math.radians(self.margin)
-    cos = base.cosine_matrix(embeddings, weights)                   # [B, C]
+    cos = base.cosine_matrix(embeddings, weights)  # [B, C]
     target = jax.nn.one_hot(labels, weights.shape[0], dtype=bool)
     c = jnp.clip(jnp.sum(jnp.where(target, cos, 0.0), axis=1), -1.0, 1.0)
     sin = base.safe_sqrt(1.0 - c * c)

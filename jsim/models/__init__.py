@@ -57,6 +57,7 @@ def compute_dtype(name: str):
   """The compute dtype of config.model.dtype (one of DTYPES)."""
   if name == "auto":
     from jsim import parallel
+
     return parallel.default_compute_dtype()
   return jnp.dtype(name)
 

@@ -76,11 +76,20 @@ def calibrate(emb, pairs, same, distance: str) -> dict:
   """{'scale', 'bias', 'distance_at_0.5', 'val_pairs'} from the pairs [P, 2] of embeddings `emb` [N, D]."""
   emb = jnp.asarray(emb)
   pairs = np.asarray(pairs)
-  d = np.concatenate([np.asarray(pair_distance(emb[pairs[s:s + 65536, 0]], emb[pairs[s:s + 65536, 1]], distance))
-                      for s in range(0, len(pairs), 65536)])
+  d = np.concatenate(
+    [
+      np.asarray(pair_distance(emb[pairs[s : s + 65536, 0]], emb[pairs[s : s + 65536, 1]], distance))
+      for s in range(0, len(pairs), 65536)
+    ]
+  )
   scale, bias = fit_logistic(d, same)
-  return {"scale": scale, "bias": bias, "distance_at_0.5": -bias / scale if scale else float("inf"),
-          "val_pairs": int(len(pairs)), "distance": distance}
+  return {
+    "scale": scale,
+    "bias": bias,
+    "distance_at_0.5": -bias / scale if scale else float("inf"),
+    "val_pairs": int(len(pairs)),
+    "distance": distance,
+  }
 
 
 def params_of(calibration: dict) -> dict:

@@ -33,9 +33,9 @@ def l2_normalize(x, axis: int = -1):
 
 class MetricModel(nn.Module):
   backbone: nn.Module
-  head_dim: int = 0            # 0: the backbone's embedding as it is
-  loss: Any = None             # a jsim.losses.Loss whose parameters (if any) the model holds under "loss"
-  num_classes: int = 0         # classes of the loss's parameters
+  head_dim: int = 0  # 0: the backbone's embedding as it is
+  loss: Any = None  # a jsim.losses.Loss whose parameters (if any) the model holds under "loss"
+  num_classes: int = 0  # classes of the loss's parameters
 
   @property
   def dtype(self) -> Any:
@@ -50,7 +50,8 @@ class MetricModel(nn.Module):
     logits, e = self.backbone(x, train=train)
     if self.head_dim:
       e = nn.Dense(self.head_dim, dtype=jnp.float32, param_dtype=jnp.float32, name="embedding_head")(
-          e.astype(jnp.float32))
+        e.astype(jnp.float32)
+      )
       e = l2_normalize(e)
     if self.loss is not None and self.loss.param_name is not None:
       dim = e.shape[-1]

@@ -54,16 +54,22 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    conv = functools.partial(nn.Conv, use_bias=False, padding=((0, 0), (0, 0)), dtype=self.dtype,
-                             param_dtype=jnp.float32, kernel_init=conv_kernel_init)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                             dtype=self.dtype, param_dtype=jnp.float32)
+    conv = functools.partial(
+      nn.Conv,
+      use_bias=False,
+      padding=((0, 0), (0, 0)),
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=conv_kernel_init,
+    )
+    norm = functools.partial(
+      nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32
+    )
     out_features = self.features * EXPANSION
 
     y = conv(self.features, (1, 1), name="conv1")(x)
     y = nn.relu(norm(name="bn1")(y))
-    y = conv(self.features, (3, 3), strides=(self.strides, self.strides), padding=((1, 1), (1, 1)),
-             name="conv2")(y)
+    y = conv(self.features, (3, 3), strides=(self.strides, self.strides), padding=((1, 1), (1, 1)), name="conv2")(y)
     y = nn.relu(norm(name="bn2")(y))
     y = conv(out_features, (1, 1), name="conv3")(y)
     y = norm(name="bn3")(y)
@@ -102,21 +108,35 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-    x = nn.Conv(self.width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_kernel_init, name="conv1")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                     param_dtype=jnp.float32, name="bn1")(x)
+    x = nn.Conv(
+      self.width,
+      (7, 7),
+      strides=(2, 2),
+      padding=((3, 3), (3, 3)),
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=conv_kernel_init,
+      name="conv1",
+    )(x)
+    x = nn.BatchNorm(
+      use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32, name="bn1"
+    )(x)
     x = nn.relu(x)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
     for s, n_blocks in enumerate(self.stage_sizes):
       for b in range(n_blocks):
         strides = 2 if s > 0 and b == 0 else 1
-        x = Bottleneck(self.width * 2**s, strides=strides, dtype=self.dtype,
-                       name=f"layer{s + 1}_{b}")(x, train=train)
+        x = Bottleneck(self.width * 2**s, strides=strides, dtype=self.dtype, name=f"layer{s + 1}_{b}")(x, train=train)
     embedding = jnp.mean(x, axis=(1, 2))  # AdaptiveAvgPool2d((1, 1)) + flatten
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                      kernel_init=torch_linear_kernel_init,
-                      bias_init=torch_linear_bias_init(embedding.shape[-1]), name="head")(embedding)
+    logits = nn.Dense(
+      self.num_classes,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=torch_linear_kernel_init,
+      bias_init=torch_linear_bias_init(embedding.shape[-1]),
+      name="head",
+    )(embedding)
     return logits.astype(jnp.float32), embedding.astype(jnp.float32)
 
 

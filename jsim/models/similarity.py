@@ -25,11 +25,11 @@ import jax.numpy as jnp
 
 # Width of each feature kind, as a function of the embedding width D.
 _FEATURE_WIDTH: dict[str, Callable[[int], int]] = {
-    "l1": lambda d: d,     # |e1 - e2| (the protocol)
-    "sq": lambda d: d,     # (e1 - e2)^2
-    "prod": lambda d: d,   # e1 * e2
-    "cos": lambda d: 1,    # cosine similarity
-    "l2": lambda d: 1,     # Euclidean distance
+  "l1": lambda d: d,  # |e1 - e2| (the protocol)
+  "sq": lambda d: d,  # (e1 - e2)^2
+  "prod": lambda d: d,  # e1 * e2
+  "cos": lambda d: 1,  # cosine similarity
+  "l2": lambda d: 1,  # Euclidean distance
 }
 FEATURE_KINDS: tuple[str, ...] = tuple(_FEATURE_WIDTH)
 
@@ -42,8 +42,10 @@ def parse_feature_kind(kind: str) -> tuple[str, ...]:
   parts = tuple(p.strip() for p in str(kind).split("+"))
   for p in parts:
     if p not in _FEATURE_WIDTH:
-      raise ValueError(f"unknown pair feature kind {p!r} in {kind!r}; valid kinds: {', '.join(FEATURE_KINDS)} "
-                       "(join several with '+', e.g. 'l1+prod')")
+      raise ValueError(
+        f"unknown pair feature kind {p!r} in {kind!r}; valid kinds: {', '.join(FEATURE_KINDS)} "
+        "(join several with '+', e.g. 'l1+prod')"
+      )
   return parts
 
 
@@ -116,12 +118,19 @@ class SimilarityMLP(nn.Module):
     hidden = self.hidden if self.hidden is not None else default_hidden(e1.shape[-1])
     x = pair_features(e1, e2, self.feature).astype(self.dtype)
     for i, width in enumerate(hidden):
-      x = nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=he_normal,
-                   bias_init=nn.initializers.zeros, name=f"hidden{i}")(x)
+      x = nn.Dense(
+        width,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=he_normal,
+        bias_init=nn.initializers.zeros,
+        name=f"hidden{i}",
+      )(x)
       x = nn.relu(x)
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(2, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=he_normal,
-                 bias_init=nn.initializers.zeros, name="out")(x)
+    x = nn.Dense(
+      2, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=he_normal, bias_init=nn.initializers.zeros, name="out"
+    )(x)
     return x.astype(jnp.float32)
 
 

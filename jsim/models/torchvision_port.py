@@ -29,17 +29,19 @@ from jsim.models import resnet, vgg
 Row = tuple[str, str, tuple[str, ...], str]
 
 _CONVERT: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "conv": lambda w: np.ascontiguousarray(w.transpose(2, 3, 1, 0)),  # OIHW -> HWIO
-    "linear": lambda w: np.ascontiguousarray(w.T),  # [out, in] -> [in, out]
-    "copy": lambda w: w,
+  "conv": lambda w: np.ascontiguousarray(w.transpose(2, 3, 1, 0)),  # OIHW -> HWIO
+  "linear": lambda w: np.ascontiguousarray(w.T),  # [out, in] -> [in, out]
+  "copy": lambda w: w,
 }
 
 
 def _bn_rows(torch_prefix: str, flax_path: tuple[str, ...]) -> list[Row]:
-  return [(f"{torch_prefix}.weight", "params", flax_path + ("scale",), "copy"),
-          (f"{torch_prefix}.bias", "params", flax_path + ("bias",), "copy"),
-          (f"{torch_prefix}.running_mean", "batch_stats", flax_path + ("mean",), "copy"),
-          (f"{torch_prefix}.running_var", "batch_stats", flax_path + ("var",), "copy")]
+  return [
+    (f"{torch_prefix}.weight", "params", flax_path + ("scale",), "copy"),
+    (f"{torch_prefix}.bias", "params", flax_path + ("bias",), "copy"),
+    (f"{torch_prefix}.running_mean", "batch_stats", flax_path + ("mean",), "copy"),
+    (f"{torch_prefix}.running_var", "batch_stats", flax_path + ("var",), "copy"),
+  ]
 
 
 def resnet_key_table(stage_sizes: tuple[int, ...] = (3, 4, 6, 3)) -> list[Row]:
@@ -55,8 +57,7 @@ def resnet_key_table(stage_sizes: tuple[int, ...] = (3, 4, 6, 3)) -> list[Row]:
       if b == 0:  # the first block of every stage changes width (and stride): projection shortcut
         rows.append((f"{t}.downsample.0.weight", "params", f + ("downsample_conv", "kernel"), "conv"))
         rows += _bn_rows(f"{t}.downsample.1", f + ("downsample_bn",))
-  rows += [("fc.weight", "params", ("head", "kernel"), "linear"),
-           ("fc.bias", "params", ("head", "bias"), "copy")]
+  rows += [("fc.weight", "params", ("head", "kernel"), "linear"), ("fc.bias", "params", ("head", "bias"), "copy")]
   return rows
 
 
@@ -69,20 +70,24 @@ def vgg_key_table(cfg: tuple[int | str, ...] = vgg.VGG16_CFG) -> list[Row]:
       idx, block, k = idx + 1, block + 1, 1
     else:
       name = f"conv{block}_{k}"
-      rows += [(f"features.{idx}.weight", "params", (name, "kernel"), "conv"),
-               (f"features.{idx}.bias", "params", (name, "bias"), "copy")]
+      rows += [
+        (f"features.{idx}.weight", "params", (name, "kernel"), "conv"),
+        (f"features.{idx}.bias", "params", (name, "bias"), "copy"),
+      ]
       idx, k = idx + 2, k + 1  # Conv2d, ReLU
   # classifier: Linear(0) ReLU Dropout Linear(3) ReLU Dropout Linear(6)
   for i, name in ((0, "fc6"), (3, "fc7"), (6, "head")):
-    rows += [(f"classifier.{i}.weight", "params", (name, "kernel"), "linear"),
-             (f"classifier.{i}.bias", "params", (name, "bias"), "copy")]
+    rows += [
+      (f"classifier.{i}.weight", "params", (name, "kernel"), "linear"),
+      (f"classifier.{i}.bias", "params", (name, "bias"), "copy"),
+    ]
   return rows
 
 
 # arch -> (Flax model factory, key table, torch name of the head's weight)
 _ARCHS: dict[str, tuple[Callable[..., Any], Callable[[], list[Row]], str]] = {
-    "resnet50": (resnet.resnet50, resnet_key_table, "fc.weight"),
-    "vgg16": (vgg.vgg16, vgg_key_table, "classifier.6.weight"),
+  "resnet50": (resnet.resnet50, resnet_key_table, "fc.weight"),
+  "vgg16": (vgg.vgg16, vgg_key_table, "classifier.6.weight"),
 }
 
 
@@ -127,8 +132,9 @@ def from_torchvision(arch: str, weights: Any, num_classes: int = 180, seed: int 
       parts.append(f"missing {len(missing)} key(s): {_head(missing)}")
     if unexpected:
       parts.append(f"unexpected {len(unexpected)} key(s): {_head(unexpected)}")
-    raise ValueError(f"from_torchvision({arch!r}): the state_dict does not match torchvision's {arch}: "
-                     + "; ".join(parts))
+    raise ValueError(
+      f"from_torchvision({arch!r}): the state_dict does not match torchvision's {arch}: " + "; ".join(parts)
+    )
 
   head_prefix = head_key.rsplit(".", 1)[0]
   keep_head = state[head_key].ndim == 2 and state[head_key].shape[0] == num_classes
@@ -141,21 +147,30 @@ def from_torchvision(arch: str, weights: Any, num_classes: int = 180, seed: int 
     ndim = {"conv": 4, "linear": 2}.get(kind)
     got = _CONVERT[kind](value) if ndim is None or value.ndim == ndim else value
     if want is None or got.shape != want:
-      raise ValueError(f"from_torchvision({arch!r}): {torch_key} has shape {tuple(value.shape)}, "
-                       f"but {collection}/{'/'.join(path)} needs {want} ({kind} conversion)")
+      raise ValueError(
+        f"from_torchvision({arch!r}): {torch_key} has shape {tuple(value.shape)}, "
+        f"but {collection}/{'/'.join(path)} needs {want} ({kind} conversion)"
+      )
     _set(variables, (collection,) + path, got)
 
   if not keep_head:
     kernel_shape = expected[("params", ("head", "kernel"))]
     fan_in = kernel_shape[0]
     if state[head_key].ndim != 2 or state[head_key].shape[1] != fan_in:
-      raise ValueError(f"from_torchvision({arch!r}): {head_key} has shape {tuple(state[head_key].shape)}, "
-                       f"expected [n, {fan_in}]")
+      raise ValueError(
+        f"from_torchvision({arch!r}): {head_key} has shape {tuple(state[head_key].shape)}, expected [n, {fan_in}]"
+      )
     k_kernel, k_bias = jax.random.split(jax.random.PRNGKey(seed))
-    _set(variables, ("params", "head", "kernel"),
-         np.asarray(resnet.torch_linear_kernel_init(k_kernel, kernel_shape, jnp.float32)))
-    _set(variables, ("params", "head", "bias"),
-         np.asarray(resnet.torch_linear_bias_init(fan_in)(k_bias, (num_classes,), jnp.float32)))
+    _set(
+      variables,
+      ("params", "head", "kernel"),
+      np.asarray(resnet.torch_linear_kernel_init(k_kernel, kernel_shape, jnp.float32)),
+    )
+    _set(
+      variables,
+      ("params", "head", "bias"),
+      np.asarray(resnet.torch_linear_bias_init(fan_in)(k_bias, (num_classes,), jnp.float32)),
+    )
 
   filled = {(c, p) for c, p in _leaf_paths(variables)}
   unfilled = sorted("/".join((c,) + p) for c, p in expected if (c, p) not in filled)
@@ -206,13 +221,14 @@ def _load_state_dict(arch: str, weights: Any) -> dict[str, np.ndarray]:
     else:
       state = _load_named(arch, s)
   else:
-    raise TypeError(f"from_torchvision: weights must be a state_dict, a path or a weights name, "
-                    f"got {type(weights).__name__}")
+    raise TypeError(
+      f"from_torchvision: weights must be a state_dict, a path or a weights name, got {type(weights).__name__}"
+    )
   # Tolerate the two usual wrappers: {'state_dict': ...} checkpoints and DataParallel's 'module.'.
   if "state_dict" in state and isinstance(state["state_dict"], Mapping):
     state = state["state_dict"]
   if state and all(k.startswith("module.") for k in state):
-    state = {k[len("module."):]: v for k, v in state.items()}
+    state = {k[len("module.") :]: v for k, v in state.items()}
   out = {}
   for k, v in state.items():
     if k.endswith("num_batches_tracked"):
@@ -233,8 +249,9 @@ def _load_file(path: str) -> Mapping:
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001  (pickles of whole modules, truncated files, ...)
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ValueError(f"from_torchvision: cannot read {path} as a state_dict with "
-                     f"torch.load(weights_only=True): {first}") from e
+    raise ValueError(
+      f"from_torchvision: cannot read {path} as a state_dict with torch.load(weights_only=True): {first}"
+    ) from e
   if not isinstance(state, Mapping):
     raise ValueError(f"from_torchvision: {path} holds a {type(state).__name__}, not a state_dict")
   return state
@@ -245,8 +262,10 @@ def _load_named(arch: str, name: str) -> Mapping:
   enum = torchvision.models.get_model_weights(arch)
   member = name.split(".", 1)[1] if name.startswith(enum.__name__ + ".") else name
   if member not in enum.__members__:
-    raise ValueError(f"from_torchvision: unknown weights {name!r} for {arch}; "
-                     f"available: {', '.join(enum.__members__)} (or a path to a .pth file)")
+    raise ValueError(
+      f"from_torchvision: unknown weights {name!r} for {arch}; "
+      f"available: {', '.join(enum.__members__)} (or a path to a .pth file)"
+    )
   w = enum[member]
   try:
     return w.get_state_dict(progress=False)
@@ -255,8 +274,8 @@ def _load_named(arch: str, name: str) -> Mapping:
     file_name = w.url.rsplit("/", 1)[-1]
     cache = os.path.join(torch.hub.get_dir(), "checkpoints")
     raise ConnectionError(
-        f"from_torchvision: cannot download {enum.__name__}.{w.name} from {w.url} ({e}); without a "
-        f"network, fetch {file_name} elsewhere and pass its local path as weights, or put it in {cache}"
+      f"from_torchvision: cannot download {enum.__name__}.{w.name} from {w.url} ({e}); without a "
+      f"network, fetch {file_name} elsewhere and pass its local path as weights, or put it in {cache}"
     ) from e
 
 

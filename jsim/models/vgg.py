@@ -24,8 +24,26 @@ import numpy as np
 from jsim.models.resnet import conv_kernel_init
 
 # torchvision cfgs["D"]: ints are conv widths, "M" a 2x2/2 max-pool.
-VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
-                                    512, 512, 512, "M", 512, 512, 512, "M")
+VGG16_CFG: tuple[int | str, ...] = (
+  64,
+  64,
+  "M",
+  128,
+  128,
+  "M",
+  256,
+  256,
+  256,
+  "M",
+  512,
+  512,
+  512,
+  "M",
+  512,
+  512,
+  512,
+  "M",
+)
 # torchvision's VGG._initialize_weights: Linear ~ N(0, 0.01), bias 0.
 linear_kernel_init = nn.initializers.normal(stddev=0.01)
 
@@ -92,21 +110,40 @@ class VGG(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")  # torch floors odd sizes too
         block, k = block + 1, 1
       else:
-        x = nn.Conv(int(v), (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=conv_kernel_init, bias_init=nn.initializers.zeros,
-                    name=f"conv{block}_{k}")(x)
+        x = nn.Conv(
+          int(v),
+          (3, 3),
+          padding=((1, 1), (1, 1)),
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          kernel_init=conv_kernel_init,
+          bias_init=nn.initializers.zeros,
+          name=f"conv{block}_{k}",
+        )(x)
         x = nn.relu(x)
         k += 1
     x = adaptive_avg_pool(x, (self.pool_size, self.pool_size))
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)  # torch's NCHW flatten order
     for name in ("fc6", "fc7"):
-      x = nn.Dense(self.fc_width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=linear_kernel_init,
-                   bias_init=nn.initializers.zeros, name=name)(x)
+      x = nn.Dense(
+        self.fc_width,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=linear_kernel_init,
+        bias_init=nn.initializers.zeros,
+        name=name,
+      )(x)
       x = nn.relu(x)
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     embedding = x
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                      kernel_init=linear_kernel_init, bias_init=nn.initializers.zeros, name="head")(embedding)
+    logits = nn.Dense(
+      self.num_classes,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=linear_kernel_init,
+      bias_init=nn.initializers.zeros,
+      name="head",
+    )(embedding)
     return logits.astype(jnp.float32), embedding.astype(jnp.float32)
 
 

@@ -60,7 +60,7 @@ from jsim import workdir as wd
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CACHE_DIR = "predict_cache"
 _CACHE_VERSION = 1
-_SCORE_CHUNK = 4096      # gallery embeddings scored per device call
+_SCORE_CHUNK = 4096  # gallery embeddings scored per device call
 _PROG = "jsim-predict"
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -81,6 +81,7 @@ def prepare_image(image: ImageLike, image_size: int) -> np.ndarray:
   Raises FileNotFoundError for a missing file and ValueError for anything that is not an image.
   """
   from jsim.data import tiny_imagenet
+
   if isinstance(image, (str, os.PathLike)):
     path = Path(image)
     if not path.exists():
@@ -155,6 +156,7 @@ def _listing(folder: str | os.PathLike) -> list[tuple[str, int, int]]:
 @dataclasses.dataclass
 class Backbone:
   """One workdir's Mc without its head, restored from its best stage-1 checkpoint."""
+
   workdir: Path
   model_name: str
   stage1_step: int
@@ -162,22 +164,23 @@ class Backbone:
   image_size: int
   input_size: int
   batch_size: int
-  checkpoint_stamp: int       # mtime_ns of the checkpoint folder: a retrained step invalidates caches
+  checkpoint_stamp: int  # mtime_ns of the checkpoint folder: a retrained step invalidates caches
   variables: Any
   _apply: Callable
 
   def embed_uint8(self, images: np.ndarray) -> np.ndarray:
     """float32 [N, dim] of uint8 [N, S, S, 3] images (S = image_size), in padded batches."""
     import jax
+
     n = images.shape[0]
     out = []
     for start in range(0, n, self.batch_size):
-      chunk = images[start:start + self.batch_size]
+      chunk = images[start : start + self.batch_size]
       size = _bucket(len(chunk), self.batch_size)  # a few compiled shapes, not one per count
       if size > len(chunk):
         chunk = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:], np.uint8)])
       e = self._apply(self.variables, chunk)
-      out.append(np.asarray(jax.device_get(e))[:min(self.batch_size, n - start)])
+      out.append(np.asarray(jax.device_get(e))[: min(self.batch_size, n - start)])
     return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
 
@@ -196,12 +199,16 @@ def _load_backbone(rec: wd.StageRecords, mesh) -> Backbone:
   model, state = classifier.restore_classifier(config, rec.workdir, mesh)
   dim = getattr(model, "embedding_dim", rec.embedding_dim)
   if dim != rec.embedding_dim:
-    raise ValueError(f"{rec.workdir / wd.EMBEDDINGS}/meta.json: dim {rec.embedding_dim}, but model "
-                     f"{rec.model_name!r} embeds into {dim}")
+    raise ValueError(
+      f"{rec.workdir / wd.EMBEDDINGS}/meta.json: dim {rec.embedding_dim}, but model "
+      f"{rec.model_name!r} embeds into {dim}"
+    )
   step = int(state.step)
   if step != rec.stage1_step:
-    raise ValueError(f"{rec.workdir / wd.STAGE1}: the best checkpoint is step {step}, its result.json and the "
-                     f"embeddings say {rec.stage1_step}; rerun the stages")
+    raise ValueError(
+      f"{rec.workdir / wd.STAGE1}: the best checkpoint is step {step}, its result.json and the "
+      f"embeddings say {rec.stage1_step}; rerun the stages"
+    )
   mean, std, input_size = rec.mean, rec.std, int(config.classifier.input_size)
 
   @jax.jit
@@ -212,9 +219,18 @@ def _load_backbone(rec: wd.StageRecords, mesh) -> Backbone:
     return e.astype(jnp.float32)
 
   stamp = (rec.workdir / wd.STAGE1 / "checkpoints" / str(step)).stat().st_mtime_ns
-  return Backbone(workdir=rec.workdir, model_name=rec.model_name, stage1_step=step, dim=dim,
-                  image_size=rec.image_size, input_size=input_size, batch_size=max(1, int(config.embed.batch_size)),
-                  checkpoint_stamp=stamp, variables=state.variables, _apply=apply)
+  return Backbone(
+    workdir=rec.workdir,
+    model_name=rec.model_name,
+    stage1_step=step,
+    dim=dim,
+    image_size=rec.image_size,
+    input_size=input_size,
+    batch_size=max(1, int(config.embed.batch_size)),
+    checkpoint_stamp=stamp,
+    variables=state.variables,
+    _apply=apply,
+  )
 
 
 # ----------------------------------------------------------------------------- the API
@@ -223,12 +239,13 @@ def _load_backbone(rec: wd.StageRecords, mesh) -> Backbone:
 @dataclasses.dataclass
 class Gallery:
   """The embedded images of a folder."""
+
   root: Path
-  files: list[str]            # relative posix paths, sorted
-  embeddings: np.ndarray      # float32 [len(files), D]
+  files: list[str]  # relative posix paths, sorted
+  embeddings: np.ndarray  # float32 [len(files), D]
   skipped: list[tuple[str, str]]  # (relative path, why) of files that could not be read
-  reused: int                 # embeddings taken from the cache
-  embedded: int               # embeddings computed now
+  reused: int  # embeddings taken from the cache
+  embedded: int  # embeddings computed now
   cache_path: Path | None
 
   @property
@@ -253,8 +270,15 @@ class Similarity:
 
   backend = "jax"
 
-  def __init__(self, workdir: Path, backbones: list[Backbone], prob_fn: Callable, params: Any, stage2_step: int,
-               threshold: float | None):
+  def __init__(
+    self,
+    workdir: Path,
+    backbones: list[Backbone],
+    prob_fn: Callable,
+    params: Any,
+    stage2_step: int,
+    threshold: float | None,
+  ):
     self.workdir = workdir
     self.backbones = backbones
     self.image_size = backbones[0].image_size
@@ -275,8 +299,9 @@ class Similarity:
     self._pair_probs, self._query_probs = pair_probs, query_probs
 
   @classmethod
-  def load(cls, workdir: str | os.PathLike, backend: str = "jax", onnx_dir: str | os.PathLike | None = None
-           ) -> "Similarity":
+  def load(
+    cls, workdir: str | os.PathLike, backend: str = "jax", onnx_dir: str | os.PathLike | None = None
+  ) -> "Similarity":
     """Restores the best stage-1 and stage-2 checkpoints of a trained workdir.
 
     backend: "jax", "onnx" (the ONNX export in `onnx_dir`, by default W/onnx, which is
@@ -288,8 +313,9 @@ class Similarity:
     return cls.from_records(wd.read_records(workdir), backend=backend, onnx_dir=onnx_dir)
 
   @classmethod
-  def from_records(cls, records: wd.WorkdirRecords, backend: str = "jax",
-                   onnx_dir: str | os.PathLike | None = None) -> "Similarity":
+  def from_records(
+    cls, records: wd.WorkdirRecords, backend: str = "jax", onnx_dir: str | os.PathLike | None = None
+  ) -> "Similarity":
     """Like `load`, from records already read (and checked) by `workdir.read_records`."""
     if backend not in BACKENDS:
       raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
@@ -297,11 +323,13 @@ class Similarity:
       return OnnxSimilarity.from_export(records, onnx_dir)
     if backend == "auto" and _onnx_is_the_fast_path():
       from jsim import export
+
       try:
         return OnnxSimilarity.from_export(records)
       except (export.MissingPackage, OSError) as e:  # no onnx package to export with, a read-only workdir
-        print(f"{_PROG}: warning: using the JAX backend, the ONNX one is unavailable ({_first_line(e)})",
-              file=sys.stderr)
+        print(
+          f"{_PROG}: warning: using the JAX backend, the ONNX one is unavailable ({_first_line(e)})", file=sys.stderr
+        )
     from jsim import configs, parallel
     from jsim.train import calibration
 
@@ -353,10 +381,10 @@ class Similarity:
     chunk = _bucket(n, _SCORE_CHUNK)
     out = []
     for start in range(0, n, chunk):
-      part = g[start:start + chunk]
+      part = g[start : start + chunk]
       if len(part) < chunk:
         part = np.concatenate([part, np.zeros((chunk - len(part), self.dim), np.float32)])
-      out.append(np.asarray(self._query_probs(self._params, q, part))[:min(chunk, n - start)])
+      out.append(np.asarray(self._query_probs(self._params, q, part))[: min(chunk, n - start)])
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
   def is_same(self, probability: float, threshold: float | None = None) -> bool:
@@ -379,11 +407,15 @@ class Similarity:
     return [b.stage1_step for b in self.backbones]
 
   def _model_key(self) -> str:
-    return json.dumps([[str(b.workdir.resolve()), b.model_name, b.stage1_step, b.checkpoint_stamp, b.image_size,
-                        b.input_size, b.dim] for b in self.backbones] + [_CACHE_VERSION])
+    return json.dumps(
+      [
+        [str(b.workdir.resolve()), b.model_name, b.stage1_step, b.checkpoint_stamp, b.image_size, b.input_size, b.dim]
+        for b in self.backbones
+      ]
+      + [_CACHE_VERSION]
+    )
 
-  def gallery(self, gallery_dir: str | os.PathLike, *, use_cache: bool = True,
-              progress: bool = False) -> Gallery:
+  def gallery(self, gallery_dir: str | os.PathLike, *, use_cache: bool = True, progress: bool = False) -> Gallery:
     """Embeds the images of a folder (recursive), reusing the cache for unchanged files.
 
     Unreadable files are skipped and listed in `Gallery.skipped`. Raises ValueError if the
@@ -406,10 +438,11 @@ class Similarity:
     bar = None
     if progress and todo:
       from tqdm import tqdm
+
       bar = tqdm(total=len(todo), desc="embedding the gallery", unit="img", file=sys.stderr, disable=None)
     for start in range(0, len(todo), batch):
       names, arrays = [], []
-      for rel in todo[start:start + batch]:
+      for rel in todo[start : start + batch]:
         try:
           arrays.append(prepare_image(root / rel, self.image_size))
           names.append(rel)
@@ -419,20 +452,28 @@ class Similarity:
         for rel, e in zip(names, self.embed_prepared(np.stack(arrays))):
           rows[rel] = e
       if bar is not None:
-        bar.update(len(todo[start:start + batch]))
+        bar.update(len(todo[start : start + batch]))
     if bar is not None:
       bar.close()
     stats = {rel: (size, mtime) for rel, size, mtime in listing}
     files = [rel for rel, _, _ in listing if rel in rows]
     if not files:
-      raise ValueError(f"--gallery {root}: none of its {len(listing)} image files could be read "
-                       f"(first: {skipped[0][1]})")
+      raise ValueError(
+        f"--gallery {root}: none of its {len(listing)} image files could be read (first: {skipped[0][1]})"
+      )
     emb = np.stack([rows[f] for f in files]).astype(np.float32)
     embedded = len(todo) - len(skipped)
     if cache_path is not None and (embedded or len(files) != len(cached) or set(files) != set(cached)):
       self._write_cache(cache_path, root, files, [stats[f] for f in files], emb)
-    return Gallery(root=root, files=files, embeddings=emb, skipped=skipped, reused=len(files) - embedded,
-                   embedded=embedded, cache_path=cache_path)
+    return Gallery(
+      root=root,
+      files=files,
+      embeddings=emb,
+      skipped=skipped,
+      reused=len(files) - embedded,
+      embedded=embedded,
+      cache_path=cache_path,
+    )
 
   def _read_cache(self, path: Path) -> dict[str, tuple[int, int, np.ndarray]]:
     if not path.exists():
@@ -441,27 +482,42 @@ class Similarity:
       with np.load(path, allow_pickle=False) as z:
         if str(z["model_key"]) != self._model_key() or z["embeddings"].shape[1:] != (self.dim,):
           return {}  # another checkpoint: embed everything again
-        return {str(f): (int(s), int(m), e) for f, s, m, e in
-                zip(z["files"], z["sizes"], z["mtimes_ns"], z["embeddings"])}
+        return {
+          str(f): (int(s), int(m), e) for f, s, m, e in zip(z["files"], z["sizes"], z["mtimes_ns"], z["embeddings"])
+        }
     except Exception:  # a damaged cache is rebuilt, never fatal
       return {}
 
-  def _write_cache(self, path: Path, root: Path, files: list[str], stats: list[tuple[int, int]],
-                   emb: np.ndarray) -> None:
+  def _write_cache(
+    self, path: Path, root: Path, files: list[str], stats: list[tuple[int, int]], emb: np.ndarray
+  ) -> None:
     try:
       path.parent.mkdir(parents=True, exist_ok=True)
       tmp = path.with_name(path.name + ".tmp")
       with open(tmp, "wb") as f:
-        np.savez(f, files=np.asarray(files, dtype=str), sizes=np.asarray([s for s, _ in stats], np.int64),
-                 mtimes_ns=np.asarray([m for _, m in stats], np.int64), embeddings=emb,
-                 model_key=np.asarray(self._model_key()), gallery=np.asarray(str(root.resolve())),
-                 stage1_steps=np.asarray(self.stage1_steps, np.int64))
+        np.savez(
+          f,
+          files=np.asarray(files, dtype=str),
+          sizes=np.asarray([s for s, _ in stats], np.int64),
+          mtimes_ns=np.asarray([m for _, m in stats], np.int64),
+          embeddings=emb,
+          model_key=np.asarray(self._model_key()),
+          gallery=np.asarray(str(root.resolve())),
+          stage1_steps=np.asarray(self.stage1_steps, np.int64),
+        )
       tmp.replace(path)
     except OSError as e:  # a read-only workdir: search still works, uncached
       print(f"{_PROG}: warning: cannot write the gallery cache {path} ({e})", file=sys.stderr)
 
-  def rank(self, query: ImageLike, gallery: Gallery, top: int | None = 10, *, exclude_query: bool = True,
-           query_path: str | os.PathLike | None = None) -> list[Match]:
+  def rank(
+    self,
+    query: ImageLike,
+    gallery: Gallery,
+    top: int | None = 10,
+    *,
+    exclude_query: bool = True,
+    query_path: str | os.PathLike | None = None,
+  ) -> list[Match]:
     """Gallery files ranked by P(same) with the query (best first, ties by path); top None or <= 0: all.
 
     With exclude_query, the query's own file (`query` if a path, else `query_path`) is left out.
@@ -480,8 +536,15 @@ class Similarity:
       out.append(Match(str(path), float(p[i])))
     return out[:top] if top and top > 0 else out
 
-  def search(self, query: ImageLike, gallery_dir: str | os.PathLike, top: int | None = 10, *,
-             use_cache: bool = True, exclude_query: bool = True) -> list[Match]:
+  def search(
+    self,
+    query: ImageLike,
+    gallery_dir: str | os.PathLike,
+    top: int | None = 10,
+    *,
+    use_cache: bool = True,
+    exclude_query: bool = True,
+  ) -> list[Match]:
     """The `top` images of a folder most likely to show the same kind of object as `query`:
     a list of (path, probability), best first. The query file itself is left out."""
     return self.rank(query, self.gallery(gallery_dir, use_cache=use_cache), top, exclude_query=exclude_query)
@@ -490,6 +553,7 @@ class Similarity:
 def entry_point() -> None:
   """The `jsim-predict` command (jsim.predict.cli)."""
   from jsim.predict import cli
+
   cli.entry_point()
 
 
@@ -497,6 +561,7 @@ def _onnx_is_the_fast_path() -> bool:
   """True when onnxruntime is installed and JAX would run on a CPU (checked without importing JAX
   where possible: no JAX_PLATFORMS and no accelerator plugin installed means CPU)."""
   from jsim.export import runtime
+
   if not runtime.available():
     return False
   platforms = os.environ.get("JAX_PLATFORMS", "").strip()
@@ -504,9 +569,11 @@ def _onnx_is_the_fast_path() -> bool:
     return platforms.split(",")[0].strip() == "cpu"
   import importlib.metadata
   import importlib.util
+
   if not importlib.metadata.entry_points(group="jax_plugins") and importlib.util.find_spec("libtpu") is None:
     return True
   import jax
+
   return jax.default_backend() == "cpu"
 
 
@@ -536,8 +603,9 @@ class OnnxSimilarity(Similarity):
     if onnx_dir is not None:  # the user's export: used as it is, or refused
       why = export.problem(folder, records)
       if why is not None:
-        raise export.ExportError(f"--onnx_dir {why}; export it again: python -m jsim.export "
-                                 f"--workdir={records.workdir} --out={folder}")
+        raise export.ExportError(
+          f"--onnx_dir {why}; export it again: python -m jsim.export --workdir={records.workdir} --out={folder}"
+        )
       return cls(records, runtime.OnnxModel(folder), exported_now=False)
     with export.locked(folder):  # W/onnx is this workdir's cache: (re)exported when missing or stale
       why = export.problem(folder, records)
@@ -552,6 +620,7 @@ class OnnxSimilarity(Similarity):
 
   def _gallery_batch(self) -> int:
     from jsim.export import runtime
+
     return runtime.EMBED_BATCH
 
   def _model_key(self) -> str:

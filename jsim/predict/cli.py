@@ -53,13 +53,16 @@ def write_html(out: str | Path, query: str | Path, matches: Sequence[Match], thr
   model says "same"), gray below; green and red stay for the ground truth of the evaluation figures.
   """
   from jsim.evaluate import figures
+
   out = Path(out)
   t = 0.5 if threshold is None else threshold
   cards = []
   for rank, m in enumerate(matches, 1):
     same = m.probability > t
-    cards.append(f'<figure class="{"same" if same else "diff"}"><img src="{_data_uri(_thumbnail(m.path))}">'
-                 f'<figcaption>{rank}. p = {m.probability:.4f}<br>{html.escape(str(m.path))}</figcaption></figure>')
+    cards.append(
+      f'<figure class="{"same" if same else "diff"}"><img src="{_data_uri(_thumbnail(m.path))}">'
+      f"<figcaption>{rank}. p = {m.probability:.4f}<br>{html.escape(str(m.path))}</figcaption></figure>"
+    )
   thr = f"the validation threshold {t:.3f}" if threshold is not None else "0.5"
   page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>jsim search: {html.escape(Path(query).name)}</title>
@@ -95,11 +98,12 @@ def short_name(name: str, n: int = 20) -> str:
     stem, ext = name, ""
   keep = n - len(ext) - (1 if ext else 0) - 1
   head = (keep + 1) // 2
-  return stem[:head] + "\u2026" + stem[len(stem) - (keep - head):] + (f".{ext}" if ext else "")
+  return stem[:head] + "\u2026" + stem[len(stem) - (keep - head) :] + (f".{ext}" if ext else "")
 
 
-def write_sheet(out: str | Path, query: str | Path, matches: Sequence[Match], threshold: float | None,
-                columns: int = 6) -> Path:
+def write_sheet(
+  out: str | Path, query: str | Path, matches: Sequence[Match], threshold: float | None, columns: int = 6
+) -> Path:
   """A PNG sheet: the query (blue border) and its matches (orange above the threshold, gray below),
   with a legend; the colours of jsim.evaluate.figures, where green and red mean the ground truth."""
   from matplotlib.figure import Figure
@@ -107,8 +111,13 @@ def write_sheet(out: str | Path, query: str | Path, matches: Sequence[Match], th
 
   t = 0.5 if threshold is None else threshold
   cells = [(query, f"query\n{short_name(Path(query).name)}", figures.QUERY_COLOR)] + [
-      (m.path, f"{i}: p={m.probability:.3f}\n{short_name(Path(m.path).name)}",
-       figures.ABOVE_COLOR if m.probability > t else figures.BELOW_COLOR) for i, m in enumerate(matches, 1)]
+    (
+      m.path,
+      f"{i}: p={m.probability:.3f}\n{short_name(Path(m.path).name)}",
+      figures.ABOVE_COLOR if m.probability > t else figures.BELOW_COLOR,
+    )
+    for i, m in enumerate(matches, 1)
+  ]
   cols = min(columns, len(cells))
   rows = math.ceil(len(cells) / cols)
   fig = Figure(figsize=(1.6 * cols, 2.0 * rows + 0.4))
@@ -124,10 +133,16 @@ def write_sheet(out: str | Path, query: str | Path, matches: Sequence[Match], th
   for ax in axes:
     ax.axis("off")
   where = f"the validation threshold {t:.3f}" if threshold is not None else "0.5"
-  fig.legend(handles=figures.legend_patches([(figures.QUERY_COLOR, "query"),
-                                             (figures.ABOVE_COLOR, f"P(same) above {where}"),
-                                             (figures.BELOW_COLOR, "below")]),
-             loc="lower center", ncol=3, fontsize=7, frameon=False, borderaxespad=0.2)
+  fig.legend(
+    handles=figures.legend_patches(
+      [(figures.QUERY_COLOR, "query"), (figures.ABOVE_COLOR, f"P(same) above {where}"), (figures.BELOW_COLOR, "below")]
+    ),
+    loc="lower center",
+    ncol=3,
+    fontsize=7,
+    frameon=False,
+    borderaxespad=0.2,
+  )
   fig.tight_layout(rect=(0, 0.35 / fig.get_figheight(), 1, 1))
   return figures._save(fig, out)
 
@@ -138,6 +153,7 @@ SHEET_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 def check_output_path(flag: str, path: str | Path, suffixes: Sequence[str]) -> None:
   """ValueError in one line if `path` cannot be written (checked before any search runs)."""
   import os
+
   p = Path(path)
   if p.suffix.lower() not in suffixes:
     raise ValueError(f"{flag}={path}: expected a file name ending in {' or '.join(suffixes)}")
@@ -162,11 +178,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog=_PROG, description="Compare two images, or rank a folder against a query image, with a "
-              "trained jsim workdir.",
-              epilog="examples:\n  jsim-predict --workdir=W a.jpg b.png\n"
-                     "  jsim-predict --workdir=W --query=q.jpg --gallery=photos/ --top=10 --html=out.html",
-              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = _Parser(
+    prog=_PROG,
+    description="Compare two images, or rank a folder against a query image, with a trained jsim workdir.",
+    epilog="examples:\n  jsim-predict --workdir=W a.jpg b.png\n"
+    "  jsim-predict --workdir=W --query=q.jpg --gallery=photos/ --top=10 --html=out.html",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("images", nargs="*", help="two images to compare")
   p.add_argument("--workdir", required=True, help="a workdir trained by python -m jsim.main")
   p.add_argument("--query", help="query image for a gallery search")
@@ -176,9 +194,13 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--sheet", help="write a PNG sheet of the query and its matches")
   p.add_argument("--no_cache", "--no-cache", action="store_true", help="embed the gallery again, ignore the cache")
   p.add_argument("--json", action="store_true", help="print the result as JSON")
-  p.add_argument("--backend", choices=BACKENDS, default="auto",
-                 help="jax: the checkpoints through XLA; onnx: their ONNX export through onnxruntime (exported "
-                      "to W/onnx on first use); auto (default): onnx on a CPU when onnxruntime is installed")
+  p.add_argument(
+    "--backend",
+    choices=BACKENDS,
+    default="auto",
+    help="jax: the checkpoints through XLA; onnx: their ONNX export through onnxruntime (exported "
+    "to W/onnx on first use); auto (default): onnx on a CPU when onnxruntime is installed",
+  )
   p.add_argument("--onnx_dir", "--onnx-dir", help="use this export (python -m jsim.export --out=D) instead of W/onnx")
   p.add_argument("--verbose", action="store_true", help="keep library log messages")
   return p
@@ -186,11 +208,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
   import logging
+
   logging.getLogger().setLevel(logging.ERROR)
   for name in ("jax", "absl", "orbax"):
     logging.getLogger(name).setLevel(logging.ERROR)
   try:
     from absl import logging as absl_logging
+
     absl_logging.set_verbosity(absl_logging.ERROR)
   except ImportError:
     pass
@@ -205,8 +229,18 @@ def _run_pair(sim: Similarity, names: Sequence[str], images: Sequence[np.ndarray
   p = sim.probability(*images)
   t = sim.threshold
   if as_json:
-    print(json.dumps({"a": a, "b": b, "probability": p, "same_at_0.5": sim.is_same(p), "val_threshold": t,
-                      "same_at_val_threshold": None if t is None else sim.is_same(p, t)}))
+    print(
+      json.dumps(
+        {
+          "a": a,
+          "b": b,
+          "probability": p,
+          "same_at_0.5": sim.is_same(p),
+          "val_threshold": t,
+          "same_at_val_threshold": None if t is None else sim.is_same(p, t),
+        }
+      )
+    )
     return
   print(f"P(same) = {p:.4f}   ({a} vs {b})")
   print(f"same kind of object at p > 0.5: {_yes(sim.is_same(p))}")
@@ -217,11 +251,16 @@ def _run_pair(sim: Similarity, names: Sequence[str], images: Sequence[np.ndarray
 def _run_search(sim: Similarity, args, query: np.ndarray) -> None:
   gallery = sim.gallery(args.gallery, use_cache=not args.no_cache, progress=not args.json)
   where = f" (cache {gallery.cache_path})" if gallery.cache_path else " (no cache)"
-  print(f"{_PROG}: gallery {args.gallery}: {len(gallery.files)} images, {gallery.reused} from the cache, "
-        f"{gallery.embedded} embedded{where}", file=sys.stderr)
+  print(
+    f"{_PROG}: gallery {args.gallery}: {len(gallery.files)} images, {gallery.reused} from the cache, "
+    f"{gallery.embedded} embedded{where}",
+    file=sys.stderr,
+  )
   if gallery.skipped:
-    print(f"{_PROG}: warning: skipped {len(gallery.skipped)} unreadable file(s), first: {gallery.skipped[0][1]}",
-          file=sys.stderr)
+    print(
+      f"{_PROG}: warning: skipped {len(gallery.skipped)} unreadable file(s), first: {gallery.skipped[0][1]}",
+      file=sys.stderr,
+    )
   matches = sim.rank(query, gallery, args.top, query_path=args.query)
   t = sim.threshold
   if args.html:
@@ -229,15 +268,23 @@ def _run_search(sim: Similarity, args, query: np.ndarray) -> None:
   if args.sheet:
     write_sheet(args.sheet, args.query, matches, t)
   if args.json:
-    print(json.dumps({"query": args.query, "gallery": args.gallery, "val_threshold": t,
-                      "results": [{"rank": i, "probability": m.probability, "path": m.path}
-                                  for i, m in enumerate(matches, 1)],
-                      "cache": {"reused": gallery.reused, "embedded": gallery.embedded,
-                                "skipped": [f for f, _ in gallery.skipped]}}))
+    print(
+      json.dumps(
+        {
+          "query": args.query,
+          "gallery": args.gallery,
+          "val_threshold": t,
+          "results": [{"rank": i, "probability": m.probability, "path": m.path} for i, m in enumerate(matches, 1)],
+          "cache": {"reused": gallery.reused, "embedded": gallery.embedded, "skipped": [f for f, _ in gallery.skipped]},
+        }
+      )
+    )
     return
   thr = 0.5 if t is None else t
-  print(f"query: {args.query}; P(same) with each of {len(gallery.files)} images in {args.gallery}"
-        f"; 'same' at p > {thr:.3f}" + (" (validation threshold)" if t is not None else ""))
+  print(
+    f"query: {args.query}; P(same) with each of {len(gallery.files)} images in {args.gallery}"
+    f"; 'same' at p > {thr:.3f}" + (" (validation threshold)" if t is not None else "")
+  )
   print(f"{'rank':>4}  {'P(same)':>7}  same  file")
   for i, m in enumerate(matches, 1):
     print(f"{i:>4}  {m.probability:7.4f}  {_yes(sim.is_same(m.probability, thr)):<4}  {m.path}")
@@ -279,8 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       parser.error("--onnx_dir goes with --backend=onnx or auto")
     sim = Similarity.from_records(records, backend=args.backend, onnx_dir=args.onnx_dir)
     if getattr(sim, "exported_now", False):
-      print(f"{_PROG}: exported the model to {sim.onnx.folder} for the ONNX backend (once; "
-            f"--backend=jax skips it)", file=sys.stderr)
+      print(
+        f"{_PROG}: exported the model to {sim.onnx.folder} for the ONNX backend (once; --backend=jax skips it)",
+        file=sys.stderr,
+      )
     if search:
       _run_search(sim, args, images[0])
     else:

@@ -45,11 +45,13 @@ def method_name(config) -> str:
 
 def calibrate_stage(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> dict:
   """Fits the distance model in workdir/<stage> (or returns the finished fit)."""
-  from jsim.train import similarity   # the embeddings, the validation pairs and stage 2's identity
+  from jsim.train import similarity  # the embeddings, the validation pairs and stage 2's identity
+
   workdir = Path(workdir)
   emb = similarity.load_stage2_embeddings(config, workdir)
-  stage_dir, finished = wd.claim_stage(workdir, stage, similarity.stage_identity(config, emb),
-                                       overwrite=config.overwrite)
+  stage_dir, finished = wd.claim_stage(
+    workdir, stage, similarity.stage_identity(config, emb), overwrite=config.overwrite
+  )
   if finished:
     result = wd.stage_result(workdir, stage)
     logging.info("stage 2 (distance) already finished: %s", result)
@@ -61,18 +63,38 @@ def calibrate_stage(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> d
   fit = distance_lib.calibrate(emb["train"], val_pairs, val_same, kind)
   prob_fn = distance_lib.make_prob_fn(kind)
   e = emb["train"]
-  p = np.concatenate([np.asarray(prob_fn(distance_lib.params_of(fit), e[val_pairs[s:s + 65536, 0]],
-                                         e[val_pairs[s:s + 65536, 1]])) for s in range(0, len(val_pairs), 65536)])
+  p = np.concatenate(
+    [
+      np.asarray(prob_fn(distance_lib.params_of(fit), e[val_pairs[s : s + 65536, 0]], e[val_pairs[s : s + 65536, 1]]))
+      for s in range(0, len(val_pairs), 65536)
+    ]
+  )
   accuracy = float(np.mean((p > 0.5) == val_same))
-  result = {"model": "distance", "distance": kind, "scale": fit["scale"], "bias": fit["bias"],
-            "distance_at_0.5": fit["distance_at_0.5"], "best_val_accuracy": accuracy, "epochs": 0,
-            "best_epoch": 0, "halving_epochs": [], "embedding_dim": int(e.shape[1]), "val_pairs": int(len(val_pairs))}
+  result = {
+    "model": "distance",
+    "distance": kind,
+    "scale": fit["scale"],
+    "bias": fit["bias"],
+    "distance_at_0.5": fit["distance_at_0.5"],
+    "best_val_accuracy": accuracy,
+    "epochs": 0,
+    "best_epoch": 0,
+    "halving_epochs": [],
+    "embedding_dim": int(e.shape[1]),
+    "val_pairs": int(len(val_pairs)),
+  }
   if parallel.is_main_process():
     wd.finish_stage(stage_dir, result)
   parallel.sync_processes(f"{stage} result")
-  logging.info("stage 2 (%s distance): P(same) = sigmoid(%.4g d + %.4g), 0.5 at d = %.4g; validation "
-               "accuracy %.4f on %d pairs", kind, fit["scale"], fit["bias"], fit["distance_at_0.5"], accuracy,
-               len(val_pairs))
+  logging.info(
+    "stage 2 (%s distance): P(same) = sigmoid(%.4g d + %.4g), 0.5 at d = %.4g; validation accuracy %.4f on %d pairs",
+    kind,
+    fit["scale"],
+    fit["bias"],
+    fit["distance_at_0.5"],
+    accuracy,
+    len(val_pairs),
+  )
   return result
 
 
@@ -80,6 +102,7 @@ def restore_scorer(config, workdir: str | Path, mesh, *, dim: int, stage: str = 
   """(prob_fn, params) of workdir's finished stage 2: the calibrated distance, or Ms's best checkpoint."""
   from jsim.models.similarity import make_prob_fn
   from jsim.train import similarity
+
   if not uses_distance(config):
     model, state = similarity.restore_similarity(config, workdir, mesh, dim=dim, stage=stage)
     return make_prob_fn(model), state.params

@@ -36,13 +36,13 @@ def build_classifier(config, num_classes: int):
 
 def initial_variables(config, model, num_classes: int, input_size: int) -> dict:
   if isinstance(model, MetricModel):
-    backbone = initial_variables(config, model.backbone, num_classes, input_size) \
-        if config.model.init == "torchvision" else None
+    backbone = (
+      initial_variables(config, model.backbone, num_classes, input_size) if config.model.init == "torchvision" else None
+    )
     return metric.initial_variables(model, backbone, input_size, config.seed)
   if config.model.init == "torchvision":
     logging.info("stage 1 starts from torchvision weights %s", config.model.weights)
-    return models.from_torchvision(config.model.name, config.model.weights, num_classes=num_classes,
-                                   seed=config.seed)
+    return models.from_torchvision(config.model.name, config.model.weights, num_classes=num_classes, seed=config.seed)
   x = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
   key = jax.random.PRNGKey(config.seed)
   return jax.jit(functools.partial(model.init, train=False))({"params": key, "dropout": key}, x)
@@ -51,8 +51,13 @@ def initial_variables(config, model, num_classes: int, input_size: int) -> dict:
 def make_optimizer(cfg) -> optax.GradientTransformation:
   if metric.is_metric(cfg):
     return metric.make_optimizer(cfg)
-  return schedule.make_optimizer(learning_rate=cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                 weight_decay=cfg.weight_decay, nag_form=cfg.get("nag_form", "optax"))
+  return schedule.make_optimizer(
+    learning_rate=cfg.learning_rate,
+    momentum=cfg.momentum,
+    nesterov=cfg.nesterov,
+    weight_decay=cfg.weight_decay,
+    nag_form=cfg.get("nag_form", "optax"),
+  )
 
 
 def _input_dtype(model):
@@ -63,8 +68,9 @@ def _input_dtype(model):
 # ----------------------------------------------------------------------------- steps (jitted in the plan)
 
 
-def train_step(state: TrainState, images, labels, sums: dict, *, model, tx, mean, std, input_size: int,
-               augment_config, seed_key):
+def train_step(
+  state: TrainState, images, labels, sums: dict, *, model, tx, mean, std, input_size: int, augment_config, seed_key
+):
   """One update on a batch of uint8 images [B, S, S, 3] and head labels [B]; adds to the epoch's sums."""
   key = jax.random.fold_in(seed_key, state.step)
   aug_key, dropout_key = jax.random.split(key)
@@ -73,20 +79,30 @@ def train_step(state: TrainState, images, labels, sums: dict, *, model, tx, mean
   x = augment.augment(aug_key, images, mean, std, input_size, augment_config).astype(_input_dtype(model))
 
   def loss_fn(params):
-    (logits, _), updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
-                                       mutable=["batch_stats"], rngs={"dropout": dropout_key})
+    (logits, _), updates = model.apply(
+      {"params": params, "batch_stats": state.batch_stats},
+      x,
+      train=True,
+      mutable=["batch_stats"],
+      rngs={"dropout": dropout_key},
+    )
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return losses.mean(), (losses, logits, updates)
 
   grads, (losses, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
   param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, param_updates),
-                            batch_stats=updates.get("batch_stats", state.batch_stats), opt_state=opt_state)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, param_updates),
+    batch_stats=updates.get("batch_stats", state.batch_stats),
+    opt_state=opt_state,
+  )
   return new_state, loop.add_to_sums(sums, losses, jnp.argmax(logits, -1) == labels, state.step)
 
 
-def gathered_train_step(state: TrainState, images, labels, perm, batch, sums: dict, *, size: int,
-                        batch_size: int, mesh, **step_args):
+def gathered_train_step(
+  state: TrainState, images, labels, perm, batch, sums: dict, *, size: int, batch_size: int, mesh, **step_args
+):
   """train_step on batch `batch` of the epoch's permutation of device-resident images."""
   idx = jax.lax.dynamic_slice_in_dim(perm, batch * batch_size, size)
   idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
@@ -99,8 +115,11 @@ def eval_sums(state: TrainState, images, labels, mask, *, model, mean, std, inpu
   logits, _ = model.apply(state.variables, x, train=False)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   w = mask.astype(jnp.float32)
-  return {"loss_sum": jnp.sum(losses * w), "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * w),
-          "count": jnp.sum(w)}
+  return {
+    "loss_sum": jnp.sum(losses * w),
+    "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * w),
+    "count": jnp.sum(w),
+  }
 
 
 def gathered_eval_sums(state: TrainState, images, labels, idx, mask, *, mesh, **eval_args) -> dict:
@@ -125,6 +144,7 @@ def make_eval_sums(model, mean, std, input_size: int, mesh):
     if isinstance(images, jax.Array):
       return gathered(state, images, labels, put(idx), put(mask))
     return on_batch(state, put(np.asarray(images[idx])), put(np.asarray(labels[idx])), put(mask))
+
   return feed
 
 
@@ -132,16 +152,17 @@ def padded_batches(indices: np.ndarray, batch_size: int):
   """Fixed-size batches of `indices`; the last is padded and masked, never dropped."""
   n = len(indices)
   for start in range(0, n, batch_size):
-    idx = indices[start:start + batch_size]
+    idx = indices[start : start + batch_size]
     mask = np.ones(batch_size, bool)
     if len(idx) < batch_size:
-      mask[len(idx):] = False
+      mask[len(idx) :] = False
       idx = np.concatenate([idx, np.zeros(batch_size - len(idx), idx.dtype)])
     yield idx.astype(np.int32), mask
 
 
-def evaluate_accuracy(eval_fn, state, images, labels, indices: np.ndarray, batch_size: int, *,
-                      desc: str | None = None) -> dict:
+def evaluate_accuracy(
+  eval_fn, state, images, labels, indices: np.ndarray, batch_size: int, *, desc: str | None = None
+) -> dict:
   """Loss and accuracy over `indices`; images/labels on the devices or on the host (see make_eval_sums).
 
   desc: show a progress bar with this title.
@@ -151,7 +172,7 @@ def evaluate_accuracy(eval_fn, state, images, labels, indices: np.ndarray, batch
   for idx, mask in padded_batches(indices, batch_size):
     s = eval_fn(state, images, labels, idx, mask)
     total = loop.add_eval_sums(total, s)
-    if bar is not None:   # (waits for the batch: the bar shows what is done, not what is queued)
+    if bar is not None:  # (waits for the batch: the bar shows what is done, not what is queued)
       bar.update(int(jax.block_until_ready(s)["count"]))
   if bar is not None:
     bar.close()
@@ -200,17 +221,26 @@ class ClassifierPlan:
     self.batch_sizes = loop.epoch_batch_sizes(len(self.train_idx), cfg.batch_size, mesh.devices.size)
     self.images, self.labels = place_images(self.pipeline, data.train_set.images, data.train_head_labels, mesh)
     self._records = _Records(data.train_set.images, data.train_head_labels)
-    step_args = dict(model=model, tx=tx, mean=data.mean, std=data.std, input_size=cfg.input_size,
-                     augment_config=cfg.augment, seed_key=jax.random.PRNGKey(config.seed))
+    step_args = dict(
+      model=model,
+      tx=tx,
+      mean=data.mean,
+      std=data.std,
+      input_size=cfg.input_size,
+      augment_config=cfg.augment,
+      seed_key=jax.random.PRNGKey(config.seed),
+    )
     rep = parallel.replicated(mesh)
     self._gathered_step = jax.jit(
-        functools.partial(gathered_train_step, batch_size=cfg.batch_size, mesh=mesh, **step_args),
-        static_argnames="size", donate_argnums=(0, 5), out_shardings=rep)
-    self._batch_step = jax.jit(functools.partial(train_step, **step_args), donate_argnums=(0, 3),
-                               out_shardings=rep)
+      functools.partial(gathered_train_step, batch_size=cfg.batch_size, mesh=mesh, **step_args),
+      static_argnames="size",
+      donate_argnums=(0, 5),
+      out_shardings=rep,
+    )
+    self._batch_step = jax.jit(functools.partial(train_step, **step_args), donate_argnums=(0, 3), out_shardings=rep)
     self.eval_fn = make_eval_sums(model, data.mean, data.std, cfg.input_size, mesh)
     self._perm = None
-    self._stream = self._stream_at = None   # the epoch's batch iterator; (epoch, next batch) it yields
+    self._stream = self._stream_at = None  # the epoch's batch iterator; (epoch, next batch) it yields
 
   def num_batches(self, epoch: int) -> int:
     return len(self.batch_sizes)
@@ -227,28 +257,30 @@ class ClassifierPlan:
     if self.pipeline == "device":
       return self._gathered_step(state, self.images, self.labels, self._perm, jnp.int32(batch), sums, size=size)
     images, labels = self._next_batch(epoch, batch)
-    put = lambda a: parallel.put_sharded_batch(a[:size], self.mesh)   # the device-count trim, as above
+    put = lambda a: parallel.put_sharded_batch(a[:size], self.mesh)  # the device-count trim, as above
     return self._batch_step(state, put(images), put(labels), sums)
 
   def _next_batch(self, epoch: int, batch: int):
     # Opened lazily, at the epoch's first step: a resumed epoch starts at its resume batch.
     if self._stream_at != (epoch, batch):
       self._close_stream()
-      self._stream = streaming.stream_batches(self._records, self.train_idx, self.batch_size, self.seed, epoch,
-                                              None, start_batch=batch)
+      self._stream = streaming.stream_batches(
+        self._records, self.train_idx, self.batch_size, self.seed, epoch, None, start_batch=batch
+      )
     images, labels = next(self._stream)
     self._stream_at = (epoch, batch + 1)
     return images, labels
 
   def _close_stream(self) -> None:
-    close = getattr(self._stream, "close", None)   # grain's workers go as soon as an epoch is left
+    close = getattr(self._stream, "close", None)  # grain's workers go as soon as an epoch is left
     if close is not None:
       close()
     self._stream = self._stream_at = None
 
   def evaluate(self, state) -> dict:
-    return evaluate_accuracy(self.eval_fn, state, self.images, self.labels, self.val_idx, self.cfg.eval_batch_size,
-                             desc="stage 1 validation")
+    return evaluate_accuracy(
+      self.eval_fn, state, self.images, self.labels, self.val_idx, self.cfg.eval_batch_size, desc="stage 1 validation"
+    )
 
 
 def stage_identity(config) -> dict:
@@ -263,8 +295,9 @@ def abstract_state(config, model, mesh):
   def create():
     x = jnp.zeros((1, size, size, 3), jnp.float32)
     key = jax.random.PRNGKey(0)
-    return TrainState.create(model.init({"params": key, "dropout": key}, x, train=False),
-                             make_optimizer(config.classifier))
+    return TrainState.create(
+      model.init({"params": key, "dropout": key}, x, train=False), make_optimizer(config.classifier)
+    )
 
   return abstract_like(jax.eval_shape(create), parallel.replicated(mesh))
 
@@ -291,8 +324,11 @@ def train_classifier(config, workdir: str | Path) -> dict:
   if finished:
     result = wd.stage_result(workdir, wd.STAGE1, required=("best_step", "epochs"))
     if result["epochs"] >= config.classifier.num_epochs:
-      logging.info("stage 1 already finished (%d epochs, test accuracy %.1f %%): skipped", result["epochs"],
-                   100 * result["test_accuracy"])
+      logging.info(
+        "stage 1 already finished (%d epochs, test accuracy %.1f %%): skipped",
+        result["epochs"],
+        100 * result["test_accuracy"],
+      )
       return result
     logging.info("stage 1 continues from epoch %d to %d", result["epochs"], config.classifier.num_epochs)
   mesh = parallel.make_mesh()
@@ -303,8 +339,7 @@ def train_classifier(config, workdir: str | Path) -> dict:
   variables = initial_variables(config, model, num_classes, config.classifier.input_size)
   state = parallel.put_replicated(TrainState.create(variables, tx), mesh)
   if isinstance(model, MetricModel):
-    plan = metric.MetricPlan(config, data, model, tx, mesh, place_images=place_images,
-                             padded_batches=padded_batches)
+    plan = metric.MetricPlan(config, data, model, tx, mesh, place_images=place_images, padded_batches=padded_batches)
   else:
     plan = ClassifierPlan(config, data, model, tx, mesh)
   # Claimed once the data, the split and the model have loaded: a refused run leaves no claim.
@@ -312,39 +347,74 @@ def train_classifier(config, workdir: str | Path) -> dict:
   stage_dir, _ = wd.claim_stage(workdir, wd.STAGE1, identity, overwrite=config.overwrite)
   write_augmentation_figure(config, data, workdir, stage_dir)
   settings = loop.LoopSettings.from_config(config.classifier, "stage 1")
-  with contextlib.closing(MetricsWriter(stage_dir)) as writer:   # (the test metrics go to fit's event file)
-    state, meta = loop.fit(plan, state, stage_dir, settings, place_state=lambda s: parallel.put_replicated(s, mesh),
-                           config_dict=wd.config_to_dict(config), writer=writer)
+  with contextlib.closing(MetricsWriter(stage_dir)) as writer:  # (the test metrics go to fit's event file)
+    state, meta = loop.fit(
+      plan,
+      state,
+      stage_dir,
+      settings,
+      place_state=lambda s: parallel.put_replicated(s, mesh),
+      config_dict=wd.config_to_dict(config),
+      writer=writer,
+    )
     best = meta["best"]
     best_state, _ = restore_best(stage_dir, abstract_like(state), "stage-1")
     test_images, test_labels = place_images(config.data.pipeline, data.test_set.images, data.test_head_labels, mesh)
     seen_test = data.test_idx[data.test_head_labels[data.test_idx] >= 0]
-    common = {"best_epoch": best["epoch"], "best_step": best["step"], "best_val_accuracy": best["val_accuracy"],
-              "epochs": len(meta["rows"]), "halving_epochs": meta["halving_epochs"]}
+    common = {
+      "best_epoch": best["epoch"],
+      "best_step": best["step"],
+      "best_val_accuracy": best["val_accuracy"],
+      "epochs": len(meta["rows"]),
+      "halving_epochs": meta["halving_epochs"],
+    }
     if isinstance(plan, metric.MetricPlan):
       # No classifier head to score: the seen test images retrieved among themselves instead.
       mtest = plan.retrieval(best_state, test_images, data.test_head_labels, seen_test)
       writer.write_scalars(best["step"], {"test/map_at_r": mtest["map@r"], "test/precision_at_1": mtest["precision@1"]})
     else:
-      test = evaluate_accuracy(plan.eval_fn, best_state, test_images, test_labels, seen_test,
-                               config.classifier.eval_batch_size, desc="stage 1 test")
+      test = evaluate_accuracy(
+        plan.eval_fn,
+        best_state,
+        test_images,
+        test_labels,
+        seen_test,
+        config.classifier.eval_batch_size,
+        desc="stage 1 test",
+      )
       writer.write_scalars(best["step"], {"test/accuracy": test["accuracy"], "test/loss": test["loss"]})
   if isinstance(plan, metric.MetricPlan):
-    result = {"loss": config.classifier.loss, "test_precision@1": mtest["precision@1"],
-              "test_r_precision": mtest["r_precision"], "test_map@r": mtest["map@r"],
-              "test_images": len(seen_test), "best_val_map@r": best["val_accuracy"], **common}
+    result = {
+      "loss": config.classifier.loss,
+      "test_precision@1": mtest["precision@1"],
+      "test_r_precision": mtest["r_precision"],
+      "test_map@r": mtest["map@r"],
+      "test_images": len(seen_test),
+      "best_val_map@r": best["val_accuracy"],
+      **common,
+    }
     if parallel.is_main_process():
       wd.finish_stage(stage_dir, result)
     parallel.sync_processes("stage1 result")
-    logging.info("stage 1 (%s) finished: MAP@R %.4f, P@1 %.4f on %d seen-class test images (best epoch %d)",
-                 config.classifier.loss, mtest["map@r"], mtest["precision@1"], len(seen_test), best["epoch"])
+    logging.info(
+      "stage 1 (%s) finished: MAP@R %.4f, P@1 %.4f on %d seen-class test images (best epoch %d)",
+      config.classifier.loss,
+      mtest["map@r"],
+      mtest["precision@1"],
+      len(seen_test),
+      best["epoch"],
+    )
     return result
   result = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_images": test["count"], **common}
   if parallel.is_main_process():
     wd.finish_stage(stage_dir, result)
   parallel.sync_processes("stage1 result")
-  logging.info("stage 1 finished: test accuracy %.2f %% on %d seen-class test images (best epoch %d)",
-               100 * test["accuracy"], test["count"], best["epoch"])
+  logging.info(
+    "stage 1 finished: test accuracy %.2f %% on %d seen-class test images (best epoch %d)",
+    100 * test["accuracy"],
+    test["count"],
+    best["epoch"],
+  )
   return result
 
 
@@ -363,12 +433,18 @@ def write_augmentation_figure(config, data, workdir: Path, stage_dir: Path) -> P
 
   from jsim.data import augment_figure as figures
   from jsim.train.metrics_writer import MetricsWriter
+
   idx = np.sort(np.random.default_rng(config.seed).choice(data.train_idx, min(n, len(data.train_idx)), replace=False))
-  examples, angles = figures.augmentation_examples(data.train_set.images[idx], config.classifier.augment,
-                                                   seed=config.seed)
-  figures.plot_augmentations(examples, out, angles=angles,
-                             title=f"Stage-1 augmentations (order '{config.classifier.augment.order}'; "
-                                   f"each fires with p = {config.classifier.augment.prob} in training)")
+  examples, angles = figures.augmentation_examples(
+    data.train_set.images[idx], config.classifier.augment, seed=config.seed
+  )
+  figures.plot_augmentations(
+    examples,
+    out,
+    angles=angles,
+    title=f"Stage-1 augmentations (order '{config.classifier.augment.order}'; "
+    f"each fires with p = {config.classifier.augment.prob} in training)",
+  )
   writer = MetricsWriter(stage_dir, filename_suffix=".augmentations")
   try:
     with Image.open(out) as im:

@@ -39,12 +39,26 @@ def make_embed_fn(model, mean, std, input_size: int, mesh):
 
   idx is sharded over the mesh's 'data' axis (its length must divide by the device count).
   """
-  return jax.jit(functools.partial(embed_step, model=model, mean=mean, std=std, input_size=input_size, mesh=mesh),
-                 out_shardings=parallel.replicated(mesh))
+  return jax.jit(
+    functools.partial(embed_step, model=model, mean=mean, std=std, input_size=input_size, mesh=mesh),
+    out_shardings=parallel.replicated(mesh),
+  )
 
 
-def embed_images(model, variables, images, indices: np.ndarray, *, mean, std, input_size: int, batch_size: int,
-                 mesh, embed_fn=None, desc: str | None = None) -> np.ndarray:
+def embed_images(
+  model,
+  variables,
+  images,
+  indices: np.ndarray,
+  *,
+  mean,
+  std,
+  input_size: int,
+  batch_size: int,
+  mesh,
+  embed_fn=None,
+  desc: str | None = None,
+) -> np.ndarray:
   """Embeddings [len(indices), D] float32 of device-resident uint8 `images`, batched and jitted.
 
   The last batch is padded, and its padding dropped from the result. Pass `embed_fn`
@@ -57,7 +71,7 @@ def embed_images(model, variables, images, indices: np.ndarray, *, mean, std, in
   for idx, mask in classifier.padded_batches(indices, batch_size):
     e = embed(variables, images, parallel.put_sharded_batch(idx, mesh))
     out.append((e, int(mask.sum())))
-    if bar is not None:   # (waits for the batch: the bar shows what is done, not what is queued)
+    if bar is not None:  # (waits for the batch: the bar shows what is done, not what is queued)
       e.block_until_ready()
       bar.update(int(mask.sum()))
   if bar is not None:
@@ -81,26 +95,50 @@ def compute_embeddings(config, workdir: str | Path) -> dict:
   mesh = parallel.make_mesh()
   data = prepare(config, workdir)
   model, state = classifier.restore_classifier(config, workdir, mesh)
-  kw = dict(mean=data.mean, std=data.std, input_size=config.classifier.input_size,
-            batch_size=config.embed.batch_size, mesh=mesh)
+  kw = dict(
+    mean=data.mean, std=data.std, input_size=config.classifier.input_size, batch_size=config.embed.batch_size, mesh=mesh
+  )
   kw["embed_fn"] = make_embed_fn(model, data.mean, data.std, config.classifier.input_size, mesh)
   t180 = data.t180_idx
-  train_emb = embed_images(model, state.variables, parallel.put_replicated(data.train_set.images, mesh), t180,
-                           desc="embedding the seen classes' train images", **kw)
-  test_emb = embed_images(model, state.variables, parallel.put_replicated(data.test_set.images, mesh),
-                          data.test_idx, desc="embedding the test images", **kw)
-  meta = {"stage1_step": stage1["best_step"], "stage1_run_id": stage1.get("run_id"), "model": config.model.name,
-          "dim": int(train_emb.shape[1]),
-          "train_count": len(t180), "test_count": len(data.test_idx), "class_ids": list(data.train_set.class_ids),
-          "seen_classes": list(data.split.seen_classes), "split_sha256": wd.split_digest(workdir)}
+  train_emb = embed_images(
+    model,
+    state.variables,
+    parallel.put_replicated(data.train_set.images, mesh),
+    t180,
+    desc="embedding the seen classes' train images",
+    **kw,
+  )
+  test_emb = embed_images(
+    model,
+    state.variables,
+    parallel.put_replicated(data.test_set.images, mesh),
+    data.test_idx,
+    desc="embedding the test images",
+    **kw,
+  )
+  meta = {
+    "stage1_step": stage1["best_step"],
+    "stage1_run_id": stage1.get("run_id"),
+    "model": config.model.name,
+    "dim": int(train_emb.shape[1]),
+    "train_count": len(t180),
+    "test_count": len(data.test_idx),
+    "class_ids": list(data.train_set.class_ids),
+    "seen_classes": list(data.split.seen_classes),
+    "split_sha256": wd.split_digest(workdir),
+  }
   if parallel.is_main_process():
     out_dir.mkdir(parents=True, exist_ok=True)
     if meta_path.exists():
       meta_path.unlink()  # stale until the new arrays are complete
-    arrays = {"train": train_emb, "train_labels": data.train_set.labels[t180].astype(np.int32),
-              "train_index": t180.astype(np.int64), "test": test_emb,
-              "test_labels": data.test_set.labels[data.test_idx].astype(np.int32),
-              "test_index": data.test_idx.astype(np.int64)}
+    arrays = {
+      "train": train_emb,
+      "train_labels": data.train_set.labels[t180].astype(np.int32),
+      "train_index": t180.astype(np.int64),
+      "test": test_emb,
+      "test_labels": data.test_set.labels[data.test_idx].astype(np.int32),
+      "test_index": data.test_idx.astype(np.int64),
+    }
     for name, arr in arrays.items():
       tmp = out_dir / f"{name}.tmp.npy"
       np.save(tmp, arr)
@@ -109,8 +147,14 @@ def compute_embeddings(config, workdir: str | Path) -> dict:
   parallel.sync_processes("embeddings written")
   if config.overwrite:
     wd.mark_replaced(workdir, [wd.EMBEDDINGS])
-  logging.info("embedded %d train images of the seen classes (T180: stage 2's images) and %d test images (%d-d) "
-               "with stage-1 step %d", len(t180), len(data.test_idx), meta["dim"], meta["stage1_step"])
+  logging.info(
+    "embedded %d train images of the seen classes (T180: stage 2's images) and %d test images (%d-d) "
+    "with stage-1 step %d",
+    len(t180),
+    len(data.test_idx),
+    meta["dim"],
+    meta["stage1_step"],
+  )
   return meta
 
 
@@ -119,7 +163,9 @@ def load_embeddings(workdir: str | Path) -> dict:
   out_dir = Path(workdir) / wd.EMBEDDINGS
   if not (out_dir / META_FILE).exists():
     raise FileNotFoundError(f"{out_dir}: no embeddings; run --config.stage=embed first")
-  out = {name: np.load(out_dir / f"{name}.npy") for name in
-         ("train", "train_labels", "train_index", "test", "test_labels", "test_index")}
+  out = {
+    name: np.load(out_dir / f"{name}.npy")
+    for name in ("train", "train_labels", "train_index", "test", "test_labels", "test_index")
+  }
   out["meta"] = wd.read_json(out_dir / META_FILE)
   return out

@@ -54,21 +54,29 @@ class NonFiniteLoss(Exception):
 
 def zero_sums() -> dict:
   """Running sums of an epoch's training metrics, kept on the device."""
-  return {"loss_sum": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.float32),
-          "count": jnp.zeros((), jnp.float32), "first_bad_step": jnp.asarray(NO_BAD_STEP, jnp.int32)}
+  return {
+    "loss_sum": jnp.zeros((), jnp.float32),
+    "correct": jnp.zeros((), jnp.float32),
+    "count": jnp.zeros((), jnp.float32),
+    "first_bad_step": jnp.asarray(NO_BAD_STEP, jnp.int32),
+  }
 
 
 def add_to_sums(sums: dict, losses: jax.Array, correct: jax.Array, step: jax.Array) -> dict:
   """Adds one batch (per-example losses and 0/1 correctness) inside a jitted step."""
   loss = jnp.sum(losses)
   bad = jnp.where(jnp.isfinite(loss), sums["first_bad_step"], jnp.minimum(sums["first_bad_step"], step))
-  return {"loss_sum": sums["loss_sum"] + loss, "correct": sums["correct"] + jnp.sum(correct),
-          "count": sums["count"] + losses.shape[0], "first_bad_step": bad.astype(jnp.int32)}
+  return {
+    "loss_sum": sums["loss_sum"] + loss,
+    "correct": sums["correct"] + jnp.sum(correct),
+    "count": sums["count"] + losses.shape[0],
+    "first_bad_step": bad.astype(jnp.int32),
+  }
 
 
 class EpochPlan(Protocol):
   items_per_batch: int
-  item_name: str                              # 'img' or 'pair', for the progress bar
+  item_name: str  # 'img' or 'pair', for the progress bar
 
   def num_batches(self, epoch: int) -> int: ...
   def begin_epoch(self, epoch: int) -> None: ...
@@ -84,18 +92,25 @@ class LoopSettings:
   alpha: float
   halving_wait: int = 3
   log_every_steps: int = 50
-  checkpoint_every_steps: int = 0        # 0: at epoch ends (and on preemption) only
+  checkpoint_every_steps: int = 0  # 0: at epoch ends (and on preemption) only
   keep_checkpoints: int = 2
   name: str = "stage"
-  learning_rate: float | None = None     # the configured rate: a change on resume is applied and recorded
-  config_key: str = ""                   # 'classifier' | 'similarity', for the messages
+  learning_rate: float | None = None  # the configured rate: a change on resume is applied and recorded
+  config_key: str = ""  # 'classifier' | 'similarity', for the messages
 
   @classmethod
   def from_config(cls, cfg, name: str) -> "LoopSettings":
-    return cls(num_epochs=cfg.num_epochs, alpha=cfg.alpha, halving_wait=cfg.halving_wait,
-               log_every_steps=cfg.log_every_steps, checkpoint_every_steps=cfg.checkpoint_every_steps,
-               keep_checkpoints=cfg.keep_checkpoints, name=name, learning_rate=cfg.learning_rate,
-               config_key="classifier" if name == "stage 1" else "similarity")
+    return cls(
+      num_epochs=cfg.num_epochs,
+      alpha=cfg.alpha,
+      halving_wait=cfg.halving_wait,
+      log_every_steps=cfg.log_every_steps,
+      checkpoint_every_steps=cfg.checkpoint_every_steps,
+      keep_checkpoints=cfg.keep_checkpoints,
+      name=name,
+      learning_rate=cfg.learning_rate,
+      config_key="classifier" if name == "stage 1" else "similarity",
+    )
 
 
 class _PreemptionGuard:
@@ -107,15 +122,16 @@ class _PreemptionGuard:
 
   def install(self) -> None:
     from jsim import interrupts
+
     for sig in (signal.SIGTERM, signal.SIGINT):
       self._previous[sig] = signal.signal(sig, self._handle)
-    if interrupts.received is not None:   # a signal before the stage, whose exception something swallowed
+    if interrupts.received is not None:  # a signal before the stage, whose exception something swallowed
       self.uninstall()
       interrupts.raise_if_received()
 
   def _handle(self, signum, frame):
     if self.signal_name is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt   # a second Ctrl-C: stop now
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now
     self.signal_name = signal.Signals(signum).name
 
   def uninstall(self) -> None:
@@ -135,6 +151,7 @@ class _PreemptionGuard:
     if not agree:
       return False
     from jax.experimental import multihost_utils
+
     stop = bool(np.any(multihost_utils.process_allgather(np.int32(self.signal_name is not None))))
     if stop and self.signal_name is None:
       self.signal_name = "a signal to another process"
@@ -203,9 +220,16 @@ def _sums_from_host(d: dict | None) -> dict:
   return {k: jnp.asarray(d[k], z[k].dtype) for k in z}
 
 
-def fit(plan: EpochPlan, state: Any, stage_dir: str | Path, settings: LoopSettings, *,
-        place_state: Callable[[Any], Any] = lambda s: s, config_dict: dict | None = None,
-        writer: MetricsWriter | None = None) -> tuple[Any, dict]:
+def fit(
+  plan: EpochPlan,
+  state: Any,
+  stage_dir: str | Path,
+  settings: LoopSettings,
+  *,
+  place_state: Callable[[Any], Any] = lambda s: s,
+  config_dict: dict | None = None,
+  writer: MetricsWriter | None = None,
+) -> tuple[Any, dict]:
   """Trains `state` to `settings.num_epochs`, resuming from stage_dir/checkpoints.
 
   `place_state` puts a host or restored pytree (the state, the running sums) where
@@ -229,12 +253,20 @@ def fit(plan: EpochPlan, state: Any, stage_dir: str | Path, settings: LoopSettin
 
 
 def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=None):
-  meta = {"epoch": 0, "batch_in_epoch": 0, "sums": None, "rows": [], "val_accuracies": [],
-          "halving_epochs": [], "best": None, "finished": False}
+  meta = {
+    "epoch": 0,
+    "batch_in_epoch": 0,
+    "sums": None,
+    "rows": [],
+    "val_accuracies": [],
+    "halving_epochs": [],
+    "best": None,
+    "finished": False,
+  }
   latest, restored = _restore_latest(ckpts, state, settings.name)
   if latest is not None:
     state, meta = place_state(restored[0]), restored[1]
-    if meta["batch_in_epoch"]:   # numbered as the stop message numbers it: epoch N, batch b/B
+    if meta["batch_in_epoch"]:  # numbered as the stop message numbers it: epoch N, batch b/B
       where = f"epoch {meta['epoch'] + 1}, batch {meta['batch_in_epoch']}/{plan.num_batches(meta['epoch'] + 1)}"
     else:
       where = f"end of epoch {meta['epoch']}"
@@ -245,37 +277,44 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=N
   writer.reset(meta["rows"])
   if config_dict is not None:
     writer.write_config(config_dict)
-  saved = [latest]   # the step of the latest checkpoint
+  saved = [latest]  # the step of the latest checkpoint
 
   def save(sums, val_accuracy=None):
     step = int(state.step)
-    _check_finite(sums, state, settings, saved[0])   # never save a NaN state over the last good one
+    _check_finite(sums, state, settings, saved[0])  # never save a NaN state over the last good one
     ckpts.save(step, state, meta, val_accuracy=val_accuracy)
     saved[0] = step
 
   def preempt(epoch, done, num_batches, sums):
     step = int(state.step)
-    if step != (saved[0] or 0):   # not at a saved step, nor at the very start
+    if step != (saved[0] or 0):  # not at a saved step, nor at the very start
       meta.update(batch_in_epoch=done, sums=_sums_to_host(sums))
       save(sums)
       what = "checkpoint saved"
     else:
       what = "no step taken yet" if step == 0 else "its checkpoint is current"
-    raise Preempted(f"{guard.signal_name} at epoch {epoch}, batch {done}/{num_batches} (step {step}): {what}; "
-                    f"rerun the same command to resume")
+    raise Preempted(
+      f"{guard.signal_name} at epoch {epoch}, batch {done}/{num_batches} (step {step}): {what}; "
+      f"rerun the same command to resume"
+    )
 
-  first_epoch = meta["epoch"] + 1   # (its bar says 'compiling' until the step is compiled)
+  first_epoch = meta["epoch"] + 1  # (its bar says 'compiling' until the step is compiled)
   for epoch in range(first_epoch, settings.num_epochs + 1):
     plan.begin_epoch(epoch)
     num_batches = plan.num_batches(epoch)
     first = meta["batch_in_epoch"]
     sums = place_state(_sums_from_host(meta["sums"]))
-    bar = progress_bar(num_batches * plan.items_per_batch, first * plan.items_per_batch,
-                       f"{settings.name} epoch {epoch}/{settings.num_epochs}", plan.item_name,
-                       compiles=epoch == first_epoch, announce=epoch == first_epoch)
+    bar = progress_bar(
+      num_batches * plan.items_per_batch,
+      first * plan.items_per_batch,
+      f"{settings.name} epoch {epoch}/{settings.num_epochs}",
+      plan.item_name,
+      compiles=epoch == first_epoch,
+      announce=epoch == first_epoch,
+    )
     start = time.perf_counter()
-    first_step = int(state.step)   # counted on the host from here: no device sync per step
-    try:   # (the bar is closed before any message: it would share its line)
+    first_step = int(state.step)  # counted on the host from here: no device sync per step
+    try:  # (the bar is closed before any message: it would share its line)
       for batch in range(first, num_batches):
         if guard.stop_requested(agree=batch % AGREE_EVERY_STEPS == 0):
           preempt(epoch, batch, num_batches, sums)
@@ -286,8 +325,11 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=N
           host = _check_finite(sums, None, settings, saved[0])
           bar.set_postfix(f"loss {host['loss_sum'] / max(host['count'], 1):.4f}")
           writer.write_scalars(int(state.step), {"train/loss": host["loss_sum"] / max(host["count"], 1)})
-        if settings.checkpoint_every_steps and (first_step + done - first) % settings.checkpoint_every_steps == 0 \
-            and done < num_batches:
+        if (
+          settings.checkpoint_every_steps
+          and (first_step + done - first) % settings.checkpoint_every_steps == 0
+          and done < num_batches
+        ):
           meta.update(batch_in_epoch=done, sums=_sums_to_host(sums))
           save(sums)
       host = _check_finite(sums, state, settings, saved[0])
@@ -297,18 +339,27 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=N
     val = plan.evaluate(state)
     lr = schedule.get_learning_rate(state.opt_state)
     meta["val_accuracies"].append(val["accuracy"])
-    halve = schedule.should_halve(meta["val_accuracies"], meta["halving_epochs"], alpha=settings.alpha,
-                                  wait=settings.halving_wait)
-    row = {"epoch": epoch, "step": int(state.step), "lr": lr,
-           "train_loss": host["loss_sum"] / host["count"], "train_accuracy": host["correct"] / host["count"],
-           "val_loss": val["loss"], "val_accuracy": val["accuracy"], **val.get("extra", {}),
-           "items_per_s": (num_batches - first) * plan.items_per_batch / seconds, "halved": halve}
+    halve = schedule.should_halve(
+      meta["val_accuracies"], meta["halving_epochs"], alpha=settings.alpha, wait=settings.halving_wait
+    )
+    row = {
+      "epoch": epoch,
+      "step": int(state.step),
+      "lr": lr,
+      "train_loss": host["loss_sum"] / host["count"],
+      "train_accuracy": host["correct"] / host["count"],
+      "val_loss": val["loss"],
+      "val_accuracy": val["accuracy"],
+      **val.get("extra", {}),
+      "items_per_s": (num_batches - first) * plan.items_per_batch / seconds,
+      "halved": halve,
+    }
     if halve:
       meta["halving_epochs"].append(epoch)
       state = state.replace(opt_state=schedule.set_learning_rate(state.opt_state, lr / 2))
     changes = [c for c in meta.get("learning_rate_changes", []) if c["epoch"] == epoch]
     if changes:
-      row["learning_rate_changed"] = changes[-1]   # (recorded in metrics.jsonl with the epoch it happened in)
+      row["learning_rate_changed"] = changes[-1]  # (recorded in metrics.jsonl with the epoch it happened in)
     new_best = meta["best"] is None or val["accuracy"] > meta["best"]["val_accuracy"]
     if new_best:
       meta["best"] = {"step": int(state.step), "epoch": epoch, "val_accuracy": val["accuracy"]}
@@ -319,9 +370,11 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=N
     save(sums, val_accuracy=val["accuracy"] if new_best else None)
     writer.write_epoch(row)
     logging.info("%s", console.epoch_line(settings.name, row, settings.num_epochs))
-    if guard.stop_requested():   # e.g. a signal during the evaluation; also after the last epoch
-      raise Preempted(f"{guard.signal_name} at the end of epoch {epoch} (step {int(state.step)}): checkpoint "
-                      f"saved; rerun the same command to resume")
+    if guard.stop_requested():  # e.g. a signal during the evaluation; also after the last epoch
+      raise Preempted(
+        f"{guard.signal_name} at the end of epoch {epoch} (step {int(state.step)}): checkpoint "
+        f"saved; rerun the same command to resume"
+      )
   meta["finished"] = True
   return state, meta
 
@@ -336,16 +389,24 @@ def _apply_learning_rate_change(state: Any, meta: dict, step: int, settings: Loo
     return state
   current = schedule.get_learning_rate(state.opt_state)
   halvings = len(meta["halving_epochs"])
-  before = meta.get("learning_rate", current * 2 ** halvings)   # (checkpoints that predate the record)
+  before = meta.get("learning_rate", current * 2**halvings)  # (checkpoints that predate the record)
   if abs(before - settings.learning_rate) <= 1e-6 * abs(settings.learning_rate):
     return state
-  new = settings.learning_rate * 0.5 ** halvings
+  new = settings.learning_rate * 0.5**halvings
   epoch = meta["epoch"] + 1
   meta.setdefault("learning_rate_changes", []).append(
-      {"step": step, "epoch": epoch, "from": before, "to": settings.learning_rate, "rate": new})
-  logging.warning("%s: %s.learning_rate changed from %g to %g on resume at step %d: the rate is now %g%s",
-                  settings.name, settings.config_key, before, settings.learning_rate, step, new,
-                  f" (after {halvings} halving{'s' if halvings > 1 else ''})" if halvings else "")
+    {"step": step, "epoch": epoch, "from": before, "to": settings.learning_rate, "rate": new}
+  )
+  logging.warning(
+    "%s: %s.learning_rate changed from %g to %g on resume at step %d: the rate is now %g%s",
+    settings.name,
+    settings.config_key,
+    before,
+    settings.learning_rate,
+    step,
+    new,
+    f" (after {halvings} halving{'s' if halvings > 1 else ''})" if halvings else "",
+  )
   return state.replace(opt_state=schedule.set_learning_rate(state.opt_state, new))
 
 
@@ -358,13 +419,18 @@ def _check_finite(sums: dict, state: Any, settings: LoopSettings, last_saved: in
   elif state is not None and not bool(_all_finite(state.params)):
     problem = f"the parameters became NaN or Inf by step {int(state.step)}"
   if problem:
-    kept = f"the last good checkpoint (step {last_saved}) stays" if last_saved is not None else \
-        "no checkpoint was saved"
+    kept = (
+      f"the last good checkpoint (step {last_saved}) stays" if last_saved is not None else "no checkpoint was saved"
+    )
     key = f"--config.{settings.config_key}.learning_rate" if settings.config_key else "a lower learning rate"
-    go_on = f"rerun with a lower {key}: it resumes from step {last_saved} at that rate" if last_saved is not None \
-        else f"rerun with a lower {key}"
-    raise NonFiniteLoss(f"{settings.name}: {problem}; stopped without saving, {kept}. A lower learning rate may "
-                        f"help: {go_on}")
+    go_on = (
+      f"rerun with a lower {key}: it resumes from step {last_saved} at that rate"
+      if last_saved is not None
+      else f"rerun with a lower {key}"
+    )
+    raise NonFiniteLoss(
+      f"{settings.name}: {problem}; stopped without saving, {kept}. A lower learning rate may help: {go_on}"
+    )
   return host
 
 
@@ -382,18 +448,27 @@ def _restore_latest(ckpts: StageCheckpoints, state: Any, name: str) -> tuple[int
       damaged.append((step, ckpts.set_aside(step)))
       continue
     if damaged:
-      logging.warning("%s: %s; moved to %s; resuming from step %d, the newest checkpoint that verifies",
-                      name, _damaged_steps(damaged, reason), damaged[0][1].parent, step)
+      logging.warning(
+        "%s: %s; moved to %s; resuming from step %d, the newest checkpoint that verifies",
+        name,
+        _damaged_steps(damaged, reason),
+        damaged[0][1].parent,
+        step,
+      )
     return step, restored
   if damaged:
-    logging.warning("%s: %s; moved to %s; no checkpoint verifies, so the stage starts from the beginning",
-                    name, _damaged_steps(damaged, reason), damaged[0][1].parent)
+    logging.warning(
+      "%s: %s; moved to %s; no checkpoint verifies, so the stage starts from the beginning",
+      name,
+      _damaged_steps(damaged, reason),
+      damaged[0][1].parent,
+    )
   return None, None
 
 
 def _damaged_steps(damaged: list, reason: str) -> str:
   steps = ", ".join(str(s) for s, _ in damaged)
   reason = reason[1:-1] if reason.startswith("(") and reason.endswith(")") else reason
-  return f"checkpoint{'s' if len(damaged) > 1 else ''} of step{'s' if len(damaged) > 1 else ''} {steps} " \
-         f"damaged ({reason})"
-
+  return (
+    f"checkpoint{'s' if len(damaged) > 1 else ''} of step{'s' if len(damaged) > 1 else ''} {steps} damaged ({reason})"
+  )

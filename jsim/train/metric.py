@@ -33,8 +33,16 @@ from jsim.train import loop, schedule
 CROSS_ENTROPY = "cross_entropy"
 SAMPLERS = ("auto", "uniform", "m_per_class")
 # Config fields only a metric-learning stage 1 reads (left out of a cross-entropy run's identity).
-METRIC_FIELDS = ("loss", "loss_hparams", "embedding_dim", "sampler", "sampler_m", "head_learning_rate",
-                 "loss_learning_rate", "retrieval_distance")
+METRIC_FIELDS = (
+  "loss",
+  "loss_hparams",
+  "embedding_dim",
+  "sampler",
+  "sampler_m",
+  "head_learning_rate",
+  "loss_learning_rate",
+  "retrieval_distance",
+)
 
 
 def is_metric(cfg) -> bool:
@@ -46,20 +54,23 @@ def check_config(cfg) -> None:
   """ValueError naming the first impossible metric-learning value of config.classifier (before any data)."""
   if not is_metric(cfg):
     if cfg.get("sampler", "auto") == "m_per_class":
-      raise ValueError("classifier.sampler='m_per_class' needs a metric-learning classifier.loss; cross_entropy "
-                       "keeps the protocol's uniform batches")
+      raise ValueError(
+        "classifier.sampler='m_per_class' needs a metric-learning classifier.loss; cross_entropy "
+        "keeps the protocol's uniform batches"
+      )
     return
   build_loss(cfg)
   if cfg.sampler not in SAMPLERS:
     raise ValueError(f"classifier.sampler={cfg.sampler!r}: expected one of {', '.join(SAMPLERS)}")
   if cfg.sampler != "uniform" and (cfg.sampler_m < 1 or cfg.batch_size % cfg.sampler_m):
-    raise ValueError(f"classifier.sampler_m={cfg.sampler_m}: must be >= 1 and divide classifier.batch_size="
-                     f"{cfg.batch_size}")
+    raise ValueError(
+      f"classifier.sampler_m={cfg.sampler_m}: must be >= 1 and divide classifier.batch_size={cfg.batch_size}"
+    )
   if cfg.embedding_dim < 0:
     raise ValueError(f"classifier.embedding_dim={cfg.embedding_dim}: must be >= 0 (0: no embedding head)")
   if cfg.retrieval_distance not in ("auto", "l2", "cosine"):
     raise ValueError(f"classifier.retrieval_distance={cfg.retrieval_distance!r}: expected 'auto', 'l2' or 'cosine'")
-  make_optimizer(cfg)   # the rates
+  make_optimizer(cfg)  # the rates
 
 
 def retrieval_distance(cfg) -> str:
@@ -75,8 +86,9 @@ def retrieval_distance(cfg) -> str:
 
 def build_loss(cfg) -> loss_base.Loss:
   if cfg.loss not in losses.available():
-    raise ValueError(f"classifier.loss={cfg.loss!r}: expected {CROSS_ENTROPY!r} or one of "
-                     f"{', '.join(losses.available())}")
+    raise ValueError(
+      f"classifier.loss={cfg.loss!r}: expected {CROSS_ENTROPY!r} or one of {', '.join(losses.available())}"
+    )
   try:
     return losses.build(cfg.loss, **dict(cfg.loss_hparams[cfg.loss]))
   except ValueError as e:
@@ -98,17 +110,23 @@ def identity(classifier_dict: dict) -> dict:
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
   """The protocol's SGD over every parameter, each group's rate scaled (its rate / learning_rate)."""
+
   def rate(name):
     value = cfg.get(name)
     if value is not None and not value > 0:
       raise ValueError(f"classifier.{name}={value!r} must be > 0 (or None: classifier.learning_rate)")
     return 1.0 if value is None else value / cfg.learning_rate
+
   groups = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: param_group(p), params)
-  return schedule.make_optimizer(learning_rate=cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                 weight_decay=cfg.weight_decay, nag_form=cfg.get("nag_form", "optax"),
-                                 param_groups=groups,
-                                 rate_multipliers={"backbone": 1.0, "head": rate("head_learning_rate"),
-                                                   "loss": rate("loss_learning_rate")})
+  return schedule.make_optimizer(
+    learning_rate=cfg.learning_rate,
+    momentum=cfg.momentum,
+    nesterov=cfg.nesterov,
+    weight_decay=cfg.weight_decay,
+    nag_form=cfg.get("nag_form", "optax"),
+    param_groups=groups,
+    rate_multipliers={"backbone": 1.0, "head": rate("head_learning_rate"), "loss": rate("loss_learning_rate")},
+  )
 
 
 def initial_variables(model: MetricModel, backbone_variables: dict | None, input_size: int, seed: int) -> dict:
@@ -116,7 +134,7 @@ def initial_variables(model: MetricModel, backbone_variables: dict | None, input
   x = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
   key = jax.random.PRNGKey(seed)
   variables = jax.jit(functools.partial(model.init, train=False))({"params": key, "dropout": key}, x)
-  variables = jax.tree.map(lambda a: a, dict(variables))   # plain dicts
+  variables = jax.tree.map(lambda a: a, dict(variables))  # plain dicts
   if backbone_variables is not None:
     for collection, tree in backbone_variables.items():
       variables[collection] = dict(variables.get(collection, {}), backbone=tree)
@@ -130,23 +148,33 @@ def _batch_precision_at_1(embeddings, labels):
   return labels[jnp.argmin(d, axis=1)] == labels
 
 
-def metric_train_step(state, images, labels, sums: dict, *, model, loss, tx, mean, std, input_size: int,
-                      augment_config, seed_key):
+def metric_train_step(
+  state, images, labels, sums: dict, *, model, loss, tx, mean, std, input_size: int, augment_config, seed_key
+):
   """One update of backbone, head and loss parameters on a batch of uint8 images and head labels."""
   key = jax.random.fold_in(seed_key, state.step)
   aug_key, dropout_key, loss_key = jax.random.split(key, 3)
   x = augment.augment(aug_key, images, mean, std, input_size, augment_config).astype(model.dtype)
 
   def loss_fn(params):
-    (_, emb), updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
-                                    mutable=["batch_stats"], rngs={"dropout": dropout_key})
+    (_, emb), updates = model.apply(
+      {"params": params, "batch_stats": state.batch_stats},
+      x,
+      train=True,
+      mutable=["batch_stats"],
+      rngs={"dropout": dropout_key},
+    )
     value = loss.apply(params.get("loss", {}), emb, labels, rng=loss_key if loss.uses_dropout else None)
     return value, (emb, updates)
 
   (value, (emb, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, param_updates),
-                            batch_stats=updates.get("batch_stats", state.batch_stats), opt_state=opt_state)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, param_updates),
+    batch_stats=updates.get("batch_stats", state.batch_stats),
+    opt_state=opt_state,
+  )
   # The sums count images: the batch's loss once per image, so loss_sum / count is the mean batch loss.
   per_image = jnp.full(labels.shape, value, jnp.float32)
   return new_state, loop.add_to_sums(sums, per_image, _batch_precision_at_1(emb, labels), state.step)
@@ -182,8 +210,9 @@ class MetricPlan:
       raise ValueError(f"classifier.sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}")
     self.sampler = None
     if sampler in ("auto", "m_per_class"):
-      self.sampler = samplers.MPerClassSampler(data.train_head_labels[self.train_idx], m=cfg.sampler_m,
-                                               batch_size=cfg.batch_size)
+      self.sampler = samplers.MPerClassSampler(
+        data.train_head_labels[self.train_idx], m=cfg.sampler_m, batch_size=cfg.batch_size
+      )
       self._num_batches = self.sampler.num_batches
     else:
       self._num_batches = len(self.train_idx) // cfg.batch_size
@@ -192,17 +221,29 @@ class MetricPlan:
     self.images, self.labels = place_images(self.pipeline, data.train_set.images, data.train_head_labels, mesh)
     self._train_idx_dev = jnp.asarray(self.train_idx.astype(np.int32))
     loss = model.loss
-    step_args = dict(model=model, loss=loss, tx=tx, mean=data.mean, std=data.std, input_size=cfg.input_size,
-                     augment_config=cfg.augment, seed_key=jax.random.PRNGKey(config.seed))
+    step_args = dict(
+      model=model,
+      loss=loss,
+      tx=tx,
+      mean=data.mean,
+      std=data.std,
+      input_size=cfg.input_size,
+      augment_config=cfg.augment,
+      seed_key=jax.random.PRNGKey(config.seed),
+    )
     rep = parallel.replicated(mesh)
-    self._gathered_step = jax.jit(functools.partial(gathered_metric_train_step, mesh=mesh, **step_args),
-                                  donate_argnums=(0, 5), out_shardings=rep)
-    self._batch_step = jax.jit(functools.partial(metric_train_step, **step_args), donate_argnums=(0, 3),
-                               out_shardings=rep)
-    self._embed = jax.jit(functools.partial(embed_batch, model=model, mean=data.mean, std=data.std,
-                                            input_size=cfg.input_size), out_shardings=rep)
+    self._gathered_step = jax.jit(
+      functools.partial(gathered_metric_train_step, mesh=mesh, **step_args), donate_argnums=(0, 5), out_shardings=rep
+    )
+    self._batch_step = jax.jit(
+      functools.partial(metric_train_step, **step_args), donate_argnums=(0, 3), out_shardings=rep
+    )
+    self._embed = jax.jit(
+      functools.partial(embed_batch, model=model, mean=data.mean, std=data.std, input_size=cfg.input_size),
+      out_shardings=rep,
+    )
     self.distance = retrieval_distance(cfg)
-    self._batches = None   # the epoch's [num_batches, B] image indices (on the device; on the host for 'stream')
+    self._batches = None  # the epoch's [num_batches, B] image indices (on the device; on the host for 'stream')
 
   def num_batches(self, epoch: int) -> int:
     return self._num_batches
@@ -218,8 +259,9 @@ class MetricPlan:
 
   def begin_epoch(self, epoch: int) -> None:
     batches = self.epoch_batches(epoch)
-    self._batches = parallel.put_replicated(np.asarray(batches), self.mesh) if self.pipeline == "device" \
-        else np.asarray(batches)
+    self._batches = (
+      parallel.put_replicated(np.asarray(batches), self.mesh) if self.pipeline == "device" else np.asarray(batches)
+    )
 
   def train_step(self, state, epoch: int, batch: int, sums: dict):
     sums = parallel.ensure_replicated(sums, self.mesh)
@@ -244,7 +286,15 @@ class MetricPlan:
     return knn_metrics.embedding_metrics(emb, np.asarray(labels)[indices], distance=self.distance)
 
   def evaluate(self, state) -> dict:
-    m = self.retrieval(state, self.images, np.asarray(self.labels) if not isinstance(self.labels, jax.Array)
-                       else np.asarray(jax.device_get(self.labels)), self.val_idx)
-    return {"loss": None, "accuracy": m["map@r"], "count": m["num_queries"],
-            "extra": {"val_precision_at_1": m["precision@1"], "val_r_precision": m["r_precision"]}}
+    m = self.retrieval(
+      state,
+      self.images,
+      np.asarray(self.labels) if not isinstance(self.labels, jax.Array) else np.asarray(jax.device_get(self.labels)),
+      self.val_idx,
+    )
+    return {
+      "loss": None,
+      "accuracy": m["map@r"],
+      "count": m["num_queries"],
+      "extra": {"val_precision_at_1": m["precision@1"], "val_r_precision": m["r_precision"]},
+    }

@@ -13,9 +13,16 @@ from jsim import parallel
 
 METRICS_FILE = "metrics.jsonl"
 # metrics.jsonl keys -> TensorBoard tags, all at the row's step (train/loss is written every few steps too).
-EPOCH_TAGS = {"train_loss": "train/epoch_loss", "train_accuracy": "train/accuracy", "val_loss": "val/loss",
-              "val_accuracy": "val/accuracy", "lr": "learning_rate", "halved": "learning_rate_halved",
-              "items_per_s": "items_per_s", "epoch": "epoch"}
+EPOCH_TAGS = {
+  "train_loss": "train/epoch_loss",
+  "train_accuracy": "train/accuracy",
+  "val_loss": "val/loss",
+  "val_accuracy": "val/accuracy",
+  "lr": "learning_rate",
+  "halved": "learning_rate_halved",
+  "items_per_s": "items_per_s",
+  "epoch": "epoch",
+}
 
 
 def _flatten(d: dict, prefix: str = ""):
@@ -27,7 +34,6 @@ def _flatten(d: dict, prefix: str = ""):
 
 
 class MetricsWriter:
-
   def __init__(self, stage_dir: str | Path, filename_suffix: str = ""):
     # filename_suffix: a second writer of the same folder needs one; event files are named by
     # the second and the host, so two opened within a second would be the same file.
@@ -36,6 +42,7 @@ class MetricsWriter:
     self._tb = None
     if self.enabled:
       from tensorboardX import SummaryWriter
+
       self._tb = SummaryWriter(str(self.stage_dir / "tb"), filename_suffix=filename_suffix)
 
   def reset(self, rows: list[dict]) -> None:
@@ -76,8 +83,9 @@ class MetricsWriter:
     if not self.enabled:
       return
     from tensorboardX.summary import hparams
+
     text = json.dumps(config_dict, indent=1, sort_keys=True)
-    self._tb.add_text("config", "    " + text.replace("\n", "\n    "), 0)   # (indented: markdown code)
+    self._tb.add_text("config", "    " + text.replace("\n", "\n    "), 0)  # (indented: markdown code)
     flat = {k: (v if isinstance(v, (bool, int, float, str)) else json.dumps(v)) for k, v in _flatten(config_dict)}
     for summary in hparams(flat, {m: 0.0 for m in metrics}):
       self._tb.file_writer.add_summary(summary)
@@ -93,9 +101,10 @@ class MetricsWriter:
     if not self.enabled:
       return
     import numpy as np
+
     pos, neg = np.asarray(hist_pos, np.float64), np.asarray(hist_neg, np.float64)
     bins = pos.shape[-1]
-    at_or_above = lambda h: np.concatenate([np.cumsum(h[::-1])[::-1], [0.0]])   # scores in bins >= b
+    at_or_above = lambda h: np.concatenate([np.cumsum(h[::-1])[::-1], [0.0]])  # scores in bins >= b
     edges = np.round(np.linspace(0, 1, num_thresholds) * bins).astype(int)
     tp, fp = at_or_above(pos)[edges], at_or_above(neg)[edges]
     fn, tn = pos.sum() - tp, neg.sum() - fp
@@ -109,11 +118,11 @@ class MetricsWriter:
       self._tb.close()
 
 
-def progress_bar(total: int, initial: int, desc: str, unit: str, *, compiles: bool = True,
-                 announce: bool = False):
+def progress_bar(total: int, initial: int, desc: str, unit: str, *, compiles: bool = True, announce: bool = False):
   """A bar with items/s and ETA ('compiling' until the first update); silent on other processes.
 
   A plain line every so often instead of a bar when stderr is not a terminal (jsim.progress.Progress).
   """
   from jsim import progress
+
   return progress.progress(total, desc, unit, initial=initial, compiles=compiles, announce=announce)

@@ -24,8 +24,9 @@ def running_means(val_accuracies: Sequence[float]) -> list[float]:
   return means
 
 
-def should_halve(val_accuracies: Sequence[float], halving_epochs: Sequence[int], *, alpha: float,
-                 wait: int = 3) -> bool:
+def should_halve(
+  val_accuracies: Sequence[float], halving_epochs: Sequence[int], *, alpha: float, wait: int = 3
+) -> bool:
   """Whether to halve the learning rate after epoch k = len(val_accuracies).
 
   Args:
@@ -73,9 +74,16 @@ def paper_nag(learning_rate, momentum: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(*, learning_rate: float, momentum: float, nesterov: bool = True,
-                   weight_decay: float = 0.0, nag_form: str = "optax", param_groups=None,
-                   rate_multipliers: dict[str, float] | None = None) -> optax.GradientTransformation:
+def make_optimizer(
+  *,
+  learning_rate: float,
+  momentum: float,
+  nesterov: bool = True,
+  weight_decay: float = 0.0,
+  nag_form: str = "optax",
+  param_groups=None,
+  rate_multipliers: dict[str, float] | None = None,
+) -> optax.GradientTransformation:
   """SGD with Nesterov momentum, its learning rate a hyperparameter in the state.
 
   The protocol's NAG (u_t = g u_{t-1} + lr grad L(theta_t - g u_{t-1})) evaluates the
@@ -109,6 +117,7 @@ def make_optimizer(*, learning_rate: float, momentum: float, nesterov: bool = Tr
 
   def grouped(learning_rate):
     return optax.multi_transform({g: sgd(learning_rate * f) for g, f in rate_multipliers.items()}, param_groups)
+
   return optax.inject_hyperparams(grouped)(learning_rate=learning_rate)
 
 

@@ -32,8 +32,10 @@ def load_stage2_embeddings(config, workdir: Path) -> dict:
     e = load_embeddings(other)
     for key in ("train_index", "test_index", "train_labels", "test_labels"):
       if not np.array_equal(e[key], emb[key]):
-        raise ValueError(f"similarity.ensemble_workdirs: {other} embeds other images ({key} differs); "
-                         f"ensemble workdirs must share the data and the seed")
+        raise ValueError(
+          f"similarity.ensemble_workdirs: {other} embeds other images ({key} differs); "
+          f"ensemble workdirs must share the data and the seed"
+        )
     emb["train"] = np.concatenate([emb["train"], e["train"]], axis=1)
     emb["test"] = np.concatenate([emb["test"], e["test"]], axis=1)
     sources.append(e["meta"])
@@ -43,8 +45,12 @@ def load_stage2_embeddings(config, workdir: Path) -> dict:
 
 def build_similarity(config, embedding_dim: int) -> SimilarityMLP:
   cfg = config.similarity
-  return SimilarityMLP(hidden=tuple(cfg.hidden) or None, dropout_rate=cfg.dropout, feature=cfg.feature,
-                       dtype=models.compute_dtype(config.model.dtype))
+  return SimilarityMLP(
+    hidden=tuple(cfg.hidden) or None,
+    dropout_rate=cfg.dropout,
+    feature=cfg.feature,
+    dtype=models.compute_dtype(config.model.dtype),
+  )
 
 
 def seen_classes(emb: dict) -> np.ndarray:
@@ -56,8 +62,7 @@ def validation_pairs(config, class_index, classes):
   """The fixed validation pairs: a function of the seed alone."""
   cfg = config.similarity
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _VAL)
-  return pairs_lib.sample_pairs(key, class_index, classes, cfg.val_per_ordered_class_pair,
-                                cfg.val_similar_per_class)
+  return pairs_lib.sample_pairs(key, class_index, classes, cfg.val_per_ordered_class_pair, cfg.val_similar_per_class)
 
 
 def pair_eval_sums(params, emb, pairs, same, start, *, model, chunk: int, mesh) -> dict:
@@ -71,14 +76,14 @@ def pair_eval_sums(params, emb, pairs, same, start, *, model, chunk: int, mesh) 
   logits = model.apply({"params": params}, emb[p[:, 0]], emb[p[:, 1]], train=False)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
   w = mask.astype(jnp.float32)
-  return {"loss_sum": jnp.sum(losses * w), "correct": jnp.sum((jnp.argmax(logits, -1) == y) * w),
-          "count": jnp.sum(w)}
+  return {"loss_sum": jnp.sum(losses * w), "correct": jnp.sum((jnp.argmax(logits, -1) == y) * w), "count": jnp.sum(w)}
 
 
 def make_pair_eval(model, mesh, chunk: int):
   """(params, emb, pairs, same) -> {'loss', 'accuracy', 'count'} over all pairs, in chunks."""
-  chunk_sums = jax.jit(functools.partial(pair_eval_sums, model=model, chunk=chunk, mesh=mesh),
-                       out_shardings=parallel.replicated(mesh))
+  chunk_sums = jax.jit(
+    functools.partial(pair_eval_sums, model=model, chunk=chunk, mesh=mesh), out_shardings=parallel.replicated(mesh)
+  )
 
   def evaluate(params, emb, pairs, same, desc: str | None = None) -> dict:
     total = None
@@ -86,7 +91,7 @@ def make_pair_eval(model, mesh, chunk: int):
     for start in range(0, pairs.shape[0], chunk):
       s = chunk_sums(params, emb, pairs, same, jnp.int32(start))
       total = loop.add_eval_sums(total, s)
-      if bar is not None:   # (waits for the chunk: the bar shows what is done, not what is queued)
+      if bar is not None:  # (waits for the chunk: the bar shows what is done, not what is queued)
         bar.update(int(jax.block_until_ready(s)["count"]))
     if bar is not None:
       bar.close()
@@ -95,16 +100,34 @@ def make_pair_eval(model, mesh, chunk: int):
   return evaluate
 
 
-def draw_epoch_pairs(train_key, epoch, class_index, classes, exclusion, *, per_ordered_class_pair: int,
-                     similar_per_class: int, exclusion_mode: str = "redraw"):
+def draw_epoch_pairs(
+  train_key,
+  epoch,
+  class_index,
+  classes,
+  exclusion,
+  *,
+  per_ordered_class_pair: int,
+  similar_per_class: int,
+  exclusion_mode: str = "redraw",
+):
   """The training pairs of epoch `epoch`: balanced, shuffled, none of them a validation pair
   (one that is gets redrawn, or with exclusion_mode='remove' dropped: fewer pairs)."""
-  return pairs_lib.sample_pairs(jax.random.fold_in(train_key, epoch), class_index, classes, per_ordered_class_pair,
-                                similar_per_class, exclude=exclusion, shuffle=True, exclusion=exclusion_mode)
+  return pairs_lib.sample_pairs(
+    jax.random.fold_in(train_key, epoch),
+    class_index,
+    classes,
+    per_ordered_class_pair,
+    similar_per_class,
+    exclude=exclusion,
+    shuffle=True,
+    exclusion=exclusion_mode,
+  )
 
 
-def train_step(state: TrainState, emb, pairs, same, batch, sums: dict, *, size: int, batch_size: int, model, tx,
-               dropout_key, mesh):
+def train_step(
+  state: TrainState, emb, pairs, same, batch, sums: dict, *, size: int, batch_size: int, model, tx, dropout_key, mesh
+):
   """One update on batch `batch` of the epoch's pairs of embeddings; adds to the epoch's sums."""
   start = batch * batch_size
   p = jax.lax.dynamic_slice_in_dim(pairs, start, size)
@@ -120,8 +143,7 @@ def train_step(state: TrainState, emb, pairs, same, batch, sums: dict, *, size: 
 
   grads, (losses, logits) = jax.grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
   return new_state, loop.add_to_sums(sums, losses, jnp.argmax(logits, -1) == y, state.step)
 
 
@@ -139,24 +161,38 @@ class SimilarityPlan:
     self.class_index = pairs_lib.build_class_index(labels)
     self.classes = jnp.asarray(seen_classes({"train_labels": labels}))
     self.val_pairs, self.val_same = parallel.put_replicated(
-        validation_pairs(config, self.class_index, self.classes), mesh)
+      validation_pairs(config, self.class_index, self.classes), mesh
+    )
     self.exclusion = pairs_lib.make_exclusion(self.val_pairs)
     self._exclusion_mode = cfg.get("exclusion", "redraw")
     n_dev = mesh.devices.size
     # 'redraw' keeps C(C-1)k + Cs pairs every epoch; 'remove' drops the drawn ones that are
     # validation pairs, so an epoch's count (and its last batch) is known once it is drawn.
-    self._num_drawn = pairs_lib.num_pairs(len(self.classes), cfg.train_per_ordered_class_pair,
-                                          cfg.train_similar_per_class)
+    self._num_drawn = pairs_lib.num_pairs(
+      len(self.classes), cfg.train_per_ordered_class_pair, cfg.train_similar_per_class
+    )
     self._n_dev = n_dev
     self.batch_sizes = loop.epoch_batch_sizes(self._num_drawn, cfg.batch_size, n_dev)
     seed_key = jax.random.PRNGKey(config.seed)
     self._train_key = jax.random.fold_in(seed_key, _TRAIN)
-    self._pair_counts = dict(per_ordered_class_pair=cfg.train_per_ordered_class_pair,
-                             similar_per_class=cfg.train_similar_per_class, exclusion_mode=self._exclusion_mode)
+    self._pair_counts = dict(
+      per_ordered_class_pair=cfg.train_per_ordered_class_pair,
+      similar_per_class=cfg.train_similar_per_class,
+      exclusion_mode=self._exclusion_mode,
+    )
     self._train_step = jax.jit(
-        functools.partial(train_step, batch_size=cfg.batch_size, model=model, tx=tx,
-                          dropout_key=jax.random.fold_in(seed_key, _DROPOUT), mesh=mesh),
-        static_argnames="size", donate_argnums=(0, 5), out_shardings=parallel.replicated(mesh))
+      functools.partial(
+        train_step,
+        batch_size=cfg.batch_size,
+        model=model,
+        tx=tx,
+        dropout_key=jax.random.fold_in(seed_key, _DROPOUT),
+        mesh=mesh,
+      ),
+      static_argnames="size",
+      donate_argnums=(0, 5),
+      out_shardings=parallel.replicated(mesh),
+    )
     self._evaluate = make_pair_eval(model, mesh, chunk=max(cfg.batch_size, 16384 // n_dev * n_dev))
     self._pairs = self._same = None
 
@@ -164,8 +200,9 @@ class SimilarityPlan:
     return len(self.batch_sizes)
 
   def begin_epoch(self, epoch: int) -> None:
-    pairs, same = draw_epoch_pairs(self._train_key, epoch, self.class_index, self.classes, self.exclusion,
-                                   **self._pair_counts)
+    pairs, same = draw_epoch_pairs(
+      self._train_key, epoch, self.class_index, self.classes, self.exclusion, **self._pair_counts
+    )
     kept = int(pairs.shape[0])
     if kept < self._num_drawn:  # exclusion='remove': padded back to the drawn shape (no retrace)
       pad = self._num_drawn - kept
@@ -176,8 +213,9 @@ class SimilarityPlan:
 
   def train_step(self, state, epoch: int, batch: int, sums: dict):
     sums = parallel.ensure_replicated(sums, self.mesh)  # fresh zero sums: no second compilation
-    return self._train_step(state, self.emb, self._pairs, self._same, jnp.int32(batch), sums,
-                            size=self.batch_sizes[batch])
+    return self._train_step(
+      state, self.emb, self._pairs, self._same, jnp.int32(batch), sums, size=self.batch_sizes[batch]
+    )
 
   def evaluate(self, state) -> dict:
     return self._evaluate(state.params, self.emb, self.val_pairs, self.val_same, desc="stage 2 validation")
@@ -190,8 +228,12 @@ def stage_identity_sources(emb: dict) -> list[dict]:
 
 def stage_identity(config, emb: dict) -> dict:
   d = wd.config_to_dict(config)
-  return {"seed": d["seed"], "model": d["model"]["name"], "similarity": calibration.identity(d["similarity"]),
-          "embeddings": stage_identity_sources(emb)}
+  return {
+    "seed": d["seed"],
+    "model": d["model"]["name"],
+    "similarity": calibration.identity(d["similarity"]),
+    "embeddings": stage_identity_sources(emb),
+  }
 
 
 def init_state(config, model, embedding_dim: int, tx) -> TrainState:
@@ -225,8 +267,12 @@ def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> 
   if finished:
     result = wd.stage_result(workdir, stage, required=("best_step", "epochs"))
     if result["epochs"] >= config.similarity.num_epochs:
-      logging.info("%s already finished (%d epochs, best validation accuracy %.1f %%): skipped",
-                   "stage 2" if stage == wd.STAGE2 else stage, result["epochs"], 100 * result["best_val_accuracy"])
+      logging.info(
+        "%s already finished (%d epochs, best validation accuracy %.1f %%): skipped",
+        "stage 2" if stage == wd.STAGE2 else stage,
+        result["epochs"],
+        100 * result["best_val_accuracy"],
+      )
       return result
   mesh = parallel.make_mesh()
   dim = emb["train"].shape[1]
@@ -237,15 +283,29 @@ def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> 
   identity["split_sha256"] = wd.split_digest(workdir)
   stage_dir, _ = wd.claim_stage(workdir, stage, identity, overwrite=config.overwrite, derived=("embeddings",))
   settings = loop.LoopSettings.from_config(config.similarity, "stage 2")
-  state, meta = loop.fit(plan, state, stage_dir, settings, place_state=lambda s: parallel.put_replicated(s, mesh),
-                         config_dict=wd.config_to_dict(config))
+  state, meta = loop.fit(
+    plan,
+    state,
+    stage_dir,
+    settings,
+    place_state=lambda s: parallel.put_replicated(s, mesh),
+    config_dict=wd.config_to_dict(config),
+  )
   best = meta["best"]
-  result = {"best_epoch": best["epoch"], "best_step": best["step"], "best_val_accuracy": best["val_accuracy"],
-            "epochs": len(meta["rows"]), "halving_epochs": meta["halving_epochs"], "embedding_dim": int(dim),
-            "val_pairs": int(plan.val_pairs.shape[0]), "train_pairs_per_epoch": int(sum(plan.batch_sizes))}
+  result = {
+    "best_epoch": best["epoch"],
+    "best_step": best["step"],
+    "best_val_accuracy": best["val_accuracy"],
+    "epochs": len(meta["rows"]),
+    "halving_epochs": meta["halving_epochs"],
+    "embedding_dim": int(dim),
+    "val_pairs": int(plan.val_pairs.shape[0]),
+    "train_pairs_per_epoch": int(sum(plan.batch_sizes)),
+  }
   if parallel.is_main_process():
     wd.finish_stage(stage_dir, result)
   parallel.sync_processes(f"{stage} result")
-  logging.info("stage 2 finished: best validation accuracy %.2f %% (epoch %d)", 100 * best["val_accuracy"],
-               best["epoch"])
+  logging.info(
+    "stage 2 finished: best validation accuracy %.2f %% (epoch %d)", 100 * best["val_accuracy"], best["epoch"]
+  )
   return result

@@ -12,16 +12,20 @@ import optax
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array          # number of updates done (int32 scalar)
+  step: jax.Array  # number of updates done (int32 scalar)
   params: Any
-  batch_stats: Any         # {} for models without BatchNorm
+  batch_stats: Any  # {} for models without BatchNorm
   opt_state: optax.OptState
 
   @classmethod
   def create(cls, variables: dict, tx: optax.GradientTransformation) -> "TrainState":
     params = variables["params"]
-    return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-               opt_state=tx.init(params))
+    return cls(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=tx.init(params),
+    )
 
   @property
   def variables(self) -> dict:
