@@ -3,7 +3,9 @@
 Every registered backbone (random weights, BatchNorm statistics from real train-mode
 batches so that no layer is dead), at an input size equal to, above and below the
 image size (the three resize paths of augment.preprocess), several batch sizes through
-one session (dynamic batch), the similarity net for every pair feature, and an ensemble.
+one session (dynamic batch), the similarity net for every pair feature, and an ensemble;
+for metric learning, a MetricModel with and without its embedding head (and a loss with
+parameters in its tree) and the calibrated distance scorer (l2, cosine).
 Tolerance: 1e-4 relative elementwise, with an absolute floor of 1e-5 of the output's scale
 (for the elements near zero that ReLU and averaging produce).
 """
@@ -18,9 +20,11 @@ import pytest
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from jsim import models  # noqa: E402
+from jsim import losses, models  # noqa: E402
 from jsim.data import augment  # noqa: E402
 from jsim.export import graph  # noqa: E402
+from jsim.models import distance  # noqa: E402
+from jsim.models.metric_model import MetricModel  # noqa: E402
 from jsim.models.similarity import SimilarityMLP, make_prob_fn  # noqa: E402
 
 MEAN, STD = (0.48, 0.46, 0.41), (0.23, 0.22, 0.26)
@@ -148,3 +152,50 @@ def test_similarity_graph_matches_ms(feature):
   assert out.shape == (7,)
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(sess.run(None, {"e1": e2[:2], "e2": e1[:2]})[0], ref[:2], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_dim", [0, 8], ids=["backbone_embedding", "head_normalised"])
+def test_metric_model_embeddings_match_jsim(head_dim):
+  model = MetricModel(
+    backbone=models.build("resnet_tiny", num_classes=5),
+    head_dim=head_dim,
+    loss=losses.build("proxy_anchor"),
+    num_classes=5,
+  )
+  variables = random_variables(model, 24)
+  assert "loss" in variables["params"]  # the proxies are in the tree the graph is built from, and take no part
+  proto = graph.embed_graph([graph.Member(model, variables, MEAN, STD, 24)], image_size=32)
+  onnx.checker.check_model(proto, full_check=True)
+  sess = session(proto)
+  for n in (1, 4):
+    x = images(n, 32, seed=n)
+    out, ref = sess.run(None, {"images": x})[0], jsim_embeddings(model, variables, x, 24)
+    assert out.shape == (n, model.embedding_dim)
+    assert_close(out, ref)
+  if head_dim:
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", distance.DISTANCES)
+def test_distance_graph_matches_the_calibrated_distance(kind):
+  dim = 8
+  rng = np.random.default_rng(1)
+  e1 = rng.normal(size=(9, dim)).astype(np.float32)
+  e2 = e1 + rng.normal(scale=0.8, size=(9, dim)).astype(np.float32)
+  e2[0] = e1[0]  # identical embeddings: distance 0
+  e2[1] = -e1[1]  # opposite: cosine distance 2
+  # A calibration fitted as stage 2 fits it: distances of similar pairs smaller than dissimilar ones.
+  d = np.asarray(distance.pair_distance(jnp.asarray(e1), jnp.asarray(e2), kind))
+  same = d < np.median(d)
+  same[[0, -1]] = ~same[[0, -1]]  # not separable: finite scale
+  scale, bias = distance.fit_logistic(d, same)
+  params = distance.params_of({"scale": scale, "bias": bias})
+  proto = graph.distance_graph(params, kind, dim)
+  onnx.checker.check_model(proto, full_check=True)
+  sess = session(proto)
+  out = sess.run(None, {"e1": e1, "e2": e2})[0]
+  ref = np.asarray(distance.make_prob_fn(kind)(params, e1, e2))
+  assert out.shape == (9,) and out.dtype == np.float32
+  assert np.ptp(ref) > 0.5, "a degenerate calibration proves nothing"
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(sess.run(None, {"e1": e2[:3], "e2": e1[:3]})[0], ref[:3], rtol=1e-4, atol=1e-6)

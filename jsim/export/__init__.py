@@ -164,11 +164,14 @@ def require_onnx() -> None:
 
 
 def restore(records) -> tuple[list, Any, Any]:
-  """(graph members, Ms, Ms's params) of a workdir's best checkpoints, by the one restore path
-  (classifier.restore_classifier for every ensemble member, similarity.restore_similarity)."""
+  """(graph members, stage-2 model, its params) of a workdir's best checkpoints, by the one restore path
+  (classifier.restore_classifier for every ensemble member, calibration.restore_scorer for stage 2).
+
+  The stage-2 model is Ms, or for similarity.model=distance the distance's name ('l2' | 'cosine')
+  with the calibration's {'scale', 'bias'} as its params."""
   from jsim import configs, parallel
   from jsim.export import graph
-  from jsim.train import classifier, similarity
+  from jsim.train import calibration, classifier, similarity
 
   mesh = parallel.make_mesh()
   members = []
@@ -184,6 +187,9 @@ def restore(records) -> tuple[list, Any, Any]:
     members.append(graph.Member(model, state.variables, rec.mean, rec.std, int(config.classifier.input_size)))
   config = configs.config_from_dict({**records.members[0].config, "similarity": records.stage2["similarity"]})
   dim = sum(int(m.model.embedding_dim) for m in members)
+  if calibration.uses_distance(config):
+    _, params = calibration.restore_scorer(config, records.workdir, mesh, dim=dim)
+    return members, str(config.similarity.distance), params
   model, state = similarity.restore_similarity(config, records.workdir, mesh, dim=dim)
   return members, model, state.params
 
@@ -202,12 +208,15 @@ def export_records(records, out: str | os.PathLike, *, overwrite: bool = False, 
   if not cache:
     _check_out(out, records.workdir, overwrite)  # before the checkpoints load
   members, ms, params = restore(records)
-  if not isinstance(ms, SimilarityMLP):
-    raise ExportError(f"no ONNX graph for the similarity model {type(ms).__name__} of {records.workdir}")
   dim = sum(int(m.model.embedding_dim) for m in members)
   doc = f"jsim export of {records.workdir.resolve()}"
+  if isinstance(ms, str):  # similarity.model=distance
+    similarity, feature = graph.distance_graph(params, ms, dim, doc=doc), f"distance:{ms}"
+  elif isinstance(ms, SimilarityMLP):
+    similarity, feature = graph.similarity_graph(params, ms.feature, dim, doc=doc), ms.feature
+  else:
+    raise ExportError(f"no ONNX graph for the similarity model {type(ms).__name__} of {records.workdir}")
   embed = graph.embed_graph(members, image_size=records.image_size, doc=doc)
-  similarity = graph.similarity_graph(params, ms.feature, dim, doc=doc)
   stage_ids = {}
   for name in (wd.STAGE1, wd.STAGE2):
     result = wd.read_json(records.workdir / name / wd.RESULT_FILE)
@@ -225,7 +234,7 @@ def export_records(records, out: str | os.PathLike, *, overwrite: bool = False, 
     "threshold": records.threshold,
     "stage_ids": stage_ids,
     "models": [rec.model_name for rec in records.members],
-    "feature": ms.feature,
+    "feature": feature,
     "dtype": "float32",
     "opset": graph.OPSET,
     "inputs": {"embed": [graph.IMAGES], "similarity": [graph.E1, graph.E2]},

@@ -11,7 +11,11 @@ it is two MatMuls with matrices read off `augment.preprocess` itself (applied to
 images): up- and antialiased downsampling are exactly jsim's, by construction. An
 ensemble is one graph: every member from the same input, concatenated in order.
 
-`similarity_graph`: (e1 [N, E], e2 [N, E]) -> P(same) [N], Ms with its pair feature.
+`similarity_graph`: (e1 [N, E], e2 [N, E]) -> P(same) [N], Ms with its pair feature;
+`distance_graph`: the same signature for similarity.model=distance, sigmoid(scale d + bias).
+
+A metric-learning MetricModel is one more registered builder: its backbone's graph,
+then (head_dim > 0) the embedding head's Gemm and the L2 normalisation.
 
 Why not a converter: jax2onnx 0.17.1 fails on jsim's ResNet (its flax max_pool patch
 rejects the positional window argument: TypeError at trace time, retried for this module;
@@ -33,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from jsim.models import resnet, vgg
+from jsim.models import distance as distance_lib, metric_model, resnet, vgg
 from jsim.models.similarity import parse_feature_kind
 
 OPSET = 17
@@ -190,8 +194,29 @@ def vgg_graph(g: Graph, x: str, model: vgg.VGG, variables: dict, input_size: int
   return x
 
 
+def l2_normalize(g: Graph, x: str) -> str:
+  """metric_model.l2_normalize: x / max(||x||, 1e-12) over the last axis."""
+  return g.op("Div", [x, g.op("Max", [_norm(g, x), g.const(metric_model.NORMALIZE_EPS, "eps")])])
+
+
+def metric_model_graph(g: Graph, x: str, model: metric_model.MetricModel, variables: dict, input_size: int) -> str:
+  """NCHW float input -> [N, embedding_dim], as MetricModel.__call__: the backbone's embedding,
+  or its projection by the embedding head, L2-normalised (the loss's parameters take no part)."""
+  backbone_vars = {k: v["backbone"] for k, v in variables.items() if "backbone" in v}
+  e = builder_for(model.backbone)(g, x, model.backbone, backbone_vars, input_size)
+  if not model.head_dim:
+    return e
+  head = variables["params"]["embedding_head"]
+  e = g.op("Gemm", [e, g.const(head["kernel"], "head_w"), g.const(head["bias"], "head_b")], hint="embedding_head")
+  return l2_normalize(g, e)
+
+
 Builder = Callable[[Graph, str, Any, dict, int], str]
-_BUILDERS: dict[type, Builder] = {resnet.ResNet: resnet_graph, vgg.VGG: vgg_graph}
+_BUILDERS: dict[type, Builder] = {
+  resnet.ResNet: resnet_graph,
+  vgg.VGG: vgg_graph,
+  metric_model.MetricModel: metric_model_graph,
+}
 
 
 def register_builder(module_type: type, builder: Builder) -> None:
@@ -290,6 +315,11 @@ def similarity_graph(params: dict, feature: str, embedding_dim: int, doc: str = 
       x = g.op("Relu", [x])
   probs = g.op("Softmax", [x], axis=-1)
   g.op("Gather", [probs, g.const(1, "same", np.int64)], output=P_SAME, axis=1)
+  return _pair_model(g, embedding_dim, doc)
+
+
+def _pair_model(g: Graph, embedding_dim: int, doc: str) -> onnx.ModelProto:
+  """The model of a graph from E1, E2 [N, embedding_dim] to P_SAME [N]."""
   spec = [BATCH, embedding_dim]
   return g.model(
     [
@@ -300,3 +330,24 @@ def similarity_graph(params: dict, feature: str, embedding_dim: int, doc: str = 
     "jsim_similarity",
     doc,
   )
+
+
+def pair_distance(g: Graph, e1: str, e2: str, kind: str) -> str:
+  """The graph of jsim.models.distance.pair_distance: [N, D] x 2 -> [N, 1]."""
+  if kind == "l2":
+    return _norm(g, g.op("Sub", [e1, e2]))  # (a sum of squares is >= 0: jsim's max(., 0) is the identity)
+  if kind == "cosine":
+    eps = g.const(metric_model.NORMALIZE_EPS, "eps")
+    dot = g.op("ReduceSum", [g.op("Mul", [e1, e2]), g.const([-1], "axes", np.int64)], keepdims=1)
+    denom = g.op("Mul", [g.op("Max", [_norm(g, e1), eps]), g.op("Max", [_norm(g, e2), eps])])
+    return g.op("Sub", [g.const(1.0, "one"), g.op("Div", [dot, denom])])
+  raise ValueError(f"similarity.distance={kind!r}: expected one of {', '.join(distance_lib.DISTANCES)}")
+
+
+def distance_graph(params: dict, distance: str, embedding_dim: int, doc: str = "") -> onnx.ModelProto:
+  """(e1, e2) float32 [N, D] -> P(same) float32 [N]: sigmoid(scale * distance + bias), as distance.make_prob_fn."""
+  g = Graph()
+  d = pair_distance(g, E1, E2, distance)
+  z = g.op("Add", [g.op("Mul", [d, g.const(params["scale"], "scale")]), g.const(params["bias"], "bias")])
+  g.op("Squeeze", [g.op("Sigmoid", [z]), g.const([1], "axes", np.int64)], output=P_SAME)
+  return _pair_model(g, embedding_dim, doc)
