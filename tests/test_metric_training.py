@@ -225,7 +225,8 @@ def _check_every_stage(w, loss, args, jsim_cache, monkeypatch):
 
 
 def _predict_agrees_with_the_stored_embeddings(w, stage2):
-  """jsim.predict restores this workdir (metric backbone, Ms or the distance) and scores like the stages."""
+  """jsim.predict restores this workdir (metric backbone, Ms or the distance) and scores like the stages,
+  with the JAX backend and with the ONNX export."""
   from jsim.data import sources
   from jsim.models import distance
   from jsim.predict import Similarity
@@ -243,6 +244,10 @@ def _predict_agrees_with_the_stored_embeddings(w, stage2):
   if stage2.get("model") == "distance":
     d = float(distance.pair_distance(jnp.asarray(e[:1]), jnp.asarray(e[1:]), stage2["distance"])[0])
     assert p == pytest.approx(1 / (1 + np.exp(-(stage2["scale"] * d + stage2["bias"]))), abs=1e-5)
+  # The ONNX export of the same workdir (W/onnx, made on first use): the same embeddings and P(same).
+  onnx_sim = Similarity.load(w, backend="onnx")
+  np.testing.assert_allclose(onnx_sim.embed([a, b]), e, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(e).max()))
+  assert onnx_sim.probability(a, b) == pytest.approx(p, rel=1e-4, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------- 4 devices == 1 device

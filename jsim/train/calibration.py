@@ -79,6 +79,7 @@ def calibrate_stage(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> d
     "best_val_accuracy": accuracy,
     "epochs": 0,
     "best_epoch": 0,
+    "best_step": 0,  # no checkpoint: what every reader of a stage result requires (predict's step 0)
     "halving_epochs": [],
     "embedding_dim": int(e.shape[1]),
     "val_pairs": int(len(val_pairs)),
