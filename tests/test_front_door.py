@@ -145,7 +145,7 @@ def test_first_missing_stage(tmp_path):
   from jsim import plan
 
   (tmp_path / "stage1").mkdir()
-  (tmp_path / "stage1" / "result.json").write_text("{}")
+  (tmp_path / "stage1" / "result.json").write_text('{"best_step": 1}')
   assert plan.first_missing_stage("evaluate", tmp_path) == "embed"
   assert plan.first_missing_stage("similarity", tmp_path) is None
   (tmp_path / "embeddings").mkdir()

@@ -160,7 +160,7 @@ def test_metric_run_resumes_bitwise_and_every_stage_follows(jsim_cache, tmp_path
   assert _steps(w / "stage1" / "checkpoints") == [1]
   run = Jsim(args, jsim_cache)
   assert run.finish() == 0, run.output[-3000:]
-  assert "resumed from step 1 (epoch 0, batch 1)" in run.output
+  assert "resumed from step 1 (epoch 1, batch 1/" in run.output  # numbered as the stop message
   _assert_bitwise_equal(
     _state(w / "stage1" / "checkpoints", METRIC1_STEPS), _state(ref / "stage1" / "checkpoints", METRIC1_STEPS)
   )

@@ -238,6 +238,6 @@ def test_retrieval_with_a_probability_score():
   emb = np.stack([np.arange(6, dtype=np.float32), RET_LABELS.astype(np.float32) * 10], 1)
   score = lambda params, a, b: jax.nn.sigmoid(params - jnp.abs(a[:, 1] - b[:, 1]))
   m = R.retrieval_metrics(score, jnp.float32(1.0), emb, RET_LABELS, ks=(1,))
-  assert m == {"recall@1": 1.0, "mAP": 1.0, "num_queries": 5}
+  assert m == {"recall@1": 1.0, "mAP": 1.0, "num_queries": 5, "precision@1": 1.0, "r_precision": 1.0, "map@r": 1.0}
   with pytest.raises(ValueError, match="ks"):
     R.retrieval_metrics(score, jnp.float32(1.0), emb, RET_LABELS, ks=(6,))

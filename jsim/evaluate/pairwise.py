@@ -342,7 +342,7 @@ def evaluate_pairs(
   if progress:
     from jsim.progress import progress
 
-    bar = progress(total, desc or f"pairs ({mode})", "pair")
+    bar = progress(total, desc or f"pairs ({mode})", "pair", announce=True)
   t0 = time.perf_counter()
   for start in starts:
     acc = step(acc, *operands, start, thr)
