@@ -113,7 +113,7 @@ def test_damaged_latest_checkpoint_falls_back_and_resumes_exactly(reference, jsi
   assert _steps(ckpts)[-2:] == [40, STAGE1_STEPS]
   _damage(_array_file(ckpts / str(STAGE1_STEPS)), "overwrite")
   out = _ok([*STAGE1, f"--workdir={w}"], jsim_cache)
-  line = next(x for x in out.splitlines() if "damaged (" in x)   # (the workdir's path says 'damaged' too)
+  line = next(x for x in out.splitlines() if "damaged (" in x)  # (the workdir's path says 'damaged' too)
   assert f"checkpoint of step {STAGE1_STEPS} damaged (its arrays do not match their checksum)" in line, line
   assert "resuming from step 40, the newest checkpoint that verifies" in line, line
   assert "stage 1: resumed from step 40 (epoch 6, batch 5/7)" in out
