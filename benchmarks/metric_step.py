@@ -61,7 +61,8 @@ def run(args) -> dict:
         config, data, model, tx, mesh, place_images=classifier.place_images, padded_batches=classifier.padded_batches
       )
     plan.begin_epoch(1)
-    full = plan.num_batches(1) - (1 if name == "cross_entropy" and plan._sizes[-1] != args.batch else 0)
+    # full-size batches only (cross_entropy's last one may be short: another compilation)
+    full = plan.num_batches(1) - (1 if getattr(plan, "batch_sizes", [args.batch])[-1] != args.batch else 0)
     box = {"state": state, "sums": loop.zero_sums()}
 
     def step(i):

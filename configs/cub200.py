@@ -3,6 +3,8 @@
   python -m jsim.main --config=configs/cub200.py:loss=multi_similarity --workdir=runs/cub_ms \
       --config.data.root=/path/to/folder/with/CUB_200_2011.tgz     # or the unpacked folder
 
+Or from TFDS's caltech_birds2011 prepared as array_record (both its splits, re-split
+by class): configs/cub200.py:loss=multi_similarity,format=tfds --config.data.tfds_data_dir=DIR.
 Without data.root the official archive is downloaded (data.caltech.edu, md5-checked)
 into ~/.cache/jsim/downloads and unpacked once. Split as the field does: classes 1-100
 seen (training), 101-200 unseen; a fifth of each seen class is held out as seen test
@@ -22,29 +24,8 @@ Expected cost, estimated: 5,000 training images an epoch, about 10 s of an H100 
 from jsim import configs
 
 
-def benchmark_config(source: str, num_seen: int, loss: str) -> "configs.ml_collections.ConfigDict":
-  c = configs.base_config()
-  c.stage = "all"
-  c.data.source = source
-  c.data.image_size = 256
-  c.data.seen_classes = "first"
-  c.data.num_seen_classes = num_seen
-  c.data.val_fraction = 0.2
-  c.model.name = "resnet50"
-  c.classifier.input_size = 224
-  c.classifier.augment.crop_size = 224
-  c.classifier.batch_size = 64
-  configs.use_metric_loss(c, loss, embedding_dim=512, m=4)
-  # Balanced pairs over the seen classes (C*(C-1)*k dissimilar = C*s similar) and the test cases.
-  s = c.similarity
-  s.train_per_ordered_class_pair, s.train_similar_per_class = 10, 10 * (num_seen - 1)
-  s.val_per_ordered_class_pair, s.val_similar_per_class = 6, 6 * (num_seen - 1)
-  return c
-
-
 def get_config(arg: str | None = None):
-  args = configs.parse_args(arg, {"loss": "multi_similarity"}, "configs/cub200.py")
-  c = benchmark_config("cub200", 100, args["loss"])
+  c = configs.metric_benchmark_config(arg, "cub200", 100, "configs/cub200.py")
   e = c.evaluation
   e.test_per_ordered_class_pair, e.test_similar_per_class = 10, 10 * 199
   return c

@@ -2,6 +2,8 @@
 
   python -m jsim.main --config=configs/sop.py:loss=multi_similarity --workdir=runs/sop_ms \
       --config.data.root=/path/to/folder/with/Stanford_Online_Products.zip   # or the unpacked folder
+  python -m jsim.main --config=configs/sop.py:loss=multi_similarity,format=tfds --workdir=runs/sop_ms_tfds \
+      --config.data.tfds_data_dir=/path/to/tensorflow_datasets   # TFDS's stanford_online_products, array_record
 
 Seen: the 11,318 classes of Ebay_train.txt; unseen: the 11,316 of Ebay_test.txt. With
 2-12 images a class, stage 1 uses batches of 32 classes x 2 (sampler_m=2). The protocol's
@@ -10,23 +12,15 @@ pairs), so this config stops after stage 1 (stage=classifier): stage1/result.jso
 P@1, R-precision and MAP@R of the held-out seen images.
 
 Compare with "A Metric Learning Reality Check" (Musgrave et al., ECCV 2020), Table 4:
-BN-Inception, 512-d, MAP@R roughly 0.41-0.48 and P@1 roughly 0.69-0.79 on SOP (see the table
+BN-Inception, 512-d, MAP@R roughly 0.41-0.48 and P@1 roughly 0.69-0.79 on SOP (see the table for each loss).
 jsim has not run this config. Expected cost, estimated: about 1.5 min of an H100 an epoch.
 """
 
-import importlib.util
-from pathlib import Path
-
 from jsim import configs
-
-_spec = importlib.util.spec_from_file_location("cub200_config", Path(__file__).with_name("cub200.py"))
-_cub = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_cub)
 
 
 def get_config(arg: str | None = None):
-  args = configs.parse_args(arg, {"loss": "multi_similarity"}, "configs/sop.py")
-  c = _cub.benchmark_config("sop", 11318, args["loss"])
+  c = configs.metric_benchmark_config(arg, "sop", 11318, "configs/sop.py")
   c.stage = "classifier"
   c.classifier.sampler_m = 2
   return c

@@ -65,6 +65,37 @@ def use_metric_loss(c: ml_collections.ConfigDict, loss: str, *, embedding_dim: i
     cl.loss_learning_rate = cl.learning_rate * LOSS_RATE_FACTOR[loss]
 
 
+def metric_benchmark_config(arg: str | None, source: str, num_seen: int, where: str) -> ml_collections.ConfigDict:
+  """configs/cub200.py, cars196.py and sop.py: `loss=...,format=archive|tfds` on the field's class split.
+
+  ResNet50 from torchvision's weights, images decoded at 256 px, random 224 px crops, a
+  512-d embedding head, batches of 16 classes x 4; the first `num_seen` classes seen.
+  """
+  from jsim.data import benchmarks
+
+  args = parse_args(arg, {"loss": "multi_similarity", "format": "archive"}, where)
+  if args["format"] not in benchmarks.FORMATS:
+    raise ValueError(f"{where}:{arg}: format={args['format']!r}, expected one of {', '.join(benchmarks.FORMATS)}")
+  c = base_config()
+  c.stage = "all"
+  c.data.source = source
+  c.data.benchmark_format = args["format"]
+  c.data.image_size = 256
+  c.data.seen_classes = "first"
+  c.data.num_seen_classes = num_seen
+  c.data.val_fraction = 0.2
+  c.model.name = "resnet50"
+  c.classifier.input_size = 224
+  c.classifier.augment.crop_size = 224
+  c.classifier.batch_size = 64
+  use_metric_loss(c, args["loss"], embedding_dim=512, m=4)
+  # Balanced pairs over the seen classes (C*(C-1)*k dissimilar = C*s similar) and the test cases.
+  s = c.similarity
+  s.train_per_ordered_class_pair, s.train_similar_per_class = 10, 10 * (num_seen - 1)
+  s.val_per_ordered_class_pair, s.val_similar_per_class = 6, 6 * (num_seen - 1)
+  return c
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # prepare (the data, split and statistics only) | classifier | embed | similarity | evaluate |

@@ -78,7 +78,7 @@ def check_config(config) -> None:
   """Raises ValueError naming the first impossible value."""
   # Each component owns its allowed values; this only asks them.
   from jsim import configs, models
-  from jsim.data import augment, pairs, prepare, sources, splits, tiny_imagenet
+  from jsim.data import augment, benchmarks, pairs, prepare, sources, splits, tiny_imagenet
   from jsim.models import distance, similarity
   from jsim.train import calibration, classifier, metric
 
@@ -107,6 +107,12 @@ def check_config(config) -> None:
   if d.source == "tfds" and not d.tfds_name:
     raise ValueError("data.source='tfds' needs data.tfds_name")
   _choice("data.seen_classes", d.seen_classes, splits.SEEN_CLASSES)
+  _choice("data.benchmark_format", d.benchmark_format, benchmarks.FORMATS)
+  if d.source in benchmarks.BENCHMARKS and d.benchmark_format == "tfds" and d.root:
+    raise ValueError(
+      f"data.root={d.root!r} is set, but data.benchmark_format='tfds' reads TFDS's "
+      f"{benchmarks.BENCHMARKS[d.source].tfds_name!r} from data.tfds_data_dir and would ignore it"
+    )
   if not 0.0 <= d.seen_test_fraction < 1.0:
     raise ValueError(f"data.seen_test_fraction={d.seen_test_fraction!r}: must be in [0, 1)")
 

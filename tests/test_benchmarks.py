@@ -196,3 +196,73 @@ def test_clear_errors(tmp_path):
     sources.load_image_sets(_config("cub200", tmp_path, tmp_path / "cache").data)
   with pytest.raises(ValueError, match="seen_test_fraction=1.0"):
     benchmarks.parts_of([("a", "x", True)], 1.0)
+
+
+def make_tfds(name: str, files: dict, data_dir: Path) -> None:
+  """Prepares TFDS's own builder of benchmark `name` (array_record) from the archive maker's images.
+
+  The builder class is TFDS's (features, name, version), with only the example source
+  replaced: TFDS's preparation downloads the archives. Every other image goes to 'test'
+  (SOP: the unseen classes, as Ebay_test.txt), with ids numbered per split as TFDS's are.
+  """
+  import tensorflow_datasets as tfds
+
+  tfds_name = benchmarks.BENCHMARKS[name].tfds_name
+  real = tfds.builder_cls(tfds_name)
+  rows = {"train": [], "test": []}
+  for n, (path, (data, cls)) in enumerate(sorted(files.items())):
+    label = int(cls.split(".")[0]) - 1
+    split = ("train" if label < 2 else "test") if name == "sop" else ("test" if n % 2 else "train")
+    k = len(rows[split])
+    if name == "cub200":
+      mask = io.BytesIO()
+      Image.fromarray(np.zeros((4, 4), np.uint8)).save(mask, "PNG")
+      bbox = tfds.features.BBox(0.0, 0.0, 1.0, 1.0)
+      ex = {
+        "image/filename": path,
+        "label": label,
+        "label_name": "bird",
+        "bbox": bbox,
+        "segmentation_mask": mask.getvalue(),
+      }
+    elif name == "cars196":
+      ex = {"label": label, "bbox": tfds.features.BBox(0.0, 0.0, 1.0, 1.0), "id": f"{k + 1:05d}"}
+    else:
+      ex = {"class_id": label, "super_class_id/num": 0, "super_class_id": 0}
+    rows[split].append((f"{split}{k}", dict(ex, image=data)))
+
+  def split_generators(self, dl_manager):
+    return {split: iter(examples) for split, examples in rows.items()}
+
+  camel = "".join(w.title() for w in tfds_name.split("_"))
+  fake = type(camel, (real,), {"name": tfds_name, "_split_generators": split_generators}, skip_registration=True)
+  fake(data_dir=str(data_dir)).download_and_prepare(file_format="array_record")
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_tfds_builders_give_the_archives_split(name, tmp_path):
+  """TFDS's builder, re-split by class, holds the archive's classes, seen half and images."""
+  files = MAKERS[name](tmp_path)
+  make_tfds(name, files, tmp_path / "tfds")
+  archive = sources.load_image_sets(_config(name, tmp_path, tmp_path / "cache").data)
+  c = _config(name, "", tmp_path / "cache")
+  c.data.benchmark_format, c.data.tfds_data_dir = "tfds", str(tmp_path / "tfds")
+  sets, report = sources.load_image_sets_and_report(c.data)
+  assert report["num_seen_classes"] == 2 and report["num_skipped"] == 0
+  number = lambda ids: [i.split(".")[0] for i in ids]  # TFDS names classes its own way (cub: unnamed)
+  assert number(sets["train"].class_ids) == number(archive["train"].class_ids)
+  assert len(sets["train"].class_ids) == 4
+  for part in ("train", "test"):
+    assert (
+      np.bincount(sets[part].labels, minlength=4).tolist() == np.bincount(archive[part].labels, minlength=4).tolist()
+    )
+  # Per class, the same images (the held-out ones may differ: TFDS numbers cars196's files and shuffles SOP's).
+  digest = lambda s, i: hashlib.sha1(np.ascontiguousarray(s.images[i])).hexdigest()
+  for label in range(4):
+    got = sorted(digest(s, i) for s in sets.values() for i in np.flatnonzero(s.labels == label))
+    want = sorted(digest(s, i) for s in archive.values() for i in np.flatnonzero(s.labels == label))
+    assert got == want and got
+  if name == "cub200":  # its file names keep the archive's order: the same held-out images
+    assert sorted(digest(sets["test"], i) for i in range(len(sets["test"]))) == sorted(
+      digest(archive["test"], i) for i in range(len(archive["test"]))
+    )

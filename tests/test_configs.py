@@ -69,3 +69,25 @@ def test_docstring_gives_both_backbones_published_results():
   doc = _load("protocol").__doc__
   for number in ("69.51", "67.96", "96.3", "91.2", "86.51", "82.54"):
     assert number in doc
+
+
+@pytest.mark.parametrize(
+  "name,source,seen", [("cub200", "cub200", 100), ("cars196", "cars196", 98), ("sop", "sop", 11318)]
+)
+def test_benchmark_configs_read_the_archive_or_tfds(name, source, seen):
+  module = _load(name)
+  for fmt in ("archive", "tfds"):
+    c = module.get_config(f"loss=contrastive,format={fmt}")
+    assert (c.data.source, c.data.benchmark_format, c.data.num_seen_classes) == (source, fmt, seen)
+    assert c.classifier.loss == "contrastive" and c.data.seen_classes == "first"
+    validate.check_config(c)
+  with pytest.raises(ValueError, match=rf"configs/{name}.py:format=zip: format='zip', expected one of archive, tfds"):
+    module.get_config("format=zip")
+  c = module.get_config("format=tfds")
+  c.data.root = "/data/cub"
+  with pytest.raises(ValueError, match="data.root='/data/cub' is set, but data.benchmark_format='tfds' reads"):
+    validate.check_config(c)
+  c = module.get_config()
+  c.data.benchmark_format = "tfrecord"
+  with pytest.raises(ValueError, match="data.benchmark_format"):
+    validate.check_config(c)

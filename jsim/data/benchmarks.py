@@ -13,10 +13,15 @@ unseen ones (Reality Check, Musgrave et al. 2020; PML's datasets).
            ('image_id class_id super_class_id path'), <category>_final/<file>.JPG};
            22,634 classes, 120,053 images; seen: the 11,318 classes of Ebay_train.txt
 
+data.benchmark_format='archive' (the default) reads the official files:
 `data.root` is the unpacked folder, or a folder holding the official archive(s),
 which are then unpacked once into the cache (`<cache>/extracted/`); with
 data.root empty the archives are downloaded into `<cache>/downloads` and checked
-against their md5. The result has the two parts every stage reads: 'test' holds
+against their md5. data.benchmark_format='tfds' reads TFDS's own builder of the
+data set instead (caltech_birds2011, cars196, stanford_online_products), prepared
+as array_record in data.tfds_data_dir: both of its splits, re-split by class as
+below (classes in the ClassLabel's order, which is the official one; for SOP the
+classes of TFDS's 'train' split are the seen ones). The result has the two parts every stage reads: 'test' holds
 every image of the unseen classes and a `data.seen_test_fraction` of each seen
 class (spread evenly over its images, in file order), so that the five-case
 evaluation has seen test images too; 'train' holds the other seen-class images
@@ -42,6 +47,7 @@ from absl import logging
 from jsim.data import cache, download, tiny_imagenet
 from jsim.data.dataset import ImageSet
 
+FORMATS = ("archive", "tfds")  # data.benchmark_format: the official files, or TFDS's builder
 # Bump when the index or the split of the parts changes.
 _VERSION = 1
 
@@ -59,6 +65,8 @@ class Benchmark:
   markers: tuple[str, ...]  # what identifies the unpacked layout, relative to its root
   archives: tuple[Archive, ...]
   read_index: Callable[[Path], list[tuple[str, str, bool]]]  # root -> [(relative image path, class id, seen)]
+  tfds_name: str  # TFDS's builder of the same data set
+  tfds_seen: str  # 'first_half' of the classes, or the classes of TFDS's 'train_split'
 
   def unpacked_at(self, root: Path) -> bool:
     return all((root / m).exists() for m in self.markers)
@@ -136,6 +144,8 @@ BENCHMARKS: dict[str, Benchmark] = {
       ),
     ),
     _cub_index,
+    "caltech_birds2011",
+    "first_half",
   ),
   "cars196": Benchmark(
     "cars196",
@@ -147,6 +157,8 @@ BENCHMARKS: dict[str, Benchmark] = {
       ),
     ),
     _cars_index,
+    "cars196",
+    "first_half",
   ),
   "sop": Benchmark(
     "sop",
@@ -159,6 +171,8 @@ BENCHMARKS: dict[str, Benchmark] = {
       ),
     ),
     _sop_index,
+    "stanford_online_products",
+    "train_split",
   ),
 }
 
@@ -282,6 +296,11 @@ def load(name: str, data_config: Any) -> tuple[dict[str, ImageSet], dict[str, An
   image_size = _get(data_config, "image_size", 224)
   on_bad_image = _get(data_config, "on_bad_image", "error")
   fraction = float(_get(data_config, "seen_test_fraction", 0.2))
+  benchmark_format = _get(data_config, "benchmark_format", "archive")
+  if benchmark_format not in FORMATS:
+    raise ValueError(f"data.benchmark_format={benchmark_format!r}: expected one of {', '.join(FORMATS)}")
+  if benchmark_format == "tfds":
+    return _load_tfds(bench, data_config, image_size, on_bad_image, fraction)
   root = locate(bench, data_config)
   index = bench.read_index(root)
   if not index:
@@ -361,3 +380,58 @@ def load(name: str, data_config: Any) -> tuple[dict[str, ImageSet], dict[str, An
     meta["num_seen_classes"],
   )
   return sets, dict(meta, cache_hit=False, cache_path=str(path))
+
+
+def _load_tfds(bench: Benchmark, data_config: Any, image_size: int, on_bad_image: str, fraction: float):
+  """load() from TFDS's builder of `bench` (array_record): both splits, re-split by class as the archives are."""
+  from jsim.data import tfds_source  # lazy: TFDS is heavy
+
+  data_dir = _get(data_config, "tfds_data_dir", "") or None
+  threads = _get(data_config, "num_workers", None) or os.cpu_count() or 1
+  decoded, index, total = {}, [], 0
+  for split in ("train", "test"):
+    ts = tfds_source.open_tfds_split(bench.tfds_name, split, data_dir)
+    total += len(ts)
+    part = decoded[split] = tfds_source.read_image_set(ts, image_size, on_bad_image=on_bad_image, num_threads=threads)
+    official = np.argsort(ts.label_map)  # position in the sorted names -> TFDS label, the official order
+    width = max(3, len(str(len(official))))
+    for i, (image_id, label) in enumerate(zip(part.image_ids, part.labels)):
+      name = part.class_ids[label]
+      number = int(official[label])
+      cls = f"{number + 1:0{width}d}" + ("" if name == str(number) else "." + name.replace("/", "-"))
+      index.append([image_id, cls, split == "train" if bench.tfds_seen == "train_split" else None, split, i])
+  ids = [row[0] for row in index]
+  if len(set(ids)) < len(ids):  # cars196's splits number their images alike
+    for row in index:
+      row[0] = f"{row[3]}/{row[0]}"
+  where = {row[0]: (row[3], row[4]) for row in index}
+  index = [tuple(row[:3]) for row in index]
+  if bench.tfds_seen == "first_half":
+    index = _first_half_seen(index)
+  if not index:
+    raise ValueError(f"TFDS data set {bench.tfds_name!r} in {data_dir or 'the default data dir'} holds no image")
+  class_ids = tuple(sorted({c for _, c, _ in index}))
+  label_of = {c: i for i, c in enumerate(class_ids)}
+  sets = {}
+  for p, rows in parts_of(index, fraction).items():
+    images = np.empty((len(rows), image_size, image_size, 3), np.uint8)
+    for j, (key, _) in enumerate(rows):
+      split, i = where[key]
+      images[j] = decoded[split].images[i]
+    labels = np.asarray([label_of[c] for _, c in rows], np.int32)
+    sets[p] = ImageSet(images, labels, class_ids, tuple(k for k, _ in rows))
+  meta = {
+    "source": bench.name,
+    "location": f"tfds:{bench.tfds_name} in {data_dir or 'the default TFDS data dir'}",
+    "image_size": image_size,
+    "num_classes": len(class_ids),
+    "num_seen_classes": len({c for _, c, s in index if s}),
+    "num_images": {p: len(sets[p]) for p in sets},
+    "seen_test_fraction": fraction,
+    "num_skipped": total - len(index),
+    "cache_hit": False,
+  }
+  logging.info(
+    "%s from %s: %d train + %d test images", bench.name, meta["location"], len(sets["train"]), len(sets["test"])
+  )
+  return sets, meta

@@ -48,6 +48,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.tfds_train_split = "train"
   c.tfds_test_split = "test"
   c.seen_test_fraction = 0.2  # cub200 / cars196 / sop: share of each seen class held out as test images
+  c.benchmark_format = "archive"  # cub200 / cars196 / sop: archive (the official files) | tfds (TFDS's builder)
   c.synthetic = ml_collections.ConfigDict(
     dict(num_classes=20, train_per_class=100, test_per_class=20, image_size=64, seed=0, grayscale_fraction=0.02)
   )

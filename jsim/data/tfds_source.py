@@ -294,7 +294,7 @@ def open_tfds_split(name: str, split: str, data_dir: str | os.PathLike | None = 
     if part.split("[")[0].strip() not in builder.info.splits:
       raise ValueError(f"TFDS data set {name!r} has no split {part!r} (it has {sorted(builder.info.splits)})")
   image_key = _pick_key(features, tfds.features.Image, ("image",), "Image", name)
-  label_key = _pick_key(features, tfds.features.ClassLabel, ("label",), "ClassLabel", name)
+  label_key = _pick_key(features, tfds.features.ClassLabel, ("label", "class_id"), "ClassLabel", name)
   id_key = _pick_key(features, tfds.features.Text, _ID_KEYS, "Text", name, required=False)
   if id_key is not None and id_key not in _ID_KEYS:
     id_key = None  # A lone Text feature need not name the image (e.g. a caption).
