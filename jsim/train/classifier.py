@@ -90,13 +90,7 @@ def train_step(
     return losses.mean(), (losses, logits, updates)
 
   grads, (losses, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
-  param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(
-    step=state.step + 1,
-    params=optax.apply_updates(state.params, param_updates),
-    batch_stats=updates.get("batch_stats", state.batch_stats),
-    opt_state=opt_state,
-  )
+  new_state = state.apply_gradients(grads, tx, updates)
   return new_state, loop.add_to_sums(sums, losses, jnp.argmax(logits, -1) == labels, state.step)
 
 

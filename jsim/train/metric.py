@@ -168,13 +168,7 @@ def metric_train_step(
     return value, (emb, updates)
 
   (value, (emb, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(
-    step=state.step + 1,
-    params=optax.apply_updates(state.params, param_updates),
-    batch_stats=updates.get("batch_stats", state.batch_stats),
-    opt_state=opt_state,
-  )
+  new_state = state.apply_gradients(grads, tx, updates)
   # The sums count images: the batch's loss once per image, so loss_sum / count is the mean batch loss.
   per_image = jnp.full(labels.shape, value, jnp.float32)
   return new_state, loop.add_to_sums(sums, per_image, _batch_precision_at_1(emb, labels), state.step)

@@ -142,8 +142,7 @@ def train_step(
     return losses.mean(), (losses, logits)
 
   grads, (losses, logits) = jax.grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+  new_state = state.apply_gradients(grads, tx)
   return new_state, loop.add_to_sums(sums, losses, jnp.argmax(logits, -1) == y, state.step)
 
 

@@ -33,3 +33,13 @@ class TrainState:
     if self.batch_stats:
       v["batch_stats"] = self.batch_stats
     return v
+
+  def apply_gradients(self, grads, tx: optax.GradientTransformation, new_variables: dict | None = None) -> "TrainState":
+    """One optimizer step; `new_variables`: the mutable collections a train-mode apply returned."""
+    updates, opt_state = tx.update(grads, self.opt_state, self.params)
+    return self.replace(
+      step=self.step + 1,
+      params=optax.apply_updates(self.params, updates),
+      batch_stats=(new_variables or {}).get("batch_stats", self.batch_stats),
+      opt_state=opt_state,
+    )
