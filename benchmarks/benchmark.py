@@ -260,7 +260,7 @@ def bench_embed(args, model_name: str, model, state, data, mesh) -> dict:
 def bench_stage2(args, mesh, rng) -> tuple[dict, object, object]:
   """Stage-2 train pairs/s; also returns (Ms, its params) for the evaluator."""
   from jsim import parallel
-  from jsim.train import classifier, similarity
+  from jsim.train import schedule, similarity
 
   config = _base_config(args, "resnet50", 64)
   # Few validation pairs (not measured), so that a reduced run's small classes can still
@@ -272,7 +272,7 @@ def bench_stage2(args, mesh, rng) -> tuple[dict, object, object]:
   labels = np.repeat(np.arange(NUM_CLASSES), per_class).astype(np.int32)
   emb = rng.standard_normal((labels.size, dim), dtype=np.float32)
   model = similarity.build_similarity(config, dim)
-  tx = classifier.make_optimizer(config.similarity)
+  tx = schedule.optimizer_from(config.similarity)
   state = parallel.put_replicated(similarity.init_state(config, model, dim, tx), mesh)
   plan = similarity.SimilarityPlan(config, emb, labels, model, tx, mesh)
   compile_s, sec, state = _time_plan(plan, state, args)

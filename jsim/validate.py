@@ -54,7 +54,7 @@ def _training(prefix: str, cfg, devices: int) -> None:
   _positive(f"{prefix}.keep_checkpoints", cfg.keep_checkpoints)
   from jsim.train import schedule
 
-  _choice(f"{prefix}.nag_form", cfg.get("nag_form", "optax"), schedule.NAG_FORMS)
+  _choice(f"{prefix}.nag_form", cfg.nag_form, schedule.NAG_FORMS)
 
 
 def _pair_count(key: str, value) -> None:
@@ -187,7 +187,7 @@ def check_config(config) -> None:
   _positive("evaluation.chunk_size", e.chunk_size)
   _divisible("evaluation.chunk_size", e.chunk_size, devices)
   _positive("evaluation.num_bins", e.num_bins)
-  for other in e.get("compare_workdirs", ()):
+  for other in e.compare_workdirs:
     if not (Path(other) / "evaluation.npz").is_file():
       raise ValueError(f"evaluation.compare_workdirs: {other} has no evaluation.npz (evaluate it first)")
 

@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from jsim import parallel
 from jsim.data import pairs as pairs_lib
-from jsim.train import classifier, loop, similarity
+from jsim.train import loop, schedule, similarity
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
 
@@ -38,7 +38,7 @@ def test_similarity_plan_exclusion(exclusion):
   labels = np.repeat(np.arange(6), 6).astype(np.int32)
   emb = np.random.default_rng(0).normal(size=(36, 32)).astype(np.float32)
   model = similarity.build_similarity(config, 32)
-  tx = classifier.make_optimizer(config.similarity)
+  tx = schedule.optimizer_from(config.similarity)
   mesh = Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,))
   plan = similarity.SimilarityPlan(config, emb, labels, model, tx, mesh)
   drawn = pairs_lib.num_pairs(6, 2, 10)  # 120

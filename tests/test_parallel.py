@@ -129,7 +129,7 @@ def _four_devices() -> dict:
   from jsim.evaluate import pairwise
   from jsim.train import embeddings as embed
   from jsim.models.similarity import make_prob_fn
-  from jsim.train import classifier, loop, similarity
+  from jsim.train import classifier, loop, schedule, similarity
 
   assert jax.device_count() == 4, jax.devices()
   mesh4 = parallel.make_mesh()
@@ -203,7 +203,7 @@ def _four_devices() -> dict:
   labels = np.repeat(np.arange(6), 10).astype(np.int32)
   emb = rng.normal(size=(60, 32)).astype(np.float32)
   smodel = similarity.build_similarity(config, 32)
-  stx = classifier.make_optimizer(config.similarity)
+  stx = schedule.optimizer_from(config.similarity)
   res = []
   for m in (mesh4, mesh1):
     state = parallel.put_replicated(jax.tree.map(np.asarray, similarity.init_state(config, smodel, 32, stx)), m)

@@ -411,7 +411,7 @@ def test_ensemble_workdir_concatenates_member_embeddings(trained, tmp_path):
   import jax
   from jsim.checkpoint import StageCheckpoints
   from jsim.models.similarity import make_prob_fn
-  from jsim.train import classifier, similarity
+  from jsim.train import schedule, similarity
 
   w2 = shutil.copytree(trained.workdir, tmp_path / "w2", ignore=shutil.ignore_patterns("predict_cache", "stage2"))
   (w2 / "stage2").mkdir()
@@ -426,7 +426,7 @@ def test_ensemble_workdir_concatenates_member_embeddings(trained, tmp_path):
   config = configs.config_from_dict({"similarity": stage2["similarity"], "model": {"dtype": "float32"}})
   config.seed = 3  # weights unlike the trained Ms
   model = similarity.build_similarity(config, dim)
-  state = similarity.init_state(config, model, dim, classifier.make_optimizer(config.similarity))
+  state = similarity.init_state(config, model, dim, schedule.optimizer_from(config.similarity))
   ckpts = StageCheckpoints(w2 / "stage2" / "checkpoints")
   ckpts.save(0, state, {"best": {"step": 0, "epoch": 1, "val_accuracy": 0.5}}, val_accuracy=0.5)
   ckpts.close()

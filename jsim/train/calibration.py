@@ -23,7 +23,7 @@ SIMILARITY_MODELS = ("mlp", "distance")
 
 
 def uses_distance(config) -> bool:
-  model = config.similarity.get("model", "mlp")
+  model = config.similarity.model
   if model not in SIMILARITY_MODELS:
     raise ValueError(f"similarity.model={model!r}: expected one of {', '.join(SIMILARITY_MODELS)}")
   return model == "distance"

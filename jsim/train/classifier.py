@@ -49,15 +49,8 @@ def initial_variables(config, model, num_classes: int, input_size: int) -> dict:
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
-  if metric.is_metric(cfg):
-    return metric.make_optimizer(cfg)
-  return schedule.make_optimizer(
-    learning_rate=cfg.learning_rate,
-    momentum=cfg.momentum,
-    nesterov=cfg.nesterov,
-    weight_decay=cfg.weight_decay,
-    nag_form=cfg.get("nag_form", "optax"),
-  )
+  """Stage 1's optimizer for config.classifier: the protocol's SGD, per parameter group for a metric loss."""
+  return metric.make_optimizer(cfg) if metric.is_metric(cfg) else schedule.optimizer_from(cfg)
 
 
 def _input_dtype(model):
@@ -419,7 +412,7 @@ def write_augmentation_figure(config, data, workdir: Path, stage_dir: Path) -> P
   """The source's Table 1 as a picture: evaluation.augmentation_examples stage-1 train images
   under each augmentation (W/figures/augmentations.png, and stage 1's TensorBoard Images).
   Written once per workdir, by the main process; 0 examples: not at all."""
-  n = int(config.evaluation.get("augmentation_examples", 0))
+  n = config.evaluation.augmentation_examples
   out = Path(workdir) / AUGMENTATION_FIGURE
   if n <= 0 or not parallel.is_main_process() or out.exists():
     return None

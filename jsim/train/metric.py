@@ -47,13 +47,13 @@ METRIC_FIELDS = (
 
 def is_metric(cfg) -> bool:
   """Whether stage 1 (config.classifier) trains by a metric-learning loss rather than cross-entropy."""
-  return cfg.get("loss", CROSS_ENTROPY) != CROSS_ENTROPY
+  return cfg.loss != CROSS_ENTROPY
 
 
 def check_config(cfg) -> None:
   """ValueError naming the first impossible metric-learning value of config.classifier (before any data)."""
   if not is_metric(cfg):
-    if cfg.get("sampler", "auto") == "m_per_class":
+    if cfg.sampler == "m_per_class":
       raise ValueError(
         "classifier.sampler='m_per_class' needs a metric-learning classifier.loss; cross_entropy "
         "keeps the protocol's uniform batches"
@@ -76,7 +76,7 @@ def check_config(cfg) -> None:
 def retrieval_distance(cfg) -> str:
   """How embeddings are ranked for P@1 / MAP@R: classifier.retrieval_distance, where 'auto' is cosine for
   the metric losses (they compare L2-normalised embeddings) and L2 for cross_entropy and pair_ms."""
-  distance = cfg.get("retrieval_distance", "auto")
+  distance = cfg.retrieval_distance
   if distance == "auto":
     return "cosine" if is_metric(cfg) and cfg.loss != "pair_ms" else "l2"
   if distance not in ("l2", "cosine"):
@@ -118,12 +118,8 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     return 1.0 if value is None else value / cfg.learning_rate
 
   groups = lambda params: jax.tree_util.tree_map_with_path(lambda p, _: param_group(p), params)
-  return schedule.make_optimizer(
-    learning_rate=cfg.learning_rate,
-    momentum=cfg.momentum,
-    nesterov=cfg.nesterov,
-    weight_decay=cfg.weight_decay,
-    nag_form=cfg.get("nag_form", "optax"),
+  return schedule.optimizer_from(
+    cfg,
     param_groups=groups,
     rate_multipliers={"backbone": 1.0, "head": rate("head_learning_rate"), "loss": rate("loss_learning_rate")},
   )

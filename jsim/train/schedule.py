@@ -121,6 +121,18 @@ def make_optimizer(
   return optax.inject_hyperparams(grouped)(learning_rate=learning_rate)
 
 
+def optimizer_from(cfg, **groups) -> optax.GradientTransformation:
+  """make_optimizer with a config section's learning_rate, momentum, nesterov, weight_decay, nag_form."""
+  return make_optimizer(
+    learning_rate=cfg.learning_rate,
+    momentum=cfg.momentum,
+    nesterov=cfg.nesterov,
+    weight_decay=cfg.weight_decay,
+    nag_form=cfg.nag_form,
+    **groups,
+  )
+
+
 def get_learning_rate(opt_state) -> float:
   return float(opt_state.hyperparams["learning_rate"])
 

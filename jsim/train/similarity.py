@@ -15,7 +15,7 @@ from jsim import models, parallel, workdir as wd
 from jsim.checkpoint import abstract_like, restore_best
 from jsim.data import pairs as pairs_lib
 from jsim.models.similarity import SimilarityMLP
-from jsim.train import calibration, classifier, loop
+from jsim.train import calibration, loop, schedule
 from jsim.train.embeddings import load_embeddings
 from jsim.train.metrics_writer import progress_bar
 from jsim.train.state import TrainState
@@ -163,7 +163,7 @@ class SimilarityPlan:
       validation_pairs(config, self.class_index, self.classes), mesh
     )
     self.exclusion = pairs_lib.make_exclusion(self.val_pairs)
-    self._exclusion_mode = cfg.get("exclusion", "redraw")
+    self._exclusion_mode = cfg.exclusion
     n_dev = mesh.devices.size
     # 'redraw' keeps C(C-1)k + Cs pairs every epoch; 'remove' drops the drawn ones that are
     # validation pairs, so an epoch's count (and its last batch) is known once it is drawn.
@@ -248,7 +248,7 @@ def restore_similarity(config, workdir: str | Path, mesh, *, dim: int, stage: st
   if wd.stage_result(workdir, stage) is None:
     raise FileNotFoundError(f"{workdir / stage}: stage 2 has not finished; run --config.stage=similarity first")
   model = build_similarity(config, dim)
-  tx = classifier.make_optimizer(config.similarity)
+  tx = schedule.optimizer_from(config.similarity)
   abstract = abstract_like(jax.eval_shape(lambda: init_state(config, model, dim, tx)), parallel.replicated(mesh))
   state, _ = restore_best(workdir / stage, abstract, "stage-2")
   return model, state
@@ -276,7 +276,7 @@ def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> 
   mesh = parallel.make_mesh()
   dim = emb["train"].shape[1]
   model = build_similarity(config, dim)
-  tx = classifier.make_optimizer(config.similarity)
+  tx = schedule.optimizer_from(config.similarity)
   state = parallel.put_replicated(init_state(config, model, dim, tx), mesh)
   plan = SimilarityPlan(config, emb["train"], emb["train_labels"], model, tx, mesh)
   identity["split_sha256"] = wd.split_digest(workdir)
