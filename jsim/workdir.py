@@ -116,6 +116,34 @@ def _identity(d: Any) -> Any:
   return d
 
 
+def _with_new_keys(recorded: Any, now: Any, defaults: Any) -> Any:
+  """`recorded` plus the keys it lacks that `now` has, at their `defaults` value.
+
+  A key added to jsim after a workdir was made reads as its default there: a new key's
+  default keeps the old behaviour (the rule for every new key; a changed default is a
+  recorded value that differs, and still refuses).
+  """
+  if not (isinstance(recorded, dict) and isinstance(now, dict) and isinstance(defaults, dict)):
+    return recorded
+  out = dict(recorded)
+  for k, v in now.items():
+    if k not in recorded and k in defaults:
+      out[k] = defaults[k]
+    elif k in recorded:
+      out[k] = _with_new_keys(recorded[k], v, defaults.get(k))
+  return out
+
+
+def _defaults() -> dict:
+  from jsim import configs  # lazy: the configs import the components
+
+  return config_to_dict(configs.base_config())
+
+
+def _recorded_identity(recorded: dict, now: dict) -> Any:
+  return _with_new_keys(_identity(recorded), _identity(now), _defaults())
+
+
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
   if isinstance(a, dict) and isinstance(b, dict):
     out = []
@@ -153,7 +181,7 @@ def check_recorded(workdir: Path, stage: str, expected: dict) -> None:
   path = Path(workdir) / stage / "config.json"
   if not path.exists():
     return
-  diffs = _differences(_subset(_read_record(path), expected), expected)
+  diffs = _differences(_subset(_with_new_keys(_read_record(path), expected, _defaults()), expected), expected)
   if diffs:
     raise ValueError(
       f"{path.parent} was made by another configuration ({'; '.join(diffs[:4])}); "
@@ -253,7 +281,7 @@ def check_stage(workdir: Path, stage: str, identity: dict, *, overwrite: bool, d
     return False
   recorded_path = stage_dir / "config.json"
   if recorded_path.exists():
-    diffs = _differences(_identity(_read_record(recorded_path)), _identity(identity))
+    diffs = _differences(_recorded_identity(_read_record(recorded_path), identity), _identity(identity))
     if diffs and _stale_only([d.split(":")[0] for d in diffs], derived):
       return False  # derived from outputs that have changed: claim_stage replaces it
     if diffs:
@@ -285,7 +313,7 @@ def claim_stage(
   recorded_path = stage_dir / "config.json"
   replace = replaces(workdir, stage, overwrite)
   if not replace and recorded_path.exists():
-    diffs = _differences(_identity(_read_record(recorded_path)), _identity(identity))
+    diffs = _differences(_recorded_identity(_read_record(recorded_path), identity), _identity(identity))
     if diffs and _stale_only([d.split(":")[0] for d in diffs], derived):
       logging.warning("%s was computed from other inputs (%s): replacing it", stage_dir, "; ".join(diffs[:2]))
       _remove_stale([stage_dir], stage)

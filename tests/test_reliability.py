@@ -400,3 +400,23 @@ def test_killed_first_claim_leaves_a_usable_stage_folder(tmp_path):
   (tmp_path / "stage2" / "stray.txt").write_text("not jsim's")
   with pytest.raises(ValueError, match="exists but has no config.json"):
     wd.claim_stage(tmp_path, wd.STAGE2, {"seed": 0}, overwrite=False)
+
+
+def test_a_key_added_after_the_workdir_reads_as_its_default(tmp_path):
+  """A stage recorded before a config key existed continues at that key's default, refuses another value."""
+  from jsim import configs, workdir as wd
+  from jsim.train import classifier
+
+  config = configs.config_from_dict({"model": {"name": "resnet_tiny"}})
+  identity = classifier.stage_identity(config)
+  old = json.loads(json.dumps(identity, default=str))
+  del old["data"]["benchmark_format"], old["classifier"]["nag_form"]  # keys an older jsim did not have
+  (tmp_path / "stage1").mkdir()
+  (tmp_path / "stage1" / "config.json").write_text(json.dumps(old))
+  assert wd.check_stage(tmp_path, wd.STAGE1, identity, overwrite=False) is False  # accepted, not finished
+  config.data.benchmark_format = "tfds"
+  with pytest.raises(ValueError, match="data.benchmark_format: 'archive' in the workdir, 'tfds' now"):
+    wd.check_stage(tmp_path, wd.STAGE1, classifier.stage_identity(config), overwrite=False)
+  # A key the base config does not have (a run id, say) is still compared as recorded.
+  with pytest.raises(ValueError, match="stage1_run_id: None in the workdir, 'abc' now"):
+    wd.check_stage(tmp_path, wd.STAGE1, dict(identity, stage1_run_id="abc"), overwrite=False)
