@@ -134,14 +134,8 @@ def _with_new_keys(recorded: Any, now: Any, defaults: Any) -> Any:
   return out
 
 
-def _defaults() -> dict:
-  from jsim import configs  # lazy: the configs import the components
-
-  return config_to_dict(configs.base_config())
-
-
-def _recorded_identity(recorded: dict, now: dict) -> Any:
-  return _with_new_keys(_identity(recorded), _identity(now), _defaults())
+def _recorded_identity(recorded: dict, now: dict, defaults: dict | None) -> Any:
+  return _with_new_keys(_identity(recorded), _identity(now), _identity(defaults or {}))
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -181,7 +175,7 @@ def check_recorded(workdir: Path, stage: str, expected: dict) -> None:
   path = Path(workdir) / stage / "config.json"
   if not path.exists():
     return
-  diffs = _differences(_subset(_with_new_keys(_read_record(path), expected, _defaults()), expected), expected)
+  diffs = _differences(_subset(_read_record(path), expected), expected)
   if diffs:
     raise ValueError(
       f"{path.parent} was made by another configuration ({'; '.join(diffs[:4])}); "
@@ -273,15 +267,24 @@ def _stale_only(diffs_keys: list[str], derived: tuple[str, ...]) -> bool:
   return bool(diffs_keys) and all(k.split(".")[0] in derived for k in diffs_keys)
 
 
-def check_stage(workdir: Path, stage: str, identity: dict, *, overwrite: bool, derived: tuple[str, ...] = ()) -> bool:
+def check_stage(
+  workdir: Path,
+  stage: str,
+  identity: dict,
+  *,
+  overwrite: bool,
+  derived: tuple[str, ...] = (),
+  defaults: dict | None = None,
+) -> bool:
   """What claim_stage would decide, without writing anything: returns whether W/<stage> is finished
-  (and stays: not replaced); raises ValueError where claim_stage would refuse."""
+  (and stays: not replaced); raises ValueError where claim_stage would refuse. `defaults`: the
+  identity of the base config, for the keys a record made by an older jsim lacks."""
   stage_dir = Path(workdir) / stage
   if replaces(workdir, stage, overwrite):
     return False
   recorded_path = stage_dir / "config.json"
   if recorded_path.exists():
-    diffs = _differences(_recorded_identity(_read_record(recorded_path), identity), _identity(identity))
+    diffs = _differences(_recorded_identity(_read_record(recorded_path), identity, defaults), _identity(identity))
     if diffs and _stale_only([d.split(":")[0] for d in diffs], derived):
       return False  # derived from outputs that have changed: claim_stage replaces it
     if diffs:
@@ -299,7 +302,13 @@ def check_stage(workdir: Path, stage: str, identity: dict, *, overwrite: bool, d
 
 
 def claim_stage(
-  workdir: Path, stage: str, identity: dict, *, overwrite: bool, derived: tuple[str, ...] = ()
+  workdir: Path,
+  stage: str,
+  identity: dict,
+  *,
+  overwrite: bool,
+  derived: tuple[str, ...] = (),
+  defaults: dict | None = None,
 ) -> tuple[Path, bool]:
   """Makes W/<stage> ready for a run; returns (stage_dir, already_finished).
 
@@ -313,7 +322,7 @@ def claim_stage(
   recorded_path = stage_dir / "config.json"
   replace = replaces(workdir, stage, overwrite)
   if not replace and recorded_path.exists():
-    diffs = _differences(_recorded_identity(_read_record(recorded_path), identity), _identity(identity))
+    diffs = _differences(_recorded_identity(_read_record(recorded_path), identity, defaults), _identity(identity))
     if diffs and _stale_only([d.split(":")[0] for d in diffs], derived):
       logging.warning("%s was computed from other inputs (%s): replacing it", stage_dir, "; ".join(diffs[:2]))
       _remove_stale([stage_dir], stage)
@@ -323,7 +332,7 @@ def claim_stage(
       logging.warning("overwrite: removing %s", ", ".join(str(p) for p in stale))
     _remove_stale(stale, stage)
     mark_replaced(workdir, [stage, *_DERIVED.get(stage, ())])
-  finished = check_stage(workdir, stage, identity, overwrite=False, derived=derived)
+  finished = check_stage(workdir, stage, identity, overwrite=False, derived=derived, defaults=defaults)
   recorded = _read_record(recorded_path) if recorded_path.exists() else None
   if recorded != json.loads(json.dumps(identity, default=str)):  # (a finished stage is left untouched)
     if recorded is None:

@@ -413,10 +413,13 @@ def test_a_key_added_after_the_workdir_reads_as_its_default(tmp_path):
   del old["data"]["benchmark_format"], old["classifier"]["nag_form"]  # keys an older jsim did not have
   (tmp_path / "stage1").mkdir()
   (tmp_path / "stage1" / "config.json").write_text(json.dumps(old))
-  assert wd.check_stage(tmp_path, wd.STAGE1, identity, overwrite=False) is False  # accepted, not finished
+  defaults = classifier.stage_identity(configs.base_config())
+  with pytest.raises(ValueError, match="data.benchmark_format: None in the workdir, 'archive' now"):
+    wd.check_stage(tmp_path, wd.STAGE1, identity, overwrite=False)  # without the defaults: refused
+  assert wd.check_stage(tmp_path, wd.STAGE1, identity, overwrite=False, defaults=defaults) is False  # accepted
   config.data.benchmark_format = "tfds"
   with pytest.raises(ValueError, match="data.benchmark_format: 'archive' in the workdir, 'tfds' now"):
-    wd.check_stage(tmp_path, wd.STAGE1, classifier.stage_identity(config), overwrite=False)
+    wd.check_stage(tmp_path, wd.STAGE1, classifier.stage_identity(config), overwrite=False, defaults=defaults)
   # A key the base config does not have (a run id, say) is still compared as recorded.
   with pytest.raises(ValueError, match="stage1_run_id: None in the workdir, 'abc' now"):
-    wd.check_stage(tmp_path, wd.STAGE1, dict(identity, stage1_run_id="abc"), overwrite=False)
+    wd.check_stage(tmp_path, wd.STAGE1, dict(identity, stage1_run_id="abc"), overwrite=False, defaults=defaults)

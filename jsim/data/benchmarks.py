@@ -324,7 +324,7 @@ def load(name: str, data_config: Any) -> tuple[dict[str, ImageSet], dict[str, An
     sets, meta = hit
     return sets, dict(meta, cache_hit=True, cache_path=str(path))
   label_of = {c: i for i, c in enumerate(class_ids)}
-  idx = tiny_imagenet._Index(
+  idx = tiny_imagenet.Index(
     class_ids=class_ids,
     files={p: [f for f, _ in parts[p]] for p in tiny_imagenet.PARTS},
     labels={p: [label_of[c] for _, c in parts[p]] for p in tiny_imagenet.PARTS},
@@ -335,7 +335,7 @@ def load(name: str, data_config: Any) -> tuple[dict[str, ImageSet], dict[str, An
   if path.exists():
     shutil.rmtree(path)
   with cache.atomic_dir(path) as tmp:
-    stats = tiny_imagenet._decode_all(
+    stats = tiny_imagenet.decode_all(
       _Root(root),
       idx,
       tmp,

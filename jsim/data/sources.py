@@ -138,14 +138,14 @@ def class_names(data_config, class_ids: tuple[str, ...]) -> list[str]:
   words: dict[str, str] = {}
   try:
     if source in ("folder", "synthetic"):
-      text = tiny_imagenet._Folder(d.root if source == "folder" else synthetic_root(d)).read("words.txt")
+      text = tiny_imagenet.Folder(d.root if source == "folder" else synthetic_root(d)).read("words.txt")
     elif source in ("zip", "download"):
       path = (
         d.zip_path
         if source == "zip"
         else cache.resolve_cache_dir(d.cache_dir) / "downloads" / (d.download_url.rsplit("/", 1)[-1] or "data.zip")
       )
-      text = tiny_imagenet._Zip(path).read("words.txt")
+      text = tiny_imagenet.Zip(path).read("words.txt")
     else:
       text = b""
     for line in text.decode(errors="replace").splitlines():

@@ -95,19 +95,19 @@ def decode_image(data: bytes | np.ndarray, image_size: int | None = 64) -> tuple
 # Sources: a listing of the relevant files and a way to read them.
 
 
-def open_layout(path: str | os.PathLike) -> "_Folder | _Zip":
+def open_layout(path: str | os.PathLike) -> "Folder | Zip":
   """The tiny-imagenet-200 layout at `path`: its folder (or one holding it), its zip, or a folder holding the zip."""
   path = Path(path).expanduser()
   if path.is_file():
-    return _Zip(path)
+    return Zip(path)
   if path.is_dir() and not any((p / "wnids.txt").is_file() for p in (path, path / _FOLDER_NAME)):
     zips = [z for z in [path / f"{_FOLDER_NAME}.zip"] + sorted(path.glob("*.zip")) if z.is_file()]
     if zips:
-      return _Zip(zips[0])
-  return _Folder(path)
+      return Zip(zips[0])
+  return Folder(path)
 
 
-class _Folder:
+class Folder:
   """An unpacked tiny-imagenet-200 folder."""
 
   kind = "folder"
@@ -163,7 +163,7 @@ class _Folder:
     return self.read
 
 
-class _Zip:
+class Zip:
   """tiny-imagenet-200.zip, read in place (never unpacked)."""
 
   kind = "zip"
@@ -238,7 +238,7 @@ def _is_image_path(rel: str) -> bool:
 
 
 @dataclasses.dataclass
-class _Index:
+class Index:
   class_ids: tuple[str, ...]
   files: dict[str, list[str]]  # part -> relative paths, in output order
   labels: dict[str, list[int]]
@@ -247,12 +247,12 @@ class _Index:
   ignored: int  # files in image folders without an image extension
 
 
-def build_index(src: _Folder | _Zip, on_bad_image: str) -> _Index:
+def build_index(src: Folder | Zip, on_bad_image: str) -> Index:
   """Which file is which image of which class, checked (see the module doc); the one reader of the layout."""
   return _build_index(src, src.listing(), on_bad_image)
 
 
-def _build_index(src: _Folder | _Zip, listing: dict[str, Any], on_bad_image: str) -> _Index:
+def _build_index(src: Folder | Zip, listing: dict[str, Any], on_bad_image: str) -> Index:
   skipped: list[dict[str, str]] = []
 
   def bad(rel: str, message: str):
@@ -328,7 +328,7 @@ def _build_index(src: _Folder | _Zip, listing: dict[str, Any], on_bad_image: str
     bad(rel, f"{src.describe(rel)} has no line in val/val_annotations.txt")
   val = sorted(val_label)
 
-  return _Index(
+  return Index(
     class_ids=class_ids,
     files={"train": [rel for _, _, rel in train], "test": [f"val/images/{n}" for n in val]},
     labels={"train": [label_of[w] for w, _, _ in train], "test": [val_label[n] for n in val]},
@@ -344,7 +344,7 @@ def _build_index(src: _Folder | _Zip, listing: dict[str, Any], on_bad_image: str
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(src: _Folder | _Zip, out_files: dict[str, str], image_size: int) -> None:
+def _init_worker(src: Folder | Zip, out_files: dict[str, str], image_size: int) -> None:
   _WORKER.clear()
   _WORKER.update(read=src.open(), out_files=out_files, image_size=image_size, maps={})
 
@@ -370,9 +370,9 @@ def _decode_chunk(task: tuple[str, int, Sequence[str]]) -> list[tuple[bool, str,
   return results
 
 
-def _decode_all(
-  src: _Folder | _Zip,
-  index: _Index,
+def decode_all(
+  src: Folder | Zip,
+  index: Index,
   tmp: Path,
   *,
   image_size: int,
@@ -465,7 +465,7 @@ def _decode_all(
 
 
 def _load(
-  src: _Folder | _Zip,
+  src: Folder | Zip,
   *,
   image_size: int,
   on_bad_image: str,
@@ -483,7 +483,7 @@ def _load(
   t0 = time.perf_counter()
   listing = src.listing()
   source_id = cache.digest([cache.FORMAT_VERSION, src.kind, src.location, image_size, on_bad_image])
-  stat = [src.stat_key()] if isinstance(src, _Zip) else []
+  stat = [src.stat_key()] if isinstance(src, Zip) else []
   fingerprint = cache.digest([source_id, PIL.__version__, *stat, *sorted(listing.items())])
   path = cache.entry_dir(cache_root, source_id, fingerprint)
   hit = cache.read_entry(path)
@@ -497,7 +497,7 @@ def _load(
     shutil.rmtree(path)
   index = _build_index(src, listing, on_bad_image)
   with cache.atomic_dir(path) as tmp:
-    stats = _decode_all(
+    stats = decode_all(
       src, index, tmp, image_size=image_size, on_bad_image=on_bad_image, num_workers=num_workers, chunk_size=chunk_size
     )
     parts = {}
@@ -581,7 +581,7 @@ def load_folder(
   `if __name__ == '__main__':` guard (the workers are spawned).
   """
   return _load(
-    _Folder(root),
+    Folder(root),
     image_size=image_size,
     on_bad_image=on_bad_image,
     num_workers=num_workers,
@@ -601,7 +601,7 @@ def load_zip(
 ) -> tuple[dict[str, ImageSet], dict[str, Any]]:
   """Loads tiny-imagenet-200.zip without unpacking it; same result and report as load_folder."""
   return _load(
-    _Zip(zip_path),
+    Zip(zip_path),
     image_size=image_size,
     on_bad_image=on_bad_image,
     num_workers=num_workers,

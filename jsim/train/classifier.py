@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from jsim import models, parallel, workdir as wd
+from jsim import configs, models, parallel, workdir as wd
 from jsim.checkpoint import abstract_like, restore_best
 from jsim.data import augment, splits, streaming
 from jsim.data.prepare import Prepared, prepare
@@ -306,8 +306,8 @@ def restore_classifier(config, workdir: str | Path, mesh) -> tuple[object, Train
 def train_classifier(config, workdir: str | Path) -> dict:
   """Trains (or resumes) stage 1 in workdir/stage1 and returns its result.json."""
   workdir = Path(workdir)
-  identity = stage_identity(config)
-  finished = wd.check_stage(workdir, wd.STAGE1, identity, overwrite=config.overwrite)
+  identity, defaults = stage_identity(config), stage_identity(configs.base_config())
+  finished = wd.check_stage(workdir, wd.STAGE1, identity, overwrite=config.overwrite, defaults=defaults)
   if finished:
     result = wd.stage_result(workdir, wd.STAGE1, required=("best_step", "epochs"))
     if result["epochs"] >= config.classifier.num_epochs:
@@ -331,7 +331,7 @@ def train_classifier(config, workdir: str | Path) -> dict:
     plan = ClassifierPlan(config, data, model, tx, mesh)
   # Claimed once the data, the split and the model have loaded: a refused run leaves no claim.
   identity["split_sha256"] = wd.split_digest(workdir)
-  stage_dir, _ = wd.claim_stage(workdir, wd.STAGE1, identity, overwrite=config.overwrite)
+  stage_dir, _ = wd.claim_stage(workdir, wd.STAGE1, identity, overwrite=config.overwrite, defaults=defaults)
   write_augmentation_figure(config, data, workdir, stage_dir)
   settings = loop.LoopSettings.from_config(config.classifier, "stage 1")
   with contextlib.closing(MetricsWriter(stage_dir)) as writer:  # (the test metrics go to fit's event file)

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from jsim import models, parallel, workdir as wd
+from jsim import configs, models, parallel, workdir as wd
 from jsim.checkpoint import abstract_like, restore_best
 from jsim.data import pairs as pairs_lib
 from jsim.models.similarity import SimilarityMLP
@@ -260,9 +260,10 @@ def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> 
     return calibration.calibrate_stage(config, workdir, stage=stage)
   workdir = Path(workdir)
   emb = load_stage2_embeddings(config, workdir)
-  identity = stage_identity(config, emb)
+  identity, defaults = stage_identity(config, emb), stage_identity(configs.base_config(), emb)
   # A stage 2 on other embeddings (stage 1 retrained or continued) is derived, not the user's work: replaced.
-  finished = wd.check_stage(workdir, stage, identity, overwrite=config.overwrite, derived=("embeddings",))
+  check = dict(overwrite=config.overwrite, derived=("embeddings",), defaults=defaults)
+  finished = wd.check_stage(workdir, stage, identity, **check)
   if finished:
     result = wd.stage_result(workdir, stage, required=("best_step", "epochs"))
     if result["epochs"] >= config.similarity.num_epochs:
@@ -280,7 +281,7 @@ def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> 
   state = parallel.put_replicated(init_state(config, model, dim, tx), mesh)
   plan = SimilarityPlan(config, emb["train"], emb["train_labels"], model, tx, mesh)
   identity["split_sha256"] = wd.split_digest(workdir)
-  stage_dir, _ = wd.claim_stage(workdir, stage, identity, overwrite=config.overwrite, derived=("embeddings",))
+  stage_dir, _ = wd.claim_stage(workdir, stage, identity, **check)
   settings = loop.LoopSettings.from_config(config.similarity, "stage 2")
   state, meta = loop.fit(
     plan,
