@@ -290,3 +290,35 @@ def test_augmentation_figure(tmp_path):
   assert np.all(np.abs(angles) <= np.pi / 3)
   arr = _png(figures.plot_augmentations(examples, tmp_path / "aug.png", angles=angles, title="Table 1"))
   assert arr.shape[1] > arr.shape[0]
+
+
+def test_comparison_table_of_evaluated_workdirs(tmp_path, capsys):
+  """compare --table: one row per workdir, its method, five cases and retrieval, read from report.json."""
+  from jsim.evaluate import compare, pairwise
+
+  figures = lambda p1, mapr: {"precision@1": p1, "r_precision": 0.3, "map@r": mapr, "nmi": 0.4, "num_queries": 9}
+  retrieval = {"distance": "cosine", "seen": figures(0.5, 0.25), "unseen": figures(0.2, None)}
+  for name, loss in (("ce", None), ("ms", "multi_similarity")):
+    w, r = tmp_path / name, _result(0.4)
+    method = {"stage1_loss": loss, "similarity": "Ms on l1"} if loss else None
+    report.write_report(
+      w, r, val_threshold=None, backbone="resnet_tiny", method=method, embedding_retrieval=retrieval if loss else None
+    )
+    pairwise.save_result(r, w / compare.RESULT_FILE)
+  table = tmp_path / "cmp.md"
+  args = [str(tmp_path / "ce"), str(tmp_path / "ms"), f"--out={tmp_path / 'roc.png'}", f"--table={table}"]
+  assert compare.main(args) == 0
+  lines = table.read_text().splitlines()
+  assert lines[0].startswith(
+    "| run | backbone | stage 1 loss | pairs scored by | case 1 | case 2 | case 3 | case 4 | case 5 | overall | "
+    "seen (1-2) | unseen (4-5) | balanced (4, 5) | AUC | unseen AUC | P@1 seen |"
+  )
+  # By hand from _result's counts: cases 80/100, 190/200, 40/50, 30/40, 5/10; overall 345/400; (30+5)/(40+10).
+  cases = "| 80.00 % | 95.00 % | 80.00 % | 75.00 % | 50.00 % | 86.25 % | 90.00 % | 70.00 % | 62.50 % |"
+  assert lines[2].startswith("| ce | resnet_tiny |") and "| cross_entropy | - |" in lines[2] and cases in lines[2]
+  assert lines[3].endswith("| 50.00 % | 20.00 % | 25.00 % | - |") and "| multi_similarity | Ms on l1 |" in lines[3]
+  assert json.loads(table.with_suffix(".json").read_text())[1]["unseen_precision@1"] == 0.2
+  # A second run refuses to overwrite the table, in one line, and writes nothing.
+  capsys.readouterr()
+  assert compare.main([*args[:2], f"--out={tmp_path / 'other.png'}", f"--table={table}"]) == 1
+  assert "cmp.md exists" in capsys.readouterr().err and not (tmp_path / "other.png").exists()

@@ -1,6 +1,13 @@
-"""The source's Figure 7: both backbones' ROC curves (all / seen / unseen pairs) in one figure.
+"""The source's Figure 7: both backbones' ROC curves (all / seen / unseen pairs) in one figure,
+and one table of any number of evaluated workdirs (methods, losses, backbones).
 
   python -m jsim.evaluate.compare WORKDIR_RESNET WORKDIR_VGG --out=roc_backbones.png
+  python -m jsim.evaluate.compare runs/ce runs/ms runs/pa --out=roc.png --table=comparison.md
+
+The table (markdown, and the rows as JSON beside it) has per workdir the stage-1 loss,
+how pairs are scored, the five cases, overall / seen / unseen accuracy at 0.5, the
+balanced mean of cases 4 and 5, AUC overall and unseen, and P@1 / MAP@R of the seen and
+of the unseen test images (report.json's figures).
 
 Each workdir must have been evaluated (stage `evaluate`, which writes W/evaluation.npz,
 the test pairs' score histograms, beside report.json). A curve is labelled with the
@@ -16,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from jsim.evaluate import figures, pairwise
+from jsim.evaluate import figures, pairwise, report
 from jsim.published import BACKBONE_TITLES
 
 RESULT_FILE = "evaluation.npz"
@@ -30,9 +37,8 @@ def load_evaluated(workdir: str | Path) -> tuple[str, pairwise.PairEvalResult]:
   if not path.is_file():
     raise ValueError(f"{path} is missing: evaluate that workdir first (--config.stage=evaluate)")
   label = workdir.name
-  report = workdir / "report.json"
-  if report.is_file():
-    backbone = json.loads(report.read_text()).get("backbone") or label
+  if (workdir / "report.json").is_file():
+    backbone = _read_report(workdir).get("backbone") or label
     label = "+".join(BACKBONE_TITLES.get(b, b) for b in backbone.split("+"))
   return label, pairwise.load_result(path)
 
@@ -53,22 +59,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   parser = argparse.ArgumentParser(
     prog="python -m jsim.evaluate.compare",
-    description="Both backbones' ROC curves (the source's Figure 7) from evaluated workdirs.",
+    description="Both backbones' ROC curves (the source's Figure 7) from evaluated workdirs, and a table of them.",
   )
   parser.add_argument("workdirs", nargs="+", help="evaluated workdirs (each has evaluation.npz)")
   parser.add_argument("--out", default=FIGURE, help=f"output PNG (default {FIGURE})")
+  parser.add_argument("--table", default="", help="also write this markdown table (and its .json) of the workdirs")
   args = parser.parse_args(argv)
-  out = Path(args.out)
-  if out.exists():
-    print(f"error: {out} exists; pass another --out (nothing is overwritten)", file=sys.stderr)
-    return 1
+  out, table = Path(args.out), Path(args.table) if args.table else None
+  for path in (out, table, table and table.with_suffix(".json")):
+    if path is not None and path.exists():
+      print(f"error: {path} exists; pass another path (nothing is overwritten)", file=sys.stderr)
+      return 1
   try:
-    path = roc_of_workdirs(args.workdirs, out)
-  except (ValueError, OSError) as e:
+    rows = [report.comparison_row(_read_report(w), Path(w).name) for w in args.workdirs] if table else []
+    print(roc_of_workdirs(args.workdirs, out))
+    if table:
+      print(report.write_comparison(rows, table, table.with_suffix(".json")), end="")
+  except (ValueError, OSError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(path)
   return 0
+
+
+def _read_report(workdir: str | Path) -> dict:
+  path = Path(workdir) / "report.json"
+  if not path.is_file():
+    raise ValueError(f"{path} is missing: evaluate that workdir first (--config.stage=evaluate)")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not JSON ({e})") from None
 
 
 if __name__ == "__main__":

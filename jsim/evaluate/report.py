@@ -296,16 +296,49 @@ def write_report(
 # The research sweep.
 
 COMPARISON_COLUMNS: tuple[tuple[str, str, str], ...] = (
-  # key, header, format ('pct' | 'num' | 'str')
+  # key, header, format ('pct' | 'num' | 'str'); the sweep's rows and comparison_row's
   ("name", "run", "str"),
   ("backbone", "backbone", "str"),
+  ("stage1_loss", "stage 1 loss", "str"),
+  ("similarity", "pairs scored by", "str"),
   ("feature", "feature", "str"),
   ("val_accuracy", "val accuracy", "pct"),
   ("test_accuracy", "test accuracy", "pct"),
+  *((f"case_{k}", f"case {k}", "pct") for k in range(1, 6)),
+  ("overall_accuracy", "overall", "pct"),
   ("seen_accuracy", "seen (1-2)", "pct"),
   ("unseen_accuracy", "unseen (4-5)", "pct"),
+  ("balanced_unseen_accuracy", "balanced (4, 5)", "pct"),
   ("auc", "AUC", "num"),
+  ("unseen_auc", "unseen AUC", "num"),
+  ("seen_precision@1", "P@1 seen", "pct"),
+  ("unseen_precision@1", "P@1 unseen", "pct"),
+  ("seen_map@r", "MAP@R seen", "pct"),
+  ("unseen_map@r", "MAP@R unseen", "pct"),
 )
+
+
+def comparison_row(report: dict, name: str) -> dict:
+  """A report.json as one row of write_comparison: the method, the five cases and the seen/unseen figures at 0.5."""
+  at = report["accuracy_at_0.5"]
+  method = report.get("method") or {}  # (reports written before issue 12 have no method)
+  row = {
+    "name": name,
+    "backbone": report.get("backbone"),
+    "stage1_loss": method.get("stage1_loss", "cross_entropy"),
+    "similarity": method.get("similarity"),
+    **{f"case_{c['case']}": c["accuracy_at_0.5"] for c in report["cases"]},
+    "overall_accuracy": at["overall"],
+    "seen_accuracy": at["seen"],
+    "unseen_accuracy": at["unseen"],
+    "balanced_unseen_accuracy": (report.get("balanced_unseen_accuracy") or {}).get("at_0.5"),
+    "auc": report["auc"]["overall"],
+    "unseen_auc": report["auc"]["unseen"],
+  }
+  for part in ("seen", "unseen"):
+    for key in ("precision@1", "map@r"):
+      row[f"{part}_{key}"] = ((report.get("embedding_retrieval") or {}).get(part) or {}).get(key)
+  return row
 
 
 def _cell(v: Any, fmt: str) -> str:
