@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
-from jsim import configs, parallel, workdir as wd
+from jsim import parallel, workdir as wd
 from jsim.data import pairs as pairs_lib
 from jsim.models import distance as distance_lib
 
@@ -49,7 +49,7 @@ def calibrate_stage(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> d
 
   workdir = Path(workdir)
   emb = similarity.load_stage2_embeddings(config, workdir)
-  identity, defaults = similarity.stage_identity(config, emb), similarity.stage_identity(configs.base_config(), emb)
+  identity, defaults = similarity.identity_and_defaults(config, emb)
   stage_dir, finished = wd.claim_stage(workdir, stage, identity, overwrite=config.overwrite, defaults=defaults)
   if finished:
     result = wd.stage_result(workdir, stage)

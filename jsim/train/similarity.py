@@ -235,6 +235,11 @@ def stage_identity(config, emb: dict) -> dict:
   }
 
 
+def identity_and_defaults(config, emb: dict) -> tuple[dict, dict]:
+  """stage_identity of `config`, and of the base config (what a record lacking a newer key means)."""
+  return stage_identity(config, emb), stage_identity(configs.base_config(), emb)
+
+
 def init_state(config, model, embedding_dim: int, tx) -> TrainState:
   key = jax.random.PRNGKey(config.seed)
   e = jnp.zeros((1, embedding_dim), jnp.float32)
@@ -260,7 +265,7 @@ def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> 
     return calibration.calibrate_stage(config, workdir, stage=stage)
   workdir = Path(workdir)
   emb = load_stage2_embeddings(config, workdir)
-  identity, defaults = stage_identity(config, emb), stage_identity(configs.base_config(), emb)
+  identity, defaults = identity_and_defaults(config, emb)
   # A stage 2 on other embeddings (stage 1 retrained or continued) is derived, not the user's work: replaced.
   check = dict(overwrite=config.overwrite, derived=("embeddings",), defaults=defaults)
   finished = wd.check_stage(workdir, stage, identity, **check)
