@@ -21,9 +21,11 @@ against their md5. data.benchmark_format='tfds' reads TFDS's own builder of the
 data set instead (caltech_birds2011, cars196, stanford_online_products), prepared
 as array_record in data.tfds_data_dir: both of its splits, re-split by class as
 below (classes in the ClassLabel's order, which is the official one; for SOP the
-classes of TFDS's 'train' split are the seen ones). The result has the two parts every stage reads: 'test' holds
-every image of the unseen classes and a `data.seen_test_fraction` of each seen
-class (spread evenly over its images, in file order), so that the five-case
+classes of TFDS's 'train' split are the seen ones).
+
+The result has the two parts every stage reads: 'test' holds every image of the
+unseen classes and a `data.seen_test_fraction` of each seen class (spread evenly
+over its images, in file order), so that the five-case
 evaluation has seen test images too; 'train' holds the other seen-class images
 (stage 1 splits them into train and validation). Class ids are
 '<number>.<name>' with zero-padded numbers, so sorted order is the official
