@@ -25,11 +25,11 @@ classes of TFDS's 'train' split are the seen ones).
 
 The result has the two parts every stage reads: 'test' holds every image of the
 unseen classes and a `data.seen_test_fraction` of each seen class (spread evenly
-over its images, in file order), so that the five-case
-evaluation has seen test images too; 'train' holds the other seen-class images
-(stage 1 splits them into train and validation). Class ids are
-'<number>.<name>' with zero-padded numbers, so sorted order is the official
-order and `data.seen_classes='first'` picks the seen half.
+over its images, in file order), so that the five-case evaluation has seen test
+images too; 'train' holds the other seen-class images (stage 1 splits them into
+train and validation). Class ids are '<number>.<name>' with zero-padded numbers,
+so sorted order is the official order and `data.seen_classes='first'` picks the
+seen half.
 """
 
 from __future__ import annotations
