@@ -88,42 +88,47 @@ def launch(
   if log_dir:
     os.makedirs(log_dir, exist_ok=True)
   procs, pumps = [], []
-  for i in range(num_processes):
-    env = child_env(os.environ, i, num_processes, coordinator, gpus_per_process)
-    # A new session each: a terminal's Ctrl-C reaches only us, and we forward it once.
-    p = subprocess.Popen(
-      command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True
-    )
-    procs.append(p)
-    t = threading.Thread(
-      target=_pump,
-      args=(
-        p.stdout,
-        f"[{i}] ",
-        i == 0 or not quiet_others,
-        os.path.join(log_dir, f"process_{i}.log") if log_dir else None,
-      ),
-      daemon=True,
-    )
-    t.start()
-    pumps.append(t)
+  signals_seen = []  # (signal, how many children had started then)
 
-  signals_seen = []
-
-  def forward(signum, frame):
-    signals_seen.append(signum)
-    # The first signal asks for a clean stop (checkpoint); a second one kills.
-    sig = signum if len(signals_seen) == 1 else signal.SIGKILL
-    for p in procs:
+  def send(sig, children):
+    for p in children:
       if p.poll() is None:
         try:
           p.send_signal(sig)
         except ProcessLookupError:
           pass
 
+  def forward(signum, frame):
+    signals_seen.append((signum, len(procs)))
+    # The first signal asks for a clean stop (checkpoint); a second one kills.
+    send(signum if len(signals_seen) == 1 else signal.SIGKILL, procs)
+
+  # Before the first child: a signal that comes while they start is forwarded, not fatal.
   previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
   status, failed_at = 0, None
   try:
+    for i in range(num_processes):
+      env = child_env(os.environ, i, num_processes, coordinator, gpus_per_process)
+      # A new session each: a terminal's Ctrl-C reaches only us, and we forward it once.
+      p = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True
+      )
+      procs.append(p)
+      t = threading.Thread(
+        target=_pump,
+        args=(
+          p.stdout,
+          f"[{i}] ",
+          i == 0 or not quiet_others,
+          os.path.join(log_dir, f"process_{i}.log") if log_dir else None,
+        ),
+        daemon=True,
+      )
+      t.start()
+      pumps.append(t)
+    if signals_seen:  # one that came while they started reaches the later ones too
+      signum, started = signals_seen[0]
+      send(signum if len(signals_seen) == 1 else signal.SIGKILL, procs[started:])
     while any(p.poll() is None for p in procs):
       for p in procs:
         rc = p.poll()
