@@ -246,6 +246,13 @@ def summary_lines(workdir: Path, timings: list[tuple[str, float, str]]) -> list[
   return lines
 
 
+def stage1_test_text(result: dict) -> str:
+  """Stage 1's test figure: the classifier's accuracy, or a metric-learned embedding's MAP@R and P@1."""
+  if "test_accuracy" in result or "test_map@r" not in result:
+    return f"test accuracy {pct(result.get('test_accuracy'))}"
+  return f"test MAP@R {pct(result.get('test_map@r'))}, P@1 {pct(result.get('test_precision@1'))}"
+
+
 def stage_result_text(name: str, result: Any) -> str:
   """One phrase of what a stage produced, for the summary."""
   r = result if isinstance(result, dict) else {}
@@ -256,7 +263,7 @@ def stage_result_text(name: str, result: Any) -> str:
     )
   if name == "classifier":
     return (
-      f"test accuracy {pct(r.get('test_accuracy'))} on {r.get('test_images', 0):,} seen-class images "
+      f"{stage1_test_text(r)} on {r.get('test_images', 0):,} seen-class images "
       f"(best epoch {r.get('best_epoch')} of {r.get('epochs')})"
     )
   if name == "embed":

@@ -169,6 +169,10 @@ def test_metric_run_resumes_bitwise_and_every_stage_follows(jsim_cache, tmp_path
     for line in (d / "stage1" / "metrics.jsonl").read_text().splitlines()
   ]
   assert rows(w) == rows(ref) and len(rows(ref)) == 2
+  # The same command once more: stage 1 is finished and skipped, named by its MAP@R (it has no accuracy).
+  proc = run_jsim(args, jsim_cache)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "stage 1 already finished (2 epochs, test MAP@R " in proc.stderr, proc.stderr[-3000:]
   result = json.loads((ref / "stage1" / "result.json").read_text())
   assert result["loss"] == "contrastive" and 0 <= result["test_map@r"] <= 1
   assert result["best_val_map@r"] == max(r["val_accuracy"] for r in rows(ref))

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from jsim import configs, models, parallel, workdir as wd
+from jsim import configs, console, models, parallel, workdir as wd
 from jsim.checkpoint import abstract_like, restore_best
 from jsim.data import augment, splits, streaming
 from jsim.data.prepare import Prepared, prepare
@@ -312,9 +312,7 @@ def train_classifier(config, workdir: str | Path) -> dict:
     result = wd.stage_result(workdir, wd.STAGE1, required=("best_step", "epochs"))
     if result["epochs"] >= config.classifier.num_epochs:
       logging.info(
-        "stage 1 already finished (%d epochs, test accuracy %.1f %%): skipped",
-        result["epochs"],
-        100 * result["test_accuracy"],
+        "stage 1 already finished (%d epochs, %s): skipped", result["epochs"], console.stage1_test_text(result)
       )
       return result
     logging.info("stage 1 continues from epoch %d to %d", result["epochs"], config.classifier.num_epochs)
