@@ -211,16 +211,19 @@ def pct(x: float | None) -> str:
 
 
 def _num3(x: float | None) -> str:
-  return "-" if x is None else f"{x:.3f}"  # None: a metric-learning stage 1 has no validation loss
+  return "-" if x is None else f"{x:.3f}"
 
 
 def epoch_line(name: str, row: dict, num_epochs: int) -> str:
   """One short aligned line per epoch: 'stage 1 epoch  3/16  loss 2.261 acc 24.9 % | val ...'."""
   width = len(str(num_epochs))
+  if "val_precision_at_1" in row:  # a metric-learning stage 1: batch P@1, validation MAP@R and P@1
+    train, val = "P@1", f"MAP@R {pct(row['val_accuracy']):>7}  P@1 {pct(row['val_precision_at_1']):>7}"
+  else:
+    train, val = "acc", f"loss {_num3(row['val_loss'])}  acc {pct(row['val_accuracy']):>7}"
   line = (
-    f"{name} epoch {row['epoch']:>{width}}/{num_epochs}  loss {row['train_loss']:.3f}  acc "
-    f"{pct(row['train_accuracy']):>7} | val loss {_num3(row['val_loss'])}  acc {pct(row['val_accuracy']):>7}"
-    f" | lr {row['lr']:.3g}  {rate(row['items_per_s'])}/s"
+    f"{name} epoch {row['epoch']:>{width}}/{num_epochs}  loss {row['train_loss']:.3f}  {train} "
+    f"{pct(row['train_accuracy']):>7} | val {val} | lr {row['lr']:.3g}  {rate(row['items_per_s'])}/s"
   )
   if row.get("halved"):
     line += f"  -> lr halved to {row['lr'] / 2:.3g}"

@@ -244,6 +244,11 @@ def test_epoch_line_is_short_and_aligned():
     "308k/s  -> lr halved to 0.025"
   )
   assert len(console.epoch_line("stage 1", dict(row, epoch=12, halved=False), 16)) == len(line.split("  ->")[0])
+  # A metric-learning stage 1 has no validation loss: its line names the figures it has.
+  metric = dict(row, train_accuracy=0.066, val_loss=None, val_accuracy=0.001, val_precision_at_1=0.0156, halved=False)
+  assert console.epoch_line("stage 1", metric, 9) == (
+    "stage 1 epoch 3/9  loss 2.261  P@1   6.6 % | val MAP@R   0.1 %  P@1   1.6 % | lr 0.05  308k/s"
+  )
 
 
 def test_log_filter_drops_library_chatter_and_repeats():
