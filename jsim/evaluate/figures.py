@@ -249,7 +249,7 @@ def plot_roc_backbones(
   results: Mapping[str, object],
   out_png: str | Path,
   groups: Sequence[str] = ("all", "seen", "unseen"),
-  title: str = "ROC of Ms: the backbones side by side",
+  title: str = "ROC of the pair scores: the workdirs side by side",
 ) -> Path:
   """One panel per pair group (all / seen / unseen), each with every backbone's curve and AUC.
 
