@@ -10,23 +10,26 @@ proxy_anchor | normalized_softmax | arcface | pair_ms (jsim.losses). Every run h
 same splits (seed 0), the same stage 2 (Ms on |e1 - e2| of the embeddings; add
 --config.similarity.model=distance to score pairs by the calibrated cosine distance
 instead) and the same five-case evaluation, so their report.json files form one table
-(report.json: five cases, seen/unseen, AUC; retrieval P@1 / R-precision / MAP@R / NMI).
+(five cases, seen/unseen, AUC; retrieval P@1 / R-precision / MAP@R / NMI):
+`python -m jsim.evaluate.compare runs/ce runs/pa ... --out=roc.png --table=comparison.md`.
 Judge unseen classes by the balanced mean of cases 4 and 5 and the unseen AUC, not by
 the pair-weighted "unseen (4-5)" accuracy, which case 4 dominates (199,000 vs 19,000).
 
 size=gpu (default): ResNet50 from torchvision's weights at 224 px, batch 64 as m=4 images
   of 16 classes, a 512-d L2-normalised embedding head, the protocol's SGD (lr 0.01,
   Nesterov 0.8, halving rule) with proxies / class weights at 10x (untuned); 30 epochs at most.
-  Expected cost, estimated (no GPU measured yet): about 1-1.5 min per epoch of 63,000
-  images on one H100/H200 in bf16 plus the validation MAP@R (18,900 images), i.e. well
-  under an hour for stage 1, as for the protocol's cross-entropy (configs/protocol.py).
-size=cpu: the CPU-sized comparison: resnet_tiny from scratch at 64 px, batch 64, 9 epochs
-  (the two-stage reference point on the real data: 64.06 % overall, 69.58 % unseen at 0.5,
-  unseen recall@1 21.6 %), stage 2 cut to 5 epochs. Expected cost on 2 CPU cores,
-  from benchmarks/metric_step.py (loaded machine): cross-entropy about 600 images/s,
-  metric losses 250-400 images/s, i.e. 2-4 min per epoch, 20-40 min for stage 1, plus
-  about 10 min for stages 2-3: one method does not fit a total budget of an hour for five
-  (lower classifier.num_epochs to share one).
+  Expected cost, estimated (no GPU measured yet): the reference's plain Flax ResNet50 step
+  trains 4,905 images/s at batch 64 on one H200 (BENCHMARKS.md's targets) and every loss
+  here costs within 10 % of cross-entropy's step (BENCHMARKS.md, CPU), so about 15-30 s
+  per epoch of 63,000 images plus the validation MAP@R (27,000 images): well under an hour
+  for 30 epochs, as for the protocol's cross-entropy (configs/protocol.py).
+size=cpu: the CPU-sized comparison: resnet_tiny from scratch at 64 px, batch 64, 9 epochs,
+  stage 2 cut to 5 epochs. Measured on 2 CPU cores (RESULTS.md): 14-17 min per method, 81
+  min for cross_entropy, pair_ms, contrastive, multi_similarity and proxy_anchor. Expected
+  result (seed 0, Ms on |e1 - e2|), balanced mean of cases 4-5 / unseen AUC:
+  cross_entropy 64.1 % / 0.702, proxy_anchor 62.8 % / 0.678, pair_ms 59.0 % / 0.628,
+  contrastive 58.4 % / 0.620, multi_similarity 50.6 % / 0.508 (untuned: it barely learns
+  at this rate).
 """
 
 from jsim import configs
