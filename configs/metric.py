@@ -18,9 +18,9 @@ the pair-weighted "unseen (4-5)" accuracy, which case 4 dominates (199,000 vs 19
 size=gpu (default): ResNet50 from torchvision's weights at 224 px, batch 64 as m=4 images
   of 16 classes, a 512-d L2-normalised embedding head, the protocol's SGD (lr 0.01,
   Nesterov 0.8, halving rule) with proxies / class weights at 10x (untuned); 30 epochs at most.
-  Expected cost, estimated (no GPU measured yet): the reference's plain Flax ResNet50 step
-  trains 4,905 images/s at batch 64 on one H200 (BENCHMARKS.md's targets) and every loss
-  here costs within 10 % of cross-entropy's step (BENCHMARKS.md, CPU), so about 15-30 s
+  Expected cost, estimated (no GPU measured yet): a plain Flax ResNet50 step trains about
+  4,900 images/s at batch 64 on one H200 (a reference figure, not a jsim measurement) and
+  every loss here costs within 10 % of cross-entropy's step (BENCHMARKS.md, CPU), so 15-30 s
   per epoch of 63,000 images plus the validation MAP@R (27,000 images): well under an hour
   for 30 epochs, as for the protocol's cross-entropy (configs/protocol.py).
 size=cpu: the CPU-sized comparison: resnet_tiny from scratch at 64 px, batch 64, 9 epochs,
