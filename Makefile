@@ -1,5 +1,5 @@
 # The two front-door commands (README.md):
-#   make demo   set up once, then run every stage on the embedded synthetic data (about 3 minutes on 2 CPU cores)
+#   make demo   set up once, then run every stage on the embedded synthetic data (about a minute on 2 CPU cores)
 #   make test   set up once (with torch), then run the test suite
 # Setting up installs into $(VENV) once; it is redone only when pyproject.toml changes.
 PYTHON ?= python3
