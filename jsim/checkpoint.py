@@ -25,6 +25,8 @@ import hashlib
 import json
 import logging as logging_std
 import shutil
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +138,7 @@ class StageCheckpoints:
     Raises DamagedCheckpoint when a file cannot be read or the checksums differ.
     """
     meta = self.restore_meta(step)
+    _quiet_closed_event_loop()
     try:
       state = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
         "state"
@@ -180,6 +183,33 @@ class StageCheckpoints:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _is_closed_loop(exc: BaseException | None) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _quiet_closed_event_loop() -> None:
+  """Drops 'RuntimeError: Event loop is closed' tracebacks from the exception hooks.
+
+  After a failed read, tensorstore's late callbacks reach orbax's event loop once it is closed;
+  their tracebacks would bury jsim's one-line error about the damaged checkpoint. Other errors
+  pass through unchanged.
+  """
+  if getattr(sys.excepthook, "jsim_quiet", False):
+    return
+
+  def quiet(hook, exc_of):
+    def filtered(*args):
+      if not _is_closed_loop(exc_of(*args)):
+        hook(*args)
+
+    filtered.jsim_quiet = True
+    return filtered
+
+  sys.excepthook = quiet(sys.excepthook, lambda _type, value, _tb: value)
+  threading.excepthook = quiet(threading.excepthook, lambda args: args.exc_value)
+  sys.unraisablehook = quiet(sys.unraisablehook, lambda args: args.exc_value)
 
 
 def _is_read_error(e: BaseException) -> bool:

@@ -124,6 +124,35 @@ def test_damaged_latest_checkpoint_falls_back_and_resumes_exactly(reference, jsi
   assert "Traceback" not in out
 
 
+def test_closed_event_loop_noise_is_dropped_and_other_errors_are_not(monkeypatch, capsys):
+  """tensorstore's late callbacks after a failed read print 'Event loop is closed' through the hooks."""
+  import threading
+
+  from jsim import checkpoint
+
+  monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+  monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+  monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+  checkpoint._quiet_closed_event_loop()
+  checkpoint._quiet_closed_event_loop()  # once is enough: not wrapped twice
+  noise, other = RuntimeError("Event loop is closed"), ValueError("a real error")
+  sys.excepthook(RuntimeError, noise, None)
+
+  def raise_in_thread(exc):
+    def run():
+      raise exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+
+  raise_in_thread(noise)
+  assert capsys.readouterr().err == ""
+  sys.excepthook(ValueError, other, None)
+  raise_in_thread(other)
+  assert capsys.readouterr().err.count("ValueError: a real error") == 2
+
+
 @pytest.mark.parametrize("how", ["overwrite", "truncate", "meta"])
 def test_damaged_best_checkpoint_is_one_line_naming_it(reference, jsim_cache, tmp_path, how):
   """Damaged arrays, or garbage in the checkpoint's metadata: embed stops with one line naming the checkpoint."""
