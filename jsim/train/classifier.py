@@ -346,13 +346,6 @@ def train_classifier(config, workdir: str | Path) -> dict:
     best_state, _ = restore_best(stage_dir, abstract_like(state), "stage-1")
     test_images, test_labels = place_images(config.data.pipeline, data.test_set.images, data.test_head_labels, mesh)
     seen_test = data.test_idx[data.test_head_labels[data.test_idx] >= 0]
-    common = {
-      "best_epoch": best["epoch"],
-      "best_step": best["step"],
-      "best_val_accuracy": best["val_accuracy"],
-      "epochs": len(meta["rows"]),
-      "halving_epochs": meta["halving_epochs"],
-    }
     if isinstance(plan, metric.MetricPlan):
       # No classifier head to score: the seen test images retrieved among themselves instead.
       mtest = plan.retrieval(best_state, test_images, data.test_head_labels, seen_test)
@@ -369,18 +362,15 @@ def train_classifier(config, workdir: str | Path) -> dict:
       )
       writer.write_scalars(best["step"], {"test/accuracy": test["accuracy"], "test/loss": test["loss"]})
   if isinstance(plan, metric.MetricPlan):
-    result = {
+    extra = {
       "loss": config.classifier.loss,
       "test_precision@1": mtest["precision@1"],
       "test_r_precision": mtest["r_precision"],
       "test_map@r": mtest["map@r"],
       "test_images": len(seen_test),
       "best_val_map@r": best["val_accuracy"],
-      **common,
     }
-    if parallel.is_main_process():
-      wd.finish_stage(stage_dir, result)
-    parallel.sync_processes("stage1 result")
+    result = loop.write_result(stage_dir, meta, extra, "stage1")
     logging.info(
       "stage 1 (%s) finished: MAP@R %.4f, P@1 %.4f on %d seen-class test images (best epoch %d)",
       config.classifier.loss,
@@ -390,10 +380,8 @@ def train_classifier(config, workdir: str | Path) -> dict:
       best["epoch"],
     )
     return result
-  result = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_images": test["count"], **common}
-  if parallel.is_main_process():
-    wd.finish_stage(stage_dir, result)
-  parallel.sync_processes("stage1 result")
+  extra = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_images": test["count"]}
+  result = loop.write_result(stage_dir, meta, extra, "stage1")
   logging.info(
     "stage 1 finished: test accuracy %.2f %% on %d seen-class test images (best epoch %d)",
     100 * test["accuracy"],

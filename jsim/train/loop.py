@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jsim import console
+from jsim import console, parallel, workdir as wd
 from jsim.checkpoint import DamagedCheckpoint, StageCheckpoints, abstract_like
 from jsim.train import schedule
 from jsim.train.metrics_writer import MetricsWriter, progress_bar
@@ -250,6 +250,24 @@ def fit(
     if own_writer:
       writer.close()
     ckpts.close()
+
+
+def write_result(stage_dir, meta: dict, extra: dict, name: str) -> dict:
+  """A trained stage's result.json: `extra` and what fit's meta says (best epoch, step and validation
+  accuracy, epochs, halving epochs); written by process 0 while the others wait. Returns it."""
+  best = meta["best"]
+  result = {
+    **extra,
+    "best_epoch": best["epoch"],
+    "best_step": best["step"],
+    "best_val_accuracy": best["val_accuracy"],
+    "epochs": len(meta["rows"]),
+    "halving_epochs": meta["halving_epochs"],
+  }
+  if parallel.is_main_process():
+    wd.finish_stage(stage_dir, result)
+  parallel.sync_processes(f"{name} result")
+  return result
 
 
 def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=None):

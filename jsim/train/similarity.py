@@ -297,19 +297,12 @@ def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> 
     config_dict=wd.config_to_dict(config),
   )
   best = meta["best"]
-  result = {
-    "best_epoch": best["epoch"],
-    "best_step": best["step"],
-    "best_val_accuracy": best["val_accuracy"],
-    "epochs": len(meta["rows"]),
-    "halving_epochs": meta["halving_epochs"],
+  extra = {
     "embedding_dim": int(dim),
     "val_pairs": int(plan.val_pairs.shape[0]),
     "train_pairs_per_epoch": int(sum(plan.batch_sizes)),
   }
-  if parallel.is_main_process():
-    wd.finish_stage(stage_dir, result)
-  parallel.sync_processes(f"{stage} result")
+  result = loop.write_result(stage_dir, meta, extra, stage)
   logging.info(
     "stage 2 finished: best validation accuracy %.2f %% (epoch %d)", 100 * best["val_accuracy"], best["epoch"]
   )
