@@ -45,7 +45,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -170,30 +169,17 @@ class Backbone:
 
   def embed_uint8(self, images: np.ndarray) -> np.ndarray:
     """float32 [N, dim] of uint8 [N, S, S, 3] images (S = image_size), in padded batches."""
-    import jax
+    from jsim.train import batching
 
-    n = images.shape[0]
-    out = []
-    for start in range(0, n, self.batch_size):
-      chunk = images[start : start + self.batch_size]
-      size = _bucket(len(chunk), self.batch_size)  # a few compiled shapes, not one per count
-      if size > len(chunk):
-        chunk = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:], np.uint8)])
-      e = self._apply(self.variables, chunk)
-      out.append(np.asarray(jax.device_get(e))[: min(self.batch_size, n - start)])
-    return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
-
-
-def _bucket(n: int, cap: int) -> int:
-  return min(cap, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+    fn = lambda idx, mask: self._apply(self.variables, images[idx])
+    outputs = batching.run(fn, np.arange(images.shape[0]), self.batch_size, bucket=True)
+    return batching.rows(outputs, width=self.dim)
 
 
 def _load_backbone(rec: wd.StageRecords, mesh) -> Backbone:
   import jax
-  import jax.numpy as jnp
   from jsim import configs
-  from jsim.data import augment
-  from jsim.train import classifier
+  from jsim.train import batching, classifier
 
   config = configs.config_from_dict(rec.config)
   model, state = classifier.restore_classifier(config, rec.workdir, mesh)
@@ -212,11 +198,8 @@ def _load_backbone(rec: wd.StageRecords, mesh) -> Backbone:
   mean, std, input_size = rec.mean, rec.std, int(config.classifier.input_size)
 
   @jax.jit
-  def apply(variables, images):
-    # What the embeddings stage computes (jsim.train.embeddings.embed_step), on one batch.
-    x = augment.preprocess(images, mean, std, input_size)
-    _, e = model.apply(variables, x, train=False)
-    return e.astype(jnp.float32)
+  def apply(variables, images):  # what the embeddings stage computes, on one batch
+    return batching.forward(variables, images, model=model, mean=mean, std=std, input_size=input_size)[1]
 
   stamp = (rec.workdir / wd.STAGE1 / "checkpoints" / str(step)).stat().st_mtime_ns
   return Backbone(
@@ -377,8 +360,10 @@ class Similarity:
     g = np.asarray(gallery_embeddings, np.float32)
     if q.shape != (self.dim,) or g.ndim != 2 or g.shape[1] != self.dim:
       raise ValueError(f"scores needs a [{self.dim}] query and [N, {self.dim}] gallery, got {q.shape}, {g.shape}")
+    from jsim.train.batching import bucket_size
+
     n = g.shape[0]
-    chunk = _bucket(n, _SCORE_CHUNK)
+    chunk = bucket_size(n, _SCORE_CHUNK)
     out = []
     for start in range(0, n, chunk):
       part = g[start : start + chunk]
