@@ -1,4 +1,4 @@
-"""What a user sees first (issue 13): help, the config printout, the dry run, stage=prepare,
+"""What a user sees first: help, the config printout, the dry run, stage=prepare,
 messages that name the next step, a quiet console with a summary, progress lines, and
 what TensorBoard reads from the event files.
 

@@ -322,7 +322,7 @@ def _bad_case(name: str, trained: Trained, tmp: Path) -> tuple[list, str]:
     return [f"--workdir={w}", f"--query={a}", f"--gallery={tmp / 'g'}"], "no image files"
   if name == "gallery not a folder":
     return [f"--workdir={w}", f"--query={a}", f"--gallery={a}"], "not a folder"
-  # Issue 13: messages that lead somewhere.
+  # Messages that lead somewhere.
   if name == "negative top":
     return [f"--workdir={w}", f"--query={a}", f"--gallery={a.parent}", "--top=-3"], "--top=-3: must be >= 0"
   if name == "workdir is a file":

@@ -94,7 +94,7 @@ def test_report_vgg_and_unknown_backbones_and_empty_case(tmp_path):
   assert rep["cases"][3]["accuracy_at_0.5"] is None and rep["published"]["seen"] == pytest.approx(0.8361)
   assert rep["published"]["unseen"] is None
   table = report.write_report(tmp_path / "tiny", _result(), val_threshold=0.4, backbone="resnet_tiny", config_dict={})
-  # A backbone the source did not use: ResNet50's and VGG16's numbers, labelled, for scale (issue 13).
+  # A backbone the source did not use: ResNet50's and VGG16's numbers, labelled, for scale.
   header, _, row1, *_ = table.splitlines()
   assert "| published ResNet50 (for scale) | published VGG16 (for scale) |" in header
   assert row1.rstrip().endswith("| 83.36 % | 83.40 % |")

@@ -1,4 +1,4 @@
-"""Workdirs you can trust (issue 11): damaged checkpoints, overwrite + preemption, a lock, refused runs
+"""Workdirs you can trust: damaged checkpoints, overwrite + preemption, a lock, refused runs
 that leave nothing behind, stale stage 2, split digests, signals outside training.
 
 Real processes (`python -m jsim.main`), real signals, real orbax checkpoints damaged on disk; the

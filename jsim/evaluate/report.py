@@ -321,7 +321,7 @@ COMPARISON_COLUMNS: tuple[tuple[str, str, str], ...] = (
 def comparison_row(report: dict, name: str) -> dict:
   """A report.json as one row of write_comparison: the method, the five cases and the seen/unseen figures at 0.5."""
   at = report["accuracy_at_0.5"]
-  method = report.get("method") or {}  # (reports written before issue 12 have no method)
+  method = report.get("method") or {}  # (older reports have no method: cross-entropy)
   row = {
     "name": name,
     "backbone": report.get("backbone"),
