@@ -314,14 +314,14 @@ class Similarity:
           f"{_PROG}: warning: using the JAX backend, the ONNX one is unavailable ({_first_line(e)})", file=sys.stderr
         )
     from jsim import configs, parallel
-    from jsim.train import calibration
+    from jsim.train import similarity
 
     mesh = parallel.make_mesh()
     backbones = [_load_backbone(rec, mesh) for rec in records.members]
     config = configs.config_from_dict({**records.members[0].config, "similarity": records.stage2["similarity"]})
     dim = sum(b.dim for b in backbones)
     # Ms's best checkpoint, or the calibrated distance (similarity.model=distance, step 0).
-    prob_fn, params = calibration.restore_scorer(config, records.workdir, mesh, dim=dim)
+    prob_fn, params = similarity.restore_scorer(config, records.workdir, mesh, dim=dim)
     step = int(wd.stage_result(records.workdir, wd.STAGE2).get("best_step", 0))
     return cls(records.workdir, backbones, prob_fn, params, step, records.threshold)
 
@@ -533,13 +533,6 @@ class Similarity:
     """The `top` images of a folder most likely to show the same kind of object as `query`:
     a list of (path, probability), best first. The query file itself is left out."""
     return self.rank(query, self.gallery(gallery_dir, use_cache=use_cache), top, exclude_query=exclude_query)
-
-
-def entry_point() -> None:
-  """The `jsim-predict` command (jsim.predict.cli)."""
-  from jsim.predict import cli
-
-  cli.entry_point()
 
 
 def _onnx_is_the_fast_path() -> bool:
