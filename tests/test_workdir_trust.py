@@ -19,23 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, run_jsim
-from test_reliability import (
-  STAGE1,
-  STAGE1_STEPS,
-  STAGE2,
-  TINY1,
-  Jsim,
-  _assert_bitwise_equal,
-  _ok,
-  _one_line_error,
-  _snapshot,
-  _state,
-  _steps,
-)
-import test_reliability
-
-reference = test_reliability.reference  # the session's uninterrupted reference runs (a fixture), shared
+from conftest import REPO, STAGE1, STAGE1_STEPS, STAGE2, TINY1, _ok, run_jsim
+from test_reliability import Jsim, _assert_bitwise_equal, _one_line_error, _snapshot, _state, _steps
 
 
 def _array_file(step_dir: Path) -> Path:
