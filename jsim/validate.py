@@ -137,6 +137,7 @@ def check_config(config) -> None:
       f"from scratch"
     )
   _choice("model.dtype", m.dtype, models.DTYPES)
+  _choice("model.conv_impl", m.conv_impl, models.CONV_IMPLS)
 
   c = config.classifier
   _training("classifier", c, devices)

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jsim.models import resnet, vgg
+from jsim.models.layers import CONV_IMPLS
 from jsim.models.torchvision_port import from_torchvision
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -72,4 +73,14 @@ register("resnet_tiny", resnet.resnet_tiny)
 register("vgg16", vgg.vgg16)
 register("vgg_tiny", vgg.vgg_tiny)
 
-__all__ = ["DTYPES", "INITS", "available", "build", "compute_dtype", "embedding_dim", "from_torchvision", "register"]
+__all__ = [
+  "CONV_IMPLS",
+  "DTYPES",
+  "INITS",
+  "available",
+  "build",
+  "compute_dtype",
+  "embedding_dim",
+  "from_torchvision",
+  "register",
+]

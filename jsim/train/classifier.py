@@ -29,7 +29,12 @@ PIPELINES = ("device", "stream")
 
 def build_classifier(config, num_classes: int):
   """The backbone; for a metric-learning loss, wrapped with its embedding head and loss parameters."""
-  backbone = models.build(config.model.name, num_classes=num_classes, dtype=models.compute_dtype(config.model.dtype))
+  backbone = models.build(
+    config.model.name,
+    num_classes=num_classes,
+    dtype=models.compute_dtype(config.model.dtype),
+    conv_impl=config.model.conv_impl,
+  )
   if metric.is_metric(config.classifier):
     return metric.wrap_backbone(config.classifier, backbone, num_classes)
   return backbone
