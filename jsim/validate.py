@@ -149,6 +149,7 @@ def check_config(config) -> None:
   if d.normalization == "weights" and m.init == "random":
     prepare.weights_statistics(config)  # the ValueError saying that random init has no input scaling
   _choice("model.dtype", m.dtype, models.DTYPES)
+  _choice("model.conv_impl", m.conv_impl, models.CONV_IMPLS)
   freezing.parse(m.freeze)
   if m.freeze != freezing.NONE:
     backbone = models.build(m.name)

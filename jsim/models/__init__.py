@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jsim.models import efficientnet_lite, resnet, vgg
+from jsim.models.layers import CONV_IMPLS
 from jsim.models.pretrained_port import from_pretrained
 from jsim.models.torchvision_port import from_torchvision
 
@@ -76,8 +77,10 @@ register("vgg_tiny", vgg.vgg_tiny)
 register("efficientnet_lite0", efficientnet_lite.efficientnet_lite0)
 register("efficientnet_lite1", efficientnet_lite.efficientnet_lite1)
 register("efficientnet_lite2", efficientnet_lite.efficientnet_lite2)
+register("efficientnet_lite_tiny", efficientnet_lite.efficientnet_lite_tiny)
 
 __all__ = [
+  "CONV_IMPLS",
   "DTYPES",
   "INITS",
   "available",

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jsim.models import freeze as freezing
+from jsim.models.layers import Conv
 from jsim.models.resnet import torch_linear_bias_init, torch_linear_kernel_init
 
 # Each stage: (repeats, kernel, stride, expand ratio, input filters, output filters), before scaling.
@@ -51,6 +52,7 @@ VARIANTS = {
   "efficientnet_lite0": (1.0, 1.0, 0.2),
   "efficientnet_lite1": (1.0, 1.1, 0.2),
   "efficientnet_lite2": (1.1, 1.2, 0.3),
+  "efficientnet_lite_tiny": (0.25, 0.25, 0.2),  # the same code, one block per stage, narrow: CPU tests
 }
 BN_MOMENTUM, BN_EPSILON = 0.99, 1e-3
 DROP_CONNECT_RATE = 0.2
@@ -86,10 +88,10 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
   return total // 2, total - total // 2
 
 
-def conv_bn(x, features: int, kernel: int, stride: int, groups: int, act: bool, name: str, train: bool, dtype):
+def conv_bn(x, features: int, kernel: int, stride: int, groups: int, act: bool, name: str, train: bool, dtype, impl):
   """{name}_conv (TF-same padding, no bias) + {name}_bn, then ReLU6 if act; inside a compact module."""
   pad = tuple(same_padding(n, kernel, stride) for n in x.shape[1:3])
-  x = nn.Conv(
+  x = Conv(
     features,
     (kernel, kernel),
     strides=(stride, stride),
@@ -99,6 +101,7 @@ def conv_bn(x, features: int, kernel: int, stride: int, groups: int, act: bool, 
     dtype=dtype,
     param_dtype=jnp.float32,
     kernel_init=conv_kernel_init,
+    conv_impl=impl,
     name=f"{name}_conv",
   )(x)
   x = nn.BatchNorm(
@@ -121,6 +124,7 @@ class MBConv(nn.Module):
   stride: int
   drop_connect: float = 0.0
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -128,9 +132,9 @@ class MBConv(nn.Module):
     mid = cin * self.expand
     y = x
     if self.expand != 1:
-      y = conv_bn(y, mid, 1, 1, 1, True, "expand", train, self.dtype)
-    y = conv_bn(y, mid, self.kernel, self.stride, mid, True, "depthwise", train, self.dtype)
-    y = conv_bn(y, self.out_features, 1, 1, 1, False, "project", train, self.dtype)
+      y = conv_bn(y, mid, 1, 1, 1, True, "expand", train, self.dtype, self.conv_impl)
+    y = conv_bn(y, mid, self.kernel, self.stride, mid, True, "depthwise", train, self.dtype, self.conv_impl)
+    y = conv_bn(y, self.out_features, 1, 1, 1, False, "project", train, self.dtype, self.conv_impl)
     if self.stride == 1 and cin == self.out_features:
       if train and self.drop_connect > 0:
         keep = 1.0 - self.drop_connect
@@ -150,6 +154,8 @@ class EfficientNetLite(nn.Module):
       first), in training, in the blocks that are not frozen.
     freeze: none | stages:N | backbone (jsim.models.freeze).
     dtype: compute dtype; parameters stay float32.
+    conv_impl: how the convs are lowered: auto | xla | matmul (jsim.models.layers; on a CPU the
+      depthwise convs as shifted multiply-adds, far faster than XLA:CPU's grouped conv).
 
   Call: `(logits, embedding) = model.apply(variables, x, train=...)`, both float32.
   """
@@ -161,6 +167,7 @@ class EfficientNetLite(nn.Module):
   drop_connect_rate: float = DROP_CONNECT_RATE
   freeze: str = freezing.NONE
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @property
   def embedding_dim(self) -> int:
@@ -189,7 +196,8 @@ class EfficientNetLite(nn.Module):
     total = sum(spec[0] for spec in specs)
     # A frozen part runs in inference mode (its BatchNorm statistics stay) and its output
     # leaves the gradient, so the backward pass stops there.
-    x = conv_bn(x.astype(self.dtype), STEM, 3, 2, 1, True, "stem", train and n_frozen is None, self.dtype)
+    impl = self.conv_impl
+    x = conv_bn(x.astype(self.dtype), STEM, 3, 2, 1, True, "stem", train and n_frozen is None, self.dtype, impl)
     if n_frozen == 0:
       x = jax.lax.stop_gradient(x)
     index = 0
@@ -203,13 +211,14 @@ class EfficientNetLite(nn.Module):
           stride if b == 0 else 1,
           drop_connect=0.0 if fixed else self.drop_connect_rate * index / total,
           dtype=self.dtype,
+          conv_impl=impl,
           name=f"stage{s}_{b}",
         )(x, train=train and not fixed)
         index += 1
       if fixed and s == min(n_frozen, len(specs)):
         x = jax.lax.stop_gradient(x)
     top_fixed = n_frozen == freezing.ALL_STAGES
-    x = conv_bn(x, TOP, 1, 1, 1, True, "top", train and not top_fixed, self.dtype)
+    x = conv_bn(x, TOP, 1, 1, 1, True, "top", train and not top_fixed, self.dtype, impl)
     embedding = jnp.mean(x, axis=(1, 2))
     if top_fixed:
       embedding = jax.lax.stop_gradient(embedding)
@@ -240,3 +249,4 @@ def _factory(name: str):
 efficientnet_lite0 = _factory("efficientnet_lite0")
 efficientnet_lite1 = _factory("efficientnet_lite1")
 efficientnet_lite2 = _factory("efficientnet_lite2")
+efficientnet_lite_tiny = _factory("efficientnet_lite_tiny")

@@ -31,7 +31,11 @@ def build_classifier(config, num_classes: int):
   """The backbone; for a metric-learning loss, wrapped with its embedding head and loss parameters."""
   frozen = {"freeze": config.model.freeze} if config.model.freeze != "none" else {}
   backbone = models.build(
-    config.model.name, num_classes=num_classes, dtype=models.compute_dtype(config.model.dtype), **frozen
+    config.model.name,
+    num_classes=num_classes,
+    dtype=models.compute_dtype(config.model.dtype),
+    conv_impl=config.model.conv_impl,
+    **frozen,
   )
   if metric.is_metric(config.classifier):
     return metric.wrap_backbone(config.classifier, backbone, num_classes)
