@@ -415,3 +415,23 @@ def test_make_installs_once_and_has_help(tmp_path):
   assert "pip install" in make("-n", "demo")
   text = make("help")
   assert "make demo" in text and "make test" in text
+
+
+@pytest.mark.parametrize(
+  "argv,expect",
+  [
+    (["--workdir=runs/x"], "jsim: --config is missing: add --config=configs/FILE.py"),
+    (["--config="], "jsim: --config is missing: add --config=configs/FILE.py"),
+    ([f"--config={REPO}/configs/demo.py"], "jsim: --workdir is missing: add --workdir=DIR"),
+  ],
+)
+def test_a_missing_flag_is_one_line_saying_what_to_add(argv, expect, capsys):
+  from jsim import main
+
+  with pytest.raises(SystemExit) as exit_:
+    main.parse_flags(["jsim", *argv])
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2
+  assert err.count("\n") == 1 and err.startswith(expect), err
+  assert re.search(r", e\.g\. jsim --config=\S+\.py --workdir=runs/\w+$", err.strip()), err  # an example to copy
+  assert "FATAL" not in err and "Command line: flags only" not in err
