@@ -225,8 +225,10 @@ def epoch_line(name: str, row: dict, num_epochs: int) -> str:
     f"{name} epoch {row['epoch']:>{width}}/{num_epochs}  loss {row['train_loss']:.3f}  {train} "
     f"{pct(row['train_accuracy']):>7} | val {val} | lr {row['lr']:.3g}  {rate(row['items_per_s'])}/s"
   )
-  if row.get("halved"):
+  if row.get("halved") and row["epoch"] < num_epochs:
     line += f"  -> lr halved to {row['lr'] / 2:.3g}"
+  elif row.get("halved"):  # the rule met after the last epoch: only a continued stage trains at that rate
+    line += f"  (a continued stage would start at lr {row['lr'] / 2:.3g})"
   return line
 
 

@@ -244,6 +244,9 @@ def test_epoch_line_is_short_and_aligned():
     "308k/s  -> lr halved to 0.025"
   )
   assert len(console.epoch_line("stage 1", dict(row, epoch=12, halved=False), 16)) == len(line.split("  ->")[0])
+  # The rule met after the last epoch halves nothing that trains: said as what a continued stage would do.
+  last = console.epoch_line("stage 1", dict(row, epoch=16), 16)
+  assert "halved" not in last and last.endswith("308k/s  (a continued stage would start at lr 0.025)")
   # A metric-learning stage 1 has no validation loss: its line names the figures it has.
   metric = dict(row, train_accuracy=0.066, val_loss=None, val_accuracy=0.001, val_precision_at_1=0.0156, halved=False)
   assert console.epoch_line("stage 1", metric, 9) == (
