@@ -247,7 +247,8 @@ def summary_lines(workdir: Path, timings: list[tuple[str, float, str]]) -> list[
     figures = sorted((workdir / "figures").glob("*.png"))
     if figures:
       lines.append(f"figures: {workdir / 'figures'}/ ({', '.join(p.name for p in figures)})")
-  lines.append(f"tensorboard --logdir {workdir}   (pip install tensorboard)")
+  if any(workdir.glob("*/tb")) or any(workdir.glob("*/*/tb")):  # (a prepare-only run has no event files)
+    lines.append(f"tensorboard --logdir {workdir}   (pip install tensorboard)")
   return lines
 
 

@@ -289,7 +289,19 @@ def test_progress_in_a_log_is_plain_lines_with_rate_and_eta(monkeypatch):
   lines = text.splitlines()
   assert lines[0] == "stage 1 epoch 1/2:   0% 0/100 img, compiling"
   assert re.fullmatch(r"stage 1 epoch 1/2:  30% 30/100 img, \S+ img/s, ETA \d+:\d\d, loss 1\.2345", lines[-2])
-  assert re.fullmatch(r"stage 1 epoch 1/2:  30% 30/100 img, done in .* s, loss 1\.2345", lines[-1])
+  assert re.fullmatch(
+    r"stage 1 epoch 1/2:  30% 30/100 img, done in \S+ s \(\S+ s of it compiling\), loss 1\.2345", lines[-1]
+  )
+  assert bar.rate() > 0  # without the first update
+  # An announced step that ends before the first periodic line still says it is done, not only 'compiling'.
+  stream = io.StringIO()
+  monkeypatch.setattr(progress, "PLAIN_EVERY_S", 1e9)
+  with progress.Progress(100, "test pairs", "pair", announce=True, stream=stream, terminal=False) as bar:
+    bar.update(60)
+    bar.update(40)
+  first, last = stream.getvalue().splitlines()
+  assert first == "test pairs:   0% 0/100 pair, compiling"
+  assert re.fullmatch(r"test pairs: 100% 100/100 pair, done in \S+ s \(\S+ s of it compiling\)", last)
   # A short step without `announce` says nothing in a log.
   stream = io.StringIO()
   monkeypatch.setattr(progress, "PLAIN_EVERY_S", 1e9)

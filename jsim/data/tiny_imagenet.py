@@ -547,7 +547,9 @@ def _log_report(meta: dict[str, Any]) -> None:
     meta["cache_path"],
   )
   if meta["converted_modes"]:
-    logging.info("Converted to RGB: %s", ", ".join(f"{c} {m}" for m, c in meta["converted_modes"].items()))
+    logging.info(
+      "Converted to RGB: %s", ", ".join(_mode_text(m, c) for m, c in sorted(meta["converted_modes"].items()))
+    )
   if meta["ignored_files"]:
     logging.info(
       "Ignored %d files without an image extension %s in the image folders", meta["ignored_files"], IMAGE_EXTENSIONS
@@ -559,6 +561,29 @@ def _log_report(meta: dict[str, Any]) -> None:
     logging.warning(
       "Skipped %d bad files (on_bad_image=skip); first: %s (%s)", meta["num_skipped"], first["file"], first["reason"]
     )
+
+
+# PIL's image modes, in words.
+_MODE_NAMES = {
+  "1": "black-and-white",
+  "L": "grayscale",
+  "LA": "grayscale with alpha",
+  "I": "32-bit grayscale",
+  "I;16": "16-bit grayscale",
+  "F": "floating-point grayscale",
+  "P": "palette",
+  "PA": "palette with alpha",
+  "RGBA": "RGBA (alpha dropped)",
+  "CMYK": "CMYK",
+  "YCbCr": "YCbCr",
+  "LAB": "Lab",
+  "HSV": "HSV",
+}
+
+
+def _mode_text(mode: str, count: int) -> str:
+  """'64 grayscale images' for PIL mode 'L' (the mode itself where it has no name here)."""
+  return f"{count} {_MODE_NAMES.get(mode, f'mode-{mode}')} image{'s' if count != 1 else ''}"
 
 
 def load_folder(

@@ -369,7 +369,8 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=N
       "val_loss": val["loss"],
       "val_accuracy": val["accuracy"],
       **val.get("extra", {}),
-      "items_per_s": (num_batches - first) * plan.items_per_batch / seconds,
+      # (the bar's rate leaves out the compiled first step of a run)
+      "items_per_s": bar.rate() or (num_batches - first) * plan.items_per_batch / seconds,
       "halved": halve,
     }
     if halve:
