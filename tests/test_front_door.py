@@ -82,11 +82,16 @@ def test_print_config_lists_every_key_with_defaults(tmp_path, jsim_cache):
   assert not list(tmp_path.iterdir())
 
 
+def _tree(folder) -> dict:
+  """Every file and folder below `folder` with its size and mtime (to see that nothing changed)."""
+  return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
 def test_dry_run_checks_everything_and_writes_nothing(tmp_path, jsim_cache):
-  w = tmp_path / "w"
+  w, cache = tmp_path / "w", tmp_path / "cache"
   proc = run_jsim(
     [TINY, f"--workdir={w}", "--dry_run", "--config.classifier.input_size=224"],
-    jsim_cache,
+    cache,  # a new cache: the dry run neither generates the synthetic images nor decodes them there
     timeout=300,
     JAX_LOG_COMPILES="1",
   )
@@ -98,11 +103,52 @@ def test_dry_run_checks_everything_and_writes_nothing(tmp_path, jsim_cache):
   assert "hint:   classifier.input_size=224 on a CPU" in out and "--config.classifier.input_size=64" in out
   assert proc.stdout.rstrip().endswith("dry run OK")
   assert "Compiling jit(train_step)" not in out and "Compiling jit(init)" not in out
-  assert not w.exists()
+  assert re.search(r"^cache:  the run draws the synthetic images into .* and decodes them into the cache", out, re.M)
+  assert not w.exists() and not cache.exists()
   # A value that the run would refuse: the same one line, exit 1.
   proc = run_jsim([TINY, f"--workdir={w}", "--dry_run", "--config.model.init=torchvision"], jsim_cache, timeout=300)
   _one_line_refusal(proc, "add --config.model.init=random")
   assert not w.exists()
+
+
+def test_dry_run_leaves_an_existing_workdir_and_cache_untouched(tmp_path):
+  cache, w = tmp_path / "cache", tmp_path / "w"
+  proc = run_jsim([TINY, f"--workdir={w}", "--config.stage=prepare"], cache, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  before = (_tree(w), _tree(cache))
+  proc = run_jsim([TINY, f"--workdir={w}", "--dry_run"], cache, timeout=300)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+  assert "(recorded in split.json)" in proc.stdout and "cache:  decoded already" in proc.stdout
+  assert (_tree(w), _tree(cache)) == before
+
+
+def test_dry_run_of_the_design_card_command_on_a_folder(tmp_path):
+  """configs/resnet_cls.py on a data folder: the layout and a sample read, the cache and the weights
+  download announced with their sizes, nothing decoded into the cache or downloaded."""
+  from jsim.data import synthetic
+
+  root = synthetic.write_synthetic_tiny_imagenet(tmp_path / "tiny-imagenet-200", num_classes=8, train_per_class=10)
+  cache, w, torch_home = tmp_path / "cache", tmp_path / "w", tmp_path / "torch"
+  args = ["--config=configs/resnet_cls.py", f"--workdir={w}", f"--config.data.root={root}", "--dry_run"]
+  proc = run_jsim([*args, "--config.data.num_seen_classes=6"], cache, timeout=300, TORCH_HOME=str(torch_home))
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out[-3000:]
+  assert re.search(
+    r"^cache:  the run decodes the images into \S+ \(1 MB; .* GB free\); the dry run decoded 18", out, re.M
+  )
+  assert re.search(
+    r"^weights: torchvision's ResNet50_Weights.IMAGENET1K_V1: not in its cache, stage 1 downloads it from "
+    r"https://download.pytorch.org/models/resnet50-\w+.pth \(103 MB\) into .*; [\d.]+ GB free$",
+    out,
+    re.M,
+  )
+  assert re.search(r"^  classifier\s+to run \(30 epochs\)$", out, re.M)
+  assert not cache.exists() and not w.exists() and not torch_home.exists()
+  # A file the run could not decode is found by the sample, before anything runs.
+  bad = sorted((root / "train").glob("*/images/*.JPEG"))[0]
+  bad.write_bytes(b"not a jpeg")
+  proc = run_jsim([*args, "--config.data.num_seen_classes=6"], cache, timeout=300, TORCH_HOME=str(torch_home))
+  _one_line_refusal(proc, f"{bad.name}: cannot decode this image")
 
 
 def test_prepare_stage_writes_split_and_statistics_only(tmp_path, jsim_cache):
