@@ -111,13 +111,14 @@ class Progress:
     return (self.n - self._n0) / dt if dt > 0 and self.n > self._n0 else None
 
   def rate(self) -> float | None:
-    """Items per second so far, without the first update (the compilation) when the step compiles."""
+    """Items per second from the start (the first update, which compiles the step, left out when the step
+    compiles) to now."""
     return self._speed()
 
   def _status(self) -> str:
     speed = self._speed()
     if speed is None:
-      return "compiling" if self._t0 is None else ""
+      return "compiling" if self._t0 is None else "compiled, measuring the rate"
     eta = (self.total - self.n) / speed
     return f"{rate(speed)} {self.unit}/s, ETA {_clock(eta)}"
 

@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_jsim
+from conftest import REPO, jsim_env, run_jsim
 
 TINY = "--config=configs/tiny.py"
 STAGES = ("prepare", "classifier", "embed", "similarity", "evaluate", "all", "sweep")
@@ -472,6 +472,7 @@ def test_make_installs_once_and_has_help(tmp_path):
 
   assert "pip" not in make("-n", "demo")  # installed: the second `make demo` goes straight to the run
   assert f"{venv}/bin/python -m jsim.main --config=configs/demo.py --workdir=runs/demo" in make("-n", "demo")
+  assert f"{venv}/bin/python configs/demo.py runs/demo" in make("-n", "demo")  # then the paths to try
   os.utime(venv / ".installed", (0, 0))  # older than pyproject.toml: install again
   assert "pip install" in make("-n", "demo")
   text = make("help")
@@ -496,3 +497,33 @@ def test_a_missing_flag_is_one_line_saying_what_to_add(argv, expect, capsys):
   assert err.count("\n") == 1 and err.startswith(expect), err
   assert re.search(r", e\.g\. jsim --config=\S+\.py --workdir=runs/\w+$", err.strip()), err  # an example to copy
   assert "FATAL" not in err and "Command line: flags only" not in err
+
+
+def test_the_demo_prints_the_paths_of_its_images(tmp_path):
+  """`python configs/demo.py` (the end of `make demo`): the test images of the demo's own synthetic set, even
+  when other synthetic sets share the cache, and jsim-predict commands on them."""
+  from jsim.data import synthetic
+
+  cache = tmp_path / "cache"
+  config = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
+  demo = importlib.util.module_from_spec(config)
+  config.loader.exec_module(demo)
+
+  def run(*args):
+    return subprocess.run(
+      [sys.executable, "configs/demo.py", *args], cwd=REPO, env=jsim_env(cache), capture_output=True, text=True
+    )
+
+  assert "does not exist yet: run make demo first" in run().stdout
+  (cache / "synthetic-0000000000000000" / "val" / "images").mkdir(parents=True)  # another set (configs/tiny.py's)
+  # The demo's own set, written where the demo's run writes it (its images are not needed here).
+  images = run("--images").stdout.strip()
+  root = synthetic.write_synthetic_tiny_imagenet(tmp_path / "s", num_classes=40, train_per_class=0, test_per_class=20)
+  shutil.copytree(root, cache / images.split("/")[-3])
+  assert images.startswith(str(cache / "synthetic-")) and images.endswith("/val/images")
+  out = run("runs/x").stdout
+  assert f"  IMAGES={images}" in out
+  for a, b, _ in demo.EXAMPLES:
+    assert f"  jsim-predict --workdir=runs/x $IMAGES/{a} $IMAGES/{b}" in out
+  assert "jsim-predict --workdir=runs/x --query=$IMAGES/val_0.JPEG --gallery=$IMAGES --top=8" in out
+  assert "# teal checker ring / teal checker ring: one unseen class" in out  # the names of their classes

@@ -354,6 +354,7 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=N
     finally:
       bar.close()
     seconds = time.perf_counter() - start
+    items_per_s = bar.rate() or (num_batches - first) * plan.items_per_batch / seconds  # (without the compilation)
     val = plan.evaluate(state)
     lr = schedule.get_learning_rate(state.opt_state)
     meta["val_accuracies"].append(val["accuracy"])
@@ -369,8 +370,7 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=N
       "val_loss": val["loss"],
       "val_accuracy": val["accuracy"],
       **val.get("extra", {}),
-      # (the bar's rate leaves out the compiled first step of a run)
-      "items_per_s": bar.rate() or (num_batches - first) * plan.items_per_batch / seconds,
+      "items_per_s": items_per_s,
       "halved": halve,
     }
     if halve:
