@@ -103,7 +103,7 @@ def help_text(prog: str = "python -m jsim.main") -> str:
   lines = [
     f"usage: {prog} --config=configs/FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]",
     f"       {prog} --config=configs/FILE.py --print_config      (every key and its value, then stop)",
-    f"       {prog} --config=configs/FILE.py --workdir=DIR --dry_run   (check everything, train nothing)",
+    f"       {prog} --config=configs/FILE.py --workdir=DIR --dry_run   (check everything, write nothing)",
     "",
     "Trains and evaluates two-stage image similarity (a classifier's embeddings, then a similarity",
     "net on |x1 - x2|) with seen/unseen classes; everything a run writes goes to --workdir, and",
@@ -132,7 +132,8 @@ def help_text(prog: str = "python -m jsim.main") -> str:
     "  --workdir      directory for the split, checkpoints, metrics, report (required, except with",
     "                 --print_config)",
     "  --print_config print the resolved config and stop",
-    "  --dry_run      validate the config, the data and the workdir, show what would run, and stop",
+    "  --dry_run      check the config, the data, the workdir, the packages, weights and disk space the",
+    "                 run needs, show what would run, and stop (writes nothing)",
     "  --helpfull     every absl flag (logging and the like)",
     "",
     "Ask a trained model about your own images: jsim-predict --help",

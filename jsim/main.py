@@ -30,7 +30,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for split, checkpoints, metrics and reports.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_bool("print_config", False, "Print the resolved config (every key, its value and default) and stop.")
-flags.DEFINE_bool("dry_run", False, "Validate the config, the data and the workdir, show what would run, and stop.")
+flags.DEFINE_bool(
+  "dry_run", False, "Check the config, the data, the workdir, packages, weights and disk space; write nothing; stop."
+)
 
 
 def _config_arg(argv: list[str]) -> tuple[str, str] | None:

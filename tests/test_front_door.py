@@ -527,3 +527,17 @@ def test_the_demo_prints_the_paths_of_its_images(tmp_path):
     assert f"  jsim-predict --workdir=runs/x $IMAGES/{a} $IMAGES/{b}" in out
   assert "jsim-predict --workdir=runs/x --query=$IMAGES/val_0.JPEG --gallery=$IMAGES --top=8" in out
   assert "# teal checker ring / teal checker ring: one unseen class" in out  # the names of their classes
+
+
+def test_summary_and_data_report_say_what_a_user_can_use(tmp_path):
+  """No tensorboard hint where no stage wrote event files (stage=prepare); PIL's modes said in words."""
+  from jsim import console
+  from jsim.data import tiny_imagenet
+
+  (tmp_path / "split.json").write_text("{}")
+  lines = console.summary_lines(tmp_path, [("prepare", 1.0, "6 seen / 2 unseen classes")])
+  assert not any("tensorboard" in line for line in lines)
+  (tmp_path / "stage1" / "tb").mkdir(parents=True)
+  assert console.summary_lines(tmp_path, [])[-1] == f"tensorboard --logdir {tmp_path}   (pip install tensorboard)"
+  assert tiny_imagenet._mode_text("L", 64) == "64 grayscale images"
+  assert tiny_imagenet._mode_text("CMYK", 1) == "1 CMYK image"
