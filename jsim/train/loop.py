@@ -350,11 +350,13 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=N
         ):
           meta.update(batch_in_epoch=done, sums=_sums_to_host(sums))
           save(sums)
+      jax.block_until_ready(sums)  # the epoch's steps done: its rate counts no compilation of what follows
+      rate = bar.rate()  # (without the first step's compilation)
       host = _check_finite(sums, state, settings, saved[0])
     finally:
       bar.close()
     seconds = time.perf_counter() - start
-    items_per_s = bar.rate() or (num_batches - first) * plan.items_per_batch / seconds  # (without the compilation)
+    items_per_s = rate or (num_batches - first) * plan.items_per_batch / seconds
     val = plan.evaluate(state)
     lr = schedule.get_learning_rate(state.opt_state)
     meta["val_accuracies"].append(val["accuracy"])
