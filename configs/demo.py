@@ -67,7 +67,7 @@ def get_config():
 EXAMPLES = (
   ("val_16.JPEG", "val_21.JPEG", "one unseen class"),
   ("val_16.JPEG", "val_17.JPEG", "two unseen classes"),
-  ("val_1.JPEG", "val_3.JPEG", "two seen classes of one colour: the demo model says 'same', wrongly"),
+  ("val_1.JPEG", "val_3.JPEG", "a seen and an unseen class of one colour: the model says 'same', wrongly"),
 )
 QUERIES = (("val_577.JPEG", "it finds its class"), ("val_0.JPEG", "it finds its colour"))
 
