@@ -30,8 +30,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for split, checkpoints, metrics and reports.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_bool("print_config", False, "Print the resolved config (every key, its value and default) and stop.")
-flags.DEFINE_bool("dry_run", False, "Validate the config, the data and the workdir, show what would run, and stop.")
-flags.mark_flags_as_required(["config"])
+flags.DEFINE_bool(
+  "dry_run", False, "Check the config, the data, the workdir, packages, weights and disk space; write nothing; stop."
+)
 
 
 def _config_arg(argv: list[str]) -> tuple[str, str] | None:
@@ -115,37 +116,61 @@ def _unknown_override(argv: list[str]) -> str | None:
   return None
 
 
+def _prog(argv0: str) -> str:
+  return "jsim" if Path(argv0).name == "jsim" else "python -m jsim.main"
+
+
+def _refuse(message: str, code: int = 1):
+  """One line on stderr, 'jsim: ...' like every other refusal, and the exit status."""
+  print(f"jsim: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def _missing_flag(flag: str, argv: list[str]) -> str:
+  """The line for a missing --config or --workdir: what to add, with an example."""
+  found = _config_arg(argv)
+  config = f"{found[0]}{':' + found[1] if found[1] else ''}" if found and found[0] else "configs/demo.py"
+  example = f"{_prog(argv[0])} --config={config} --workdir=runs/{Path(config.partition(':')[0]).stem}"
+  if flag == "config":
+    what = "add --config=configs/FILE.py (the experiment; --help lists them)"
+  else:
+    what = "add --workdir=DIR (a new folder, or an earlier run's to continue it)"
+  return f"--{flag} is missing: {what}, e.g. {example}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a one-line error (not a traceback) for a bad config file or key."""
+  """absl's flag parsing, with a one-line error (not a usage dump or a traceback) for a missing
+  flag, a bad config file or key."""
   if any(a in ("-h", "--help", "-help", "--helpshort", "-?") for a in argv[1:]):
     from jsim import console
 
-    prog = "jsim" if Path(argv[0]).name == "jsim" else "python -m jsim.main"
-    print(console.help_text(prog), end="")
+    print(console.help_text(_prog(argv[0])), end="")
     sys.exit(0)
+  found = _config_arg(argv)
+  if found is None or not found[0]:
+    _refuse(_missing_flag("config", argv), 2)
   problem = _config_file_problem(argv)
   if problem:
-    print(f"FATAL Flags parsing error: {problem}", file=sys.stderr)
-    sys.exit(1)
+    _refuse(problem)
   try:
-    return app.parse_flags_with_usage(argv)
+    rest = app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:  # what ml_collections raises for a key the config lacks
     text = str(e.args[0]) if e.args else str(e)
-    message = _unknown_override(argv) or f"a --config override names a key the config lacks ({text.splitlines()[0]})"
-    print(f"FATAL Flags parsing error: {message}", file=sys.stderr)
-    sys.exit(1)
+    _refuse(_unknown_override(argv) or f"a --config override names a key the config lacks ({text.splitlines()[0]})")
+  if len(rest) > 1:
+    _refuse(f"unexpected arguments: {' '.join(rest[1:])} (flags are --name=value; see --help)", 2)
+  if not FLAGS.workdir and not FLAGS.print_config:
+    _refuse(_missing_flag("workdir", argv), 2)
+  return rest
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # (parse_flags refused any left over)
   from jsim import console, run  # after flag parsing: keeps --help fast
 
   if FLAGS.print_config:
     console.print_config(FLAGS.config)
     return
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required (a directory for the split, checkpoints, metrics and report)")
   console.setup_logging()
   try:
     if FLAGS.dry_run:

@@ -137,6 +137,14 @@ def check_config(config) -> None:
       f"{', '.join(sorted(torchvision_port._ARCHS))}); add --config.model.init=random to train it "
       f"from scratch"
     )
+  if m.init == "torchvision" and config.stage in ("all", "classifier"):
+    missing = torchvision_port.missing_packages(m.weights)
+    if missing:
+      raise ValueError(
+        f"model.init='torchvision' (stage 1 starts from model.weights={m.weights!r}) needs "
+        f"{' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
+        f"pip install 'jsim[torch]' (or add --config.model.init=random to train from scratch)"
+      )
   if m.init == "pretrained":
     from jsim.models import pretrained_port
 

@@ -172,6 +172,14 @@ def test_figures(tmp_path):
   metrics = tmp_path / "metrics.jsonl"
   metrics.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
   _png(figures.plot_stage_curves(metrics, tmp_path / "figures" / "stage1.png", "stage 1, ResNet50"))
+  # A halving after the last epoch trains nothing at the new rate: not drawn (a continued stage draws it).
+  for halved_last in (False, True):
+    rows[-1]["halved"] = halved_last
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figures.plot_stage_curves(metrics, tmp_path / f"last_{halved_last}.png", "stage 1, ResNet50")
+  assert (tmp_path / "last_True.png").read_bytes() == (tmp_path / "last_False.png").read_bytes()
+  # Class names on the retrieval sheet are wrapped, not cut.
+  assert figures._two_lines("7: orange stripes crescent") == "7: orange stripes\ncrescent"
   _png(figures.plot_roc(_result(), tmp_path / "figures" / "roc.png"))
   _png(figures.plot_roc({"resnet50": _result(), "vgg16": _result(0.5)}, tmp_path / "figures" / "roc_both.png"))
   rng = np.random.default_rng(0)
@@ -247,6 +255,7 @@ def test_result_round_trip_and_figure7_from_two_workdirs(tmp_path, capsys, monke
     assert (back.threshold, back.mode) == (r.threshold, r.mode)
   out = tmp_path / "fig7.png"
   assert compare.main([str(tmp_path / "resnet50"), str(tmp_path / "vgg16"), f"--out={out}"]) == 0
+  assert capsys.readouterr().out == f"wrote {out} (ROC curves of 2 workdirs)\n"  # says what it wrote
   arr = _png(out)
   assert arr.shape[1] > 2 * arr.shape[0]  # three panels side by side
   # Both backbones' colours are drawn (blue and orange lines).
@@ -263,11 +272,21 @@ def test_result_round_trip_and_figure7_from_two_workdirs(tmp_path, capsys, monke
   assert list(seen) == ["ResNet50", "ResNet50 (resnet50)", "VGG16"]
   # Refusals: one line each, nothing overwritten, nothing written.
   assert compare.main([str(tmp_path / "resnet50"), f"--out={out}"]) == 1
-  assert "exists" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert err.startswith("jsim: ") and "exists" in err  # the prefix of every jsim command
   assert compare.main([str(tmp_path), f"--out={tmp_path / 'other.png'}"]) == 1
   err = capsys.readouterr().err
   assert "evaluation.npz is missing" in err and len(err.strip().splitlines()) == 1
   assert not (tmp_path / "other.png").exists()
+  # --help says what it draws (any number of workdirs); bad usage is one 'jsim:' line.
+  with pytest.raises(SystemExit):
+    compare.main(["--help"])
+  text = " ".join(capsys.readouterr().out.split())
+  assert "both backbones" not in text and "evaluated workdirs side by side" in text
+  with pytest.raises(SystemExit) as exit_:
+    compare.main([f"--out={tmp_path / 'y.png'}"])
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and err.startswith("jsim: ") and len(err.splitlines()) == 1
 
 
 def test_augmentation_figure(tmp_path):
@@ -308,6 +327,8 @@ def test_comparison_table_of_evaluated_workdirs(tmp_path, capsys):
   table = tmp_path / "cmp.md"
   args = [str(tmp_path / "ce"), str(tmp_path / "ms"), f"--out={tmp_path / 'roc.png'}", f"--table={table}"]
   assert compare.main(args) == 0
+  out = capsys.readouterr().out
+  assert f"wrote {table} and {table.with_suffix('.json')}:" in out and f"wrote {tmp_path / 'roc.png'}" in out
   lines = table.read_text().splitlines()
   assert lines[0].startswith(
     "| run | backbone | stage 1 loss | pairs scored by | case 1 | case 2 | case 3 | case 4 | case 5 | overall | "

@@ -57,9 +57,15 @@ def roc_of_workdirs(workdirs: Sequence[str | Path], out_png: str | Path, extra: 
 def main(argv: Sequence[str] | None = None) -> int:
   import argparse
 
-  parser = argparse.ArgumentParser(
+  class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every jsim command says it
+      print(f"jsim: {message} (see --help)", file=sys.stderr)
+      sys.exit(2)
+
+  parser = Parser(
     prog="python -m jsim.evaluate.compare",
-    description="Both backbones' ROC curves (the source's Figure 7) from evaluated workdirs, and a table of them.",
+    description="The ROC curves of evaluated workdirs side by side (with a ResNet50 and a VGG16 workdir: the "
+    "source's Figure 7), and a table of their report.json figures.",
   )
   parser.add_argument("workdirs", nargs="+", help="evaluated workdirs (each has evaluation.npz)")
   parser.add_argument("--out", default=FIGURE, help=f"output PNG (default {FIGURE})")
@@ -68,15 +74,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   out, table = Path(args.out), Path(args.table) if args.table else None
   for path in (out, table, table and table.with_suffix(".json")):
     if path is not None and path.exists():
-      print(f"error: {path} exists; pass another path (nothing is overwritten)", file=sys.stderr)
+      print(f"jsim: {path} exists; pass another path (nothing is overwritten)", file=sys.stderr)
       return 1
   try:
     rows = [report.comparison_row(_read_report(w), Path(w).name) for w in args.workdirs] if table else []
-    print(roc_of_workdirs(args.workdirs, out))
+    print(f"wrote {roc_of_workdirs(args.workdirs, out)} (ROC curves of {len(args.workdirs)} workdirs)")
     if table:
-      print(report.write_comparison(rows, table, table.with_suffix(".json")), end="")
+      text = report.write_comparison(rows, table, table.with_suffix(".json"))
+      print(f"wrote {table} and {table.with_suffix('.json')}:\n{text}", end="")
   except (ValueError, OSError, KeyError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"jsim: {e}", file=sys.stderr)
     return 1
   return 0
 

@@ -225,7 +225,7 @@ def _markdown(report: dict, table: str, figures: list[str]) -> str:
   er = report.get("embedding_retrieval") or {}
   if er.get("seen") or er.get("unseen"):
     parts += [
-      f"## Retrieval by embedding distance ({er['distance']}; each set among itself)\n",
+      f"## Retrieval by embedding distance ({er['distance']} between embeddings, no Ms; each set among itself)\n",
       "| test images | P@1 | R-precision | MAP@R | NMI (k-means) | queries |",
       "|---|---:|---:|---:|---:|---:|",
     ]
@@ -241,7 +241,7 @@ def _markdown(report: dict, table: str, figures: list[str]) -> str:
     r = report["retrieval"]
     keys = [k for k in r if k.startswith("recall@") or k == "mAP"]
     parts += [
-      "## Retrieval (unseen classes' test images)\n",
+      "## Retrieval by Ms (test images of the unseen classes, ranked by P(same) with the query)\n",
       "| " + " | ".join(keys) + " | queries |",
       "|" + "---:|" * (len(keys) + 1),
       "| " + " | ".join(_pct(r[k]) for k in keys) + f" | {r.get('num_queries', '-')} |\n",

@@ -88,9 +88,10 @@ def compute_embeddings(config, workdir: str | Path) -> dict:
   if config.overwrite:
     wd.mark_replaced(workdir, [wd.EMBEDDINGS])
   logging.info(
-    "embedded %d train images of the seen classes (T180: stage 2's images) and %d test images (%d-d) "
-    "with stage-1 step %d",
+    "embedded %d train images of the %d seen classes (stage 2's pairs are drawn from them) and %d test "
+    "images (%d-d) with stage-1 step %d",
     len(t180),
+    len(data.split.seen_classes),
     len(data.test_idx),
     meta["dim"],
     meta["stage1_step"],
