@@ -154,6 +154,7 @@ def main(argv):
       plan.dry_run(FLAGS.config, FLAGS.workdir)
       return
     run.run(FLAGS.config, FLAGS.workdir)
+    interrupts.install_after_run()  # the summary is printed: a signal now says the outputs are complete
   except run.EXPECTED_ERRORS as e:
     logging.flush()
     print(f"jsim: {e}", file=sys.stderr)
@@ -188,10 +189,14 @@ def entry_point():
       f"jsim: stopped by {e.name}; finished stages and saved checkpoints are kept, rerun the same command to continue",
       file=sys.stderr,
     )
-    sys.exit(e.exit_code)
-  except SystemExit:
-    interrupts.install_after_run()
-    raise
+    interrupts.exit_now(e.exit_code)
+  except SystemExit as e:
+    code = e.code
+    if isinstance(code, str):  # (what sys.exit would print)
+      print(code, file=sys.stderr)
+    # No interpreter teardown: a signal during it would kill with no line (Python restores the default
+    # handlers), and orbax's and tensorstore's threads print tracebacks when torn down after a Ctrl-C.
+    interrupts.exit_now(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from jsim import workdir as wd
+from jsim import interrupts, workdir as wd
 from jsim.predict import _PROG, BACKENDS, Match, Similarity, _first_line, _listing, prepare_image
 
 # ----------------------------------------------------------------------------- outputs
@@ -318,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.sheet:
       check_output_path("--sheet", args.sheet, SHEET_FORMATS)
     records = wd.read_records(args.workdir)
+    for note in records.notes:  # (a stale report's threshold is not used)
+      print(f"{_PROG}: warning: {note}", file=sys.stderr)
     names = [args.query] if search else args.images
     images = [prepare_image(name, records.image_size) for name in names]
     if search:
@@ -337,14 +339,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (ValueError, OSError) as e:  # OSError: FileNotFound, NotADirectory, Permission, ...
     print(f"{_PROG}: {_first_line(e)}", file=sys.stderr)
     return 1
-  except KeyboardInterrupt:
-    print(f"{_PROG}: interrupted", file=sys.stderr)
-    return 130
+  except (KeyboardInterrupt, interrupts.Interrupted) as e:
+    print(f"{_PROG}: stopped by {getattr(e, 'name', 'SIGINT')}", file=sys.stderr)
+    return getattr(e, "exit_code", 130)
   return 0
 
 
 def entry_point() -> None:
-  sys.exit(main())
+  # SIGTERM as SIGINT: one line and 128 + the signal; then no interpreter teardown, where onnxruntime's and
+  # XLA's threads die under a Python that is finalising (a segmentation fault after the line).
+  interrupts.install()
+  try:
+    code = main()
+  except (KeyboardInterrupt, interrupts.Interrupted) as e:  # (while the libraries import, or parsing)
+    print(f"{_PROG}: stopped by {getattr(e, 'name', 'SIGINT')}", file=sys.stderr)
+    code = getattr(e, "exit_code", 130)
+  interrupts.exit_now(code)
 
 
 if __name__ == "__main__":
