@@ -318,8 +318,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.sheet:
       check_output_path("--sheet", args.sheet, SHEET_FORMATS)
     records = wd.read_records(args.workdir)
-    for note in records.notes:  # (a stale report's threshold is not used)
-      print(f"{_PROG}: warning: {note}", file=sys.stderr)
     names = [args.query] if search else args.images
     images = [prepare_image(name, records.image_size) for name in names]
     if search:
@@ -327,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.onnx_dir and args.backend == "jax":
       parser.error("--onnx_dir goes with --backend=onnx or auto")
     sim = Similarity.from_records(records, backend=args.backend, onnx_dir=args.onnx_dir)
+    for note in records.notes:  # (a stale report's threshold is not used; said once the model is there)
+      print(f"{_PROG}: warning: {note}", file=sys.stderr)
     if getattr(sim, "exported_now", False):
       print(
         f"{_PROG}: exported the model to {sim.onnx.folder} for the ONNX backend (once; --backend=jax skips it)",
