@@ -165,6 +165,14 @@ def main(argv):
       sys.stdout.flush()
       os._exit(run.exit_code(e))
     sys.exit(run.exit_code(e))
+  except OSError as e:  # a full disk where no writer said so itself (a figure, TensorBoard): still one line
+    from jsim import workdir as wd
+
+    if not wd.is_no_space(e):
+      raise
+    logging.flush()
+    print(f"jsim: {wd.no_space(e.filename or FLAGS.workdir)}", file=sys.stderr)
+    sys.exit(1)
   except KeyboardInterrupt:  # a second Ctrl-C (the first one saves a checkpoint and stops)
     logging.flush()
     print("jsim: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
