@@ -179,6 +179,7 @@ def main(argv):
       plan.dry_run(FLAGS.config, FLAGS.workdir)
       return
     run.run(FLAGS.config, FLAGS.workdir)
+    interrupts.install_after_run()  # the summary is printed: a signal now says the outputs are complete
   except run.EXPECTED_ERRORS as e:
     logging.flush()
     print(f"jsim: {e}", file=sys.stderr)
@@ -189,6 +190,14 @@ def main(argv):
       sys.stdout.flush()
       os._exit(run.exit_code(e))
     sys.exit(run.exit_code(e))
+  except OSError as e:  # a full disk where no writer said so itself (a figure, TensorBoard): still one line
+    from jsim import workdir as wd
+
+    if not wd.is_no_space(e):
+      raise
+    logging.flush()
+    print(f"jsim: {wd.no_space(e.filename or FLAGS.workdir)}", file=sys.stderr)
+    sys.exit(1)
   except KeyboardInterrupt:  # a second Ctrl-C (the first one saves a checkpoint and stops)
     logging.flush()
     print("jsim: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
@@ -213,10 +222,14 @@ def entry_point():
       f"jsim: stopped by {e.name}; finished stages and saved checkpoints are kept, rerun the same command to continue",
       file=sys.stderr,
     )
-    sys.exit(e.exit_code)
-  except SystemExit:
-    interrupts.install_after_run()
-    raise
+    interrupts.exit_now(e.exit_code)
+  except SystemExit as e:
+    code = e.code
+    if isinstance(code, str):  # (what sys.exit would print)
+      print(code, file=sys.stderr)
+    # No interpreter teardown: a signal during it would kill with no line (Python restores the default
+    # handlers), and orbax's and tensorstore's threads print tracebacks when torn down after a Ctrl-C.
+    interrupts.exit_now(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 if __name__ == "__main__":

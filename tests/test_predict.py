@@ -262,7 +262,7 @@ def test_gallery_search_ranks_caches_and_invalidates(trained, sim, ms_reference,
     assert got[rel] == pytest.approx(ms_reference(trained.test[0], trained.test[rows[rel]])[0], abs=1e-5)
 
   # Another stage-1 checkpoint: the whole gallery is embedded again.
-  changed = dataclasses.replace(sim.backbones[0], checkpoint_stamp=sim.backbones[0].checkpoint_stamp + 1)
+  changed = dataclasses.replace(sim.backbones[0], checkpoint_stamp=sim.backbones[0].checkpoint_stamp + "-another")
   saved = sim.backbones
   try:
     sim.backbones = [changed]

@@ -240,6 +240,21 @@ def test_comparison_table(tmp_path):
     report.write_comparison([], tmp_path / "a.md", tmp_path / "a.json")
 
 
+def _write_evaluated(w, r, **kw) -> None:
+  """An evaluated workdir as the evaluate stage leaves it: both stages' result.json, report.json recording them."""
+  from jsim import workdir as wd
+  from jsim.evaluate import compare, pairwise
+
+  extra = {}
+  for stage in (wd.STAGE1, wd.STAGE2):
+    result = {"best_step": 1}
+    wd.finish_stage(w / stage, result)
+    extra[stage] = result
+  pairwise.save_result(r, w / compare.RESULT_FILE)
+  extra[compare.RESULT_DIGEST] = wd.file_digest(w / compare.RESULT_FILE)
+  report.write_report(w, r, val_threshold=None, extra=extra, **kw)
+
+
 def test_result_round_trip_and_figure7_from_two_workdirs(tmp_path, capsys, monkeypatch):
   # The source's Figure 7: both backbones' ROC curves, all / seen / unseen, from two evaluated workdirs.
   from jsim.evaluate import compare, pairwise
@@ -247,8 +262,7 @@ def test_result_round_trip_and_figure7_from_two_workdirs(tmp_path, capsys, monke
   res = {"resnet50": _result(0.4), "vgg16": _result(0.6, count=(100, 200, 50, 40, 20))}
   for backbone, r in res.items():
     w = tmp_path / backbone
-    report.write_report(w, r, val_threshold=None, backbone=backbone)
-    pairwise.save_result(r, w / compare.RESULT_FILE)
+    _write_evaluated(w, r, backbone=backbone)
     back = pairwise.load_result(w / compare.RESULT_FILE)
     for field in ("count", "correct_05", "correct_threshold", "hist_pos", "hist_neg"):
       np.testing.assert_array_equal(getattr(back, field), getattr(r, field))
@@ -313,17 +327,14 @@ def test_augmentation_figure(tmp_path):
 
 def test_comparison_table_of_evaluated_workdirs(tmp_path, capsys):
   """compare --table: one row per workdir, its method, five cases and retrieval, read from report.json."""
-  from jsim.evaluate import compare, pairwise
+  from jsim.evaluate import compare
 
   figures = lambda p1, mapr: {"precision@1": p1, "r_precision": 0.3, "map@r": mapr, "nmi": 0.4, "num_queries": 9}
   retrieval = {"distance": "cosine", "seen": figures(0.5, 0.25), "unseen": figures(0.2, None)}
   for name, loss in (("ce", None), ("ms", "multi_similarity")):
     w, r = tmp_path / name, _result(0.4)
     method = {"stage1_loss": loss, "similarity": "Ms on l1"} if loss else None
-    report.write_report(
-      w, r, val_threshold=None, backbone="resnet_tiny", method=method, embedding_retrieval=retrieval if loss else None
-    )
-    pairwise.save_result(r, w / compare.RESULT_FILE)
+    _write_evaluated(w, r, backbone="resnet_tiny", method=method, embedding_retrieval=retrieval if loss else None)
   table = tmp_path / "cmp.md"
   args = [str(tmp_path / "ce"), str(tmp_path / "ms"), f"--out={tmp_path / 'roc.png'}", f"--table={table}"]
   assert compare.main(args) == 0

@@ -18,29 +18,65 @@ with the other workdirs' curves in W/figures/roc_backbones.png.
 
 from __future__ import annotations
 
-import json
 import sys
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from jsim import workdir as wd
 from jsim.evaluate import figures, pairwise, report
 from jsim.published import BACKBONE_TITLES
 
 RESULT_FILE = "evaluation.npz"
+RESULT_DIGEST = "evaluation_sha256"  # report.json's extra: the SHA-256 of the evaluation.npz written with it
 FIGURE = "roc_backbones.png"
+_REDO = "rerun --config.stage=evaluate --config.overwrite=True on that workdir"
+
+
+def _workdir(workdir: str | Path) -> Path:
+  w = Path(workdir)
+  if not w.exists():
+    raise FileNotFoundError(f"{w}: no such workdir")
+  if not w.is_dir():
+    raise NotADirectoryError(f"{w}: a file, not a workdir")
+  return w
+
+
+def read_current_report(workdir: str | Path) -> dict:
+  """W/report.json, refused (one line naming it) when it is damaged or evaluated stages that W no longer holds."""
+  w = _workdir(workdir)
+  rep = wd.read_report(w)
+  why = wd.report_problem(w, rep)
+  if why is not None:
+    raise ValueError(f"{why}; {_REDO}")
+  return rep
 
 
 def load_evaluated(workdir: str | Path) -> tuple[str, pairwise.PairEvalResult]:
-  """(backbone label, test-pair result) of an evaluated workdir; ValueError naming what is missing."""
-  workdir = Path(workdir)
-  path = workdir / RESULT_FILE
+  """(backbone label, test-pair result) of an evaluated workdir; one-line errors naming what is missing or stale.
+
+  evaluation.npz is read only beside the report.json it was written with, of the stages W holds now.
+  """
+  w = _workdir(workdir)
+  path = w / RESULT_FILE
   if not path.is_file():
-    raise ValueError(f"{path} is missing: evaluate that workdir first (--config.stage=evaluate)")
-  label = workdir.name
-  if (workdir / "report.json").is_file():
-    backbone = _read_report(workdir).get("backbone") or label
-    label = "+".join(BACKBONE_TITLES.get(b, b) for b in backbone.split("+"))
-  return label, pairwise.load_result(path)
+    raise FileNotFoundError(f"{path} is missing: evaluate that workdir first (--config.stage=evaluate)")
+  rep = read_current_report(w)
+  recorded = rep["extra"].get(RESULT_DIGEST)
+  if recorded is not None and recorded != wd.file_digest(path):
+    raise ValueError(f"{path} is not the evaluation that {w / wd.REPORT_FILE} was written with; {_REDO}")
+  backbone = rep.get("backbone") or w.name
+  label = "+".join(BACKBONE_TITLES.get(b, b) for b in str(backbone).split("+"))
+  try:
+    return label, pairwise.load_result(path)
+  except (OSError, EOFError, zipfile.BadZipFile, KeyError, ValueError) as e:
+    text = (str(e).strip().splitlines() or [""])[0][:200]
+    raise ValueError(f"{path}: damaged or truncated ({type(e).__name__}: {text}); {_REDO}") from None
+
+
+def split_ids(workdirs: Sequence[str | Path]) -> list[str | None]:
+  """The first 12 hex digits of each workdir's split.json digest (None without one)."""
+  return [(d or "")[:12] or None for d in (wd.split_digest(_workdir(w)) for w in workdirs)]
 
 
 def roc_of_workdirs(workdirs: Sequence[str | Path], out_png: str | Path, extra: dict | None = None) -> Path:
@@ -77,25 +113,29 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"jsim: {path} exists; pass another path (nothing is overwritten)", file=sys.stderr)
       return 1
   try:
-    rows = [report.comparison_row(_read_report(w), Path(w).name) for w in args.workdirs] if table else []
+    splits = split_ids(args.workdirs)
+    differ = len(set(splits)) > 1
+    rows = []
+    for w, split in zip(args.workdirs if table else (), splits):
+      try:
+        row = report.comparison_row(read_current_report(w), Path(w).name)
+      except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{Path(w) / wd.REPORT_FILE}: not a jsim report ({type(e).__name__}: {e}); {_REDO}") from None
+      rows.append({**row, "split": split} if differ else row)  # (a split column flags differing splits)
     print(f"wrote {roc_of_workdirs(args.workdirs, out)} (ROC curves of {len(args.workdirs)} workdirs)")
     if table:
       text = report.write_comparison(rows, table, table.with_suffix(".json"))
       print(f"wrote {table} and {table.with_suffix('.json')}:\n{text}", end="")
+    if differ:
+      print(
+        f"warning: the workdirs were split differently (split.json {', '.join(str(s) for s in splits)}: "
+        f"other seen/unseen classes or test images), so their figures are not on the same test pairs",
+        file=sys.stderr,
+      )
   except (ValueError, OSError, KeyError) as e:
-    print(f"jsim: {e}", file=sys.stderr)
+    print(f"jsim: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
     return 1
   return 0
-
-
-def _read_report(workdir: str | Path) -> dict:
-  path = Path(workdir) / "report.json"
-  if not path.is_file():
-    raise ValueError(f"{path} is missing: evaluate that workdir first (--config.stage=evaluate)")
-  try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not JSON ({e})") from None
 
 
 if __name__ == "__main__":

@@ -202,6 +202,7 @@ def evaluate(config, workdir: str | Path) -> dict:
   table = ""
   if parallel.is_main_process():
     save_result(result, workdir / compare.RESULT_FILE)  # for Figure 7 (jsim.evaluate.compare)
+    extra[compare.RESULT_DIGEST] = wd.file_digest(workdir / compare.RESULT_FILE)  # (compare checks the pair)
     if config.evaluation.get("compare_workdirs"):
       this = "+".join(report.BACKBONE_TITLES.get(m["model"], m["model"]) for m in emb["sources"])
       compare.roc_of_workdirs(config.evaluation.compare_workdirs, fig_dir / compare.FIGURE, extra={this: result})

@@ -285,10 +285,11 @@ def write_report(
   )
   table = case_table_markdown(report)
   figures = sorted(f"figures/{p.name}" for p in (out_dir / "figures").glob("*.png"))
-  tmp = out_dir / (REPORT_JSON + ".tmp")
-  tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-  tmp.replace(out_dir / REPORT_JSON)
-  (out_dir / REPORT_MD).write_text(_markdown(report, table, figures))
+  from jsim import workdir as wd
+
+  text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+  wd.write_file(out_dir / REPORT_JSON, lambda tmp: Path(tmp).write_text(text))
+  wd.write_file(out_dir / REPORT_MD, lambda tmp: Path(tmp).write_text(_markdown(report, table, figures)))
   return table
 
 

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from jsim import workdir as wd
+from jsim import interrupts, workdir as wd
 from jsim.predict import _PROG, BACKENDS, Match, Similarity, _first_line, _listing, prepare_image
 
 # ----------------------------------------------------------------------------- outputs
@@ -344,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.onnx_dir and args.backend == "jax":
       parser.error("--onnx_dir goes with --backend=onnx or auto")
     sim = Similarity.from_records(records, backend=args.backend, onnx_dir=args.onnx_dir)
+    for note in records.notes:  # (a stale report's threshold is not used; said once the model is there)
+      print(f"{_PROG}: warning: {note}", file=sys.stderr)
     if getattr(sim, "exported_now", False):
       print(
         f"{_PROG}: exported the model to {sim.onnx.folder} for the ONNX backend (once; --backend=jax skips it)",
@@ -356,14 +358,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (ValueError, OSError) as e:  # OSError: FileNotFound, NotADirectory, Permission, ...
     print(f"{_PROG}: {_first_line(e)}", file=sys.stderr)
     return 1
-  except KeyboardInterrupt:
-    print(f"{_PROG}: interrupted", file=sys.stderr)
-    return 130
+  except (KeyboardInterrupt, interrupts.Interrupted) as e:
+    print(f"{_PROG}: stopped by {getattr(e, 'name', 'SIGINT')}", file=sys.stderr)
+    return getattr(e, "exit_code", 130)
   return 0
 
 
 def entry_point() -> None:
-  sys.exit(main())
+  # SIGTERM as SIGINT: one line and 128 + the signal; then no interpreter teardown, where onnxruntime's and
+  # XLA's threads die under a Python that is finalising (a segmentation fault after the line).
+  interrupts.install()
+  try:
+    code = main()
+  except (KeyboardInterrupt, interrupts.Interrupted) as e:  # (while the libraries import, or parsing)
+    print(f"{_PROG}: stopped by {getattr(e, 'name', 'SIGINT')}", file=sys.stderr)
+    code = getattr(e, "exit_code", 130)
+  interrupts.exit_now(code)
 
 
 if __name__ == "__main__":

@@ -79,10 +79,8 @@ def compute_embeddings(config, workdir: str | Path) -> dict:
       "test_labels": data.test_set.labels[data.test_idx].astype(np.int32),
       "test_index": data.test_idx.astype(np.int64),
     }
-    for name, arr in arrays.items():
-      tmp = out_dir / f"{name}.tmp.npy"
-      np.save(tmp, arr)
-      tmp.replace(out_dir / f"{name}.npy")
+    for name, arr in arrays.items():  # (a full disk: NoSpace naming the file, no temporary file left)
+      wd.write_file(out_dir / f"{name}.npy", lambda tmp, arr=arr: _save_array(tmp, arr))
     wd.write_json(meta_path, meta)
   parallel.sync_processes("embeddings written")
   if config.overwrite:
@@ -97,6 +95,11 @@ def compute_embeddings(config, workdir: str | Path) -> dict:
     meta["stage1_step"],
   )
   return meta
+
+
+def _save_array(path: Path, arr: np.ndarray) -> None:
+  with open(path, "wb") as f:  # (a file object: np.save would append .npy to the temporary name)
+    np.save(f, arr)
 
 
 def load_embeddings(workdir: str | Path) -> dict:
