@@ -70,7 +70,7 @@ def test_train_step_updates_backbone_head_and_loss(loss_name):
   num_classes = 4
   c = _tiny_config(loss_name, embedding_dim=8, loss_learning_rate=0.1)
   if loss_name == "triplet":
-    c.classifier.loss_hparams.triplet.mining = "batch_hard"
+    c.classifier.loss_hparams.triplet.miner = "batch_hard"
   model = classifier.build_classifier(c, num_classes)
   assert isinstance(model, MetricModel) and model.embedding_dim == 8
   variables = classifier.initial_variables(c, model, num_classes, SIZE)
@@ -363,8 +363,14 @@ def test_config_errors_name_the_key(overrides, expect):
   with pytest.raises(ValueError, match=expect.replace("(", r"\(").replace(")", r"\)")):
     metric.check_config(c.classifier)
   c = _tiny_config("triplet")
-  c.classifier.loss_hparams.triplet.mining = "hardest"
-  with pytest.raises(ValueError, match="classifier.loss_hparams.triplet: loss hyperparameter mining='hardest'"):
+  c.classifier.loss_hparams.triplet.miner = "hardest"
+  with pytest.raises(ValueError, match="classifier.loss_hparams.triplet: loss hyperparameter miner='hardest'"):
+    metric.check_config(c.classifier)
+  c.classifier.loss_hparams.triplet.miner = "triplet_margin"
+  c.classifier.miner_hparams.triplet_margin.type_of_triplets = "semi_hard"
+  with pytest.raises(
+    ValueError, match="classifier.miner_hparams.triplet_margin: miner hyperparameter type_of_triplets="
+  ):
     metric.check_config(c.classifier)
 
 
