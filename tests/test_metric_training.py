@@ -219,6 +219,9 @@ def _check_every_stage(w, loss, args, jsim_cache, monkeypatch):
   assert er["distance"] == ("l2" if loss == "pair_ms" else "cosine")
   for part in ("seen", "unseen"):
     assert set(er[part]) == {"precision@1", "r_precision", "map@r", "nmi", "num_queries"}
+  # The unseen test images against all test images: the same queries, ranked among more images.
+  assert set(er["unseen_in_all"]) == {"precision@1", "r_precision", "map@r", "num_queries"}
+  assert er["unseen_in_all"]["num_queries"] == er["unseen"]["num_queries"]
   # The seen test images' MAP@R is stage 1's test figure, computed the same way.
   assert er["seen"]["map@r"] == pytest.approx(report["extra"]["stage1"]["test_map@r"], abs=1e-6)
   b = report["balanced_unseen_accuracy"]["at_0.5"]
