@@ -117,7 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_seen_classes = 180
   c.data.val_fraction = 0.3
   c.data.seen_classes = "random"  # random (the protocol: drawn from the seed) | first (benchmarks: first half)
-  c.data.normalization = "t180"  # t180 (the source: T180's statistics) | train (stage-1 train split) | imagenet
+  # auto (weights for model.init=pretrained, else t180) | weights (the initial weights' own input scaling) |
+  # t180 (the data set's: T180's statistics, the source) | train (stage-1 train split) | imagenet
+  c.data.normalization = "auto"
   # Stage 1's input: device (every train image held on each device, batches gathered in the step) |
   # stream (images stay on the host; grain reads each batch, sent sharded: device memory holds batches only).
   c.data.pipeline = "device"
@@ -125,9 +127,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(
     dict(
       name="resnet50",  # see jsim.models.available()
-      init="torchvision",  # torchvision | random
-      weights="IMAGENET1K_V1",  # torchvision weights name, or a .pth path
+      init="torchvision",  # torchvision | pretrained (a weights package: efficientnet_lite0/1/2) | random
+      weights="IMAGENET1K_V1",  # torchvision weights name, or a .pth path (model.init=torchvision)
+      freeze="none",  # none | backbone | stages:N (the stem and the first N stages fixed; jsim.models.freeze)
       dtype="auto",  # auto (bf16 on accelerators, float32 on CPU) | float32 | bfloat16
+      # How convs are lowered (jsim.models.layers): auto (XLA's conv on GPU/TPU, per shape on a CPU) | xla | matmul.
+      # Not part of a stage's identity: every lowering computes the same convolution, only float rounding differs.
+      conv_impl="auto",
     )
   )
 

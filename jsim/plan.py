@@ -152,8 +152,11 @@ def dry_run(config, workdir: str | Path) -> list[str]:
   """
   from jsim import console, validate
 
+  from jsim.data import prepare
+
   workdir = Path(workdir)
   validate.check_config(config)
+  config.data.normalization = prepare.resolved_normalization(config)  # (as jsim.run does)
   names = CHAINS.get(config.stage, (config.stage,))
   if config.stage != "prepare":
     if config.stage in ("embed", "similarity", "evaluate", "sweep"):

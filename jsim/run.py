@@ -11,6 +11,7 @@ import numpy as np
 from absl import logging
 
 from jsim import console, interrupts, parallel, plan, workdir as wd
+from jsim.data import prepare
 from jsim.data.download import DownloadError
 from jsim.train.loop import NonFiniteLoss, Preempted, preemption_guard
 
@@ -49,6 +50,7 @@ def run(config, workdir: str | Path) -> dict:
 
   parallel.maybe_initialize_distributed()  # first: any JAX call (the device count) would prevent it
   validate.check_config(config)
+  config.data.normalization = prepare.resolved_normalization(config)  # a workdir records what 'auto' chose
   plan.check_prerequisites(config, workdir)  # (before the workdir is made: a refused run leaves nothing)
   workdir = Path(workdir)
   if workdir.exists() and not workdir.is_dir():

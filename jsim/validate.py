@@ -80,6 +80,7 @@ def check_config(config) -> None:
   from jsim import configs, models
   from jsim.data import augment, benchmarks, pairs, prepare, sources, splits, tiny_imagenet
   from jsim.models import distance, similarity
+  from jsim.models import freeze as freezing
   from jsim.train import calibration, classifier, metric
 
   devices = jax.device_count()
@@ -136,7 +137,28 @@ def check_config(config) -> None:
       f"{', '.join(sorted(torchvision_port._ARCHS))}); add --config.model.init=random to train it "
       f"from scratch"
     )
+  if m.init == "pretrained":
+    from jsim.models import pretrained_port
+
+    # (stages after stage 1 read the workdir's checkpoint: only stage 1 needs the package)
+    if m.name not in pretrained_port.PACKAGES or config.stage in ("all", "classifier"):
+      try:
+        pretrained_port.check_installed(m.name)
+      except ImportError as e:
+        raise ValueError(f"model.init='pretrained': {e}") from None
+  if d.normalization == "weights" and m.init == "random":
+    prepare.weights_statistics(config)  # the ValueError saying that random init has no input scaling
   _choice("model.dtype", m.dtype, models.DTYPES)
+  _choice("model.conv_impl", m.conv_impl, models.CONV_IMPLS)
+  freezing.parse(m.freeze)
+  if m.freeze != freezing.NONE:
+    backbone = models.build(m.name)
+    if not freezing.supports(backbone):
+      raise ValueError(
+        f"model.freeze={m.freeze!r}: model.name={m.name!r} cannot be frozen (freezing: "
+        f"{', '.join(n for n in models.available() if freezing.supports(models.build(n)))})"
+      )
+    freezing.parse(m.freeze, None if m.freeze == freezing.BACKBONE else backbone.num_stages)
 
   c = config.classifier
   _training("classifier", c, devices)

@@ -62,6 +62,7 @@ _DERIVED = {STAGE1: (EMBEDDINGS, STAGE2, "sweep")}
 
 # Keys that may differ between a run and its resumption.
 # learning_rate, alpha, halving_wait: the rate from here on (a NaN stop is continued at a lower one).
+# conv_impl: how convs are lowered; the same math, other float rounding, as on another platform.
 _FREE_KEYS = {
   "stage",
   "overwrite",
@@ -77,6 +78,7 @@ _FREE_KEYS = {
   "cache_dir",
   "num_workers",
   "pipeline",
+  "conv_impl",
   "evaluation",
   "sweep",
   "embed",

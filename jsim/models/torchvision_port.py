@@ -120,9 +120,20 @@ def from_torchvision(arch: str, weights: Any, num_classes: int = 180, seed: int 
     raise ValueError(f"from_torchvision: unknown arch {arch!r}; supported: {', '.join(sorted(_ARCHS))}")
   factory, key_table, head_key = _ARCHS[arch]
   state = _load_state_dict(arch, weights)
-  rows = key_table()
-  expected = _expected_shapes(factory(num_classes=num_classes))
+  return port(
+    state, key_table(), factory(num_classes=num_classes), head_key, num_classes, seed, f"from_torchvision({arch!r})"
+  )
 
+
+def port(state: Mapping, rows: list[Row], model: Any, head_key: str, num_classes: int, seed: int, who: str) -> dict:
+  """Flax variables of `model` from a torch state_dict (numpy float32 values), by the key table `rows`.
+
+  Every torch key must be in the table and every table key in `state`; each value must have its
+  leaf's shape after conversion; every leaf of `model` must be filled. The head (torch key
+  `head_key`, the Flax module `head`) is kept when it has `num_classes` outputs, else drawn fresh
+  from `seed` like torch's nn.Linear default. ValueError (naming `who` and the key) otherwise.
+  """
+  expected = _expected_shapes(model)
   table_keys = {r[0] for r in rows}
   missing = [r[0] for r in rows if r[0] not in state]
   unexpected = sorted(k for k in state if k not in table_keys)
@@ -132,9 +143,7 @@ def from_torchvision(arch: str, weights: Any, num_classes: int = 180, seed: int 
       parts.append(f"missing {len(missing)} key(s): {_head(missing)}")
     if unexpected:
       parts.append(f"unexpected {len(unexpected)} key(s): {_head(unexpected)}")
-    raise ValueError(
-      f"from_torchvision({arch!r}): the state_dict does not match torchvision's {arch}: " + "; ".join(parts)
-    )
+    raise ValueError(f"{who}: the state_dict does not match the model: " + "; ".join(parts))
 
   head_prefix = head_key.rsplit(".", 1)[0]
   keep_head = state[head_key].ndim == 2 and state[head_key].shape[0] == num_classes
@@ -148,7 +157,7 @@ def from_torchvision(arch: str, weights: Any, num_classes: int = 180, seed: int 
     got = _CONVERT[kind](value) if ndim is None or value.ndim == ndim else value
     if want is None or got.shape != want:
       raise ValueError(
-        f"from_torchvision({arch!r}): {torch_key} has shape {tuple(value.shape)}, "
+        f"{who}: {torch_key} has shape {tuple(value.shape)}, "
         f"but {collection}/{'/'.join(path)} needs {want} ({kind} conversion)"
       )
     _set(variables, (collection,) + path, got)
@@ -157,9 +166,7 @@ def from_torchvision(arch: str, weights: Any, num_classes: int = 180, seed: int 
     kernel_shape = expected[("params", ("head", "kernel"))]
     fan_in = kernel_shape[0]
     if state[head_key].ndim != 2 or state[head_key].shape[1] != fan_in:
-      raise ValueError(
-        f"from_torchvision({arch!r}): {head_key} has shape {tuple(state[head_key].shape)}, expected [n, {fan_in}]"
-      )
+      raise ValueError(f"{who}: {head_key} has shape {tuple(state[head_key].shape)}, expected [n, {fan_in}]")
     k_kernel, k_bias = jax.random.split(jax.random.PRNGKey(seed))
     _set(
       variables,
@@ -175,7 +182,7 @@ def from_torchvision(arch: str, weights: Any, num_classes: int = 180, seed: int 
   filled = {(c, p) for c, p in _leaf_paths(variables)}
   unfilled = sorted("/".join((c,) + p) for c, p in expected if (c, p) not in filled)
   if unfilled:  # the key table and the Flax model disagree: a bug here, not in the weights
-    raise ValueError(f"from_torchvision({arch!r}): Flax leaves left unfilled: {_head(unfilled)}")
+    raise ValueError(f"{who}: Flax leaves left unfilled: {_head(unfilled)}")
   return variables
 
 

@@ -117,8 +117,9 @@ def identity(classifier_dict: dict) -> dict:
   return classifier_dict
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
-  """The protocol's SGD over every parameter, each group's rate scaled (its rate / learning_rate)."""
+def make_optimizer(cfg, frozen=None) -> optax.GradientTransformation:
+  """The protocol's SGD over every parameter, each group's rate scaled (its rate / learning_rate);
+  `frozen` (params -> bools): parameters that get zero updates."""
 
   def rate(name):
     value = cfg.get(name)
@@ -131,6 +132,7 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     cfg,
     param_groups=groups,
     rate_multipliers={"backbone": 1.0, "head": rate("head_learning_rate"), "loss": rate("loss_learning_rate")},
+    frozen=frozen,
   )
 
 
