@@ -20,9 +20,14 @@ def add_metric_learning_fields(cl: ml_collections.ConfigDict) -> None:
   from jsim import losses
 
   cl.loss = "cross_entropy"  # cross_entropy (the protocol's head) | one of jsim.losses.available()
-  # Each loss's hyperparameters, with PML's defaults: --config.classifier.loss_hparams.triplet.margin=0.1
+  # Each loss's hyperparameters, with PML's defaults: --config.classifier.loss_hparams.triplet.margin=0.1;
+  # contrastive, triplet and multi_similarity take a miner: --config.classifier.loss_hparams.triplet.miner=batch_hard
   cl.loss_hparams = ml_collections.ConfigDict(
     {name: losses.build(name).hyperparameters() for name in losses.available()}
+  )
+  # Each miner's hyperparameters (jsim.losses.miners), PML's defaults, read for the loss's miner only.
+  cl.miner_hparams = ml_collections.ConfigDict(
+    {name: losses.miners.build(name).hyperparameters() for name in losses.miners.available()}
   )
   cl.embedding_dim = 0  # > 0: a linear embedding head to this width, L2-normalised
   cl.sampler = "auto"  # auto (uniform for cross_entropy, m_per_class otherwise) | uniform | m_per_class

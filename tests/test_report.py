@@ -348,7 +348,9 @@ def test_comparison_table_of_evaluated_workdirs(tmp_path, capsys):
   # By hand from _result's counts: cases 80/100, 190/200, 40/50, 30/40, 5/10; overall 345/400; (30+5)/(40+10).
   cases = "| 80.00 % | 95.00 % | 80.00 % | 75.00 % | 50.00 % | 86.25 % | 90.00 % | 70.00 % | 62.50 % |"
   assert lines[2].startswith("| ce | resnet_tiny |") and "| cross_entropy | - |" in lines[2] and cases in lines[2]
-  assert lines[3].endswith("| 50.00 % | 20.00 % | 25.00 % | - |") and "| multi_similarity | Ms on l1 |" in lines[3]
+  assert (
+    lines[3].endswith("| 50.00 % | 20.00 % | 25.00 % | - | - | - |") and "| multi_similarity | Ms on l1 |" in lines[3]
+  )
   assert json.loads(table.with_suffix(".json").read_text())[1]["unseen_precision@1"] == 0.2
   # A second run refuses to overwrite the table, in one line, and writes nothing.
   capsys.readouterr()

@@ -7,7 +7,9 @@ and one table of any number of evaluated workdirs (methods, losses, backbones).
 The table (markdown, and the rows as JSON beside it) has per workdir the stage-1 loss,
 how pairs are scored, the five cases, overall / seen / unseen accuracy at 0.5, the
 balanced mean of cases 4 and 5, AUC overall and unseen, and P@1 / MAP@R of the seen and
-of the unseen test images (report.json's figures).
+of the unseen test images (report.json's figures). Workdirs whose runs differ only in the
+seed (their config.json, `python -m jsim.sweep --seeds=...`) make one row per method: each
+figure the mean ± standard deviation over the seeds, and the seeds in a column.
 
 Each workdir must have been evaluated (stage `evaluate`, which writes W/evaluation.npz,
 the test pairs' score histograms, beside report.json). A curve is labelled with the
@@ -18,10 +20,14 @@ with the other workdirs' curves in W/figures/roc_backbones.png.
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 from jsim import workdir as wd
 from jsim.evaluate import figures, pairwise, report
@@ -115,13 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     splits = split_ids(args.workdirs)
     differ = len(set(splits)) > 1
-    rows = []
-    for w, split in zip(args.workdirs if table else (), splits):
-      try:
-        row = report.comparison_row(read_current_report(w), Path(w).name)
-      except (KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{Path(w) / wd.REPORT_FILE}: not a jsim report ({type(e).__name__}: {e}); {_REDO}") from None
-      rows.append({**row, "split": split} if differ else row)  # (a split column flags differing splits)
+    rows = comparison_rows(args.workdirs, splits if differ else None) if table else []
     print(f"wrote {roc_of_workdirs(args.workdirs, out)} (ROC curves of {len(args.workdirs)} workdirs)")
     if table:
       text = report.write_comparison(rows, table, table.with_suffix(".json"))
@@ -136,6 +136,89 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"jsim: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
     return 1
   return 0
+
+
+# Config keys that do not make a method: workdirs that differ only in these are its seeds.
+NOT_THE_METHOD = ("seed", "overwrite", "stage")
+_SEED_IN_NAME = re.compile(r"(^|[,_+-])seed=?\d+(?=$|[,_+-])")
+
+
+def _method_key(workdir: Path) -> str:
+  """What a workdir's run was, its seed left out: its resolved config (config.json) as JSON, or (without
+  a readable config.json) its path, a group of its own."""
+  try:
+    config = json.loads((workdir / "config.json").read_text())
+  except (OSError, ValueError):
+    return f"workdir:{workdir.resolve()}"
+  return json.dumps({k: v for k, v in config.items() if k not in NOT_THE_METHOD}, sort_keys=True)
+
+
+def _seed(workdir: Path):
+  try:
+    return json.loads((workdir / "config.json").read_text()).get("seed")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def seed_groups(workdirs: Sequence[str | Path]) -> list[list[Path]]:
+  """The workdirs grouped by method: those whose config.json differ only in the seed (NOT_THE_METHOD),
+  in the order first named. ValueError for two workdirs of the same method and seed (the same run twice:
+  its spread would not be the seeds')."""
+  groups: dict[str, list[Path]] = {}
+  for w in map(Path, workdirs):
+    groups.setdefault(_method_key(w), []).append(w)
+  for members in groups.values():
+    seeds = [_seed(w) for w in members]
+    for i, s in enumerate(seeds):
+      if s in seeds[:i]:
+        other = members[seeds.index(s)]
+        raise ValueError(f"{other} and {members[i]} are the same run (same config, seed {s}): name each run once")
+  return list(groups.values())
+
+
+def group_name(members: Sequence[Path]) -> str:
+  """A method's name: its workdirs' name without the seed ('lr=0.1,seed=0' -> 'lr=0.1') where they agree
+  on one, else their names joined by '+'."""
+  names = {_SEED_IN_NAME.sub("", w.name).strip(",_+-") or w.parent.name for w in members}
+  return names.pop() if len(names) == 1 else "+".join(w.name for w in members)
+
+
+def mean_row(rows: Sequence[dict], seeds: Sequence, name: str) -> dict:
+  """One row for a method over its seeds: each number the mean (KEY) and sample standard deviation
+  (KEY_std, ddof=1; 0 for one seed) of its runs; other values kept where the runs agree, else None."""
+  out = {"name": name, "seeds": ",".join(str(s) for s in seeds)}
+  for key in rows[0]:
+    if key == "name":
+      continue
+    values = [r.get(key) for r in rows]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+      x = np.asarray(values, np.float64)
+      out[key] = float(x.mean())
+      out[f"{key}_std"] = float(x.std(ddof=1)) if len(x) > 1 else 0.0
+    else:
+      out[key] = values[0] if all(v == values[0] for v in values) else None
+  return out
+
+
+def _row(workdir: Path, split: str | None) -> dict:
+  """report.comparison_row of a workdir's current report (with its split where `split` is given)."""
+  try:
+    row = report.comparison_row(read_current_report(workdir), workdir.name)
+  except (KeyError, TypeError, AttributeError) as e:
+    raise ValueError(f"{workdir / wd.REPORT_FILE}: not a jsim report ({type(e).__name__}: {e}); {_REDO}") from None
+  return row if split is None else {**row, "split": split}
+
+
+def comparison_rows(workdirs: Sequence[str | Path], splits: Sequence[str | None] | None = None) -> list[dict]:
+  """The table's rows: one per workdir (report.comparison_row); where several workdirs differ only in the
+  seed, one per method with the mean and standard deviation over its seeds (`mean_row`). `splits` (one per
+  workdir) adds a split column, which flags workdirs split differently."""
+  groups = seed_groups(workdirs)
+  split_of = dict(zip(map(Path, workdirs), splits)) if splits is not None else {}
+  rows = {w: _row(w, split_of.get(w)) for members in groups for w in members}
+  if all(len(members) == 1 for members in groups):
+    return [rows[members[0]] for members in groups]
+  return [mean_row([rows[w] for w in members], [_seed(w) for w in members], group_name(members)) for members in groups]
 
 
 if __name__ == "__main__":
