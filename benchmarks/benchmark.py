@@ -6,7 +6,7 @@
         --num_embeddings 1800 --eval_pairs 65536 --eval_chunk 16384   # a short CPU run
 
 Measures, with synthetic data already on the device:
-  * stage-1 train images/s for each --models x --batches: the real ClassifierPlan step
+  * stage-1 train images/s for each --models x --batches: the real Stage1Plan step
     (uint8 64x64 images gathered by index, the protocol's augmentation, the resize to
     --input_size, forward + backward, Nesterov SGD, BatchNorm updates, metric sums);
   * embedding images/s: jsim.train.batching.embed_images (gather, preprocess, resize,
@@ -172,7 +172,7 @@ def _base_config(args, model_name: str, batch: int):
 
 
 def _fake_data(args, rng: np.random.Generator, num_images: int):
-  """What ClassifierPlan reads of jsim.data.prepare.Prepared: random uint8 images and labels."""
+  """What Stage1Plan reads of jsim.data.prepare.Prepared: random uint8 images and labels."""
   from jsim.data import augment
 
   images = rng.integers(0, 256, (num_images, args.image_size, args.image_size, 3), dtype=np.uint8)

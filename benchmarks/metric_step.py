@@ -6,7 +6,7 @@
 
 Every row is the real jitted step on synthetic uint8 64x64 images already on the device
 (gather, augmentation, resize to --input_size, forward + backward, SGD, BatchNorm):
-ClassifierPlan's for cross_entropy, MetricPlan's (m-per-class batches, embedding head
+jsim.train.classifier.Stage1Plan's: uniform batches for cross_entropy, m-per-class ones (and an embedding head
 of --embedding_dim, the loss and its parameters) for the others, so the ratio to
 cross_entropy is the cost of the loss, the head and the sampler. Timings exclude the
 first --warmup steps (compilation), reported apart. Writes <out>.json and <out>.md.

@@ -55,15 +55,15 @@ PAIR_CASES = [
   ("triplet", {}, lambda: pml_losses.TripletMarginLoss(), None),
   (
     "triplet",
-    {"margin": 0.4, "mining": "batch_hard"},
+    {"margin": 0.4, "miner": "batch_hard"},
     lambda: pml_losses.TripletMarginLoss(margin=0.4),
     lambda: pml_miners.BatchHardMiner(),
   ),
   (
     "triplet",
-    {"margin": 0.3, "mining": "semi_hard"},
+    {"margin": 0.3, "miner": "triplet_margin"},
     lambda: pml_losses.TripletMarginLoss(margin=0.3),
-    lambda: pml_miners.TripletMarginMiner(margin=0.3, type_of_triplets="semihard"),
+    lambda: pml_miners.TripletMarginMiner(),
   ),
   ("multi_similarity", {}, lambda: pml_losses.MultiSimilarityLoss(), None),
   (
@@ -96,8 +96,8 @@ def test_pair_losses_equal_pml(name, kwargs, make_pml, make_miner, seed):
 def test_triplet_miners_differ_and_no_triplet_is_zero():
   emb, labels = _batch(3)
   values = {
-    m: float(losses.build("triplet", margin=0.3, mining=m).apply({}, emb, labels))
-    for m in ("all", "batch_hard", "semi_hard")
+    m: float(losses.build("triplet", margin=0.3, miner=m).apply({}, emb, labels))
+    for m in ("none", "batch_hard", "triplet_margin")
   }
   assert len(set(values.values())) == 3, values
   # One class only: no negative, no triplet, no pair of the negative kind -> 0 as in PML.
@@ -215,8 +215,8 @@ def test_registry_and_errors():
     losses.build("nope")
   with pytest.raises(ValueError, match="no hyperparameter 'gamma'.*alpha, beta, base"):
     losses.build("multi_similarity", gamma=1.0)
-  with pytest.raises(ValueError, match="mining='hardest'"):
-    losses.build("triplet", mining="hardest")
+  with pytest.raises(ValueError, match="miner='hardest'"):
+    losses.build("triplet", miner="hardest")
   with pytest.raises(ValueError, match="unknown pair feature kind"):
     losses.build("pair_ms", feature="l3")
 

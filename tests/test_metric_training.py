@@ -71,7 +71,7 @@ def test_train_step_updates_backbone_head_and_loss(loss_name):
   num_classes = 4
   c = _tiny_config(loss_name, embedding_dim=8, loss_learning_rate=0.1)
   if loss_name == "triplet":
-    c.classifier.loss_hparams.triplet.mining = "batch_hard"
+    c.classifier.loss_hparams.triplet.miner = "batch_hard"
   model = classifier.build_classifier(c, num_classes)
   assert isinstance(model, MetricModel) and model.embedding_dim == 8
   variables = classifier.initial_variables(c, model, num_classes, SIZE)
@@ -219,6 +219,9 @@ def _check_every_stage(w, loss, args, jsim_cache, monkeypatch):
   assert er["distance"] == ("l2" if loss == "pair_ms" else "cosine")
   for part in ("seen", "unseen"):
     assert set(er[part]) == {"precision@1", "r_precision", "map@r", "nmi", "num_queries"}
+  # The unseen test images against all test images: the same queries, ranked among more images.
+  assert set(er["unseen_in_all"]) == {"precision@1", "r_precision", "map@r", "num_queries"}
+  assert er["unseen_in_all"]["num_queries"] == er["unseen"]["num_queries"]
   # The seen test images' MAP@R is stage 1's test figure, computed the same way.
   assert er["seen"]["map@r"] == pytest.approx(report["extra"]["stage1"]["test_map@r"], abs=1e-6)
   b = report["balanced_unseen_accuracy"]["at_0.5"]
@@ -362,8 +365,14 @@ def test_config_errors_name_the_key(overrides, expect):
   with pytest.raises(ValueError, match=expect.replace("(", r"\(").replace(")", r"\)")):
     metric.check_config(c.classifier)
   c = _tiny_config("triplet")
-  c.classifier.loss_hparams.triplet.mining = "hardest"
-  with pytest.raises(ValueError, match="classifier.loss_hparams.triplet: loss hyperparameter mining='hardest'"):
+  c.classifier.loss_hparams.triplet.miner = "hardest"
+  with pytest.raises(ValueError, match="classifier.loss_hparams.triplet: loss hyperparameter miner='hardest'"):
+    metric.check_config(c.classifier)
+  c.classifier.loss_hparams.triplet.miner = "triplet_margin"
+  c.classifier.miner_hparams.triplet_margin.type_of_triplets = "semi_hard"
+  with pytest.raises(
+    ValueError, match="classifier.miner_hparams.triplet_margin: miner hyperparameter type_of_triplets="
+  ):
     metric.check_config(c.classifier)
 
 

@@ -48,7 +48,7 @@ def initial_variables(config, num_classes: int = 6) -> dict:
 def stage1_steps(
   config, data, mesh, num_steps: int, variables: dict, *, evaluate: bool = False, num_classes: int = 6
 ) -> dict:
-  """num_steps real ClassifierPlan steps from `variables`; host copies of the results."""
+  """num_steps real Stage1Plan steps from `variables`; host copies of the results."""
   import jax
   from jsim import parallel
   from jsim.train import classifier, loop

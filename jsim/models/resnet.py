@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jsim.models.layers import Conv
+
 EXPANSION = 4  # bottleneck output width = EXPANSION * its inner width
 
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu') on every conv.
@@ -51,16 +53,18 @@ class Bottleneck(nn.Module):
   features: int
   strides: int = 1
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     conv = functools.partial(
-      nn.Conv,
+      Conv,
       use_bias=False,
       padding=((0, 0), (0, 0)),
       dtype=self.dtype,
       param_dtype=jnp.float32,
       kernel_init=conv_kernel_init,
+      conv_impl=self.conv_impl,
     )
     norm = functools.partial(
       nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32
@@ -91,6 +95,7 @@ class ResNet(nn.Module):
     width: stem width and inner width of the first stage (64 in torchvision);
       stage s has inner width width * 2**s and output width 4x that.
     dtype: compute dtype (e.g. bfloat16 on GPU); parameters stay float32.
+    conv_impl: how the convs are lowered: auto | xla | matmul (jsim.models.layers).
 
   Call: `(logits, embedding) = model.apply(variables, x, train=...)` with x NHWC float;
   `embedding` is the global-average-pooled feature (the head's input), both float32.
@@ -100,6 +105,7 @@ class ResNet(nn.Module):
   num_classes: int = 1000
   width: int = 64
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @property
   def embedding_dim(self) -> int:
@@ -108,7 +114,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-    x = nn.Conv(
+    x = Conv(
       self.width,
       (7, 7),
       strides=(2, 2),
@@ -117,6 +123,7 @@ class ResNet(nn.Module):
       dtype=self.dtype,
       param_dtype=jnp.float32,
       kernel_init=conv_kernel_init,
+      conv_impl=self.conv_impl,
       name="conv1",
     )(x)
     x = nn.BatchNorm(
@@ -127,7 +134,9 @@ class ResNet(nn.Module):
     for s, n_blocks in enumerate(self.stage_sizes):
       for b in range(n_blocks):
         strides = 2 if s > 0 and b == 0 else 1
-        x = Bottleneck(self.width * 2**s, strides=strides, dtype=self.dtype, name=f"layer{s + 1}_{b}")(x, train=train)
+        x = Bottleneck(
+          self.width * 2**s, strides=strides, dtype=self.dtype, conv_impl=self.conv_impl, name=f"layer{s + 1}_{b}"
+        )(x, train=train)
     embedding = jnp.mean(x, axis=(1, 2))  # AdaptiveAvgPool2d((1, 1)) + flatten
     logits = nn.Dense(
       self.num_classes,

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsim.models.layers import Conv
 from jsim.models.resnet import conv_kernel_init
 
 # torchvision cfgs["D"]: ints are conv widths, "M" a 2x2/2 max-pool.
@@ -84,6 +85,7 @@ class VGG(nn.Module):
     pool_size: output side of the adaptive average pool (7 in torchvision).
     dropout_rate: dropout after fc6 and fc7 (train mode only; needs rngs={'dropout': key}).
     dtype: compute dtype (e.g. bfloat16 on GPU); parameters stay float32.
+    conv_impl: how the convs are lowered: auto | xla | matmul (jsim.models.layers).
 
   Call: `(logits, embedding) = model.apply(variables, x, train=...)` with x NHWC float;
   `embedding` is the head's input: fc7 after its ReLU (and, in train mode, its dropout).
@@ -96,6 +98,7 @@ class VGG(nn.Module):
   pool_size: int = 7
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @property
   def embedding_dim(self) -> int:
@@ -110,7 +113,7 @@ class VGG(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")  # torch floors odd sizes too
         block, k = block + 1, 1
       else:
-        x = nn.Conv(
+        x = Conv(
           int(v),
           (3, 3),
           padding=((1, 1), (1, 1)),
@@ -118,6 +121,7 @@ class VGG(nn.Module):
           param_dtype=jnp.float32,
           kernel_init=conv_kernel_init,
           bias_init=nn.initializers.zeros,
+          conv_impl=self.conv_impl,
           name=f"conv{block}_{k}",
         )(x)
         x = nn.relu(x)

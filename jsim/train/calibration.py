@@ -4,8 +4,8 @@ similarity.model='distance' (similarity.distance='cosine' | 'l2'): instead of tr
 stage 2 fits P(same) = sigmoid(scale * d + bias) by logistic regression on the distances
 of its validation pairs (the same pairs, from the seed, that select Ms's best epoch), and
 writes the fit to W/<stage>/result.json; the evaluation chooses its threshold on the same
-pairs, as for Ms. `restore_scorer` gives every consumer (evaluation, predict) the
-prob_fn(params, e1, e2) of either kind of stage 2.
+pairs, as for Ms. jsim.train.similarity.restore_scorer gives every consumer (evaluation,
+predict, export) the prob_fn(params, e1, e2) of either kind of stage 2.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from jsim.checkpoint import abstract_like, restore_best
 from jsim import knn_metrics
 from jsim.data import samplers, splits, streaming
 from jsim.data.prepare import Prepared, prepare
+from jsim.models import freeze as freezing
 from jsim.models.metric_model import MetricModel
 from jsim.train import batching, loop, metric, schedule, step
 from jsim.train.metrics_writer import MetricsWriter
@@ -30,7 +31,14 @@ PIPELINES = ("device", "stream")
 
 def build_classifier(config, num_classes: int):
   """The backbone; for a metric-learning loss, wrapped with its embedding head and loss parameters."""
-  backbone = models.build(config.model.name, num_classes=num_classes, dtype=models.compute_dtype(config.model.dtype))
+  frozen = {"freeze": config.model.freeze} if config.model.freeze != "none" else {}
+  backbone = models.build(
+    config.model.name,
+    num_classes=num_classes,
+    dtype=models.compute_dtype(config.model.dtype),
+    conv_impl=config.model.conv_impl,
+    **frozen,
+  )
   if metric.is_metric(config.classifier):
     return metric.wrap_backbone(config.classifier, backbone, num_classes)
   return backbone
@@ -39,20 +47,27 @@ def build_classifier(config, num_classes: int):
 def initial_variables(config, model, num_classes: int, input_size: int) -> dict:
   if isinstance(model, MetricModel):
     backbone = (
-      initial_variables(config, model.backbone, num_classes, input_size) if config.model.init == "torchvision" else None
+      initial_variables(config, model.backbone, num_classes, input_size) if config.model.init != "random" else None
     )
     return metric.initial_variables(model, backbone, input_size, config.seed)
   if config.model.init == "torchvision":
     logging.info("stage 1 starts from torchvision weights %s", config.model.weights)
     return models.from_torchvision(config.model.name, config.model.weights, num_classes=num_classes, seed=config.seed)
+  if config.model.init == "pretrained":
+    logging.info("stage 1 starts from the packaged ImageNet weights of %s", config.model.name)
+    return models.from_pretrained(config.model.name, num_classes=num_classes, seed=config.seed)
   x = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
   key = jax.random.PRNGKey(config.seed)
   return jax.jit(functools.partial(model.init, train=False))({"params": key, "dropout": key}, x)
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
-  """Stage 1's optimizer for config.classifier: the protocol's SGD, per parameter group for a metric loss."""
-  return metric.make_optimizer(cfg) if metric.is_metric(cfg) else schedule.optimizer_from(cfg)
+def make_optimizer(cfg, model=None) -> optax.GradientTransformation:
+  """Stage 1's optimizer for config.classifier: the protocol's SGD, per parameter group for a metric loss;
+  zero updates for the parameters `model` freezes (config.model.freeze)."""
+  frozen = freezing.frozen_fn(model) if model is not None else None
+  return (
+    metric.make_optimizer(cfg, frozen=frozen) if metric.is_metric(cfg) else schedule.optimizer_from(cfg, frozen=frozen)
+  )
 
 
 # ----------------------------------------------------------------------------- the plan loop.fit runs
@@ -260,7 +275,7 @@ def abstract_state(config, model, mesh):
     x = jnp.zeros((1, size, size, 3), jnp.float32)
     key = jax.random.PRNGKey(0)
     return TrainState.create(
-      model.init({"params": key, "dropout": key}, x, train=False), make_optimizer(config.classifier)
+      model.init({"params": key, "dropout": key}, x, train=False), make_optimizer(config.classifier, model)
     )
 
   return abstract_like(jax.eval_shape(create), parallel.replicated(mesh))
@@ -301,7 +316,7 @@ def train_classifier(config, workdir: str | Path, data: Callable[[], Prepared] |
   data = data() if data is not None else prepare(config, workdir)
   num_classes = len(data.split.seen_classes)
   model = build_classifier(config, num_classes)
-  tx = make_optimizer(config.classifier)
+  tx = make_optimizer(config.classifier, model)
   variables = initial_variables(config, model, num_classes, config.classifier.input_size)
   state = parallel.put_replicated(TrainState.create(variables, tx), mesh)
   plan = Stage1Plan(config, data, model, tx, mesh)

@@ -83,23 +83,27 @@ def compute_embeddings(config, workdir: str | Path, data: Callable[[], Prepared]
       "test_labels": data.test_set.labels[data.test_idx].astype(np.int32),
       "test_index": data.test_idx.astype(np.int64),
     }
-    for name, arr in arrays.items():
-      tmp = out_dir / f"{name}.tmp.npy"
-      np.save(tmp, arr)
-      tmp.replace(out_dir / f"{name}.npy")
+    for name, arr in arrays.items():  # (a full disk: NoSpace naming the file, no temporary file left)
+      wd.write_file(out_dir / f"{name}.npy", lambda tmp, arr=arr: _save_array(tmp, arr))
     wd.write_json(meta_path, meta)
   parallel.sync_processes("embeddings written")
   if config.overwrite:
     wd.mark_replaced(workdir, [wd.EMBEDDINGS])
   logging.info(
-    "embedded %d train images of the seen classes (T180: stage 2's images) and %d test images (%d-d) "
-    "with stage-1 step %d",
+    "embedded %d train images of the %d seen classes (stage 2's pairs are drawn from them) and %d test "
+    "images (%d-d) with stage-1 step %d",
     len(t180),
+    len(data.split.seen_classes),
     len(data.test_idx),
     meta["dim"],
     meta["stage1_step"],
   )
   return meta
+
+
+def _save_array(path: Path, arr: np.ndarray) -> None:
+  with open(path, "wb") as f:  # (a file object: np.save would append .npy to the temporary name)
+    np.save(f, arr)
 
 
 def load_embeddings(workdir: str | Path) -> dict:

@@ -35,6 +35,7 @@ SAMPLERS = ("auto", "uniform", "m_per_class")
 METRIC_FIELDS = (
   "loss",
   "loss_hparams",
+  "miner_hparams",
   "embedding_dim",
   "sampler",
   "sampler_m",
@@ -91,8 +92,16 @@ def build_loss(cfg) -> loss_base.Loss:
     raise ValueError(
       f"classifier.loss={cfg.loss!r}: expected {CROSS_ENTROPY!r} or one of {', '.join(losses.available())}"
     )
+  hparams = dict(cfg.loss_hparams[cfg.loss])
+  miner = hparams.get("miner", losses.miners.NONE)
+  miner_hparams = dict(cfg.miner_hparams[miner]) if miner in cfg.get("miner_hparams", {}) else None
+  if miner_hparams is not None:
+    try:
+      losses.miners.build(miner, **miner_hparams)
+    except ValueError as e:
+      raise ValueError(f"classifier.miner_hparams.{miner}: {e}") from None
   try:
-    return losses.build(cfg.loss, **dict(cfg.loss_hparams[cfg.loss]))
+    return losses.build(cfg.loss, miner_hparams=miner_hparams, **hparams)
   except ValueError as e:
     raise ValueError(f"classifier.loss_hparams.{cfg.loss}: {e}") from None
 
@@ -110,8 +119,9 @@ def identity(classifier_dict: dict) -> dict:
   return classifier_dict
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
-  """The protocol's SGD over every parameter, each group's rate scaled (its rate / learning_rate)."""
+def make_optimizer(cfg, frozen=None) -> optax.GradientTransformation:
+  """The protocol's SGD over every parameter, each group's rate scaled (its rate / learning_rate);
+  `frozen` (params -> bools): parameters that get zero updates."""
 
   def rate(name):
     value = cfg.get(name)
@@ -124,6 +134,7 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     cfg,
     param_groups=groups,
     rate_multipliers={"backbone": 1.0, "head": rate("head_learning_rate"), "loss": rate("loss_learning_rate")},
+    frozen=frozen,
   )
 
 

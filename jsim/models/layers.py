@@ -1,0 +1,200 @@
+"""`Conv`: flax.linen.Conv with the convolution lowered per platform and per shape.
+
+    from jsim.models.layers import Conv
+    y = Conv(features, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), feature_group_count=1,
+             use_bias=False, dtype=dtype, param_dtype=jnp.float32, kernel_init=..., bias_init=...,
+             conv_impl="auto", name="conv1")(x)          # x: [N, H, W, C] (more leading batch dims are flattened)
+
+A drop-in for `nn.Conv` as jsim's backbones use it: the same constructor arguments (kernel_size (kh, kw);
+strides an int or a pair; padding "SAME", "VALID", an int, or ((lo, hi), (lo, hi)); feature_group_count,
+depthwise = in_channels), the same parameters ('kernel' [kh, kw, in / groups, features] HWIO and 'bias'
+[features], created in the same order with the same initialisers, so checkpoints, the torchvision port
+and the ONNX export see the same tree) and the same dtype promotion. Only the lowering differs, chosen
+by `choose_impl(platform, ...)` from `conv_impl` (config `model.conv_impl`):
+  * "xla": always `jax.lax.conv_general_dilated`;
+  * "matmul": never it (1x1 as a dot, depthwise as shifted multiply-adds, kxk as im2col + a dot);
+  * "auto" (default): XLA's conv on GPU/TPU (cuDNN is the fast path there); on a CPU the lowering
+    that the table above `choose_impl` (with the measurements behind it) picks for the shape.
+Every lowering computes the same convolution; results differ only in float rounding (summation order).
+A backbone takes `conv_impl` as a field and passes it to each of its convs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+from flax.linen.linear import canonicalize_padding, default_kernel_init
+from jax import lax
+
+# config.model.conv_impl.
+CONV_IMPLS = ("auto", "xla", "matmul")
+# The lowerings choose_impl returns.
+LOWERINGS = ("xla", "dot", "im2col", "shifted")
+
+# The lowering on a CPU for conv_impl=auto, first matching row wins. Measured on the 2-core Xeon of the dev
+# machine, jax 0.10.2, float32, XLA:CPU's conv vs the lowering, fwd / fwd+bwd (grad of input and kernel) ms,
+# batch 16 unless said (the kxk and 1x1 rows under load average 4-10, min of 3: ratios, not absolutes):
+#   depthwise (groups == in > 1) -> shifted  3x3 32x32x32 b64: 90 / 240 vs 2.2 / 50 (quiet machine)
+#   other grouped                -> xla      (not measured: no jsim backbone has one)
+#   1x1                          -> dot      64->256 16x16: 5.5 / 28 vs 3.8 / 11; 2048->512 2x2: 6.0 / 32 vs 2.0 / 5.7;
+#                                            64->256 56x56: 184 / 1221 vs 148 / 236; 256->512 /2 8x8: 0.7 / 11.5 vs 0.9 / 2.7
+#   kxk, output <= the kernel    -> im2col   3x3 512->512 2x2: 688 / 1616 vs 8.9 / 27 (b64: 2270 / 5619 vs 39 / 96);
+#                                            3x3: 20 / 60 vs 9.1 / 27; 1x1: 20 / 68 vs 1.9 / 5.3; 4x4 /2 -> 2x2: 20 / 864 vs 4.8 / 15
+#   kxk, larger                  -> xla      4x4 256->256: 4.5 / 13 vs 4.9 / 18; 8x8 128: 31 / 119 vs 48 / 177 (b64);
+#                                            64x64 64->64: 173 / 862 vs 607 / 1049; 7x7 stem 64 px: 5.8 / 52 vs 9.7 / 63
+# (XLA:CPU's conv falls off a cliff once the output is no larger than the kernel; above that its own
+# im2col-free kernel wins, the more so the larger the image.) `benchmarks/cpu_convs.py --layers` re-measures.
+
+
+def choose_impl(
+  platform: str,
+  conv_impl: str,
+  *,
+  kernel_size: tuple[int, int],
+  in_features: int,
+  groups: int,
+  out_hw: tuple[int, int],
+) -> str:
+  """The lowering (one of LOWERINGS) of a conv of this shape on `platform` ('cpu', 'gpu', 'tpu', ...).
+
+  A pure function of its arguments, so that the choice for every platform is testable anywhere.
+  """
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl={conv_impl!r}: expected one of {', '.join(CONV_IMPLS)}")
+  if conv_impl == "xla" or (conv_impl == "auto" and platform != "cpu"):
+    return "xla"
+  depthwise = groups > 1 and groups == in_features  # (a 1-channel input is an ordinary conv)
+  pointwise = tuple(kernel_size) == (1, 1) and groups == 1
+  if conv_impl == "matmul":
+    return "shifted" if depthwise else "dot" if pointwise else "im2col"
+  if depthwise:
+    return "shifted"
+  if groups != 1:
+    return "xla"
+  if pointwise:
+    return "dot"
+  return "im2col" if out_hw[0] <= kernel_size[0] and out_hw[1] <= kernel_size[1] else "xla"
+
+
+def explicit_padding(padding: Any, in_hw: Sequence[int], kernel_size: Sequence[int], strides: Sequence[int]):
+  """((lo, hi), (lo, hi)) of a flax padding ("SAME", "VALID", an int, ints or pairs)."""
+  pads = canonicalize_padding(padding, 2)
+  if isinstance(pads, str):
+    if pads not in ("SAME", "VALID", "SAME_LOWER"):
+      raise ValueError(f"Conv: padding {padding!r} is not supported (SAME, VALID, an int or (lo, hi) pairs)")
+    pads = lax.padtype_to_pads(tuple(in_hw), tuple(kernel_size), tuple(strides), pads)
+  return tuple((int(lo), int(hi)) for lo, hi in pads)
+
+
+def _windows(x: jax.Array, kernel_size, strides, out_hw):
+  """The kh * kw strided views x[:, i + s*y, j + s*x, :] ([N, Ho, Wo, C] each), in (i, j) order."""
+  n, _, _, c = x.shape
+  (sh, sw), (ho, wo) = strides, out_hw
+  return [
+    lax.slice(x, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1))
+    for i in range(kernel_size[0])
+    for j in range(kernel_size[1])
+  ]
+
+
+def conv(
+  x: jax.Array,
+  kernel: jax.Array,
+  *,
+  strides: Sequence[int],
+  padding: Sequence[tuple[int, int]],
+  groups: int,
+  lowering: str,
+) -> jax.Array:
+  """The convolution of NHWC `x` with HWIO `kernel` (explicit padding) by `lowering` (one of LOWERINGS)."""
+  if lowering == "xla":
+    return lax.conv_general_dilated(
+      x, kernel, tuple(strides), tuple(padding), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups
+    )
+  if lowering not in LOWERINGS:
+    raise ValueError(f"unknown conv lowering {lowering!r}; expected one of {', '.join(LOWERINGS)}")
+  kh, kw, cin_g, features = kernel.shape
+  dtype = jnp.result_type(x, kernel)
+  acc = jnp.promote_types(dtype, jnp.float32)  # bf16 inputs accumulate in float32, as XLA's conv does
+  x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+  n, hp, wp, c = x.shape
+  out_hw = ((hp - kh) // strides[0] + 1, (wp - kw) // strides[1] + 1)
+  views = _windows(x, (kh, kw), strides, out_hw)
+  if lowering == "shifted":  # depthwise: out[..., c*m + t] = sum_ij x_ij[..., c] * k[i, j, 0, c*m + t]
+    if cin_g != 1 or groups != c:
+      raise ValueError(f"the shifted lowering is for depthwise convs (groups == in_features), got groups={groups}")
+    m = features // c
+    k = kernel.reshape(kh * kw, features).astype(acc)
+    y = None
+    for t, v in enumerate(views):
+      v = jnp.repeat(v, m, axis=-1) if m > 1 else v
+      term = v.astype(acc) * k[t]
+      y = term if y is None else y + term
+    return y.astype(dtype)
+  # im2col (a 1x1 conv's single view is the input itself): patches [N, Ho, Wo, kh*kw*C] in (i, j, c) order,
+  # the kernel's row-major order.
+  patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+  if groups == 1:
+    y = jnp.dot(
+      patches.reshape(-1, kh * kw * c), kernel.reshape(kh * kw * c, features), preferred_element_type=acc
+    ).reshape(n, *out_hw, features)
+  else:  # input channel g*cin_g + a and output feature g*(F/groups) + f belong to group g
+    p = patches.reshape(n, *out_hw, kh * kw, groups, cin_g)
+    k = kernel.reshape(kh * kw, cin_g, groups, features // groups)
+    y = jnp.einsum("nhwkga,kagf->nhwgf", p, k, preferred_element_type=acc).reshape(n, *out_hw, features)
+  return y.astype(dtype)
+
+
+class Conv(nn.Module):
+  """flax.linen.Conv (2-D, NHWC) whose lowering is `choose_impl(jax.default_backend(), conv_impl, ...)`."""
+
+  features: int
+  kernel_size: Sequence[int]
+  strides: int | Sequence[int] = 1
+  padding: Any = "SAME"
+  feature_group_count: int = 1
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = default_kernel_init
+  bias_init: Any = nn.initializers.zeros_init()
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    # (An int kernel_size means a 1-D conv to flax: refused here rather than read as (k, k).)
+    kernel_size = tuple(self.kernel_size) if not isinstance(self.kernel_size, int) else ()
+    strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+    if len(kernel_size) != 2 or len(strides) != 2:
+      raise ValueError(f"Conv is 2-D: kernel_size={self.kernel_size!r} (expected (kh, kw)), strides={self.strides!r}")
+    batch_shape = inputs.shape[:-3]
+    x = inputs.reshape(-1, *inputs.shape[-3:])
+    in_features, groups = x.shape[-1], self.feature_group_count
+    if in_features % groups or self.features % groups:
+      raise ValueError(
+        f"Conv: feature_group_count={groups} must divide {in_features} inputs and {self.features} outputs"
+      )
+    kernel = self.param(
+      "kernel", self.kernel_init, (*kernel_size, in_features // groups, self.features), self.param_dtype
+    )
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+
+    padding = explicit_padding(self.padding, x.shape[1:3], kernel_size, strides)
+    out_hw = tuple((x.shape[1 + d] + sum(padding[d]) - kernel_size[d]) // strides[d] + 1 for d in range(2))
+    lowering = choose_impl(
+      jax.default_backend(),
+      self.conv_impl,
+      kernel_size=kernel_size,
+      in_features=in_features,
+      groups=groups,
+      out_hw=out_hw,
+    )
+    y = conv(x, kernel, strides=strides, padding=padding, groups=groups, lowering=lowering)
+    if bias is not None:
+      y = y + bias
+    return y.reshape(*batch_shape, *y.shape[1:])
