@@ -1,6 +1,7 @@
 # The two front-door commands (README.md):
 #   make demo   set up once, then run every stage on the embedded synthetic data (about a minute on 2 CPU cores)
-#   make test   set up once (with torch), then run the test suite
+#   make test   set up once (with torch), then run the test suite (what CI runs)
+#   make test-fast  the tests not marked slow (tests/conftest.py says which are): the edit-test loop
 # Setting up installs into $(VENV) once; it is redone only when pyproject.toml changes.
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,11 +9,12 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: help setup setup-test demo test clean-demo
+.PHONY: help setup setup-test demo test test-fast clean-demo
 
 help:  ## list the targets
 	@echo "make demo        every stage on synthetic data into $(WORKDIR)/ (report.md, figures/); installs once"
 	@echo "make test        the test suite (what CI runs); installs the test extras (torch included) once"
+	@echo "make test-fast   the tests not marked slow (no trained workdir, no process started): the edit-test loop"
 	@echo "make setup       only install jsim into $(VENV)/ (make setup-test: with the test extras)"
 	@echo "make clean-demo  remove $(WORKDIR)/ (the next make demo trains again)"
 	@echo "variables: PYTHON=$(PYTHON) VENV=$(VENV) WORKDIR=$(WORKDIR)"
@@ -46,6 +48,9 @@ test: setup-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
+
+test-fast: setup-test
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" --durations=10
 
 clean-demo:
 	rm -rf $(WORKDIR)

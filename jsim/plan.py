@@ -1,4 +1,4 @@
-"""What a run would do in a workdir: the first missing stage, and `--dry_run`.
+"""`--dry_run`: what a run would do in a workdir, stage by stage (jsim.run.STAGES).
 
 Reads only JSON records and folder listings (and, for the dry run, the data set's layout and
 labels, decoding a sample of its images): nothing here trains, compiles a step or writes into
@@ -9,58 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jsim import workdir as wd
-
-# The stages a stage reads the outputs of, in the order they must have run.
-_NEEDS = {
-  "embed": ("classifier",),
-  "similarity": ("classifier",),
-  "sweep": ("classifier",),
-  "evaluate": ("classifier", "embed", "similarity"),
-}
-# The stages config.stage runs (run.py's chains).
-CHAINS = {
-  "all": ("classifier", "embed", "similarity", "evaluate"),
-  "similarity": ("embed", "similarity"),
-  "sweep": ("embed", "sweep"),
-}
-_MISSING = {
-  "classifier": "stage 1 has not finished",
-  "embed": "there are no embeddings",
-  "similarity": "stage 2 has not finished",
-}
+from jsim import run, workdir as wd
 
 
 def _done(workdir: Path, stage: str) -> bool:
-  if stage == "classifier":
-    return wd.stage_result(workdir, wd.STAGE1) is not None
-  if stage == "embed":
-    return (workdir / wd.EMBEDDINGS / "meta.json").exists()
-  if stage == "similarity":
-    return wd.stage_result(workdir, wd.STAGE2) is not None
-  raise KeyError(stage)
-
-
-def first_missing_stage(stage: str, workdir: str | Path) -> str | None:
-  """The first stage that `stage` needs and that has not run in workdir, or None."""
-  workdir = Path(workdir)
-  for need in _NEEDS.get(stage, ()):
-    if not _done(workdir, need):
-      return need
-  return None
-
-
-def check_prerequisites(config, workdir: str | Path) -> None:
-  """ValueError naming the first stage that has to run before config.stage can (none for 'all')."""
-  missing = first_missing_stage(config.stage, workdir)
-  if missing is None:
-    return
-  # embed is run by 'similarity' itself: point at the stage that makes both.
-  command = "similarity" if missing == "embed" else missing
-  raise FileNotFoundError(
-    f"{Path(workdir)}: {_MISSING[missing]} (stage {config.stage!r} needs it); run "
-    f"--config.stage={command} first, or --config.stage=all for every stage"
-  )
+  return run.STAGES[stage].done(workdir)
 
 
 def _checkpoint_steps(stage_dir: Path) -> list[int]:
@@ -151,7 +104,7 @@ def _data_lines(config, workdir: Path) -> list[str]:
 
 def _weights_lines(config, workdir: Path) -> list[str]:
   """Where stage 1's starting weights come from, when it will start (model.init=torchvision)."""
-  if config.model.init != "torchvision" or "classifier" not in CHAINS.get(config.stage, (config.stage,)):
+  if config.model.init != "torchvision" or "classifier" not in run.chain(config.stage):
     return []
   if not stage_status(config, workdir, "classifier").startswith(("to run", "redone")):
     return []  # (a finished or started stage 1 reads its own checkpoints)
@@ -180,11 +133,11 @@ def dry_run(config, workdir: str | Path) -> list[str]:
   workdir = Path(workdir)
   validate.check_config(config)
   config.data.normalization = prepare.resolved_normalization(config)  # (as jsim.run does)
-  names = CHAINS.get(config.stage, (config.stage,))
+  names = run.chain(config.stage)
   if config.stage != "prepare":
     if config.stage in ("embed", "similarity", "evaluate", "sweep"):
       wd.check_recorded(workdir, wd.STAGE1, {"seed": config.seed, "model": {"name": config.model.name}})
-      check_prerequisites(config, workdir)
+      run.check_prerequisites(config, workdir)
   lines = [
     f"dry run in {workdir}{'' if workdir.exists() else ' (does not exist yet)'}: nothing is trained, nothing "
     "is written there or in the data cache",

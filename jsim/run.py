@@ -1,18 +1,27 @@
-"""config.stage -> the stage functions; 'all' chains them, skipping finished ones."""
+"""config.stage -> the stages it runs, from one table (STAGES); 'all' chains them, skipping finished ones.
+
+The table says for each stage its function, the stages whose outputs it reads, what it writes
+into the workdir and how a run knows it is done; the run here, the dry run (jsim.plan) and the
+prerequisite checks read it. The data set is prepared once per run, on first use, and handed to
+every stage that reads it.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import importlib
+import dataclasses
+import functools
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from absl import logging
 
-from jsim import console, interrupts, parallel, plan, workdir as wd
-from jsim.data import prepare
+from jsim import console, interrupts, parallel, validate, workdir as wd
+from jsim.data import prepare as prepare_lib
 from jsim.data.download import DownloadError
+from jsim.train import classifier, embeddings, similarity
 from jsim.train.loop import NonFiniteLoss, Preempted, preemption_guard
 
 # Errors that reach the user as one line (no traceback).
@@ -28,13 +37,94 @@ EXPECTED_ERRORS = (
   NonFiniteLoss,
 )
 
-# Stages that train: a SIGTERM/SIGINT anywhere in them (data loading and compilation
-# included) stops them at the next step, with a checkpoint.
-_TRAINING = ("classifier", "similarity", "sweep")
+
+def _evaluate(config, workdir: Path, data) -> dict:
+  from jsim.evaluate import evaluation  # only when it runs: a stage-1 run loads no evaluator nor matplotlib
+
+  return evaluation.evaluate(config, workdir)
 
 
-# A stage runs what it needs first; finished stages and current embeddings are skipped.
-_CHAINS = plan.CHAINS
+def _sweep(config, workdir: Path, data) -> dict:
+  from jsim.evaluate import evaluation
+
+  return evaluation.sweep(config, workdir)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  function: Callable  # (config, workdir, data) -> its result; data: the run's data, prepared on first call
+  needs: tuple[str, ...]  # the stages whose outputs it reads, in the order they run
+  writes: str  # what it writes into the workdir
+  done: Callable[[Path], bool] | None  # whether its output is there (None: nothing reads it)
+  missing: str = ""  # what a stage that needs it lacks, for the message
+  trains: bool = False  # a SIGTERM/SIGINT anywhere in it (data loading and compilation too) stops it at a step
+
+
+STAGES = {
+  "prepare": Stage(
+    prepare_lib.prepare_stage,
+    needs=(),
+    writes=f"{prepare_lib.PREPROCESSING_FILE}, split.json",
+    done=None,
+  ),
+  "classifier": Stage(
+    classifier.train_classifier,
+    needs=(),
+    writes=wd.STAGE1,
+    done=lambda w: wd.stage_result(w, wd.STAGE1) is not None,
+    missing="stage 1 has not finished",
+    trains=True,
+  ),
+  "embed": Stage(
+    embeddings.compute_embeddings,
+    needs=("classifier",),
+    writes=wd.EMBEDDINGS,
+    done=lambda w: (w / wd.EMBEDDINGS / embeddings.META_FILE).exists(),
+    missing="there are no embeddings",
+  ),
+  "similarity": Stage(
+    lambda config, workdir, data: similarity.train_similarity(config, workdir),
+    needs=("classifier",),
+    writes=wd.STAGE2,
+    done=lambda w: wd.stage_result(w, wd.STAGE2) is not None,
+    missing="stage 2 has not finished",
+    trains=True,
+  ),
+  "evaluate": Stage(_evaluate, needs=("classifier", "embed", "similarity"), writes="report.json, figures/", done=None),
+  "sweep": Stage(_sweep, needs=("classifier",), writes="sweep/", done=None, trains=True),
+}
+# The stages config.stage runs: a stage runs what it needs first; finished stages and current embeddings are skipped.
+CHAINS = {
+  "all": ("classifier", "embed", "similarity", "evaluate"),
+  "similarity": ("embed", "similarity"),
+  "sweep": ("embed", "sweep"),
+}
+
+
+def chain(stage: str) -> tuple[str, ...]:
+  """The stages --config.stage=`stage` runs, in order."""
+  return CHAINS.get(stage, (stage,))
+
+
+def first_missing_stage(stage: str, workdir: str | Path) -> str | None:
+  """The first stage that `stage` needs and that has not run in workdir, or None."""
+  workdir = Path(workdir)
+  return (
+    next((need for need in STAGES[stage].needs if not STAGES[need].done(workdir)), None) if stage in STAGES else None
+  )
+
+
+def check_prerequisites(config, workdir: str | Path) -> None:
+  """FileNotFoundError naming the first stage that has to run before config.stage can (none for 'all')."""
+  missing = first_missing_stage(config.stage, workdir)
+  if missing is None:
+    return
+  # embed is run by 'similarity' itself: point at the stage that makes both.
+  command = "similarity" if missing == "embed" else missing
+  raise FileNotFoundError(
+    f"{Path(workdir)}: {STAGES[missing].missing} (stage {config.stage!r} needs it); run "
+    f"--config.stage={command} first, or --config.stage=all for every stage"
+  )
 
 
 def exit_code(error: Exception) -> int:
@@ -47,12 +137,10 @@ def run(config, workdir: str | Path) -> dict:
   One run at a time holds the workdir (wd.locked); a run that fails, is refused or is
   interrupted removes what it made without doing any work (wd.drop_unused).
   """
-  from jsim import validate
-
   parallel.maybe_initialize_distributed()  # first: any JAX call (the device count) would prevent it
   validate.check_config(config)
-  config.data.normalization = prepare.resolved_normalization(config)  # a workdir records what 'auto' chose
-  plan.check_prerequisites(config, workdir)  # (before the workdir is made: a refused run leaves nothing)
+  config.data.normalization = prepare_lib.resolved_normalization(config)  # a workdir records what 'auto' chose
+  check_prerequisites(config, workdir)  # (before the workdir is made: a refused run leaves nothing)
   workdir = Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise NotADirectoryError(f"--workdir={workdir} is a file, not a folder; name a folder (new or a jsim workdir)")
@@ -81,15 +169,22 @@ def _run_stages(config, workdir: Path) -> dict:
     wd.check_recorded(workdir, wd.STAGE1, {"seed": config.seed, "model": {"name": config.model.name}})
   for hint in console.cpu_hints(config):
     logging.warning("%s", hint)
-  _check_pair_supply(config, workdir)
-  names = _CHAINS.get(config.stage, (config.stage,))
+  data = functools.cache(lambda: prepare_lib.prepare(config, workdir))  # the run's data, prepared on first use
+  _check_pair_supply(config, workdir, data)
+  names = chain(config.stage)
   result, timings = None, []
   for name in names:
     interrupts.raise_if_received()
     if len(names) > 1:
       logging.info("=== %s", name)
     start = time.perf_counter()
-    result = _run_stage(stage_function(name), name, config, workdir)
+    stage = STAGES[name]
+    with preemption_guard() if stage.trains else contextlib.nullcontext() as guard:
+      result = stage.function(config, workdir, data)
+      if guard is not None and guard.stop_requested():  # the signal came after the last step (e.g. during the test)
+        raise Preempted(
+          f"{guard.signal_name} during stage {name!r}, which finished first; rerun the same command to continue"
+        )
     timings.append((name, time.perf_counter() - start, console.stage_result_text(name, result)))
   record = wd.config_to_dict(config)
   path = workdir / "config.json"
@@ -111,61 +206,27 @@ def _run_stages(config, workdir: Path) -> dict:
   return result
 
 
-def _run_stage(stage, name: str, config, workdir: Path):
-  if name not in _TRAINING:
-    return stage(config, workdir)
-  with preemption_guard() as guard:
-    result = stage(config, workdir)
-    if guard.stop_requested():  # the signal came after the last step (e.g. during the test evaluation)
-      raise Preempted(
-        f"{guard.signal_name} during stage {name!r}, which finished first; rerun the same command to continue"
-      )
-  return result
-
-
-def _check_pair_supply(config, workdir: Path) -> None:
+def _check_pair_supply(config, workdir: Path, data) -> None:
   """Refuses pair counts that the data cannot supply, before the first stage that would compile.
 
   The labels come from the embeddings when they exist; for 'all' on a fresh workdir,
   from the data itself (stage 1 would fail hours before stage 2 found out).
   """
-  from jsim import validate
-
   if config.stage not in ("all", "similarity", "sweep", "evaluate"):
     return
   emb_dir = workdir / wd.EMBEDDINGS
-  if (emb_dir / "meta.json").exists():
+  if (emb_dir / embeddings.META_FILE).exists():
     try:
       train, test = np.load(emb_dir / "train_labels.npy"), np.load(emb_dir / "test_labels.npy")
-      class_ids = tuple(wd.read_json(emb_dir / "meta.json")["class_ids"])
+      class_ids = tuple(wd.read_json(emb_dir / embeddings.META_FILE)["class_ids"])
     except (OSError, ValueError, KeyError):
       return  # unreadable embeddings: the stage that reads them says so
   elif config.stage == "all":
-    from jsim.data.prepare import prepare
-
-    data = prepare(config, workdir)
-    train, test = data.train_set.labels[data.t180_idx], data.test_set.labels[data.test_idx]
-    class_ids = tuple(data.train_set.class_ids)
+    d = data()
+    train, test = d.train_set.labels[d.t180_idx], d.test_set.labels[d.test_idx]
+    class_ids = tuple(d.train_set.class_ids)
   else:
     return  # no embeddings yet: the stage itself asks for them
   if config.stage != "evaluate":  # for 'evaluate', stage 2 is trained already
     validate.check_pair_supply(config, train, class_ids)
   validate.check_test_pairs(config, test, class_ids)
-
-
-# Each stage's function by module path, imported only when the stage runs (a stage-1 run
-# loads neither the evaluators nor matplotlib).
-STAGE_FUNCTIONS = {
-  "prepare": "jsim.data.prepare:prepare_stage",
-  "classifier": "jsim.train.classifier:train_classifier",
-  "embed": "jsim.train.embeddings:compute_embeddings",
-  "similarity": "jsim.train.similarity:train_similarity",
-  "evaluate": "jsim.evaluate.evaluation:evaluate",
-  "sweep": "jsim.evaluate.evaluation:sweep",
-}
-
-
-def stage_function(name: str):
-  """The function (config, workdir) -> result of stage `name`."""
-  module, _, function = STAGE_FUNCTIONS[name].partition(":")
-  return getattr(importlib.import_module(module), function)

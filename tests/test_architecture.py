@@ -1,4 +1,4 @@
-"""The layering: no import cycle between jsim's parts, evaluators that import no trainer,
+"""The layering: no import cycle between jsim's parts nor between its modules, evaluators that import no trainer,
 and a stage-1 run that loads neither the evaluation code, TFDS nor matplotlib."""
 
 from __future__ import annotations
@@ -56,26 +56,37 @@ def _graph() -> dict[str, dict[str, set[str]]]:
   return graph
 
 
-def test_no_import_cycle_between_parts():
-  graph = _graph()
-  assert graph["train"].get("data") and graph["evaluate"].get("train")  # not empty by accident
-  # Depth-first search for a cycle, reporting the edges that make it.
+def _cycle(graph) -> list[str] | None:
+  """A cycle of `graph` (node -> the nodes it imports) as [a, b, ..., a], by depth-first search; None if none."""
   state: dict[str, int] = {}
 
-  def visit(node: str, path: list[str]):
+  def visit(node: str, path: list[str]) -> list[str] | None:
     state[node] = 1
-    for nxt in sorted(graph.get(node, {})):
+    for nxt in sorted(graph.get(node, ())):
       if state.get(nxt) == 1:
-        cycle = path[path.index(nxt) :] + [node, nxt] if nxt in path else [node, nxt]
-        edges = [sorted(graph[a][b])[0] for a, b in zip(cycle, cycle[1:]) if b in graph.get(a, {})]
-        raise AssertionError(f"import cycle {' -> '.join(cycle)}: {edges}")
+        return path[path.index(nxt) :] + [node, nxt] if nxt in path else [node, nxt]
       if not state.get(nxt):
-        visit(nxt, path + [node])
+        found = visit(nxt, path + [node])
+        if found:
+          return found
     state[node] = 2
+    return None
 
   for node in sorted(graph):
     if not state.get(node):
-      visit(node, [])
+      found = visit(node, [])
+      if found:
+        return found
+  return None
+
+
+def test_no_import_cycle_between_parts():
+  graph = _graph()
+  assert graph["train"].get("data") and graph["evaluate"].get("train")  # not empty by accident
+  cycle = _cycle(graph)
+  if cycle:
+    edges = [sorted(graph[a][b])[0] for a, b in zip(cycle, cycle[1:]) if b in graph.get(a, {})]
+    raise AssertionError(f"import cycle {' -> '.join(cycle)}: {edges}")
 
 
 def test_evaluators_import_no_trainer():
@@ -96,7 +107,7 @@ tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)
 config = tiny.get_config()
 config.stage = "classifier"
 validate.check_config(config)
-run.stage_function("classifier")
+run.STAGES["classifier"].function
 from jsim.data import prepare, sources, streaming, synthetic, tiny_imagenet
 from jsim.train import loop, metrics_writer
 print(json.dumps(sorted(sys.modules)))
@@ -113,3 +124,27 @@ print(json.dumps(sorted(sys.modules)))
     or m.startswith("jsim.evaluate.")
   ]
   assert not unwanted, unwanted
+
+
+def _module_graph() -> dict[str, set[str]]:
+  """jsim module -> the jsim modules it imports (at module level or inside functions). `from P import m`
+  counts as importing the module P.m where there is one (not P's __init__, which Python runs first)."""
+  modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+  graph = {}
+  for name, path in modules.items():
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        out |= {a.name for a in node.names if a.name in modules}
+      elif isinstance(node, ast.ImportFrom) and node.module in modules and not node.level:
+        for a in node.names:
+          out.add(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module)
+    graph[name] = out - {name}
+  return graph
+
+
+def test_no_import_cycle_between_modules():
+  graph = _module_graph()
+  assert "jsim.train.step" in graph["jsim.train.classifier"]  # not empty by accident
+  cycle = _cycle(graph)
+  assert cycle is None, f"import cycle {' -> '.join(cycle)}"

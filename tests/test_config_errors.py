@@ -7,26 +7,27 @@ anything is compiled" is checked, not assumed.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 
 import numpy as np
 import pytest
 
-from conftest import REPO, run_jsim
+from conftest import run_jsim, tiny_config
 
 TINY = ["--config=configs/tiny.py"]
 
 
-def tiny_config():
-  spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 # What the stages compile: the model's init, its training and evaluation steps, the embedding.
-STAGE_FUNCTIONS = ("jit(init)", "jit(train_step)", "jit(eval_sums)", "jit(embed)", "jit(chunk_sums)", "jit(<lambda>)")
+STAGE_FUNCTIONS = (
+  "jit(init)",
+  "jit(train_step)",
+  "jit(gathered_train_step)",
+  "jit(eval_step)",
+  "jit(gathered_eval_step)",
+  "jit(embed_step)",
+  "jit(chunk_sums)",
+  "jit(<lambda>)",
+)
 
 
 def _refused(proc, *, expect: str, data_check: bool = False) -> str:

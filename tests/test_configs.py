@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from jsim import configs, validate
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from conftest import config_module as _load
 
 
 @pytest.mark.parametrize(

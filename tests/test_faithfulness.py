@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,14 +12,7 @@ from jsim import parallel
 from jsim.data import pairs as pairs_lib
 from jsim.train import loop, schedule, similarity
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
-
-
-def tiny_config():
-  spec = importlib.util.spec_from_file_location("tiny_config", TINY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from conftest import tiny_config
 
 
 def _keys(p):

@@ -8,7 +8,6 @@ the tiny run's event files with TensorBoard's own EventAccumulator.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -19,17 +18,10 @@ import sys
 
 import pytest
 
-from conftest import REPO, jsim_env, run_jsim
+from conftest import REPO, TINY_RUN, config_module, jsim_env, run_jsim, tiny_config
 
 TINY = "--config=configs/tiny.py"
 STAGES = ("prepare", "classifier", "embed", "similarity", "evaluate", "all", "sweep")
-
-
-def tiny_config():
-  spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def _one_line_refusal(proc, expect: str) -> str:
@@ -188,16 +180,16 @@ def test_evaluate_on_an_empty_workdir_names_the_first_missing_stage(tmp_path, js
 
 
 def test_first_missing_stage(tmp_path):
-  from jsim import plan
+  from jsim import run
 
   (tmp_path / "stage1").mkdir()
   (tmp_path / "stage1" / "result.json").write_text('{"best_step": 1}')
-  assert plan.first_missing_stage("evaluate", tmp_path) == "embed"
-  assert plan.first_missing_stage("similarity", tmp_path) is None
+  assert run.first_missing_stage("evaluate", tmp_path) == "embed"
+  assert run.first_missing_stage("similarity", tmp_path) is None
   (tmp_path / "embeddings").mkdir()
   (tmp_path / "embeddings" / "meta.json").write_text("{}")
-  assert plan.first_missing_stage("evaluate", tmp_path) == "similarity"
-  assert plan.first_missing_stage("all", tmp_path / "nothing") is None
+  assert run.first_missing_stage("evaluate", tmp_path) == "similarity"
+  assert run.first_missing_stage("all", tmp_path / "nothing") is None
 
 
 @pytest.mark.parametrize(
@@ -243,14 +235,13 @@ def test_cpu_hint_for_224_pixels():
 # --- the console ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xdist_group("tiny_workdir")  # (with --dist loadgroup: the worker that built it for test_pipeline)
-def test_finished_run_says_what_it_skips_and_sums_up(tiny_workdir, jsim_cache, tmp_path):
+def test_finished_run_says_what_it_skips_and_sums_up(tiny_workdir, trained, tmp_path):
   """A second run of a finished workdir (the second `make demo`): every stage skipped with a reason, the
   evaluation too, a summary; then a changed evaluation setting redoes the evaluation and says why."""
   w = tmp_path / "w"
   shutil.copytree(tiny_workdir, w)
-  same = [TINY, f"--workdir={w}", "--config.evaluation.augmentation_examples=3"]  # what conftest ran
-  proc = run_jsim(same, jsim_cache, timeout=300)
+  same = [*TINY_RUN, f"--workdir={w}"]  # what trained ran
+  proc = run_jsim(same, trained.cache, timeout=300)
   out = proc.stdout + proc.stderr
   assert proc.returncode == 0, out[-3000:]
   assert re.search(r"stage 1 already finished \(2 epochs, test accuracy \d+\.\d %\): skipped", out), out
@@ -263,7 +254,7 @@ def test_finished_run_says_what_it_skips_and_sums_up(tiny_workdir, jsim_cache, t
   own = [line for line in out.splitlines() if str(w) not in line]  # (the workdir's path is as long as it is)
   assert all(len(line) < 140 for line in own), max(own, key=len)
 
-  proc = run_jsim([*same, "--config.stage=evaluate", "--config.evaluation.num_bins=500"], jsim_cache, timeout=300)
+  proc = run_jsim([*same, "--config.stage=evaluate", "--config.evaluation.num_bins=500"], trained.cache, timeout=300)
   out = proc.stdout + proc.stderr
   assert proc.returncode == 0, out[-3000:]
   assert "evaluation: redone, report.json is replaced (config.evaluation changed)" in out
@@ -388,7 +379,6 @@ def _hparams(ea) -> dict:
   return {k: (v.number_value if v.HasField("number_value") else v.string_value) for k, v in info.hparams.items()}
 
 
-@pytest.mark.xdist_group("tiny_workdir")
 def test_tensorboard_reads_the_stages_and_the_evaluation(tiny_workdir):
   w = tiny_workdir
   for stage in ("stage1", "stage2"):
@@ -505,9 +495,7 @@ def test_the_demo_prints_the_paths_of_its_images(tmp_path):
   from jsim.data import synthetic
 
   cache = tmp_path / "cache"
-  config = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
-  demo = importlib.util.module_from_spec(config)
-  config.loader.exec_module(demo)
+  demo = config_module("demo")
 
   def run(*args):
     return subprocess.run(

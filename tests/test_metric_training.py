@@ -266,7 +266,8 @@ def _four_devices() -> dict:
 
   from jsim import parallel
   from jsim.train import loop
-  from test_parallel import closeness, fake_stage1_data, tiny_config
+  from conftest import fake_stage1_data, tiny_config
+  from test_parallel import closeness
 
   jax.config.update("jax_default_matmul_precision", "highest")
   assert jax.device_count() == 4
@@ -377,13 +378,9 @@ def test_config_errors_name_the_key(overrides, expect):
 
 @pytest.mark.parametrize("name", ["metric", "cub200", "cars196", "sop"])
 def test_experiment_configs_build(name):
-  import importlib.util
+  from conftest import config_module
 
-  from conftest import REPO
-
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_module(name)
   for loss in ["cross_entropy", *losses.available()]:
     c = module.get_config(f"loss={loss}")
     assert c.classifier.loss == loss
@@ -398,7 +395,7 @@ def test_stream_pipeline_trains_as_the_device_pipeline():
 
   from jsim import parallel
   from jsim.train import loop
-  from test_parallel import fake_stage1_data, tiny_config
+  from conftest import fake_stage1_data, tiny_config
 
   data = fake_stage1_data(num_images=48, size=16)
   mesh = Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,))

@@ -4,8 +4,7 @@ read-only workdirs, and signals at the edges of a run.
 Every fault is made for real: jsim's own processes (`python -m jsim.main`, `jsim.export`, `jsim.predict`)
 get real signals; a full disk is a small tmpfs filled to the last byte (mounting one needs root: these
 tests are skipped without it); a read-only workdir is a read-only bind mount (root) or a chmod (others).
-The trained workdirs are the shared session fixtures of test_reliability (`reference`) and test_predict
-(`trained`).
+The trained workdirs are the shared session fixtures of conftest (`reference`, `trained`, `sim`).
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import test_predict
 import test_reliability
 from conftest import REPO, run_jsim
 from test_reliability import (
@@ -42,8 +40,6 @@ from test_reliability import (
   small_disk,
 )
 
-reference = test_reliability.reference  # the session fixtures, shared with the files that define them
-trained, sim = test_predict.trained, test_predict.sim
 FULL = [*TINY1, *(a for a in STAGE2 if not a.startswith(("--config=", "--config.stage=")))]
 EVALUATION = ("report.json", "report.md", "evaluation.npz", "figures", "evaluation")
 

@@ -15,54 +15,23 @@ The worker half of this file runs as `python tests/test_parallel.py four_devices
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import TINY, fake_stage1_data, tiny_config
+
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny.py"
 # Sharded and single-device float32 steps differ only in the order of reductions (and
 # in how XLA's CPU convolutions block a batch of 4 versus 16): |a - b| <= ATOL + RTOL |b|
 # (measured: within 0.1 of it). Per-device BatchNorm statistics (4 images a device) would
 # miss it by orders of magnitude.
 RTOL, ATOL = 1e-3, 1e-6
-
-
-def tiny_config(**overrides):
-  """configs/tiny.py with dotted-key overrides, e.g. tiny_config(**{"model.dtype": "bfloat16"})."""
-  spec = importlib.util.spec_from_file_location("tiny_config", TINY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return config
-
-
-def fake_stage1_data(num_images: int = 64, size: int = 32, num_classes: int = 6, seed: int = 0):
-  """The fields of jsim.data.prepare.Prepared that ClassifierPlan reads."""
-  rng = np.random.default_rng(seed)
-  images = rng.integers(0, 256, (num_images, size, size, 3), dtype=np.uint8)
-  n_train = num_images * 3 // 4
-  return types.SimpleNamespace(
-    train_set=types.SimpleNamespace(images=images),
-    train_idx=np.arange(n_train),
-    val_idx=np.arange(n_train, num_images),
-    train_head_labels=rng.integers(0, num_classes, num_images).astype(np.int32),
-    mean=(0.48, 0.45, 0.40),
-    std=(0.23, 0.22, 0.22),
-  )
 
 
 def initial_variables(config, num_classes: int = 6) -> dict:

@@ -78,23 +78,23 @@ def test_workdir_contract(tiny_workdir):
   assert (w / "evaluation.npz").is_file()
 
 
-def test_rerun_resumes_instead_of_restarting(tiny_workdir, jsim_cache):
+def test_rerun_resumes_instead_of_restarting(tiny_workdir, trained):
   before = {p: p.stat().st_mtime_ns for p in (tiny_workdir / "stage1" / "checkpoints").rglob("*")}
-  proc = run_jsim(["--config=configs/tiny.py", f"--workdir={tiny_workdir}", "--config.stage=classifier"], jsim_cache)
+  proc = run_jsim(["--config=configs/tiny.py", f"--workdir={tiny_workdir}", "--config.stage=classifier"], trained.cache)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "stage 1 already finished" in proc.stderr
   after = {p: p.stat().st_mtime_ns for p in (tiny_workdir / "stage1" / "checkpoints").rglob("*")}
   assert before == after
 
 
-def test_ensemble_of_two_backbones(tiny_workdir, jsim_cache, tmp_path):
+def test_ensemble_of_two_backbones(tiny_workdir, trained, tmp_path):
   """configs/ensemble_sim.py's recipe: Ms on [ResNet, VGG] embeddings in a copy of the ResNet workdir."""
   import shutil
 
   vgg = tmp_path / "vgg"
   proc = run_jsim(
     ["--config=configs/tiny.py", f"--workdir={vgg}", "--config.model.name=vgg_tiny", "--config.stage=similarity"],
-    jsim_cache,
+    trained.cache,
   )
   assert proc.returncode != 0 and "stage 1 has not finished" in proc.stderr  # embeddings need stage 1
   proc = run_jsim(
@@ -105,7 +105,7 @@ def test_ensemble_of_two_backbones(tiny_workdir, jsim_cache, tmp_path):
       "--config.stage=all",
       "--config.evaluation.retrieval=False",
     ],
-    jsim_cache,
+    trained.cache,
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
   ens = tmp_path / "ensemble"
@@ -113,7 +113,7 @@ def test_ensemble_of_two_backbones(tiny_workdir, jsim_cache, tmp_path):
   for name in ("stage2", "figures", "report.json", "report.md"):
     shutil.rmtree(ens / name) if (ens / name).is_dir() else (ens / name).unlink()
   args = ["--config=configs/tiny.py", f"--workdir={ens}", f"--config.similarity.ensemble_workdirs=('{vgg}',)"]
-  proc = run_jsim(args, jsim_cache)
+  proc = run_jsim(args, trained.cache)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "stage 1 already finished" in proc.stderr  # the copied ResNet stage 1 is reused
   assert json.loads((ens / "stage2" / "result.json").read_text())["embedding_dim"] == 256 + 32
@@ -121,8 +121,8 @@ def test_ensemble_of_two_backbones(tiny_workdir, jsim_cache, tmp_path):
   assert report["backbone"] == "resnet_tiny+vgg_tiny" and report["num_pairs"] == 224
 
 
-def test_feature_sweep_writes_one_comparison_table(tiny_workdir, jsim_cache):
-  proc = run_jsim(["--config=configs/tiny.py", f"--workdir={tiny_workdir}", "--config.stage=sweep"], jsim_cache)
+def test_feature_sweep_writes_one_comparison_table(tiny_workdir, trained):
+  proc = run_jsim(["--config=configs/tiny.py", f"--workdir={tiny_workdir}", "--config.stage=sweep"], trained.cache)
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = json.loads((tiny_workdir / "sweep" / "comparison.json").read_text())
   assert [r["feature"] for r in rows] == ["l1", "prod"]  # configs/tiny.py's sweep.features

@@ -1,7 +1,6 @@
 """jsim.predict through its real command line (subprocess) and its Python API, on a tiny trained workdir.
 
-The workdir is trained once per test session (configs/tiny.py, ~1-2 min on a loaded
-2-core machine) and shared by every test here, also across pytest-xdist workers.
+The workdir is conftest's `trained` (configs/tiny.py, trained once per test run and shared).
 The strong check is that an image file gives, through the command line, the same
 embedding the training pipeline stored for it (W/embeddings/test.npy) and the same
 P(same) that Ms gives on those stored embeddings: preprocessing matches training.
@@ -10,7 +9,6 @@ P(same) that Ms gives on those stored embeddings: preprocessing matches training
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -20,96 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from filelock import FileLock
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@dataclasses.dataclass(frozen=True)
-class Trained:
-  workdir: Path
-  files: list[Path]  # files[r]: the image file of row r of W/embeddings/test.npy
-  test: np.ndarray  # stored test embeddings
-  labels: np.ndarray  # their classes
-  threshold: float
-
-  def rows(self, same: bool, start: int = 0) -> tuple[int, int]:
-    """Two rows of the same class (same=True) or of different classes."""
-    i = start
-    j = next(j for j in range(len(self.labels)) if j != i and (self.labels[j] == self.labels[i]) == same)
-    return i, j
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> Trained:
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent  # this run's folder, shared by its xdist workers: train once
-  root = base / "predict_trained"
-  with FileLock(str(base / "predict_trained.lock")):
-    if not (root / "W" / "report.json").exists():
-      shutil.rmtree(root, ignore_errors=True)
-      root.mkdir(parents=True)
-      env = {**os.environ, "JSIM_CACHE": str(root / "cache")}
-      r = subprocess.run(
-        [
-          sys.executable,
-          "-m",
-          "jsim.main",
-          "--config=configs/tiny.py",
-          f"--workdir={root / 'W'}",
-          # Batch sizes that divide the tiny splits: one compiled train step per stage.
-          "--config.classifier.batch_size=6",
-          "--config.similarity.batch_size=24",
-          "--config.evaluation.retrieval=False",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-      )
-      assert r.returncode == 0, r.stderr[-3000:]
-  w = root / "W"
-  images = next((root / "cache").glob("synthetic-*")) / "val" / "images"
-  test_ids = json.loads((w / "split.json").read_text())["test_ids"]
-  # test.npy row r embeds test_set[test_index[r]]; test_ids is in test_set order (file names).
-  files = [images / test_ids[i] for i in np.load(w / "embeddings" / "test_index.npy")]
-  return Trained(
-    workdir=w,
-    files=files,
-    test=np.load(w / "embeddings" / "test.npy"),
-    labels=np.load(w / "embeddings" / "test_labels.npy"),
-    threshold=json.loads((w / "report.json").read_text())["val_threshold"],
-  )
-
-
-@pytest.fixture(scope="session")
-def sim(trained):
-  from jsim import predict
-
-  return predict.Similarity.load(trained.workdir)
-
-
-@pytest.fixture(scope="session")
-def ms_reference(trained):
-  """P(same) on embeddings, from the trainer's own config (configs/tiny.py) and restore code, not predict's."""
-  import jax
-  from jsim import parallel
-  from jsim.models.similarity import make_prob_fn
-  from jsim.train import similarity
-
-  spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config()
-  dim = trained.test.shape[1]
-  mesh = parallel.make_mesh()
-  model = similarity.build_similarity(config, dim)
-  _, state = similarity.restore_similarity(config, trained.workdir, mesh, dim=dim)
-  prob = jax.jit(make_prob_fn(model))
-  return lambda e1, e2: np.asarray(prob(state.params, np.atleast_2d(e1), np.atleast_2d(e2)), np.float64)
+from conftest import REPO, Trained
 
 
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -21,10 +21,8 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-import test_predict as shared  # noqa: E402  (its trained workdir: built once per run, shared)
-from test_predict import REPO, Trained, _gallery, cli, cli_json  # noqa: E402
-
-trained, sim, ms_reference = shared.trained, shared.sim, shared.ms_reference  # the session fixtures
+from conftest import REPO, Trained  # noqa: E402
+from test_predict import _gallery, cli, cli_json  # noqa: E402
 
 
 def export_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

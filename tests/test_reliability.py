@@ -27,36 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from filelock import FileLock
 
-from conftest import REPO, jsim_env, run_jsim
+from conftest import REPO, STAGE1, STAGE1_STEPS, STAGE2, STAGE2_STEPS, TINY1, _ok, jsim_env, run_jsim
 
 TMP_CHECKPOINT = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
-
-# Stage 1: 42 train images in batches of 6 = 7 steps an epoch, 6 epochs = 42 steps. With
-# alpha=0.5 the halving rule always fires once allowed (consecutive running means of
-# accuracies differ by far less than 0.5): after epochs 4, 5 and 6 (halving_wait=1).
-# A checkpoint every 4 steps gives mid-epoch ones (4, 8, 12, ..., 32, 36, 40).
-TINY1 = [
-  "--config=configs/tiny.py",
-  "--config.classifier.batch_size=6",
-  "--config.classifier.num_epochs=6",
-  "--config.classifier.alpha=0.5",
-  "--config.classifier.halving_wait=1",
-  "--config.classifier.checkpoint_every_steps=4",
-]
-STAGE1 = [*TINY1, "--config.stage=classifier"]
-STAGE1_STEPS = 42
-# Stage 2: 6*5*2 + 6*10 = 120 pairs in batches of 24 = 5 steps an epoch; halving after epoch 4.
-STAGE2 = [
-  "--config=configs/tiny.py",
-  "--config.stage=similarity",
-  "--config.similarity.batch_size=24",
-  "--config.similarity.num_epochs=4",
-  "--config.similarity.alpha=0.5",
-  "--config.similarity.halving_wait=1",
-]
-STAGE2_STEPS = 20
 
 
 class Jsim:
@@ -109,13 +83,6 @@ class Jsim:
       pytest.fail(f"still running after {timeout} s:\n{self.output[-3000:]}")
     self._reader.join(10)
     return rc
-
-
-def _ok(args: list[str], cache: Path) -> str:
-  proc = run_jsim(args, cache, timeout=900)
-  out = proc.stdout + proc.stderr
-  assert proc.returncode == 0, out[-3000:]
-  return out
 
 
 def _steps(ckpt_dir: Path) -> list[int]:
@@ -226,28 +193,6 @@ def _one_line_error(out: str, expect: str) -> str:
   line = [x for x in out.splitlines() if x.strip()][-1]
   assert line.startswith("jsim: ") and expect in line, out[-3000:]
   return line
-
-
-@pytest.fixture(scope="session")
-def reference(tmp_path_factory) -> Path:
-  """Uninterrupted runs: root/A has stage 1, the embeddings and stage 2; root/A_embedded is
-  A before stage 2; root/A_done a copy of the finished A (for the tests that modify it)."""
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent  # this session's folder, shared by its xdist workers: train once
-  root = base / "reliability_reference"
-  with FileLock(str(base / "reliability_reference.lock")):
-    if not (root / "done").exists():
-      shutil.rmtree(root, ignore_errors=True)
-      root.mkdir(parents=True)
-      a, cache = root / "A", root / "cache"
-      _ok([*STAGE1, f"--workdir={a}"], cache)
-      _ok([*TINY1, f"--workdir={a}", "--config.stage=embed"], cache)
-      shutil.copytree(a, root / "A_embedded")
-      _ok([*STAGE2, f"--workdir={a}"], cache)
-      shutil.copytree(a, root / "A_done")
-      (root / "done").touch()
-  return root
 
 
 def test_stage1_signals_sigkill_mid_save_and_exact_resume(jsim_cache, tmp_path, request):

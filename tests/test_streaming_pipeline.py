@@ -11,9 +11,7 @@ plan) must continue the uninterrupted stream.
 
 from __future__ import annotations
 
-import importlib.util
 import types
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -24,18 +22,13 @@ from jsim.data.dataset import ImageSet
 from jsim.train import classifier, loop
 from jsim.train.state import TrainState
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
+from conftest import tiny_config
+
 NUM_CLASSES, PER_CLASS, SEEN = 10, 12, 6
 
 
-def tiny_config(pipeline: str):
-  spec = importlib.util.spec_from_file_location("tiny_config", TINY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.data.pipeline = pipeline
-  config.classifier.eval_batch_size = 8
-  return config
+def pipeline_config(pipeline: str):
+  return tiny_config(**{"data.pipeline": pipeline, "classifier.eval_batch_size": 8})
 
 
 def tiny_data():
@@ -75,7 +68,7 @@ def assert_equal_trees(a, b):
 
 @pytest.fixture(scope="module")
 def setup():
-  config = tiny_config("device")
+  config = pipeline_config("device")
   model = classifier.build_classifier(config, SEEN)
   tx = classifier.make_optimizer(config.classifier)
   variables = host(classifier.initial_variables(config, model, SEEN, config.classifier.input_size))
@@ -84,7 +77,7 @@ def setup():
 
 def make_plan(pipeline, setup):
   model, tx, _, data, mesh = setup
-  return classifier.Stage1Plan(tiny_config(pipeline), data, model, tx, mesh)
+  return classifier.Stage1Plan(pipeline_config(pipeline), data, model, tx, mesh)
 
 
 def run(plan, state, sums, epoch, batches, mesh):
@@ -158,6 +151,6 @@ def test_stream_resumes_inside_an_epoch(setup, runs):
 
 
 def test_pipeline_key_is_checked():
-  config = tiny_config("gpu")
+  config = pipeline_config("gpu")
   with pytest.raises(ValueError, match="data.pipeline='gpu'"):
     validate.check_config(config)

@@ -19,23 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, run_jsim
-from test_reliability import (
-  STAGE1,
-  STAGE1_STEPS,
-  STAGE2,
-  TINY1,
-  Jsim,
-  _assert_bitwise_equal,
-  _ok,
-  _one_line_error,
-  _snapshot,
-  _state,
-  _steps,
-)
-import test_reliability
-
-reference = test_reliability.reference  # the session's uninterrupted reference runs (a fixture), shared
+from conftest import REPO, STAGE1, STAGE1_STEPS, STAGE2, TINY1, _ok, run_jsim
+from test_reliability import Jsim, _assert_bitwise_equal, _one_line_error, _snapshot, _state, _steps, read_only
 
 
 def _array_file(step_dir: Path) -> Path:
@@ -619,7 +604,7 @@ def test_finished_workdir_is_left_untouched_and_may_be_read_only(reference, jsim
   out = _ok([*FULL, f"--workdir={w}", "--config.stage=all"], jsim_cache)
   assert "evaluation is current" in out
   assert (_snapshot(w), sorted(p.name for p in w.iterdir())) == before
-  with test_reliability.read_only(w):  # (a read-only bind mount for root, who writes read-only folders anyway)
+  with read_only(w):  # (a read-only bind mount for root, who writes read-only folders anyway)
     for stage in ("all", "evaluate"):
       out = _ok([*FULL, f"--workdir={w}", f"--config.stage={stage}"], jsim_cache)
       assert "evaluation is current" in out and "Traceback" not in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from absl import logging
@@ -166,12 +167,14 @@ def _statistics(config, workdir: Path, images: np.ndarray, train_idx: np.ndarray
   return mean, std
 
 
-def prepare_stage(config, workdir: str | Path) -> dict:
-  """--config.stage=prepare: decodes and caches the data, writes split.json and preprocessing.json, stops."""
+def prepare_stage(config, workdir: str | Path, data: Callable[[], Prepared] | None = None) -> dict:
+  """--config.stage=prepare: decodes and caches the data, writes split.json and preprocessing.json, stops.
+
+  data: the run's data, prepared on its first call (None: prepared here)."""
   import time
 
   start = time.perf_counter()
-  data = prepare(config, workdir)
+  data = data() if data is not None else prepare(config, workdir)
   counts = {
     "seen_classes": len(data.split.seen_classes),
     "unseen_classes": len(data.split.unseen_classes),

@@ -48,7 +48,7 @@ def evaluate_stage2(config, workdir: Path, stage: str, emb: dict, mesh) -> dict:
   check_current(workdir, stage, emb)
   ev = config.evaluation
   dim = emb["train"].shape[1]
-  prob_fn, params = calibration.restore_scorer(config, workdir, mesh, dim=dim, stage=stage)
+  prob_fn, params = similarity.restore_scorer(config, workdir, mesh, dim=dim, stage=stage)
   class_ids = emb["meta"]["class_ids"]
   seen = set(emb["meta"]["seen_classes"])
   seen_mask = np.array([c in seen for c in class_ids])

@@ -235,7 +235,7 @@ def restore(records) -> tuple[list, Any, Any]:
   config = configs.config_from_dict({**records.members[0].config, "similarity": records.stage2["similarity"]})
   dim = sum(int(m.model.embedding_dim) for m in members)
   if calibration.uses_distance(config):
-    _, params = calibration.restore_scorer(config, records.workdir, mesh, dim=dim)
+    _, params = similarity.restore_scorer(config, records.workdir, mesh, dim=dim)
     return members, str(config.similarity.distance), params
   model, state = similarity.restore_similarity(config, records.workdir, mesh, dim=dim)
   return members, model, state.params

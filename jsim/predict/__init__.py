@@ -319,14 +319,14 @@ class Similarity:
           f"{_PROG}: warning: using the JAX backend, the ONNX one is unavailable ({_first_line(e)})", file=sys.stderr
         )
     from jsim import configs, parallel
-    from jsim.train import calibration
+    from jsim.train import similarity
 
     mesh = parallel.make_mesh()
     backbones = [_load_backbone(rec, mesh) for rec in records.members]
     config = configs.config_from_dict({**records.members[0].config, "similarity": records.stage2["similarity"]})
     dim = sum(b.dim for b in backbones)
     # Ms's best checkpoint, or the calibrated distance (similarity.model=distance, step 0).
-    prob_fn, params = calibration.restore_scorer(config, records.workdir, mesh, dim=dim)
+    prob_fn, params = similarity.restore_scorer(config, records.workdir, mesh, dim=dim)
     step = int(wd.stage_result(records.workdir, wd.STAGE2).get("best_step", 0))
     return cls(records.workdir, backbones, prob_fn, params, step, records.threshold)
 
@@ -570,13 +570,6 @@ def cache_root(workdir: Path, name: str) -> Path:
 
 
 _said_read_only: set[Path] = set()
-
-
-def entry_point() -> None:
-  """The `jsim-predict` command (jsim.predict.cli)."""
-  from jsim.predict import cli
-
-  cli.entry_point()
 
 
 def _onnx_is_the_fast_path() -> bool:

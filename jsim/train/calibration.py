@@ -16,7 +16,6 @@ import numpy as np
 from absl import logging
 
 from jsim import parallel, workdir as wd
-from jsim.data import pairs as pairs_lib
 from jsim.models import distance as distance_lib
 
 SIMILARITY_MODELS = ("mlp", "distance")
@@ -43,21 +42,18 @@ def method_name(config) -> str:
   return f"Ms on {config.similarity.feature}"
 
 
-def calibrate_stage(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> dict:
-  """Fits the distance model in workdir/<stage> (or returns the finished fit)."""
-  from jsim.train import similarity  # the embeddings, the validation pairs and stage 2's identity
-
+def calibrate_stage(
+  config, workdir: str | Path, emb: dict, val_pairs, val_same, identity: dict, defaults: dict, *, stage: str = wd.STAGE2
+) -> dict:
+  """Fits the distance model in workdir/<stage> (or returns the finished fit) on stage 2's embeddings `emb`,
+  judged on its validation pairs; identity, defaults: stage 2's (jsim.train.similarity, which calls this)."""
   workdir = Path(workdir)
-  emb = similarity.load_stage2_embeddings(config, workdir)
-  identity, defaults = similarity.identity_and_defaults(config, emb)
   stage_dir, finished = wd.claim_stage(workdir, stage, identity, overwrite=config.overwrite, defaults=defaults)
   if finished:
     result = wd.stage_result(workdir, stage)
     logging.info("stage 2 (distance) already finished: %s", result)
     return result
   kind = config.similarity.distance
-  index = pairs_lib.build_class_index(emb["train_labels"])
-  val_pairs, val_same = similarity.validation_pairs(config, index, similarity.seen_classes(emb))
   val_pairs, val_same = np.asarray(val_pairs), np.asarray(val_same)
   fit = distance_lib.calibrate(emb["train"], val_pairs, val_same, kind)
   prob_fn = distance_lib.make_prob_fn(kind)
@@ -98,14 +94,8 @@ def calibrate_stage(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> d
   return result
 
 
-def restore_scorer(config, workdir: str | Path, mesh, *, dim: int, stage: str = wd.STAGE2):
-  """(prob_fn, params) of workdir's finished stage 2: the calibrated distance, or Ms's best checkpoint."""
-  from jsim.models.similarity import make_prob_fn
-  from jsim.train import similarity
-
-  if not uses_distance(config):
-    model, state = similarity.restore_similarity(config, workdir, mesh, dim=dim, stage=stage)
-    return make_prob_fn(model), state.params
+def restore_distance(workdir: str | Path, *, stage: str = wd.STAGE2):
+  """(prob_fn, params) of workdir's finished distance calibration."""
   result = wd.stage_result(Path(workdir), stage)
   if result is None or result.get("model") != "distance":
     raise FileNotFoundError(f"{Path(workdir) / stage}: no distance calibration; run --config.stage=similarity first")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -294,8 +295,12 @@ def restore_classifier(config, workdir: str | Path, mesh) -> tuple[object, Train
   return model, state
 
 
-def train_classifier(config, workdir: str | Path) -> dict:
-  """Trains (or resumes) stage 1 in workdir/stage1 and returns its result.json."""
+def train_classifier(config, workdir: str | Path, data: Callable[[], Prepared] | None = None) -> dict:
+  """Trains (or resumes) stage 1 in workdir/stage1 and returns its result.json.
+
+  data: the run's data, prepared on its first call (jsim.run hands every stage the same one);
+  None: prepared here.
+  """
   workdir = Path(workdir)
   identity, defaults = stage_identity(config), stage_identity(configs.base_config())
   finished = wd.check_stage(workdir, wd.STAGE1, identity, overwrite=config.overwrite, defaults=defaults)
@@ -308,7 +313,7 @@ def train_classifier(config, workdir: str | Path) -> dict:
       return result
     logging.info("stage 1 continues from epoch %d to %d", result["epochs"], config.classifier.num_epochs)
   mesh = parallel.make_mesh()
-  data = prepare(config, workdir)
+  data = data() if data is not None else prepare(config, workdir)
   num_classes = len(data.split.seen_classes)
   model = build_classifier(config, num_classes)
   tx = make_optimizer(config.classifier, model)

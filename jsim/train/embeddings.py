@@ -8,19 +8,23 @@ recomputed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from absl import logging
 
 from jsim import parallel, workdir as wd
-from jsim.data.prepare import prepare
+from jsim.data.prepare import Prepared, prepare
 from jsim.train import batching, classifier
 
 META_FILE = "meta.json"
 
 
-def compute_embeddings(config, workdir: str | Path) -> dict:
-  """Embeds T180 and the test images with the best stage-1 checkpoint (skipped if current)."""
+def compute_embeddings(config, workdir: str | Path, data: Callable[[], Prepared] | None = None) -> dict:
+  """Embeds T180 and the test images with the best stage-1 checkpoint (skipped if current).
+
+  data: the run's data, prepared on its first call (as for jsim.train.classifier.train_classifier).
+  """
   workdir = Path(workdir)
   stage1 = wd.stage_result(workdir, wd.STAGE1)
   if stage1 is None:
@@ -33,7 +37,7 @@ def compute_embeddings(config, workdir: str | Path) -> dict:
       logging.info("embeddings are current (best stage-1 checkpoint, step %d): skipped", meta["stage1_step"])
       return meta
   mesh = parallel.make_mesh()
-  data = prepare(config, workdir)
+  data = data() if data is not None else prepare(config, workdir)
   model, state = classifier.restore_classifier(config, workdir, mesh)
   kw = dict(
     mean=data.mean, std=data.std, input_size=config.classifier.input_size, batch_size=config.embed.batch_size, mesh=mesh

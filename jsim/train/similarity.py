@@ -14,7 +14,7 @@ from absl import logging
 from jsim import configs, models, parallel, workdir as wd
 from jsim.checkpoint import abstract_like, restore_best
 from jsim.data import pairs as pairs_lib
-from jsim.models.similarity import SimilarityMLP
+from jsim.models.similarity import SimilarityMLP, make_prob_fn
 from jsim.train import batching, calibration, loop, schedule
 from jsim.train.embeddings import load_embeddings
 from jsim.train.state import TrainState
@@ -80,8 +80,9 @@ def pair_eval_sums(params, emb, pairs, same, start, *, model, chunk: int, mesh) 
 
 def make_pair_eval(model, mesh, chunk: int):
   """(params, emb, pairs, same) -> {'loss', 'accuracy', 'count'} over all pairs, in chunks."""
+  rep = parallel.replicated(mesh)
   chunk_sums = jax.jit(
-    functools.partial(pair_eval_sums, model=model, chunk=chunk, mesh=mesh), out_shardings=parallel.replicated(mesh)
+    functools.partial(pair_eval_sums, model=model, chunk=chunk, mesh=mesh), in_shardings=(rep,) * 5, out_shardings=rep
   )
 
   def evaluate(params, emb, pairs, same, desc: str | None = None) -> dict:
@@ -121,7 +122,7 @@ def draw_epoch_pairs(
 
 
 def train_step(
-  state: TrainState, emb, pairs, same, batch, sums: dict, *, size: int, batch_size: int, model, tx, dropout_key, mesh
+  state: TrainState, emb, pairs, same, batch, sums: dict, size: int, *, batch_size: int, model, tx, dropout_key, mesh
 ):
   """One update on batch `batch` of the epoch's pairs of embeddings; adds to the epoch's sums."""
   start = batch * batch_size
@@ -183,7 +184,8 @@ class SimilarityPlan:
         dropout_key=jax.random.fold_in(seed_key, _DROPOUT),
         mesh=mesh,
       ),
-      static_argnames="size",
+      static_argnums=6,  # size: the epoch's last batch may be shorter
+      in_shardings=(parallel.replicated(mesh),) * 6,
       donate_argnums=(0, 5),
       out_shardings=parallel.replicated(mesh),
     )
@@ -207,9 +209,7 @@ class SimilarityPlan:
 
   def train_step(self, state, epoch: int, batch: int, sums: dict):
     sums = parallel.ensure_replicated(sums, self.mesh)  # fresh zero sums: no second compilation
-    return self._train_step(
-      state, self.emb, self._pairs, self._same, jnp.int32(batch), sums, size=self.batch_sizes[batch]
-    )
+    return self._train_step(state, self.emb, self._pairs, self._same, jnp.int32(batch), sums, self.batch_sizes[batch])
 
   def evaluate(self, state) -> dict:
     return self._evaluate(state.params, self.emb, self.val_pairs, self.val_same, desc="stage 2 validation")
@@ -254,13 +254,23 @@ def restore_similarity(config, workdir: str | Path, mesh, *, dim: int, stage: st
   return model, state
 
 
+def restore_scorer(config, workdir: str | Path, mesh, *, dim: int, stage: str = wd.STAGE2):
+  """(prob_fn, params) of workdir's finished stage 2: Ms's best checkpoint, or the calibrated distance."""
+  if calibration.uses_distance(config):
+    return calibration.restore_distance(workdir, stage=stage)
+  model, state = restore_similarity(config, workdir, mesh, dim=dim, stage=stage)
+  return make_prob_fn(model), state.params
+
+
 def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> dict:
   """Trains (or resumes) Ms in workdir/<stage> and returns its result.json (similarity.model=distance: fits it)."""
-  if calibration.uses_distance(config):
-    return calibration.calibrate_stage(config, workdir, stage=stage)
   workdir = Path(workdir)
   emb = load_stage2_embeddings(config, workdir)
   identity, defaults = identity_and_defaults(config, emb)
+  if calibration.uses_distance(config):
+    index = pairs_lib.build_class_index(emb["train_labels"])
+    val_pairs, val_same = validation_pairs(config, index, seen_classes(emb))
+    return calibration.calibrate_stage(config, workdir, emb, val_pairs, val_same, identity, defaults, stage=stage)
   # A stage 2 on other embeddings (stage 1 retrained or continued) is derived, not the user's work: replaced.
   check = dict(overwrite=config.overwrite, derived=("embeddings",), defaults=defaults)
   finished = wd.check_stage(workdir, stage, identity, **check)
