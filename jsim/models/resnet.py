@@ -95,7 +95,7 @@ class ResNet(nn.Module):
     width: stem width and inner width of the first stage (64 in torchvision);
       stage s has inner width width * 2**s and output width 4x that.
     dtype: compute dtype (e.g. bfloat16 on GPU); parameters stay float32.
-    conv_impl: how the convs are lowered: auto | xla | matmul (jsim.models.layers).
+    conv_impl: how the convs and max-pools are lowered: auto | xla | matmul (jsim.models.layers).
 
   Call: `(logits, embedding) = model.apply(variables, x, train=...)` with x NHWC float;
   `embedding` is the global-average-pooled feature (the head's input), both float32.

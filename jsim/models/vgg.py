@@ -85,7 +85,7 @@ class VGG(nn.Module):
     pool_size: output side of the adaptive average pool (7 in torchvision).
     dropout_rate: dropout after fc6 and fc7 (train mode only; needs rngs={'dropout': key}).
     dtype: compute dtype (e.g. bfloat16 on GPU); parameters stay float32.
-    conv_impl: how the convs are lowered: auto | xla | matmul (jsim.models.layers).
+    conv_impl: how the convs and max-pools are lowered: auto | xla | matmul (jsim.models.layers).
 
   Call: `(logits, embedding) = model.apply(variables, x, train=...)` with x NHWC float;
   `embedding` is the head's input: fc7 after its ReLU (and, in train mode, its dropout).
