@@ -1,11 +1,15 @@
 """jsim on a CPU against torch eager, float32, side by side; conv_impl=auto against xla.
 
-    # the measurement (quiet machine; ~6 min on 2 cores):
-    nice -n 0 python benchmarks/cpu_convs.py --out runs/bench/cpu_convs
-    # the per-shape table behind jsim.models.layers.choose_impl (~2 min):
+    # the measurement, one model per run (quiet machine; each an estimated 5-8 min on 2 cores, mostly
+    # XLA compilation: 8 jsim programs per model; not yet timed quietly):
+    python benchmarks/cpu_convs.py --models resnet50 --out runs/bench/cpu_convs_resnet50
+    python benchmarks/cpu_convs.py --models vgg16 --out runs/bench/cpu_convs_vgg16
+    python benchmarks/cpu_convs.py --models efficientnet_lite0 --out runs/bench/cpu_convs_lite0  # once registered
+    # the per-shape table behind jsim.models.layers.choose_impl:
     python benchmarks/cpu_convs.py --layers --out runs/bench/cpu_conv_layers
-    # a check that it runs (seconds of timing, minutes of compilation):
-    python benchmarks/cpu_convs.py --models resnet_tiny,vgg_tiny --steps 1 --warmup 1 --no_torch
+    # a check that it runs (took 21 min wall, 3 min CPU, under load average 18):
+    python benchmarks/cpu_convs.py --models resnet_tiny,vgg_tiny,efficientnet_lite0 --cases 32:8 --impl_cases 32:8 \
+        --impls xla,matmul --steps 1 --rounds 1 --warmup 1 --out /tmp/cpu_convs_check
 
 For each --models x --cases (input px:batch):
   * train images/s: the real stage-1 step (ClassifierPlan: uint8 64x64 images gathered on the device,
@@ -354,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--cases", default="64:16,64:64,224:16", help="input px:batch, comma-separated")
   ap.add_argument("--impls", default="xla", help="conv_impl values measured besides auto (xla, matmul)")
   ap.add_argument("--impl_cases", default="64:16", help="the cases at which --impls are measured too")
-  ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
+  ap.add_argument("--steps", type=int, default=2, help="timed steps per round")
   ap.add_argument("--rounds", type=int, default=2, help="rounds; the best round counts")
   ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation included)")
   ap.add_argument("--no_torch", action="store_true", help="skip torch")
