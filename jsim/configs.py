@@ -20,9 +20,14 @@ def add_metric_learning_fields(cl: ml_collections.ConfigDict) -> None:
   from jsim import losses
 
   cl.loss = "cross_entropy"  # cross_entropy (the protocol's head) | one of jsim.losses.available()
-  # Each loss's hyperparameters, with PML's defaults: --config.classifier.loss_hparams.triplet.margin=0.1
+  # Each loss's hyperparameters, with PML's defaults: --config.classifier.loss_hparams.triplet.margin=0.1;
+  # contrastive, triplet and multi_similarity take a miner: --config.classifier.loss_hparams.triplet.miner=batch_hard
   cl.loss_hparams = ml_collections.ConfigDict(
     {name: losses.build(name).hyperparameters() for name in losses.available()}
+  )
+  # Each miner's hyperparameters (jsim.losses.miners), PML's defaults, read for the loss's miner only.
+  cl.miner_hparams = ml_collections.ConfigDict(
+    {name: losses.miners.build(name).hyperparameters() for name in losses.miners.available()}
   )
   cl.embedding_dim = 0  # > 0: a linear embedding head to this width, L2-normalised
   cl.sampler = "auto"  # auto (uniform for cross_entropy, m_per_class otherwise) | uniform | m_per_class
@@ -112,7 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_seen_classes = 180
   c.data.val_fraction = 0.3
   c.data.seen_classes = "random"  # random (the protocol: drawn from the seed) | first (benchmarks: first half)
-  c.data.normalization = "t180"  # t180 (the source: T180's statistics) | train (stage-1 train split) | imagenet
+  # auto (weights for model.init=pretrained, else t180) | weights (the initial weights' own input scaling) |
+  # t180 (the data set's: T180's statistics, the source) | train (stage-1 train split) | imagenet
+  c.data.normalization = "auto"
   # Stage 1's input: device (every train image held on each device, batches gathered in the step) |
   # stream (images stay on the host; grain reads each batch, sent sharded: device memory holds batches only).
   c.data.pipeline = "device"
@@ -120,8 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(
     dict(
       name="resnet50",  # see jsim.models.available()
-      init="torchvision",  # torchvision | random
-      weights="IMAGENET1K_V1",  # torchvision weights name, or a .pth path
+      init="torchvision",  # torchvision | pretrained (a weights package: efficientnet_lite0/1/2) | random
+      weights="IMAGENET1K_V1",  # torchvision weights name, or a .pth path (model.init=torchvision)
+      freeze="none",  # none | backbone | stages:N (the stem and the first N stages fixed; jsim.models.freeze)
       dtype="auto",  # auto (bf16 on accelerators, float32 on CPU) | float32 | bfloat16
       # How convs and max-pools are lowered (jsim.models.layers): auto (XLA's conv on GPU/TPU, per shape on a CPU) | xla | matmul.
       # Not part of a stage's identity: every lowering computes the same convolution, only float rounding differs.

@@ -1,4 +1,4 @@
-"""The paper's choices that jsim makes configurable (issue 15): stage-2 pair exclusion in the trainer."""
+"""The paper's choices that jsim makes configurable (docs/PROTOCOL.md): stage-2 pair exclusion in the trainer."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_normalization_statistics_come_from_t180(tmp_path):
   images[20:] //= 2  # the validation images differ, so the two choices do too
   train_idx, val_idx = np.arange(0, 20)[::-1], np.arange(20, 27)  # 27..29: an unseen class
   config = tiny_config()
-  assert config.data.normalization == "t180"
+  assert prepare.resolved_normalization(config) == "t180"  # 'auto' without pretrained weights
   mean, std = prepare._statistics(config, tmp_path, images, train_idx, val_idx)
   ref_mean, ref_std = augment.channel_stats(images[:27])
   np.testing.assert_allclose(mean, ref_mean, rtol=1e-12)

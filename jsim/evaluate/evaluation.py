@@ -13,6 +13,7 @@ from jsim import parallel, workdir as wd
 from jsim.data import pairs as pairs_lib
 from jsim.evaluate import compare, figures, report, retrieval
 from jsim.evaluate.pairwise import evaluate_pairs, save_result
+from jsim.models import similarity as similarity_model
 from jsim.train import calibration, metric, similarity
 
 _TEST_PAIRS = 7  # stream of the seed for the sampled test pairs (apart from stage 2's)
@@ -183,9 +184,12 @@ def evaluate(config, workdir: str | Path) -> dict:
       figures.plot_stage_curves(
         workdir / stage / "metrics.jsonl", fig_dir / f"{stage}_curves.png", f"{title} ({config.model.name})"
       )
-    figures.plot_roc(
-      result, fig_dir / "roc.png", title=f"ROC of {calibration.method_name(config)} ({backbone_label(emb)})"
+    scored_by = (
+      calibration.method_name(config)
+      if calibration.uses_distance(config)
+      else f"Ms on {similarity_model.feature_formula(config.similarity.feature)}"
     )
+    figures.plot_roc(result, fig_dir / "roc.png", title=f"ROC of {scored_by} ({backbone_label(emb)})")
   if config.evaluation.retrieval:
     retrieval_metrics = _unseen_retrieval(config, workdir, emb, out, fig_dir)
   embedding_retrieval = _embedding_retrieval(config, emb, out["seen_mask"])
@@ -198,6 +202,7 @@ def evaluate(config, workdir: str | Path) -> dict:
   table = ""
   if parallel.is_main_process():
     save_result(result, workdir / compare.RESULT_FILE)  # for Figure 7 (jsim.evaluate.compare)
+    extra[compare.RESULT_DIGEST] = wd.file_digest(workdir / compare.RESULT_FILE)  # (compare checks the pair)
     if config.evaluation.get("compare_workdirs"):
       this = "+".join(report.BACKBONE_TITLES.get(m["model"], m["model"]) for m in emb["sources"])
       compare.roc_of_workdirs(config.evaluation.compare_workdirs, fig_dir / compare.FIGURE, extra={this: result})
@@ -263,7 +268,8 @@ def _write_tensorboard(workdir: Path, result, table: str, step: int, fig_dir: Pa
 
 def _embedding_retrieval(config, emb: dict, seen_mask: np.ndarray) -> dict:
   """P@1, R-precision, MAP@R and k-means NMI of the seen and of the unseen test images, each set
-  among itself, ranked by embedding distance (metric.retrieval_distance): the field's figures."""
+  among itself, ranked by embedding distance (metric.retrieval_distance): the field's figures; and
+  'unseen_in_all': P@1, R-precision, MAP@R of the unseen ones against all test images."""
   out = {"distance": metric.retrieval_distance(config.classifier)}
   seen_test = seen_mask[emb["test_labels"]]
   for name, keep in (("seen", seen_test), ("unseen", ~seen_test)):
@@ -276,6 +282,19 @@ def _embedding_retrieval(config, emb: dict, seen_mask: np.ndarray) -> dict:
       e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
     m["nmi"] = retrieval.kmeans_nmi(e, labels, seed=config.seed)
     out[name] = m
+  # The unseen test images as queries against a gallery of all test images (themselves left out): seen
+  # classes' images can now come first, as they would in a real gallery.
+  unseen = np.flatnonzero(~seen_test)
+  out["unseen_in_all"] = None
+  if out["unseen"] is not None:
+    out["unseen_in_all"] = retrieval.embedding_metrics(
+      emb["test"][unseen],
+      emb["test_labels"][unseen],
+      reference=emb["test"],
+      reference_labels=emb["test_labels"],
+      query_in_reference=unseen,
+      distance=out["distance"],
+    )
   return out
 
 

@@ -18,6 +18,7 @@ from jsim.data.pairs import CASE_NAMES, UNSEEN_CASES
 from jsim.evaluate.pairwise import PairEvalResult
 from jsim.published import BACKBONE_TITLES, PUBLISHED, published  # noqa: F401  (one place; re-exported)
 
+UNSEEN_IN_ALL = "unseen classes among all test images"
 GROUP_ROWS = (
   ("all", "all (1-5)", "test_accuracy"),
   ("seen", "seen (1-2)", "seen_accuracy"),
@@ -225,23 +226,24 @@ def _markdown(report: dict, table: str, figures: list[str]) -> str:
   er = report.get("embedding_retrieval") or {}
   if er.get("seen") or er.get("unseen"):
     parts += [
-      f"## Retrieval by embedding distance ({er['distance']}; each set among itself)\n",
+      f"## Retrieval by embedding distance ({er['distance']} between embeddings, no Ms; each set among itself, "
+      "and the unseen against all test images)\n",
       "| test images | P@1 | R-precision | MAP@R | NMI (k-means) | queries |",
       "|---|---:|---:|---:|---:|---:|",
     ]
-    for name in ("seen", "unseen"):
+    for name, title in (("seen", "seen classes"), ("unseen", "unseen classes"), ("unseen_in_all", UNSEEN_IN_ALL)):
       if er.get(name):
         r = er[name]
         parts.append(
-          f"| {name} classes | {_pct(r['precision@1'])} | {_pct(r['r_precision'])} | "
-          f"{_pct(r['map@r'])} | {_num(r['nmi'])} | {r['num_queries']} |"
+          f"| {title} | {_pct(r['precision@1'])} | {_pct(r['r_precision'])} | "
+          f"{_pct(r['map@r'])} | {_num(r.get('nmi'))} | {r['num_queries']} |"
         )
     parts.append("")
   if report.get("retrieval"):
     r = report["retrieval"]
     keys = [k for k in r if k.startswith("recall@") or k == "mAP"]
     parts += [
-      "## Retrieval (unseen classes' test images)\n",
+      "## Retrieval by Ms (test images of the unseen classes, ranked by P(same) with the query)\n",
       "| " + " | ".join(keys) + " | queries |",
       "|" + "---:|" * (len(keys) + 1),
       "| " + " | ".join(_pct(r[k]) for k in keys) + f" | {r.get('num_queries', '-')} |\n",
@@ -285,10 +287,11 @@ def write_report(
   )
   table = case_table_markdown(report)
   figures = sorted(f"figures/{p.name}" for p in (out_dir / "figures").glob("*.png"))
-  tmp = out_dir / (REPORT_JSON + ".tmp")
-  tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-  tmp.replace(out_dir / REPORT_JSON)
-  (out_dir / REPORT_MD).write_text(_markdown(report, table, figures))
+  from jsim import workdir as wd
+
+  text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+  wd.write_file(out_dir / REPORT_JSON, lambda tmp: Path(tmp).write_text(text))
+  wd.write_file(out_dir / REPORT_MD, lambda tmp: Path(tmp).write_text(_markdown(report, table, figures)))
   return table
 
 
@@ -298,6 +301,7 @@ def write_report(
 COMPARISON_COLUMNS: tuple[tuple[str, str, str], ...] = (
   # key, header, format ('pct' | 'num' | 'str'); the sweep's rows and comparison_row's
   ("name", "run", "str"),
+  ("seeds", "seeds", "str"),
   ("backbone", "backbone", "str"),
   ("stage1_loss", "stage 1 loss", "str"),
   ("similarity", "pairs scored by", "str"),
@@ -315,13 +319,15 @@ COMPARISON_COLUMNS: tuple[tuple[str, str, str], ...] = (
   ("unseen_precision@1", "P@1 unseen", "pct"),
   ("seen_map@r", "MAP@R seen", "pct"),
   ("unseen_map@r", "MAP@R unseen", "pct"),
+  ("unseen_in_all_precision@1", "P@1 unseen in all", "pct"),
+  ("unseen_in_all_map@r", "MAP@R unseen in all", "pct"),
 )
 
 
 def comparison_row(report: dict, name: str) -> dict:
   """A report.json as one row of write_comparison: the method, the five cases and the seen/unseen figures at 0.5."""
   at = report["accuracy_at_0.5"]
-  method = report.get("method") or {}  # (reports written before issue 12 have no method)
+  method = report.get("method") or {}  # (older reports have no method: cross-entropy)
   row = {
     "name": name,
     "backbone": report.get("backbone"),
@@ -335,15 +341,19 @@ def comparison_row(report: dict, name: str) -> dict:
     "auc": report["auc"]["overall"],
     "unseen_auc": report["auc"]["unseen"],
   }
-  for part in ("seen", "unseen"):
+  for part in ("seen", "unseen", "unseen_in_all"):
     for key in ("precision@1", "map@r"):
       row[f"{part}_{key}"] = ((report.get("embedding_retrieval") or {}).get(part) or {}).get(key)
   return row
 
 
-def _cell(v: Any, fmt: str) -> str:
+def _cell(v: Any, fmt: str, std: float | None = None) -> str:
+  """A table cell; with `std` (a mean over seeds): 'mean ± std'."""
   if v is None or (isinstance(v, float) and not math.isfinite(v)):
     return "-"
+  if std is not None and fmt in ("pct", "num"):
+    scale, digits, unit = (100.0, 2, " %") if fmt == "pct" else (1.0, 4, "")
+    return f"{scale * float(v):.{digits}f} ± {scale * float(std):.{digits}f}{unit}"
   if fmt == "pct":
     return _pct(float(v))
   if fmt == "num":
@@ -358,13 +368,15 @@ def write_comparison(rows: Sequence[dict], out_md: str | Path, out_json: str | P
 
   Each row is a dict with any of: name, backbone, feature, val_accuracy, test_accuracy,
   seen_accuracy, unseen_accuracy (fractions), auc; missing values show as '-'. Columns no
-  row has are left out; other keys become extra columns after the known ones.
+  row has are left out; other keys become extra columns after the known ones. A row over
+  several seeds has `seeds` and, beside a figure KEY that is their mean, KEY_std (shown as
+  'mean ± std').
   """
   rows = [dict(r) for r in rows]
   if not rows:
     raise ValueError("write_comparison: no rows")
   known = [c for c in COMPARISON_COLUMNS if any(c[0] in r for r in rows)]
-  known_keys = {c[0] for c in COMPARISON_COLUMNS}
+  known_keys = {c[0] for c in COMPARISON_COLUMNS} | {f"{c[0]}_std" for c in COMPARISON_COLUMNS}
   extra = []
   for r in rows:
     extra += [k for k in r if k not in known_keys and k not in extra]
@@ -374,7 +386,7 @@ def write_comparison(rows: Sequence[dict], out_md: str | Path, out_json: str | P
     "|" + "|".join("---" if f == "str" else "---:" for _, _, f in columns) + "|",
   ]
   for r in rows:
-    lines.append("| " + " | ".join(_cell(r.get(k), f) for k, _, f in columns) + " |")
+    lines.append("| " + " | ".join(_cell(r.get(k), f, r.get(f"{k}_std")) for k, _, f in columns) + " |")
   md = "\n".join(lines) + "\n"
   for path in (out_md, out_json):
     Path(path).parent.mkdir(parents=True, exist_ok=True)

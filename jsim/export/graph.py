@@ -18,8 +18,8 @@ A metric-learning MetricModel is one more registered builder: its backbone's gra
 then (head_dim > 0) the embedding head's Gemm and the L2 normalisation.
 
 Why not a converter: jax2onnx 0.17.1 fails on jsim's ResNet (its flax max_pool patch
-rejects the positional window argument: TypeError at trace time, retried for this module;
-issue 14's first try also got a residual Add that onnxruntime refused), it pins
+rejects the positional window argument: a TypeError at trace time; a converted graph also
+had a residual Add that onnxruntime refused), it pins
 orbax-checkpoint < 0.11.37 (jsim runs 0.12) and pulls equinox, dm-pix, huggingface-hub and
 netron; jax.export gives StableHLO, not ONNX. jsim's architectures are few and known: the
 graphs here are NCHW (onnxruntime's fast layout) with BatchNorm folded into the convs.
@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from jsim.models import distance as distance_lib, metric_model, resnet, vgg
+from jsim.models import distance as distance_lib, efficientnet_lite, metric_model, resnet, vgg
 from jsim.models.similarity import parse_feature_kind
 
 OPSET = 17
@@ -126,21 +126,38 @@ def preprocess(
 # ----------------------------------------------------------------------------- backbones
 
 
-def _conv(g: Graph, x: str, kernel: np.ndarray, bias: np.ndarray | None, strides: int, pad: int, hint: str) -> str:
+def _conv(
+  g: Graph, x: str, kernel: np.ndarray, bias: np.ndarray | None, strides: int, pad, hint: str, groups: int = 1
+) -> str:
+  """pad: an int (all sides), or ONNX's [top, left, bottom, right]."""
   w = np.transpose(np.asarray(kernel, np.float32), (3, 2, 0, 1))  # HWIO -> OIHW
   inputs = [x, g.const(w, hint + "_w")]
   if bias is not None:
     inputs.append(g.const(bias, hint + "_b"))
-  return g.op("Conv", inputs, hint=hint, kernel_shape=list(w.shape[2:]), strides=[strides, strides], pads=[pad] * 4)
+  pads = [pad] * 4 if isinstance(pad, int) else list(pad)
+  return g.op(
+    "Conv", inputs, hint=hint, kernel_shape=list(w.shape[2:]), strides=[strides, strides], pads=pads, group=groups
+  )
 
 
-def _conv_bn(g: Graph, x: str, params: dict, stats: dict, conv: str, bn: str, strides: int, pad: int) -> str:
+def _conv_bn(
+  g: Graph,
+  x: str,
+  params: dict,
+  stats: dict,
+  conv: str,
+  bn: str,
+  strides: int,
+  pad,
+  groups: int = 1,
+  epsilon: float = BN_EPSILON,
+) -> str:
   """A bias-free conv followed by eval-mode BatchNorm, folded into one conv with a bias."""
   p, s = params[bn], stats[bn]
-  scale = np.asarray(p["scale"], np.float64) / np.sqrt(np.asarray(s["var"], np.float64) + BN_EPSILON)
+  scale = np.asarray(p["scale"], np.float64) / np.sqrt(np.asarray(s["var"], np.float64) + epsilon)
   kernel = np.asarray(params[conv]["kernel"], np.float64) * scale  # scales the output channels (O)
   bias = np.asarray(p["bias"], np.float64) - np.asarray(s["mean"], np.float64) * scale
-  return _conv(g, x, kernel, bias, strides, pad, conv)
+  return _conv(g, x, kernel, bias, strides, pad, conv, groups)
 
 
 def resnet_graph(g: Graph, x: str, model: resnet.ResNet, variables: dict, input_size: int) -> str:
@@ -160,6 +177,40 @@ def resnet_graph(g: Graph, x: str, model: resnet.ResNet, variables: dict, input_
       if "downsample_conv" in bp:  # present exactly where the model projects the shortcut
         shortcut = _conv_bn(g, x, bp, bs, "downsample_conv", "downsample_bn", strides, 0)
       x = g.op("Relu", [g.op("Add", [y, shortcut])])
+  return g.op("Flatten", [g.op("GlobalAveragePool", [x])], axis=1)
+
+
+def efficientnet_lite_graph(
+  g: Graph, x: str, model: efficientnet_lite.EfficientNetLite, variables: dict, input_size: int
+) -> str:
+  """NCHW float input -> [N, 1280] (the pooled top features), as EfficientNetLite.__call__ in eval mode.
+
+  TF-same padding is static here (the input size is known): ONNX's pads [top, left, bottom, right]."""
+  params, stats = variables["params"], variables["batch_stats"]
+  side = input_size
+
+  def conv_bn(x, p, s, name, kernel, stride, groups, act):
+    nonlocal side
+    lo, hi = efficientnet_lite.same_padding(side, kernel, stride)
+    side = -(-side // stride)
+    y = _conv_bn(
+      g, x, p, s, f"{name}_conv", f"{name}_bn", stride, [lo, lo, hi, hi], groups, efficientnet_lite.BN_EPSILON
+    )
+    return g.op("Clip", [y, g.const(0.0, "zero"), g.const(6.0, "six")]) if act else y  # ReLU6
+
+  x = conv_bn(x, params, stats, "stem", 3, 2, 1, True)
+  for s, (repeats, kernel, stride, expand, _, cout) in enumerate(
+    efficientnet_lite.stage_specs(model.width, model.depth), start=1
+  ):
+    for b in range(repeats):
+      bp, bs = params[f"stage{s}_{b}"], stats[f"stage{s}_{b}"]
+      cin = int(bp["project_conv"]["kernel"].shape[2]) // expand
+      mid = cin * expand
+      y = conv_bn(x, bp, bs, "expand", 1, 1, 1, True) if expand != 1 else x
+      y = conv_bn(y, bp, bs, "depthwise", kernel, stride if b == 0 else 1, mid, True)
+      y = conv_bn(y, bp, bs, "project", 1, 1, 1, False)
+      x = g.op("Add", [y, x]) if (stride if b == 0 else 1) == 1 and cin == cout else y
+  x = conv_bn(x, params, stats, "top", 1, 1, 1, True)
   return g.op("Flatten", [g.op("GlobalAveragePool", [x])], axis=1)
 
 
@@ -215,6 +266,7 @@ Builder = Callable[[Graph, str, Any, dict, int], str]
 _BUILDERS: dict[type, Builder] = {
   resnet.ResNet: resnet_graph,
   vgg.VGG: vgg_graph,
+  efficientnet_lite.EfficientNetLite: efficientnet_lite_graph,
   metric_model.MetricModel: metric_model_graph,
 }
 

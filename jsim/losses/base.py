@@ -18,21 +18,25 @@ class Loss:
   Class attributes:
     param_name: the key of its parameters in `init`'s dict ('proxies', 'weights', 'ms'), or None.
     uses_dropout: whether `apply` takes an `rng` for dropout (pair_ms).
+    classifies: whether it trains a classifier head (cross_entropy): stage 1 then judges an epoch
+      by the head's validation accuracy; otherwise by MAP@R of the embeddings.
   """
 
   param_name: ClassVar[str | None] = None
   uses_dropout: ClassVar[bool] = False
+  classifies: ClassVar[bool] = False
 
   @classmethod
   def hyperparameter_names(cls) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+    """The fields a config sets (loss_hparams.<loss>.<name>); fields with metadata config=False are set by build."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("config", True))
 
   @property
   def name(self) -> str:
     return type(self).registry_name
 
   def hyperparameters(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    return {name: getattr(self, name) for name in self.hyperparameter_names()}
 
   def validate(self) -> None:
     """ValueError naming a hyperparameter whose value is out of range."""
@@ -42,8 +46,33 @@ class Loss:
     del key, num_classes, dim
     return {}
 
-  def apply(self, params: dict, embeddings: jax.Array, labels: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+  def apply(
+    self, params: dict, embeddings: jax.Array, labels: jax.Array, *, rng: jax.Array | None = None, mined=None
+  ) -> jax.Array:
+    """The loss of a batch; `mined` (a miner's Pairs or Triplets, losses with a `miner` field only): the
+    pairs or triplets to use instead of the loss's own miner, as PML's loss(embeddings, labels, indices_tuple)."""
     raise NotImplementedError
+
+  # What stage 1's step (jsim.train.step) asks of a loss.
+
+  def params_in(self, params: dict) -> dict:
+    """The loss's parameters within stage 1's parameter tree (jsim.models.metric_model keeps them under 'loss')."""
+    return params.get("loss", {})
+
+  def batch_losses(self, params, logits, embeddings, labels, *, rng=None) -> tuple[jax.Array, jax.Array]:
+    """(the batch's loss, float32 [B] per image) from the model's outputs: what the gradient and the epoch's
+    loss sum take. A loss over the whole batch counts once per image, so the sum over an epoch / its images
+    is the mean batch loss."""
+    del logits
+    value = self.apply(params, embeddings, labels, rng=rng if self.uses_dropout else None)
+    return value, jnp.full(labels.shape, value, jnp.float32)
+
+  def batch_correct(self, logits, embeddings, labels) -> jax.Array:
+    """bool [B], stage 1's train_accuracy: whether the nearest other image of the batch (L2) is of its class."""
+    del logits
+    d = l2_distance_matrix(embeddings, embeddings)
+    d = jnp.where(jnp.eye(d.shape[0], dtype=bool), jnp.inf, d)
+    return labels[jnp.argmin(d, axis=1)] == labels
 
 
 def safe_sqrt(s: jax.Array) -> jax.Array:
@@ -74,11 +103,12 @@ def label_masks(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
   return same & ~jnp.eye(labels.shape[0], dtype=bool), ~same
 
 
-def mean_of_nonzero(losses: jax.Array, mask: jax.Array) -> jax.Array:
-  """PML's AvgNonZeroReducer: the mean of the terms (where mask) that are > 0; 0 when there are none."""
-  nonzero = mask & (losses > 0)
-  count = jnp.sum(nonzero)
-  return jnp.where(count > 0, jnp.sum(jnp.where(nonzero, losses, 0.0)) / jnp.maximum(count, 1), 0.0)
+def mean_of_nonzero(losses: jax.Array, counts: jax.Array) -> jax.Array:
+  """PML's AvgNonZeroReducer: the mean of the terms that are > 0, each `counts` times (a bool mask, or how
+  often a miner chose it); 0 when there are none."""
+  weights = jnp.where(losses > 0, counts, 0).astype(losses.dtype)
+  total = jnp.sum(weights)
+  return jnp.where(total > 0, jnp.sum(weights * losses) / jnp.maximum(total, 1), 0.0)
 
 
 def logsumexp_add_one(x: jax.Array, mask: jax.Array, axis: int) -> jax.Array:

@@ -20,16 +20,18 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jsim.models import resnet, vgg
+from jsim.models import efficientnet_lite, resnet, vgg
 from jsim.models.layers import CONV_IMPLS
+from jsim.models.pretrained_port import from_pretrained
 from jsim.models.torchvision_port import from_torchvision
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 # config.model.dtype: auto (bf16 on accelerators, float32 on CPU) | float32 | bfloat16.
 DTYPES = ("auto", "float32", "bfloat16")
-# config.model.init: torchvision's ImageNet weights (model.weights) or a seeded random init.
-INITS = ("torchvision", "random")
+# config.model.init: torchvision's ImageNet weights (model.weights), the ImageNet weights of an installed
+# package (jsim.models.pretrained_port: efficientnet_lite0/1/2), or a seeded random init.
+INITS = ("torchvision", "pretrained", "random")
 
 
 def register(name: str, factory: Callable[..., nn.Module]) -> None:
@@ -72,6 +74,10 @@ register("resnet50", resnet.resnet50)
 register("resnet_tiny", resnet.resnet_tiny)
 register("vgg16", vgg.vgg16)
 register("vgg_tiny", vgg.vgg_tiny)
+register("efficientnet_lite0", efficientnet_lite.efficientnet_lite0)
+register("efficientnet_lite1", efficientnet_lite.efficientnet_lite1)
+register("efficientnet_lite2", efficientnet_lite.efficientnet_lite2)
+register("efficientnet_lite_tiny", efficientnet_lite.efficientnet_lite_tiny)
 
 __all__ = [
   "CONV_IMPLS",
@@ -81,6 +87,7 @@ __all__ = [
   "build",
   "compute_dtype",
   "embedding_dim",
+  "from_pretrained",
   "from_torchvision",
   "register",
 ]

@@ -120,9 +120,20 @@ def from_torchvision(arch: str, weights: Any, num_classes: int = 180, seed: int 
     raise ValueError(f"from_torchvision: unknown arch {arch!r}; supported: {', '.join(sorted(_ARCHS))}")
   factory, key_table, head_key = _ARCHS[arch]
   state = _load_state_dict(arch, weights)
-  rows = key_table()
-  expected = _expected_shapes(factory(num_classes=num_classes))
+  return port(
+    state, key_table(), factory(num_classes=num_classes), head_key, num_classes, seed, f"from_torchvision({arch!r})"
+  )
 
+
+def port(state: Mapping, rows: list[Row], model: Any, head_key: str, num_classes: int, seed: int, who: str) -> dict:
+  """Flax variables of `model` from a torch state_dict (numpy float32 values), by the key table `rows`.
+
+  Every torch key must be in the table and every table key in `state`; each value must have its
+  leaf's shape after conversion; every leaf of `model` must be filled. The head (torch key
+  `head_key`, the Flax module `head`) is kept when it has `num_classes` outputs, else drawn fresh
+  from `seed` like torch's nn.Linear default. ValueError (naming `who` and the key) otherwise.
+  """
+  expected = _expected_shapes(model)
   table_keys = {r[0] for r in rows}
   missing = [r[0] for r in rows if r[0] not in state]
   unexpected = sorted(k for k in state if k not in table_keys)
@@ -132,9 +143,7 @@ def from_torchvision(arch: str, weights: Any, num_classes: int = 180, seed: int 
       parts.append(f"missing {len(missing)} key(s): {_head(missing)}")
     if unexpected:
       parts.append(f"unexpected {len(unexpected)} key(s): {_head(unexpected)}")
-    raise ValueError(
-      f"from_torchvision({arch!r}): the state_dict does not match torchvision's {arch}: " + "; ".join(parts)
-    )
+    raise ValueError(f"{who}: the state_dict does not match the model: " + "; ".join(parts))
 
   head_prefix = head_key.rsplit(".", 1)[0]
   keep_head = state[head_key].ndim == 2 and state[head_key].shape[0] == num_classes
@@ -148,7 +157,7 @@ def from_torchvision(arch: str, weights: Any, num_classes: int = 180, seed: int 
     got = _CONVERT[kind](value) if ndim is None or value.ndim == ndim else value
     if want is None or got.shape != want:
       raise ValueError(
-        f"from_torchvision({arch!r}): {torch_key} has shape {tuple(value.shape)}, "
+        f"{who}: {torch_key} has shape {tuple(value.shape)}, "
         f"but {collection}/{'/'.join(path)} needs {want} ({kind} conversion)"
       )
     _set(variables, (collection,) + path, got)
@@ -157,9 +166,7 @@ def from_torchvision(arch: str, weights: Any, num_classes: int = 180, seed: int 
     kernel_shape = expected[("params", ("head", "kernel"))]
     fan_in = kernel_shape[0]
     if state[head_key].ndim != 2 or state[head_key].shape[1] != fan_in:
-      raise ValueError(
-        f"from_torchvision({arch!r}): {head_key} has shape {tuple(state[head_key].shape)}, expected [n, {fan_in}]"
-      )
+      raise ValueError(f"{who}: {head_key} has shape {tuple(state[head_key].shape)}, expected [n, {fan_in}]")
     k_kernel, k_bias = jax.random.split(jax.random.PRNGKey(seed))
     _set(
       variables,
@@ -175,7 +182,7 @@ def from_torchvision(arch: str, weights: Any, num_classes: int = 180, seed: int 
   filled = {(c, p) for c, p in _leaf_paths(variables)}
   unfilled = sorted("/".join((c,) + p) for c, p in expected if (c, p) not in filled)
   if unfilled:  # the key table and the Flax model disagree: a bug here, not in the weights
-    raise ValueError(f"from_torchvision({arch!r}): Flax leaves left unfilled: {_head(unfilled)}")
+    raise ValueError(f"{who}: Flax leaves left unfilled: {_head(unfilled)}")
   return variables
 
 
@@ -216,7 +223,7 @@ def _load_state_dict(arch: str, weights: Any) -> dict[str, np.ndarray]:
     state = weights
   elif isinstance(weights, (str, os.PathLike)):
     s = os.fspath(weights)
-    if os.path.exists(s) or not re.fullmatch(r"\w+(\.\w+)?", s) or s.endswith((".pth", ".pt")):
+    if is_weights_path(s):
       state = _load_file(s)
     else:
       state = _load_named(arch, s)
@@ -275,8 +282,54 @@ def _load_named(arch: str, name: str) -> Mapping:
     cache = os.path.join(torch.hub.get_dir(), "checkpoints")
     raise ConnectionError(
       f"from_torchvision: cannot download {enum.__name__}.{w.name} from {w.url} ({e}); without a "
-      f"network, fetch {file_name} elsewhere and pass its local path as weights, or put it in {cache}"
+      f"network, fetch {file_name} elsewhere and add --config.model.weights=/path/to/{file_name} "
+      f"(or put the file in {cache})"
     ) from e
+
+
+def is_weights_path(weights: str) -> bool:
+  """Whether model.weights names a file (else a torchvision weights name such as IMAGENET1K_V1)."""
+  return os.path.exists(weights) or not re.fullmatch(r"\w+(\.\w+)?", weights) or weights.endswith((".pth", ".pt"))
+
+
+def missing_packages(weights: str) -> list[str]:
+  """The packages that reading `weights` needs and that are not installed (found without importing them)."""
+  import importlib.util
+
+  needed = ["torch"] if is_weights_path(weights) else ["torch", "torchvision"]
+  return [m for m in needed if importlib.util.find_spec(m) is None]
+
+
+def weights_status(arch: str, weights: str) -> tuple[str, int]:
+  """What stage 1 will read for model.init='torchvision': (a phrase, bytes it will download).
+
+  'a weights file of 98 MB', or torchvision's file in its cache, or the download it needs;
+  ValueError for an unknown name, FileNotFoundError for a missing file.
+  """
+  if is_weights_path(weights):
+    if not os.path.isfile(weights):
+      raise FileNotFoundError(
+        f"model.weights={weights}: no such file (a .pth state_dict, or a name such as IMAGENET1K_V1)"
+      )
+    return f"{weights} ({os.path.getsize(weights) / 1e6:.0f} MB)", 0
+  torchvision, torch = _import("torchvision"), _import("torch")
+  enum = torchvision.models.get_model_weights(arch)
+  member = weights.split(".", 1)[1] if weights.startswith(enum.__name__ + ".") else weights
+  if member not in enum.__members__:
+    raise ValueError(
+      f"model.weights={weights!r}: torchvision has no such weights for {arch}; "
+      f"available: {', '.join(enum.__members__)} (or a path to a .pth file)"
+    )
+  w = enum[member]
+  path = os.path.join(torch.hub.get_dir(), "checkpoints", w.url.rsplit("/", 1)[-1])
+  if os.path.isfile(path):
+    return f"torchvision's {enum.__name__}.{w.name}, in its cache ({path})", 0
+  size = int(float(w.meta.get("_file_size", 0)) * 2**20)
+  return (
+    f"torchvision's {enum.__name__}.{w.name}: not in its cache, stage 1 downloads it from {w.url} "
+    f"({size / 1e6:.0f} MB) into {os.path.dirname(path)}",
+    size,
+  )
 
 
 def _import(module: str) -> Any:

@@ -83,6 +83,7 @@ def make_optimizer(
   nag_form: str = "optax",
   param_groups=None,
   rate_multipliers: dict[str, float] | None = None,
+  frozen=None,
 ) -> optax.GradientTransformation:
   """SGD with Nesterov momentum, its learning rate a hyperparameter in the state.
 
@@ -99,6 +100,10 @@ def make_optimizer(
   param_groups (a function of the params tree to group names, as optax.multi_transform
   takes) with rate_multipliers {group: factor}: each group's rate is learning_rate x its
   factor (optax.multi_transform), so halving the one injected rate halves them all.
+
+  frozen (a function of the params tree to bools, jsim.models.freeze.frozen_fn): the parameters
+  marked True get zero updates and no optimizer state (optax.set_to_zero), so neither momentum
+  nor weight decay moves them; the rate stays the one injected hyperparameter.
   """
   if nag_form not in NAG_FORMS:
     raise ValueError(f"nag_form={nag_form!r}: expected one of {NAG_FORMS}")
@@ -112,13 +117,18 @@ def make_optimizer(
       tx = optax.chain(optax.add_decayed_weights(weight_decay), tx)
     return tx
 
-  if param_groups is None:
-    return optax.inject_hyperparams(sgd)(learning_rate=learning_rate)
-
   def grouped(learning_rate):
+    if param_groups is None:
+      return sgd(learning_rate)
     return optax.multi_transform({g: sgd(learning_rate * f) for g, f in rate_multipliers.items()}, param_groups)
 
-  return optax.inject_hyperparams(grouped)(learning_rate=learning_rate)
+  def with_frozen(learning_rate):
+    if frozen is None:
+      return grouped(learning_rate)
+    labels = lambda params: jax.tree.map(lambda f: "frozen" if f else "trained", frozen(params))
+    return optax.multi_transform({"trained": grouped(learning_rate), "frozen": optax.set_to_zero()}, labels)
+
+  return optax.inject_hyperparams(with_frozen)(learning_rate=learning_rate)
 
 
 def optimizer_from(cfg, **groups) -> optax.GradientTransformation:

@@ -1,0 +1,173 @@
+"""python -m jsim.sweep (seeds x grid, one workdir per run) and compare's mean +/- std over seeds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO, jsim_env
+
+from jsim import sweep
+from jsim.evaluate import compare, pairwise, report
+
+
+@pytest.mark.parametrize(
+  "item,expect",
+  [
+    ("classifier.learning_rate", "--grid=classifier.learning_rate: expected KEY=VALUE1,VALUE2"),
+    ("=1,2", "--grid==1,2: expected KEY=VALUE1,VALUE2"),
+    ("classifier..lr=1", "--grid=classifier..lr=1: expected KEY=VALUE1,VALUE2"),
+    ("seed=1,2", "--grid=seed=1,2: give the seeds with --seeds=0,1,2"),
+    ("classifier.learning_rate=1e-3,,1e-2", "--grid=classifier.learning_rate=1e-3,,1e-2: an empty value"),
+    ("classifier.learning_rate=", "--grid=classifier.learning_rate=: an empty value"),
+    ("classifier.learning_rate=0.1,0.1", "--grid=classifier.learning_rate=0.1,0.1: a value is given twice"),
+  ],
+)
+def test_grid_errors_are_one_line_naming_the_item(item, expect):
+  with pytest.raises(ValueError) as e:
+    sweep.parse_grid([item])
+  assert str(e.value).startswith(expect) and "\n" not in str(e.value)
+
+
+def test_grid_parser_and_run_names():
+  grid = sweep.parse_grid(["classifier.learning_rate=1e-4,1e-3", "config.similarity.hidden=(64,32),()"])
+  assert grid == [("classifier.learning_rate", ["1e-4", "1e-3"]), ("similarity.hidden", ["(64,32)", "()"])]
+  with pytest.raises(ValueError, match="classifier.loss is in the grid twice"):
+    sweep.parse_grid(["classifier.loss=triplet", "classifier.loss=contrastive"])
+  runs = sweep.plan_runs(grid, [0, 1])
+  assert [r.name for r in runs[:3]] == [
+    "classifier.learning_rate=1e-4,similarity.hidden=_64_32_,seed=0",
+    "classifier.learning_rate=1e-4,similarity.hidden=_64_32_,seed=1",
+    "classifier.learning_rate=1e-4,similarity.hidden=__,seed=0",
+  ]
+  assert len(runs) == 8 and runs[0].overrides() == [
+    "--config.seed=0",
+    "--config.classifier.learning_rate=1e-4",
+    "--config.similarity.hidden=(64,32)",
+  ]
+  assert sweep.plan_runs([], [3])[0].name == "seed=3"
+  with pytest.raises(ValueError, match="share the workdir name 'data.root=_a,seed=0'"):
+    sweep.plan_runs(sweep.parse_grid(["data.root=/a,_a"]), [0])
+  assert sweep.parse_seeds("0,1,2") == [0, 1, 2]
+  for bad in ("0,x", "0,0", "-1", ""):
+    with pytest.raises(ValueError, match=f"--seeds={bad}: expected"):
+      sweep.parse_seeds(bad)
+
+
+@pytest.mark.parametrize(
+  "args,expect",
+  [
+    (["--grid=classifier.learnin_rate=1,2"], "config.classifier has no key 'learnin_rate'; did you mean"),
+    (["--grid=classifier.num_epochs=two"], "run classifier.num_epochs=two,seed=0:"),
+    (["--grid=classifier.loss=nope"], "run classifier.loss=nope,seed=0: classifier.loss='nope'"),
+    (["--seeds=0", "--config.seed=3"], "--config.seed=3: seed is set by the sweep (--seeds)"),
+    (["--seeds=0,a"], "--seeds=0,a: expected integers"),
+  ],
+)
+def test_bad_sweep_input_is_one_line_and_runs_nothing(tmp_path, capsys, args, expect):
+  root = tmp_path / "root"
+  assert sweep.main(["--config=configs/tiny.py", f"--workdir={root}", *args]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("jsim.sweep: ") and expect in err and err.count("\n") == 1, err
+  assert not root.exists()
+
+
+def _evaluated(w, seed, config, unseen_auc, case_5_correct):
+  """A workdir as the evaluation leaves it: report.json, evaluation.npz and config.json."""
+  bins = 4
+  count = np.array([100, 200, 50, 40, 10])
+  hp, hn = np.zeros((5, bins), np.int64), np.zeros((5, bins), np.int64)
+  hp[0, 3], hp[3, 3] = 100, 40
+  hn[1, 0], hn[2, 0], hn[4, 0] = 200, 50, 10
+  r = pairwise.PairEvalResult(
+    count=count,
+    correct_05=np.array([80, 190, 40, 30, case_5_correct]),
+    correct_threshold=np.array([90, 180, 45, 32, 6]),
+    hist_pos=hp,
+    hist_neg=hn,
+    threshold=0.5,
+    mode="sampled",
+    pairs_per_s=1.0,
+  )
+  report.write_report(w, r, val_threshold=None, backbone="resnet_tiny")
+  rep = json.loads((w / "report.json").read_text())
+  rep["auc"]["unseen"] = unseen_auc
+  (w / "report.json").write_text(json.dumps(rep))
+  pairwise.save_result(r, w / compare.RESULT_FILE)
+  (w / "config.json").write_text(json.dumps({**config, "seed": seed, "stage": "all"}))
+
+
+def test_compare_groups_seeds_into_mean_and_std(tmp_path, capsys):
+  lr1, lr2 = {"classifier": {"learning_rate": 0.1}}, {"classifier": {"learning_rate": 0.2}}
+  runs = [
+    ("lr=0.1,seed=0", 0, lr1, 0.60, 5),
+    ("lr=0.1,seed=1", 1, lr1, 0.70, 7),
+    ("lr=0.1,seed=2", 2, lr1, 0.80, 9),
+    ("lr=0.2,seed=0", 0, lr2, 0.50, 4),
+  ]
+  for name, seed, config, auc, c5 in runs:
+    _evaluated(tmp_path / name, seed, config, auc, c5)
+  workdirs = [tmp_path / r[0] for r in runs]
+  groups = compare.seed_groups(workdirs)
+  assert groups == [workdirs[:3], workdirs[3:]]
+  table = tmp_path / "t.md"
+  assert compare.main([*map(str, workdirs), f"--out={tmp_path / 'roc.png'}", f"--table={table}"]) == 0
+  rows = json.loads(table.with_suffix(".json").read_text())
+  assert [r["name"] for r in rows] == ["lr=0.1", "lr=0.2"] and [r["seeds"] for r in rows] == ["0,1,2", "0"]
+  assert rows[0]["unseen_auc"] == pytest.approx(0.7) and rows[0]["unseen_auc_std"] == pytest.approx(0.1)
+  assert rows[0]["case_5"] == pytest.approx(0.7) and rows[0]["case_5_std"] == pytest.approx(0.2)
+  assert rows[1]["unseen_auc_std"] == 0.0
+  md = table.read_text().splitlines()
+  assert md[0].startswith("| run | seeds | backbone |")
+  assert (
+    "| lr=0.1 | 0,1,2 | resnet_tiny |" in md[2] and "| 70.00 ± 20.00 % |" in md[2] and "| 0.7000 ± 0.1000 |" in md[2]
+  )
+  # The same run twice is refused in one line.
+  (tmp_path / "copy").mkdir()
+  (tmp_path / "copy" / "config.json").write_text((workdirs[0] / "config.json").read_text())
+  with pytest.raises(ValueError, match="are the same run"):
+    compare.seed_groups([workdirs[0], tmp_path / "copy"])
+  # Without config.json a workdir is its own group; names without a common stem are joined.
+  assert compare.group_name([tmp_path / "a_seed1", tmp_path / "a_seed2"]) == "a"
+  assert compare.group_name([tmp_path / "x", tmp_path / "y"]) == "x+y"
+
+
+def test_tiny_sweep_end_to_end(tmp_path, jsim_cache):
+  """Two seeds of configs/tiny.py: two workdirs; the rerun skips both; compare gives mean +/- std."""
+  root = tmp_path / "sweep"
+  command = [
+    sys.executable,
+    "-m",
+    "jsim.sweep",
+    "--config=configs/tiny.py",
+    f"--workdir={root}",
+    "--seeds=0,1",
+    "--grid=classifier.learning_rate=0.02",
+    "--config.classifier.num_epochs=1",
+    "--config.similarity.num_epochs=1",
+  ]
+  run = lambda: subprocess.run(command, cwd=REPO, env=jsim_env(jsim_cache), capture_output=True, text=True, timeout=900)
+  proc = run()
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  names = ["classifier.learning_rate=0.02,seed=0", "classifier.learning_rate=0.02,seed=1"]
+  for name, seed in zip(names, (0, 1)):
+    config = json.loads((root / name / "config.json").read_text())
+    assert config["seed"] == seed and config["classifier"]["learning_rate"] == 0.02
+    assert config["classifier"]["num_epochs"] == 1 and (root / name / "report.json").is_file()
+  record = json.loads((root / sweep.SWEEP_FILE).read_text())
+  assert [(r["name"], r["status"]) for r in record["runs"]] == [(n, "finished") for n in names]
+  assert "jsim.sweep: 2 runs finished" in proc.stdout
+  # The rerun starts no run.
+  again = run()
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert [line for line in again.stdout.splitlines() if line.startswith("jsim.sweep: [")] == [
+    f"jsim.sweep: [{i}/2] {n}: finished, skipped" for i, n in enumerate(names, 1)
+  ]
+  table = tmp_path / "t.md"
+  assert compare.main([str(root / n) for n in names] + [f"--out={tmp_path / 'roc.png'}", f"--table={table}"]) == 0
+  (row,) = json.loads(table.with_suffix(".json").read_text())
+  assert row["name"] == "classifier.learning_rate=0.02" and row["seeds"] == "0,1"
+  assert row["unseen_auc_std"] >= 0 and "±" in table.read_text()
