@@ -131,7 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
       weights="IMAGENET1K_V1",  # torchvision weights name, or a .pth path (model.init=torchvision)
       freeze="none",  # none | backbone | stages:N (the stem and the first N stages fixed; jsim.models.freeze)
       dtype="auto",  # auto (bf16 on accelerators, float32 on CPU) | float32 | bfloat16
-      # How convs are lowered (jsim.models.layers): auto (XLA's conv on GPU/TPU, per shape on a CPU) | xla | matmul.
+      # How convs and max-pools are lowered (jsim.models.layers): auto (XLA's conv on GPU/TPU, per shape on a CPU) | xla | matmul.
       # Not part of a stage's identity: every lowering computes the same convolution, only float rounding differs.
       conv_impl="auto",
     )
