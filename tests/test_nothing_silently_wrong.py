@@ -231,6 +231,7 @@ def test_a_damaged_report_is_one_line_for_predict(trained, tmp_path):
 # ----------------------------------------------------------------------------- 2, 7. exports by content
 
 
+@pytest.mark.slow
 def test_a_copied_export_is_used_and_a_changed_one_is_refused_then_replaced(trained, tmp_path):
   w, a, b = trained.workdir, trained.files[0], trained.files[1]
   d = tmp_path / "export"
@@ -267,6 +268,7 @@ def _blocked_in_open(pid: int, path: Path, timeout: float = 300) -> None:
   pytest.fail(f"process {pid} never opened {path}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_an_interrupted_export_leaves_no_temporary_file_and_its_rerun_succeeds(trained, tmp_path, sig):
   """Stopped while it writes embed.onnx (its temporary file is a FIFO: the write blocks there, for sure):
@@ -479,6 +481,7 @@ def test_a_truncated_benchmark_archive_is_one_line_naming_it(tmp_path):
 # ----------------------------------------------------------------------------- 8. a read-only finished workdir
 
 
+@pytest.mark.slow
 def test_a_read_only_finished_workdir_can_be_evaluated_predicted_and_exported(trained, tmp_path):
   w = _copy(trained, tmp_path / "w")
   cache = tmp_path / "user_cache"
@@ -521,6 +524,7 @@ def test_a_read_only_finished_workdir_can_be_evaluated_predicted_and_exported(tr
 # ----------------------------------------------------------------------------- 9, 10. signals at the edges
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_gallery_search_is_one_line_and_130(trained, tmp_path):
   w = _copy(trained, tmp_path / "w")
   assert _tool("jsim.export", f"--workdir={w}").returncode == 0  # (W/onnx: the search starts at once)
@@ -570,6 +574,7 @@ def test_double_ctrl_c_in_stage_1_is_one_line_and_130(jsim_cache, tmp_path):
   assert _last_line(out) == "jsim: interrupted; rerun the same command to resume from the last checkpoint"
 
 
+@pytest.mark.slow
 def test_sigterm_after_the_end_of_run_summary_is_one_line(reference, jsim_cache, tmp_path):
   """A finished workdir: the run skips every stage and prints its summary; stopped right after it (SIGSTOP, so
   that the signal lands between the summary and the exit), a SIGTERM gives one line and 143."""
