@@ -546,6 +546,8 @@ def test_ctrl_c_during_a_gallery_search_is_one_line_and_130(trained, tmp_path):
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
+    # As from a terminal: a shell's background job (pytest started with &) would pass SIGINT on ignored.
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
   )
   # onnxruntime's threads are running once its library is loaded and the sessions made; then a few seconds in.
   deadline = time.monotonic() + 120
@@ -563,11 +565,16 @@ def test_ctrl_c_during_a_gallery_search_is_one_line_and_130(trained, tmp_path):
 
 @pytest.mark.slow
 def test_double_ctrl_c_in_stage_1_is_one_line_and_130(jsim_cache, tmp_path):
+  """The first Ctrl-C saves a checkpoint and stops; the second comes while orbax writes it (its temporary
+  folder exists; the run is held with SIGSTOP so that the signal lands there)."""
+  ckpts = tmp_path / "W" / "stage1" / "checkpoints"
   run = Jsim([*STAGE1, f"--workdir={tmp_path / 'W'}"], jsim_cache)
   run.wait_for_text(" 6/42 img")
   run.send(signal.SIGINT)
-  time.sleep(0.05)
+  run.wait_until(lambda: test_reliability._tmp_steps(ckpts), "orbax writing the checkpoint of the first Ctrl-C")
+  run.send(signal.SIGSTOP)
   run.send(signal.SIGINT)
+  run.send(signal.SIGCONT)
   assert run.finish() == 130, run.output[-3000:]
   out = run.output
   assert "Traceback" not in out and "Exception ignored" not in out and "Task exception" not in out, out[-3000:]
