@@ -150,6 +150,21 @@ def base_config() -> ml_collections.ConfigDict:
       num_epochs=30,
       input_size=224,
       nag_form="optax",  # optax | paper: the paper's u_t keeps the old rate after a halving (PROTOCOL.md)
+      # sgd (momentum, nesterov, nag_form: the protocol's) | adam | adamw | rmsprop, as torch.optim defines
+      # them (jsim.train.schedule.base_optimizer); weight_decay: L2 in the gradient, decoupled for adamw.
+      optimizer="sgd",
+      b1=0.9,  # adam, adamw
+      b2=0.999,  # adam, adamw
+      eps=1e-8,  # adam, adamw, rmsprop
+      rms_decay=0.99,  # rmsprop (torch's alpha)
+      # halving (the protocol's rule: alpha, halving_wait) | plateau (halve when the smoothed validation
+      # figure stalls for `patience` epochs) | constant | warmup_cosine (warmup_epochs, final_rate_factor)
+      schedule="halving",
+      patience=3,  # plateau
+      smoothing=0.0,  # plateau: the validation figure's moving average, s = smoothing s + (1 - smoothing) v
+      min_delta=0.0,  # plateau: the least improvement of the smoothed figure that counts
+      warmup_epochs=0,  # warmup_cosine
+      final_rate_factor=0.0,  # warmup_cosine: the last rate / learning_rate
       augment=augment.default_augment_config(),
       log_every_steps=50,
       checkpoint_every_steps=0,
