@@ -145,18 +145,22 @@ def test_tiny_sweep_end_to_end(tmp_path, jsim_cache):
     "--config=configs/tiny.py",
     f"--workdir={root}",
     "--seeds=0,1",
-    "--grid=classifier.learning_rate=0.02",
+    "--grid=classifier.optimizer=adam",  # (and a schedule: both through jsim.main)
+    "--config.classifier.schedule=warmup_cosine",
+    "--config.classifier.warmup_epochs=1",
     "--config.classifier.num_epochs=1",
     "--config.similarity.num_epochs=1",
   ]
   run = lambda: subprocess.run(command, cwd=REPO, env=jsim_env(jsim_cache), capture_output=True, text=True, timeout=900)
   proc = run()
   assert proc.returncode == 0, proc.stderr[-3000:]
-  names = ["classifier.learning_rate=0.02,seed=0", "classifier.learning_rate=0.02,seed=1"]
+  names = ["classifier.optimizer=adam,seed=0", "classifier.optimizer=adam,seed=1"]
   for name, seed in zip(names, (0, 1)):
     config = json.loads((root / name / "config.json").read_text())
-    assert config["seed"] == seed and config["classifier"]["learning_rate"] == 0.02
+    assert config["seed"] == seed and config["classifier"]["optimizer"] == "adam"
     assert config["classifier"]["num_epochs"] == 1 and (root / name / "report.json").is_file()
+    (row,) = [json.loads(line) for line in (root / name / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert row["lr"] == pytest.approx(config["classifier"]["learning_rate"] / 2)  # the warm-up's first epoch
   record = json.loads((root / sweep.SWEEP_FILE).read_text())
   assert [(r["name"], r["status"]) for r in record["runs"]] == [(n, "finished") for n in names]
   assert "jsim.sweep: 2 runs finished" in proc.stdout
@@ -169,5 +173,5 @@ def test_tiny_sweep_end_to_end(tmp_path, jsim_cache):
   table = tmp_path / "t.md"
   assert compare.main([str(root / n) for n in names] + [f"--out={tmp_path / 'roc.png'}", f"--table={table}"]) == 0
   (row,) = json.loads(table.with_suffix(".json").read_text())
-  assert row["name"] == "classifier.learning_rate=0.02" and row["seeds"] == "0,1"
+  assert row["name"] == "classifier.optimizer=adam" and row["seeds"] == "0,1"
   assert row["unseen_auc_std"] >= 0 and "±" in table.read_text()
