@@ -39,6 +39,8 @@ def add_metric_learning_fields(cl: ml_collections.ConfigDict) -> None:
 
 # Rates of the loss's own parameters relative to the backbone's: proxies and class weights learn
 # faster (Proxy-Anchor uses 100x with AdamW; 10x with SGD here, untuned); Ms as the protocol's stage 2 (0.5x).
+# use_metric_loss sets classifier.loss_learning_rate to this factor times a reference to
+# classifier.learning_rate, so that an override of learning_rate (a sweep's) moves both.
 LOSS_RATE_FACTOR = {"proxy_anchor": 10.0, "normalized_softmax": 10.0, "arcface": 10.0, "pair_ms": 0.5}
 
 
@@ -67,7 +69,7 @@ def use_metric_loss(c: ml_collections.ConfigDict, loss: str, *, embedding_dim: i
   cl.sampler = "m_per_class"
   cl.sampler_m = m
   if loss in LOSS_RATE_FACTOR:
-    cl.loss_learning_rate = cl.learning_rate * LOSS_RATE_FACTOR[loss]
+    cl.loss_learning_rate = cl.get_ref("learning_rate") * LOSS_RATE_FACTOR[loss]
 
 
 def metric_benchmark_config(arg: str | None, source: str, num_seen: int, where: str) -> ml_collections.ConfigDict:

@@ -175,3 +175,16 @@ def test_tiny_sweep_end_to_end(tmp_path, jsim_cache):
   (row,) = json.loads(table.with_suffix(".json").read_text())
   assert row["name"] == "classifier.optimizer=adam" and row["seeds"] == "0,1"
   assert row["unseen_auc_std"] >= 0 and "±" in table.read_text()
+
+
+def test_loss_rate_follows_a_learning_rate_override():
+  # The proxies' 10x is a factor of classifier.learning_rate: a sweep over the rate moves both.
+  arg = "configs/metric.py:loss=proxy_anchor,size=cpu"
+  assert sweep.build_config(arg, []).classifier.loss_learning_rate == pytest.approx(0.5)  # as recorded before
+  c = sweep.build_config(arg, ["--config.classifier.learning_rate=0.001"])
+  assert c.classifier.loss_learning_rate == pytest.approx(0.01)
+  c = sweep.build_config(arg, ["--config.classifier.learning_rate=0.001", "--config.classifier.loss_learning_rate=0.3"])
+  assert c.classifier.loss_learning_rate == 0.3 and c.classifier.learning_rate == 0.001
+  from jsim import workdir as wd
+
+  assert wd.config_to_dict(c)["classifier"]["loss_learning_rate"] == 0.3
