@@ -188,3 +188,37 @@ def test_loss_rate_follows_a_learning_rate_override():
   from jsim import workdir as wd
 
   assert wd.config_to_dict(c)["classifier"]["loss_learning_rate"] == 0.3
+
+
+def test_sigterm_stops_the_running_child_with_a_checkpoint_and_the_sweep(tmp_path, jsim_cache):
+  """A SIGTERM to the sweep reaches the run (in its own session), which saves and stops; no run starts after."""
+  import signal
+  import time
+
+  root = tmp_path / "sweep"
+  command = [
+    sys.executable,
+    "-m",
+    "jsim.sweep",
+    "--config=configs/tiny.py",
+    f"--workdir={root}",
+    "--seeds=0,1",
+    "--config.classifier.num_epochs=50",
+  ]
+  proc = subprocess.Popen(
+    command, cwd=REPO, env=jsim_env(jsim_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
+  metrics = root / "seed=0" / "stage1" / "metrics.jsonl"
+  deadline = time.monotonic() + 600
+  while not (metrics.is_file() and metrics.read_text().count("\n") >= 1) and time.monotonic() < deadline:
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "jsim.sweep: stopped by SIGTERM in seed=0; rerun the same command to continue" in err
+  assert "SIGTERM at " in err and "rerun the same command to resume" in err  # the run's own message
+  record = json.loads((root / sweep.SWEEP_FILE).read_text())
+  assert [(r["name"], r["status"]) for r in record["runs"]] == [("seed=0", "interrupted")]
+  assert any(p.name.isdigit() for p in (root / "seed=0" / "stage1" / "checkpoints").iterdir())
+  assert not (root / "seed=1").exists()
