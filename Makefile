@@ -37,8 +37,10 @@ setup: $(VENV)/.installed
 
 setup-test: $(VENV)/.installed-test
 
+# After the run: where the demo's test images are, and jsim-predict commands to try on them.
 demo: setup
 	$(PY) -m jsim.main --config=configs/demo.py --workdir=$(WORKDIR)
+	@$(PY) configs/demo.py $(WORKDIR)
 
 test: setup-test
 	$(PY) -m ruff check .

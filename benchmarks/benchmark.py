@@ -9,7 +9,7 @@ Measures, with synthetic data already on the device:
   * stage-1 train images/s for each --models x --batches: the real ClassifierPlan step
     (uint8 64x64 images gathered by index, the protocol's augmentation, the resize to
     --input_size, forward + backward, Nesterov SGD, BatchNorm updates, metric sums);
-  * embedding images/s: jsim.train.embeddings.embed_images (gather, preprocess, resize,
+  * embedding images/s: jsim.train.batching.embed_images (gather, preprocess, resize,
     forward, copy back to the host) at --embed_batch;
   * stage-2 pairs/s: the real SimilarityPlan step on --num_embeddings random D-dim
     embeddings of 180 classes (ResNet50-sized Ms: D=2048 -> 1024 -> 512 -> 2);
@@ -201,7 +201,7 @@ def bench_stage1(args, model_name: str, batch: int, mesh, rng) -> tuple[dict, ob
   state = parallel.put_replicated(TrainState.create(variables, tx), mesh)
   del variables
   data = _fake_data(args, rng, max(args.num_images, batch))
-  plan = classifier.ClassifierPlan(config, data, model, tx, mesh)
+  plan = classifier.Stage1Plan(config, data, model, tx, mesh)
   compile_s, sec, state = _time_plan(plan, state, args)
   out = {
     "workload": f"{model_name} train",
@@ -232,7 +232,7 @@ def _time_plan(plan, state, args):
 def bench_embed(args, model_name: str, model, state, data, mesh) -> dict:
   """Embedding images/s through embed_images (indices in, float32 embeddings on the host out)."""
   from jsim import parallel
-  from jsim.train import embeddings as embed
+  from jsim.train import batching as embed
 
   images = parallel.put_replicated(data.train_set.images, mesh)
   n = data.train_set.images.shape[0]

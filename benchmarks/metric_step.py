@@ -38,7 +38,7 @@ LOSSES = (
 
 def run(args) -> dict:
   from jsim import parallel
-  from jsim.train import classifier, loop, metric
+  from jsim.train import classifier, loop
   from jsim.train.state import TrainState
 
   mesh = parallel.make_mesh()
@@ -54,12 +54,7 @@ def run(args) -> dict:
     tx = classifier.make_optimizer(config.classifier)
     variables = classifier.initial_variables(config, model, bench.NUM_CLASSES, args.input_size)
     state = parallel.put_replicated(TrainState.create(variables, tx), mesh)
-    if name == "cross_entropy":
-      plan = classifier.ClassifierPlan(config, data, model, tx, mesh)
-    else:
-      plan = metric.MetricPlan(
-        config, data, model, tx, mesh, place_images=classifier.place_images, padded_batches=classifier.padded_batches
-      )
+    plan = classifier.Stage1Plan(config, data, model, tx, mesh)
     plan.begin_epoch(1)
     # full-size batches only (cross_entropy's last one may be short: another compilation)
     full = plan.num_batches(1) - (1 if getattr(plan, "batch_sizes", [args.batch])[-1] != args.batch else 0)

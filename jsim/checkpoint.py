@@ -35,6 +35,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from jsim import workdir as wd
+
 BEST_METRIC = "val_accuracy"
 CHECKSUM_KEY = "checksum"  # in meta: {"state": sha256 hex, "meta": sha256 hex}
 DAMAGED_DIR = "damaged_checkpoints"  # beside checkpoints/: where damaged steps are moved
@@ -121,13 +123,22 @@ class StageCheckpoints:
     meta[CHECKSUM_KEY] = {"state": state_digest(state), "meta": meta_digest(meta)}
     if step in self._manager.all_steps():  # orbax does not overwrite a step (e.g. preempted after
       self._manager.delete(step)  # an epoch's last batch, then saved again at its end)
-    self._manager.save(
-      step,
-      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-      metrics=metrics,
-      force=True,
-    )
-    self._manager.wait_until_finished()
+    try:
+      self._manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        metrics=metrics,
+        force=True,
+      )
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - orbax and tensorstore wrap the OSError, or keep only its text
+      if not wd.is_no_space(e):
+        raise
+      # Orbax wrote into a temporary folder: remove it (the next start would, but the disk is full now).
+      if jax.process_index() == 0:
+        for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+          shutil.rmtree(tmp, ignore_errors=True)
+      raise wd.no_space(self.step_dir(step), " (writing a checkpoint)") from None
 
   def step_dir(self, step: int) -> Path:
     return self.directory / str(step)

@@ -103,7 +103,7 @@ def help_text(prog: str = "python -m jsim.main") -> str:
   lines = [
     f"usage: {prog} --config=configs/FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]",
     f"       {prog} --config=configs/FILE.py --print_config      (every key and its value, then stop)",
-    f"       {prog} --config=configs/FILE.py --workdir=DIR --dry_run   (check everything, train nothing)",
+    f"       {prog} --config=configs/FILE.py --workdir=DIR --dry_run   (check everything, write nothing)",
     "",
     "Trains and evaluates two-stage image similarity (a classifier's embeddings, then a similarity",
     "net on |x1 - x2|) with seen/unseen classes; everything a run writes goes to --workdir, and",
@@ -132,7 +132,8 @@ def help_text(prog: str = "python -m jsim.main") -> str:
     "  --workdir      directory for the split, checkpoints, metrics, report (required, except with",
     "                 --print_config)",
     "  --print_config print the resolved config and stop",
-    "  --dry_run      validate the config, the data and the workdir, show what would run, and stop",
+    "  --dry_run      check the config, the data, the workdir, the packages, weights and disk space the",
+    "                 run needs, show what would run, and stop (writes nothing)",
     "  --helpfull     every absl flag (logging and the like)",
     "",
     "Ask a trained model about your own images: jsim-predict --help",
@@ -225,8 +226,10 @@ def epoch_line(name: str, row: dict, num_epochs: int) -> str:
     f"{name} epoch {row['epoch']:>{width}}/{num_epochs}  loss {row['train_loss']:.3f}  {train} "
     f"{pct(row['train_accuracy']):>7} | val {val} | lr {row['lr']:.3g}  {rate(row['items_per_s'])}/s"
   )
-  if row.get("halved"):
+  if row.get("halved") and row["epoch"] < num_epochs:
     line += f"  -> lr halved to {row['lr'] / 2:.3g}"
+  elif row.get("halved"):  # the rule met after the last epoch: only a continued stage trains at that rate
+    line += f"  (a continued stage would start at lr {row['lr'] / 2:.3g})"
   return line
 
 
@@ -245,7 +248,8 @@ def summary_lines(workdir: Path, timings: list[tuple[str, float, str]]) -> list[
     figures = sorted((workdir / "figures").glob("*.png"))
     if figures:
       lines.append(f"figures: {workdir / 'figures'}/ ({', '.join(p.name for p in figures)})")
-  lines.append(f"tensorboard --logdir {workdir}   (pip install tensorboard)")
+  if any(workdir.glob("*/tb")) or any(workdir.glob("*/*/tb")):  # (a prepare-only run has no event files)
+    lines.append(f"tensorboard --logdir {workdir}   (pip install tensorboard)")
   return lines
 
 

@@ -30,8 +30,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for split, checkpoints, metrics and reports.")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_bool("print_config", False, "Print the resolved config (every key, its value and default) and stop.")
-flags.DEFINE_bool("dry_run", False, "Validate the config, the data and the workdir, show what would run, and stop.")
-flags.mark_flags_as_required(["config"])
+flags.DEFINE_bool(
+  "dry_run", False, "Check the config, the data, the workdir, packages, weights and disk space; write nothing; stop."
+)
 
 
 def _config_arg(argv: list[str]) -> tuple[str, str] | None:
@@ -115,37 +116,61 @@ def _unknown_override(argv: list[str]) -> str | None:
   return None
 
 
+def _prog(argv0: str) -> str:
+  return "jsim" if Path(argv0).name == "jsim" else "python -m jsim.main"
+
+
+def _refuse(message: str, code: int = 1):
+  """One line on stderr, 'jsim: ...' like every other refusal, and the exit status."""
+  print(f"jsim: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def _missing_flag(flag: str, argv: list[str]) -> str:
+  """The line for a missing --config or --workdir: what to add, with an example."""
+  found = _config_arg(argv)
+  config = f"{found[0]}{':' + found[1] if found[1] else ''}" if found and found[0] else "configs/demo.py"
+  example = f"{_prog(argv[0])} --config={config} --workdir=runs/{Path(config.partition(':')[0]).stem}"
+  if flag == "config":
+    what = "add --config=configs/FILE.py (the experiment; --help lists them)"
+  else:
+    what = "add --workdir=DIR (a new folder, or an earlier run's to continue it)"
+  return f"--{flag} is missing: {what}, e.g. {example}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a one-line error (not a traceback) for a bad config file or key."""
+  """absl's flag parsing, with a one-line error (not a usage dump or a traceback) for a missing
+  flag, a bad config file or key."""
   if any(a in ("-h", "--help", "-help", "--helpshort", "-?") for a in argv[1:]):
     from jsim import console
 
-    prog = "jsim" if Path(argv[0]).name == "jsim" else "python -m jsim.main"
-    print(console.help_text(prog), end="")
+    print(console.help_text(_prog(argv[0])), end="")
     sys.exit(0)
+  found = _config_arg(argv)
+  if found is None or not found[0]:
+    _refuse(_missing_flag("config", argv), 2)
   problem = _config_file_problem(argv)
   if problem:
-    print(f"FATAL Flags parsing error: {problem}", file=sys.stderr)
-    sys.exit(1)
+    _refuse(problem)
   try:
-    return app.parse_flags_with_usage(argv)
+    rest = app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:  # what ml_collections raises for a key the config lacks
     text = str(e.args[0]) if e.args else str(e)
-    message = _unknown_override(argv) or f"a --config override names a key the config lacks ({text.splitlines()[0]})"
-    print(f"FATAL Flags parsing error: {message}", file=sys.stderr)
-    sys.exit(1)
+    _refuse(_unknown_override(argv) or f"a --config override names a key the config lacks ({text.splitlines()[0]})")
+  if len(rest) > 1:
+    _refuse(f"unexpected arguments: {' '.join(rest[1:])} (flags are --name=value; see --help)", 2)
+  if not FLAGS.workdir and not FLAGS.print_config:
+    _refuse(_missing_flag("workdir", argv), 2)
+  return rest
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # (parse_flags refused any left over)
   from jsim import console, run  # after flag parsing: keeps --help fast
 
   if FLAGS.print_config:
     console.print_config(FLAGS.config)
     return
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required (a directory for the split, checkpoints, metrics and report)")
   console.setup_logging()
   try:
     if FLAGS.dry_run:
@@ -154,6 +179,7 @@ def main(argv):
       plan.dry_run(FLAGS.config, FLAGS.workdir)
       return
     run.run(FLAGS.config, FLAGS.workdir)
+    interrupts.install_after_run()  # the summary is printed: a signal now says the outputs are complete
   except run.EXPECTED_ERRORS as e:
     logging.flush()
     print(f"jsim: {e}", file=sys.stderr)
@@ -164,6 +190,14 @@ def main(argv):
       sys.stdout.flush()
       os._exit(run.exit_code(e))
     sys.exit(run.exit_code(e))
+  except OSError as e:  # a full disk where no writer said so itself (a figure, TensorBoard): still one line
+    from jsim import workdir as wd
+
+    if not wd.is_no_space(e):
+      raise
+    logging.flush()
+    print(f"jsim: {wd.no_space(e.filename or FLAGS.workdir)}", file=sys.stderr)
+    sys.exit(1)
   except KeyboardInterrupt:  # a second Ctrl-C (the first one saves a checkpoint and stops)
     logging.flush()
     print("jsim: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
@@ -188,10 +222,14 @@ def entry_point():
       f"jsim: stopped by {e.name}; finished stages and saved checkpoints are kept, rerun the same command to continue",
       file=sys.stderr,
     )
-    sys.exit(e.exit_code)
-  except SystemExit:
-    interrupts.install_after_run()
-    raise
+    interrupts.exit_now(e.exit_code)
+  except SystemExit as e:
+    code = e.code
+    if isinstance(code, str):  # (what sys.exit would print)
+      print(code, file=sys.stderr)
+    # No interpreter teardown: a signal during it would kill with no line (Python restores the default
+    # handlers), and orbax's and tensorstore's threads print tracebacks when torn down after a Ctrl-C.
+    interrupts.exit_now(code if isinstance(code, int) else (0 if code is None else 1))
 
 
 if __name__ == "__main__":

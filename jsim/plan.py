@@ -1,7 +1,8 @@
 """What a run would do in a workdir: the first missing stage, and `--dry_run`.
 
-Reads only JSON records and folder listings (and, for the dry run, the data set):
-nothing here trains, compiles a step or writes into the workdir.
+Reads only JSON records and folder listings (and, for the dry run, the data set's layout and
+labels, decoding a sample of its images): nothing here trains, compiles a step or writes into
+the workdir or the data cache.
 """
 
 from __future__ import annotations
@@ -107,13 +108,15 @@ def _embeddings_current(workdir: Path) -> bool:
 
 
 def _data_lines(config, workdir: Path) -> list[str]:
-  """Loads the data set (decoding it into the cache on first use) and checks the split and the pairs."""
+  """Reads the data set's layout and labels (decoding a sample only) and checks the split and the pairs."""
   import numpy as np
   from jsim import validate
   from jsim.data import splits
-  from jsim.data.sources import load_image_sets, resolve_source
+  from jsim.data.sources import probe_image_sets, resolve_source
 
-  sets = load_image_sets(config.data)
+  sets, cache_lines = probe_image_sets(config.data)
+  if sets is None:  # still to be downloaded
+    return cache_lines
   train, test = sets["train"], sets["test"]
   split = splits.load_split(workdir) if workdir.exists() else None
   where = "recorded in split.json"
@@ -136,6 +139,7 @@ def _data_lines(config, workdir: Path) -> list[str]:
     f"split:  {len(split.seen_classes)} seen / {len(split.unseen_classes)} unseen classes; "
     f"{len(split.train_ids):,} stage-1 train, {len(split.val_ids):,} validation, {len(split.test_ids):,} "
     f"test images ({where})",
+    *cache_lines,
   ]
   if config.stage in ("all", "similarity", "sweep"):
     validate.check_pair_supply(config, train.labels[t180], tuple(train.class_ids))
@@ -143,6 +147,25 @@ def _data_lines(config, workdir: Path) -> list[str]:
     validate.check_test_pairs(config, test.labels, tuple(train.class_ids))
     lines.append("pairs:  stage 2's and the test pairs can be drawn from these images")
   return lines
+
+
+def _weights_lines(config, workdir: Path) -> list[str]:
+  """Where stage 1's starting weights come from, when it will start (model.init=torchvision)."""
+  if config.model.init != "torchvision" or "classifier" not in CHAINS.get(config.stage, (config.stage,)):
+    return []
+  if not stage_status(config, workdir, "classifier").startswith(("to run", "redone")):
+    return []  # (a finished or started stage 1 reads its own checkpoints)
+  from jsim.data import cache
+  from jsim.models import torchvision_port
+
+  text, download = torchvision_port.weights_status(config.model.name, config.model.weights)
+  if download:
+    import torch
+
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    free = cache.check_free_space(hub, download, f"downloading model.weights={config.model.weights}")
+    text += f"; {free / 1e9:.1f} GB free"
+  return [f"weights: {text}"]
 
 
 def dry_run(config, workdir: str | Path) -> list[str]:
@@ -163,10 +186,12 @@ def dry_run(config, workdir: str | Path) -> list[str]:
       wd.check_recorded(workdir, wd.STAGE1, {"seed": config.seed, "model": {"name": config.model.name}})
       check_prerequisites(config, workdir)
   lines = [
-    f"dry run in {workdir}{'' if workdir.exists() else ' (does not exist yet)'}: nothing is trained or written there",
+    f"dry run in {workdir}{'' if workdir.exists() else ' (does not exist yet)'}: nothing is trained, nothing "
+    "is written there or in the data cache",
     f"config: valid; stage {config.stage!r}",
   ]
   lines += _data_lines(config, workdir)
+  lines += _weights_lines(config, workdir)
   lines.append("would run:")
   width = max(len(n) for n in names)
   for name in names:

@@ -78,6 +78,7 @@ class Progress:
       self._t0, self._n0 = self._start, initial
     self._last_plain = self._start
     self._periodic = 0  # plain lines written since the start
+    self._announced = False  # a log got the 'compiling' line: it also gets the one saying it is done
     self._postfix = ""
     self._bar = None
     if not enabled:
@@ -101,6 +102,7 @@ class Progress:
         self._bar.set_postfix_str("compiling", refresh=True)
     elif announce:
       self._plain("compiling" if compiles and initial < total else "")
+      self._announced = True
 
   def _speed(self) -> float | None:
     if self._t0 is None:
@@ -108,10 +110,15 @@ class Progress:
     dt = time.perf_counter() - self._t0
     return (self.n - self._n0) / dt if dt > 0 and self.n > self._n0 else None
 
+  def rate(self) -> float | None:
+    """Items per second from the start (the first update, which compiles the step, left out when the step
+    compiles) to now."""
+    return self._speed()
+
   def _status(self) -> str:
     speed = self._speed()
     if speed is None:
-      return "compiling" if self._t0 is None else ""
+      return "compiling" if self._t0 is None else "compiled, measuring the rate"
     eta = (self.total - self.n) / speed
     return f"{rate(speed)} {self.unit}/s, ETA {_clock(eta)}"
 
@@ -154,9 +161,10 @@ class Progress:
     if self._bar is not None:
       self._bar.close()
       self._bar = None
-    elif self._periodic:  # (a short step says nothing in a log; a long one says when it ended)
+    elif self._periodic or self._announced:  # (a short step says nothing in a log; a long one says when it ended)
       elapsed = time.perf_counter() - self._start
-      self._plain(f"done in {duration(elapsed)}")
+      compiling = self._t0 - self._start if self.compiles and self._t0 is not None else 0.0
+      self._plain(f"done in {duration(elapsed)}" + (f" ({duration(compiling)} of it compiling)" if compiling else ""))
     self.enabled = False
 
 

@@ -21,6 +21,7 @@ EXPECTED_ERRORS = (
   FileNotFoundError,
   NotADirectoryError,
   PermissionError,
+  wd.NoSpace,
   ConnectionError,
   DownloadError,
   Preempted,
@@ -96,7 +97,13 @@ def _run_stages(config, workdir: Path) -> dict:
     if path.exists() and wd.read_json(path) == record:
       path = None  # unchanged: a read-only finished workdir needs no write
   if parallel.is_main_process() and path is not None:
-    wd.write_json(path, record)  # (not before: a refused or failed run must not replace the record)
+    try:
+      wd.write_json(path, record)  # (not before: a refused or failed run must not replace the record)
+    except OSError as e:
+      if not wd.is_read_only(e):
+        raise
+      # (every stage was skipped, or it would have failed writing: a read-only finished workdir)
+      logging.info("%s is read-only: its config.json, the record of the last run, is left as it is", workdir)
   interrupts.raise_if_received()
   wd.end_overwrite(workdir)
   if parallel.is_main_process():

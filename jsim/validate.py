@@ -144,6 +144,14 @@ def check_config(config) -> None:
       f"{', '.join(sorted(torchvision_port._ARCHS))}); add --config.model.init=random to train it "
       f"from scratch"
     )
+  if m.init == "torchvision" and config.stage in ("all", "classifier"):
+    missing = torchvision_port.missing_packages(m.weights)
+    if missing:
+      raise ValueError(
+        f"model.init='torchvision' (stage 1 starts from model.weights={m.weights!r}) needs "
+        f"{' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
+        f"pip install 'jsim[torch]' (or add --config.model.init=random to train from scratch)"
+      )
   if m.init == "pretrained":
     from jsim.models import pretrained_port
 
@@ -175,6 +183,7 @@ def check_config(config) -> None:
   if not 0.0 <= c.augment.prob <= 1.0:
     raise ValueError(f"classifier.augment.prob={c.augment.prob!r}: must be in [0, 1]")
   augment.check_config(c.augment, (d.image_size, d.image_size))
+  _loss_settings(c, metric)
   metric.check_config(c)
   _positive("embed.batch_size", config.embed.batch_size)
   _divisible("embed.batch_size", config.embed.batch_size, devices)
@@ -219,6 +228,25 @@ def check_config(config) -> None:
   for other in e.compare_workdirs:
     if not (Path(other) / "evaluation.npz").is_file():
       raise ValueError(f"evaluation.compare_workdirs: {other} has no evaluation.npz (evaluate it first)")
+
+
+def _loss_settings(c, metric) -> None:
+  """Stage-1 loss settings that would train nothing: a NaN/inf hyperparameter or rate (found only at the
+  first step, after the compilation), or m-per-class batches of a single class (no negative pair)."""
+  for loss, hparams in c.loss_hparams.items():
+    for key, value in hparams.items():
+      if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"classifier.loss_hparams.{loss}.{key}={value!r}: must be a finite number")
+  for key in ("head_learning_rate", "loss_learning_rate"):
+    if c[key] is not None:
+      _positive(f"classifier.{key}", c[key])
+  m_per_class = c.sampler == "m_per_class" or (c.sampler == "auto" and metric.is_metric(c))
+  if m_per_class and isinstance(c.sampler_m, int) and c.sampler_m >= 1 and c.batch_size // c.sampler_m < 2:
+    raise ValueError(
+      f"classifier.sampler_m={c.sampler_m} with classifier.batch_size={c.batch_size}: every batch would hold "
+      f"a single class, with no negative pair for the loss to learn from; choose a sampler_m that divides "
+      f"the batch size at most half-way (e.g. {max(1, c.batch_size // 2)})"
+    )
 
 
 # ---------------------------------------------------------------------------

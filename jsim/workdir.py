@@ -6,19 +6,23 @@
     W/stage1/  config.json, checkpoints/, metrics.jsonl, tb/, result.json
     W/embeddings/  embeddings.npz, meta.json
     W/stage2/  config.json, checkpoints/, metrics.jsonl, tb/, result.json
-    W/report.json, report.md, figures/
+    W/report.json, report.md, evaluation.npz, figures/, evaluation/   (the evaluation: EVALUATION_OUTPUTS)
+    W/onnx/, W/predict_cache/      predict's export and gallery caches
 
 A stage's config.json records the settings that define its outputs; a later run
 with different ones is refused (another architecture, split, ...), while settings
 that only extend or observe a run (more epochs, logging) may change.
 `result.json` marks a finished stage, which is never redone unless
-config.overwrite is set; overwriting stage 1 also removes what was derived from it
-(embeddings, stage 2, sweep), which would otherwise be reused although stale.
-result.json carries a `run_id`, new each time a stage finishes, that derived
-outputs can record to tell a retrained stage from the one they came from.
+config.overwrite is set; overwriting a stage also removes what was derived from it
+(`_DERIVED`: for stage 1 the embeddings, stage 2, the sweep, the evaluation and predict's
+caches; for stage 2 the evaluation and the export), which would otherwise be read
+although stale. result.json carries a `run_id`, new each time a stage finishes, that
+derived outputs record (report.json, the export) and readers check (`report_problem`),
+so that a retrained stage is never read through what an earlier one left.
 
 Every file is written to a temporary name and renamed, so a killed run leaves
-either the old file or the new one, never half of one.
+either the old file or the new one, never half of one; a full disk is `NoSpace`, one
+line naming the file, with the temporary file removed.
 
 One run at a time: `locked` holds an fcntl lock on W/.jsim.lock (the kernel drops it
 when the process dies, so a SIGKILL leaves no stale lock). A stage is claimed (its
@@ -57,8 +61,15 @@ RESULT_FILE = "result.json"
 TMP_SUFFIX = ".tmp"
 LOCK_FILE = ".jsim.lock"
 OVERWRITE_FILE = "overwrite.json"
+REPORT_FILE = "report.json"
+# What the evaluation writes into W (jsim.evaluate.evaluation): computed from both stages.
+EVALUATION_OUTPUTS = (REPORT_FILE, "report.md", "evaluation.npz", "figures", "evaluation")
+PREDICT_CACHES = ("onnx", "predict_cache")  # jsim.export.DEFAULT_DIR, jsim.predict.CACHE_DIR
 # What is computed from a stage's outputs, and goes stale when the stage is redone.
-_DERIVED = {STAGE1: (EMBEDDINGS, STAGE2, "sweep")}
+_DERIVED = {
+  STAGE1: (EMBEDDINGS, STAGE2, "sweep", *EVALUATION_OUTPUTS, *PREDICT_CACHES),
+  STAGE2: (*EVALUATION_OUTPUTS, *PREDICT_CACHES),
+}
 
 # Keys that may differ between a run and its resumption.
 # learning_rate, alpha, halving_wait: the rate from here on (a NaN stop is continued at a lower one); so are
@@ -95,8 +106,41 @@ _FREE_KEYS = {
 }
 
 
+class NoSpace(OSError):
+  """A write failed because the disk (or quota) is full: one line naming the path."""
+
+
+def is_no_space(e: BaseException | None) -> bool:
+  """Whether `e` (or what caused it: orbax and tensorstore wrap the OSError, or keep only its text) is ENOSPC."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if "no space left on device" in str(e).lower() or "disk quota exceeded" in str(e).lower():
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def no_space(path: Path | str, what: str = "") -> NoSpace:
+  """The one-line error of a full disk while writing `path`."""
+  return NoSpace(
+    errno.ENOSPC,
+    f"{path}: no space left on device{what}; nothing half-written was kept: free some space and rerun the same "
+    f"command (it continues from what is complete)",
+  )
+
+
+def _oserror_str(self) -> str:  # NoSpace(errno, message) prints as its message alone, without "[Errno 28]"
+  return self.strerror
+
+
+NoSpace.__str__ = _oserror_str
+
+
 def write_json(path: Path, obj: Any) -> None:
-  """Atomic: a reader never sees half a file."""
+  """Atomic: a reader never sees half a file. A full disk raises NoSpace naming `path`."""
   path.parent.mkdir(parents=True, exist_ok=True)
   # One temporary name per process: several processes may write the same file.
   tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
@@ -106,9 +150,35 @@ def write_json(path: Path, obj: Any) -> None:
       f.flush()
       os.fsync(f.fileno())  # the rename must not land before the data (a crash, not only a kill)
     tmp.replace(path)
-  except BaseException:  # (a signal, a full disk: no half-written temporary file stays)
+  except BaseException as e:  # (a signal, a full disk: no half-written temporary file stays)
     tmp.unlink(missing_ok=True)
+    if is_no_space(e):
+      raise no_space(path) from None
     raise
+
+
+def write_file(path: Path, write: Any) -> None:
+  """Atomic like write_json for any writer: `write(tmp_path)` makes the file, renamed to `path` once complete.
+
+  The temporary name ends in TMP_SUFFIX (readers and the stage checks skip such names); it is
+  removed on any failure, and a full disk raises NoSpace naming `path`.
+  """
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
+  try:
+    write(tmp)
+    tmp.replace(path)
+  except BaseException as e:
+    tmp.unlink(missing_ok=True)
+    if is_no_space(e):
+      raise no_space(path) from None
+    raise
+
+
+def is_read_only(e: BaseException) -> bool:
+  """Whether an OSError means the folder cannot be written (a read-only mount, no permission)."""
+  return isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def read_json(path: Path) -> Any:
@@ -354,7 +424,7 @@ def claim_stage(
     diffs = _differences(_recorded_identity(_read_record(recorded_path), identity, defaults), _identity(identity))
     if diffs and _stale_only([d.split(":")[0] for d in diffs], derived):
       logging.warning("%s was computed from other inputs (%s): replacing it", stage_dir, "; ".join(diffs[:2]))
-      _remove_stale([stage_dir], stage)
+      _remove_stale([p for p in [stage_dir] + [workdir / d for d in _DERIVED.get(stage, ())] if p.exists()], stage)
   if replace:
     stale = [p for p in [stage_dir] + [workdir / d for d in _DERIVED.get(stage, ())] if p.exists()]
     if stale:
@@ -436,9 +506,11 @@ def locked(workdir: Path):
     try:
       fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-      if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+      if is_read_only(e):
         yield  # read-only
         return
+      if is_no_space(e):  # (no inode left)
+        raise no_space(path, " (the workdir's lock)") from None
       raise
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -455,8 +527,13 @@ def locked(workdir: Path):
       break
     os.close(fd)  # its holder removed it on exit: lock the new one
   try:
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    try:
+      os.ftruncate(fd, 0)
+      os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    except OSError as e:
+      if is_no_space(e):
+        raise no_space(path, " (the workdir's lock)") from None
+      raise
     yield
   finally:
     with contextlib.suppress(OSError):
@@ -623,7 +700,8 @@ class WorkdirRecords:
   workdir: Path
   stage2: dict  # stage2/config.json
   members: list[StageRecords]  # this workdir's stage 1, then each ensemble member's
-  threshold: float | None  # report.json "val_threshold"
+  threshold: float | None  # report.json "val_threshold" (None without a report of the current stages)
+  notes: tuple[str, ...] = ()  # one line each: what was not used and why (a stale report)
 
   @property
   def image_size(self) -> int:
@@ -631,13 +709,84 @@ class WorkdirRecords:
 
 
 def read_records(workdir: str | os.PathLike) -> WorkdirRecords:
-  """Reads and cross-checks what a trained workdir recorded (the cheap part of `predict.Similarity.load`)."""
+  """Reads and cross-checks what a trained workdir recorded (the cheap part of `predict.Similarity.load`).
+
+  The threshold comes from W/report.json only when that report was made from the stages that
+  exist now (`report_problem`); otherwise it is None and `notes` says why, in one line.
+  """
   workdir = Path(workdir)
   own = stage1_records(workdir)
   stage2, members = stage2_records(workdir, own)
-  report = workdir / "report.json"
-  threshold = read_json(report).get("val_threshold") if report.exists() else None
-  return WorkdirRecords(workdir, stage2, members, None if threshold is None else float(threshold))
+  threshold, notes = None, []
+  if (workdir / REPORT_FILE).exists():
+    report = read_report(workdir)
+    why = report_problem(workdir, report)
+    if why is None:
+      threshold = report.get("val_threshold")
+    else:
+      notes.append(f"{why}: its validation threshold is not used (0.5 is); rerun --config.stage=evaluate")
+  return WorkdirRecords(workdir, stage2, members, None if threshold is None else float(threshold), tuple(notes))
+
+
+# What a report.json must hold for the readers of an evaluation (predict's threshold, compare's table).
+REPORT_KEYS = ("backbone", "val_threshold", "cases", "accuracy_at_0.5", "auc", "extra")
+
+
+def read_report(workdir: str | os.PathLike, required: tuple[str, ...] = REPORT_KEYS) -> dict:
+  """W/report.json as a dict with `required` keys; one-line errors naming the file otherwise."""
+  path = Path(workdir) / REPORT_FILE
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} is missing: evaluate that workdir first (--config.stage=evaluate)")
+  report = read_json(path)
+  redo = "rerun --config.stage=evaluate --config.overwrite=True"
+  if not isinstance(report, dict):
+    raise ValueError(f"{path}: not a jsim report (a JSON object expected, found {type(report).__name__}); {redo}")
+  missing = [k for k in required if k not in report]
+  if missing:
+    raise ValueError(f"{path}: not a jsim report (no {missing[0]!r}); {redo}")
+  return report
+
+
+def report_problem(workdir: str | os.PathLike, report: dict) -> str | None:
+  """Why `report` (W/report.json) is not the evaluation of the stages W holds now; None when it is.
+
+  The report records each stage's result.json (`extra.stage1`, `extra.stage2`) with its run_id, new
+  each time a stage finishes: a stage retrained, continued or removed since makes it stale.
+  """
+  path = Path(workdir) / REPORT_FILE
+  extra = report.get("extra") if isinstance(report.get("extra"), dict) else {}
+  for key, stage in (("stage1", STAGE1), ("stage2", STAGE2)):
+    try:
+      now = stage_result(workdir, stage, required=())
+    except ValueError:
+      now = None
+    was = extra.get(key) if isinstance(extra.get(key), dict) else {}
+    if not isinstance(now, dict):
+      return f"{path} is stale: {Path(workdir) / stage} has no finished stage now"
+    if was.get("run_id") is None or was.get("run_id") != now.get("run_id"):
+      return (
+        f"{path} is stale: it evaluated another {stage} run (run id {str(was.get('run_id'))[:8]}, "
+        f"now {str(now.get('run_id'))[:8]})"
+      )
+  return None
+
+
+def file_digest(path: str | os.PathLike) -> str:
+  """SHA-256 of a file's bytes (content, not size and time: a copy or a touch keeps it, an edit does not)."""
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checkpoint_identity(stage_dir: Path, step: int) -> str | None:
+  """What a checkpoint holds, by content: the SHA-256 of its arrays recorded in its meta (jsim.checkpoint),
+  read as JSON (no orbax). A copy (cp -r, rsync) has the same; another training run another.
+  None when there is no such checkpoint or its meta has no checksum."""
+  try:
+    meta = json.loads((Path(stage_dir) / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+  except (OSError, ValueError):
+    return None
+  checksum = meta.get("checksum") if isinstance(meta, dict) else None
+  return checksum.get("state") if isinstance(checksum, dict) else None
 
 
 def split_digest(workdir: Path) -> str | None:

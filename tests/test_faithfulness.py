@@ -1,4 +1,4 @@
-"""The paper's choices that jsim makes configurable (issue 15): stage-2 pair exclusion in the trainer."""
+"""The paper's choices that jsim makes configurable (docs/PROTOCOL.md): stage-2 pair exclusion in the trainer."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What a user sees first (issue 13): help, the config printout, the dry run, stage=prepare,
+"""What a user sees first: help, the config printout, the dry run, stage=prepare,
 messages that name the next step, a quiet console with a summary, progress lines, and
 what TensorBoard reads from the event files.
 
@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_jsim
+from conftest import REPO, jsim_env, run_jsim
 
 TINY = "--config=configs/tiny.py"
 STAGES = ("prepare", "classifier", "embed", "similarity", "evaluate", "all", "sweep")
@@ -82,11 +82,16 @@ def test_print_config_lists_every_key_with_defaults(tmp_path, jsim_cache):
   assert not list(tmp_path.iterdir())
 
 
+def _tree(folder) -> dict:
+  """Every file and folder below `folder` with its size and mtime (to see that nothing changed)."""
+  return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
 def test_dry_run_checks_everything_and_writes_nothing(tmp_path, jsim_cache):
-  w = tmp_path / "w"
+  w, cache = tmp_path / "w", tmp_path / "cache"
   proc = run_jsim(
     [TINY, f"--workdir={w}", "--dry_run", "--config.classifier.input_size=224"],
-    jsim_cache,
+    cache,  # a new cache: the dry run neither generates the synthetic images nor decodes them there
     timeout=300,
     JAX_LOG_COMPILES="1",
   )
@@ -98,11 +103,52 @@ def test_dry_run_checks_everything_and_writes_nothing(tmp_path, jsim_cache):
   assert "hint:   classifier.input_size=224 on a CPU" in out and "--config.classifier.input_size=64" in out
   assert proc.stdout.rstrip().endswith("dry run OK")
   assert "Compiling jit(train_step)" not in out and "Compiling jit(init)" not in out
-  assert not w.exists()
+  assert re.search(r"^cache:  the run draws the synthetic images into .* and decodes them into the cache", out, re.M)
+  assert not w.exists() and not cache.exists()
   # A value that the run would refuse: the same one line, exit 1.
   proc = run_jsim([TINY, f"--workdir={w}", "--dry_run", "--config.model.init=torchvision"], jsim_cache, timeout=300)
   _one_line_refusal(proc, "add --config.model.init=random")
   assert not w.exists()
+
+
+def test_dry_run_leaves_an_existing_workdir_and_cache_untouched(tmp_path):
+  cache, w = tmp_path / "cache", tmp_path / "w"
+  proc = run_jsim([TINY, f"--workdir={w}", "--config.stage=prepare"], cache, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  before = (_tree(w), _tree(cache))
+  proc = run_jsim([TINY, f"--workdir={w}", "--dry_run"], cache, timeout=300)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+  assert "(recorded in split.json)" in proc.stdout and "cache:  decoded already" in proc.stdout
+  assert (_tree(w), _tree(cache)) == before
+
+
+def test_dry_run_of_the_design_card_command_on_a_folder(tmp_path):
+  """configs/resnet_cls.py on a data folder: the layout and a sample read, the cache and the weights
+  download announced with their sizes, nothing decoded into the cache or downloaded."""
+  from jsim.data import synthetic
+
+  root = synthetic.write_synthetic_tiny_imagenet(tmp_path / "tiny-imagenet-200", num_classes=8, train_per_class=10)
+  cache, w, torch_home = tmp_path / "cache", tmp_path / "w", tmp_path / "torch"
+  args = ["--config=configs/resnet_cls.py", f"--workdir={w}", f"--config.data.root={root}", "--dry_run"]
+  proc = run_jsim([*args, "--config.data.num_seen_classes=6"], cache, timeout=300, TORCH_HOME=str(torch_home))
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out[-3000:]
+  assert re.search(
+    r"^cache:  the run decodes the images into \S+ \(1 MB; .* GB free\); the dry run decoded 18", out, re.M
+  )
+  assert re.search(
+    r"^weights: torchvision's ResNet50_Weights.IMAGENET1K_V1: not in its cache, stage 1 downloads it from "
+    r"https://download.pytorch.org/models/resnet50-\w+.pth \(103 MB\) into .*; [\d.]+ GB free$",
+    out,
+    re.M,
+  )
+  assert re.search(r"^  classifier\s+to run \(30 epochs\)$", out, re.M)
+  assert not cache.exists() and not w.exists() and not torch_home.exists()
+  # A file the run could not decode is found by the sample, before anything runs.
+  bad = sorted((root / "train").glob("*/images/*.JPEG"))[0]
+  bad.write_bytes(b"not a jpeg")
+  proc = run_jsim([*args, "--config.data.num_seen_classes=6"], cache, timeout=300, TORCH_HOME=str(torch_home))
+  _one_line_refusal(proc, f"{bad.name}: cannot decode this image")
 
 
 def test_prepare_stage_writes_split_and_statistics_only(tmp_path, jsim_cache):
@@ -244,6 +290,9 @@ def test_epoch_line_is_short_and_aligned():
     "308k/s  -> lr halved to 0.025"
   )
   assert len(console.epoch_line("stage 1", dict(row, epoch=12, halved=False), 16)) == len(line.split("  ->")[0])
+  # The rule met after the last epoch halves nothing that trains: said as what a continued stage would do.
+  last = console.epoch_line("stage 1", dict(row, epoch=16), 16)
+  assert "halved" not in last and last.endswith("308k/s  (a continued stage would start at lr 0.025)")
   # A metric-learning stage 1 has no validation loss: its line names the figures it has.
   metric = dict(row, train_accuracy=0.066, val_loss=None, val_accuracy=0.001, val_precision_at_1=0.0156, halved=False)
   assert console.epoch_line("stage 1", metric, 9) == (
@@ -286,7 +335,19 @@ def test_progress_in_a_log_is_plain_lines_with_rate_and_eta(monkeypatch):
   lines = text.splitlines()
   assert lines[0] == "stage 1 epoch 1/2:   0% 0/100 img, compiling"
   assert re.fullmatch(r"stage 1 epoch 1/2:  30% 30/100 img, \S+ img/s, ETA \d+:\d\d, loss 1\.2345", lines[-2])
-  assert re.fullmatch(r"stage 1 epoch 1/2:  30% 30/100 img, done in .* s, loss 1\.2345", lines[-1])
+  assert re.fullmatch(
+    r"stage 1 epoch 1/2:  30% 30/100 img, done in \S+ s \(\S+ s of it compiling\), loss 1\.2345", lines[-1]
+  )
+  assert bar.rate() > 0  # without the first update
+  # An announced step that ends before the first periodic line still says it is done, not only 'compiling'.
+  stream = io.StringIO()
+  monkeypatch.setattr(progress, "PLAIN_EVERY_S", 1e9)
+  with progress.Progress(100, "test pairs", "pair", announce=True, stream=stream, terminal=False) as bar:
+    bar.update(60)
+    bar.update(40)
+  first, last = stream.getvalue().splitlines()
+  assert first == "test pairs:   0% 0/100 pair, compiling"
+  assert re.fullmatch(r"test pairs: 100% 100/100 pair, done in \S+ s \(\S+ s of it compiling\)", last)
   # A short step without `announce` says nothing in a log.
   stream = io.StringIO()
   monkeypatch.setattr(progress, "PLAIN_EVERY_S", 1e9)
@@ -411,7 +472,72 @@ def test_make_installs_once_and_has_help(tmp_path):
 
   assert "pip" not in make("-n", "demo")  # installed: the second `make demo` goes straight to the run
   assert f"{venv}/bin/python -m jsim.main --config=configs/demo.py --workdir=runs/demo" in make("-n", "demo")
+  assert f"{venv}/bin/python configs/demo.py runs/demo" in make("-n", "demo")  # then the paths to try
   os.utime(venv / ".installed", (0, 0))  # older than pyproject.toml: install again
   assert "pip install" in make("-n", "demo")
   text = make("help")
   assert "make demo" in text and "make test" in text
+
+
+@pytest.mark.parametrize(
+  "argv,expect",
+  [
+    (["--workdir=runs/x"], "jsim: --config is missing: add --config=configs/FILE.py"),
+    (["--config="], "jsim: --config is missing: add --config=configs/FILE.py"),
+    ([f"--config={REPO}/configs/demo.py"], "jsim: --workdir is missing: add --workdir=DIR"),
+  ],
+)
+def test_a_missing_flag_is_one_line_saying_what_to_add(argv, expect, capsys):
+  from jsim import main
+
+  with pytest.raises(SystemExit) as exit_:
+    main.parse_flags(["jsim", *argv])
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2
+  assert err.count("\n") == 1 and err.startswith(expect), err
+  assert re.search(r", e\.g\. jsim --config=\S+\.py --workdir=runs/\w+$", err.strip()), err  # an example to copy
+  assert "FATAL" not in err and "Command line: flags only" not in err
+
+
+def test_the_demo_prints_the_paths_of_its_images(tmp_path):
+  """`python configs/demo.py` (the end of `make demo`): the test images of the demo's own synthetic set, even
+  when other synthetic sets share the cache, and jsim-predict commands on them."""
+  from jsim.data import synthetic
+
+  cache = tmp_path / "cache"
+  config = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
+  demo = importlib.util.module_from_spec(config)
+  config.loader.exec_module(demo)
+
+  def run(*args):
+    return subprocess.run(
+      [sys.executable, "configs/demo.py", *args], cwd=REPO, env=jsim_env(cache), capture_output=True, text=True
+    )
+
+  assert "does not exist yet: run make demo first" in run().stdout
+  (cache / "synthetic-0000000000000000" / "val" / "images").mkdir(parents=True)  # another set (configs/tiny.py's)
+  # The demo's own set, written where the demo's run writes it (its images are not needed here).
+  images = run("--images").stdout.strip()
+  root = synthetic.write_synthetic_tiny_imagenet(tmp_path / "s", num_classes=40, train_per_class=0, test_per_class=20)
+  shutil.copytree(root, cache / images.split("/")[-3])
+  assert images.startswith(str(cache / "synthetic-")) and images.endswith("/val/images")
+  out = run("runs/x").stdout
+  assert f"  IMAGES={images}" in out
+  for a, b, _ in demo.EXAMPLES:
+    assert f"  jsim-predict --workdir=runs/x $IMAGES/{a} $IMAGES/{b}" in out
+  assert "jsim-predict --workdir=runs/x --query=$IMAGES/val_0.JPEG --gallery=$IMAGES --top=8" in out
+  assert "# teal checker ring / teal checker ring: one unseen class" in out  # the names of their classes
+
+
+def test_summary_and_data_report_say_what_a_user_can_use(tmp_path):
+  """No tensorboard hint where no stage wrote event files (stage=prepare); PIL's modes said in words."""
+  from jsim import console
+  from jsim.data import tiny_imagenet
+
+  (tmp_path / "split.json").write_text("{}")
+  lines = console.summary_lines(tmp_path, [("prepare", 1.0, "6 seen / 2 unseen classes")])
+  assert not any("tensorboard" in line for line in lines)
+  (tmp_path / "stage1" / "tb").mkdir(parents=True)
+  assert console.summary_lines(tmp_path, [])[-1] == f"tensorboard --logdir {tmp_path}   (pip install tensorboard)"
+  assert tiny_imagenet._mode_text("L", 64) == "64 grayscale images"
+  assert tiny_imagenet._mode_text("CMYK", 1) == "1 CMYK image"

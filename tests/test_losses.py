@@ -229,3 +229,29 @@ def test_identical_embeddings_give_finite_gradients():
     params = loss.init(jax.random.key(0), 3, D)
     _, g, _ = _jax_value_and_grad(loss, params, emb, labels)
     assert np.all(np.isfinite(g)), name
+
+
+def test_cross_entropy_is_torchs_on_the_heads_logits():
+  """cross_entropy's parameters are the classifier head: apply (from the head) and batch_losses (from the
+  logits the backbone's head made, as stage 1's step calls it) both equal torch's CrossEntropyLoss."""
+  emb, labels = _batch(3)
+  rng = np.random.default_rng(3)
+  head = {"kernel": rng.normal(size=(D, C)).astype(np.float32), "bias": rng.normal(size=C).astype(np.float32)}
+  loss = losses.build("cross_entropy")
+  assert loss.classifies and "cross_entropy" not in losses.available()
+  assert loss.params_in({"head": head, "conv1": {}}) is head
+
+  def torch_ce(e, w, b):
+    return torch.nn.functional.cross_entropy(e @ w + b, torch.tensor(labels))
+
+  want, want_grad, (want_w, _) = _torch_value_and_grad(torch_ce, emb, head["kernel"], head["bias"])
+  got, got_grad, got_pgrad = _jax_value_and_grad(loss, head, emb, labels)
+  _close(got, want, "cross_entropy value")
+  _close(got_grad, want_grad, "cross_entropy embedding gradient")
+  _close(got_pgrad["kernel"], want_w, "cross_entropy head gradient")
+  logits = jnp.asarray(emb) @ head["kernel"] + head["bias"]
+  value, per_image = loss.batch_losses(head, logits, emb, jnp.asarray(labels))
+  _close(float(value), want, "cross_entropy from logits")
+  assert per_image.shape == (B,)
+  correct = loss.batch_correct(logits, emb, jnp.asarray(labels))
+  np.testing.assert_array_equal(np.asarray(correct), np.argmax(np.asarray(logits), -1) == labels)

@@ -16,6 +16,7 @@ from jsim.data.samplers import MPerClassSampler
 from jsim.models.metric_model import MetricModel
 from jsim.train import classifier, metric, schedule
 from jsim.train.loop import zero_sums
+from jsim.train.step import train_step
 from jsim.train.state import TrainState
 from test_reliability import Jsim, _assert_bitwise_equal, _state, _steps
 
@@ -80,10 +81,9 @@ def test_train_step_updates_backbone_head_and_loss(loss_name):
   labels = np.repeat(np.arange(num_classes), 3)
   images = np.random.default_rng(0).integers(0, 255, (len(labels), SIZE, SIZE, 3), np.uint8)
   step = jax.jit(
-    lambda s, x, y, sums: metric.metric_train_step(
+    lambda s, x, y, sums: train_step(
       s,
-      x,
-      y,
+      {"images": x, "labels": y},
       sums,
       model=model,
       loss=model.loss,
@@ -285,9 +285,7 @@ def _four_devices() -> dict:
   res = []
   for mesh in (parallel.make_mesh(), Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,))):
     state = parallel.put_replicated(TrainState.create(variables, tx), mesh)
-    plan = metric.MetricPlan(
-      config, data, model, tx, mesh, place_images=classifier.place_images, padded_batches=classifier.padded_batches
-    )
+    plan = classifier.Stage1Plan(config, data, model, tx, mesh)
     plan.begin_epoch(1)
     sums = loop.zero_sums()
     for b in range(3):
@@ -420,9 +418,7 @@ def test_stream_pipeline_trains_as_the_device_pipeline():
     tx = classifier.make_optimizer(config.classifier)
     variables = jax.tree.map(np.asarray, classifier.initial_variables(config, model, 6, SIZE))
     state = parallel.put_replicated(TrainState.create(variables, tx), mesh)
-    plan = metric.MetricPlan(
-      config, data, model, tx, mesh, place_images=classifier.place_images, padded_batches=classifier.padded_batches
-    )
+    plan = classifier.Stage1Plan(config, data, model, tx, mesh)
     plan.begin_epoch(2)
     sums = loop.zero_sums()
     for b in range(plan.num_batches(2)):

@@ -89,7 +89,7 @@ def stage1_steps(
   tx = classifier.make_optimizer(config.classifier)
   # From host copies: the step donates its state, which must not alias `variables`.
   state = parallel.put_replicated(TrainState.create(variables, tx), mesh)
-  plan = classifier.ClassifierPlan(config, data, model, tx, mesh)
+  plan = classifier.Stage1Plan(config, data, model, tx, mesh)
   plan.begin_epoch(1)
   sums = loop.zero_sums()
   for b in range(num_steps):
@@ -127,7 +127,7 @@ def _four_devices() -> dict:
   from jsim import parallel, validate
   from jsim.data import pairs as pairs_lib
   from jsim.evaluate import pairwise
-  from jsim.train import embeddings as embed
+  from jsim.train import batching as embed
   from jsim.models.similarity import make_prob_fn
   from jsim.train import classifier, loop, schedule, similarity
 
@@ -251,7 +251,7 @@ def _four_devices() -> dict:
   bad = tiny_config(**{"classifier.batch_size": 6})
   for name, fn in (
     ("validate", lambda: validate.check_config(bad)),
-    ("plan", lambda: classifier.ClassifierPlan(bad, data, model, classifier.make_optimizer(bad.classifier), mesh4)),
+    ("plan", lambda: classifier.Stage1Plan(bad, data, model, classifier.make_optimizer(bad.classifier), mesh4)),
     (
       "embed",
       lambda: embed.embed_images(

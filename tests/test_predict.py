@@ -209,6 +209,7 @@ def test_gallery_search_ranks_caches_and_invalidates(trained, sim, ms_reference,
   gal, rows = _gallery(trained, tmp_path)
   query = trained.files[0]
   html, sheet = tmp_path / "out" / "page.html", tmp_path / "out" / "sheet.png"
+  (tmp_path / "out").mkdir()  # (a missing folder is refused, not made)
   # The JAX backend, whose cache `sim` (loaded with it) shares; test_predict_onnx.py covers the ONNX one's.
   args = (f"--workdir={trained.workdir}", f"--query={query}", f"--gallery={gal}", "--backend=jax")
 
@@ -224,6 +225,9 @@ def test_gallery_search_ranks_caches_and_invalidates(trained, sim, ms_reference,
   assert f"0 from the cache, {len(rows)} embedded" in err and "broken.jpg" in err
   page = html.read_text()
   assert page.count("data:image/png;base64,") == 1 + len(rows) and "a.jpg" in page
+  # Each image links to its file; paths break only after a '/'.
+  assert page.count('<a href="file://') == 1 + len(rows) and "word-break: break-all" not in page
+  assert f'href="{(gal / "a.jpg").resolve().as_uri()}"' in page
   with Image.open(sheet) as im:
     assert im.format == "PNG" and im.width > 200
   cache = sim.cache_path(gal)
@@ -258,7 +262,7 @@ def test_gallery_search_ranks_caches_and_invalidates(trained, sim, ms_reference,
     assert got[rel] == pytest.approx(ms_reference(trained.test[0], trained.test[rows[rel]])[0], abs=1e-5)
 
   # Another stage-1 checkpoint: the whole gallery is embedded again.
-  changed = dataclasses.replace(sim.backbones[0], checkpoint_stamp=sim.backbones[0].checkpoint_stamp + 1)
+  changed = dataclasses.replace(sim.backbones[0], checkpoint_stamp=sim.backbones[0].checkpoint_stamp + "-another")
   saved = sim.backbones
   try:
     sim.backbones = [changed]
@@ -322,7 +326,7 @@ def _bad_case(name: str, trained: Trained, tmp: Path) -> tuple[list, str]:
     return [f"--workdir={w}", f"--query={a}", f"--gallery={tmp / 'g'}"], "no image files"
   if name == "gallery not a folder":
     return [f"--workdir={w}", f"--query={a}", f"--gallery={a}"], "not a folder"
-  # Issue 13: messages that lead somewhere.
+  # Messages that lead somewhere.
   if name == "negative top":
     return [f"--workdir={w}", f"--query={a}", f"--gallery={a.parent}", "--top=-3"], "--top=-3: must be >= 0"
   if name == "workdir is a file":
@@ -333,6 +337,13 @@ def _bad_case(name: str, trained: Trained, tmp: Path) -> tuple[list, str]:
     out = f"--html={a}/page.html" if name == "html under a file" else f"--sheet={tmp / 'sheet.txt'}"
     expect = f"{a} is a file, not a directory" if name == "html under a file" else "expected a file name ending in .png"
     return [f"--workdir={w}", f"--query={a}", f"--gallery={tmp / 'g'}", out], expect
+  if name == "sheet in a missing folder":
+    (tmp / "g").mkdir()
+    shutil.copyfile(a, tmp / "g" / "x.jpg")
+    out = tmp / "no" / "such" / "m.png"
+    return [f"--workdir={w}", f"--query={a}", f"--gallery={tmp / 'g'}", f"--sheet={out}"], (
+      f"--sheet={out}: the folder {out.parent} does not exist"
+    )
   if name == "one image":
     return [f"--workdir={w}", a], "expected two images"
   raise AssertionError(name)
@@ -356,6 +367,7 @@ def _bad_case(name: str, trained: Trained, tmp: Path) -> tuple[list, str]:
     "workdir is a file",
     "html under a file",
     "sheet not an image",
+    "sheet in a missing folder",
   ],
 )
 def test_bad_input_is_one_line_and_nonzero(trained, tmp_path, name):
@@ -367,6 +379,8 @@ def test_bad_input_is_one_line_and_nonzero(trained, tmp_path, name):
   assert len(lines) == 1, r.stderr
   assert lines[0].startswith("jsim-predict: ") and expected in lines[0], lines[0]
   assert r.stdout == ""
+  if name == "sheet in a missing folder":
+    assert not (tmp_path / "no").exists()
   if name in ("html under a file", "sheet not an image"):  # refused before the search: nothing embedded
     assert not (trained.workdir / "predict_cache").exists() or not any(
       str((tmp_path / "g").resolve()) in str(np.load(f)["gallery"])

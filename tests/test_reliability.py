@@ -13,6 +13,7 @@ parameters, optimizer state and metrics (CPU, fixed seed, same compiled step).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -138,6 +139,55 @@ def _state(ckpt_dir: Path, step: int) -> dict:
 
   state = ocp.StandardCheckpointer().restore((ckpt_dir / str(step) / "state").absolute())
   return jax.tree.map(np.asarray, state)
+
+
+# --- real faults: a full disk, a read-only workdir --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "24m"):
+  """A tmpfs of `size` at `path` (root only: skipped elsewhere)."""
+  path.mkdir(parents=True, exist_ok=True)
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+  if r.returncode != 0:
+    pytest.skip(f"a full disk is a small tmpfs, and mount -t tmpfs is not allowed here ({r.stderr.decode().strip()})")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(disk: Path) -> Path:
+  """Fills the file system of `disk` to the last byte; returns the filler (unlink it to free the space)."""
+  filler = disk / "filler"
+  with open(filler, "wb", buffering=0) as f:
+    for chunk in (1 << 20, 4096, 1):
+      with contextlib.suppress(OSError):
+        while True:
+          f.write(b"\0" * chunk)
+  return filler
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+  """`path` read-only for this process and its children: a read-only bind mount for root (who ignores the
+  permission bits), else the write bits cleared."""
+  if os.geteuid() == 0:
+    subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+    try:
+      subprocess.run(["mount", "-o", "remount,bind,ro", str(path), str(path)], check=True)
+      yield path
+    finally:
+      subprocess.run(["umount", str(path)], check=True)
+    return
+  everything = [path, *path.rglob("*")]
+  for p in everything:
+    p.chmod(p.stat().st_mode & ~0o222)
+  try:
+    yield path
+  finally:
+    for p in everything:
+      p.chmod(p.stat().st_mode | 0o200)
 
 
 def _assert_bitwise_equal(a, b) -> None:

@@ -94,7 +94,7 @@ def test_report_vgg_and_unknown_backbones_and_empty_case(tmp_path):
   assert rep["cases"][3]["accuracy_at_0.5"] is None and rep["published"]["seen"] == pytest.approx(0.8361)
   assert rep["published"]["unseen"] is None
   table = report.write_report(tmp_path / "tiny", _result(), val_threshold=0.4, backbone="resnet_tiny", config_dict={})
-  # A backbone the source did not use: ResNet50's and VGG16's numbers, labelled, for scale (issue 13).
+  # A backbone the source did not use: ResNet50's and VGG16's numbers, labelled, for scale.
   header, _, row1, *_ = table.splitlines()
   assert "| published ResNet50 (for scale) | published VGG16 (for scale) |" in header
   assert row1.rstrip().endswith("| 83.36 % | 83.40 % |")
@@ -172,6 +172,14 @@ def test_figures(tmp_path):
   metrics = tmp_path / "metrics.jsonl"
   metrics.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
   _png(figures.plot_stage_curves(metrics, tmp_path / "figures" / "stage1.png", "stage 1, ResNet50"))
+  # A halving after the last epoch trains nothing at the new rate: not drawn (a continued stage draws it).
+  for halved_last in (False, True):
+    rows[-1]["halved"] = halved_last
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figures.plot_stage_curves(metrics, tmp_path / f"last_{halved_last}.png", "stage 1, ResNet50")
+  assert (tmp_path / "last_True.png").read_bytes() == (tmp_path / "last_False.png").read_bytes()
+  # Class names on the retrieval sheet are wrapped, not cut.
+  assert figures._two_lines("7: orange stripes crescent") == "7: orange stripes\ncrescent"
   _png(figures.plot_roc(_result(), tmp_path / "figures" / "roc.png"))
   _png(figures.plot_roc({"resnet50": _result(), "vgg16": _result(0.5)}, tmp_path / "figures" / "roc_both.png"))
   rng = np.random.default_rng(0)
@@ -232,6 +240,21 @@ def test_comparison_table(tmp_path):
     report.write_comparison([], tmp_path / "a.md", tmp_path / "a.json")
 
 
+def _write_evaluated(w, r, **kw) -> None:
+  """An evaluated workdir as the evaluate stage leaves it: both stages' result.json, report.json recording them."""
+  from jsim import workdir as wd
+  from jsim.evaluate import compare, pairwise
+
+  extra = {}
+  for stage in (wd.STAGE1, wd.STAGE2):
+    result = {"best_step": 1}
+    wd.finish_stage(w / stage, result)
+    extra[stage] = result
+  pairwise.save_result(r, w / compare.RESULT_FILE)
+  extra[compare.RESULT_DIGEST] = wd.file_digest(w / compare.RESULT_FILE)
+  report.write_report(w, r, val_threshold=None, extra=extra, **kw)
+
+
 def test_result_round_trip_and_figure7_from_two_workdirs(tmp_path, capsys, monkeypatch):
   # The source's Figure 7: both backbones' ROC curves, all / seen / unseen, from two evaluated workdirs.
   from jsim.evaluate import compare, pairwise
@@ -239,14 +262,14 @@ def test_result_round_trip_and_figure7_from_two_workdirs(tmp_path, capsys, monke
   res = {"resnet50": _result(0.4), "vgg16": _result(0.6, count=(100, 200, 50, 40, 20))}
   for backbone, r in res.items():
     w = tmp_path / backbone
-    report.write_report(w, r, val_threshold=None, backbone=backbone)
-    pairwise.save_result(r, w / compare.RESULT_FILE)
+    _write_evaluated(w, r, backbone=backbone)
     back = pairwise.load_result(w / compare.RESULT_FILE)
     for field in ("count", "correct_05", "correct_threshold", "hist_pos", "hist_neg"):
       np.testing.assert_array_equal(getattr(back, field), getattr(r, field))
     assert (back.threshold, back.mode) == (r.threshold, r.mode)
   out = tmp_path / "fig7.png"
   assert compare.main([str(tmp_path / "resnet50"), str(tmp_path / "vgg16"), f"--out={out}"]) == 0
+  assert capsys.readouterr().out == f"wrote {out} (ROC curves of 2 workdirs)\n"  # says what it wrote
   arr = _png(out)
   assert arr.shape[1] > 2 * arr.shape[0]  # three panels side by side
   # Both backbones' colours are drawn (blue and orange lines).
@@ -263,11 +286,21 @@ def test_result_round_trip_and_figure7_from_two_workdirs(tmp_path, capsys, monke
   assert list(seen) == ["ResNet50", "ResNet50 (resnet50)", "VGG16"]
   # Refusals: one line each, nothing overwritten, nothing written.
   assert compare.main([str(tmp_path / "resnet50"), f"--out={out}"]) == 1
-  assert "exists" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert err.startswith("jsim: ") and "exists" in err  # the prefix of every jsim command
   assert compare.main([str(tmp_path), f"--out={tmp_path / 'other.png'}"]) == 1
   err = capsys.readouterr().err
   assert "evaluation.npz is missing" in err and len(err.strip().splitlines()) == 1
   assert not (tmp_path / "other.png").exists()
+  # --help says what it draws (any number of workdirs); bad usage is one 'jsim:' line.
+  with pytest.raises(SystemExit):
+    compare.main(["--help"])
+  text = " ".join(capsys.readouterr().out.split())
+  assert "both backbones" not in text and "evaluated workdirs side by side" in text
+  with pytest.raises(SystemExit) as exit_:
+    compare.main([f"--out={tmp_path / 'y.png'}"])
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and err.startswith("jsim: ") and len(err.splitlines()) == 1
 
 
 def test_augmentation_figure(tmp_path):
@@ -294,20 +327,19 @@ def test_augmentation_figure(tmp_path):
 
 def test_comparison_table_of_evaluated_workdirs(tmp_path, capsys):
   """compare --table: one row per workdir, its method, five cases and retrieval, read from report.json."""
-  from jsim.evaluate import compare, pairwise
+  from jsim.evaluate import compare
 
   figures = lambda p1, mapr: {"precision@1": p1, "r_precision": 0.3, "map@r": mapr, "nmi": 0.4, "num_queries": 9}
   retrieval = {"distance": "cosine", "seen": figures(0.5, 0.25), "unseen": figures(0.2, None)}
   for name, loss in (("ce", None), ("ms", "multi_similarity")):
     w, r = tmp_path / name, _result(0.4)
     method = {"stage1_loss": loss, "similarity": "Ms on l1"} if loss else None
-    report.write_report(
-      w, r, val_threshold=None, backbone="resnet_tiny", method=method, embedding_retrieval=retrieval if loss else None
-    )
-    pairwise.save_result(r, w / compare.RESULT_FILE)
+    _write_evaluated(w, r, backbone="resnet_tiny", method=method, embedding_retrieval=retrieval if loss else None)
   table = tmp_path / "cmp.md"
   args = [str(tmp_path / "ce"), str(tmp_path / "ms"), f"--out={tmp_path / 'roc.png'}", f"--table={table}"]
   assert compare.main(args) == 0
+  out = capsys.readouterr().out
+  assert f"wrote {table} and {table.with_suffix('.json')}:" in out and f"wrote {tmp_path / 'roc.png'}" in out
   lines = table.read_text().splitlines()
   assert lines[0].startswith(
     "| run | backbone | stage 1 loss | pairs scored by | case 1 | case 2 | case 3 | case 4 | case 5 | overall | "

@@ -84,7 +84,7 @@ def setup():
 
 def make_plan(pipeline, setup):
   model, tx, _, data, mesh = setup
-  return classifier.ClassifierPlan(tiny_config(pipeline), data, model, tx, mesh)
+  return classifier.Stage1Plan(tiny_config(pipeline), data, model, tx, mesh)
 
 
 def run(plan, state, sums, epoch, batches, mesh):

@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO, jsim_env
+from test_report import _write_evaluated
 
 from jsim import sweep
-from jsim.evaluate import compare, pairwise, report
+from jsim.evaluate import compare, pairwise
 
 
 @pytest.mark.parametrize(
@@ -62,7 +63,10 @@ def test_grid_parser_and_run_names():
   [
     (["--grid=classifier.learnin_rate=1,2"], "config.classifier has no key 'learnin_rate'; did you mean"),
     (["--grid=classifier.num_epochs=two"], "run classifier.num_epochs=two,seed=0:"),
-    (["--grid=classifier.loss=nope"], "run classifier.loss=nope,seed=0: classifier.loss='nope'"),
+    (
+      ["--grid=classifier.loss=nope", "--config.classifier.sampler_m=3"],
+      "run classifier.loss=nope,seed=0: classifier.loss='nope'",
+    ),
     (["--seeds=0", "--config.seed=3"], "--config.seed=3: seed is set by the sweep (--seeds)"),
     (["--seeds=0,a"], "--seeds=0,a: expected integers"),
   ],
@@ -76,7 +80,7 @@ def test_bad_sweep_input_is_one_line_and_runs_nothing(tmp_path, capsys, args, ex
 
 
 def _evaluated(w, seed, config, unseen_auc, case_5_correct):
-  """A workdir as the evaluation leaves it: report.json, evaluation.npz and config.json."""
+  """A workdir as the evaluation leaves it (test_report's), with config.json and an unseen AUC of our choosing."""
   bins = 4
   count = np.array([100, 200, 50, 40, 10])
   hp, hn = np.zeros((5, bins), np.int64), np.zeros((5, bins), np.int64)
@@ -92,11 +96,10 @@ def _evaluated(w, seed, config, unseen_auc, case_5_correct):
     mode="sampled",
     pairs_per_s=1.0,
   )
-  report.write_report(w, r, val_threshold=None, backbone="resnet_tiny")
+  _write_evaluated(w, r, backbone="resnet_tiny")
   rep = json.loads((w / "report.json").read_text())
   rep["auc"]["unseen"] = unseen_auc
   (w / "report.json").write_text(json.dumps(rep))
-  pairwise.save_result(r, w / compare.RESULT_FILE)
   (w / "config.json").write_text(json.dumps({**config, "seed": seed, "stage": "all"}))
 
 
@@ -145,8 +148,12 @@ def test_tiny_sweep_end_to_end(tmp_path, jsim_cache):
     "--config=configs/tiny.py",
     f"--workdir={root}",
     "--seeds=0,1",
-    "--grid=classifier.optimizer=adam",  # (and a schedule: both through jsim.main)
+    "--grid=classifier.optimizer=adam",  # (and a schedule, a metric loss with a miner: all through jsim.main)
     "--config.classifier.schedule=warmup_cosine",
+    "--config.classifier.loss=triplet",
+    "--config.classifier.loss_hparams.triplet.miner=triplet_margin",
+    "--config.classifier.miner_hparams.triplet_margin.type_of_triplets=semihard",
+    "--config.classifier.sampler_m=3",
     "--config.classifier.warmup_epochs=1",
     "--config.classifier.num_epochs=1",
     "--config.similarity.num_epochs=1",
@@ -158,6 +165,7 @@ def test_tiny_sweep_end_to_end(tmp_path, jsim_cache):
   for name, seed in zip(names, (0, 1)):
     config = json.loads((root / name / "config.json").read_text())
     assert config["seed"] == seed and config["classifier"]["optimizer"] == "adam"
+    assert config["classifier"]["loss_hparams"]["triplet"]["miner"] == "triplet_margin"
     assert config["classifier"]["num_epochs"] == 1 and (root / name / "report.json").is_file()
     (row,) = [json.loads(line) for line in (root / name / "stage1" / "metrics.jsonl").read_text().splitlines()]
     assert row["lr"] == pytest.approx(config["classifier"]["learning_rate"] / 2)  # the warm-up's first epoch

@@ -217,7 +217,7 @@ def test_named_weights_without_network_say_how_to_pass_a_file(monkeypatch, tmp_p
   with pytest.raises(
     ConnectionError,
     match=r"cannot download ResNet50_Weights\.IMAGENET1K_V2 .*"
-    r"pass its local path",
+    r"add --config\.model\.weights=/path/to/resnet50-\w+\.pth",
   ):
     models.from_torchvision("resnet50", "DEFAULT")  # DEFAULT is V2 for resnet50
 
@@ -233,3 +233,42 @@ def test_named_weights_come_from_torchvision_cache(reference, monkeypatch, tmp_p
   # The 1000-way head is kept for num_classes=1000.
   np.testing.assert_array_equal(got["params"]["head"]["kernel"], sd["fc.weight"].numpy().T)
   np.testing.assert_array_equal(got["batch_stats"]["bn1"]["mean"], sd["bn1.running_mean"].numpy())
+
+
+def test_weights_status_says_cached_download_or_file(reference, monkeypatch, tmp_path):
+  """What the dry run says of model.weights: in torchvision's cache, to be downloaded (and how much), or a file."""
+  from jsim.models import torchvision_port
+
+  monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+  text, size = torchvision_port.weights_status("vgg16", "IMAGENET1K_V1")
+  assert "not in its cache, stage 1 downloads it from https://download.pytorch.org/models/vgg16-" in text
+  assert "(553 MB)" in text and size == int(527.796 * 2**20)
+  url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+  cached = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+  cached.parent.mkdir(parents=True)
+  torch.save(reference["resnet50"][0].state_dict(), cached)
+  assert torchvision_port.weights_status("resnet50", "IMAGENET1K_V1") == (
+    f"torchvision's ResNet50_Weights.IMAGENET1K_V1, in its cache ({cached})",
+    0,
+  )
+  assert torchvision_port.weights_status("resnet50", str(cached))[1] == 0
+  with pytest.raises(FileNotFoundError, match="model.weights=/no/such.pth: no such file"):
+    torchvision_port.weights_status("resnet50", "/no/such.pth")
+  with pytest.raises(ValueError, match="model.weights='IMAGENET1K_V9': torchvision has no such weights for resnet50"):
+    torchvision_port.weights_status("resnet50", "IMAGENET1K_V9")
+
+
+def test_a_missing_torchvision_is_refused_before_the_run(monkeypatch):
+  """model.init=torchvision without torchvision installed: one line naming the extra, before anything runs."""
+  import importlib.util
+
+  from jsim import configs, validate
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else real(name, *a))
+  config = configs.base_config()
+  config.stage = "classifier"
+  with pytest.raises(ValueError, match=r"needs torchvision, which is not installed: pip install 'jsim\[torch\]'"):
+    validate.check_config(config)
+  config.stage = "evaluate"  # (stages that do not read the weights do not need it)
+  validate.check_config(config)

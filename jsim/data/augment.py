@@ -29,7 +29,7 @@ Conventions (PROTOCOL.md, "Preprocessing" and "Augmentation"):
         resizing does) -> rotation about the window centre -> flip -> + offset -> source,
       and only the window's pixels are read (outside it is fill, as for an image that
       was sliced first).
-    'rotate_first' (jsim before issue 15): rotate the whole H x W image (same canvas),
+    'rotate_first' (jsim's earlier order, kept to reproduce its runs): rotate the whole H x W image (same canvas),
       flip it, crop the window, resize the crop: the fill of a 56x56 crop is then only
       what the 64x64 rotation left uncovered inside it (5.7 % of the window on average
       when both fire, against 13.8 % for 'paper'; tests/test_augment.py measures it).
@@ -69,7 +69,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # The four transforms, in the names a config's `enabled` uses (and the source's order).
 TRANSFORMS = ("jitter", "crop", "flip", "rotation")
 # cfg.order: 'paper' rotates the cropped (and flipped) window; 'rotate_first' rotates the
-# whole image before flipping and cropping it (jsim's order before issue 15).
+# whole image before flipping and cropping it (jsim's earlier order, kept to reproduce its runs).
 ORDERS = ("paper", "rotate_first")
 # Colour-jitter components; `jitter_order` in the params holds a permutation of these indices.
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")

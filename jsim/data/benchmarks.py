@@ -37,8 +37,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import lzma
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
@@ -197,8 +199,10 @@ def _unpack(archive: Path, dest: Path) -> None:
     else:
       with tarfile.open(archive) as tf:
         tf.extractall(dest, filter="data")  # refuses links and paths out of dest
-  except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:
-    raise ValueError(f"{archive}: cannot unpack ({type(e).__name__}: {e})") from None
+  except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.error, lzma.LZMAError) as e:
+    # (EOFError: a cut .tgz/.tar.gz; zlib/lzma: damaged compressed data)
+    hint = "; it is truncated or damaged: download it again" if isinstance(e, (EOFError, zlib.error)) else ""
+    raise ValueError(f"{archive}: cannot unpack ({type(e).__name__}: {e}){hint}") from None
 
 
 def locate(bench: Benchmark, data_config: Any) -> Path:

@@ -53,6 +53,25 @@ def digest(items: Iterable[Any]) -> str:
   return hashlib.sha256(json.dumps(list(items), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def free_bytes(folder: Path) -> int:
+  """Free bytes on the disk that holds `folder` (or would: its nearest existing parent)."""
+  folder = Path(folder).absolute()
+  while not folder.exists():
+    folder = folder.parent
+  return shutil.disk_usage(folder).free
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> int:
+  """ValueError in one line when `what` ({needed} bytes) does not fit on folder's disk; returns the free bytes."""
+  free = free_bytes(folder)
+  if needed > free:
+    raise ValueError(
+      f"{what} needs {needed / 1e9:.2f} GB in {folder}, but its disk has {free / 1e9:.2f} GB free; free some "
+      f"space, or point $JSIM_CACHE (or --config.data.cache_dir) at a disk with room"
+    )
+  return free
+
+
 def entry_dir(cache_dir: Path, source_id: str, fingerprint: str) -> Path:
   """Where the entry of (source, fingerprint) lives."""
   return cache_dir / "decoded" / f"{source_id[:16]}-{fingerprint[:24]}"

@@ -42,3 +42,15 @@ class ImageSet:
     return ImageSet(
       self.images[indices], self.labels[indices], self.class_ids, tuple(self.image_ids[i] for i in indices)
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSet:
+  """An ImageSet without its images (labels, class ids, image ids): what `--dry_run` reads, decoding nothing."""
+
+  labels: np.ndarray
+  class_ids: tuple[str, ...]
+  image_ids: tuple[str, ...]
+
+  def __len__(self) -> int:
+    return len(self.image_ids)

@@ -22,7 +22,8 @@ PREPROCESSING_FILE = "preprocessing.json"
 #            mean/std for torchvision's;
 #   t180     the data set's: the source's "training set", T180, all train-folder images of the
 #            seen classes (stage-1 train + validation, 90,000 images);
-#   train    the stage-1 train split only (63,000; jsim before issue 15; at most 2.7e-4 apart);
+#   train    the stage-1 train split only (63,000; jsim's earlier default, kept so that those
+#            workdirs can be reproduced; at most 2.7e-4 apart);
 #   imagenet ImageNet's, whatever the weights.
 NORMALIZATIONS = ("auto", "weights", "t180", "train", "imagenet")
 

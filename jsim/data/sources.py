@@ -114,13 +114,81 @@ def load_image_sets_and_report(data_config) -> tuple[dict[str, ImageSet], dict[s
   if source == "zip":
     return tiny_imagenet.load_zip(d.zip_path, **options)
   if source == "download":
-    url = d.download_url
-    dest = cache.resolve_cache_dir(d.cache_dir) / "downloads" / (url.rsplit("/", 1)[-1] or "data.zip")
-    path = download.fetch(url, dest, sha256=d.download_sha256, md5=d.download_md5)
+    path = download.fetch(d.download_url, _download_dest(d), sha256=d.download_sha256, md5=d.download_md5)
     return tiny_imagenet.load_zip(path, **options)
   if source == "synthetic":
     return tiny_imagenet.load_folder(ensure_synthetic(d), **options)
   raise ValueError(f"data.source={source!r} must be one of {SOURCES}")
+
+
+def _download_dest(d) -> Path:
+  return cache.resolve_cache_dir(d.cache_dir) / "downloads" / (d.download_url.rsplit("/", 1)[-1] or "data.zip")
+
+
+# Tiny ImageNet's official archive: its images (100,000 train + 10,000 val), for the size of a cache entry.
+_OFFICIAL_IMAGES = 110_000
+
+
+def probe_image_sets(data_config) -> tuple[dict[str, Any] | None, list[str]]:
+  """What `load_image_sets` would read and write, found without decoding the data or writing anything.
+
+  For `--dry_run`: ({'train', 'test'}: ImageSets from the cache, LabelSets (labels and ids, nothing
+  decoded) when the cache has no entry yet, or None when the data is still to be downloaded; lines
+  saying where the data is, what the run will write into the cache and whether it fits). The folder
+  and zip layouts are read in full and a sample of images decoded; the synthetic source, when not
+  generated yet, is drawn into a temporary folder that is removed. TFDS and the benchmark archives
+  are loaded as the run loads them (their first load writes into the cache, and a line says so).
+  """
+  import tempfile
+
+  d = data_config
+  source = resolve_source(d)
+  options = dict(image_size=d.image_size, on_bad_image=d.on_bad_image, cache_dir=d.cache_dir)
+  if source == "tfds" or source in BENCHMARK_SOURCES:
+    sets = load_image_sets(d)
+    note = "the dry run loads this source as the run does: its first load writes the cache entry"
+    return sets, [f"cache:  {note}"] if source in BENCHMARK_SOURCES else []
+  if source == "download":
+    dest = _download_dest(d)
+    if not dest.is_file():
+      official = d.download_url == download.OFFICIAL_URL
+      entry = _OFFICIAL_IMAGES * (d.image_size * d.image_size * 3 + 4) if official else 0
+      needed = (download.OFFICIAL_SIZE if official else 0) + entry
+      root = cache.resolve_cache_dir(d.cache_dir)
+      free = cache.check_free_space(root, needed, f"downloading {d.download_url} and decoding it")
+      size = f" ({download.OFFICIAL_SIZE / 1e6:.0f} MB, then {entry / 1e9:.2f} GB decoded)" if official else ""
+      return None, [
+        f"data:   not downloaded yet: the run downloads {d.download_url} into {dest}{size}; "
+        f"{free / 1e9:.1f} GB free there",
+        "split:  checked once the data is there (the dry run downloads nothing)",
+      ]
+    src = tiny_imagenet.Zip(dest)
+  elif source == "folder":
+    src = tiny_imagenet.Folder(d.root)
+  elif source == "zip":
+    src = tiny_imagenet.Zip(d.zip_path)
+  elif source == "synthetic":
+    root = synthetic_root(d)
+    if not (root / synthetic.INFO_FILE).exists():
+      params = _synthetic_params(d)
+      with tempfile.TemporaryDirectory(prefix="jsim-dry-run-") as tmp:
+        sets, report = tiny_imagenet.probe(
+          tiny_imagenet.Folder(synthetic.write_synthetic_tiny_imagenet(Path(tmp) / "data", **params)), **options
+        )
+      return sets, [
+        f"cache:  the run draws the synthetic images into {root} and decodes them into the cache "
+        f"({report['bytes'] / 1e6:.0f} MB; {report['free'] / 1e9:.1f} GB free)"
+      ]
+    src = tiny_imagenet.Folder(root)
+  else:
+    raise ValueError(f"data.source={source!r} must be one of {SOURCES}")
+  sets, report = tiny_imagenet.probe(src, **options)
+  if report["cached"]:
+    return sets, [f"cache:  decoded already ({report['cache_path']})"]
+  return sets, [
+    f"cache:  the run decodes the images into {report['cache_path']} ({report['bytes'] / 1e6:,.0f} MB; "
+    f"{report['free'] / 1e9:.1f} GB free); the dry run decoded {report['sampled']} of them as a check"
+  ]
 
 
 def load_image_sets(data_config) -> dict[str, ImageSet]:

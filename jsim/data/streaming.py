@@ -109,10 +109,37 @@ def stream_batches(
   if not 0 <= start_batch <= total:
     raise ValueError(f"start_batch={start_batch} outside [0, {total}] ({len(indices)} examples, batch {batch_size})")
   order = indices[epoch_permutation(seed, epoch, len(indices))][start_batch * batch_size :]
-  if not order.size:
+  return stream_order(
+    data_source,
+    order,
+    batch_size,
+    num_workers=num_workers,
+    num_threads=num_threads,
+    image_key=image_key,
+    label_key=label_key,
+    label_map=label_map,
+    image_size=image_size,
+  )
+
+
+def stream_order(
+  data_source: Sequence[dict],
+  order: np.ndarray,
+  batch_size: int,
+  *,
+  num_workers: int = 0,
+  num_threads: int = 8,
+  image_key: str = "image",
+  label_key: str = "label",
+  label_map: np.ndarray | None = None,
+  image_size: int | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Yields (images, labels) of the records `order` (indices into data_source, repeats allowed), in that
+  order, batch_size at a time (the last batch holds the remainder); the arguments as stream_batches'."""
+  if not len(order):
     return iter(())
   ds = (
-    grain.MapDataset.source(order)
+    grain.MapDataset.source(np.asarray(order, np.int64))
     .map(_ReadExample(data_source, image_key, label_key, label_map, image_size))
     .batch(batch_size, drop_remainder=False)
   )

@@ -482,10 +482,7 @@ def _load(
 
   t0 = time.perf_counter()
   listing = src.listing()
-  source_id = cache.digest([cache.FORMAT_VERSION, src.kind, src.location, image_size, on_bad_image])
-  stat = [src.stat_key()] if isinstance(src, Zip) else []
-  fingerprint = cache.digest([source_id, PIL.__version__, *stat, *sorted(listing.items())])
-  path = cache.entry_dir(cache_root, source_id, fingerprint)
+  path, fingerprint = _entry(src, listing, image_size, on_bad_image, cache_root)
   hit = cache.read_entry(path)
   if hit is not None:
     parts, meta = hit
@@ -496,6 +493,7 @@ def _load(
   if path.exists():  # unreadable (damaged from outside): make room for a fresh entry
     shutil.rmtree(path)
   index = _build_index(src, listing, on_bad_image)
+  cache.check_free_space(cache_root, _entry_bytes(index, image_size), f"decoding {src.location} into the cache")
   with cache.atomic_dir(path) as tmp:
     stats = decode_all(
       src, index, tmp, image_size=image_size, on_bad_image=on_bad_image, num_workers=num_workers, chunk_size=chunk_size
@@ -533,6 +531,61 @@ def _load(
   return parts, meta
 
 
+def _entry(src: Folder | Zip, listing: dict, image_size: int, on_bad_image: str, cache_root: Path) -> tuple[Path, str]:
+  """(the cache entry's folder, the fingerprint) of a source as listed now."""
+  source_id = cache.digest([cache.FORMAT_VERSION, src.kind, src.location, image_size, on_bad_image])
+  stat = [src.stat_key()] if isinstance(src, Zip) else []
+  fingerprint = cache.digest([source_id, PIL.__version__, *stat, *sorted(listing.items())])
+  return cache.entry_dir(cache_root, source_id, fingerprint), fingerprint
+
+
+def _entry_bytes(index: Index, image_size: int) -> int:
+  """The size of a cache entry of `index`: uint8 images and int32 labels (the index JSON aside)."""
+  n = sum(len(index.files[part]) for part in PARTS)
+  return n * (image_size * image_size * 3 + 4)
+
+
+def probe(
+  src: Folder | Zip, *, image_size: int, on_bad_image: str, cache_dir: str | os.PathLike | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+  """What loading `src` would give and write, reading the layout and a few images only (for --dry_run).
+
+  Returns ({'train', 'test'}: the cached ImageSets, or LabelSets when nothing is cached yet; report)
+  where the report says whether the cache holds the data ('cached'), its folder, the bytes decoding
+  would write and the images decoded as a sample ('sampled': the first image of every class and the
+  first of the test images). Writes nothing; raises what loading would raise for a bad layout or a
+  sampled image that does not decode (on_bad_image='error'), and for a cache that would not fit.
+  """
+  from jsim.data.dataset import LabelSet
+
+  cache_root = cache.resolve_cache_dir(cache_dir)
+  listing = src.listing()
+  path, _ = _entry(src, listing, image_size, on_bad_image, cache_root)
+  hit = cache.read_entry(path)
+  if hit is not None:
+    return hit[0], {"cached": True, "cache_path": str(path), "bytes": 0, "sampled": 0}
+  index = _build_index(src, listing, on_bad_image)
+  needed = _entry_bytes(index, image_size)
+  free = cache.check_free_space(cache_root, needed, f"decoding {src.location} into the cache")
+  first_of_class = {}
+  for rel, label in zip(index.files["train"], index.labels["train"]):
+    first_of_class.setdefault(label, rel)
+  sample = list(first_of_class.values()) + index.files["test"][:10]
+  for rel in sample:
+    try:
+      decode_image(src.read(rel), image_size)
+    except Exception as e:  # noqa: BLE001 - as the decoder: any failure is this file's problem
+      info = "not an image format PIL knows" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+      if on_bad_image == "error":
+        raise ValueError(f"{src.describe(rel)}: cannot decode this image ({info}); {_SKIP_HINT}") from None
+  sets = {
+    part: LabelSet(np.asarray(index.labels[part], np.int32), index.class_ids, tuple(index.image_ids[part]))
+    for part in PARTS
+  }
+  report = {"cached": False, "cache_path": str(path), "bytes": needed, "free": free, "sampled": len(sample)}
+  return sets, report
+
+
 def _log_report(meta: dict[str, Any]) -> None:
   n = meta["num_images"]
   logging.info(
@@ -547,7 +600,9 @@ def _log_report(meta: dict[str, Any]) -> None:
     meta["cache_path"],
   )
   if meta["converted_modes"]:
-    logging.info("Converted to RGB: %s", ", ".join(f"{c} {m}" for m, c in meta["converted_modes"].items()))
+    logging.info(
+      "Converted to RGB: %s", ", ".join(_mode_text(m, c) for m, c in sorted(meta["converted_modes"].items()))
+    )
   if meta["ignored_files"]:
     logging.info(
       "Ignored %d files without an image extension %s in the image folders", meta["ignored_files"], IMAGE_EXTENSIONS
@@ -559,6 +614,29 @@ def _log_report(meta: dict[str, Any]) -> None:
     logging.warning(
       "Skipped %d bad files (on_bad_image=skip); first: %s (%s)", meta["num_skipped"], first["file"], first["reason"]
     )
+
+
+# PIL's image modes, in words.
+_MODE_NAMES = {
+  "1": "black-and-white",
+  "L": "grayscale",
+  "LA": "grayscale with alpha",
+  "I": "32-bit grayscale",
+  "I;16": "16-bit grayscale",
+  "F": "floating-point grayscale",
+  "P": "palette",
+  "PA": "palette with alpha",
+  "RGBA": "RGBA (alpha dropped)",
+  "CMYK": "CMYK",
+  "YCbCr": "YCbCr",
+  "LAB": "Lab",
+  "HSV": "HSV",
+}
+
+
+def _mode_text(mode: str, count: int) -> str:
+  """'64 grayscale images' for PIL mode 'L' (the mode itself where it has no name here)."""
+  return f"{count} {_MODE_NAMES.get(mode, f'mode-{mode}')} image{'s' if count != 1 else ''}"
 
 
 def load_folder(

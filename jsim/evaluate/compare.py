@@ -23,29 +23,66 @@ from __future__ import annotations
 import json
 import re
 import sys
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from jsim import workdir as wd
 from jsim.evaluate import figures, pairwise, report
 from jsim.published import BACKBONE_TITLES
 
 RESULT_FILE = "evaluation.npz"
+RESULT_DIGEST = "evaluation_sha256"  # report.json's extra: the SHA-256 of the evaluation.npz written with it
 FIGURE = "roc_backbones.png"
+_REDO = "rerun --config.stage=evaluate --config.overwrite=True on that workdir"
+
+
+def _workdir(workdir: str | Path) -> Path:
+  w = Path(workdir)
+  if not w.exists():
+    raise FileNotFoundError(f"{w}: no such workdir")
+  if not w.is_dir():
+    raise NotADirectoryError(f"{w}: a file, not a workdir")
+  return w
+
+
+def read_current_report(workdir: str | Path) -> dict:
+  """W/report.json, refused (one line naming it) when it is damaged or evaluated stages that W no longer holds."""
+  w = _workdir(workdir)
+  rep = wd.read_report(w)
+  why = wd.report_problem(w, rep)
+  if why is not None:
+    raise ValueError(f"{why}; {_REDO}")
+  return rep
 
 
 def load_evaluated(workdir: str | Path) -> tuple[str, pairwise.PairEvalResult]:
-  """(backbone label, test-pair result) of an evaluated workdir; ValueError naming what is missing."""
-  workdir = Path(workdir)
-  path = workdir / RESULT_FILE
+  """(backbone label, test-pair result) of an evaluated workdir; one-line errors naming what is missing or stale.
+
+  evaluation.npz is read only beside the report.json it was written with, of the stages W holds now.
+  """
+  w = _workdir(workdir)
+  path = w / RESULT_FILE
   if not path.is_file():
-    raise ValueError(f"{path} is missing: evaluate that workdir first (--config.stage=evaluate)")
-  label = workdir.name
-  if (workdir / "report.json").is_file():
-    backbone = _read_report(workdir).get("backbone") or label
-    label = "+".join(BACKBONE_TITLES.get(b, b) for b in backbone.split("+"))
-  return label, pairwise.load_result(path)
+    raise FileNotFoundError(f"{path} is missing: evaluate that workdir first (--config.stage=evaluate)")
+  rep = read_current_report(w)
+  recorded = rep["extra"].get(RESULT_DIGEST)
+  if recorded is not None and recorded != wd.file_digest(path):
+    raise ValueError(f"{path} is not the evaluation that {w / wd.REPORT_FILE} was written with; {_REDO}")
+  backbone = rep.get("backbone") or w.name
+  label = "+".join(BACKBONE_TITLES.get(b, b) for b in str(backbone).split("+"))
+  try:
+    return label, pairwise.load_result(path)
+  except (OSError, EOFError, zipfile.BadZipFile, KeyError, ValueError) as e:
+    text = (str(e).strip().splitlines() or [""])[0][:200]
+    raise ValueError(f"{path}: damaged or truncated ({type(e).__name__}: {text}); {_REDO}") from None
+
+
+def split_ids(workdirs: Sequence[str | Path]) -> list[str | None]:
+  """The first 12 hex digits of each workdir's split.json digest (None without one)."""
+  return [(d or "")[:12] or None for d in (wd.split_digest(_workdir(w)) for w in workdirs)]
 
 
 def roc_of_workdirs(workdirs: Sequence[str | Path], out_png: str | Path, extra: dict | None = None) -> Path:
@@ -62,9 +99,15 @@ def roc_of_workdirs(workdirs: Sequence[str | Path], out_png: str | Path, extra: 
 def main(argv: Sequence[str] | None = None) -> int:
   import argparse
 
-  parser = argparse.ArgumentParser(
+  class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every jsim command says it
+      print(f"jsim: {message} (see --help)", file=sys.stderr)
+      sys.exit(2)
+
+  parser = Parser(
     prog="python -m jsim.evaluate.compare",
-    description="Both backbones' ROC curves (the source's Figure 7) from evaluated workdirs, and a table of them.",
+    description="The ROC curves of evaluated workdirs side by side (with a ResNet50 and a VGG16 workdir: the "
+    "source's Figure 7), and a table of their report.json figures.",
   )
   parser.add_argument("workdirs", nargs="+", help="evaluated workdirs (each has evaluation.npz)")
   parser.add_argument("--out", default=FIGURE, help=f"output PNG (default {FIGURE})")
@@ -73,15 +116,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   out, table = Path(args.out), Path(args.table) if args.table else None
   for path in (out, table, table and table.with_suffix(".json")):
     if path is not None and path.exists():
-      print(f"error: {path} exists; pass another path (nothing is overwritten)", file=sys.stderr)
+      print(f"jsim: {path} exists; pass another path (nothing is overwritten)", file=sys.stderr)
       return 1
   try:
-    rows = comparison_rows(args.workdirs) if table else []
-    print(roc_of_workdirs(args.workdirs, out))
+    splits = split_ids(args.workdirs)
+    differ = len(set(splits)) > 1
+    rows = comparison_rows(args.workdirs, splits if differ else None) if table else []
+    print(f"wrote {roc_of_workdirs(args.workdirs, out)} (ROC curves of {len(args.workdirs)} workdirs)")
     if table:
-      print(report.write_comparison(rows, table, table.with_suffix(".json")), end="")
+      text = report.write_comparison(rows, table, table.with_suffix(".json"))
+      print(f"wrote {table} and {table.with_suffix('.json')}:\n{text}", end="")
+    if differ:
+      print(
+        f"warning: the workdirs were split differently (split.json {', '.join(str(s) for s in splits)}: "
+        f"other seen/unseen classes or test images), so their figures are not on the same test pairs",
+        file=sys.stderr,
+      )
   except (ValueError, OSError, KeyError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"jsim: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
     return 1
   return 0
 
@@ -148,24 +200,25 @@ def mean_row(rows: Sequence[dict], seeds: Sequence, name: str) -> dict:
   return out
 
 
-def comparison_rows(workdirs: Sequence[str | Path]) -> list[dict]:
+def _row(workdir: Path, split: str | None) -> dict:
+  """report.comparison_row of a workdir's current report (with its split where `split` is given)."""
+  try:
+    row = report.comparison_row(read_current_report(workdir), workdir.name)
+  except (KeyError, TypeError, AttributeError) as e:
+    raise ValueError(f"{workdir / wd.REPORT_FILE}: not a jsim report ({type(e).__name__}: {e}); {_REDO}") from None
+  return row if split is None else {**row, "split": split}
+
+
+def comparison_rows(workdirs: Sequence[str | Path], splits: Sequence[str | None] | None = None) -> list[dict]:
   """The table's rows: one per workdir (report.comparison_row); where several workdirs differ only in the
-  seed, one per method with the mean and standard deviation over its seeds (`mean_row`)."""
+  seed, one per method with the mean and standard deviation over its seeds (`mean_row`). `splits` (one per
+  workdir) adds a split column, which flags workdirs split differently."""
   groups = seed_groups(workdirs)
-  rows = {w: report.comparison_row(_read_report(w), w.name) for members in groups for w in members}
+  split_of = dict(zip(map(Path, workdirs), splits)) if splits is not None else {}
+  rows = {w: _row(w, split_of.get(w)) for members in groups for w in members}
   if all(len(members) == 1 for members in groups):
     return [rows[members[0]] for members in groups]
   return [mean_row([rows[w] for w in members], [_seed(w) for w in members], group_name(members)) for members in groups]
-
-
-def _read_report(workdir: str | Path) -> dict:
-  path = Path(workdir) / "report.json"
-  if not path.is_file():
-    raise ValueError(f"{path} is missing: evaluate that workdir first (--config.stage=evaluate)")
-  try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not JSON ({e})") from None
 
 
 if __name__ == "__main__":

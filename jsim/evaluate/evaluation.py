@@ -13,6 +13,7 @@ from jsim import parallel, workdir as wd
 from jsim.data import pairs as pairs_lib
 from jsim.evaluate import compare, figures, report, retrieval
 from jsim.evaluate.pairwise import evaluate_pairs, save_result
+from jsim.models import similarity as similarity_model
 from jsim.train import calibration, metric, similarity
 
 _TEST_PAIRS = 7  # stream of the seed for the sampled test pairs (apart from stage 2's)
@@ -183,9 +184,12 @@ def evaluate(config, workdir: str | Path) -> dict:
       figures.plot_stage_curves(
         workdir / stage / "metrics.jsonl", fig_dir / f"{stage}_curves.png", f"{title} ({config.model.name})"
       )
-    figures.plot_roc(
-      result, fig_dir / "roc.png", title=f"ROC of {calibration.method_name(config)} ({backbone_label(emb)})"
+    scored_by = (
+      calibration.method_name(config)
+      if calibration.uses_distance(config)
+      else f"Ms on {similarity_model.feature_formula(config.similarity.feature)}"
     )
+    figures.plot_roc(result, fig_dir / "roc.png", title=f"ROC of {scored_by} ({backbone_label(emb)})")
   if config.evaluation.retrieval:
     retrieval_metrics = _unseen_retrieval(config, workdir, emb, out, fig_dir)
   embedding_retrieval = _embedding_retrieval(config, emb, out["seen_mask"])
@@ -198,6 +202,7 @@ def evaluate(config, workdir: str | Path) -> dict:
   table = ""
   if parallel.is_main_process():
     save_result(result, workdir / compare.RESULT_FILE)  # for Figure 7 (jsim.evaluate.compare)
+    extra[compare.RESULT_DIGEST] = wd.file_digest(workdir / compare.RESULT_FILE)  # (compare checks the pair)
     if config.evaluation.get("compare_workdirs"):
       this = "+".join(report.BACKBONE_TITLES.get(m["model"], m["model"]) for m in emb["sources"])
       compare.roc_of_workdirs(config.evaluation.compare_workdirs, fig_dir / compare.FIGURE, extra={this: result})

@@ -78,8 +78,9 @@ def plot_stage_curves(metrics_jsonl_path: str | Path, out_png: str | Path, title
   Reads the metrics.jsonl format shared by both stages ({"epoch", "lr", "train_accuracy",
   "val_accuracy", "halved", ...}; extra or missing keys tolerated). Epoch k's points are
   at x = k (the end of the epoch); its learning rate spans (k - 1, k]. A halving after
-  epoch k is a dashed line at x = k, where the halved rate starts. Accuracies in [0, 1]
-  are shown in percent.
+  epoch k is a dashed line at x = k, where the halved rate starts; one after the last
+  epoch drawn is not shown (no epoch trained at that rate; a continued stage draws it).
+  Accuracies in [0, 1] are shown in percent.
   """
   from matplotlib.ticker import MaxNLocator
 
@@ -97,7 +98,7 @@ def plot_stage_curves(metrics_jsonl_path: str | Path, out_png: str | Path, title
     ax, ax_lr = fig.subplots(), None
   ax.plot(epoch, train * scale, "o-", ms=3, label="train accuracy")
   ax.plot(epoch, val * scale, "s-", ms=3, label="validation accuracy")
-  halved = [r["epoch"] for r in rows if r.get("halved")]
+  halved = [r["epoch"] for r in rows[:-1] if r.get("halved")]
   for i, e in enumerate(halved):
     label = (
       f"learning rate halved (after epoch{'s' if len(halved) > 1 else ''} {', '.join(str(h) for h in halved)})"
@@ -207,18 +208,18 @@ def plot_retrieval_sheet(
   q, k = top_indices.shape
   width = max(2, images.shape[1] // 16)
   cell = 0.95  # inches a cell (about 90 pixels at the saved dpi)
-  fig = Figure(figsize=(cell * (k + 1), (cell + 0.12) * q + 0.35 + (0.25 if title else 0)))
+  fig = Figure(figsize=(cell * (k + 1), (cell + 0.22) * q + 0.35 + (0.25 if title else 0)))
   axes = np.asarray(fig.subplots(q, k + 1, squeeze=False))
-  name = (lambda c: _short(str(class_names[c]))) if class_names is not None else (lambda c: f"class {c}")
+  name = (lambda c: str(class_names[c])) if class_names is not None else (lambda c: f"class {c}")
   for r in range(q):
     qi = int(query_indices[r])
     axes[r, 0].imshow(_bordered(images[qi], QUERY_COLOR, width), interpolation="nearest")
-    axes[r, 0].set_title(name(int(labels[qi])), fontsize=5.5, fontweight="bold")
+    axes[r, 0].set_title(_two_lines(name(int(labels[qi]))), fontsize=5.5, fontweight="bold")
     for c in range(k):
       mi = int(top_indices[r, c])
       right = labels[mi] == labels[qi]
       axes[r, c + 1].imshow(_bordered(images[mi], SAME_COLOR if right else OTHER_COLOR, width), interpolation="nearest")
-      axes[r, c + 1].set_title(f"{c + 1}: {name(int(labels[mi]))}", fontsize=5.5)
+      axes[r, c + 1].set_title(_two_lines(f"{c + 1}: {name(int(labels[mi]))}"), fontsize=5.5)
   for ax in axes.ravel():
     ax.axis("off")
   if title:
@@ -237,8 +238,15 @@ def plot_retrieval_sheet(
   return _save(fig, out_png, dpi=100, palette=True)
 
 
-def _short(text: str, n: int = 17) -> str:
-  return text if len(text) <= n else text[: n - 1].rstrip() + "\u2026"
+def _two_lines(text: str, width: int = 18) -> str:
+  """A class name in at most two lines of a cell's width, broken between words; cut with '...' only
+  beyond two lines ('7: orange stripes crescent' -> '7: orange stripes' / 'crescent')."""
+  import textwrap
+
+  lines = textwrap.wrap(text, width, break_long_words=True) or [""]
+  if len(lines) > 2:
+    lines = [lines[0], lines[1][: width - 1].rstrip() + "\u2026"]
+  return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------

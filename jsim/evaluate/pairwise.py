@@ -370,12 +370,15 @@ def evaluate_pairs(
 
 def save_result(result: PairEvalResult, path) -> None:
   """Writes a PairEvalResult (counts and histograms, a few kB) to an .npz, atomically."""
-  import os
+  from pathlib import Path
 
-  path = os.fspath(path)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **{f.name: np.asarray(getattr(result, f.name)) for f in dataclasses.fields(result)})
-  os.replace(tmp, path)
+  from jsim import workdir as wd
+
+  def write(tmp):
+    with open(tmp, "wb") as out:
+      np.savez(out, **{f.name: np.asarray(getattr(result, f.name)) for f in dataclasses.fields(result)})
+
+  wd.write_file(Path(path), write)
 
 
 def load_result(path) -> PairEvalResult:

@@ -226,8 +226,8 @@ def _markdown(report: dict, table: str, figures: list[str]) -> str:
   er = report.get("embedding_retrieval") or {}
   if er.get("seen") or er.get("unseen"):
     parts += [
-      f"## Retrieval by embedding distance ({er['distance']}; each set among itself, and the unseen "
-      "against all test images)\n",
+      f"## Retrieval by embedding distance ({er['distance']} between embeddings, no Ms; each set among itself, "
+      "and the unseen against all test images)\n",
       "| test images | P@1 | R-precision | MAP@R | NMI (k-means) | queries |",
       "|---|---:|---:|---:|---:|---:|",
     ]
@@ -243,7 +243,7 @@ def _markdown(report: dict, table: str, figures: list[str]) -> str:
     r = report["retrieval"]
     keys = [k for k in r if k.startswith("recall@") or k == "mAP"]
     parts += [
-      "## Retrieval (unseen classes' test images)\n",
+      "## Retrieval by Ms (test images of the unseen classes, ranked by P(same) with the query)\n",
       "| " + " | ".join(keys) + " | queries |",
       "|" + "---:|" * (len(keys) + 1),
       "| " + " | ".join(_pct(r[k]) for k in keys) + f" | {r.get('num_queries', '-')} |\n",
@@ -287,10 +287,11 @@ def write_report(
   )
   table = case_table_markdown(report)
   figures = sorted(f"figures/{p.name}" for p in (out_dir / "figures").glob("*.png"))
-  tmp = out_dir / (REPORT_JSON + ".tmp")
-  tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-  tmp.replace(out_dir / REPORT_JSON)
-  (out_dir / REPORT_MD).write_text(_markdown(report, table, figures))
+  from jsim import workdir as wd
+
+  text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+  wd.write_file(out_dir / REPORT_JSON, lambda tmp: Path(tmp).write_text(text))
+  wd.write_file(out_dir / REPORT_MD, lambda tmp: Path(tmp).write_text(_markdown(report, table, figures)))
   return table
 
 
@@ -326,7 +327,7 @@ COMPARISON_COLUMNS: tuple[tuple[str, str, str], ...] = (
 def comparison_row(report: dict, name: str) -> dict:
   """A report.json as one row of write_comparison: the method, the five cases and the seen/unseen figures at 0.5."""
   at = report["accuracy_at_0.5"]
-  method = report.get("method") or {}  # (reports written before issue 12 have no method)
+  method = report.get("method") or {}  # (older reports have no method: cross-entropy)
   row = {
     "name": name,
     "backbone": report.get("backbone"),

@@ -9,14 +9,18 @@ writes, from the best stage-1 and stage-2 checkpoints (every ensemble member's t
                         classifier's input size and the normalisation are inside, as evaluation does
     D/similarity.onnx   (e1 [N, E], e2 [N, E]) float32 -> P(same) [N]
     D/meta.json         image_size, input_size, embedding_dim, class_names (the seen classes' ids),
-                        threshold (W/report.json's val_threshold), the stage ids, and the
-                        fingerprint of the checkpoints it came from
+                        threshold (W/report.json's val_threshold, when that report evaluated these
+                        stages), the stage ids, the fingerprint of the checkpoints it came from
+                        (their content checksums), and the SHA-256 of each graph file
 
 N is dynamic. The graphs compute in float32 whatever dtype training used. Without --out
 the export goes to W/onnx, the folder `jsim-predict --backend=onnx` uses (and fills on
-first use). A folder is only overwritten when it holds an export of the same workdir;
-an export is stale when a checkpoint it came from changed (retrained stage, new run id),
-which `check` reports.
+first use). A folder is only overwritten when it holds an export (complete or not) of the
+same workdir, or with --overwrite an export of another; an export is used only when its
+graphs have the recorded digests (a changed graph is refused; a copy, `cp -r` or `touch`,
+is fine) and the checkpoints it came from are still those (`problem` says why not). Files
+are written under temporary names and renamed: an interrupted export leaves no half file,
+and its rerun removes the temporaries a killed one left.
 
 This module reads only JSON (onnx, onnxruntime and JAX load when a graph is built or run).
 """
@@ -35,7 +39,7 @@ from jsim import workdir as wd
 
 EMBED_FILE, SIMILARITY_FILE, META_FILE = "embed.onnx", "similarity.onnx", "meta.json"
 DEFAULT_DIR = "onnx"  # W/onnx: predict's cache of the export
-FORMAT = 1
+FORMAT = 2  # 2: graphs verified by SHA-256, checkpoints by their content checksum
 INSTALL_HINT = "pip install onnx onnxruntime (or the project's extra: pip install 'jsim[export]')"
 
 
@@ -47,11 +51,26 @@ class MissingPackage(ExportError):
   """onnx or onnxruntime is not installed."""
 
 
+class ReadOnlyFolder(ExportError):
+  """The folder that would hold the export cannot be written (a read-only workdir)."""
+
+
 @contextlib.contextmanager
 def locked(out: Path):
-  """An exclusive lock on exporting into `out` (a file beside it): concurrent predicts export once."""
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with open(out.parent / f".{out.name}.lock", "a") as f:
+  """An exclusive lock on exporting into `out` (a file beside it): concurrent predicts export once.
+
+  ReadOnlyFolder when the folder cannot be written (nothing can be exported there)."""
+  lock = out.parent / f".{out.name}.lock"
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    f = open(lock, "a")
+  except OSError as e:
+    if wd.is_read_only(e):
+      raise ReadOnlyFolder(f"{out.parent} is read-only: cannot export into {out}; give another --out") from None
+    if wd.is_no_space(e):
+      raise wd.no_space(lock) from None
+    raise
+  with f:
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
       yield
@@ -59,19 +78,14 @@ def locked(out: Path):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _file_stamps(out: Path) -> dict:
-  return {f: [(out / f).stat().st_size, (out / f).stat().st_mtime_ns] for f in (EMBED_FILE, SIMILARITY_FILE)}
-
-
-def _stamp(stage_dir: Path, step: int) -> int | None:
-  try:
-    return (stage_dir / "checkpoints" / str(step)).stat().st_mtime_ns
-  except OSError:
-    return None
+def _file_digests(out: Path) -> dict:
+  return {
+    f: {"size": (out / f).stat().st_size, "sha256": wd.file_digest(out / f)} for f in (EMBED_FILE, SIMILARITY_FILE)
+  }
 
 
 def fingerprint(records) -> dict:
-  """What the export depends on, from the workdir's records (JSON and file times only)."""
+  """What the export depends on, from the workdir's records (JSON only: the checkpoints' recorded checksums)."""
   members = []
   for rec in records.members:
     result = wd.read_json(rec.workdir / wd.STAGE1 / wd.RESULT_FILE)
@@ -81,7 +95,7 @@ def fingerprint(records) -> dict:
         "model": rec.model_name,
         "stage1_step": rec.stage1_step,
         "stage1_run_id": result.get("run_id"),
-        "checkpoint_stamp": _stamp(rec.workdir / wd.STAGE1, rec.stage1_step),
+        "checkpoint": wd.checkpoint_identity(rec.workdir / wd.STAGE1, rec.stage1_step),
         "image_size": rec.image_size,
         "input_size": int(rec.config["classifier"]["input_size"]),
         "embedding_dim": rec.embedding_dim,
@@ -96,7 +110,7 @@ def fingerprint(records) -> dict:
     "stage2": {
       "step": step,
       "run_id": stage2.get("run_id"),
-      "checkpoint_stamp": None if step is None else _stamp(records.workdir / wd.STAGE2, int(step)),
+      "checkpoint": None if step is None else wd.checkpoint_identity(records.workdir / wd.STAGE2, int(step)),
       "feature": records.stage2.get("similarity", {}).get("feature", "l1"),
       "hidden": list(records.stage2.get("similarity", {}).get("hidden", []) or []),
     },
@@ -104,23 +118,47 @@ def fingerprint(records) -> dict:
   }
 
 
-def read_meta(out: str | os.PathLike) -> dict | None:
-  """D/meta.json, or None when D holds no (complete) export."""
-  path = Path(out) / META_FILE
-  if not path.is_file():
-    return None
+def _recorded_meta(out: Path) -> dict | None:
+  """D/meta.json when it is a jsim export's (of any format), without checking the graphs; else None."""
   try:
-    meta = wd.read_json(path)
-  except ValueError:
+    meta = wd.read_json(out / META_FILE)
+  except (OSError, ValueError):
     return None
-  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+  return meta if isinstance(meta, dict) and isinstance(meta.get("format"), int) and "workdir" in meta else None
+
+
+def read_meta(out: str | os.PathLike) -> dict | None:
+  """D/meta.json, or None when D holds no complete export whose graphs have the recorded digests."""
+  out = Path(out)
+  meta = _recorded_meta(out)
+  if meta is None or meta.get("format") != FORMAT:
     return None
-  try:  # the graphs written with this meta, not a half-replaced export
-    if meta.get("files") != _file_stamps(Path(out)):
+  files = meta.get("files")
+  try:  # the graphs written with this meta (content, not times: a copy or a touch is the same export)
+    if not isinstance(files, dict) or any((out / f).stat().st_size != files.get(f, {}).get("size") for f in files):
       return None
-  except OSError:
+    if files != _file_digests(out):
+      return None
+  except (OSError, AttributeError):
     return None
   return meta
+
+
+def _ours(name: str) -> bool:
+  """Whether a file name is one an export writes: its three files and their temporary names."""
+  return any(
+    name == f or (name.startswith(f + ".") and name.endswith(wd.TMP_SUFFIX))
+    for f in (META_FILE, EMBED_FILE, SIMILARITY_FILE)
+  )
+
+
+def _remove_leftovers(out: Path) -> None:
+  """Removes the temporary files of an export that was killed (the caller holds the lock: no other process is
+  writing them; this one's, named by its pid, are written next)."""
+  mine = f".{os.getpid()}{wd.TMP_SUFFIX}"
+  for p in out.iterdir() if out.is_dir() else ():
+    if not p.is_dir() and _ours(p.name) and p.name.endswith(wd.TMP_SUFFIX) and not p.name.endswith(mine):
+      p.unlink(missing_ok=True)
 
 
 def problem(out: str | os.PathLike, records) -> str | None:
@@ -128,6 +166,9 @@ def problem(out: str | os.PathLike, records) -> str | None:
   out, workdir = Path(out), records.workdir
   meta = read_meta(out)
   if meta is None:
+    recorded = _recorded_meta(out)
+    if recorded is not None and recorded.get("format") == FORMAT:
+      return f"{out}: its graphs are not those its {META_FILE} records (changed, damaged or half-written)"
     return f"{out} holds no jsim ONNX export ({META_FILE}, {EMBED_FILE}, {SIMILARITY_FILE})"
   if meta.get("workdir") != str(workdir.resolve()):
     return f"{out} was exported from workdir {meta.get('workdir')}, not {workdir.resolve()}"
@@ -140,14 +181,20 @@ def problem(out: str | os.PathLike, records) -> str | None:
 
 
 def _check_out(out: Path, workdir: Path, overwrite: bool) -> None:
+  """Refuses an --out that holds something else than an export (complete, damaged or interrupted) of this
+  workdir, or with --overwrite of any workdir."""
   if out.exists() and not out.is_dir():
     raise ExportError(f"--out {out}: not a folder")
-  if not out.exists() or not any(out.iterdir()):
+  if not out.exists():
     return
-  meta = read_meta(out)
-  if meta is None:
-    raise ExportError(f"--out {out}: a non-empty folder that holds no jsim export; choose a new or empty --out")
-  if overwrite:
+  others = sorted(p.name for p in out.iterdir() if not _ours(p.name))
+  if others:
+    raise ExportError(
+      f"--out {out}: a non-empty folder that holds no jsim export; choose a new or empty --out "
+      f"(it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+    )
+  meta = _recorded_meta(out)
+  if overwrite or meta is None:  # (no meta.json: an interrupted export, never usable; it is completed)
     return
   if meta.get("workdir") != str(workdir.resolve()):
     raise ExportError(
@@ -242,13 +289,12 @@ def export_records(records, out: str | os.PathLike, *, overwrite: bool = False, 
     "fingerprint": fingerprint(records),
   }
   out.mkdir(parents=True, exist_ok=True)
+  _remove_leftovers(out)
   if (out / META_FILE).exists():
     (out / META_FILE).unlink()  # the folder holds no valid export until every file is new
   for name, proto in ((EMBED_FILE, embed), (SIMILARITY_FILE, similarity)):
-    tmp = out / f"{name}.{os.getpid()}{wd.TMP_SUFFIX}"
-    onnx.save_model(proto, str(tmp))
-    tmp.replace(out / name)
-  meta["files"] = _file_stamps(out)
+    wd.write_file(out / name, lambda tmp, proto=proto: onnx.save_model(proto, str(tmp)))
+  meta["files"] = _file_digests(out)
   wd.write_json(out / META_FILE, meta)
   return meta
 
@@ -273,4 +319,13 @@ def export_summary(meta: dict, out: Path) -> str:
   )
 
 
-__all__ = ["ExportError", "MissingPackage", "export", "export_records", "fingerprint", "problem", "read_meta"]
+__all__ = [
+  "ExportError",
+  "MissingPackage",
+  "ReadOnlyFolder",
+  "export",
+  "export_records",
+  "fingerprint",
+  "problem",
+  "read_meta",
+]

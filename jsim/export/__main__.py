@@ -45,22 +45,26 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--verbose", action="store_true", help="keep library log messages")
   args = p.parse_args(argv)
 
-  from jsim import export
+  from jsim import export, interrupts
 
   if not args.verbose:
     _quiet_libraries()
   try:
     meta = export.export(args.workdir, args.out, overwrite=args.overwrite)
-  except (ValueError, OSError) as e:  # ExportError, the workdir's records, FileNotFound, Permission, ...
+  except (ValueError, OSError) as e:  # ExportError, the workdir's records, FileNotFound, Permission, NoSpace, ...
     print(f"{_PROG}: {_first_line(e)}", file=sys.stderr)
     return 1
-  except KeyboardInterrupt:
-    print(f"{_PROG}: interrupted", file=sys.stderr)
-    return 130
+  except (KeyboardInterrupt, interrupts.Interrupted) as e:  # (the temporary files are removed on the way out)
+    name = getattr(e, "name", "SIGINT")
+    print(f"{_PROG}: stopped by {name}; no export was written, rerun the same command", file=sys.stderr)
+    return getattr(e, "exit_code", 130)
   out = Path(args.out) if args.out else Path(args.workdir) / export.DEFAULT_DIR
   print(export.export_summary(meta, out))
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from jsim import interrupts
+
+  interrupts.install()  # SIGTERM too: one line and the temporary files removed, not a silent kill
+  interrupts.exit_now(main())  # (no interpreter teardown: XLA's threads are not torn down under Python)

@@ -18,8 +18,8 @@ A metric-learning MetricModel is one more registered builder: its backbone's gra
 then (head_dim > 0) the embedding head's Gemm and the L2 normalisation.
 
 Why not a converter: jax2onnx 0.17.1 fails on jsim's ResNet (its flax max_pool patch
-rejects the positional window argument: TypeError at trace time, retried for this module;
-issue 14's first try also got a residual Add that onnxruntime refused), it pins
+rejects the positional window argument: a TypeError at trace time; a converted graph also
+had a residual Add that onnxruntime refused), it pins
 orbax-checkpoint < 0.11.37 (jsim runs 0.12) and pulls equinox, dm-pix, huggingface-hub and
 netron; jax.export gives StableHLO, not ONNX. jsim's architectures are few and known: the
 graphs here are NCHW (onnxruntime's fast layout) with BatchNorm folded into the convs.

@@ -1,11 +1,11 @@
-"""Metric-learning losses looked up by name: pure JAX, jittable, differentiable.
+"""Stage 1's losses looked up by name: pure JAX, jittable, differentiable.
 
     from jsim import losses
     loss = losses.build("multi_similarity", alpha=2.0, beta=50.0, base=0.5)
     params = loss.init(key, num_classes=C, dim=D)   # {} without parameters;
                                                     # {"proxies": [C, D]}, {"weights": [C, D]} or {"ms": ...}
     value = loss.apply(params, embeddings, labels)   # [B, D] float, int [B] -> float32 scalar
-    losses.available()
+    losses.available()                               # the metric-learning losses
 
 Defaults, distances, embedding normalisation and reductions are those of
 pytorch-metric-learning (PML) 2.x, so that a user moving from PML gets the same
@@ -22,24 +22,29 @@ numbers (tests/test_losses.py compares every loss with PML itself):
                       pair of the batch, trained with the backbone: cross-entropy, similar and
                       dissimilar pairs weighted equally (no PML counterpart)
 
+  cross_entropy       the protocol's classifier loss (stage 1's default): softmax cross-entropy of the
+                      classifier head's logits; the head (kept in the backbone, params["head"]) is
+                      its parameters. Not in `available()`, which lists the metric-learning losses
+                      (each with its hyperparameters in config.classifier.loss_hparams).
+
 contrastive, triplet and multi_similarity take a miner (jsim.losses.miners: multi_similarity,
 batch_hard, pair_margin, triplet_margin), PML's loss(embeddings, labels, miner(embeddings, labels)):
     losses.build("triplet", miner="triplet_margin", miner_hparams={"type_of_triplets": "semihard"})
 (in a config: classifier.loss_hparams.triplet.miner, classifier.miner_hparams.triplet_margin.*).
 
 PML keeps class weights as [D, C]; here every class-parameter array is [C, D]
-(transpose to compare). `cross_entropy` (the protocol's classifier head) is not a
-loss of this registry: it is stage 1's default, on the head's logits.
-Adding a loss means adding a class with `init` / `apply` and one `register` call.
+(transpose to compare). Adding a loss means adding a class with `init` / `apply` and
+one `register` call; stage 1's step (jsim.train.step) calls every loss the same way.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from jsim.losses import miners, pair_losses, pair_ms, proxy_losses
+from jsim.losses import cross_entropy, miners, pair_losses, pair_ms, proxy_losses
 from jsim.losses.base import Loss
 
+CROSS_ENTROPY = "cross_entropy"
 _REGISTRY: dict[str, type] = {}
 
 
@@ -51,8 +56,8 @@ def register(name: str, cls: type) -> None:
 
 
 def available() -> list[str]:
-  """Names accepted by `build`, sorted."""
-  return sorted(_REGISTRY)
+  """The metric-learning losses `build` accepts (every name but cross_entropy), sorted."""
+  return sorted(n for n in _REGISTRY if n != CROSS_ENTROPY)
 
 
 def build(name: str, *, miner_hparams: dict | None = None, **kwargs: Any) -> Loss:
@@ -80,6 +85,7 @@ def build(name: str, *, miner_hparams: dict | None = None, **kwargs: Any) -> Los
   return loss
 
 
+register(CROSS_ENTROPY, cross_entropy.CrossEntropy)
 register("contrastive", pair_losses.Contrastive)
 register("triplet", pair_losses.Triplet)
 register("multi_similarity", pair_losses.MultiSimilarity)
@@ -88,4 +94,4 @@ register("normalized_softmax", proxy_losses.NormalizedSoftmax)
 register("arcface", proxy_losses.ArcFace)
 register("pair_ms", pair_ms.PairMs)
 
-__all__ = ["Loss", "available", "build", "miners", "register"]
+__all__ = ["CROSS_ENTROPY", "Loss", "available", "build", "miners", "register"]

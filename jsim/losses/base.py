@@ -18,10 +18,13 @@ class Loss:
   Class attributes:
     param_name: the key of its parameters in `init`'s dict ('proxies', 'weights', 'ms'), or None.
     uses_dropout: whether `apply` takes an `rng` for dropout (pair_ms).
+    classifies: whether it trains a classifier head (cross_entropy): stage 1 then judges an epoch
+      by the head's validation accuracy; otherwise by MAP@R of the embeddings.
   """
 
   param_name: ClassVar[str | None] = None
   uses_dropout: ClassVar[bool] = False
+  classifies: ClassVar[bool] = False
 
   @classmethod
   def hyperparameter_names(cls) -> tuple[str, ...]:
@@ -49,6 +52,27 @@ class Loss:
     """The loss of a batch; `mined` (a miner's Pairs or Triplets, losses with a `miner` field only): the
     pairs or triplets to use instead of the loss's own miner, as PML's loss(embeddings, labels, indices_tuple)."""
     raise NotImplementedError
+
+  # What stage 1's step (jsim.train.step) asks of a loss.
+
+  def params_in(self, params: dict) -> dict:
+    """The loss's parameters within stage 1's parameter tree (jsim.models.metric_model keeps them under 'loss')."""
+    return params.get("loss", {})
+
+  def batch_losses(self, params, logits, embeddings, labels, *, rng=None) -> tuple[jax.Array, jax.Array]:
+    """(the batch's loss, float32 [B] per image) from the model's outputs: what the gradient and the epoch's
+    loss sum take. A loss over the whole batch counts once per image, so the sum over an epoch / its images
+    is the mean batch loss."""
+    del logits
+    value = self.apply(params, embeddings, labels, rng=rng if self.uses_dropout else None)
+    return value, jnp.full(labels.shape, value, jnp.float32)
+
+  def batch_correct(self, logits, embeddings, labels) -> jax.Array:
+    """bool [B], stage 1's train_accuracy: whether the nearest other image of the batch (L2) is of its class."""
+    del logits
+    d = l2_distance_matrix(embeddings, embeddings)
+    d = jnp.where(jnp.eye(d.shape[0], dtype=bool), jnp.inf, d)
+    return labels[jnp.argmin(d, axis=1)] == labels
 
 
 def safe_sqrt(s: jax.Array) -> jax.Array:

@@ -5,8 +5,8 @@
              use_bias=False, dtype=dtype, param_dtype=jnp.float32, kernel_init=..., bias_init=...,
              conv_impl="auto", name="conv1")(x)          # x: [N, H, W, C] (more leading batch dims are flattened)
 
-A drop-in for `nn.Conv` as jsim's backbones use it: the same constructor arguments (kernel_size and
-strides as ints or tuples; padding "SAME", "VALID", an int, or ((lo, hi), (lo, hi)); feature_group_count,
+A drop-in for `nn.Conv` as jsim's backbones use it: the same constructor arguments (kernel_size (kh, kw);
+strides an int or a pair; padding "SAME", "VALID", an int, or ((lo, hi), (lo, hi)); feature_group_count,
 depthwise = in_channels), the same parameters ('kernel' [kh, kw, in / groups, features] HWIO and 'bias'
 [features], created in the same order with the same initialisers, so checkpoints, the torchvision port
 and the ONNX export see the same tree) and the same dtype promotion. Only the lowering differs, chosen
@@ -14,7 +14,7 @@ by `choose_impl(platform, ...)` from `conv_impl` (config `model.conv_impl`):
   * "xla": always `jax.lax.conv_general_dilated`;
   * "matmul": never it (1x1 as a dot, depthwise as shifted multiply-adds, kxk as im2col + a dot);
   * "auto" (default): XLA's conv on GPU/TPU (cuDNN is the fast path there); on a CPU the lowering
-    that `CPU_RULES` (below, with the measurements behind it) picks for the shape.
+    that the table above `choose_impl` (with the measurements behind it) picks for the shape.
 Every lowering computes the same convolution; results differ only in float rounding (summation order).
 A backbone takes `conv_impl` as a field and passes it to each of its convs.
 """
@@ -35,15 +35,19 @@ CONV_IMPLS = ("auto", "xla", "matmul")
 # The lowerings choose_impl returns.
 LOWERINGS = ("xla", "dot", "im2col", "shifted")
 
-# CPU_RULES: the lowering on a CPU for conv_impl=auto, first matching row wins. Measured on the
-# 2-core Xeon of the dev machine, jax 0.10.2, float32, XLA:CPU's conv vs the lowering, fwd / fwd+bwd:
-#   depthwise (groups == in)  -> shifted  3x3, 32x32x32, batch 64: 90 / 240 ms vs 2.2 / 50 ms
-#   other grouped             -> xla      (no measurement: not used by a jsim backbone)
-#   1x1, groups 1             -> dot      ResNet50 1x1 convs ~2x faster as dots
-#   kxk, out H*W <= IM2COL_MAX_OUT_PIXELS
-#                             -> im2col   3x3 512->512 at 2x2, batch 16: 94 / 200 ms vs 4.9 / 14 ms
-#   kxk, larger               -> xla      (im2col's k*k-times larger patches cost more than they save)
-IM2COL_MAX_OUT_PIXELS = 32 * 32
+# The lowering on a CPU for conv_impl=auto, first matching row wins. Measured on the 2-core Xeon of the dev
+# machine, jax 0.10.2, float32, XLA:CPU's conv vs the lowering, fwd / fwd+bwd (grad of input and kernel) ms,
+# batch 16 unless said (the kxk and 1x1 rows under load average 4-10, min of 3: ratios, not absolutes):
+#   depthwise (groups == in > 1) -> shifted  3x3 32x32x32 b64: 90 / 240 vs 2.2 / 50 (quiet machine)
+#   other grouped                -> xla      (not measured: no jsim backbone has one)
+#   1x1                          -> dot      64->256 16x16: 5.5 / 28 vs 3.8 / 11; 2048->512 2x2: 6.0 / 32 vs 2.0 / 5.7;
+#                                            64->256 56x56: 184 / 1221 vs 148 / 236; 256->512 /2 8x8: 0.7 / 11.5 vs 0.9 / 2.7
+#   kxk, output <= the kernel    -> im2col   3x3 512->512 2x2: 688 / 1616 vs 8.9 / 27 (b64: 2270 / 5619 vs 39 / 96);
+#                                            3x3: 20 / 60 vs 9.1 / 27; 1x1: 20 / 68 vs 1.9 / 5.3; 4x4 /2 -> 2x2: 20 / 864 vs 4.8 / 15
+#   kxk, larger                  -> xla      4x4 256->256: 4.5 / 13 vs 4.9 / 18; 8x8 128: 31 / 119 vs 48 / 177 (b64);
+#                                            64x64 64->64: 173 / 862 vs 607 / 1049; 7x7 stem 64 px: 5.8 / 52 vs 9.7 / 63
+# (XLA:CPU's conv falls off a cliff once the output is no larger than the kernel; above that its own
+# im2col-free kernel wins, the more so the larger the image.) `benchmarks/cpu_convs.py --layers` re-measures.
 
 
 def choose_impl(
@@ -73,7 +77,7 @@ def choose_impl(
     return "xla"
   if pointwise:
     return "dot"
-  return "im2col" if out_hw[0] * out_hw[1] <= IM2COL_MAX_OUT_PIXELS else "xla"
+  return "im2col" if out_hw[0] <= kernel_size[0] and out_hw[1] <= kernel_size[1] else "xla"
 
 
 def explicit_padding(padding: Any, in_hw: Sequence[int], kernel_size: Sequence[int], strides: Sequence[int]):
@@ -149,7 +153,7 @@ class Conv(nn.Module):
   """flax.linen.Conv (2-D, NHWC) whose lowering is `choose_impl(jax.default_backend(), conv_impl, ...)`."""
 
   features: int
-  kernel_size: int | Sequence[int]
+  kernel_size: Sequence[int]
   strides: int | Sequence[int] = 1
   padding: Any = "SAME"
   feature_group_count: int = 1
@@ -162,10 +166,11 @@ class Conv(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)
-    kernel_size, strides = pair(self.kernel_size), pair(self.strides)
+    # (An int kernel_size means a 1-D conv to flax: refused here rather than read as (k, k).)
+    kernel_size = tuple(self.kernel_size) if not isinstance(self.kernel_size, int) else ()
+    strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
     if len(kernel_size) != 2 or len(strides) != 2:
-      raise ValueError(f"Conv is 2-D: kernel_size={self.kernel_size!r}, strides={self.strides!r}")
+      raise ValueError(f"Conv is 2-D: kernel_size={self.kernel_size!r} (expected (kh, kw)), strides={self.strides!r}")
     batch_shape = inputs.shape[:-3]
     x = inputs.reshape(-1, *inputs.shape[-3:])
     in_features, groups = x.shape[-1], self.feature_group_count

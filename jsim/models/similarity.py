@@ -32,6 +32,14 @@ _FEATURE_WIDTH: dict[str, Callable[[int], int]] = {
   "l2": lambda d: 1,  # Euclidean distance
 }
 FEATURE_KINDS: tuple[str, ...] = tuple(_FEATURE_WIDTH)
+# How each kind reads in titles ('l1' alone is read as 'I1' in a sans-serif font).
+_FEATURE_FORMULA = {
+  "l1": "|e1 - e2|",
+  "sq": "(e1 - e2)^2",
+  "prod": "e1 * e2",
+  "cos": "cos(e1, e2)",
+  "l2": "||e1 - e2||",
+}
 
 # torch.nn.init.kaiming_normal_(mode='fan_in', nonlinearity='relu'): N(0, 2 / fan_in), untruncated.
 he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -47,6 +55,12 @@ def parse_feature_kind(kind: str) -> tuple[str, ...]:
         "(join several with '+', e.g. 'l1+prod')"
       )
   return parts
+
+
+def feature_formula(kind: str) -> str:
+  """'l1' -> '|e1 - e2|', 'l1+prod' -> '[|e1 - e2|, e1 * e2]': the feature as a formula, for titles."""
+  parts = [_FEATURE_FORMULA[p] for p in parse_feature_kind(kind)]
+  return parts[0] if len(parts) == 1 else f"[{', '.join(parts)}]"
 
 
 def feature_dim(kind: str, embedding_dim: int) -> int:

@@ -223,7 +223,7 @@ def _load_state_dict(arch: str, weights: Any) -> dict[str, np.ndarray]:
     state = weights
   elif isinstance(weights, (str, os.PathLike)):
     s = os.fspath(weights)
-    if os.path.exists(s) or not re.fullmatch(r"\w+(\.\w+)?", s) or s.endswith((".pth", ".pt")):
+    if is_weights_path(s):
       state = _load_file(s)
     else:
       state = _load_named(arch, s)
@@ -282,8 +282,54 @@ def _load_named(arch: str, name: str) -> Mapping:
     cache = os.path.join(torch.hub.get_dir(), "checkpoints")
     raise ConnectionError(
       f"from_torchvision: cannot download {enum.__name__}.{w.name} from {w.url} ({e}); without a "
-      f"network, fetch {file_name} elsewhere and pass its local path as weights, or put it in {cache}"
+      f"network, fetch {file_name} elsewhere and add --config.model.weights=/path/to/{file_name} "
+      f"(or put the file in {cache})"
     ) from e
+
+
+def is_weights_path(weights: str) -> bool:
+  """Whether model.weights names a file (else a torchvision weights name such as IMAGENET1K_V1)."""
+  return os.path.exists(weights) or not re.fullmatch(r"\w+(\.\w+)?", weights) or weights.endswith((".pth", ".pt"))
+
+
+def missing_packages(weights: str) -> list[str]:
+  """The packages that reading `weights` needs and that are not installed (found without importing them)."""
+  import importlib.util
+
+  needed = ["torch"] if is_weights_path(weights) else ["torch", "torchvision"]
+  return [m for m in needed if importlib.util.find_spec(m) is None]
+
+
+def weights_status(arch: str, weights: str) -> tuple[str, int]:
+  """What stage 1 will read for model.init='torchvision': (a phrase, bytes it will download).
+
+  'a weights file of 98 MB', or torchvision's file in its cache, or the download it needs;
+  ValueError for an unknown name, FileNotFoundError for a missing file.
+  """
+  if is_weights_path(weights):
+    if not os.path.isfile(weights):
+      raise FileNotFoundError(
+        f"model.weights={weights}: no such file (a .pth state_dict, or a name such as IMAGENET1K_V1)"
+      )
+    return f"{weights} ({os.path.getsize(weights) / 1e6:.0f} MB)", 0
+  torchvision, torch = _import("torchvision"), _import("torch")
+  enum = torchvision.models.get_model_weights(arch)
+  member = weights.split(".", 1)[1] if weights.startswith(enum.__name__ + ".") else weights
+  if member not in enum.__members__:
+    raise ValueError(
+      f"model.weights={weights!r}: torchvision has no such weights for {arch}; "
+      f"available: {', '.join(enum.__members__)} (or a path to a .pth file)"
+    )
+  w = enum[member]
+  path = os.path.join(torch.hub.get_dir(), "checkpoints", w.url.rsplit("/", 1)[-1])
+  if os.path.isfile(path):
+    return f"torchvision's {enum.__name__}.{w.name}, in its cache ({path})", 0
+  size = int(float(w.meta.get("_file_size", 0)) * 2**20)
+  return (
+    f"torchvision's {enum.__name__}.{w.name}: not in its cache, stage 1 downloads it from {w.url} "
+    f"({size / 1e6:.0f} MB) into {os.path.dirname(path)}",
+    size,
+  )
 
 
 def _import(module: str) -> Any:

@@ -22,9 +22,12 @@ stage-2 checkpoint (`similarity.restore_similarity`), turns two embeddings into
 P(same). EXIF orientation is ignored, as in training.
 
 A gallery is embedded once and cached in W/predict_cache/<hash of its path>.npz
-(files, sizes, mtimes, embeddings, and the stage-1 checkpoints they came from);
-a later search embeds only files that were added or changed, and everything
-again when a stage-1 checkpoint changed.
+(files, sizes, mtimes, SHA-256 of their bytes, embeddings, and the content checksums
+of the stage-1 checkpoints they came from); a later search embeds only files that were
+added or whose content changed (a file replaced by another of the same size with its
+time restored included), and everything again when a stage-1 checkpoint changed. A
+read-only workdir keeps its caches (the gallery's, the ONNX export) in the user's
+cache folder instead ($JSIM_CACHE or ~/.cache/jsim), said in one line.
 
 Backends: `Similarity.load(W)` runs the checkpoints through JAX/XLA; `backend="onnx"`
 runs their ONNX export (jsim.export, made in W/onnx on first use and again when a
@@ -45,7 +48,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -59,7 +61,7 @@ from jsim import workdir as wd
 # What a gallery search picks up (compared case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CACHE_DIR = "predict_cache"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: content digests of the gallery files
 _SCORE_CHUNK = 4096  # gallery embeddings scored per device call
 _PROG = "jsim-predict"
 
@@ -164,36 +166,23 @@ class Backbone:
   image_size: int
   input_size: int
   batch_size: int
-  checkpoint_stamp: int  # mtime_ns of the checkpoint folder: a retrained step invalidates caches
+  checkpoint_stamp: str  # the checkpoint's content checksum: a retrained step invalidates caches, a copy does not
   variables: Any
   _apply: Callable
 
   def embed_uint8(self, images: np.ndarray) -> np.ndarray:
     """float32 [N, dim] of uint8 [N, S, S, 3] images (S = image_size), in padded batches."""
-    import jax
+    from jsim.train import batching
 
-    n = images.shape[0]
-    out = []
-    for start in range(0, n, self.batch_size):
-      chunk = images[start : start + self.batch_size]
-      size = _bucket(len(chunk), self.batch_size)  # a few compiled shapes, not one per count
-      if size > len(chunk):
-        chunk = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:], np.uint8)])
-      e = self._apply(self.variables, chunk)
-      out.append(np.asarray(jax.device_get(e))[: min(self.batch_size, n - start)])
-    return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
-
-
-def _bucket(n: int, cap: int) -> int:
-  return min(cap, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+    fn = lambda idx, mask: self._apply(self.variables, images[idx])
+    outputs = batching.run(fn, np.arange(images.shape[0]), self.batch_size, bucket=True)
+    return batching.rows(outputs, width=self.dim)
 
 
 def _load_backbone(rec: wd.StageRecords, mesh) -> Backbone:
   import jax
-  import jax.numpy as jnp
   from jsim import configs
-  from jsim.data import augment
-  from jsim.train import classifier
+  from jsim.train import batching, classifier
 
   config = configs.config_from_dict(rec.config)
   model, state = classifier.restore_classifier(config, rec.workdir, mesh)
@@ -212,13 +201,12 @@ def _load_backbone(rec: wd.StageRecords, mesh) -> Backbone:
   mean, std, input_size = rec.mean, rec.std, int(config.classifier.input_size)
 
   @jax.jit
-  def apply(variables, images):
-    # What the embeddings stage computes (jsim.train.embeddings.embed_step), on one batch.
-    x = augment.preprocess(images, mean, std, input_size)
-    _, e = model.apply(variables, x, train=False)
-    return e.astype(jnp.float32)
+  def apply(variables, images):  # what the embeddings stage computes, on one batch
+    return batching.forward(variables, images, model=model, mean=mean, std=std, input_size=input_size)[1]
 
-  stamp = (rec.workdir / wd.STAGE1 / "checkpoints" / str(step)).stat().st_mtime_ns
+  stamp = wd.checkpoint_identity(rec.workdir / wd.STAGE1, step) or str(
+    (rec.workdir / wd.STAGE1 / "checkpoints" / str(step)).stat().st_mtime_ns  # (a checkpoint without a checksum)
+  )
   return Backbone(
     workdir=rec.workdir,
     model_name=rec.model_name,
@@ -377,8 +365,10 @@ class Similarity:
     g = np.asarray(gallery_embeddings, np.float32)
     if q.shape != (self.dim,) or g.ndim != 2 or g.shape[1] != self.dim:
       raise ValueError(f"scores needs a [{self.dim}] query and [N, {self.dim}] gallery, got {q.shape}, {g.shape}")
+    from jsim.train.batching import bucket_size
+
     n = g.shape[0]
-    chunk = _bucket(n, _SCORE_CHUNK)
+    chunk = bucket_size(n, _SCORE_CHUNK)
     out = []
     for start in range(0, n, chunk):
       part = g[start : start + chunk]
@@ -397,7 +387,9 @@ class Similarity:
     key = hashlib.sha1(str(Path(gallery_dir).resolve()).encode()).hexdigest()[:16]
     # One cache file per backend: their embeddings agree within 1e-4 (~1e-6), not bit for bit, and a
     # ranking should not depend on which backend embedded which file.
-    return self.workdir / CACHE_DIR / (f"{key}.npz" if self.backend == "jax" else f"{key}.{self.backend}.npz")
+    return cache_root(self.workdir, CACHE_DIR) / (
+      f"{key}.npz" if self.backend == "jax" else f"{key}.{self.backend}.npz"
+    )
 
   def _gallery_batch(self) -> int:
     return max(b.batch_size for b in self.backbones)
@@ -425,12 +417,14 @@ class Similarity:
     listing = _listing(root)
     cache_path = self.cache_path(root) if use_cache else None
     cached = self._read_cache(cache_path) if cache_path else {}
+    # Content decides, not size and time (a file replaced by another of the same size, its time restored).
+    digests = {rel: _content_digest(root / rel) for rel, _, _ in listing} if cache_path else {}
     rows: dict[str, np.ndarray] = {}
     todo = []
-    for rel, size, mtime in listing:
+    for rel, size, _ in listing:
       hit = cached.get(rel)
-      if hit is not None and hit[0] == size and hit[1] == mtime:
-        rows[rel] = hit[2]
+      if hit is not None and hit[0] == size and digests[rel] is not None and hit[2] == digests[rel]:
+        rows[rel] = hit[3]
       else:
         todo.append(rel)
     skipped = []
@@ -455,7 +449,7 @@ class Similarity:
         bar.update(len(todo[start : start + batch]))
     if bar is not None:
       bar.close()
-    stats = {rel: (size, mtime) for rel, size, mtime in listing}
+    stats = {rel: (size, mtime, digests.get(rel) or "") for rel, size, mtime in listing}
     files = [rel for rel, _, _ in listing if rel in rows]
     if not files:
       raise ValueError(
@@ -475,7 +469,7 @@ class Similarity:
       cache_path=cache_path,
     )
 
-  def _read_cache(self, path: Path) -> dict[str, tuple[int, int, np.ndarray]]:
+  def _read_cache(self, path: Path) -> dict[str, tuple[int, int, str, np.ndarray]]:
     if not path.exists():
       return {}
     try:
@@ -483,31 +477,33 @@ class Similarity:
         if str(z["model_key"]) != self._model_key() or z["embeddings"].shape[1:] != (self.dim,):
           return {}  # another checkpoint: embed everything again
         return {
-          str(f): (int(s), int(m), e) for f, s, m, e in zip(z["files"], z["sizes"], z["mtimes_ns"], z["embeddings"])
+          str(f): (int(s), int(m), str(d), e)
+          for f, s, m, d, e in zip(z["files"], z["sizes"], z["mtimes_ns"], z["sha256"], z["embeddings"])
         }
     except Exception:  # a damaged cache is rebuilt, never fatal
       return {}
 
   def _write_cache(
-    self, path: Path, root: Path, files: list[str], stats: list[tuple[int, int]], emb: np.ndarray
+    self, path: Path, root: Path, files: list[str], stats: list[tuple[int, int, str]], emb: np.ndarray
   ) -> None:
-    try:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.with_name(path.name + ".tmp")
+    def write(tmp):
       with open(tmp, "wb") as f:
         np.savez(
           f,
           files=np.asarray(files, dtype=str),
-          sizes=np.asarray([s for s, _ in stats], np.int64),
-          mtimes_ns=np.asarray([m for _, m in stats], np.int64),
+          sizes=np.asarray([s for s, _, _ in stats], np.int64),
+          mtimes_ns=np.asarray([m for _, m, _ in stats], np.int64),
+          sha256=np.asarray([d for _, _, d in stats], dtype=str),
           embeddings=emb,
           model_key=np.asarray(self._model_key()),
           gallery=np.asarray(str(root.resolve())),
           stage1_steps=np.asarray(self.stage1_steps, np.int64),
         )
-      tmp.replace(path)
-    except OSError as e:  # a read-only workdir: search still works, uncached
-      print(f"{_PROG}: warning: cannot write the gallery cache {path} ({e})", file=sys.stderr)
+
+    try:
+      wd.write_file(path, write)
+    except OSError as e:  # a full disk, a read-only cache folder: search still works, uncached
+      print(f"{_PROG}: warning: cannot write the gallery cache ({_first_line(e)})", file=sys.stderr)
 
   def rank(
     self,
@@ -548,6 +544,32 @@ class Similarity:
     """The `top` images of a folder most likely to show the same kind of object as `query`:
     a list of (path, probability), best first. The query file itself is left out."""
     return self.rank(query, self.gallery(gallery_dir, use_cache=use_cache), top, exclude_query=exclude_query)
+
+
+def _content_digest(path: Path) -> str | None:
+  try:
+    return wd.file_digest(path)
+  except OSError:
+    return None  # unreadable: embedded again (and skipped, saying why)
+
+
+def cache_root(workdir: Path, name: str) -> Path:
+  """W/<name>, or for a workdir that cannot be written the same cache in the user's cache folder
+  ($JSIM_CACHE or ~/.cache/jsim, under a hash of W's path), said once in one line."""
+  workdir = Path(workdir)
+  if os.access(workdir, os.W_OK) or not workdir.is_dir():
+    return workdir / name
+  from jsim.data import cache
+
+  key = hashlib.sha1(str(workdir.resolve()).encode()).hexdigest()[:16]
+  folder = cache.default_cache_dir() / "workdirs" / key / name
+  if folder not in _said_read_only:
+    _said_read_only.add(folder)
+    print(f"{_PROG}: {workdir} is read-only: its {name} cache is kept in {folder} instead", file=sys.stderr)
+  return folder
+
+
+_said_read_only: set[Path] = set()
 
 
 def entry_point() -> None:
@@ -599,7 +621,10 @@ class OnnxSimilarity(Similarity):
     from jsim.export import runtime
 
     runtime.require_onnxruntime()
-    folder = Path(onnx_dir) if onnx_dir is not None else records.workdir / export.DEFAULT_DIR
+    own = records.workdir / export.DEFAULT_DIR
+    if onnx_dir is None and not os.access(records.workdir, os.W_OK) and export.problem(own, records) is None:
+      return cls(records, runtime.OnnxModel(own), exported_now=False)  # a read-only workdir's current export
+    folder = Path(onnx_dir) if onnx_dir is not None else cache_root(records.workdir, export.DEFAULT_DIR)
     if onnx_dir is not None:  # the user's export: used as it is, or refused
       why = export.problem(folder, records)
       if why is not None:

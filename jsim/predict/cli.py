@@ -16,6 +16,7 @@ import html
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +24,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from jsim import workdir as wd
+from jsim import interrupts, workdir as wd
 from jsim.predict import _PROG, BACKENDS, Match, Similarity, _first_line, _listing, prepare_image
 
 # ----------------------------------------------------------------------------- outputs
@@ -56,13 +57,24 @@ def write_html(out: str | Path, query: str | Path, matches: Sequence[Match], thr
 
   out = Path(out)
   t = 0.5 if threshold is None else threshold
-  cards = []
-  for rank, m in enumerate(matches, 1):
-    same = m.probability > t
-    cards.append(
-      f'<figure class="{"same" if same else "diff"}"><img src="{_data_uri(_thumbnail(m.path))}">'
-      f"<figcaption>{rank}. p = {m.probability:.4f}<br>{html.escape(str(m.path))}</figcaption></figure>"
+  # The matches' common folder is said once; each caption names the file below it, broken only at a '/'.
+  folder = Path(os.path.commonpath([str(Path(m.path).parent) for m in matches])) if matches else None
+
+  def card(path, css: str, caption: str) -> str:
+    uri = html.escape(Path(path).resolve().as_uri())
+    return (
+      f'<figure class="{css}"><a href="{uri}" title="{html.escape(str(path))}">'
+      f'<img src="{_data_uri(_thumbnail(path))}"></a><figcaption>{caption}</figcaption></figure>'
     )
+
+  def name(path) -> str:
+    return name_folder((Path(path).relative_to(folder) if folder is not None else Path(path)).as_posix())
+
+  cards = [
+    card(m.path, "same" if m.probability > t else "diff", f"{rank}. p = {m.probability:.4f}<br>{name(m.path)}")
+    for rank, m in enumerate(matches, 1)
+  ]
+  in_folder = f" in {name_folder(folder)}" if folder is not None else ""
   thr = f"the validation threshold {t:.3f}" if threshold is not None else "0.5"
   page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>jsim search: {html.escape(Path(query).name)}</title>
@@ -70,23 +82,29 @@ def write_html(out: str | Path, query: str | Path, matches: Sequence[Match], thr
 body {{ font-family: sans-serif; margin: 1.5em; }}
 img {{ width: 128px; height: 128px; object-fit: contain; image-rendering: pixelated; background: #eee; }}
 figure {{ display: inline-block; margin: 6px; padding: 4px; border: 4px solid #ccc; width: 140px;
-          vertical-align: top; font-size: 11px; word-break: break-all; }}
+          vertical-align: top; font-size: 11px; overflow-wrap: normal; }}
+.path {{ font-family: monospace; }}
 figure.query {{ border-color: {_rgb(figures.QUERY_COLOR)}; }}
 figure.same {{ border-color: {_rgb(figures.ABOVE_COLOR)}; }}
 figure.diff {{ border-color: {_rgb(figures.BELOW_COLOR)}; }}
 </style></head><body>
 <h1>Images most similar to the query</h1>
 <p>P(same kind of object) by the similarity net: blue the query; orange above {thr} (the model says "the
-same kind"), gray below.</p>
-<figure class="query"><img src="{_data_uri(_thumbnail(query))}">
-<figcaption>query<br>{html.escape(str(query))}</figcaption></figure>
+same kind"), gray below. Click an image to open the file.</p>
+{card(query, "query", f"query<br>{name_folder(query)}")}
 <hr>
+<p>Best matches{in_folder}:</p>
 {chr(10).join(cards)}
 </body></html>
 """
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(page)
   return out
+
+
+def name_folder(path) -> str:
+  """A path for a caption: HTML-escaped, with a line-break opportunity after every '/' (never mid-name)."""
+  return '<span class="path">' + "/<wbr>".join(html.escape(p) for p in str(path).split("/")) + "</span>"
 
 
 def short_name(name: str, n: int = 20) -> str:
@@ -152,18 +170,19 @@ SHEET_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 
 def check_output_path(flag: str, path: str | Path, suffixes: Sequence[str]) -> None:
   """ValueError in one line if `path` cannot be written (checked before any search runs)."""
-  import os
-
   p = Path(path)
   if p.suffix.lower() not in suffixes:
     raise ValueError(f"{flag}={path}: expected a file name ending in {' or '.join(suffixes)}")
   if p.is_dir():
     raise ValueError(f"{flag}={path} is a directory; give a file name")
   parent = p.parent
-  while not parent.exists():
-    parent = parent.parent
-  if not parent.is_dir():
-    raise ValueError(f"{flag}={path}: {parent} is a file, not a directory")
+  existing = parent
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
+    raise ValueError(f"{flag}={path}: {existing} is a file, not a directory")
+  if existing != parent:  # (a typo in the folder must not make a new tree of folders)
+    raise ValueError(f"{flag}={path}: the folder {parent} does not exist; create it first or name another")
   if not os.access(parent, os.W_OK):
     raise ValueError(f"{flag}={path}: cannot write in {parent}")
 
@@ -325,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.onnx_dir and args.backend == "jax":
       parser.error("--onnx_dir goes with --backend=onnx or auto")
     sim = Similarity.from_records(records, backend=args.backend, onnx_dir=args.onnx_dir)
+    for note in records.notes:  # (a stale report's threshold is not used; said once the model is there)
+      print(f"{_PROG}: warning: {note}", file=sys.stderr)
     if getattr(sim, "exported_now", False):
       print(
         f"{_PROG}: exported the model to {sim.onnx.folder} for the ONNX backend (once; --backend=jax skips it)",
@@ -337,14 +358,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (ValueError, OSError) as e:  # OSError: FileNotFound, NotADirectory, Permission, ...
     print(f"{_PROG}: {_first_line(e)}", file=sys.stderr)
     return 1
-  except KeyboardInterrupt:
-    print(f"{_PROG}: interrupted", file=sys.stderr)
-    return 130
+  except (KeyboardInterrupt, interrupts.Interrupted) as e:
+    print(f"{_PROG}: stopped by {getattr(e, 'name', 'SIGINT')}", file=sys.stderr)
+    return getattr(e, "exit_code", 130)
   return 0
 
 
 def entry_point() -> None:
-  sys.exit(main())
+  # SIGTERM as SIGINT: one line and 128 + the signal; then no interpreter teardown, where onnxruntime's and
+  # XLA's threads die under a Python that is finalising (a segmentation fault after the line).
+  interrupts.install()
+  try:
+    code = main()
+  except (KeyboardInterrupt, interrupts.Interrupted) as e:  # (while the libraries import, or parsing)
+    print(f"{_PROG}: stopped by {getattr(e, 'name', 'SIGINT')}", file=sys.stderr)
+    code = getattr(e, "exit_code", 130)
+  interrupts.exit_now(code)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,13 @@ from absl import logging
 
 from jsim import configs, console, models, parallel, workdir as wd
 from jsim.checkpoint import abstract_like, restore_best
-from jsim.data import augment, splits, streaming
+from jsim import knn_metrics
+from jsim.data import samplers, splits, streaming
 from jsim.data.prepare import Prepared, prepare
 from jsim.models import freeze as freezing
 from jsim.models.metric_model import MetricModel
-from jsim.train import loop, metric, schedule
-from jsim.train.metrics_writer import MetricsWriter, progress_bar
+from jsim.train import batching, loop, metric, schedule, step
+from jsim.train.metrics_writer import MetricsWriter
 from jsim.train.state import TrainState
 
 # config.data.pipeline: 'device' holds the train images on every device and gathers each batch
@@ -68,116 +69,18 @@ def make_optimizer(cfg, model=None) -> optax.GradientTransformation:
   )
 
 
-def _input_dtype(model):
-  """The compute dtype of a backbone (its first layer casts its input to it)."""
-  return getattr(model, "dtype", jnp.float32)
-
-
-# ----------------------------------------------------------------------------- steps (jitted in the plan)
-
-
-def train_step(
-  state: TrainState, images, labels, sums: dict, *, model, tx, mean, std, input_size: int, augment_config, seed_key
-):
-  """One update on a batch of uint8 images [B, S, S, 3] and head labels [B]; adds to the epoch's sums."""
-  key = jax.random.fold_in(seed_key, state.step)
-  aug_key, dropout_key = jax.random.split(key)
-  # Cast once here: the model would cast its input to the compute dtype anyway, and this
-  # way the augmented 224x224 batch is written (and read by the stem) in bf16 on GPU.
-  x = augment.augment(aug_key, images, mean, std, input_size, augment_config).astype(_input_dtype(model))
-
-  def loss_fn(params):
-    (logits, _), updates = model.apply(
-      {"params": params, "batch_stats": state.batch_stats},
-      x,
-      train=True,
-      mutable=["batch_stats"],
-      rngs={"dropout": dropout_key},
-    )
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return losses.mean(), (losses, logits, updates)
-
-  grads, (losses, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
-  new_state = state.apply_gradients(grads, tx, updates)
-  return new_state, loop.add_to_sums(sums, losses, jnp.argmax(logits, -1) == labels, state.step)
-
-
-def gathered_train_step(
-  state: TrainState, images, labels, perm, batch, sums: dict, *, size: int, batch_size: int, mesh, **step_args
-):
-  """train_step on batch `batch` of the epoch's permutation of device-resident images."""
-  idx = jax.lax.dynamic_slice_in_dim(perm, batch * batch_size, size)
-  idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
-  return train_step(state, images[idx], labels[idx], sums, **step_args)
-
-
-def eval_sums(state: TrainState, images, labels, mask, *, model, mean, std, input_size: int) -> dict:
-  """Loss, correct and count sums over one padded batch of uint8 images (mask: which are real)."""
-  x = augment.preprocess(images, mean, std, input_size).astype(_input_dtype(model))
-  logits, _ = model.apply(state.variables, x, train=False)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  w = mask.astype(jnp.float32)
-  return {
-    "loss_sum": jnp.sum(losses * w),
-    "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * w),
-    "count": jnp.sum(w),
-  }
-
-
-def gathered_eval_sums(state: TrainState, images, labels, idx, mask, *, mesh, **eval_args) -> dict:
-  idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
-  return eval_sums(state, images[idx], labels[idx], mask, **eval_args)
-
-
-def make_eval_sums(model, mean, std, input_size: int, mesh):
-  """(state, images, labels, idx, mask) -> sums over one padded batch (idx, mask: host arrays).
-
-  One eval step, two feeders: images and labels already on the devices (jax.Array)
-  are gathered inside jit; host arrays (numpy, a memmap) are gathered here and only
-  the batch is sent, sharded.
-  """
-  args = dict(model=model, mean=mean, std=std, input_size=input_size)
-  rep = parallel.replicated(mesh)
-  gathered = jax.jit(functools.partial(gathered_eval_sums, mesh=mesh, **args), out_shardings=rep)
-  on_batch = jax.jit(functools.partial(eval_sums, **args), out_shardings=rep)
-
-  def feed(state, images, labels, idx, mask):
-    put = lambda a: parallel.put_sharded_batch(a, mesh)
-    if isinstance(images, jax.Array):
-      return gathered(state, images, labels, put(idx), put(mask))
-    return on_batch(state, put(np.asarray(images[idx])), put(np.asarray(labels[idx])), put(mask))
-
-  return feed
-
-
-def padded_batches(indices: np.ndarray, batch_size: int):
-  """Fixed-size batches of `indices`; the last is padded and masked, never dropped."""
-  n = len(indices)
-  for start in range(0, n, batch_size):
-    idx = indices[start : start + batch_size]
-    mask = np.ones(batch_size, bool)
-    if len(idx) < batch_size:
-      mask[len(idx) :] = False
-      idx = np.concatenate([idx, np.zeros(batch_size - len(idx), idx.dtype)])
-    yield idx.astype(np.int32), mask
+# ----------------------------------------------------------------------------- the plan loop.fit runs
 
 
 def evaluate_accuracy(
   eval_fn, state, images, labels, indices: np.ndarray, batch_size: int, *, desc: str | None = None
 ) -> dict:
-  """Loss and accuracy over `indices`; images/labels on the devices or on the host (see make_eval_sums).
-
-  desc: show a progress bar with this title.
-  """
+  """Loss and accuracy of a classifying loss's head over `indices` (eval_fn: step.jit_eval_step's)."""
   total = None
-  bar = progress_bar(len(indices), 0, desc, "img") if desc else None
-  for idx, mask in padded_batches(indices, batch_size):
-    s = eval_fn(state, images, labels, idx, mask)
-    total = loop.add_eval_sums(total, s)
-    if bar is not None:  # (waits for the batch: the bar shows what is done, not what is queued)
-      bar.update(int(jax.block_until_ready(s)["count"]))
-  if bar is not None:
-    bar.close()
+  for sums, _ in batching.run(
+    lambda idx, mask: eval_fn(state, images, labels, idx, mask), indices, batch_size, desc=desc
+  ):
+    total = loop.add_eval_sums(total, sums)
   return loop.eval_metrics(total)
 
 
@@ -201,13 +104,62 @@ def place_images(pipeline: str, images: np.ndarray, labels: np.ndarray, mesh):
   return images, labels
 
 
-class ClassifierPlan:
-  """Stage 1's epochs: a seeded permutation of the train images, augmented on the device.
+class UniformBatches:
+  """The protocol's batches: each epoch a seeded permutation of the n train images (a function of
+  (seed, epoch): streaming.epoch_permutation), cut into batches.
 
-  data.pipeline='device' gathers each batch inside the jitted step; 'stream' reads
-  each batch on the host with grain (same order: streaming.epoch_permutation) and
-  sends only the batch. Both run `train_step` with the same per-step key, so they
+  keep_remainder: the last, shorter batch is kept, trimmed to a multiple of the device count
+  (985 updates a protocol epoch); otherwise only full batches (a pair or proxy loss on a few
+  images says little).
+  """
+
+  def __init__(self, n: int, batch_size: int, *, keep_remainder: bool, num_devices: int = 1):
+    self.n = n
+    if keep_remainder:
+      self.batch_sizes = loop.epoch_batch_sizes(n, batch_size, num_devices)
+    else:
+      self.batch_sizes = [batch_size] * (n // batch_size)
+      if not self.batch_sizes:
+        raise ValueError(f"{n} training images make no batch of {batch_size}")
+
+  def epoch(self, seed: int, epoch: int) -> np.ndarray:
+    """Positions (into the n images) of the epoch's batches, one after the other."""
+    return streaming.epoch_permutation(seed, epoch, self.n)[: sum(self.batch_sizes)]
+
+
+class MPerClassBatches:
+  """m images of each of batch_size / m classes per batch (jsim.data.samplers), full batches only."""
+
+  def __init__(self, labels: np.ndarray, *, m: int, batch_size: int):
+    self.sampler = samplers.MPerClassSampler(labels, m=m, batch_size=batch_size)
+    self.batch_sizes = [batch_size] * self.sampler.num_batches
+
+  def epoch(self, seed: int, epoch: int) -> np.ndarray:
+    return np.asarray(self.sampler.epoch(seed, epoch)).reshape(-1)
+
+
+def batch_source(cfg, loss, labels: np.ndarray, num_devices: int):
+  """config.classifier's batches over stage 1's train images (head `labels`): m-per-class for
+  sampler 'm_per_class' ('auto': for a metric-learning loss), else uniform."""
+  if cfg.sampler not in metric.SAMPLERS:
+    raise ValueError(f"classifier.sampler={cfg.sampler!r}: expected one of {', '.join(metric.SAMPLERS)}")
+  if cfg.sampler == "m_per_class" or (cfg.sampler == "auto" and not loss.classifies):
+    return MPerClassBatches(labels, m=cfg.sampler_m, batch_size=cfg.batch_size)
+  return UniformBatches(len(labels), cfg.batch_size, keep_remainder=loss.classifies, num_devices=num_devices)
+
+
+class Stage1Plan:
+  """Stage 1's epochs for any loss (an EpochPlan for loop.fit): batches from a batch source,
+  augmented on the device, jsim.train.step's step.
+
+  data.pipeline='device' holds the train images on every device and gathers each batch
+  inside the jitted step; 'stream' reads each batch on the host with grain (the same order)
+  and sends only the batch. Both run the same step with the same per-step key, so they
   train identically.
+
+  A loss that classifies (cross_entropy) is judged each epoch by its head's validation
+  accuracy; any other by MAP@R of the validation images among themselves
+  (`val_accuracy` is then MAP@R, `val_precision_at_1` and `val_r_precision` beside it).
   """
 
   item_name = "img"
@@ -215,16 +167,21 @@ class ClassifierPlan:
   def __init__(self, config, data: Prepared, model, tx, mesh):
     cfg = config.classifier
     self.cfg, self.mesh, self.seed = cfg, mesh, config.seed
+    self.loss = metric.build_loss(cfg)
     self.pipeline = config.data.pipeline
     self.batch_size = self.items_per_batch = cfg.batch_size
     parallel.check_divisible(cfg.batch_size, mesh, "classifier.batch_size")
     parallel.check_divisible(cfg.eval_batch_size, mesh, "classifier.eval_batch_size")
     self.train_idx, self.val_idx = data.train_idx, data.val_idx
-    self.batch_sizes = loop.epoch_batch_sizes(len(self.train_idx), cfg.batch_size, mesh.devices.size)
+    self.source = batch_source(cfg, self.loss, data.train_head_labels[self.train_idx], mesh.devices.size)
+    self.batch_sizes = self.source.batch_sizes
     self.images, self.labels = place_images(self.pipeline, data.train_set.images, data.train_head_labels, mesh)
     self._records = _Records(data.train_set.images, data.train_head_labels)
-    step_args = dict(
+    self._gathered_step, self._batch_step = step.jit_train_steps(
+      mesh,
+      batch_size=cfg.batch_size,
       model=model,
+      loss=self.loss,
       tx=tx,
       mean=data.mean,
       std=data.std,
@@ -232,43 +189,40 @@ class ClassifierPlan:
       augment_config=cfg.augment,
       seed_key=jax.random.PRNGKey(config.seed),
     )
-    rep = parallel.replicated(mesh)
-    self._gathered_step = jax.jit(
-      functools.partial(gathered_train_step, batch_size=cfg.batch_size, mesh=mesh, **step_args),
-      static_argnames="size",
-      donate_argnums=(0, 5),
-      out_shardings=rep,
+    self.eval_fn = step.jit_eval_step(
+      mesh, model=model, loss=self.loss, mean=data.mean, std=data.std, input_size=cfg.input_size
     )
-    self._batch_step = jax.jit(functools.partial(train_step, **step_args), donate_argnums=(0, 3), out_shardings=rep)
-    self.eval_fn = make_eval_sums(model, data.mean, data.std, cfg.input_size, mesh)
-    self._perm = None
+    self.distance = metric.retrieval_distance(cfg)
+    self._order = None  # the epoch's image indices, batch after batch (on the devices for 'device')
     self._stream = self._stream_at = None  # the epoch's batch iterator; (epoch, next batch) it yields
 
   def num_batches(self, epoch: int) -> int:
     return len(self.batch_sizes)
 
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    """The image indices of the epoch's batches, one batch after the other: a function of (seed, epoch)."""
+    return self.train_idx[self.source.epoch(self.seed, epoch)].astype(np.int32)
+
   def begin_epoch(self, epoch: int) -> None:
     self._close_stream()
-    if self.pipeline == "device":
-      perm = self.train_idx[streaming.epoch_permutation(self.seed, epoch, len(self.train_idx))]
-      self._perm = parallel.put_replicated(perm.astype(np.int32), self.mesh)
+    order = self.epoch_order(epoch)
+    self._order = parallel.put_replicated(order, self.mesh) if self.pipeline == "device" else order
 
   def train_step(self, state, epoch: int, batch: int, sums: dict):
     sums = parallel.ensure_replicated(sums, self.mesh)  # fresh zero sums: no second compilation
     size = self.batch_sizes[batch]
     if self.pipeline == "device":
-      return self._gathered_step(state, self.images, self.labels, self._perm, jnp.int32(batch), sums, size=size)
+      data = {"images": self.images, "labels": self.labels}
+      return self._gathered_step(state, data, self._order, jnp.int32(batch), sums, size)
     images, labels = self._next_batch(epoch, batch)
     put = lambda a: parallel.put_sharded_batch(a[:size], self.mesh)  # the device-count trim, as above
-    return self._batch_step(state, put(images), put(labels), sums)
+    return self._batch_step(state, {"images": put(images), "labels": put(labels)}, sums)
 
   def _next_batch(self, epoch: int, batch: int):
     # Opened lazily, at the epoch's first step: a resumed epoch starts at its resume batch.
     if self._stream_at != (epoch, batch):
       self._close_stream()
-      self._stream = streaming.stream_batches(
-        self._records, self.train_idx, self.batch_size, self.seed, epoch, None, start_batch=batch
-      )
+      self._stream = streaming.stream_order(self._records, self._order[batch * self.batch_size :], self.batch_size)
     images, labels = next(self._stream)
     self._stream_at = (epoch, batch + 1)
     return images, labels
@@ -279,10 +233,32 @@ class ClassifierPlan:
       close()
     self._stream = self._stream_at = None
 
+  def embed(self, state, images, indices: np.ndarray) -> np.ndarray:
+    """Embeddings [len(indices), D] of `images` (on the devices or the host) in eval mode (a loss that
+    does not classify)."""
+    fn = lambda idx, mask: self.eval_fn(state, images, None, idx, mask)["embeddings"]
+    return batching.rows(list(batching.run(fn, indices, self.cfg.eval_batch_size)))
+
+  def score(self, state, images, labels, indices: np.ndarray, desc: str | None = None) -> dict:
+    """The epoch's validation figures over `indices` of (images, head labels):
+    {'loss', 'accuracy' (what selects the best epoch), 'count', 'extra'}."""
+    if self.loss.classifies:
+      return evaluate_accuracy(self.eval_fn, state, images, labels, indices, self.cfg.eval_batch_size, desc=desc)
+    m = self.retrieval(state, images, labels, indices)
+    return {
+      "loss": None,
+      "accuracy": m["map@r"],
+      "count": m["num_queries"],
+      "extra": {"val_precision_at_1": m["precision@1"], "val_r_precision": m["r_precision"]},
+    }
+
+  def retrieval(self, state, images, labels, indices: np.ndarray) -> dict:
+    """P@1, R-precision and MAP@R of the images `indices` among themselves."""
+    labels = np.asarray(jax.device_get(labels))
+    return knn_metrics.embedding_metrics(self.embed(state, images, indices), labels[indices], distance=self.distance)
+
   def evaluate(self, state) -> dict:
-    return evaluate_accuracy(
-      self.eval_fn, state, self.images, self.labels, self.val_idx, self.cfg.eval_batch_size, desc="stage 1 validation"
-    )
+    return self.score(state, self.images, self.labels, self.val_idx, desc="stage 1 validation")
 
 
 def stage_identity(config) -> dict:
@@ -346,10 +322,7 @@ def train_classifier(config, workdir: str | Path) -> dict:
   tx = make_optimizer(config.classifier, model)
   variables = initial_variables(config, model, num_classes, config.classifier.input_size)
   state = parallel.put_replicated(TrainState.create(variables, tx), mesh)
-  if isinstance(model, MetricModel):
-    plan = metric.MetricPlan(config, data, model, tx, mesh, place_images=place_images, padded_batches=padded_batches)
-  else:
-    plan = ClassifierPlan(config, data, model, tx, mesh)
+  plan = Stage1Plan(config, data, model, tx, mesh)
   # Claimed once the data, the split and the model have loaded: a refused run leaves no claim.
   identity["split_sha256"] = wd.split_digest(workdir)
   stage_dir, _ = wd.claim_stage(workdir, wd.STAGE1, identity, overwrite=config.overwrite, defaults=defaults)
@@ -369,49 +342,48 @@ def train_classifier(config, workdir: str | Path) -> dict:
     best_state, _ = restore_best(stage_dir, abstract_like(state), "stage-1")
     test_images, test_labels = place_images(config.data.pipeline, data.test_set.images, data.test_head_labels, mesh)
     seen_test = data.test_idx[data.test_head_labels[data.test_idx] >= 0]
-    if isinstance(plan, metric.MetricPlan):
-      # No classifier head to score: the seen test images retrieved among themselves instead.
-      mtest = plan.retrieval(best_state, test_images, data.test_head_labels, seen_test)
-      writer.write_scalars(best["step"], {"test/map_at_r": mtest["map@r"], "test/precision_at_1": mtest["precision@1"]})
-    else:
-      test = evaluate_accuracy(
-        plan.eval_fn,
-        best_state,
-        test_images,
-        test_labels,
-        seen_test,
-        config.classifier.eval_batch_size,
-        desc="stage 1 test",
-      )
-      writer.write_scalars(best["step"], {"test/accuracy": test["accuracy"], "test/loss": test["loss"]})
-  if isinstance(plan, metric.MetricPlan):
-    extra = {
-      "loss": config.classifier.loss,
-      "test_precision@1": mtest["precision@1"],
-      "test_r_precision": mtest["r_precision"],
-      "test_map@r": mtest["map@r"],
-      "test_images": len(seen_test),
-      "best_val_map@r": best["val_accuracy"],
-    }
-    result = loop.write_result(stage_dir, meta, extra, "stage1")
+    # A loss without a classifier head has nothing to score: the seen test images are retrieved among themselves.
+    test = plan.score(best_state, test_images, test_labels, seen_test, desc="stage 1 test")
+    scalars, extra = _test_figures(config, plan.loss, test, best, len(seen_test))
+    writer.write_scalars(best["step"], scalars)
+  result = loop.write_result(stage_dir, meta, extra, "stage1")
+  if plan.loss.classifies:
+    logging.info(
+      "stage 1 finished: test accuracy %.2f %% on %d seen-class test images (best epoch %d)",
+      100 * test["accuracy"],
+      test["count"],
+      best["epoch"],
+    )
+  else:
     logging.info(
       "stage 1 (%s) finished: MAP@R %.4f, P@1 %.4f on %d seen-class test images (best epoch %d)",
       config.classifier.loss,
-      mtest["map@r"],
-      mtest["precision@1"],
+      extra["test_map@r"],
+      extra["test_precision@1"],
       len(seen_test),
       best["epoch"],
     )
-    return result
-  extra = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_images": test["count"]}
-  result = loop.write_result(stage_dir, meta, extra, "stage1")
-  logging.info(
-    "stage 1 finished: test accuracy %.2f %% on %d seen-class test images (best epoch %d)",
-    100 * test["accuracy"],
-    test["count"],
-    best["epoch"],
-  )
   return result
+
+
+def _test_figures(config, loss, test: dict, best: dict, num_images: int) -> tuple[dict, dict]:
+  """(TensorBoard scalars, result.json fields) of stage 1's test figures (Stage1Plan.score's)."""
+  if loss.classifies:
+    return (
+      {"test/accuracy": test["accuracy"], "test/loss": test["loss"]},
+      {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_images": test["count"]},
+    )
+  p1 = test["extra"]["val_precision_at_1"]
+  scalars = {"test/map_at_r": test["accuracy"], "test/precision_at_1": p1}
+  extra = {
+    "loss": config.classifier.loss,
+    "test_precision@1": p1,
+    "test_r_precision": test["extra"]["val_r_precision"],
+    "test_map@r": test["accuracy"],
+    "test_images": num_images,
+    "best_val_map@r": best["val_accuracy"],
+  }
+  return scalars, extra
 
 
 AUGMENTATION_FIGURE = "figures/augmentations.png"  # (jsim.data.augment_figure)

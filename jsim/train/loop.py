@@ -358,10 +358,13 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=N
         ):
           meta.update(batch_in_epoch=done, sums=_sums_to_host(sums))
           save(sums)
+      jax.block_until_ready(sums)  # the epoch's steps done: its rate counts no compilation of what follows
+      rate = bar.rate()  # (without the first step's compilation)
       host = _check_finite(sums, state, settings, saved[0])
     finally:
       bar.close()
     seconds = time.perf_counter() - start
+    items_per_s = rate or (num_batches - first) * plan.items_per_batch / seconds
     val = plan.evaluate(state)
     lr = schedule.get_learning_rate(state.opt_state)
     meta["val_accuracies"].append(val["accuracy"])
@@ -375,7 +378,7 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=N
       "val_loss": val["loss"],
       "val_accuracy": val["accuracy"],
       **val.get("extra", {}),
-      "items_per_s": (num_batches - first) * plan.items_per_batch / seconds,
+      "items_per_s": items_per_s,
       "halved": halve,
     }
     if halve:

@@ -49,17 +49,24 @@ class MetricsWriter:
     """Makes metrics.jsonl hold exactly `rows` (the epochs the checkpoint has)."""
     if not self.enabled:
       return
-    path = self.stage_dir / METRICS_FILE
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    from jsim import workdir as wd
+
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    wd.write_file(self.stage_dir / METRICS_FILE, lambda tmp: Path(tmp).write_text(text))
 
   def write_epoch(self, row: dict) -> None:
     """A metrics.jsonl row, and its numbers in TensorBoard at the row's step (one x axis per stage)."""
     if not self.enabled:
       return
-    with open(self.stage_dir / METRICS_FILE, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    from jsim import workdir as wd
+
+    try:  # (a line cut by a full disk is dropped on resume: the file is rebuilt from the checkpoint)
+      with open(self.stage_dir / METRICS_FILE, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    except OSError as e:
+      if wd.is_no_space(e):
+        raise wd.no_space(self.stage_dir / METRICS_FILE) from None
+      raise
     step = row["step"]
     for key, value in row.items():
       if key in EPOCH_TAGS and isinstance(value, (bool, int, float)):

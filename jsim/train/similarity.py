@@ -15,9 +15,8 @@ from jsim import configs, models, parallel, workdir as wd
 from jsim.checkpoint import abstract_like, restore_best
 from jsim.data import pairs as pairs_lib
 from jsim.models.similarity import SimilarityMLP
-from jsim.train import calibration, loop, schedule
+from jsim.train import batching, calibration, loop, schedule
 from jsim.train.embeddings import load_embeddings
-from jsim.train.metrics_writer import progress_bar
 from jsim.train.state import TrainState
 
 # Independent streams of the seed: validation pairs, training pairs (and their order), dropout.
@@ -86,15 +85,11 @@ def make_pair_eval(model, mesh, chunk: int):
   )
 
   def evaluate(params, emb, pairs, same, desc: str | None = None) -> dict:
+    # The chunks are sliced on the device; a batch's first index is its chunk's start.
+    fn = lambda idx, mask: chunk_sums(params, emb, pairs, same, jnp.int32(idx[0]))
     total = None
-    bar = progress_bar(pairs.shape[0], 0, desc, "pair") if desc else None
-    for start in range(0, pairs.shape[0], chunk):
-      s = chunk_sums(params, emb, pairs, same, jnp.int32(start))
+    for s, _ in batching.run(fn, np.arange(pairs.shape[0]), chunk, desc=desc, unit="pair"):
       total = loop.add_eval_sums(total, s)
-      if bar is not None:  # (waits for the chunk: the bar shows what is done, not what is queued)
-        bar.update(int(jax.block_until_ready(s)["count"]))
-    if bar is not None:
-      bar.close()
     return loop.eval_metrics(total)
 
   return evaluate

@@ -1,0 +1,189 @@
+"""jsim.models.layers.Conv: every lowering is XLA's conv (values and gradients), nn.Conv's parameters, the choice."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jsim import configs, models, validate
+from jsim.models import layers
+
+# (batch, H, W, in, out, kernel, strides, padding, groups): strides 1 and 2, kernels 1/3/5/7, SAME, VALID and
+# explicit (also asymmetric) padding, odd and non-square sizes, a single channel, batch 1, depthwise, grouped.
+SHAPES = [
+  (2, 9, 9, 8, 16, 1, 1, "SAME", 1),
+  (2, 9, 7, 8, 12, 1, 2, "SAME", 1),
+  (1, 7, 7, 4, 6, 1, 2, ((1, 0), (0, 1)), 1),
+  (2, 8, 8, 6, 10, 3, 1, ((1, 1), (1, 1)), 1),
+  (2, 9, 11, 6, 10, 3, 2, ((1, 1), (1, 1)), 1),
+  (1, 2, 2, 16, 16, 3, 1, ((1, 1), (1, 1)), 1),  # output no larger than the kernel: auto picks im2col on a CPU
+  (2, 4, 4, 16, 8, 3, 2, "SAME", 1),
+  (2, 10, 10, 5, 7, 5, 1, "SAME", 1),
+  (2, 11, 9, 5, 7, 5, 2, "VALID", 1),
+  (1, 13, 13, 3, 8, 7, 2, ((3, 3), (3, 3)), 1),  # the ResNet stem
+  (2, 9, 10, 1, 4, 7, 1, ((2, 1), (0, 3)), 1),  # a single input channel, asymmetric padding
+  (2, 7, 7, 4, 1, 3, 1, "SAME", 1),  # a single output channel
+  (2, 9, 9, 8, 8, 3, 1, "SAME", 8),  # depthwise
+  (1, 9, 7, 8, 8, 3, 2, ((1, 1), (1, 1)), 8),
+  (2, 11, 11, 6, 6, 5, 2, "SAME", 6),
+  (2, 10, 10, 4, 4, 7, 1, "SAME", 4),
+  (2, 6, 6, 4, 4, 1, 1, "SAME", 4),
+  (2, 8, 8, 4, 12, 3, 1, "SAME", 4),  # depthwise with channel multiplier 3
+  (2, 8, 8, 8, 12, 3, 1, "SAME", 2),  # grouped
+  (1, 9, 9, 6, 9, 3, 2, ((1, 1), (1, 1)), 3),
+]
+
+
+def _lowerings(kernel: int, in_features: int, groups: int) -> list[str]:
+  out = ["im2col"]
+  if kernel == 1 and groups == 1:
+    out.append("dot")
+  if groups > 1 and groups == in_features:
+    out.append("shifted")
+  return out
+
+
+def _normal(rng, *shape) -> np.ndarray:
+  return rng.standard_normal(shape, dtype=np.float32)  # (numpy: jax.random would compile a sampler per shape)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + f"_s{s[6]}_g{s[8]}_{s[7]}")
+def test_every_lowering_equals_xla_in_value_and_gradient(shape):
+  n, h, w, cin, cout, k, s, padding, groups = shape
+  rng = np.random.default_rng(SHAPES.index(shape))
+  x, kernel = _normal(rng, n, h, w, cin), _normal(rng, k, k, cin // groups, cout) / np.sqrt(k * k * cin / groups)
+  pads = layers.explicit_padding(padding, (h, w), (k, k), (s, s))
+  out_hw = tuple((d + sum(p) - k) // s + 1 for d, p in zip((h, w), pads))
+  cotangent = _normal(rng, n, *out_hw, cout)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(lowering):
+    f = lambda x, k: layers.conv(x, k, strides=(s, s), padding=pads, groups=groups, lowering=lowering)
+    y, vjp = jax.vjp(f, x, kernel)
+    return y, vjp(cotangent)
+
+  y_ref, (dx_ref, dk_ref) = run("xla")
+  for lowering in _lowerings(shape[5], shape[3], groups):
+    y, (dx, dk) = run(lowering)
+    assert y.shape == y_ref.shape, lowering
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5, err_msg=f"{lowering}: output")
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5, err_msg=f"{lowering}: input gradient")
+    np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=2e-5, err_msg=f"{lowering}: kernel gradient")
+
+
+@pytest.mark.parametrize("conv_impl", layers.CONV_IMPLS)
+@pytest.mark.parametrize("shape", [SHAPES[4], SHAPES[5], SHAPES[13], SHAPES[18]], ids=["3x3", "tiny", "dw", "grouped"])
+def test_conv_is_nn_conv_with_the_same_parameters(shape, conv_impl):
+  n, h, w, cin, cout, k, s, padding, groups = shape
+  x = _normal(np.random.default_rng(0), n, h, w, cin)
+  kw = dict(features=cout, kernel_size=(k, k), strides=(s, s), padding=padding, feature_group_count=groups)
+  kw["bias_init"] = nn.initializers.normal(1.0)  # a nonzero bias, so that adding it is checked
+  ref, ours = nn.Conv(**kw), layers.Conv(**kw, conv_impl=conv_impl)
+  variables = ref.init(jax.random.PRNGKey(1), x)
+  mine = ours.init(jax.random.PRNGKey(1), x)
+  assert jax.tree.structure(mine) == jax.tree.structure(variables)
+  jax.tree.map(np.testing.assert_array_equal, mine, variables)  # same names, layout, order and initialisers
+  np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x), rtol=1e-5, atol=1e-5)
+  # int strides, as flax accepts them; no bias
+  kw.update(strides=s, use_bias=False)
+  shapes = lambda m: jax.tree.map(jnp.shape, jax.eval_shape(m.init, jax.random.PRNGKey(2), x))
+  assert shapes(layers.Conv(**kw, conv_impl=conv_impl)) == shapes(nn.Conv(**kw))
+
+
+@pytest.mark.parametrize("conv_impl", ["xla", "matmul"])
+def test_dtype_promotion_as_nn_conv(conv_impl):
+  x = jnp.asarray(_normal(np.random.default_rng(0), 2, 6, 6, 4), jnp.bfloat16)
+  for dtype in (None, jnp.bfloat16, jnp.float32):
+    ref = nn.Conv(8, (3, 3), dtype=dtype)
+    variables = ref.init(jax.random.PRNGKey(1), x)
+    y_ref = ref.apply(variables, x)
+    y = layers.Conv(8, (3, 3), dtype=dtype, conv_impl=conv_impl).apply(variables, x)
+    assert y.dtype == y_ref.dtype
+    np.testing.assert_allclose(np.float32(y), np.float32(y_ref), rtol=2e-2, atol=2e-2)
+
+
+def test_an_int_kernel_size_is_refused_not_read_as_square():
+  with pytest.raises(ValueError, match=r"Conv is 2-D: kernel_size=3 \(expected \(kh, kw\)\)"):
+    layers.Conv(4, 3).init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5, 2)))
+
+
+def test_leading_batch_dimensions_are_flattened_as_nn_conv():
+  x = _normal(np.random.default_rng(0), 2, 3, 5, 5, 4)
+  variables = nn.Conv(6, (3, 3)).init(jax.random.PRNGKey(1), x)
+  y = layers.Conv(6, (3, 3), conv_impl="matmul").apply(variables, x)
+  np.testing.assert_allclose(y, nn.Conv(6, (3, 3)).apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+SHAPE_GRID = [
+  dict(kernel_size=(k, k), in_features=c, groups=g, out_hw=(o, o))
+  for k in (1, 3, 5, 7)
+  for c in (1, 3, 64, 512)
+  for g in {1, c}
+  for o in (1, 2, 3, 4, 7, 56, 112)
+]
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu", "cuda", "rocm", "METAL"])
+def test_accelerators_always_use_xla_conv_unless_forced(platform):
+  assert {layers.choose_impl(platform, "auto", **s) for s in SHAPE_GRID} == {"xla"}
+  assert {layers.choose_impl(platform, "xla", **s) for s in SHAPE_GRID} == {"xla"}
+  assert "xla" not in {layers.choose_impl(platform, "matmul", **s) for s in SHAPE_GRID}
+
+
+def test_the_cpu_table():
+  choose = lambda k, c, g, o: layers.choose_impl("cpu", "auto", kernel_size=(k, k), in_features=c, groups=g, out_hw=o)
+  assert choose(3, 32, 32, (32, 32)) == "shifted"  # depthwise, any size
+  assert choose(5, 240, 240, (2, 2)) == "shifted"
+  assert choose(1, 64, 1, (56, 56)) == "dot"
+  assert choose(1, 2048, 1, (2, 2)) == "dot"
+  assert choose(3, 512, 1, (2, 2)) == "im2col"  # ResNet50's stage 4 at 64 px
+  assert choose(3, 512, 1, (3, 3)) == "im2col"
+  assert choose(3, 256, 1, (4, 4)) == "xla"
+  assert choose(3, 64, 1, (56, 56)) == "xla"
+  assert choose(7, 3, 1, (112, 112)) == "xla"
+  assert choose(3, 64, 4, (8, 8)) == "xla"  # grouped, not depthwise
+  assert {layers.choose_impl("cpu", "xla", **s) for s in SHAPE_GRID} == {"xla"}
+  with pytest.raises(ValueError, match="conv_impl='fast'"):
+    choose_bad = layers.choose_impl("cpu", "fast", **SHAPE_GRID[0])
+    del choose_bad
+
+
+def _primitives(jaxpr) -> set[str]:
+  out = set()
+  for eqn in jaxpr.eqns:
+    out.add(eqn.primitive.name)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      out |= _primitives(sub)
+  return out
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "vgg_tiny"])
+def test_backbones_pass_conv_impl_to_every_conv(name):
+  x = _normal(np.random.default_rng(0), 2, 32, 32, 3)
+  outputs, variables = {}, None
+  for impl in ("xla", "matmul"):
+    model = models.build(name, num_classes=5, conv_impl=impl)
+    init = lambda k, m=model: m.init({"params": k, "dropout": k}, x, train=False)
+    if variables is None:
+      variables = jax.jit(init)(jax.random.PRNGKey(0))
+    assert jax.tree.map(jnp.shape, jax.eval_shape(init, jax.random.PRNGKey(0))) == jax.tree.map(jnp.shape, variables)
+    apply = lambda v, m=model: m.apply(v, x, train=False)
+    prims = _primitives(jax.make_jaxpr(jax.grad(lambda v: apply(v)[0].sum()))(variables).jaxpr)
+    assert ("conv_general_dilated" in prims) == (impl == "xla"), (impl, sorted(prims))
+    outputs[impl] = jax.jit(apply)(variables)
+  np.testing.assert_allclose(outputs["matmul"][0], outputs["xla"][0], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(outputs["matmul"][1], outputs["xla"][1], rtol=1e-4, atol=1e-4)
+
+
+def test_conv_impl_is_a_checked_config_key():
+  config = configs.base_config()
+  assert config.model.conv_impl == "auto"
+  config.model.conv_impl = "fast"
+  with pytest.raises(ValueError, match=r"^model.conv_impl='fast': expected one of 'auto', 'xla', 'matmul'$"):
+    validate.check_config(config)
