@@ -138,16 +138,16 @@ def test_compare_groups_seeds_into_mean_and_std(tmp_path, capsys):
   assert compare.group_name([tmp_path / "x", tmp_path / "y"]) == "x+y"
 
 
+def _sweep_command(root, *args) -> list[str]:
+  """python -m jsim.sweep over seeds 0 and 1 of configs/tiny.py into root."""
+  return [sys.executable, "-m", "jsim.sweep", "--config=configs/tiny.py", f"--workdir={root}", "--seeds=0,1", *args]
+
+
 def test_tiny_sweep_end_to_end(tmp_path, jsim_cache):
   """Two seeds of configs/tiny.py: two workdirs; the rerun skips both; compare gives mean +/- std."""
   root = tmp_path / "sweep"
-  command = [
-    sys.executable,
-    "-m",
-    "jsim.sweep",
-    "--config=configs/tiny.py",
-    f"--workdir={root}",
-    "--seeds=0,1",
+  command = _sweep_command(
+    root,
     "--grid=classifier.optimizer=adam",  # (and a schedule, a metric loss with a miner: all through jsim.main)
     "--config.classifier.schedule=warmup_cosine",
     "--config.classifier.loss=triplet",
@@ -157,7 +157,7 @@ def test_tiny_sweep_end_to_end(tmp_path, jsim_cache):
     "--config.classifier.warmup_epochs=1",
     "--config.classifier.num_epochs=1",
     "--config.similarity.num_epochs=1",
-  ]
+  )
   run = lambda: subprocess.run(command, cwd=REPO, env=jsim_env(jsim_cache), capture_output=True, text=True, timeout=900)
   proc = run()
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -204,15 +204,7 @@ def test_sigterm_stops_the_running_child_with_a_checkpoint_and_the_sweep(tmp_pat
   import time
 
   root = tmp_path / "sweep"
-  command = [
-    sys.executable,
-    "-m",
-    "jsim.sweep",
-    "--config=configs/tiny.py",
-    f"--workdir={root}",
-    "--seeds=0,1",
-    "--config.classifier.num_epochs=50",
-  ]
+  command = _sweep_command(root, "--config.classifier.num_epochs=50")
   proc = subprocess.Popen(
     command, cwd=REPO, env=jsim_env(jsim_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
   )
