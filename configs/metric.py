@@ -17,7 +17,11 @@ the pair-weighted "unseen (4-5)" accuracy, which case 4 dominates (199,000 vs 19
 
 size=gpu (default): ResNet50 from torchvision's weights at 224 px, batch 64 as m=4 images
   of 16 classes, a 512-d L2-normalised embedding head, the protocol's SGD (lr 0.01,
-  Nesterov 0.8, halving rule) with proxies / class weights at 10x (untuned); 30 epochs at most.
+  Nesterov 0.8, halving rule) with proxies / class weights at 10x (untuned: loss_learning_rate follows
+  a --config.classifier.learning_rate override); 30 epochs at most. Other optimizers and schedules:
+  --config.classifier.optimizer=adam --config.classifier.schedule=plateau (README); seeds and a grid:
+  python -m jsim.sweep --config=configs/metric.py:loss=proxy_anchor,size=cpu --workdir=runs/pa --seeds=0,1,2
+  --grid=classifier.learning_rate=0.01,0.05, then python -m jsim.evaluate.compare runs/pa/* --table=pa.md.
   Expected cost, estimated (no GPU measured yet): a plain Flax ResNet50 step trains about
   4,900 images/s at batch 64 on one H200 (a reference figure, not a jsim measurement) and
   every loss here costs within 10 % of cross-entropy's step (BENCHMARKS.md, CPU), so 15-30 s

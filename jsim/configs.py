@@ -39,6 +39,8 @@ def add_metric_learning_fields(cl: ml_collections.ConfigDict) -> None:
 
 # Rates of the loss's own parameters relative to the backbone's: proxies and class weights learn
 # faster (Proxy-Anchor uses 100x with AdamW; 10x with SGD here, untuned); Ms as the protocol's stage 2 (0.5x).
+# use_metric_loss sets classifier.loss_learning_rate to this factor times a reference to
+# classifier.learning_rate, so that an override of learning_rate (a sweep's) moves both.
 LOSS_RATE_FACTOR = {"proxy_anchor": 10.0, "normalized_softmax": 10.0, "arcface": 10.0, "pair_ms": 0.5}
 
 
@@ -67,7 +69,7 @@ def use_metric_loss(c: ml_collections.ConfigDict, loss: str, *, embedding_dim: i
   cl.sampler = "m_per_class"
   cl.sampler_m = m
   if loss in LOSS_RATE_FACTOR:
-    cl.loss_learning_rate = cl.learning_rate * LOSS_RATE_FACTOR[loss]
+    cl.loss_learning_rate = cl.get_ref("learning_rate") * LOSS_RATE_FACTOR[loss]
 
 
 def metric_benchmark_config(arg: str | None, source: str, num_seen: int, where: str) -> ml_collections.ConfigDict:
@@ -131,7 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
       weights="IMAGENET1K_V1",  # torchvision weights name, or a .pth path (model.init=torchvision)
       freeze="none",  # none | backbone | stages:N (the stem and the first N stages fixed; jsim.models.freeze)
       dtype="auto",  # auto (bf16 on accelerators, float32 on CPU) | float32 | bfloat16
-      # How convs are lowered (jsim.models.layers): auto (XLA's conv on GPU/TPU, per shape on a CPU) | xla | matmul.
+      # How convs and max-pools are lowered (jsim.models.layers): auto (XLA's conv on GPU/TPU, per shape on a CPU) | xla | matmul.
       # Not part of a stage's identity: every lowering computes the same convolution, only float rounding differs.
       conv_impl="auto",
     )
@@ -150,6 +152,21 @@ def base_config() -> ml_collections.ConfigDict:
       num_epochs=30,
       input_size=224,
       nag_form="optax",  # optax | paper: the paper's u_t keeps the old rate after a halving (PROTOCOL.md)
+      # sgd (momentum, nesterov, nag_form: the protocol's) | adam | adamw | rmsprop, as torch.optim defines
+      # them (jsim.train.schedule.base_optimizer); weight_decay: L2 in the gradient, decoupled for adamw.
+      optimizer="sgd",
+      b1=0.9,  # adam, adamw
+      b2=0.999,  # adam, adamw
+      eps=1e-8,  # adam, adamw, rmsprop
+      rms_decay=0.99,  # rmsprop (torch's alpha)
+      # halving (the protocol's rule: alpha, halving_wait) | plateau (halve when the smoothed validation
+      # figure stalls for `patience` epochs) | constant | warmup_cosine (warmup_epochs, final_rate_factor)
+      schedule="halving",
+      patience=3,  # plateau
+      smoothing=0.0,  # plateau: the validation figure's moving average, s = smoothing s + (1 - smoothing) v
+      min_delta=0.0,  # plateau: the least improvement of the smoothed figure that counts
+      warmup_epochs=0,  # warmup_cosine
+      final_rate_factor=0.0,  # warmup_cosine: the last rate / learning_rate
       augment=augment.default_augment_config(),
       log_every_steps=50,
       checkpoint_every_steps=0,

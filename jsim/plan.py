@@ -1,8 +1,8 @@
 """`--dry_run`: what a run would do in a workdir, stage by stage (jsim.run.STAGES).
 
-Reads only JSON records and folder listings (and the data set's layout and labels, decoding
-a sample of its images): nothing here trains, compiles a step or writes into the workdir or
-the data cache.
+Reads only JSON records and folder listings (and, for the dry run, the data set's layout and
+labels, decoding a sample of its images): nothing here trains, compiles a step or writes into
+the workdir or the data cache.
 """
 
 from __future__ import annotations

@@ -55,6 +55,13 @@ def _training(prefix: str, cfg, devices: int) -> None:
   from jsim.train import schedule
 
   _choice(f"{prefix}.nag_form", cfg.nag_form, schedule.NAG_FORMS)
+  if "optimizer" in cfg:
+    _choice(f"{prefix}.optimizer", cfg.optimizer, schedule.OPTIMIZERS)
+    for key in ("b1", "b2", "rms_decay"):
+      if not 0.0 <= cfg[key] < 1.0:
+        raise ValueError(f"{prefix}.{key}={cfg[key]!r}: must be in [0, 1)")
+    _positive(f"{prefix}.eps", cfg.eps)
+  schedule.Schedule.from_config(cfg).check(prefix)
 
 
 def _pair_count(key: str, value) -> None:

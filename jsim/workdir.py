@@ -72,7 +72,9 @@ _DERIVED = {
 }
 
 # Keys that may differ between a run and its resumption.
-# learning_rate, alpha, halving_wait: the rate from here on (a NaN stop is continued at a lower one).
+# learning_rate, alpha, halving_wait: the rate from here on (a NaN stop is continued at a lower one); so are
+# the groups' rates (head_learning_rate, loss_learning_rate: the configs derive the latter from learning_rate)
+# and the schedule and its settings.
 # conv_impl: how convs are lowered; the same math, other float rounding, as on another platform.
 _FREE_KEYS = {
   "stage",
@@ -90,6 +92,14 @@ _FREE_KEYS = {
   "num_workers",
   "pipeline",
   "conv_impl",
+  "head_learning_rate",
+  "loss_learning_rate",
+  "schedule",
+  "patience",
+  "smoothing",
+  "min_delta",
+  "warmup_epochs",
+  "final_rate_factor",
   "evaluation",
   "sweep",
   "embed",
@@ -206,8 +216,25 @@ def _with_new_keys(recorded: Any, now: Any, defaults: Any) -> Any:
   return out
 
 
+# Keys jsim no longer has, each with the value that meant what a record without it means now: a record
+# holding that value reads as current; another value still refuses (it asked for what is now said otherwise).
+# loss_hparams.triplet.mining='all' is miner='none' (every triplet); its other values are miners now.
+_RETIRED = {("classifier", "loss_hparams", "triplet", "mining"): "all"}
+
+
+def _without_retired(recorded: Any) -> Any:
+  recorded = json.loads(json.dumps(recorded))  # (a copy)
+  for path, meant_now in _RETIRED.items():
+    node = recorded
+    for key in path[:-1]:
+      node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict) and path[-1] in node and node[path[-1]] == meant_now:
+      del node[path[-1]]
+  return recorded
+
+
 def _recorded_identity(recorded: dict, now: dict, defaults: dict | None) -> Any:
-  return _with_new_keys(_identity(recorded), _identity(now), _identity(defaults or {}))
+  return _with_new_keys(_identity(_without_retired(recorded)), _identity(now), _identity(defaults or {}))
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -53,8 +53,7 @@ def natural_images(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 def tflite_input(images: np.ndarray) -> np.ndarray:
   """What jsim feeds the backbone under data.normalization=weights (no resize: the images are at size)."""
-  n = pretrained_port.NORMALIZATION
-  return np.asarray(augment.preprocess(jnp.asarray(images), n["mean"], n["std"], images.shape[1]))
+  return np.asarray(augment.preprocess(jnp.asarray(images), augment.TFLITE_MEAN, augment.TFLITE_STD, images.shape[1]))
 
 
 def torch_model(name: str):
@@ -198,12 +197,12 @@ def test_onnx_graph_with_the_real_weights():
 
   model = models.build("efficientnet_lite0", num_classes=1000)
   variables = models.from_pretrained("efficientnet_lite0", num_classes=1000)
-  n = pretrained_port.NORMALIZATION
-  proto = graph.embed_graph([graph.Member(model, variables, n["mean"], n["std"], 96)], image_size=64)
+  mean, std = augment.TFLITE_MEAN, augment.TFLITE_STD
+  proto = graph.embed_graph([graph.Member(model, variables, mean, std, 96)], image_size=64)
   sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
   images = natural_images(3, 64, seed=3)
   out = sess.run(None, {"images": images})[0]
-  x = augment.preprocess(jnp.asarray(images), n["mean"], n["std"], 96)
+  x = augment.preprocess(jnp.asarray(images), mean, std, 96)
   ref = np.asarray(model.apply(variables, x, train=False)[1])
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 

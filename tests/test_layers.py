@@ -187,3 +187,33 @@ def test_conv_impl_is_a_checked_config_key():
   config.model.conv_impl = "fast"
   with pytest.raises(ValueError, match=r"^model.conv_impl='fast': expected one of 'auto', 'xla', 'matmul'$"):
     validate.check_config(config)
+
+
+@pytest.mark.parametrize(
+  "shape,window,strides,padding",
+  [
+    ((2, 9, 9, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet's stem pool, odd size
+    ((1, 8, 10, 2), (3, 3), (2, 2), ((1, 1), (1, 1))),
+    ((2, 8, 8, 3), (2, 2), (2, 2), "VALID"),  # VGG's pools
+    ((1, 7, 9, 2), (2, 2), (2, 2), "VALID"),  # torch floors odd sizes
+    ((2, 9, 9, 2), (3, 3), (1, 1), "SAME"),
+  ],
+)
+def test_max_pool_equals_nn_max_pool_with_ties(shape, window, strides, padding):
+  # Few distinct values and ReLU's zeros: windows with tied maxima, where the gradient goes to the first.
+  x = np.maximum(np.round(_normal(np.random.default_rng(1), *shape) * 2), 0).astype(np.float32)
+  ref = lambda x: nn.max_pool(x, window, strides=strides, padding=padding)
+  y_ref = ref(x)
+  g = _normal(np.random.default_rng(2), *y_ref.shape)
+  dx_ref = jax.vjp(ref, x)[1](g)[0]
+  for impl in ("matmul", "auto"):  # auto: the shifted lowering on this CPU
+    ours = lambda x: layers.max_pool(x, window, strides, padding, conv_impl=impl)
+    y, vjp = jax.vjp(ours, x)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_allclose(vjp(g)[0], dx_ref, rtol=1e-6, atol=1e-6)
+    assert (
+      "select_and_scatter_add" in _primitives(jax.make_jaxpr(jax.grad(lambda x: ours(x).sum()))(x).jaxpr)
+    ) is False
+  assert "select_and_scatter_add" in str(
+    jax.make_jaxpr(jax.grad(lambda x: layers.max_pool(x, window, strides, padding, conv_impl="xla").sum()))(x)
+  )

@@ -4,7 +4,7 @@ read-only workdirs, and signals at the edges of a run.
 Every fault is made for real: jsim's own processes (`python -m jsim.main`, `jsim.export`, `jsim.predict`)
 get real signals; a full disk is a small tmpfs filled to the last byte (mounting one needs root: these
 tests are skipped without it); a read-only workdir is a read-only bind mount (root) or a chmod (others).
-The trained workdirs are conftest's shared fixtures `reference` and `trained`.
+The trained workdirs are the shared session fixtures of conftest (`reference`, `trained`, `sim`).
 """
 
 from __future__ import annotations
@@ -23,12 +23,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, STAGE1, STAGE2, TINY1, _ok, run_jsim
+import test_reliability
+from conftest import REPO, run_jsim
 from test_reliability import (
+  STAGE1,
+  STAGE2,
+  TINY1,
   Jsim,
   _assert_bitwise_equal,
+  _ok,
   _one_line_error,
-  _snapshot,
   _state,
   _steps,
   fill,
@@ -223,6 +227,7 @@ def test_a_damaged_report_is_one_line_for_predict(trained, tmp_path):
 # ----------------------------------------------------------------------------- 2, 7. exports by content
 
 
+@pytest.mark.slow
 def test_a_copied_export_is_used_and_a_changed_one_is_refused_then_replaced(trained, tmp_path):
   w, a, b = trained.workdir, trained.files[0], trained.files[1]
   d = tmp_path / "export"
@@ -259,6 +264,7 @@ def _blocked_in_open(pid: int, path: Path, timeout: float = 300) -> None:
   pytest.fail(f"process {pid} never opened {path}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_an_interrupted_export_leaves_no_temporary_file_and_its_rerun_succeeds(trained, tmp_path, sig):
   """Stopped while it writes embed.onnx (its temporary file is a FIFO: the write blocks there, for sure):
@@ -471,6 +477,7 @@ def test_a_truncated_benchmark_archive_is_one_line_naming_it(tmp_path):
 # ----------------------------------------------------------------------------- 8. a read-only finished workdir
 
 
+@pytest.mark.slow
 def test_a_read_only_finished_workdir_can_be_evaluated_predicted_and_exported(trained, tmp_path):
   w = _copy(trained, tmp_path / "w")
   cache = tmp_path / "user_cache"
@@ -480,7 +487,7 @@ def test_a_read_only_finished_workdir_can_be_evaluated_predicted_and_exported(tr
     with pytest.raises(OSError) as e:
       (w / "probe").write_text("x")
     assert e.value.errno in (errno.EROFS, errno.EACCES)
-    before = _snapshot(w)
+    before = test_reliability._snapshot(w)
     args = [
       "--config=configs/tiny.py",
       f"--workdir={w}",
@@ -507,12 +514,13 @@ def test_a_read_only_finished_workdir_can_be_evaluated_predicted_and_exported(tr
     # export: to another --out; into W itself, one line
     assert _tool("jsim.export", f"--workdir={w}", f"--out={tmp_path / 'd'}").returncode == 0
     _one_line(_tool("jsim.export", f"--workdir={w}"), "python -m jsim.export", f"{w} is read-only: cannot export")
-    assert _snapshot(w) == before
+    assert test_reliability._snapshot(w) == before
 
 
 # ----------------------------------------------------------------------------- 9, 10. signals at the edges
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_gallery_search_is_one_line_and_130(trained, tmp_path):
   w = _copy(trained, tmp_path / "w")
   assert _tool("jsim.export", f"--workdir={w}").returncode == 0  # (W/onnx: the search starts at once)
@@ -534,6 +542,8 @@ def test_ctrl_c_during_a_gallery_search_is_one_line_and_130(trained, tmp_path):
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
+    # As from a terminal: a shell's background job (pytest started with &) would pass SIGINT on ignored.
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
   )
   # onnxruntime's threads are running once its library is loaded and the sessions made; then a few seconds in.
   deadline = time.monotonic() + 120
@@ -551,17 +561,23 @@ def test_ctrl_c_during_a_gallery_search_is_one_line_and_130(trained, tmp_path):
 
 @pytest.mark.slow
 def test_double_ctrl_c_in_stage_1_is_one_line_and_130(jsim_cache, tmp_path):
+  """The first Ctrl-C saves a checkpoint and stops; the second comes while orbax writes it (its temporary
+  folder exists; the run is held with SIGSTOP so that the signal lands there)."""
+  ckpts = tmp_path / "W" / "stage1" / "checkpoints"
   run = Jsim([*STAGE1, f"--workdir={tmp_path / 'W'}"], jsim_cache)
   run.wait_for_text(" 6/42 img")
   run.send(signal.SIGINT)
-  time.sleep(0.05)
+  run.wait_until(lambda: test_reliability._tmp_steps(ckpts), "orbax writing the checkpoint of the first Ctrl-C")
+  run.send(signal.SIGSTOP)
   run.send(signal.SIGINT)
+  run.send(signal.SIGCONT)
   assert run.finish() == 130, run.output[-3000:]
   out = run.output
   assert "Traceback" not in out and "Exception ignored" not in out and "Task exception" not in out, out[-3000:]
   assert _last_line(out) == "jsim: interrupted; rerun the same command to resume from the last checkpoint"
 
 
+@pytest.mark.slow
 def test_sigterm_after_the_end_of_run_summary_is_one_line(reference, jsim_cache, tmp_path):
   """A finished workdir: the run skips every stage and prints its summary; stopped right after it (SIGSTOP, so
   that the signal lands between the summary and the exit), a SIGTERM gives one line and 143."""

@@ -425,3 +425,36 @@ def test_a_key_added_after_the_workdir_reads_as_its_default(tmp_path):
   # A key the base config does not have (a run id, say) is still compared as recorded.
   with pytest.raises(ValueError, match="stage1_run_id: None in the workdir, 'abc' now"):
     wd.check_stage(tmp_path, wd.STAGE1, dict(identity, stage1_run_id="abc"), overwrite=False, defaults=defaults)
+
+
+def test_a_retired_key_at_its_old_default_reads_as_current(tmp_path):
+  """loss_hparams.triplet.mining (now a miner): 'all' reads as miner 'none'; 'batch_hard' still refuses.
+  The rates and the schedule may change on resume, as learning_rate may."""
+  from jsim import configs, workdir as wd
+  from jsim.train import classifier
+
+  config = configs.config_from_dict({"model": {"name": "resnet_tiny"}, "classifier": {"loss": "multi_similarity"}})
+  identity = classifier.stage_identity(config)
+  defaults = classifier.default_identity(config)  # (with the metric fields, which a new miner key is among)
+  old = json.loads(json.dumps(identity, default=str))
+  del old["classifier"]["miner_hparams"]
+  for hparams in old["classifier"]["loss_hparams"].values():
+    hparams.pop("miner", None)
+  (tmp_path / "stage1").mkdir()
+  for mining, accepted in (("all", True), ("batch_hard", False)):
+    old["classifier"]["loss_hparams"]["triplet"]["mining"] = mining
+    (tmp_path / "stage1" / "config.json").write_text(json.dumps(old))
+    if accepted:
+      assert wd.check_stage(tmp_path, wd.STAGE1, identity, overwrite=False, defaults=defaults) is False
+    else:
+      with pytest.raises(ValueError, match="loss_hparams.triplet.mining: 'batch_hard' in the workdir, None now"):
+        wd.check_stage(tmp_path, wd.STAGE1, identity, overwrite=False, defaults=defaults)
+  old["classifier"]["loss_hparams"]["triplet"]["mining"] = "all"
+  (tmp_path / "stage1" / "config.json").write_text(json.dumps(old))
+  config.classifier.update(loss_learning_rate=0.3, schedule="plateau", patience=5)
+  assert (
+    wd.check_stage(tmp_path, wd.STAGE1, classifier.stage_identity(config), overwrite=False, defaults=defaults) is False
+  )
+  config.classifier.optimizer = "adam"  # another optimizer is another run
+  with pytest.raises(ValueError, match="classifier.optimizer: 'sgd' in the workdir, 'adam' now"):
+    wd.check_stage(tmp_path, wd.STAGE1, classifier.stage_identity(config), overwrite=False, defaults=defaults)

@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO, jsim_env
+from test_report import _write_evaluated
 
 from jsim import sweep
-from jsim.evaluate import compare, pairwise, report
+from jsim.evaluate import compare, pairwise
 
 
 @pytest.mark.parametrize(
@@ -62,7 +63,10 @@ def test_grid_parser_and_run_names():
   [
     (["--grid=classifier.learnin_rate=1,2"], "config.classifier has no key 'learnin_rate'; did you mean"),
     (["--grid=classifier.num_epochs=two"], "run classifier.num_epochs=two,seed=0:"),
-    (["--grid=classifier.loss=nope"], "run classifier.loss=nope,seed=0: classifier.loss='nope'"),
+    (
+      ["--grid=classifier.loss=nope", "--config.classifier.sampler_m=3"],
+      "run classifier.loss=nope,seed=0: classifier.loss='nope'",
+    ),
     (["--seeds=0", "--config.seed=3"], "--config.seed=3: seed is set by the sweep (--seeds)"),
     (["--seeds=0,a"], "--seeds=0,a: expected integers"),
   ],
@@ -76,7 +80,7 @@ def test_bad_sweep_input_is_one_line_and_runs_nothing(tmp_path, capsys, args, ex
 
 
 def _evaluated(w, seed, config, unseen_auc, case_5_correct):
-  """A workdir as the evaluation leaves it: report.json, evaluation.npz and config.json."""
+  """A workdir as the evaluation leaves it (test_report's), with config.json and an unseen AUC of our choosing."""
   bins = 4
   count = np.array([100, 200, 50, 40, 10])
   hp, hn = np.zeros((5, bins), np.int64), np.zeros((5, bins), np.int64)
@@ -92,11 +96,10 @@ def _evaluated(w, seed, config, unseen_auc, case_5_correct):
     mode="sampled",
     pairs_per_s=1.0,
   )
-  report.write_report(w, r, val_threshold=None, backbone="resnet_tiny")
+  _write_evaluated(w, r, backbone="resnet_tiny")
   rep = json.loads((w / "report.json").read_text())
   rep["auc"]["unseen"] = unseen_auc
   (w / "report.json").write_text(json.dumps(rep))
-  pairwise.save_result(r, w / compare.RESULT_FILE)
   (w / "config.json").write_text(json.dumps({**config, "seed": seed, "stage": "all"}))
 
 
@@ -135,28 +138,37 @@ def test_compare_groups_seeds_into_mean_and_std(tmp_path, capsys):
   assert compare.group_name([tmp_path / "x", tmp_path / "y"]) == "x+y"
 
 
+def _sweep_command(root, *args) -> list[str]:
+  """python -m jsim.sweep over seeds 0 and 1 of configs/tiny.py into root."""
+  return [sys.executable, "-m", "jsim.sweep", "--config=configs/tiny.py", f"--workdir={root}", "--seeds=0,1", *args]
+
+
 def test_tiny_sweep_end_to_end(tmp_path, jsim_cache):
   """Two seeds of configs/tiny.py: two workdirs; the rerun skips both; compare gives mean +/- std."""
   root = tmp_path / "sweep"
-  command = [
-    sys.executable,
-    "-m",
-    "jsim.sweep",
-    "--config=configs/tiny.py",
-    f"--workdir={root}",
-    "--seeds=0,1",
-    "--grid=classifier.learning_rate=0.02",
+  command = _sweep_command(
+    root,
+    "--grid=classifier.optimizer=adam",  # (and a schedule, a metric loss with a miner: all through jsim.main)
+    "--config.classifier.schedule=warmup_cosine",
+    "--config.classifier.loss=triplet",
+    "--config.classifier.loss_hparams.triplet.miner=triplet_margin",
+    "--config.classifier.miner_hparams.triplet_margin.type_of_triplets=semihard",
+    "--config.classifier.sampler_m=3",
+    "--config.classifier.warmup_epochs=1",
     "--config.classifier.num_epochs=1",
     "--config.similarity.num_epochs=1",
-  ]
+  )
   run = lambda: subprocess.run(command, cwd=REPO, env=jsim_env(jsim_cache), capture_output=True, text=True, timeout=900)
   proc = run()
   assert proc.returncode == 0, proc.stderr[-3000:]
-  names = ["classifier.learning_rate=0.02,seed=0", "classifier.learning_rate=0.02,seed=1"]
+  names = ["classifier.optimizer=adam,seed=0", "classifier.optimizer=adam,seed=1"]
   for name, seed in zip(names, (0, 1)):
     config = json.loads((root / name / "config.json").read_text())
-    assert config["seed"] == seed and config["classifier"]["learning_rate"] == 0.02
+    assert config["seed"] == seed and config["classifier"]["optimizer"] == "adam"
+    assert config["classifier"]["loss_hparams"]["triplet"]["miner"] == "triplet_margin"
     assert config["classifier"]["num_epochs"] == 1 and (root / name / "report.json").is_file()
+    (row,) = [json.loads(line) for line in (root / name / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert row["lr"] == pytest.approx(config["classifier"]["learning_rate"] / 2)  # the warm-up's first epoch
   record = json.loads((root / sweep.SWEEP_FILE).read_text())
   assert [(r["name"], r["status"]) for r in record["runs"]] == [(n, "finished") for n in names]
   assert "jsim.sweep: 2 runs finished" in proc.stdout
@@ -169,5 +181,44 @@ def test_tiny_sweep_end_to_end(tmp_path, jsim_cache):
   table = tmp_path / "t.md"
   assert compare.main([str(root / n) for n in names] + [f"--out={tmp_path / 'roc.png'}", f"--table={table}"]) == 0
   (row,) = json.loads(table.with_suffix(".json").read_text())
-  assert row["name"] == "classifier.learning_rate=0.02" and row["seeds"] == "0,1"
+  assert row["name"] == "classifier.optimizer=adam" and row["seeds"] == "0,1"
   assert row["unseen_auc_std"] >= 0 and "±" in table.read_text()
+
+
+def test_loss_rate_follows_a_learning_rate_override():
+  # The proxies' 10x is a factor of classifier.learning_rate: a sweep over the rate moves both.
+  arg = "configs/metric.py:loss=proxy_anchor,size=cpu"
+  assert sweep.build_config(arg, []).classifier.loss_learning_rate == pytest.approx(0.5)  # as recorded before
+  c = sweep.build_config(arg, ["--config.classifier.learning_rate=0.001"])
+  assert c.classifier.loss_learning_rate == pytest.approx(0.01)
+  c = sweep.build_config(arg, ["--config.classifier.learning_rate=0.001", "--config.classifier.loss_learning_rate=0.3"])
+  assert c.classifier.loss_learning_rate == 0.3 and c.classifier.learning_rate == 0.001
+  from jsim import workdir as wd
+
+  assert wd.config_to_dict(c)["classifier"]["loss_learning_rate"] == 0.3
+
+
+def test_sigterm_stops_the_running_child_with_a_checkpoint_and_the_sweep(tmp_path, jsim_cache):
+  """A SIGTERM to the sweep reaches the run (in its own session), which saves and stops; no run starts after."""
+  import signal
+  import time
+
+  root = tmp_path / "sweep"
+  command = _sweep_command(root, "--config.classifier.num_epochs=50")
+  proc = subprocess.Popen(
+    command, cwd=REPO, env=jsim_env(jsim_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
+  metrics = root / "seed=0" / "stage1" / "metrics.jsonl"
+  deadline = time.monotonic() + 600
+  while not (metrics.is_file() and metrics.read_text().count("\n") >= 1) and time.monotonic() < deadline:
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "jsim.sweep: stopped by SIGTERM in seed=0; rerun the same command to continue" in err
+  assert "SIGTERM at " in err and "rerun the same command to resume" in err  # the run's own message
+  record = json.loads((root / sweep.SWEEP_FILE).read_text())
+  assert [(r["name"], r["status"]) for r in record["runs"]] == [("seed=0", "interrupted")]
+  assert any(p.name.isdigit() for p in (root / "seed=0" / "stage1" / "checkpoints").iterdir())
+  assert not (root / "seed=1").exists()

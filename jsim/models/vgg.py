@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsim.models.layers import Conv
+from jsim.models.layers import Conv, max_pool
 from jsim.models.resnet import conv_kernel_init
 
 # torchvision cfgs["D"]: ints are conv widths, "M" a 2x2/2 max-pool.
@@ -85,7 +85,7 @@ class VGG(nn.Module):
     pool_size: output side of the adaptive average pool (7 in torchvision).
     dropout_rate: dropout after fc6 and fc7 (train mode only; needs rngs={'dropout': key}).
     dtype: compute dtype (e.g. bfloat16 on GPU); parameters stay float32.
-    conv_impl: how the convs are lowered: auto | xla | matmul (jsim.models.layers).
+    conv_impl: how the convs and max-pools are lowered: auto | xla | matmul (jsim.models.layers).
 
   Call: `(logits, embedding) = model.apply(variables, x, train=...)` with x NHWC float;
   `embedding` is the head's input: fc7 after its ReLU (and, in train mode, its dropout).
@@ -110,7 +110,7 @@ class VGG(nn.Module):
     block, k = 1, 1
     for v in self.cfg:
       if v == "M":
-        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")  # torch floors odd sizes too
+        x = max_pool(x, (2, 2), strides=(2, 2), padding="VALID", conv_impl=self.conv_impl)  # torch floors odd sizes too
         block, k = block + 1, 1
       else:
         x = Conv(

@@ -267,6 +267,14 @@ def stage_identity(config) -> dict:
   return {"seed": d["seed"], "data": d["data"], "model": d["model"], "classifier": metric.identity(d["classifier"])}
 
 
+def default_identity(config) -> dict:
+  """stage_identity of the base config with config's loss (a metric loss's identity has its fields):
+  what a record made before a key existed means by it."""
+  base = configs.base_config()
+  base.classifier.loss = config.classifier.loss
+  return stage_identity(base)
+
+
 def abstract_state(config, model, mesh):
   """Shapes, dtypes and shardings of stage 1's state, for restoring without initialising."""
   size = config.classifier.input_size
@@ -302,7 +310,7 @@ def train_classifier(config, workdir: str | Path, data: Callable[[], Prepared] |
   None: prepared here.
   """
   workdir = Path(workdir)
-  identity, defaults = stage_identity(config), stage_identity(configs.base_config())
+  identity, defaults = stage_identity(config), default_identity(config)
   finished = wd.check_stage(workdir, wd.STAGE1, identity, overwrite=config.overwrite, defaults=defaults)
   if finished:
     result = wd.stage_result(workdir, wd.STAGE1, required=("best_step", "epochs"))

@@ -97,6 +97,7 @@ class LoopSettings:
   name: str = "stage"
   learning_rate: float | None = None  # the configured rate: a change on resume is applied and recorded
   config_key: str = ""  # 'classifier' | 'similarity', for the messages
+  rate_schedule: schedule.Schedule | None = None  # None: the halving rule with alpha and halving_wait
 
   @classmethod
   def from_config(cls, cfg, name: str) -> "LoopSettings":
@@ -110,6 +111,7 @@ class LoopSettings:
       name=name,
       learning_rate=cfg.learning_rate,
       config_key="classifier" if name == "stage 1" else "similarity",
+      rate_schedule=schedule.Schedule.from_config(cfg),
     )
 
 
@@ -316,8 +318,14 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=N
       f"rerun the same command to resume"
     )
 
+  rule = settings.rate_schedule or schedule.Schedule(alpha=settings.alpha, wait=settings.halving_wait)
+  if rule.kind == "warmup_cosine" and settings.learning_rate is None:
+    raise ValueError(f"{settings.name}: schedule 'warmup_cosine' needs the configured learning_rate")
   first_epoch = meta["epoch"] + 1  # (its bar says 'compiling' until the step is compiled)
   for epoch in range(first_epoch, settings.num_epochs + 1):
+    rate = rule.epoch_rate(settings.learning_rate, epoch, settings.num_epochs)
+    if rate is not None:  # (a function of the epoch: the same after a resume)
+      state = state.replace(opt_state=schedule.set_learning_rate(state.opt_state, rate))
     plan.begin_epoch(epoch)
     num_batches = plan.num_batches(epoch)
     first = meta["batch_in_epoch"]
@@ -360,9 +368,7 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=N
     val = plan.evaluate(state)
     lr = schedule.get_learning_rate(state.opt_state)
     meta["val_accuracies"].append(val["accuracy"])
-    halve = schedule.should_halve(
-      meta["val_accuracies"], meta["halving_epochs"], alpha=settings.alpha, wait=settings.halving_wait
-    )
+    halve = rule.halve(meta["val_accuracies"], meta["halving_epochs"])
     row = {
       "epoch": epoch,
       "step": int(state.step),

@@ -1,0 +1,411 @@
+"""jsim on a CPU against torch eager, float32, side by side; conv_impl=auto against xla.
+
+    # the measurement, one model per run (quiet machine; each an estimated 5-8 min on 2 cores, mostly
+    # XLA compilation: 8 jsim programs per model; not yet timed quietly):
+    python benchmarks/cpu_convs.py --models resnet50 --out runs/bench/cpu_convs_resnet50
+    python benchmarks/cpu_convs.py --models vgg16 --out runs/bench/cpu_convs_vgg16
+    python benchmarks/cpu_convs.py --models efficientnet_lite0 --out runs/bench/cpu_convs_lite0  # once registered
+    # the per-shape table behind jsim.models.layers.choose_impl:
+    python benchmarks/cpu_convs.py --layers --out runs/bench/cpu_conv_layers
+    # a check that it runs (took 21 min wall, 3 min CPU, under load average 18):
+    python benchmarks/cpu_convs.py --models resnet_tiny,vgg_tiny,efficientnet_lite0 --cases 32:8 --impl_cases 32:8 \
+        --impls xla,matmul --steps 1 --rounds 1 --warmup 1 --out /tmp/cpu_convs_check
+
+For each --models x --cases (input px:batch):
+  * train images/s: the real stage-1 step (ClassifierPlan: uint8 64x64 images gathered on the device,
+    the protocol's augmentation, the resize to the input size, forward + backward, Nesterov SGD,
+    BatchNorm updates), random labels;
+  * forward images/s: the jitted backbone on a ready float32 NHWC batch (train=False);
+with model.conv_impl=auto, and with each of --impls at the cases of --impl_cases. torch eager (torchvision
+resnet50 / vgg16, timm for the EfficientNet-Lites) runs first, in a subprocess before JAX starts: float32,
+channels_last, SGD with Nesterov momentum 0.8, random labels (constant labels would make its CPU steps
+10-30x slower from denormals), forward under no_grad in eval mode, on ready tensors (so torch's train
+figure has no augmentation: jsim's does). Timings exclude the first --warmup steps (compilation);
+each figure is the best of --rounds rounds of --steps steps. Writes <out>.json and <out>.md.
+Run it on a quiet machine and report `uptime`'s load average with it.
+
+--layers instead times XLA's conv against the lowering jsim.models.layers.choose_impl picks on a CPU
+(and the alternative it does not), forward and forward + backward (input and kernel gradients), for the
+conv shapes of ResNet50 and VGG16 at 64 and 224 px.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+for p in (str(REPO), str(REPO / "benchmarks")):
+  if p not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, p)
+
+NUM_CLASSES = 180
+# jsim model name -> torch constructor, "module:function" or "timm:<timm name>".
+TORCH_MODELS = {
+  "resnet50": "torchvision.models:resnet50",
+  "vgg16": "torchvision.models:vgg16",
+  "efficientnet_lite0": "timm:efficientnet_lite0",
+}
+
+
+def _csv(text: str, cast=str) -> list:
+  return [cast(t) for t in text.split(",") if t.strip()]
+
+
+def _cases(text: str) -> list[tuple[int, int]]:
+  out = []
+  for item in _csv(text):
+    px, sep, batch = item.partition(":")
+    if not sep:
+      raise SystemExit(f"--cases: expected px:batch items such as 64:16, got {item!r}")
+    out.append((int(px), int(batch)))
+  return out
+
+
+def _best_rate(step, items: int, warmup: int, steps: int, rounds: int, sync) -> tuple[float, float]:
+  """(warm-up seconds, best items/s over `rounds` rounds of `steps` calls of step(i))."""
+  t0 = time.perf_counter()
+  out = None
+  for i in range(warmup):
+    out = step(i)
+  sync(out)
+  warm = time.perf_counter() - t0
+  best = 0.0
+  for r in range(rounds):
+    t0 = time.perf_counter()
+    for i in range(steps):
+      out = step(warmup + r * steps + i)
+    sync(out)
+    best = max(best, items * steps / (time.perf_counter() - t0))
+  return warm, best
+
+
+# ---------------------------------------------------------------------------
+# torch eager (a subprocess of this script: `--torch_worker`).
+
+
+def torch_worker(args) -> None:
+  import importlib
+
+  import torch
+
+  torch.manual_seed(0)
+  print(json.dumps({"version": f"torch {torch.__version__}, {torch.get_num_threads()} threads"}), flush=True)
+  for name in _csv(args.models):
+    if name not in TORCH_MODELS:
+      print(json.dumps({"model": name, "error": "no torch reference for this model"}), flush=True)
+      continue
+    where, fn = TORCH_MODELS[name].split(":")
+    try:
+      if where == "timm":
+        import timm
+
+        build = lambda: timm.create_model(fn, num_classes=NUM_CLASSES)
+      else:
+        build = lambda: getattr(importlib.import_module(where), fn)(num_classes=NUM_CLASSES)
+      build()
+    except Exception as e:  # noqa: BLE001 - a measurement script: report and go on
+      print(json.dumps({"model": name, "error": f"{type(e).__name__}: {e}"[:300]}), flush=True)
+      continue
+    for px, batch in _cases(args.cases):
+      model = build().to(memory_format=torch.channels_last)
+      x = torch.randn(batch, 3, px, px).to(memory_format=torch.channels_last)
+      y = torch.randint(0, NUM_CLASSES, (batch,))
+      opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.8, nesterov=True)
+      lossf = torch.nn.CrossEntropyLoss()
+
+      def train(_):
+        loss = lossf(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+      model.train()
+      warm, rate = _best_rate(train, batch, args.warmup, args.steps, args.rounds, lambda _: None)
+      print(json.dumps({"model": name, "px": px, "batch": batch, "mode": "train", "img_s": rate, "warmup_s": warm}))
+      model.eval()
+
+      def forward(_):
+        with torch.no_grad():
+          return model(x)
+
+      warm, rate = _best_rate(forward, batch, args.warmup, args.steps, args.rounds, lambda _: None)
+      print(json.dumps({"model": name, "px": px, "batch": batch, "mode": "forward", "img_s": rate, "warmup_s": warm}))
+      sys.stdout.flush()
+
+
+def run_torch(args) -> dict:
+  cmd = [sys.executable, __file__, "--torch_worker", "--models", args.models, "--cases", args.cases]
+  cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", str(args.rounds)]
+  t0 = time.perf_counter()
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+  lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  out = {"rows": [r for r in lines if "model" in r], "seconds": round(time.perf_counter() - t0, 1)}
+  out["version"] = next((r["version"] for r in lines if "version" in r), "torch did not start")
+  if proc.returncode:
+    out["error"] = f"exit {proc.returncode}: {proc.stderr.strip()[-600:]}"
+  return out
+
+
+# ---------------------------------------------------------------------------
+# jsim.
+
+
+def jsim_train(model_name: str, px: int, batch: int, conv_impl: str, args, mesh) -> dict:
+  """Stage-1 train images/s of the real ClassifierPlan step (benchmark.py's fake data and timing)."""
+  import jax
+  from benchmark import _base_config, _fake_data
+  from jsim import parallel
+  from jsim.train import classifier, loop
+  from jsim.train.state import TrainState
+
+  ns = argparse.Namespace(dtype="float32", image_size=64, input_size=px, embed_batch=batch, pair_batch=batch)
+  config = _base_config(ns, model_name, batch)
+  config.model.conv_impl = conv_impl
+  model = classifier.build_classifier(config, NUM_CLASSES)
+  tx = classifier.make_optimizer(config.classifier)
+  state = parallel.put_replicated(
+    TrainState.create(classifier.initial_variables(config, model, NUM_CLASSES, px), tx), mesh
+  )
+  data = _fake_data(ns, np.random.default_rng(0), max(256, 2 * batch))
+  plan = classifier.ClassifierPlan(config, data, model, tx, mesh)
+  plan.begin_epoch(1)
+  full = sum(1 for size in plan.batch_sizes if size == plan.batch_size)
+  box = {"state": state, "sums": loop.zero_sums()}
+
+  def step(i):
+    box["state"], box["sums"] = plan.train_step(box["state"], 1, i % full, box["sums"])
+    return box["state"].step
+
+  warm, rate = _best_rate(step, batch, args.warmup, args.steps, args.rounds, jax.block_until_ready)
+  return {"warmup_s": warm, "img_s": rate}
+
+
+def jsim_forward(model_name: str, px: int, batch: int, conv_impl: str, args) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from jsim import models
+
+  model = models.build(model_name, num_classes=NUM_CLASSES, dtype=jnp.float32, conv_impl=conv_impl)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, px, px, 3), dtype=np.float32))
+  variables = jax.jit(lambda k: model.init({"params": k, "dropout": k}, x[:1], train=False))(jax.random.PRNGKey(0))
+  fwd = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+  warm, rate = _best_rate(
+    lambda _: fwd(variables, x), batch, args.warmup, args.steps, args.rounds, jax.block_until_ready
+  )
+  return {"warmup_s": warm, "img_s": rate}
+
+
+def run_models(args) -> dict:
+  import jax
+  from jax.sharding import Mesh
+  from jsim import models, parallel
+
+  torch_result = {"rows": [], "skipped": True} if args.no_torch else run_torch(args)
+  for r in torch_result["rows"]:
+    print("  torch:", json.dumps(r), flush=True)
+  if torch_result.get("error"):
+    print("  torch failed:", torch_result["error"], flush=True)
+  mesh = Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,))
+  impl_cases = set(_cases(args.impl_cases))
+  rows = []
+  for name in _csv(args.models):
+    if name not in models.available():
+      print(f"  jsim: no model {name!r} (available: {', '.join(models.available())}); skipped", flush=True)
+      continue
+    for px, batch in _cases(args.cases):
+      impls = ["auto"] + [i for i in _csv(args.impls) if i != "auto" and (px, batch) in impl_cases]
+      for mode in ("train", "forward"):
+        row = {"model": name, "px": px, "batch": batch, "mode": mode}
+        for impl in impls:
+          r = (
+            jsim_train(name, px, batch, impl, args, mesh)
+            if mode == "train"
+            else jsim_forward(name, px, batch, impl, args)
+          )
+          row[f"jsim_{impl}"], row[f"warmup_{impl}"] = r["img_s"], round(r["warmup_s"], 1)
+          print(f"  jsim {name} {px} px b{batch} {mode} conv_impl={impl}: {r['img_s']:.1f} img/s", flush=True)
+        torch_row = [
+          t
+          for t in torch_result["rows"]
+          if (t.get("model"), t.get("px"), t.get("batch"), t.get("mode")) == (name, px, batch, mode)
+        ]
+        row["torch"] = torch_row[0]["img_s"] if torch_row else None
+        rows.append(row)
+  return {"torch": torch_result, "rows": rows}
+
+
+def markdown_models(result: dict, impls: list[str]) -> list[str]:
+  others = [i for i in impls if i != "auto"]
+  lines = [
+    "| model | px | batch | mode | torch eager img/s | jsim auto img/s | jsim/torch | "
+    + " | ".join(f"jsim {i} img/s | auto/{i}" for i in others)
+    + " |",
+    "|---|---:|---:|---|---:|---:|---:|" + "---:|---:|" * len(others),
+  ]
+  f = lambda v, d=1: "-" if v is None else f"{v:,.{d}f}"
+  for r in result["rows"]:
+    a, t = r.get("jsim_auto"), r.get("torch")
+    cells = [f(a / t, 2) if a and t else "-"]
+    for i in others:
+      o = r.get(f"jsim_{i}")
+      cells += [f(o), f(a / o, 2) if a and o else "-"]
+    lines.append(
+      f"| {r['model']} | {r['px']} | {r['batch']} | {r['mode']} | {f(t)} | {f(a)} | " + " | ".join(cells) + " |"
+    )
+  return lines
+
+
+# ---------------------------------------------------------------------------
+# --layers: the per-shape table.
+
+# (batch, input side, in, out, kernel, stride): the convs of ResNet50 (stem, each stage's 3x3 and 1x1s,
+# the strided ones) and VGG16, at 64 and 224 px.
+LAYER_SHAPES = [
+  (16, 64, 3, 64, 7, 2),
+  (16, 16, 64, 64, 3, 1),
+  (16, 16, 128, 128, 3, 2),
+  (16, 8, 128, 128, 3, 1),
+  (16, 4, 256, 256, 3, 1),
+  (16, 4, 512, 512, 3, 2),
+  (16, 2, 512, 512, 3, 1),
+  (64, 2, 512, 512, 3, 1),
+  (16, 16, 64, 256, 1, 1),
+  (16, 8, 256, 512, 1, 2),
+  (16, 2, 2048, 512, 1, 1),
+  (16, 64, 64, 64, 3, 1),
+  (16, 8, 512, 512, 3, 1),
+  (16, 4, 512, 512, 3, 1),
+  (16, 224, 3, 64, 7, 2),
+  (16, 56, 64, 64, 3, 1),
+  (16, 56, 64, 256, 1, 1),
+  (16, 14, 256, 256, 3, 1),
+  (16, 7, 512, 512, 3, 1),
+  (16, 28, 256, 256, 3, 1),
+]
+
+
+def run_layers(args) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from jsim.models import layers
+
+  rows = []
+  for n, h, cin, cout, k, s in LAYER_SHAPES:
+    pads = ((k - 1) // 2,) * 2
+    padding = (pads, pads)
+    out_side = (h + 2 * pads[0] - k) // s + 1
+    chosen = layers.choose_impl(
+      "cpu", "auto", kernel_size=(k, k), in_features=cin, groups=1, out_hw=(out_side, out_side)
+    )
+    other = layers.choose_impl("cpu", "matmul", kernel_size=(k, k), in_features=cin, groups=1, out_hw=(1, 1))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((n, h, h, cin), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((k, k, cin, cout), dtype=np.float32) / np.sqrt(k * k * cin))
+    row = {
+      "batch": n,
+      "side": h,
+      "in": cin,
+      "out": cout,
+      "kernel": k,
+      "stride": s,
+      "out_side": out_side,
+      "auto": chosen,
+    }
+    for lowering in ("xla", other):
+      f = lambda x, w, lo=lowering: layers.conv(x, w, strides=(s, s), padding=padding, groups=1, lowering=lo)
+      fwd = jax.jit(f)
+      bwd = jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) ** 2), argnums=(0, 1)))
+      for what, fn in (("fwd", fwd), ("fwd_bwd", bwd)):
+        _, rate = _best_rate(lambda _: fn(x, w), 1, 1, args.steps, args.rounds, jax.block_until_ready)
+        row[f"{lowering}_{what}_ms"] = round(1e3 / rate, 2)
+    print("  " + json.dumps(row), flush=True)
+    rows.append(row)
+  return {"rows": rows}
+
+
+def markdown_layers(result: dict) -> list[str]:
+  lines = [
+    "| batch | input | in->out | kernel/stride | output | auto picks | XLA fwd / fwd+bwd ms | other fwd / fwd+bwd ms |",
+    "|---:|---:|---|---|---:|---|---:|---:|",
+  ]
+  for r in result["rows"]:
+    other = next(k[: -len("_fwd_ms")] for k in r if k.endswith("_fwd_ms") and not k.startswith("xla"))
+    lines.append(
+      f"| {r['batch']} | {r['side']} | {r['in']}->{r['out']} | {r['kernel']}/{r['stride']} | {r['out_side']} | {r['auto']} | "
+      f"{r['xla_fwd_ms']} / {r['xla_fwd_bwd_ms']} | {other}: {r[f'{other}_fwd_ms']} / {r[f'{other}_fwd_bwd_ms']} |"
+    )
+  return lines
+
+
+# ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(
+    description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+  )
+  ap.add_argument("--out", default=None, help="write <out>.json and <out>.md")
+  ap.add_argument("--models", default="resnet50,vgg16", help="jsim model names (efficientnet_lite0 once registered)")
+  ap.add_argument("--cases", default="64:16,64:64,224:16", help="input px:batch, comma-separated")
+  ap.add_argument("--impls", default="xla", help="conv_impl values measured besides auto (xla, matmul)")
+  ap.add_argument("--impl_cases", default="64:16", help="the cases at which --impls are measured too")
+  ap.add_argument("--steps", type=int, default=2, help="timed steps per round")
+  ap.add_argument("--rounds", type=int, default=2, help="rounds; the best round counts")
+  ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation included)")
+  ap.add_argument("--no_torch", action="store_true", help="skip torch")
+  ap.add_argument("--layers", action="store_true", help="the per-shape conv table instead of the models")
+  ap.add_argument("--torch_worker", action="store_true", help=argparse.SUPPRESS)
+  args = ap.parse_args(argv)
+  if args.torch_worker:
+    torch_worker(args)
+    return 0
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import jax
+
+  t0 = time.perf_counter()
+  load = os.getloadavg()
+  if args.layers:
+    result, lines = run_layers(args), None
+    lines = markdown_layers(result)
+  else:
+    result = run_models(args)
+    lines = markdown_models(result, ["auto"] + _csv(args.impls))
+  result.update(
+    device=f"{jax.devices()[0].device_kind}, {os.cpu_count()} cores",
+    jax=jax.__version__,
+    load_before=[round(v, 2) for v in load],
+    load_after=[round(v, 2) for v in os.getloadavg()],
+    wall_s=round(time.perf_counter() - t0, 1),
+    settings={k: v for k, v in vars(args).items() if k not in ("out", "torch_worker")},
+    time=time.strftime("%Y-%m-%d %H:%M:%S"),
+  )
+  head = [
+    f"# jsim CPU convs ({'per-shape table' if args.layers else 'models'})",
+    "",
+    f"{result['device']}; jax {result['jax']}; {result.get('torch', {}).get('version', '')}; "
+    f"load average {result['load_before']} before, {result['load_after']} after; {result['wall_s']} s in all.",
+    f"Settings: {json.dumps(result['settings'])}",
+    "",
+  ]
+  md = "\n".join(head + lines) + "\n"
+  print("\n" + md, flush=True)
+  if args.out:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+    out.with_suffix(".md").write_text(md)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
