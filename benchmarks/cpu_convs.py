@@ -12,7 +12,7 @@
         --impls xla,matmul --steps 1 --rounds 1 --warmup 1 --out /tmp/cpu_convs_check
 
 For each --models x --cases (input px:batch):
-  * train images/s: the real stage-1 step (ClassifierPlan: uint8 64x64 images gathered on the device,
+  * train images/s: the real stage-1 step (Stage1Plan: uint8 64x64 images gathered on the device,
     the protocol's augmentation, the resize to the input size, forward + backward, Nesterov SGD,
     BatchNorm updates), random labels;
   * forward images/s: the jitted backbone on a ready float32 NHWC batch (train=False);
@@ -160,7 +160,7 @@ def run_torch(args) -> dict:
 
 
 def jsim_train(model_name: str, px: int, batch: int, conv_impl: str, args, mesh) -> dict:
-  """Stage-1 train images/s of the real ClassifierPlan step (benchmark.py's fake data and timing)."""
+  """Stage-1 train images/s of the real Stage1Plan step (benchmark.py's fake data and timing)."""
   import jax
   from benchmark import _base_config, _fake_data
   from jsim import parallel
@@ -176,7 +176,7 @@ def jsim_train(model_name: str, px: int, batch: int, conv_impl: str, args, mesh)
     TrainState.create(classifier.initial_variables(config, model, NUM_CLASSES, px), tx), mesh
   )
   data = _fake_data(ns, np.random.default_rng(0), max(256, 2 * batch))
-  plan = classifier.ClassifierPlan(config, data, model, tx, mesh)
+  plan = classifier.Stage1Plan(config, data, model, tx, mesh)
   plan.begin_epoch(1)
   full = sum(1 for size in plan.batch_sizes if size == plan.batch_size)
   box = {"state": state, "sums": loop.zero_sums()}
