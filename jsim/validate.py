@@ -240,8 +240,14 @@ def _loss_settings(c, metric) -> None:
   for key in ("head_learning_rate", "loss_learning_rate"):
     if c[key] is not None:
       _positive(f"classifier.{key}", c[key])
+  from jsim import losses
+
+  # (an unknown loss is refused by its own line, naming the losses, when the loss is built)
+  known_loss = c.loss in (losses.CROSS_ENTROPY, *losses.available())
   m_per_class = c.sampler == "m_per_class" or (c.sampler == "auto" and metric.is_metric(c))
-  if m_per_class and isinstance(c.sampler_m, int) and c.sampler_m >= 1 and c.batch_size // c.sampler_m < 2:
+  if (
+    known_loss and m_per_class and isinstance(c.sampler_m, int) and c.sampler_m >= 1 and c.batch_size // c.sampler_m < 2
+  ):
     raise ValueError(
       f"classifier.sampler_m={c.sampler_m} with classifier.batch_size={c.batch_size}: every batch would hold "
       f"a single class, with no negative pair for the loss to learn from; choose a sampler_m that divides "
