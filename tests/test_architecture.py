@@ -11,7 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "jsim"
-SUBPACKAGES = ("data", "models", "losses", "train", "evaluate", "predict")
+SUBPACKAGES = ("data", "models", "losses", "train", "evaluate", "predict", "workdir")
 # Evaluators take a predict/score function; they never import a trainer.
 TRAINERS = ("jsim.train.classifier", "jsim.train.similarity", "jsim.train.loop", "jsim.train.embeddings")
 EVALUATORS = ("jsim.evaluate.pairwise", "jsim.evaluate.retrieval", "jsim.evaluate.report", "jsim.evaluate.figures")

@@ -1,0 +1,101 @@
+"""Atomic writes and a full disk: every file is written to a temporary name and renamed, so a killed run
+leaves either the old file or the new one, never half of one; a full disk is `NoSpace`, one line naming
+the file, with the temporary file removed."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+TMP_SUFFIX = ".tmp"
+
+
+class NoSpace(OSError):
+  """A write failed because the disk (or quota) is full: one line naming the path."""
+
+
+def is_no_space(e: BaseException | None) -> bool:
+  """Whether `e` (or what caused it: orbax and tensorstore wrap the OSError, or keep only its text) is ENOSPC."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if "no space left on device" in str(e).lower() or "disk quota exceeded" in str(e).lower():
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def no_space(path: Path | str, what: str = "") -> NoSpace:
+  """The one-line error of a full disk while writing `path`."""
+  return NoSpace(
+    errno.ENOSPC,
+    f"{path}: no space left on device{what}; nothing half-written was kept: free some space and rerun the same "
+    f"command (it continues from what is complete)",
+  )
+
+
+def _oserror_str(self) -> str:  # NoSpace(errno, message) prints as its message alone, without "[Errno 28]"
+  return self.strerror
+
+
+NoSpace.__str__ = _oserror_str
+
+
+def write_json(path: Path, obj: Any) -> None:
+  """Atomic: a reader never sees half a file. A full disk raises NoSpace naming `path`."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  # One temporary name per process: several processes may write the same file.
+  tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
+  try:
+    with open(tmp, "w") as f:
+      f.write(json.dumps(obj, indent=1, sort_keys=True, default=str))
+      f.flush()
+      os.fsync(f.fileno())  # the rename must not land before the data (a crash, not only a kill)
+    tmp.replace(path)
+  except BaseException as e:  # (a signal, a full disk: no half-written temporary file stays)
+    tmp.unlink(missing_ok=True)
+    if is_no_space(e):
+      raise no_space(path) from None
+    raise
+
+
+def write_file(path: Path, write: Any) -> None:
+  """Atomic like write_json for any writer: `write(tmp_path)` makes the file, renamed to `path` once complete.
+
+  The temporary name ends in TMP_SUFFIX (readers and the stage checks skip such names); it is
+  removed on any failure, and a full disk raises NoSpace naming `path`.
+  """
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
+  try:
+    write(tmp)
+    tmp.replace(path)
+  except BaseException as e:
+    tmp.unlink(missing_ok=True)
+    if is_no_space(e):
+      raise no_space(path) from None
+    raise
+
+
+def is_read_only(e: BaseException) -> bool:
+  """Whether an OSError means the folder cannot be written (a read-only mount, no permission)."""
+  return isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def read_json(path: Path) -> Any:
+  try:
+    return json.loads(Path(path).read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
