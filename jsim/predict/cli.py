@@ -25,7 +25,9 @@ import numpy as np
 from PIL import Image
 
 from jsim import interrupts, workdir as wd
-from jsim.predict import _PROG, BACKENDS, Match, Similarity, _first_line, _listing, prepare_image
+from jsim.predict.gallery import Match, _listing
+from jsim.predict.images import _PROG, _first_line, prepare_image
+from jsim.predict.similarity import BACKENDS, Similarity
 
 # ----------------------------------------------------------------------------- outputs
 
