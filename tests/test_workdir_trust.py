@@ -19,8 +19,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, STAGE1, STAGE1_STEPS, STAGE2, TINY1, _ok, run_jsim
-from test_reliability import Jsim, _assert_bitwise_equal, _one_line_error, _snapshot, _state, _steps, read_only
+from conftest import (
+  REPO,
+  STAGE1,
+  STAGE1_STEPS,
+  STAGE2,
+  TINY1,
+  Jsim,
+  _assert_bitwise_equal,
+  _ok,
+  _one_line_error,
+  _snapshot,
+  _state,
+  _steps,
+  read_only,
+  run_jsim,
+)
 
 
 def _array_file(step_dir: Path) -> Path:
