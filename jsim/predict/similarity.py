@@ -90,7 +90,8 @@ BACKENDS = ("auto", "jax", "onnx")
 
 
 class Similarity(GallerySearch):
-  """A trained workdir's Mc (or ensemble of them) and Ms, ready to compare images.
+  """A trained workdir's Mc (or ensemble of them) and Ms, ready to compare images; a folder is searched with
+  `gallery`, `rank` and `search` (from GallerySearch, jsim.predict.gallery).
 
   Attributes:
     workdir: the workdir.
