@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -132,6 +133,67 @@ def run_jsim(args: list[str], cache_dir: Path, *, timeout: float = 900, **env) -
     text=True,
     timeout=timeout,
   )
+
+
+@pytest.fixture
+def jsim_main(monkeypatch, capsys, jsim_cache):
+  """`python -m jsim.main ARGS` in this process, up to its exit: call(args) -> a CompletedProcess (returncode,
+  stdout, stderr) like run_jsim's.
+
+  main.parse_flags then main.main, as absl's app.run calls them, in the repository root with jsim_cache;
+  for the messages of refused runs (seconds less each than a process). What needs a real process
+  (signals, the exit, another device count, the entry point's own handling) runs one: run_jsim, Jsim.
+  """
+  from absl import flags
+  from absl import logging as absl_logging
+
+  from jsim import main
+
+  monkeypatch.chdir(REPO)
+  monkeypatch.setenv("JSIM_CACHE", str(jsim_cache))
+  handler = absl_logging.get_absl_handler()
+  formatter, filters, verbosity = handler.formatter, list(handler.filters), absl_logging.get_verbosity()
+
+  def call(args: list[str]) -> subprocess.CompletedProcess:
+    argv = [str(REPO / "jsim" / "main.py"), *args]  # (sys.argv[0] of python -m jsim.main)
+    monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads the --config.KEY overrides from sys.argv
+    defined = set(flags.FLAGS)
+    code = 0
+    try:
+      with warnings.catch_warnings():  # (ml_collections loads the config file with load_module)
+        warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+        main.main(main.parse_flags(argv))
+    except SystemExit as e:  # as main.entry_point maps it
+      if isinstance(e.code, str):
+        print(e.code, file=sys.stderr)
+      code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+      for name in set(flags.FLAGS) - defined:  # the --config.KEY flags ml_collections defined for this call
+        delattr(flags.FLAGS, name)
+      flags.FLAGS.unparse_flags()
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
+
+  yield call
+  handler.setFormatter(formatter)  # (main.main set up jsim's log format)
+  handler.filters[:] = filters
+  absl_logging.set_verbosity(verbosity)
+
+
+def forbid_stages(monkeypatch, *, data: bool = True) -> None:
+  """Makes a stage that starts fail the test, and with data=False also preparing the data: in this process,
+  "refused before anything compiled" (the stages compile; a compiled function may be cached here, so
+  JAX_LOG_COMPILES would not show it)."""
+  from jsim import run
+  from jsim.data import prepare
+
+  def started(*args, **kwargs):
+    raise AssertionError("a refused run went on: a stage (or the data's preparation) started")
+
+  for name, stage in run.STAGES.items():
+    monkeypatch.setitem(run.STAGES, name, dataclasses.replace(stage, function=started))
+  if not data:
+    monkeypatch.setattr(prepare, "prepare", started)
 
 
 # ----------------------------------------------------------------------------- a jsim process, checkpoints, faults

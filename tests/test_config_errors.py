@@ -1,8 +1,10 @@
 """Bad configurations are refused before anything is compiled: one clear line, non-zero exit, no traceback.
 
-The command-line cases run the real `python -m jsim.main` (flag parsing included);
-JAX_LOG_COMPILES=1 makes every XLA compilation visible in its output, so "before
-anything is compiled" is checked, not assumed.
+The command-line cases run jsim's command line (flag parsing included) in this process
+(conftest's jsim_main), where a stage or, for a check that needs no data, the data's
+preparation that starts fails the test: "before anything is compiled" is checked, not
+assumed. One case runs the real `python -m jsim.main` with four devices, where
+JAX_LOG_COMPILES=1 makes every XLA compilation visible in its output.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import run_jsim, tiny_config
+from conftest import forbid_stages, run_jsim, tiny_config
 
 TINY = ["--config=configs/tiny.py"]
 
@@ -30,21 +32,12 @@ STAGE_FUNCTIONS = (
 )
 
 
-def _refused(proc, *, expect: str, data_check: bool = False) -> str:
-  """Asserts a refusal: exit 1, no traceback, the expected text on one line, nothing compiled.
-
-  data_check: the refusal needed the data (and possibly drawing the validation pairs, a
-  few small jitted ops); still, nothing of a stage may have been compiled.
-  """
+def _one_line_at_the_end(proc, expect: str) -> str:
+  """Asserts a refusal: exit 1, no traceback, the expected text on one line, at the end."""
   out = proc.stdout + proc.stderr
   assert proc.returncode == 1, out[-3000:]
   assert "Traceback" not in out, out[-3000:]
   assert expect in out, out[-3000:]
-  compiled = re.findall(r"Compiling (jit\([^)]*\))", out)
-  if data_check:
-    assert not set(compiled) & set(STAGE_FUNCTIONS), compiled
-  else:
-    assert not compiled, compiled
   # The message is one line, at the end (absl adds a line on --helpshort after its own).
   tail = [line for line in out.splitlines() if line.strip()][-2:]
   line = next((line for line in tail if expect in line), None)
@@ -52,78 +45,108 @@ def _refused(proc, *, expect: str, data_check: bool = False) -> str:
   return line
 
 
-def _cli(args, cache, tmp_path, **env):
-  return run_jsim([*TINY, f"--workdir={tmp_path / 'w'}", *args], cache, timeout=300, JAX_LOG_COMPILES="1", **env)
+def _refused(proc, *, expect: str, data_check: bool = False) -> str:
+  """Asserts a refusal of a real process: as _one_line_at_the_end, and nothing compiled.
+
+  data_check: the refusal needed the data (and possibly drawing the validation pairs, a
+  few small jitted ops); still, nothing of a stage may have been compiled.
+  """
+  line = _one_line_at_the_end(proc, expect)
+  compiled = re.findall(r"Compiling (jit\([^)]*\))", proc.stdout + proc.stderr)
+  if data_check:
+    assert not set(compiled) & set(STAGE_FUNCTIONS), compiled
+  else:
+    assert not compiled, compiled
+  return line
+
+
+@pytest.fixture
+def refused(jsim_main, monkeypatch, tmp_path):
+  """refused(args, expect=..., data_check=False): jsim with configs/tiny.py and `args` in this process,
+  asserted refused (_one_line_at_the_end) before a stage started (with data_check, the data may be
+  prepared: the refusal needed it; else not even that); returns the line."""
+
+  def call(args: list[str], *, expect: str, data_check: bool = False) -> str:
+    forbid_stages(monkeypatch, data=data_check)
+    return _one_line_at_the_end(jsim_main([*TINY, f"--workdir={tmp_path / 'w'}", *args]), expect)
+
+  return call
 
 
 # --- command line: flags that ml_collections refuses ---------------------------------------------------------------
 
 
-def test_unknown_key_names_the_key_and_suggests_the_right_one(jsim_cache, tmp_path):
-  proc = _cli(["--config.classifier.learning_rte=0.1"], jsim_cache, tmp_path)
-  last = _refused(proc, expect="--config.classifier.learning_rte")
+def test_unknown_key_names_the_key_and_suggests_the_right_one(refused, tmp_path):
+  last = refused(["--config.classifier.learning_rte=0.1"], expect="--config.classifier.learning_rte")
   assert "has no key 'learning_rte'" in last and "did you mean 'classifier.learning_rate'" in last
   assert not (tmp_path / "w").exists()  # refused before the workdir is touched
 
 
-def test_unknown_group_lists_the_keys(jsim_cache, tmp_path):
-  proc = _cli(["--config.trainer.epochs=3"], jsim_cache, tmp_path)
-  last = _refused(proc, expect="the config has no key 'trainer'")
+def test_unknown_group_lists_the_keys(refused):
+  last = refused(["--config.trainer.epochs=3"], expect="the config has no key 'trainer'")
   assert "classifier" in last and "similarity" in last
 
 
-def test_wrong_type_names_the_flag(jsim_cache, tmp_path):
-  proc = _cli(["--config.classifier.batch_size=abc"], jsim_cache, tmp_path)
-  _refused(proc, expect="--config.classifier.batch_size=abc")
+def test_wrong_type_names_the_flag(refused):
+  refused(["--config.classifier.batch_size=abc"], expect="--config.classifier.batch_size=abc")
 
 
 # --- command line: well-typed but impossible values -------------------------------------------------------------
 
 
 def test_batch_not_divisible_by_the_devices(jsim_cache, tmp_path):
-  proc = _cli(
-    ["--config.classifier.batch_size=6"], jsim_cache, tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=4"
+  # A real process (four devices), which also shows the one-line refusal end to end: the entry point, its exit.
+  proc = run_jsim(
+    [*TINY, f"--workdir={tmp_path / 'w'}", "--config.classifier.batch_size=6"],
+    jsim_cache,
+    timeout=300,
+    JAX_LOG_COMPILES="1",
+    XLA_FLAGS="--xla_force_host_platform_device_count=4",
   )
   _refused(proc, expect="jsim: classifier.batch_size=6 is not divisible by the 4 devices")
 
 
-def test_nonpositive_learning_rate(jsim_cache, tmp_path):
-  proc = _cli(["--config.similarity.learning_rate=0"], jsim_cache, tmp_path)
-  _refused(proc, expect="jsim: similarity.learning_rate=0.0: must be > 0")
+def test_nonpositive_learning_rate(refused):
+  refused(["--config.similarity.learning_rate=0"], expect="jsim: similarity.learning_rate=0.0: must be > 0")
 
 
-def test_more_seen_classes_than_classes(jsim_cache, tmp_path):
-  proc = _cli(["--config.data.num_seen_classes=9"], jsim_cache, tmp_path)
-  _refused(proc, expect="jsim: data.num_seen_classes=9 is more than the 8 classes")
+def test_more_seen_classes_than_classes(refused):
+  refused(["--config.data.num_seen_classes=9"], expect="jsim: data.num_seen_classes=9 is more than the 8 classes")
 
 
-def test_tuple_field_with_a_string(jsim_cache, tmp_path):
+def test_tuple_field_with_a_string(refused):
   # ml_collections takes any literal into a tuple field: validate must catch it.
-  proc = _cli(["--config.similarity.hidden=abc"], jsim_cache, tmp_path)
-  _refused(proc, expect="jsim: similarity.hidden=('abc',): expected positive integers")
+  refused(["--config.similarity.hidden=abc"], expect="jsim: similarity.hidden=('abc',): expected positive integers")
 
 
 # --- command line: pair counts that the data cannot supply (checked once the data is known) ----------------------
 
 
-def test_class_with_two_images_cannot_give_training_pairs(jsim_cache, tmp_path):
+def test_class_with_two_images_cannot_give_training_pairs(refused):
   # 2 train images per class: the one similar pair of a class is a validation pair.
-  proc = _cli(["--config.data.synthetic.train_per_class=2"], jsim_cache, tmp_path)
-  _refused(proc, expect="the validation pairs take all 1 distinct pairs of class", data_check=True)
+  refused(
+    ["--config.data.synthetic.train_per_class=2"],
+    expect="the validation pairs take all 1 distinct pairs of class",
+    data_check=True,
+  )
 
 
-def test_too_many_validation_pairs(jsim_cache, tmp_path):
+def test_too_many_validation_pairs(refused):
   # 10 images per class = 45 distinct pairs; 1000 validation draws take every one of them.
-  proc = _cli(["--config.similarity.val_similar_per_class=1000"], jsim_cache, tmp_path)
-  last = _refused(
-    proc, expect="jsim: similarity.val_similar_per_class=1000: the validation pairs take all 45", data_check=True
+  last = refused(
+    ["--config.similarity.val_similar_per_class=1000"],
+    expect="jsim: similarity.val_similar_per_class=1000: the validation pairs take all 45",
+    data_check=True,
   )
   assert "(10 images)" in last
 
 
-def test_test_class_with_one_image(jsim_cache, tmp_path):
-  proc = _cli(["--config.data.synthetic.test_per_class=1"], jsim_cache, tmp_path)
-  _refused(proc, expect="has 1 test image(s): evaluation.test_similar_per_class=14", data_check=True)
+def test_test_class_with_one_image(refused):
+  refused(
+    ["--config.data.synthetic.test_per_class=1"],
+    expect="has 1 test image(s): evaluation.test_similar_per_class=14",
+    data_check=True,
+  )
 
 
 # --- in process: the checks themselves -------------------------------------------------------------------------

@@ -85,15 +85,13 @@ def test_benchmark_configs_read_the_archive_or_tfds(name, source, seen):
 
 
 @pytest.mark.parametrize("name,model,published", [("resnet_cls", "resnet50", "69.51"), ("vgg_cls", "vgg16", "67.96")])
-def test_the_design_cards_stage1_configs_are_the_protocols_stage1(name, model, published, jsim_cache):
+def test_the_design_cards_stage1_configs_are_the_protocols_stage1(name, model, published, jsim_main):
   """configs/resnet_cls.py and vgg_cls.py: configs/protocol.py:model=...,stage=classifier, through the CLI."""
-  from conftest import run_jsim
-
   c = _load(name).get_config()
   assert c.to_dict() == _load("protocol").get_config(f"model={model},stage=classifier").to_dict()
   doc = _load(name).__doc__
   assert f"--config=configs/{name}.py --workdir=runs/{model}" in doc and published in doc
-  proc = run_jsim([f"--config=configs/{name}.py", "--print_config"], jsim_cache, timeout=120)
+  proc = jsim_main([f"--config=configs/{name}.py", "--print_config"])
   assert proc.returncode == 0, proc.stderr[-2000:]
   by_key = {x.split(" = ")[0].strip(): x.split(" = ")[1] for x in proc.stdout.splitlines() if " = " in x}
   assert by_key["stage"].startswith("'classifier'") and by_key["model.name"].startswith(f"'{model}'")

@@ -59,8 +59,8 @@ def test_help_of_the_console_script_names_it():
   assert proc.returncode == 0 and proc.stdout.startswith("usage: jsim --config="), proc.stdout + proc.stderr
 
 
-def test_print_config_lists_every_key_with_defaults(tmp_path, jsim_cache):
-  proc = run_jsim([TINY, "--config.classifier.num_epochs=7", "--print_config"], jsim_cache, timeout=120)
+def test_print_config_lists_every_key_with_defaults(tmp_path, jsim_main):
+  proc = jsim_main([TINY, "--config.classifier.num_epochs=7", "--print_config"])
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = [x for x in proc.stdout.splitlines() if x and not x.startswith("#")]
   from jsim import console, workdir as wd
@@ -168,9 +168,9 @@ def test_prepare_stage_writes_split_and_statistics_only(tmp_path, jsim_cache):
 # --- messages that lead somewhere ----------------------------------------------------------------------------------
 
 
-def test_evaluate_on_an_empty_workdir_names_the_first_missing_stage(tmp_path, jsim_cache):
+def test_evaluate_on_an_empty_workdir_names_the_first_missing_stage(tmp_path, jsim_main):
   w = tmp_path / "w"
-  proc = run_jsim([TINY, f"--workdir={w}", "--config.stage=evaluate"], jsim_cache, timeout=300)
+  proc = jsim_main([TINY, f"--workdir={w}", "--config.stage=evaluate"])
   line = _one_line_refusal(
     proc,
     "stage 1 has not finished (stage 'evaluate' needs it); run --config.stage=classifier first, or --config.stage=all",
