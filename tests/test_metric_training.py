@@ -338,9 +338,9 @@ if __name__ == "__main__" and len(__import__("sys").argv) > 1 and __import__("sy
   print(json.dumps(_four_devices()))
 
 
-def test_bad_loss_is_one_line_from_the_cli(jsim_cache, tmp_path):
+def test_bad_loss_is_one_line_from_the_cli(jsim_main, tmp_path):
   w = tmp_path / "w"
-  proc = run_jsim(["--config=configs/tiny.py", "--config.classifier.loss=tripplet", f"--workdir={w}"], jsim_cache)
+  proc = jsim_main(["--config=configs/tiny.py", "--config.classifier.loss=tripplet", f"--workdir={w}"])
   assert proc.returncode != 0
   assert "Traceback" not in proc.stderr
   assert "classifier.loss='tripplet': expected 'cross_entropy' or one of arcface" in proc.stderr
