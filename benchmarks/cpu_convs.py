@@ -1,12 +1,12 @@
 """jsim on a CPU against torch eager, float32, side by side; conv_impl=auto against xla.
 
-    # the measurement, one model per run (quiet machine; each an estimated 5-8 min on 2 cores, mostly
-    # XLA compilation: 8 jsim programs per model; not yet timed quietly):
-    python benchmarks/cpu_convs.py --models resnet50 --out runs/bench/cpu_convs_resnet50
-    python benchmarks/cpu_convs.py --models vgg16 --out runs/bench/cpu_convs_vgg16
-    python benchmarks/cpu_convs.py --models efficientnet_lite0 --out runs/bench/cpu_convs_lite0  # once registered
+    # the measurement, one model per run (quiet machine, 2-core AMD EPYC; wall time each, mostly XLA
+    # compilation: 8 jsim programs per model; the figures are in BENCHMARKS.md):
+    python benchmarks/cpu_convs.py --models resnet50 --out runs/bench/cpu_convs_resnet50            # 3 min 38 s
+    python benchmarks/cpu_convs.py --models vgg16 --out runs/bench/cpu_convs_vgg16                  # 6 min 03 s
+    python benchmarks/cpu_convs.py --models efficientnet_lite0 --out runs/bench/cpu_convs_lite0     # 3 min 40 s
     # the per-shape table behind jsim.models.layers.choose_impl:
-    python benchmarks/cpu_convs.py --layers --out runs/bench/cpu_conv_layers
+    python benchmarks/cpu_convs.py --layers --out runs/bench/cpu_conv_layers                        # 51 s
     # a check that it runs (took 21 min wall, 3 min CPU, under load average 18):
     python benchmarks/cpu_convs.py --models resnet_tiny,vgg_tiny,efficientnet_lite0 --cases 32:8 --impl_cases 32:8 \
         --impls xla,matmul --steps 1 --rounds 1 --warmup 1 --out /tmp/cpu_convs_check
