@@ -206,7 +206,8 @@ def _run_stages(config, workdir: Path) -> dict:
   # says that the outputs are complete, instead of asking for a rerun.
   interrupts.install_after_run()
   if parallel.is_main_process():
-    print("\n".join(console.summary_lines(workdir, timings)), flush=True)
+    # One write, its newline included: a signal's line never lands in the middle of the summary's last line.
+    print("\n".join(console.summary_lines(workdir, timings)) + "\n", end="", flush=True)
   return result
 
 
