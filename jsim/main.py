@@ -178,8 +178,7 @@ def main(argv):
 
       plan.dry_run(FLAGS.config, FLAGS.workdir)
       return
-    run.run(FLAGS.config, FLAGS.workdir)
-    interrupts.install_after_run()  # the summary is printed: a signal now says the outputs are complete
+    run.run(FLAGS.config, FLAGS.workdir)  # (it prints the summary under interrupts.install_after_run)
   except run.EXPECTED_ERRORS as e:
     logging.flush()
     print(f"jsim: {e}", file=sys.stderr)

@@ -22,7 +22,8 @@ from jsim import console, interrupts, parallel, validate, workdir as wd
 from jsim.data import prepare as prepare_lib
 from jsim.data.download import DownloadError
 from jsim.train import classifier, embeddings, similarity
-from jsim.train.loop import NonFiniteLoss, Preempted, preemption_guard
+from jsim.interrupts import preemption_guard
+from jsim.train.loop import NonFiniteLoss, Preempted
 
 # Errors that reach the user as one line (no traceback).
 EXPECTED_ERRORS = (
@@ -201,8 +202,12 @@ def _run_stages(config, workdir: Path) -> dict:
       logging.info("%s is read-only: its config.json, the record of the last run, is left as it is", workdir)
   interrupts.raise_if_received()
   wd.end_overwrite(workdir)
+  # Everything is written: a signal from here on (the summary's print can block on a slow reader of stdout)
+  # says that the outputs are complete, instead of asking for a rerun.
+  interrupts.install_after_run()
   if parallel.is_main_process():
-    print("\n".join(console.summary_lines(workdir, timings)), flush=True)
+    # One write, its newline included: a signal's line never lands in the middle of the summary's last line.
+    print("\n".join(console.summary_lines(workdir, timings)) + "\n", end="", flush=True)
   return result
 
 

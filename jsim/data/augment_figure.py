@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from jsim import workdir as wd
 from jsim.data import augment
 
 AUGMENTATION_COLUMNS = ("original", "jitter", "crop", "flip", "rotation", "all four")
@@ -66,7 +67,6 @@ def plot_augmentations(
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   out_png = Path(out_png)
-  out_png.parent.mkdir(parents=True, exist_ok=True)
   FigureCanvasAgg(fig)
-  fig.savefig(out_png, dpi=120)
+  wd.write_file(out_png, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))  # (whole or not at all)
   return out_png

@@ -118,13 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if path is not None and path.exists():
       print(f"jsim: {path} exists; pass another path (nothing is overwritten)", file=sys.stderr)
       return 1
+  written = []  # (a failed command removes what it wrote: its rerun would refuse those paths)
   try:
     splits = split_ids(args.workdirs)
     differ = len(set(splits)) > 1
     rows = comparison_rows(args.workdirs, splits if differ else None) if table else []
-    print(f"wrote {roc_of_workdirs(args.workdirs, out)} (ROC curves of {len(args.workdirs)} workdirs)")
+    written.append(roc_of_workdirs(args.workdirs, out))
     if table:
+      written.append(table)  # (write_comparison writes each file whole or not at all)
       text = report.write_comparison(rows, table, table.with_suffix(".json"))
+    print(f"wrote {out} (ROC curves of {len(args.workdirs)} workdirs)")
+    if table:
       print(f"wrote {table} and {table.with_suffix('.json')}:\n{text}", end="")
     if differ:
       print(
@@ -133,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
       )
   except (ValueError, OSError, KeyError) as e:
+    for path in written:
+      path.unlink(missing_ok=True)
     print(f"jsim: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
     return 1
   return 0

@@ -14,6 +14,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from jsim import workdir as wd
+
 GROUP_LABELS = {"all": "all pairs (cases 1-5)", "seen": "seen (cases 1-2)", "unseen": "unseen (cases 4-5)"}
 GROUP_COLORS = {"all": "black", "seen": "tab:green", "unseen": "tab:red"}
 # Borders of example images, the same meaning in every figure (and in jsim-predict's sheet):
@@ -25,19 +27,21 @@ BELOW_COLOR = (160, 160, 160)  # gray: below the threshold
 
 
 def _save(fig: Figure, out_png: str | Path, *, dpi: int = 120, palette: bool = False) -> Path:
-  """Writes the figure; palette=True stores it with 256 colours (photo sheets: a few times smaller)."""
+  """Writes the figure, whole or not at all (jsim.workdir.write_file: a full disk raises NoSpace naming it, and a
+  figure listed in a report is never half a file); palette=True stores it with 256 colours (photo sheets: a few
+  times smaller)."""
   out_png = Path(out_png)
-  out_png.parent.mkdir(parents=True, exist_ok=True)
   canvas = FigureCanvasAgg(fig)
   if not palette:
-    fig.savefig(out_png, dpi=dpi)
+    wd.write_file(out_png, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     return out_png
   from PIL import Image
 
   fig.set_dpi(dpi)
   canvas.draw()
   rgb = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3])
-  rgb.quantize(256, method=Image.Quantize.MEDIANCUT).save(out_png, optimize=True)
+  image = rgb.quantize(256, method=Image.Quantize.MEDIANCUT)
+  wd.write_file(out_png, lambda tmp: image.save(tmp, format="PNG", optimize=True))
   return out_png
 
 

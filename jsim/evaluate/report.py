@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jsim import workdir as wd
 from jsim.data.pairs import CASE_NAMES, UNSEEN_CASES
 from jsim.evaluate.pairwise import PairEvalResult
 from jsim.published import BACKBONE_TITLES, PUBLISHED, published  # noqa: F401  (one place; re-exported)
@@ -287,8 +288,6 @@ def write_report(
   )
   table = case_table_markdown(report)
   figures = sorted(f"figures/{p.name}" for p in (out_dir / "figures").glob("*.png"))
-  from jsim import workdir as wd
-
   text = json.dumps(report, indent=2, allow_nan=False) + "\n"
   wd.write_file(out_dir / REPORT_JSON, lambda tmp: Path(tmp).write_text(text))
   wd.write_file(out_dir / REPORT_MD, lambda tmp: Path(tmp).write_text(_markdown(report, table, figures)))
@@ -388,8 +387,8 @@ def write_comparison(rows: Sequence[dict], out_md: str | Path, out_json: str | P
   for r in rows:
     lines.append("| " + " | ".join(_cell(r.get(k), f, r.get(f"{k}_std")) for k, _, f in columns) + " |")
   md = "\n".join(lines) + "\n"
-  for path in (out_md, out_json):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-  Path(out_md).write_text(md)
-  Path(out_json).write_text(json.dumps(_clean(rows), indent=2, allow_nan=False) + "\n")
+  text = json.dumps(_clean(rows), indent=2, allow_nan=False) + "\n"
+  # Each file whole or not at all (a full disk, a kill): a half-written table is never read as the comparison.
+  wd.write_file(Path(out_md), lambda tmp: Path(tmp).write_text(md))
+  wd.write_file(Path(out_json), lambda tmp: Path(tmp).write_text(text))
   return md

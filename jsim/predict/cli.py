@@ -99,8 +99,7 @@ same kind"), gray below. Click an image to open the file.</p>
 {chr(10).join(cards)}
 </body></html>
 """
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(page)
+  wd.write_file(out, lambda tmp: Path(tmp).write_text(page))  # (whole or not at all)
   return out
 
 

@@ -6,8 +6,8 @@ over (state, epoch, batch index, running sums), and an evaluation. Everything an
 epoch draws (the permutation, the pairs) is a function of (seed, epoch), so a run
 resumed inside an epoch continues the same sequence of batches.
 
-Preemption: inside `preemption_guard()` (run.py holds one around each training
-stage, `fit` opens its own otherwise) the first SIGTERM/SIGINT only sets a flag.
+Preemption: inside `interrupts.preemption_guard()` (run.py holds one around each
+training stage, `fit` opens its own otherwise) the first SIGTERM/SIGINT only sets a flag.
 `fit` polls it before every step (with several processes, every few steps, where
 they agree) and after every epoch: it saves a checkpoint at the current step (a
 mid-epoch one keeps the epoch's running sums) and raises `Preempted`.
@@ -22,9 +22,7 @@ is an error naming it (the stage's result would otherwise come from another one)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -35,6 +33,7 @@ import numpy as np
 from absl import logging
 
 from jsim import console, parallel, workdir as wd
+from jsim.interrupts import preemption_guard
 from jsim.checkpoint import DamagedCheckpoint, StageCheckpoints, abstract_like
 from jsim.train import schedule
 from jsim.train.metrics_writer import MetricsWriter, progress_bar
@@ -113,75 +112,6 @@ class LoopSettings:
       config_key="classifier" if name == "stage 1" else "similarity",
       rate_schedule=schedule.Schedule.from_config(cfg),
     )
-
-
-class _PreemptionGuard:
-  """Turns the first SIGTERM/SIGINT into a flag the loop polls between steps."""
-
-  def __init__(self):
-    self.signal_name = None
-    self._previous = {}
-
-  def install(self) -> None:
-    from jsim import interrupts
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    if interrupts.received is not None:  # a signal before the stage, whose exception something swallowed
-      self.uninstall()
-      interrupts.raise_if_received()
-
-  def _handle(self, signum, frame):
-    if self.signal_name is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt  # a second Ctrl-C: stop now
-    self.signal_name = signal.Signals(signum).name
-
-  def uninstall(self) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-  def stop_requested(self, *, agree: bool = True) -> bool:
-    """Whether to stop now.
-
-    With several processes, they must stop at the same step, or one would wait
-    forever in the others' next step (or in the collective save): a local signal
-    counts only where all of them `agree` (the same steps for all), by an allgather,
-    which syncs the host with the device, so not at every step.
-    """
-    if jax.process_count() == 1:
-      return self.signal_name is not None
-    if not agree:
-      return False
-    from jax.experimental import multihost_utils
-
-    stop = bool(np.any(multihost_utils.process_allgather(np.int32(self.signal_name is not None))))
-    if stop and self.signal_name is None:
-      self.signal_name = "a signal to another process"
-    return stop
-
-
-_active_guard: _PreemptionGuard | None = None
-
-
-@contextlib.contextmanager
-def preemption_guard():
-  """Within it, SIGTERM/SIGINT set a flag (yielded guard.signal_name) instead of killing.
-
-  Reentrant: an inner guard is the outer one. Used around a whole training stage,
-  so that a signal during data loading or compilation is honoured too.
-  """
-  global _active_guard
-  if _active_guard is not None:
-    yield _active_guard
-    return
-  guard = _PreemptionGuard()
-  guard.install()
-  _active_guard = guard
-  try:
-    yield guard
-  finally:
-    _active_guard = None
-    guard.uninstall()
 
 
 @jax.jit
