@@ -158,6 +158,7 @@ def _count_computes(monkeypatch) -> list:
   return calls
 
 
+@pytest.mark.slow  # (trains stage 1 two or three times)
 def test_stage1_and_embeddings_with_the_cache_equal_them_without(tmp_path, monkeypatch):
   # Every batch of 6 images (training, evaluation, embedding): XLA:CPU then rounds each image's features
   # alike in all of them, and the two runs agree to the bit (see the test above for other batch sizes).
@@ -232,6 +233,7 @@ def test_changed_weights_normalisation_input_size_or_images_invalidate_the_cache
   assert changed(batch_size=8) is None and changed(devices=2) is None and changed(platform="gpu") is None
 
 
+@pytest.mark.slow  # (trains stage 1 two or three times)
 def test_a_changed_input_size_recomputes_and_replaces_the_cache(tmp_path, monkeypatch):
   calls = _count_computes(monkeypatch)
   c = _config(**{"classifier.num_epochs": 1})
@@ -249,6 +251,7 @@ def test_a_changed_input_size_recomputes_and_replaces_the_cache(tmp_path, monkey
   assert len(calls) == 2
 
 
+@pytest.mark.slow  # (trains stage 1 two or three times)
 def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path, monkeypatch):
   c = _config(**{"classifier.num_epochs": 3})
   calls = _count_computes(monkeypatch)
@@ -277,6 +280,7 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path, monkeypatch):
   )
 
 
+@pytest.mark.slow  # (trains stage 1 two or three times)
 def test_a_signal_while_caching_leaves_no_cache_and_the_rerun_computes_it(tmp_path, monkeypatch):
   from jsim import run as run_lib
 
