@@ -163,6 +163,15 @@ def check_config(cfg: Any, image_size: tuple[int, int]) -> None:
   _spec(cfg, image_size)
 
 
+def is_off(cfg: Any) -> bool:
+  """Whether an augment config changes no image: nothing enabled, or prob 0 (augment() then equals
+  preprocess() bit for bit)."""
+  enabled = cfg["enabled"]
+  if isinstance(enabled, str):
+    enabled = [e for e in enabled.split(",") if e.strip()]
+  return float(cfg["prob"]) == 0.0 or not enabled
+
+
 def sample_params(key: jax.Array, batch: int, cfg: Any, image_size: tuple[int, int] = (64, 64)) -> Params:
   """Draws the per-image augmentation parameters (image i from jax.random.split(key, batch)[i]).
 

@@ -158,6 +158,9 @@ class EfficientNetLite(nn.Module):
       depthwise convs as shifted multiply-adds, far faster than XLA:CPU's grouped conv).
 
   Call: `(logits, embedding) = model.apply(variables, x, train=...)`, both float32.
+  `from_embedding=True`: x is the embedding already (the frozen backbone's output, cached by
+  jsim.train.feature_cache) and only the dropout and the head run, with the same names and
+  random draws as in the full call, so the head trains exactly as it would behind the frozen backbone.
   """
 
   width: float = 1.0
@@ -190,38 +193,41 @@ class EfficientNetLite(nn.Module):
     return tuple(names)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-    n_frozen = freezing.parse(self.freeze, None if self.freeze == freezing.BACKBONE else self.num_stages)
-    specs = stage_specs(self.width, self.depth)
-    total = sum(spec[0] for spec in specs)
-    # A frozen part runs in inference mode (its BatchNorm statistics stay) and its output
-    # leaves the gradient, so the backward pass stops there.
-    impl = self.conv_impl
-    x = conv_bn(x.astype(self.dtype), STEM, 3, 2, 1, True, "stem", train and n_frozen is None, self.dtype, impl)
-    if n_frozen == 0:
-      x = jax.lax.stop_gradient(x)
-    index = 0
-    for s, (repeats, kernel, stride, expand, _, cout) in enumerate(specs, start=1):
-      fixed = n_frozen is not None and s <= n_frozen
-      for b in range(repeats):
-        x = MBConv(
-          expand,
-          cout,
-          kernel,
-          stride if b == 0 else 1,
-          drop_connect=0.0 if fixed else self.drop_connect_rate * index / total,
-          dtype=self.dtype,
-          conv_impl=impl,
-          name=f"stage{s}_{b}",
-        )(x, train=train and not fixed)
-        index += 1
-      if fixed and s == min(n_frozen, len(specs)):
+  def __call__(self, x: jax.Array, train: bool = False, from_embedding: bool = False) -> tuple[jax.Array, jax.Array]:
+    if from_embedding:
+      embedding = x.astype(self.dtype)  # (cached as float32: exact for a bfloat16 embedding)
+    else:
+      n_frozen = freezing.parse(self.freeze, None if self.freeze == freezing.BACKBONE else self.num_stages)
+      specs = stage_specs(self.width, self.depth)
+      total = sum(spec[0] for spec in specs)
+      # A frozen part runs in inference mode (its BatchNorm statistics stay) and its output
+      # leaves the gradient, so the backward pass stops there.
+      impl = self.conv_impl
+      x = conv_bn(x.astype(self.dtype), STEM, 3, 2, 1, True, "stem", train and n_frozen is None, self.dtype, impl)
+      if n_frozen == 0:
         x = jax.lax.stop_gradient(x)
-    top_fixed = n_frozen == freezing.ALL_STAGES
-    x = conv_bn(x, TOP, 1, 1, 1, True, "top", train and not top_fixed, self.dtype, impl)
-    embedding = jnp.mean(x, axis=(1, 2))
-    if top_fixed:
-      embedding = jax.lax.stop_gradient(embedding)
+      index = 0
+      for s, (repeats, kernel, stride, expand, _, cout) in enumerate(specs, start=1):
+        fixed = n_frozen is not None and s <= n_frozen
+        for b in range(repeats):
+          x = MBConv(
+            expand,
+            cout,
+            kernel,
+            stride if b == 0 else 1,
+            drop_connect=0.0 if fixed else self.drop_connect_rate * index / total,
+            dtype=self.dtype,
+            conv_impl=impl,
+            name=f"stage{s}_{b}",
+          )(x, train=train and not fixed)
+          index += 1
+        if fixed and s == min(n_frozen, len(specs)):
+          x = jax.lax.stop_gradient(x)
+      top_fixed = n_frozen == freezing.ALL_STAGES
+      x = conv_bn(x, TOP, 1, 1, 1, True, "top", train and not top_fixed, self.dtype, impl)
+      embedding = jnp.mean(x, axis=(1, 2))
+      if top_fixed:
+        embedding = jax.lax.stop_gradient(embedding)
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(embedding)
     logits = nn.Dense(
       self.num_classes,

@@ -20,7 +20,7 @@ from jsim.data import samplers, splits, streaming
 from jsim.data.prepare import Prepared, prepare
 from jsim.models import freeze as freezing
 from jsim.models.metric_model import MetricModel
-from jsim.train import batching, loop, metric, schedule, step
+from jsim.train import batching, feature_cache, loop, metric, schedule, step
 from jsim.train.metrics_writer import MetricsWriter
 from jsim.train.state import TrainState
 
@@ -161,11 +161,16 @@ class Stage1Plan:
   A loss that classifies (cross_entropy) is judged each epoch by its head's validation
   accuracy; any other by MAP@R of the validation images among themselves
   (`val_accuracy` is then MAP@R, `val_precision_at_1` and `val_r_precision` beside it).
+
+  features: the frozen backbone's cached outputs (jsim.train.feature_cache: {'train': T180 rows,
+  'test': test rows}): the steps then take those rows in place of the images (held on the
+  devices, whatever data.pipeline says; far smaller than the images) and run only the head. The
+  batches are the same images in the same order.
   """
 
   item_name = "img"
 
-  def __init__(self, config, data: Prepared, model, tx, mesh):
+  def __init__(self, config, data: Prepared, model, tx, mesh, features: dict | None = None):
     cfg = config.classifier
     self.cfg, self.mesh, self.seed = cfg, mesh, config.seed
     self.loss = metric.build_loss(cfg)
@@ -176,8 +181,16 @@ class Stage1Plan:
     self.train_idx, self.val_idx = data.train_idx, data.val_idx
     self.source = batch_source(cfg, self.loss, data.train_head_labels[self.train_idx], mesh.devices.size)
     self.batch_sizes = self.source.batch_sizes
-    self.images, self.labels = place_images(self.pipeline, data.train_set.images, data.train_head_labels, mesh)
-    self._records = _Records(data.train_set.images, data.train_head_labels)
+    self.features = features
+    if features is None:
+      self.inputs = "images"
+      self.images, self.labels = place_images(self.pipeline, data.train_set.images, data.train_head_labels, mesh)
+      self._records = _Records(data.train_set.images, data.train_head_labels)
+    else:  # positions into T180's rows, which hold the cached features
+      self.inputs, self.pipeline = "features", "device"
+      t180 = data.t180_idx
+      self.train_idx, self.val_idx = np.searchsorted(t180, self.train_idx), np.searchsorted(t180, self.val_idx)
+      self.images, self.labels = place_images("device", features["train"], data.train_head_labels[t180], mesh)
     self._gathered_step, self._batch_step = step.jit_train_steps(
       mesh,
       batch_size=cfg.batch_size,
@@ -191,7 +204,7 @@ class Stage1Plan:
       seed_key=jax.random.PRNGKey(config.seed),
     )
     self.eval_fn = step.jit_eval_step(
-      mesh, model=model, loss=self.loss, mean=data.mean, std=data.std, input_size=cfg.input_size
+      mesh, inputs=self.inputs, model=model, loss=self.loss, mean=data.mean, std=data.std, input_size=cfg.input_size
     )
     self.distance = metric.retrieval_distance(cfg)
     self._order = None  # the epoch's image indices, batch after batch (on the devices for 'device')
@@ -213,7 +226,7 @@ class Stage1Plan:
     sums = parallel.ensure_replicated(sums, self.mesh)  # fresh zero sums: no second compilation
     size = self.batch_sizes[batch]
     if self.pipeline == "device":
-      data = {"images": self.images, "labels": self.labels}
+      data = {self.inputs: self.images, "labels": self.labels}
       return self._gathered_step(state, data, self._order, jnp.int32(batch), sums, size)
     images, labels = self._next_batch(epoch, batch)
     put = lambda a: parallel.put_sharded_batch(a[:size], self.mesh)  # the device-count trim, as above
@@ -260,6 +273,16 @@ class Stage1Plan:
 
   def evaluate(self, state) -> dict:
     return self.score(state, self.images, self.labels, self.val_idx, desc="stage 1 validation")
+
+  def test_inputs(self, data: Prepared) -> tuple:
+    """(inputs, head labels, positions of the seen-class test images) for `score`: the test images,
+    or their cached features (the same images, in the same order)."""
+    if self.features is None:
+      images, labels = place_images(self.pipeline, data.test_set.images, data.test_head_labels, self.mesh)
+      return images, labels, data.test_idx[data.test_head_labels[data.test_idx] >= 0]
+    labels = data.test_head_labels[data.test_idx]
+    inputs, placed_labels = place_images("device", self.features["test"], labels, self.mesh)
+    return inputs, placed_labels, np.flatnonzero(labels >= 0)
 
 
 def stage_identity(config) -> dict:
@@ -327,7 +350,8 @@ def train_classifier(config, workdir: str | Path, data: Callable[[], Prepared] |
   tx = make_optimizer(config.classifier, model)
   variables = initial_variables(config, model, num_classes, config.classifier.input_size)
   state = parallel.put_replicated(TrainState.create(variables, tx), mesh)
-  plan = Stage1Plan(config, data, model, tx, mesh)
+  features = feature_cache.stage1_features(config, workdir, data, model, variables, mesh)
+  plan = Stage1Plan(config, data, model, tx, mesh, features)
   # Claimed once the data, the split and the model have loaded: a refused run leaves no claim.
   identity["split_sha256"] = wd.split_digest(workdir)
   stage_dir, _ = wd.claim_stage(workdir, wd.STAGE1, identity, overwrite=config.overwrite, defaults=defaults)
@@ -345,8 +369,7 @@ def train_classifier(config, workdir: str | Path, data: Callable[[], Prepared] |
     )
     best = meta["best"]
     best_state, _ = restore_best(stage_dir, abstract_like(state), "stage-1")
-    test_images, test_labels = place_images(config.data.pipeline, data.test_set.images, data.test_head_labels, mesh)
-    seen_test = data.test_idx[data.test_head_labels[data.test_idx] >= 0]
+    test_images, test_labels, seen_test = plan.test_inputs(data)
     # A loss without a classifier head has nothing to score: the seen test images are retrieved among themselves.
     test = plan.score(best_state, test_images, test_labels, seen_test, desc="stage 1 test")
     scalars, extra = _test_figures(config, plan.loss, test, best, len(seen_test))

@@ -2,7 +2,10 @@
 
 Computed once from the best stage-1 checkpoint and kept in W/embeddings, tied
 to that checkpoint's step: a retrained stage 1 makes them stale and they are
-recomputed.
+recomputed. Behind a frozen backbone (model.freeze=backbone) they are the frozen
+features themselves: when stage 1 cached those (jsim.train.feature_cache) and the
+checkpoint's frozen weights give the same cache key, they are read from the cache,
+which computed them with the same function, batch size and images as here.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from absl import logging
 
 from jsim import parallel, workdir as wd
 from jsim.data.prepare import Prepared, prepare
-from jsim.train import batching, classifier
+from jsim.train import batching, classifier, feature_cache
 
 META_FILE = "meta.json"
 
@@ -39,27 +42,36 @@ def compute_embeddings(config, workdir: str | Path, data: Callable[[], Prepared]
   mesh = parallel.make_mesh()
   data = data() if data is not None else prepare(config, workdir)
   model, state = classifier.restore_classifier(config, workdir, mesh)
-  kw = dict(
-    mean=data.mean, std=data.std, input_size=config.classifier.input_size, batch_size=config.embed.batch_size, mesh=mesh
-  )
-  kw["embed_fn"] = batching.make_embed_fn(model, data.mean, data.std, config.classifier.input_size, mesh)
   t180 = data.t180_idx
-  train_emb = batching.embed_images(
-    model,
-    state.variables,
-    parallel.put_replicated(data.train_set.images, mesh),
-    t180,
-    desc="embedding the seen classes' train images",
-    **kw,
-  )
-  test_emb = batching.embed_images(
-    model,
-    state.variables,
-    parallel.put_replicated(data.test_set.images, mesh),
-    data.test_idx,
-    desc="embedding the test images",
-    **kw,
-  )
+  cached = feature_cache.lookup(config, workdir, data, model, state.variables)
+  if cached is not None:
+    logging.info("the embeddings are the frozen backbone's cached features (W/%s)", feature_cache.CACHE_DIR)
+    train_emb, test_emb = cached["train"], cached["test"]
+  else:
+    kw = dict(
+      mean=data.mean,
+      std=data.std,
+      input_size=config.classifier.input_size,
+      batch_size=config.embed.batch_size,
+      mesh=mesh,
+    )
+    kw["embed_fn"] = batching.make_embed_fn(model, data.mean, data.std, config.classifier.input_size, mesh)
+    train_emb = batching.embed_images(
+      model,
+      state.variables,
+      parallel.put_replicated(data.train_set.images, mesh),
+      t180,
+      desc="embedding the seen classes' train images",
+      **kw,
+    )
+    test_emb = batching.embed_images(
+      model,
+      state.variables,
+      parallel.put_replicated(data.test_set.images, mesh),
+      data.test_idx,
+      desc="embedding the test images",
+      **kw,
+    )
   meta = {
     "stage1_step": stage1["best_step"],
     "stage1_run_id": stage1.get("run_id"),
@@ -70,6 +82,7 @@ def compute_embeddings(config, workdir: str | Path, data: Callable[[], Prepared]
     "class_ids": list(data.train_set.class_ids),
     "seen_classes": list(data.split.seen_classes),
     "split_sha256": wd.split_digest(workdir),
+    "from_feature_cache": cached is not None,
   }
   if parallel.is_main_process():
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,9 @@
 
 Module-level pure functions over explicit pytrees; `jit_train_steps` and `jit_eval_step` jit them
 once with shardings and donation (jsim.train.classifier.Stage1Plan holds them). A batch is
-{"images": uint8 [B, S, S, 3], "labels": int32 [B]} (head labels); the running sums are
-jsim.train.loop's.
+{"images": uint8 [B, S, S, 3], "labels": int32 [B]} (head labels), or, behind a frozen backbone whose
+outputs are cached (jsim.train.feature_cache), {"features": float32 [B, D], "labels"}: then only the
+head runs (the model's `from_embedding`). The running sums are jsim.train.loop's.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ def train_step(
   # depend on how many are split off, so a loss without dropout draws what it always drew.
   aug_key, dropout_key, loss_key = jax.random.split(key, 3)
   labels = batch["labels"]
-  # Cast once here: the model would cast its input to the compute dtype anyway, and this
-  # way the augmented 224x224 batch is written (and read by the stem) in bf16 on GPU.
-  x = augment.augment(aug_key, batch["images"], mean, std, input_size, augment_config)
-  x = x.astype(batching.compute_dtype(model))
+  if "features" in batch:  # the frozen backbone's cached outputs: the same keys, only the head runs
+    x, head_only = batch["features"], {"from_embedding": True}
+  else:
+    # Cast once here: the model would cast its input to the compute dtype anyway, and this
+    # way the augmented 224x224 batch is written (and read by the stem) in bf16 on GPU.
+    x = augment.augment(aug_key, batch["images"], mean, std, input_size, augment_config)
+    x, head_only = x.astype(batching.compute_dtype(model)), {}
 
   def loss_fn(params):
     (logits, emb), updates = model.apply(
@@ -41,6 +45,7 @@ def train_step(
       train=True,
       mutable=["batch_stats"],
       rngs={"dropout": dropout_key},
+      **head_only,
     )
     value, per_image = loss.batch_losses(loss.params_in(params), logits, emb, labels, rng=loss_key)
     return value, (per_image, logits, emb, updates)
@@ -66,9 +71,12 @@ def eval_step(state: TrainState, batch: dict, mask, *, model, loss, mean, std, i
   A loss that classifies (cross_entropy): {'loss_sum', 'correct', 'count'} of its head; any other:
   {'embeddings': float32 [B, D]}, for retrieval among the images.
   """
-  logits, emb = batching.forward(
-    state.variables, batch["images"], model=model, mean=mean, std=std, input_size=input_size
-  )
+  if "features" in batch:
+    logits, emb = model.apply(state.variables, batch["features"], train=False, from_embedding=True)
+  else:
+    logits, emb = batching.forward(
+      state.variables, batch["images"], model=model, mean=mean, std=std, input_size=input_size
+    )
   if not loss.classifies:
     return {"embeddings": emb}
   labels = batch["labels"]
@@ -110,9 +118,10 @@ def jit_train_steps(mesh, *, batch_size: int, **step_args):
   return gathered, on_batch
 
 
-def jit_eval_step(mesh, **eval_args):
+def jit_eval_step(mesh, *, inputs: str = "images", **eval_args):
   """(state, images, labels, idx, mask) -> eval_step's output over one padded batch (idx, mask: host arrays;
-  labels None for a loss that does not classify).
+  labels None for a loss that does not classify). inputs='features': `images` are the cached outputs of
+  the frozen backbone (eval_step's "features").
 
   One eval step, two feeders: images and labels already on the devices (jax.Array) are
   gathered inside jit; host arrays (numpy, a memmap) are gathered here and only the batch is
@@ -128,7 +137,7 @@ def jit_eval_step(mesh, **eval_args):
 
   def feed(state, images, labels, idx, mask):
     put = lambda a: parallel.put_sharded_batch(a, mesh)
-    arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
+    arrays = {inputs: images} if labels is None else {inputs: images, "labels": labels}
     if isinstance(images, jax.Array):
       return gathered(state, arrays, put(idx), put(mask))
     return on_batch(state, {k: put(np.asarray(v[idx])) for k, v in arrays.items()}, put(mask))
