@@ -1,5 +1,5 @@
 # The two front-door commands (README.md):
-#   make demo   set up once, then run every stage on the embedded synthetic data (about a minute on 2 CPU cores)
+#   make demo   set up once, then run every stage on the embedded synthetic data (2.5 min of CPU time: a few minutes on 2 CPU cores)
 #   make test   set up once (with torch), then run the test suite (what CI runs)
 #   make test-fast  the tests not marked slow (tests/conftest.py says which are): the edit-test loop
 # Setting up installs into $(VENV) once; it is redone only when pyproject.toml changes.

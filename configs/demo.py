@@ -9,9 +9,9 @@ to each of 10 colours, with random position, scale, rotation, background and noi
 real JPEGs in the Tiny ImageNet layout, written once into the cache); 32 seen, 8
 unseen classes. Model: a tiny bottleneck ResNet (same code as ResNet50) trained from
 scratch at 64x64, then the similarity net on |x1 - x2| of its embeddings, then the
-five-case evaluation. About a minute on 2 CPU cores on a quiet machine (about 2 min 30 s
-measured on a shared one at load 10; see the README); a second run skips every finished
-stage and takes seconds.
+five-case evaluation. 2 min 27 s of CPU time, a few minutes on 2 CPU cores (on a fresh clone
+on 2026-12-03, under nice -n 19 beside other jobs at load 7-9: 5 min 52 s; see the README); a
+second run skips every finished stage and takes 5 s of CPU time.
 
 Expected result (seed 0, measured 2026-12-03 on a fresh clone, float32 on a CPU, with the
 convolution layer jsim.models.layers; the digits move with the float rounding of the

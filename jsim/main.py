@@ -76,6 +76,10 @@ def _config_file_problem(argv: list[str]) -> str | None:
     where = f"{path}:{frames[-1].lineno}" if frames else path
     code = f" ({frames[-1].line.strip()})" if frames and frames[-1].line else ""
     text = str(e.args[0]) if e.args else str(e)
+    if isinstance(e, ValueError) and re.match(rf"(\S*/)?{re.escape(Path(path).name)}:", text):
+      return text.splitlines()[0]  # the config's own message, which names it and its argument
+    if found[1] and isinstance(e, TypeError) and frames == [] and "positional argument" in text:
+      return f"--config={path}:{found[1]}: {path} takes no ':ARGUMENT'; use --config={path}"
     m = re.search(r'Key "([^"]+)" does not exist', text)
     if m:
       close = re.search(r'Did you mean "([^"]+)"', text)
@@ -138,6 +142,41 @@ def _missing_flag(flag: str, argv: list[str]) -> str:
   return f"--{flag} is missing: {what}, e.g. {example}"
 
 
+def _type_name(value) -> str:
+  return {bool: "True or False", int: "an integer", float: "a number", str: "a string"}.get(
+    type(value), f"a {type(value).__name__}"
+  )
+
+
+def _flag_error(error: Exception, argv: list[str]) -> tuple[str, int]:
+  """The line and exit status for what absl's flag parser refused: an unknown flag (usage, 2) or a value
+  that does not parse as its flag's type (1, as every refused config value)."""
+  text = " ".join(str(error).split())
+  if isinstance(error, flags.UnrecognizedFlagError):
+    close = re.search(r"Did you mean: ([^?]+?) ?\?", text)
+    hint = f"; did you mean --{close.group(1).split(',')[0].strip()}?" if close else ""
+    return f"unknown flag --{error.flagname}{hint} (see --help)", 2
+  m = re.fullmatch(r"flag (--\S+?=.*?): (.*)", text)
+  if not m:
+    return f"{text} (see --help)", 2
+  flag, why = m.groups()
+  key = re.match(r"--config\.([^=]+)=", flag)
+  config = None
+  try:
+    config = _loaded_config(argv) if key else None
+  except Exception:  # noqa: BLE001 - (it loaded once already; without it the line has no default to show)
+    pass
+  if config is not None:
+    node = config
+    for part in key.group(1).split("."):
+      node = node[part]
+    detail = "" if type(node) in (bool, int, float, str) else f"; {why}"  # (a tuple's says how to quote)
+    return f"{flag}: expected {_type_name(node)} (the config has {node!r}{detail})", 1
+  if "Non-boolean argument" in why:
+    why = "expected True or False"
+  return f"{flag}: {why}", 1
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a one-line error (not a usage dump or a traceback) for a missing
   flag, a bad config file or key."""
@@ -153,10 +192,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   if problem:
     _refuse(problem)
   try:
-    rest = app.parse_flags_with_usage(argv)
+    rest = FLAGS(argv)  # (not app.parse_flags_with_usage: its "FATAL Flags parsing error" is two lines)
   except (AttributeError, KeyError) as e:  # what ml_collections raises for a key the config lacks
     text = str(e.args[0]) if e.args else str(e)
     _refuse(_unknown_override(argv) or f"a --config override names a key the config lacks ({text.splitlines()[0]})")
+  except flags.Error as e:
+    _refuse(*_flag_error(e, argv))
   if len(rest) > 1:
     _refuse(f"unexpected arguments: {' '.join(rest[1:])} (flags are --name=value; see --help)", 2)
   if not FLAGS.workdir and not FLAGS.print_config:

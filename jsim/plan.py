@@ -64,7 +64,7 @@ def _data_lines(config, workdir: Path) -> list[str]:
   """Reads the data set's layout and labels (decoding a sample only) and checks the split and the pairs."""
   import numpy as np
   from jsim import validate
-  from jsim.data import splits
+  from jsim.data import prepare, splits
   from jsim.data.sources import probe_image_sets, resolve_source
 
   sets, cache_lines = probe_image_sets(config.data)
@@ -78,12 +78,8 @@ def _data_lines(config, workdir: Path) -> list[str]:
       train, test, num_seen=config.data.num_seen_classes, val_fraction=config.data.val_fraction, seed=config.seed
     )
     where = f"would be drawn from seed {config.seed}"
-  elif split.seed != config.seed or len(split.seen_classes) != config.data.num_seen_classes:
-    raise ValueError(
-      f"{workdir / splits.SPLIT_FILE} was drawn with seed {split.seed} and "
-      f"{len(split.seen_classes)} seen classes, the config asks for seed {config.seed} and "
-      f"{config.data.num_seen_classes}; use another --workdir"
-    )
+  else:
+    prepare.check_split(split, config, workdir)
   seen = split.seen_mask(train.class_ids)
   t180 = np.flatnonzero(seen[train.labels])
   lines = [

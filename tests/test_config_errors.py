@@ -91,6 +91,45 @@ def test_wrong_type_names_the_flag(refused):
   refused(["--config.classifier.batch_size=abc"], expect="--config.classifier.batch_size=abc")
 
 
+@pytest.mark.parametrize(
+  "args, expect, code",
+  [
+    (["--workdirr=w"], "unknown flag --workdirr; did you mean --workdir? (see --help)", 2),
+    (
+      ["--config.classifier.num_epochs=abc"],
+      "--config.classifier.num_epochs=abc: expected an integer (the config has 2)",
+      1,
+    ),
+    (["--config.overwrite=maybe"], "--config.overwrite=maybe: expected True or False (the config has False)", 1),
+    (["--dry_run=maybe"], "--dry_run=maybe: expected True or False", 1),
+    (["--config.similarity.hidden=(1,"], "--config.similarity.hidden=(1,: expected a tuple (the config has", 1),
+  ],
+)
+def test_what_the_flag_parser_refuses_is_one_line(jsim_main, tmp_path, args, expect, code):
+  """absl's own refusals (an unknown flag, a value not of its flag's type) are jsim's one line too, not its
+  two-line "FATAL Flags parsing error"."""
+  proc = jsim_main(["--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}", *args])
+  assert proc.returncode == code, proc.stderr
+  assert proc.stderr.startswith(f"jsim: {expect}") and proc.stderr.count("\n") == 1, proc.stderr
+  assert "FATAL" not in proc.stderr and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+  "config, expect",
+  [
+    ("configs/demo.py:foo", "--config=configs/demo.py:foo: configs/demo.py takes no ':ARGUMENT'; use "),
+    (
+      "configs/protocol.py:model=resnet51",
+      "configs/protocol.py:model=resnet51: model='resnet51', expected one of ('resnet50', 'vgg16')",
+    ),
+  ],
+)
+def test_a_wrong_config_argument_is_the_configs_own_line(jsim_main, tmp_path, config, expect):
+  proc = jsim_main([f"--config={config}", f"--workdir={tmp_path / 'w'}"])
+  assert proc.returncode == 1 and proc.stderr.startswith(f"jsim: {expect}"), proc.stderr
+  assert proc.stderr.count("\n") == 1 and "Error" not in proc.stderr, proc.stderr
+
+
 # --- command line: well-typed but impossible values -------------------------------------------------------------
 
 

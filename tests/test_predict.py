@@ -183,6 +183,24 @@ def test_gallery_search_ranks_caches_and_invalidates(trained, sim, ms_reference,
   assert sim.gallery(gal).embedded == len(rows)  # and back: the cache now holds the other key
 
 
+def test_search_header_counts_the_images_compared_with_the_query(trained, tmp_path):
+  """A query inside the gallery is left out of the ranking, and the header's count says so."""
+  gal = tmp_path / "g"
+  gal.mkdir()
+  for i in range(3):
+    shutil.copyfile(trained.files[i], gal / f"{i}.jpg")
+  r = cli(f"--workdir={trained.workdir}", f"--query={gal / '0.jpg'}", f"--gallery={gal}", "--top=0", "--backend=jax")
+  assert r.returncode == 0, r.stderr
+  header, _, *rows = r.stdout.splitlines()
+  assert f"P(same) with each of the 2 images in {gal} besides the query;" in header, header
+  assert len(rows) == 2 and not any(row.endswith("0.jpg") for row in rows), rows
+  (gal / "1.jpg").unlink()
+  (gal / "2.jpg").unlink()
+  r = cli(f"--workdir={trained.workdir}", f"--query={trained.files[1]}", f"--gallery={gal}", "--backend=jax")
+  assert r.returncode == 0, r.stderr
+  assert f"P(same) with each of 1 image in {gal};" in r.stdout.splitlines()[0], r.stdout
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -58,3 +58,19 @@ def test_bad_values_and_foreign_ids(tiny_imagenet_sized, tmp_path):
   (tmp_path / splits.SPLIT_FILE).write_text("{not json")
   with pytest.raises(ValueError, match="not a valid split file"):
     splits.load_split(tmp_path)
+
+
+def test_a_workdir_split_of_another_config_is_one_line_naming_both(tiny_imagenet_sized, tmp_path):
+  from ml_collections import ConfigDict
+
+  from jsim.data import prepare
+
+  train, test = tiny_imagenet_sized
+  s = splits.make_split(train, test, num_seen=180, val_fraction=0.3, seed=0)
+  prepare.check_split(s, ConfigDict({"seed": 0, "data": {"num_seen_classes": 180}}), tmp_path)  # the same: fine
+  with pytest.raises(ValueError) as e:
+    prepare.check_split(s, ConfigDict({"seed": 1, "data": {"num_seen_classes": 6}}), tmp_path)
+  assert str(e.value) == (
+    f"{tmp_path / 'split.json'} was drawn with seed 0 and 180 seen classes, the config asks for seed 1 and 6 seen "
+    "classes; use another --workdir"
+  )

@@ -76,6 +76,16 @@ class Prepared:
     return self.split.seen_mask(self.train_set.class_ids)
 
 
+def check_split(split: splits.Split, config, workdir: Path) -> None:
+  """ValueError in one line when the workdir's split was drawn with another seed or number of seen classes."""
+  if split.seed != config.seed or len(split.seen_classes) != config.data.num_seen_classes:
+    raise ValueError(
+      f"{workdir / splits.SPLIT_FILE} was drawn with seed {split.seed} and {len(split.seen_classes)} seen "
+      f"classes, the config asks for seed {config.seed} and {config.data.num_seen_classes} seen classes; "
+      "use another --workdir"
+    )
+
+
 def prepare(config, workdir: str | Path) -> Prepared:
   """Loads the data and the workdir's split, drawing and recording it on first use."""
   workdir = Path(workdir)
@@ -94,12 +104,8 @@ def prepare(config, workdir: str | Path) -> Prepared:
       seed=config.seed,
       seen_classes=config.data.seen_classes,
     )
-  elif split.seed != config.seed or len(split.seen_classes) != config.data.num_seen_classes:
-    raise ValueError(
-      f"{workdir / splits.SPLIT_FILE} was drawn with seed {split.seed} and "
-      f"{len(split.seen_classes)} seen classes, the config asks for seed {config.seed} and "
-      f"{config.data.num_seen_classes}; use another --workdir"
-    )
+  else:
+    check_split(split, config, workdir)
   for ids, what in ((split.train_ids, "stage-1 train"), (split.val_ids, "stage-1 validation")):
     if not ids:
       raise ValueError(
@@ -110,7 +116,7 @@ def prepare(config, workdir: str | Path) -> Prepared:
   if drawn:  # (recorded once it is usable)
     splits.save_split(split, workdir)
     logging.info(
-      "drew the split: %d seen / %d unseen classes, %d / %d / %d images",
+      "drew the split: %d seen / %d unseen classes; %d stage-1 train, %d validation, %d test images",
       len(split.seen_classes),
       len(split.unseen_classes),
       len(split.train_ids),

@@ -301,9 +301,16 @@ def _run_search(sim: Similarity, args, query: np.ndarray) -> None:
     )
     return
   thr = 0.5 if t is None else t
+  query = Path(args.query).resolve()
+  others = sum((gallery.root / f).resolve() != query for f in gallery.files)
+  each = (
+    f"each of the {others:,} image{'s' if others != 1 else ''} in {args.gallery} besides the query"
+    if others < len(gallery.files)
+    else f"each of {others:,} image{'s' if others != 1 else ''} in {args.gallery}"
+  )
   print(
-    f"query: {args.query}; P(same) with each of {len(gallery.files)} images in {args.gallery}"
-    f"; 'same' at p > {thr:.3f}" + (" (validation threshold)" if t is not None else "")
+    f"query: {args.query}; P(same) with {each}; 'same' at p > {thr:.3f}"
+    + (" (validation threshold)" if t is not None else "")
   )
   print(f"{'rank':>4}  {'P(same)':>7}  same  file")
   for i, m in enumerate(matches, 1):
