@@ -189,31 +189,6 @@ def print_config(config, file=None) -> None:
 # ---------------------------------------------------------------------------------------------- hints
 
 
-def cpu_hints(config) -> list[str]:
-  """Advice for settings that take hours on a CPU (printed when such a run starts, and by --dry_run)."""
-  import jax
-
-  if jax.default_backend() != "cpu" or config.stage not in ("all", "classifier", "embed", "similarity", "sweep"):
-    return []
-  hints = []
-  if config.classifier.input_size >= 160:
-    hints.append(
-      f"classifier.input_size={config.classifier.input_size} on a CPU: stage 1 and the embeddings "
-      f"take hours an epoch; for a first run add --config.classifier.input_size=64"
-    )
-  from jsim.models import freeze as freezing
-  from jsim.train import feature_cache, metric
-
-  frozen = config.model.freeze == freezing.BACKBONE and not metric.is_metric(config.classifier)
-  if frozen and not feature_cache.applies(config):
-    hints.append(
-      "model.freeze=backbone with stage-1 augmentation: every epoch runs the frozen backbone on every "
-      "image, and the embeddings run it again; with --config.classifier.augment.prob=0 its features are "
-      "computed once (W/feature_cache) and stage 1 trains only the head on them"
-    )
-  return hints
-
-
 # ---------------------------------------------------------------------------------------------- numbers
 
 

@@ -122,7 +122,7 @@ def dry_run(config, workdir: str | Path) -> list[str]:
 
   Raises what the run would raise (one line each) for a bad config, workdir or data.
   """
-  from jsim import console, validate
+  from jsim import validate
 
   from jsim.data import prepare
 
@@ -145,7 +145,7 @@ def dry_run(config, workdir: str | Path) -> list[str]:
   width = max(len(n) for n in names)
   for name in names:
     lines.append(f"  {name:<{width}}  {stage_status(config, workdir, name) if name != 'prepare' else 'to run'}")
-  lines += [f"hint:   {h}" for h in console.cpu_hints(config)]
+  lines += [f"hint:   {h}" for h in run.cpu_hints(config)]
   lines.append("dry run OK")
   print("\n".join(lines), flush=True)
   return lines

@@ -21,7 +21,8 @@ from absl import logging
 from jsim import console, interrupts, parallel, validate, workdir as wd
 from jsim.data import prepare as prepare_lib
 from jsim.data.download import DownloadError
-from jsim.train import classifier, embeddings, similarity
+from jsim.models import freeze as freezing
+from jsim.train import classifier, embeddings, feature_cache, metric, similarity
 from jsim.interrupts import preemption_guard
 from jsim.train.loop import NonFiniteLoss, Preempted
 
@@ -37,6 +38,28 @@ EXPECTED_ERRORS = (
   Preempted,
   NonFiniteLoss,
 )
+
+
+def cpu_hints(config) -> list[str]:
+  """Advice for settings that take hours on a CPU (printed when such a run starts, and by --dry_run)."""
+  import jax
+
+  if jax.default_backend() != "cpu" or config.stage not in ("all", "classifier", "embed", "similarity", "sweep"):
+    return []
+  hints = []
+  if config.classifier.input_size >= 160:
+    hints.append(
+      f"classifier.input_size={config.classifier.input_size} on a CPU: stage 1 and the embeddings "
+      f"take hours an epoch; for a first run add --config.classifier.input_size=64"
+    )
+  frozen = config.model.freeze == freezing.BACKBONE and not metric.is_metric(config.classifier)
+  if frozen and not feature_cache.applies(config):
+    hints.append(
+      "model.freeze=backbone with stage-1 augmentation: every epoch runs the frozen backbone on every "
+      "image, and the embeddings run it again; with --config.classifier.augment.prob=0 its features are "
+      "computed once (W/feature_cache) and stage 1 trains only the head on them"
+    )
+  return hints
 
 
 def _evaluate(config, workdir: Path, data) -> dict:
@@ -168,7 +191,7 @@ def _run_stages(config, workdir: Path) -> dict:
   if config.stage in ("embed", "similarity", "evaluate", "sweep"):  # ('all' checks in stage 1's claim)
     # They read stage 1 with config.model: another backbone would fail to restore, obscurely.
     wd.check_recorded(workdir, wd.STAGE1, {"seed": config.seed, "model": {"name": config.model.name}})
-  for hint in console.cpu_hints(config):
+  for hint in cpu_hints(config):
     logging.warning("%s", hint)
   data = functools.cache(lambda: prepare_lib.prepare(config, workdir))  # the run's data, prepared on first use
   _check_pair_supply(config, workdir, data)

@@ -62,10 +62,10 @@ def test_the_switch():
 
 
 def test_a_frozen_backbone_with_augmentation_gets_a_hint():
-  from jsim import console
+  from jsim import run
 
-  assert console.cpu_hints(_config()) == []
-  (hint,) = console.cpu_hints(_config(**{"classifier.augment.prob": 0.5}))
+  assert run.cpu_hints(_config()) == []
+  (hint,) = run.cpu_hints(_config(**{"classifier.augment.prob": 0.5}))
   assert "--config.classifier.augment.prob=0" in hint and "\n" not in hint
 
 

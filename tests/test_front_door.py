@@ -223,12 +223,12 @@ def test_settings_that_would_be_ignored_or_fail_later_are_refused(key, value, me
 
 
 def test_cpu_hint_for_224_pixels():
-  from jsim import console
+  from jsim import run
 
   config = tiny_config()
-  assert console.cpu_hints(config) == []
+  assert run.cpu_hints(config) == []
   config.classifier.input_size = 224
-  (hint,) = console.cpu_hints(config)
+  (hint,) = run.cpu_hints(config)
   assert "--config.classifier.input_size=64" in hint and "\n" not in hint
 
 

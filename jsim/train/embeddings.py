@@ -97,7 +97,7 @@ def compute_embeddings(config, workdir: str | Path, data: Callable[[], Prepared]
       "test_index": data.test_idx.astype(np.int64),
     }
     for name, arr in arrays.items():  # (a full disk: NoSpace naming the file, no temporary file left)
-      wd.write_file(out_dir / f"{name}.npy", lambda tmp, arr=arr: _save_array(tmp, arr))
+      wd.write_npy(out_dir / f"{name}.npy", arr)
     wd.write_json(meta_path, meta)
   parallel.sync_processes("embeddings written")
   if config.overwrite:
@@ -112,11 +112,6 @@ def compute_embeddings(config, workdir: str | Path, data: Callable[[], Prepared]
     meta["stage1_step"],
   )
   return meta
-
-
-def _save_array(path: Path, arr: np.ndarray) -> None:
-  with open(path, "wb") as f:  # (a file object: np.save would append .npy to the temporary name)
-    np.save(f, arr)
 
 
 def load_embeddings(workdir: str | Path) -> dict:

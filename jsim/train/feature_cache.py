@@ -174,14 +174,13 @@ def compute(config, data, model, variables: dict, mesh) -> dict:
 
 def write(workdir: str | Path, key: dict, arrays: dict) -> None:
   """W/feature_cache: the arrays, then meta.json (the old meta.json removed first); process 0 writes."""
-  from jsim.train.embeddings import _save_array  # (embeddings imports this module)
 
   out_dir = Path(workdir) / CACHE_DIR
   if parallel.is_main_process():
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / META_FILE).unlink(missing_ok=True)  # incomplete until the new arrays are
     for name in ARRAYS:
-      wd.write_file(out_dir / f"{name}.npy", lambda tmp, a=arrays[name]: _save_array(tmp, a))
+      wd.write_npy(out_dir / f"{name}.npy", arrays[name])
     wd.write_json(out_dir / META_FILE, {"key": key, "dim": int(arrays["train"].shape[1])})
   parallel.sync_processes("feature cache written")
 

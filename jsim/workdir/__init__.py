@@ -55,6 +55,7 @@ from jsim.workdir.io import (
   no_space,
   read_json,
   write_file,
+  write_npy,
   write_json,
 )
 from jsim.workdir.layout import (
@@ -135,5 +136,6 @@ __all__ = [
   "stage_result",
   "start_run",
   "write_file",
+  "write_npy",
   "write_json",
 ]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 TMP_SUFFIX = ".tmp"
 
@@ -83,6 +84,16 @@ def write_file(path: Path, write: Any) -> None:
     if is_no_space(e):
       raise no_space(path) from None
     raise
+
+
+def write_npy(path: Path, arr: Any) -> None:
+  """`arr` as a .npy file at `path`, atomically (write_file)."""
+
+  def write(tmp: Path) -> None:
+    with open(tmp, "wb") as f:  # (a file object: np.save would append .npy to the temporary name)
+      np.save(f, arr)
+
+  write_file(path, write)
 
 
 def is_read_only(e: BaseException) -> bool:
