@@ -15,6 +15,7 @@ import signal
 import re
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -558,6 +559,22 @@ def test_sigterm_during_evaluation_is_one_line_and_leaves_nothing_half_written(r
 # --- 12. the installed package wins over a folder named jsim ----------------------------------------------------
 
 
+def _installed_jsim() -> str | None:
+  """Where the running environment's jsim distribution is recorded (None if it has none), read afresh."""
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      "import importlib.metadata as m\ntry: print(m.distribution('jsim')._path)\nexcept m.PackageNotFoundError: print(None)",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd="/",
+  )
+  return proc.stdout.strip()
+
+
 def test_installed_package_wins_from_the_folder_above_a_clone_named_jsim(tmp_path):
   """`pip install -e` of a clone named jsim, then Python started in the folder that holds the clone: the
   clone's root (a namespace package `jsim` there) must not shadow the installed package."""
@@ -570,6 +587,7 @@ def test_installed_package_wins_from_the_folder_above_a_clone_named_jsim(tmp_pat
     ),
   )
   prefix = tmp_path / "prefix"
+  installed = _installed_jsim()
   pip = subprocess.run(
     [
       sys.executable,
@@ -580,6 +598,7 @@ def test_installed_package_wins_from_the_folder_above_a_clone_named_jsim(tmp_pat
       "--no-deps",
       "--no-build-isolation",
       "--no-index",
+      "--ignore-installed",  # (without it pip uninstalls the running environment's jsim: `make demo` then fails)
       f"--prefix={prefix}",
       "-e",
       str(clone),
@@ -590,16 +609,18 @@ def test_installed_package_wins_from_the_folder_above_a_clone_named_jsim(tmp_pat
     cwd=tmp_path,
   )
   assert pip.returncode == 0, pip.stderr[-3000:]
+  assert _installed_jsim() == installed, "the test's install into its own prefix changed the environment's jsim"
   site_dir = next(prefix.rglob("site-packages"))
+  # The clone's install first, then the environment's own packages (its jsim, if installed, comes after it).
   code = (
-    f"import site; site.addsitedir({str(site_dir)!r})\n"
+    f"import site; site.addsitedir({str(site_dir)!r}); site.addsitedir({sysconfig.get_paths()['purelib']!r})\n"
     "from jsim.predict import Similarity\n"
     "import jsim, jsim.configs; jsim.configs.base_config()\n"
     "print(jsim.__file__)"
   )
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   proc = subprocess.run(
-    [sys.executable, "-c", code],
+    [sys.executable, "-S", "-c", code],
     cwd=tmp_path,
     capture_output=True,
     text=True,
