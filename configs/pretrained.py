@@ -45,13 +45,19 @@ from jsim import configs
 
 MODELS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 SIZES = ("64", "128")
-# freeze=backbone: epochs of the linear probe on the cached features (see the docstring).
+# freeze=backbone: epochs of the linear probe (or of a metric loss's embedding head) on the cached features.
 PROBE_EPOCHS = 10
+# A metric loss (loss=...): its L2-normalised embedding head on the backbone's 1280-d features, batches of
+# 16 classes x 4 images, Adam with a warm-up and a cosine decay over the PROBE_EPOCHS (see the docstring).
+EMBEDDING_DIM = 128
+METRIC_OPTIMIZER = dict(optimizer="adam", schedule="warmup_cosine", warmup_epochs=1, learning_rate=1e-3)
 
 
 def get_config(arg: str | None = None):
   args = configs.parse_args(
-    arg, {"model": "efficientnet_lite0", "freeze": "backbone", "size": "64"}, "configs/pretrained.py"
+    arg,
+    {"model": "efficientnet_lite0", "freeze": "backbone", "size": "64", "loss": "cross_entropy"},
+    "configs/pretrained.py",
   )
   if args["model"] not in MODELS:
     raise ValueError(f"configs/pretrained.py:{arg}: model={args['model']!r}, expected one of {', '.join(MODELS)}")
@@ -71,4 +77,10 @@ def get_config(arg: str | None = None):
   else:
     cl.num_epochs = 3
   c.similarity.num_epochs = 5
+  try:
+    configs.use_metric_loss(c, args["loss"], embedding_dim=EMBEDDING_DIM, m=4)
+  except ValueError as e:
+    raise ValueError(f"configs/pretrained.py:{arg}: {e}") from None
+  if args["loss"] != "cross_entropy":
+    cl.update(METRIC_OPTIMIZER)
   return c

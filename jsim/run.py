@@ -22,7 +22,7 @@ from jsim import console, interrupts, parallel, validate, workdir as wd
 from jsim.data import prepare as prepare_lib
 from jsim.data.download import DownloadError
 from jsim.models import freeze as freezing
-from jsim.train import classifier, embeddings, feature_cache, metric, similarity
+from jsim.train import classifier, embeddings, feature_cache, similarity
 from jsim.interrupts import preemption_guard
 from jsim.train.loop import NonFiniteLoss, Preempted
 
@@ -52,8 +52,7 @@ def cpu_hints(config) -> list[str]:
       f"classifier.input_size={config.classifier.input_size} on a CPU: stage 1 and the embeddings "
       f"take hours an epoch; for a first run add --config.classifier.input_size=64"
     )
-  frozen = config.model.freeze == freezing.BACKBONE and not metric.is_metric(config.classifier)
-  if frozen and not feature_cache.applies(config):
+  if config.model.freeze == freezing.BACKBONE and not feature_cache.applies(config):
     hints.append(
       "model.freeze=backbone with stage-1 augmentation: every epoch runs the frozen backbone on every "
       "image, and the embeddings run it again; with --config.classifier.augment.prob=0 its features are "

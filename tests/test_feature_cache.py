@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from jsim import parallel, workdir as wd
+from jsim import configs, parallel, workdir as wd
 from jsim.data import augment
 from jsim.data.prepare import prepare
 from jsim.train import batching, classifier, embeddings, feature_cache, loop, metric
@@ -28,7 +28,7 @@ from jsim.train.step import eval_step, train_step
 SIZE = 32
 
 
-def _config(**overrides):
+def _config(loss: str = "cross_entropy", **overrides):
   c = tiny_config(
     **{
       "model.name": "efficientnet_lite_tiny",
@@ -36,9 +36,16 @@ def _config(**overrides):
       "classifier.augment.prob": 0.0,
       "classifier.num_epochs": 2,
       "stage": "classifier",
-      **overrides,
     }
   )
+  # A metric loss: an 8-d embedding head (and proxy_anchor's proxies) on the frozen features, m=2 per class.
+  configs.use_metric_loss(c, loss, embedding_dim=8, m=2)
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for name in path:
+      node = node[name]
+    node[last] = value
   return c
 
 
@@ -59,6 +66,8 @@ def test_the_switch():
   assert feature_cache.applies(_config(**{"classifier.augment.prob": 0.5, "classifier.augment.enabled": ()}))
   assert not feature_cache.applies(_config(**{"model.freeze": "stages:3"}))
   assert not feature_cache.applies(_config(**{"model.freeze": "none"}))
+  assert feature_cache.applies(_config("proxy_anchor"))  # any stage-1 loss: only the heads train
+  assert not feature_cache.applies(_config("multi_similarity", **{"classifier.augment.prob": 0.5}))
 
 
 def test_a_frozen_backbone_with_augmentation_gets_a_hint():
@@ -140,13 +149,78 @@ def test_head_on_cached_features_equals_head_through_the_frozen_backbone(cache_b
   np.testing.assert_allclose(on_images["loss_sum"], on_features["loss_sum"], rtol=1e-6)
 
 
+@pytest.mark.parametrize("loss", ["proxy_anchor", "multi_similarity+miner"])
+def test_metric_heads_on_cached_features_equal_them_through_the_frozen_backbone(loss):
+  # A metric loss behind the frozen backbone trains its embedding head (and proxy_anchor its proxies;
+  # multi_similarity here with its miner) on the cached features exactly as through the backbone:
+  # batches of 6 throughout (as for cross_entropy above), so bitwise, and so are the embeddings.
+  name, _, miner = loss.partition("+")
+  c = _config(name)
+  if miner:
+    c.classifier.loss_hparams[name].miner = name
+  num_classes = 3
+  model = classifier.build_classifier(c, num_classes)
+  variables = classifier.initial_variables(c, model, num_classes, SIZE)
+  tx = classifier.make_optimizer(c.classifier, model)
+  loss_fn = metric.build_loss(c.classifier)
+  mean, std = (0.5, 0.45, 0.4), (0.25, 0.24, 0.26)
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (30, SIZE, SIZE, 3), dtype=np.uint8)
+  labels = np.repeat(np.arange(num_classes), 10).astype(np.int32)[rng.permutation(30)]
+  mesh = parallel.make_mesh()
+  kw = dict(mean=mean, std=std, input_size=SIZE, batch_size=6, mesh=mesh)
+  features = batching.embed_images(
+    *feature_cache.backbone_of(model, variables), parallel.put_replicated(images, mesh), np.arange(30), **kw
+  )
+  assert features.shape == (30, 1280)  # the backbone's output, not the 8-d embedding
+  step = jax.jit(
+    functools.partial(
+      train_step,
+      model=model,
+      loss=loss_fn,
+      tx=tx,
+      mean=mean,
+      std=std,
+      input_size=SIZE,
+      augment_config=c.classifier.augment,
+      seed_key=jax.random.PRNGKey(3),
+    )
+  )
+  order = np.argsort(labels, kind="stable").reshape(3, 10)[:, :10].T.reshape(-1)  # 2 per class in a batch of 6
+  states = {}
+  for inputs, data in (("images", images), ("features", features)):
+    state, sums = TrainState.create(jax.tree.map(jnp.asarray, variables), tx), loop.zero_sums()
+    for b in range(5):
+      idx = order[b * 6 : b * 6 + 6]
+      state, sums = step(state, {inputs: jnp.asarray(data[idx]), "labels": jnp.asarray(labels[idx])}, sums)
+    states[inputs] = state
+  trained = states["features"].params["embedding_head"]["kernel"]
+  assert not np.array_equal(trained, variables["params"]["embedding_head"]["kernel"])  # it trained
+  _assert_trees_equal(states["images"], states["features"])
+  state = states["features"]
+  on_images = batching.embed_images(model, state.variables, parallel.put_replicated(images, mesh), np.arange(30), **kw)
+  on_features = batching.embed_images(
+    model,
+    state.variables,
+    parallel.put_replicated(features, mesh),
+    np.arange(30),
+    embed_fn=batching.make_embed_fn(model, mean, std, SIZE, mesh, inputs="features"),
+    **kw,
+  )
+  assert on_features.shape == (30, 8)
+  np.testing.assert_allclose(np.linalg.norm(on_features, axis=1), 1.0, rtol=1e-6)  # the L2-normalised head
+  np.testing.assert_array_equal(on_images, on_features)
+
+
 def _stage1_and_embeddings(config, workdir):
   result = classifier.train_classifier(config, workdir)
   meta = embeddings.compute_embeddings(config, workdir)
   return result, meta, embeddings.load_embeddings(workdir)
 
 
-def _count_computes(monkeypatch) -> list:
+def _count_computes(monkeypatch, tmp_path) -> list:
+  # This test's own shared copy: another test's (the same key) would spare its computation.
+  monkeypatch.setattr(feature_cache, "shared_dir", lambda config, key: tmp_path / "shared")
   calls = []
   compute = feature_cache.compute
 
@@ -159,11 +233,13 @@ def _count_computes(monkeypatch) -> list:
 
 
 @pytest.mark.slow  # (trains stage 1 two or three times)
-def test_stage1_and_embeddings_with_the_cache_equal_them_without(tmp_path, monkeypatch):
+@pytest.mark.parametrize("loss", ["cross_entropy", "proxy_anchor"])
+def test_stage1_and_embeddings_with_the_cache_equal_them_without(tmp_path, monkeypatch, loss):
   # Every batch of 6 images (training, evaluation, embedding): XLA:CPU then rounds each image's features
   # alike in all of them, and the two runs agree to the bit (see the test above for other batch sizes).
-  c = _config(**{"classifier.eval_batch_size": 6, "embed.batch_size": 6})
-  calls = _count_computes(monkeypatch)
+  # proxy_anchor: its embedding head and proxies train on the features; its embeddings are the head's.
+  c = _config(loss, **{"classifier.eval_batch_size": 6, "embed.batch_size": 6})
+  calls = _count_computes(monkeypatch, tmp_path)
   cached_result, cached_meta, cached = _stage1_and_embeddings(c, tmp_path / "cached")
   assert len(calls) == 1  # computed once, for stage 1; the embeddings stage read it
   assert cached_meta["from_feature_cache"] is True
@@ -177,8 +253,10 @@ def test_stage1_and_embeddings_with_the_cache_equal_them_without(tmp_path, monke
   assert len(calls) == 1 and plain_meta["from_feature_cache"] is False
   assert not (tmp_path / "plain" / feature_cache.CACHE_DIR).exists()
 
-  for k in ("best_step", "best_val_accuracy", "test_accuracy", "test_loss", "test_images", "epochs"):
+  figures = ("test_accuracy", "test_loss") if loss == "cross_entropy" else ("test_map@r", "test_precision@1")
+  for k in ("best_step", "best_val_accuracy", "test_images", "epochs", *figures):
     assert cached_result[k] == plain_result[k], k
+  assert cached["train"].shape[1] == (1280 if loss == "cross_entropy" else 8)
   mesh = parallel.make_mesh()
   _, cached_state = classifier.restore_classifier(c, tmp_path / "cached", mesh)
   _, plain_state = classifier.restore_classifier(c, tmp_path / "plain", mesh)
@@ -191,6 +269,37 @@ def test_stage1_and_embeddings_with_the_cache_equal_them_without(tmp_path, monke
     return [{k: v for k, v in json.loads(line).items() if k != "items_per_s"} for line in lines]
 
   assert rows(tmp_path / "cached") == rows(tmp_path / "plain")
+
+
+@pytest.mark.slow  # (trains stage 1 twice)
+def test_another_workdir_on_the_same_backbone_takes_the_shared_copy(tmp_path, monkeypatch):
+  calls = _count_computes(monkeypatch, tmp_path)
+  classifier.train_classifier(_config(**{"classifier.num_epochs": 1}), tmp_path / "ce")
+  assert len(calls) == 1 and (tmp_path / "shared" / feature_cache.META_FILE).exists()
+  # Another learning rate (with model.init=random a metric loss's backbone is another random draw: another key;
+  # the test below shows every loss on the same weights has the same key).
+  other = _config(**{"classifier.num_epochs": 1, "classifier.learning_rate": 0.05})
+  classifier.train_classifier(other, tmp_path / "lr")
+  assert len(calls) == 1  # the second run read the copy the first one left
+  for name in feature_cache.ARRAYS:
+    a, b = (np.load(tmp_path / w / feature_cache.CACHE_DIR / f"{name}.npy") for w in ("ce", "lr"))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_every_loss_on_one_backbone_shares_its_cache_key(tmp_path):
+  # The features depend on the backbone alone: a metric loss's heads (and their random init) do not enter the key.
+  c, c_metric = _config(), _config("proxy_anchor")
+  data = prepare(c, tmp_path)
+  model = classifier.build_classifier(c, 6)
+  variables = classifier.initial_variables(c, model, 6, SIZE)
+  metric_model = classifier.build_classifier(c_metric, 6)
+  metric_variables = metric.initial_variables(metric_model, variables, SIZE, seed=1)
+  assert set(metric_variables["params"]) == {"backbone", "embedding_head", "loss"}
+  key = feature_cache.cache_key(c, data, model, variables)
+  assert feature_cache.cache_key(c_metric, data, metric_model, metric_variables) == key
+  other = jax.tree.map(lambda a: a, metric_variables)
+  other["params"]["backbone"]["top_conv"]["kernel"] = other["params"]["backbone"]["top_conv"]["kernel"] * 1.5
+  assert feature_cache.cache_key(c_metric, data, metric_model, other)["frozen_sha256"] != key["frozen_sha256"]
 
 
 def test_changed_weights_normalisation_input_size_or_images_invalidate_the_cache(tmp_path):
@@ -235,7 +344,7 @@ def test_changed_weights_normalisation_input_size_or_images_invalidate_the_cache
 
 @pytest.mark.slow  # (trains stage 1 two or three times)
 def test_a_changed_input_size_recomputes_and_replaces_the_cache(tmp_path, monkeypatch):
-  calls = _count_computes(monkeypatch)
+  calls = _count_computes(monkeypatch, tmp_path)
   c = _config(**{"classifier.num_epochs": 1})
   classifier.train_classifier(c, tmp_path)
   classifier.train_classifier(c, tmp_path)  # finished: skipped, nothing computed
@@ -254,7 +363,7 @@ def test_a_changed_input_size_recomputes_and_replaces_the_cache(tmp_path, monkey
 @pytest.mark.slow  # (trains stage 1 two or three times)
 def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path, monkeypatch):
   c = _config(**{"classifier.num_epochs": 3})
-  calls = _count_computes(monkeypatch)
+  calls = _count_computes(monkeypatch, tmp_path)
   whole = classifier.train_classifier(c, tmp_path / "whole")
   step = classifier.Stage1Plan.train_step
   sent = []
@@ -270,7 +379,7 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     with pytest.raises(loop.Preempted, match="SIGTERM at epoch 2, batch 4/7"):
       classifier.train_classifier(c, tmp_path / "cut")
   resumed = classifier.train_classifier(c, tmp_path / "cut")
-  assert len(calls) == 2  # the cut run computed it once; its rerun read it
+  assert len(calls) == 1  # the whole run computed it; the cut run took its shared copy, the rerun its own
   for k in ("best_step", "best_val_accuracy", "test_accuracy", "test_loss", "epochs"):
     assert resumed[k] == whole[k], k
   mesh = parallel.make_mesh()
@@ -323,7 +432,7 @@ def test_a_signal_while_caching_leaves_no_cache_and_the_rerun_computes_it(tmp_pa
       )
   assert (tmp_path / feature_cache.CACHE_DIR / "train.npy").exists()
   assert feature_cache.load(tmp_path, key) is None
-  calls = _count_computes(monkeypatch)
+  calls = _count_computes(monkeypatch, tmp_path)
   result = run_lib.run(c, tmp_path)
   assert len(calls) == 1 and result["epochs"] == 1
   assert feature_cache.load(tmp_path, key) is not None

@@ -46,8 +46,9 @@ class MetricModel(nn.Module):
     return self.head_dim or self.backbone.embedding_dim
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
-    logits, e = self.backbone(x, train=train)
+  def __call__(self, x, train: bool = False, from_embedding: bool = False):
+    # from_embedding: x is the frozen backbone's output (jsim.train.feature_cache); the heads run on it.
+    logits, e = self.backbone(x, train=train, **({"from_embedding": True} if from_embedding else {}))
     if self.head_dim:
       e = nn.Dense(self.head_dim, dtype=jnp.float32, param_dtype=jnp.float32, name="embedding_head")(
         e.astype(jnp.float32)

@@ -89,31 +89,38 @@ def compute_dtype(model) -> Any:
   return getattr(model, "dtype", jnp.float32)
 
 
-def forward(variables, images, *, model, mean, std, input_size: int) -> tuple[jax.Array, jax.Array]:
+def forward(
+  variables, images, *, model, mean, std, input_size: int, inputs: str = "images"
+) -> tuple[jax.Array, jax.Array]:
   """(logits, float32 embeddings) of uint8 images [B, S, S, 3] in eval mode: preprocess, then apply.
 
   The input is cast to the model's compute dtype here: the model would cast it anyway, and
-  this way XLA writes the resized batch once, in that dtype.
+  this way XLA writes the resized batch once, in that dtype. inputs='features': `images` are the
+  frozen backbone's cached outputs [B, D] (jsim.train.feature_cache) and only the heads run.
   """
-  x = augment.preprocess(images, mean, std, input_size).astype(compute_dtype(model))
-  logits, e = model.apply(variables, x, train=False)
+  if inputs == "features":
+    logits, e = model.apply(variables, images, train=False, from_embedding=True)
+  else:
+    x = augment.preprocess(images, mean, std, input_size).astype(compute_dtype(model))
+    logits, e = model.apply(variables, x, train=False)
   return logits, e.astype(jnp.float32)
 
 
-def embed_step(variables, images, idx, *, model, mean, std, input_size: int, mesh):
-  """float32 embeddings [len(idx), D] of device-resident uint8 images (idx sharded over the mesh)."""
+def embed_step(variables, images, idx, *, model, mean, std, input_size: int, mesh, inputs: str = "images"):
+  """float32 embeddings [len(idx), D] of device-resident uint8 images, or cached features (`forward`'s
+  inputs), idx sharded over the mesh."""
   idx = jax.lax.with_sharding_constraint(idx, parallel.batch_sharded(mesh))
-  return forward(variables, images[idx], model=model, mean=mean, std=std, input_size=input_size)[1]
+  return forward(variables, images[idx], model=model, mean=mean, std=std, input_size=input_size, inputs=inputs)[1]
 
 
-def make_embed_fn(model, mean, std, input_size: int, mesh):
+def make_embed_fn(model, mean, std, input_size: int, mesh, inputs: str = "images"):
   """embed_step jitted: (variables, images, idx) -> embeddings, replicated so every process reads them all.
 
   idx is sharded over the mesh's 'data' axis (its length must divide by the device count).
   """
   rep = parallel.replicated(mesh)
   return jax.jit(
-    functools.partial(embed_step, model=model, mean=mean, std=std, input_size=input_size, mesh=mesh),
+    functools.partial(embed_step, model=model, mean=mean, std=std, input_size=input_size, mesh=mesh, inputs=inputs),
     in_shardings=(rep, rep, parallel.batch_sharded(mesh)),
     out_shardings=rep,
   )

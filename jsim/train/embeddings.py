@@ -2,10 +2,11 @@
 
 Computed once from the best stage-1 checkpoint and kept in W/embeddings, tied
 to that checkpoint's step: a retrained stage 1 makes them stale and they are
-recomputed. Behind a frozen backbone (model.freeze=backbone) they are the frozen
-features themselves: when stage 1 cached those (jsim.train.feature_cache) and the
-checkpoint's frozen weights give the same cache key, they are read from the cache,
-which computed them with the same function, batch size and images as here.
+recomputed. Behind a frozen backbone (model.freeze=backbone), when stage 1 cached its
+outputs (jsim.train.feature_cache) and the checkpoint's frozen weights give the same cache
+key, only the heads run, on the cached outputs (computed with the same function, batch size
+and images as here): for cross_entropy the embeddings are those outputs themselves, for a
+metric loss its embedding head's projection of them.
 """
 
 from __future__ import annotations
@@ -44,34 +45,28 @@ def compute_embeddings(config, workdir: str | Path, data: Callable[[], Prepared]
   model, state = classifier.restore_classifier(config, workdir, mesh)
   t180 = data.t180_idx
   cached = feature_cache.lookup(config, workdir, data, model, state.variables)
+  kw = dict(mean=data.mean, std=data.std, input_size=config.classifier.input_size)
   if cached is not None:
-    logging.info("the embeddings are the frozen backbone's cached features (W/%s)", feature_cache.CACHE_DIR)
-    train_emb, test_emb = cached["train"], cached["test"]
+    logging.info("the embeddings come from the frozen backbone's cached features (W/%s)", feature_cache.CACHE_DIR)
+    # Positions into the cache's rows, which are T180 and the test images in order.
+    inputs = {"train": (cached["train"], np.arange(len(t180))), "test": (cached["test"], np.arange(len(data.test_idx)))}
   else:
-    kw = dict(
-      mean=data.mean,
-      std=data.std,
-      input_size=config.classifier.input_size,
+    inputs = {"train": (data.train_set.images, t180), "test": (data.test_set.images, data.test_idx)}
+  embed_fn = batching.make_embed_fn(model, mesh=mesh, inputs="images" if cached is None else "features", **kw)
+  train_emb, test_emb = (
+    batching.embed_images(
+      model,
+      state.variables,
+      parallel.put_replicated(inputs[name][0], mesh),
+      inputs[name][1],
       batch_size=config.embed.batch_size,
       mesh=mesh,
-    )
-    kw["embed_fn"] = batching.make_embed_fn(model, data.mean, data.std, config.classifier.input_size, mesh)
-    train_emb = batching.embed_images(
-      model,
-      state.variables,
-      parallel.put_replicated(data.train_set.images, mesh),
-      t180,
-      desc="embedding the seen classes' train images",
+      embed_fn=embed_fn,
+      desc=desc if cached is None else None,
       **kw,
     )
-    test_emb = batching.embed_images(
-      model,
-      state.variables,
-      parallel.put_replicated(data.test_set.images, mesh),
-      data.test_idx,
-      desc="embedding the test images",
-      **kw,
-    )
+    for name, desc in (("train", "embedding the seen classes' train images"), ("test", "embedding the test images"))
+  )
   meta = {
     "stage1_step": stage1["best_step"],
     "stage1_run_id": stage1.get("run_id"),

@@ -1,7 +1,7 @@
 """The frozen backbone's outputs, computed once: stage 1 trains the head on them, the embeddings reuse them.
 
-With model.freeze=backbone, a classifying loss (cross_entropy) and stage-1 augmentation off
-(`applies`: classifier.augment.prob 0 or nothing enabled), every image reaches the frozen
+With model.freeze=backbone and stage-1 augmentation off (`applies`: classifier.augment.prob 0 or
+nothing enabled), for any stage-1 loss, every image reaches the frozen
 backbone as the eval path's preprocess() makes it, and the backbone runs in inference mode: its
 pooled features are a function of the frozen weights, the model, the input size, the
 normalisation and the image alone. They are computed once, for T180 (stage 1's train and
@@ -12,11 +12,17 @@ validation images) and the test images, with the embeddings stage's own function
                       test.npy   float32 [len(test), D], in data.test_idx order
                       meta.json  the key (below), the counts
 
-Stage 1 then runs only the head on them (its dropout included, with the same random draws:
-jsim.train.step's "features" batches), which is the same math as through the frozen backbone
-(tests/test_feature_cache.py). The embeddings stage, whose embeddings for freeze=backbone are
-these very features (stage 1 leaves the frozen weights bitwise unchanged), reads them instead of
-computing them again when the best checkpoint's frozen weights give the same key (`lookup`).
+and a copy in <data.cache_dir>/features/<digest of the key>/ (`shared_dir`), the same three files, from which
+any other workdir with the same key (another loss, learning rate or optimizer on the same backbone and split)
+takes its W/feature_cache instead of computing it.
+
+Stage 1 then runs only the heads on them (the classifier head, or a metric loss's embedding head
+and parameters; dropout included, with the same random draws: jsim.train.step's "features"
+batches), which is the same math as through the frozen backbone (tests/test_feature_cache.py).
+The embeddings stage reads them instead of running the backbone again when the best checkpoint's
+frozen weights give the same key (`lookup`; stage 1 leaves the frozen weights bitwise unchanged)
+and runs only the heads on them: for cross_entropy the embeddings are these very features, for a
+metric loss its trained embedding head's projection of them.
 
 The key is everything the features depend on: a SHA-256 of the frozen variables (parameters and
 BatchNorm statistics, by content: other weights, another init, a corrupted checkpoint all
@@ -46,9 +52,9 @@ import numpy as np
 from absl import logging
 
 from jsim import parallel, workdir as wd
-from jsim.data import augment
+from jsim.data import augment, cache
 from jsim.models import freeze as freezing
-from jsim.train import batching, loop, metric
+from jsim.train import batching, loop
 
 CACHE_DIR = "feature_cache"
 META_FILE = "meta.json"
@@ -57,12 +63,8 @@ _HASH_CHUNK = 4096  # images hashed at a time (a copy of at most this many)
 
 
 def applies(config) -> bool:
-  """Whether stage 1 trains the head on cached features: freeze=backbone, a classifying loss, no augmentation."""
-  return (
-    config.model.freeze == freezing.BACKBONE
-    and not metric.is_metric(config.classifier)
-    and augment.is_off(config.classifier.augment)
-  )
+  """Whether stage 1 trains the heads on cached features: freeze=backbone and no augmentation."""
+  return config.model.freeze == freezing.BACKBONE and augment.is_off(config.classifier.augment)
 
 
 def frozen_digest(model, variables: dict) -> str:
@@ -102,7 +104,8 @@ def cache_key(config, data, model, variables: dict, images_sha256: str | None = 
     "platform": jax.default_backend(),
     "batch_size": int(config.embed.batch_size),
     "devices": jax.device_count(),
-    "frozen_sha256": frozen_digest(model, variables),
+    # The backbone's alone: the same features whatever loss and heads train on them.
+    "frozen_sha256": frozen_digest(*backbone_of(model, variables)),
     "input_size": int(config.classifier.input_size),
     "normalization": config.data.normalization,
     "mean": [float(m) for m in data.mean],
@@ -115,7 +118,10 @@ def cache_key(config, data, model, variables: dict, images_sha256: str | None = 
 
 def load(workdir: str | Path, key: dict) -> dict | None:
   """{'train', 'test'} of W/feature_cache when it is complete and made with `key`; None otherwise."""
-  out_dir = Path(workdir) / CACHE_DIR
+  return _read(Path(workdir) / CACHE_DIR, key)
+
+
+def _read(out_dir: Path, key: dict) -> dict | None:
   meta_path = out_dir / META_FILE
   if not meta_path.exists():
     return None
@@ -141,12 +147,22 @@ def load(workdir: str | Path, key: dict) -> dict | None:
   return arrays
 
 
+def backbone_of(model, variables: dict) -> tuple:
+  """(backbone, its variables): a MetricModel's backbone (its variables under 'backbone'), or the model itself."""
+  backbone = getattr(model, "backbone", None)
+  if backbone is None:
+    return model, variables
+  return backbone, {collection: tree["backbone"] for collection, tree in variables.items() if "backbone" in tree}
+
+
 def compute(config, data, model, variables: dict, mesh) -> dict:
-  """{'train', 'test'}: the embeddings stage's embeddings of T180 and the test images with `variables`.
+  """{'train', 'test'}: the backbone's outputs (the embeddings stage's embeddings for cross_entropy) of T180
+  and the test images with `variables`.
 
   Polls the stage's preemption guard between batches: a SIGTERM/SIGINT stops it with Preempted
   (nothing written)."""
   input_size = config.classifier.input_size
+  model, variables = backbone_of(model, variables)
   embed = batching.make_embed_fn(model, data.mean, data.std, input_size, mesh)
   batch_size = config.embed.batch_size
   parallel.check_divisible(batch_size, mesh, "embed.batch_size")
@@ -174,15 +190,37 @@ def compute(config, data, model, variables: dict, mesh) -> dict:
 
 def write(workdir: str | Path, key: dict, arrays: dict) -> None:
   """W/feature_cache: the arrays, then meta.json (the old meta.json removed first); process 0 writes."""
-
-  out_dir = Path(workdir) / CACHE_DIR
   if parallel.is_main_process():
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / META_FILE).unlink(missing_ok=True)  # incomplete until the new arrays are
-    for name in ARRAYS:
-      wd.write_npy(out_dir / f"{name}.npy", arrays[name])
-    wd.write_json(out_dir / META_FILE, {"key": key, "dim": int(arrays["train"].shape[1])})
+    _write(Path(workdir) / CACHE_DIR, key, arrays)
   parallel.sync_processes("feature cache written")
+
+
+def _write(out_dir: Path, key: dict, arrays: dict) -> None:
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / META_FILE).unlink(missing_ok=True)  # incomplete until the new arrays are
+  for name in ARRAYS:
+    wd.write_npy(out_dir / f"{name}.npy", arrays[name])
+  wd.write_json(out_dir / META_FILE, {"key": key, "dim": int(arrays["train"].shape[1])})
+
+
+def shared_dir(config, key: dict) -> Path:
+  """Where a copy of the cache with `key` is kept for other workdirs: <data.cache_dir>/features/<digest of key>.
+
+  A sweep over losses, rates or seeds of the split on one frozen backbone computes its features once: every
+  workdir whose key is the same reads this copy (into its own W/feature_cache) instead of running the backbone.
+  """
+  return cache.resolve_cache_dir(config.data.cache_dir) / "features" / cache.digest([key])[:24]
+
+
+def _share(config, key: dict, arrays: dict) -> None:
+  """Writes the shared copy (process 0); a full or read-only disk costs only the reuse, said in one line."""
+  if not parallel.is_main_process():
+    return
+  out_dir = shared_dir(config, key)
+  try:
+    _write(out_dir, key, arrays)
+  except OSError as e:
+    logging.warning("the frozen backbone's features were not kept for other workdirs (%s): %s", out_dir, e)
 
 
 def stage1_features(config, workdir: str | Path, data, model, variables: dict, mesh) -> dict | None:
@@ -195,6 +233,12 @@ def stage1_features(config, workdir: str | Path, data, model, variables: dict, m
   if arrays is not None:
     logging.info("stage 1 trains the head on the cached features of the frozen backbone (%s)", CACHE_DIR)
     return arrays
+  shared = shared_dir(config, key)
+  arrays = _read(shared, key)
+  if arrays is not None:
+    logging.info("stage 1 trains the head on the frozen backbone's features computed by another run (%s)", shared)
+    write(workdir, key, arrays)
+    return arrays
   logging.info(
     "stage 1: the backbone is frozen and sees no augmentation: its features of %d + %d images are computed "
     "once (W/%s), the head trains on them",
@@ -204,13 +248,14 @@ def stage1_features(config, workdir: str | Path, data, model, variables: dict, m
   )
   arrays = compute(config, data, model, variables, mesh)
   write(workdir, key, arrays)
+  _share(config, key, arrays)
   return arrays
 
 
 def lookup(config, workdir: str | Path, data, model, variables: dict) -> dict | None:
-  """The cached features when they are the embeddings of `variables` (freeze=backbone, a model whose embedding
-  is the frozen backbone's, the same key); None otherwise."""
-  if config.model.freeze != freezing.BACKBONE or metric.is_metric(config.classifier):
+  """The cached features when they are the frozen backbone's outputs under `variables` (freeze=backbone,
+  the same key); None otherwise."""
+  if config.model.freeze != freezing.BACKBONE:
     return None
   if not (Path(workdir) / CACHE_DIR / META_FILE).exists():
     return None

@@ -71,12 +71,10 @@ def eval_step(state: TrainState, batch: dict, mask, *, model, loss, mean, std, i
   A loss that classifies (cross_entropy): {'loss_sum', 'correct', 'count'} of its head; any other:
   {'embeddings': float32 [B, D]}, for retrieval among the images.
   """
-  if "features" in batch:
-    logits, emb = model.apply(state.variables, batch["features"], train=False, from_embedding=True)
-  else:
-    logits, emb = batching.forward(
-      state.variables, batch["images"], model=model, mean=mean, std=std, input_size=input_size
-    )
+  inputs = "features" if "features" in batch else "images"
+  logits, emb = batching.forward(
+    state.variables, batch[inputs], model=model, mean=mean, std=std, input_size=input_size, inputs=inputs
+  )
   if not loss.classifies:
     return {"embeddings": emb}
   labels = batch["labels"]
