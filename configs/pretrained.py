@@ -48,9 +48,12 @@ SIZES = ("64", "128")
 # freeze=backbone: epochs of the linear probe (or of a metric loss's embedding head) on the cached features.
 PROBE_EPOCHS = 10
 # A metric loss (loss=...): its L2-normalised embedding head on the backbone's 1280-d features, batches of
-# 16 classes x 4 images, Adam with a warm-up and a cosine decay over the PROBE_EPOCHS (see the docstring).
+# 16 classes x 4 images, Adam with a one-epoch warm-up and a cosine decay over METRIC_EPOCHS (see the docstring).
 EMBEDDING_DIM = 128
-METRIC_OPTIMIZER = dict(optimizer="adam", schedule="warmup_cosine", warmup_epochs=1, learning_rate=1e-3)
+METRIC_EPOCHS = 6
+METRIC_OPTIMIZER = dict(
+  optimizer="adam", schedule="warmup_cosine", warmup_epochs=1, learning_rate=1e-3, num_epochs=METRIC_EPOCHS
+)
 
 
 def get_config(arg: str | None = None):
