@@ -556,7 +556,7 @@ def test_the_demo_prints_the_paths_of_its_images(tmp_path):
   for a, b, _ in demo.EXAMPLES:
     assert f"  jsim-predict --workdir=runs/x $IMAGES/{a} $IMAGES/{b}" in out
   assert "jsim-predict --workdir=runs/x --query=$IMAGES/val_0.JPEG --gallery=$IMAGES --top=8" in out
-  assert "# teal checker ring / teal checker ring: one unseen class" in out  # the names of their classes
+  assert "# cyan checker ring / cyan checker ring: one unseen class" in out  # the names of their classes
 
 
 def test_summary_and_data_report_say_what_a_user_can_use(tmp_path):
