@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
+import weakref
 
 
 def rate(x: float) -> str:
@@ -52,13 +54,16 @@ _COMPILE_EVENTS = frozenset(
     "/jax/core/compile/backend_compile_duration",
   }
 )
-_open_bars: list["Progress"] = []  # the enabled bars not yet closed: each is told of every compilation
+_open_bars: "weakref.WeakSet[Progress]" = weakref.WeakSet()  # the bars not yet closed: told of every compilation
+_open_bars_lock = threading.Lock()  # (JAX may compile, and report it, on another thread)
 _listening = False
 
 
 def _on_jax_event(event: str, seconds: float, **_) -> None:
   if event in _COMPILE_EVENTS:
-    for bar in list(_open_bars):
+    with _open_bars_lock:
+      bars = list(_open_bars)
+    for bar in bars:
       bar._compiled(seconds)
 
 
@@ -110,8 +115,9 @@ class Progress:
     self._announced = False  # a log got the 'compiling' line: it also gets the one saying how it ended
     self._postfix = ""
     self._bar = None
-    _listen_to_jax()
-    _open_bars.append(self)  # (also when disabled: the rate leaves the compilation out on every process)
+    with _open_bars_lock:  # (also when disabled: the rate leaves the compilation out on every process)
+      _listen_to_jax()
+      _open_bars.add(self)
     if not enabled:
       return
     if self.terminal:
@@ -195,8 +201,8 @@ class Progress:
 
   def close(self) -> None:
     """Erases the bar on a terminal; in a log, says how it ended if it said anything before."""
-    if self in _open_bars:
-      _open_bars.remove(self)
+    with _open_bars_lock:
+      _open_bars.discard(self)
     if not self.enabled:
       return
     if self._bar is not None:
