@@ -78,6 +78,8 @@ def _config_file_problem(argv: list[str]) -> str | None:
     text = str(e.args[0]) if e.args else str(e)
     if isinstance(e, ValueError) and re.match(rf"(\S*/)?{re.escape(Path(path).name)}:", text):
       return text.splitlines()[0]  # the config's own message, which names it and its argument
+    if isinstance(e, ValueError):  # a value refused (by the file or what it calls): its message names it
+      return f"--config={path}:{found[1]}: {text.splitlines()[0]}" if found[1] else f"{where}: {text.splitlines()[0]}"
     if found[1] and isinstance(e, TypeError) and frames == [] and "positional argument" in text:
       return f"--config={path}:{found[1]}: {path} takes no ':ARGUMENT'; use --config={path}"
     m = re.search(r'Key "([^"]+)" does not exist', text)

@@ -122,6 +122,10 @@ def test_what_the_flag_parser_refuses_is_one_line(jsim_main, tmp_path, args, exp
       "configs/protocol.py:model=resnet51",
       "configs/protocol.py:model=resnet51: model='resnet51', expected one of ('resnet50', 'vgg16')",
     ),
+    (  # refused by what the config calls (configs.use_metric_loss): the value and what is expected, not its source
+      "configs/metric.py:loss=foo",
+      "--config=configs/metric.py:loss=foo: loss='foo': expected cross_entropy or one of arcface, contrastive, ",
+    ),
   ],
 )
 def test_a_wrong_config_argument_is_the_configs_own_line(jsim_main, tmp_path, config, expect):

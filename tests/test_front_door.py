@@ -311,11 +311,17 @@ def test_log_filter_drops_library_chatter_and_repeats():
 
 
 def test_progress_in_a_log_is_plain_lines_with_rate_and_eta(monkeypatch):
+  import jax
+  import jax.numpy as jnp
+
   from jsim import progress
 
+  step = jax.jit(lambda x: x * 2 + 1)  # (new here: its first call compiles, the later ones do not)
   monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)
   stream = io.StringIO()
   bar = progress.Progress(100, "stage 1 epoch 1/2", "img", announce=True, stream=stream, terminal=False)
+  assert stream.getvalue() == ""  # nothing compiles yet
+  step(jnp.ones(3)).block_until_ready()
   bar.update(10)  # the compiled first step: not counted in the rate
   bar.update(10)
   bar.set_postfix("loss 1.2345")
@@ -327,13 +333,25 @@ def test_progress_in_a_log_is_plain_lines_with_rate_and_eta(monkeypatch):
   assert lines[0] == "stage 1 epoch 1/2:   0% 0/100 img, compiling"
   assert re.fullmatch(r"stage 1 epoch 1/2:  30% 30/100 img, \S+ img/s, ETA \d+:\d\d, loss 1\.2345", lines[-2])
   assert re.fullmatch(
-    r"stage 1 epoch 1/2:  30% 30/100 img, done in \S+ s \(\S+ s of it compiling\), loss 1\.2345", lines[-1]
-  )
+    r"stage 1 epoch 1/2:  30% 30/100 img, stopped after \S+ s \(\S+ s of it compiling\), loss 1\.2345", lines[-1]
+  )  # (closed short of its total: an interrupt or an error, never 'done')
   assert bar.rate() > 0  # without the first update
+  # A later epoch: the step is compiled, so no line says 'compiling' and the rate counts from the start.
+  stream = io.StringIO()
+  bar = progress.Progress(100, "stage 1 epoch 2/2", "img", announce=True, stream=stream, terminal=False)
+  step(jnp.ones(3)).block_until_ready()
+  bar.update(50)
+  bar.update(50)
+  bar.close()
+  lines = stream.getvalue().splitlines()
+  assert "compil" not in stream.getvalue(), lines
+  assert re.fullmatch(r"stage 1 epoch 2/2:  50% 50/100 img, \S+ img/s, ETA \d+:\d\d", lines[0])
+  assert re.fullmatch(r"stage 1 epoch 2/2: 100% 100/100 img, done in \S+ s", lines[-1])
   # An announced step that ends before the first periodic line still says it is done, not only 'compiling'.
   stream = io.StringIO()
   monkeypatch.setattr(progress, "PLAIN_EVERY_S", 1e9)
   with progress.Progress(100, "test pairs", "pair", announce=True, stream=stream, terminal=False) as bar:
+    jax.jit(lambda x: x - 1)(jnp.ones(3)).block_until_ready()
     bar.update(60)
     bar.update(40)
   first, last = stream.getvalue().splitlines()
@@ -341,23 +359,47 @@ def test_progress_in_a_log_is_plain_lines_with_rate_and_eta(monkeypatch):
   assert re.fullmatch(r"test pairs: 100% 100/100 pair, done in \S+ s \(\S+ s of it compiling\)", last)
   # A short step without `announce` says nothing in a log.
   stream = io.StringIO()
-  monkeypatch.setattr(progress, "PLAIN_EVERY_S", 1e9)
   with progress.Progress(5, "stage 1 validation", "img", stream=stream, terminal=False) as bar:
     bar.update(5)
   assert stream.getvalue() == ""
 
 
-def test_progress_on_a_terminal_says_compiling_then_rate():
+def test_progress_stopped_before_its_first_step_says_nothing_more_in_a_log():
+  """A Ctrl-C while the model's init compiles stops the epoch loop before its first step: its bar, which
+  compiled nothing, prints no line (never 'done in 0.0 s') before the stop message."""
   from jsim import progress
 
   stream = io.StringIO()
+  with pytest.raises(KeyboardInterrupt):
+    with progress.Progress(42, "stage 1 epoch 1/2", "img", announce=True, stream=stream, terminal=False):
+      raise KeyboardInterrupt
+  assert stream.getvalue() == ""
+
+
+def test_progress_on_a_terminal_says_compiling_only_while_it_compiles():
+  import jax
+  import jax.numpy as jnp
+
+  from jsim import progress
+
+  step = jax.jit(lambda x: x * 3)
+  stream = io.StringIO()
   bar = progress.Progress(100, "stage 2 epoch 1/3", "pair", stream=stream, terminal=True)
+  assert "compiling" not in stream.getvalue()
+  step(jnp.ones(3)).block_until_ready()
   assert "compiling" in stream.getvalue()
   bar.update(50)
   bar.update(25)
   bar._bar.refresh()
-  assert re.search(r"pair/s, ETA \d+:\d\d", stream.getvalue())
+  drawn = stream.getvalue().split("\r")
+  assert re.search(r"pair/s, ETA \d+:\d\d", drawn[-1]) and "compiling" not in drawn[-1]
+  assert all("compiling" not in x for x in drawn if " 50/100 " in x or " 75/100 " in x)  # (not left over)
   bar.close()
+  stream = io.StringIO()  # the next epoch: compiled already
+  with progress.Progress(100, "stage 2 epoch 2/3", "pair", stream=stream, terminal=True) as bar:
+    step(jnp.ones(3)).block_until_ready()
+    bar.update(50)
+  assert "compiling" not in stream.getvalue()
 
 
 # --- TensorBoard ---------------------------------------------------------------------------------------------------
@@ -514,7 +556,7 @@ def test_the_demo_prints_the_paths_of_its_images(tmp_path):
   for a, b, _ in demo.EXAMPLES:
     assert f"  jsim-predict --workdir=runs/x $IMAGES/{a} $IMAGES/{b}" in out
   assert "jsim-predict --workdir=runs/x --query=$IMAGES/val_0.JPEG --gallery=$IMAGES --top=8" in out
-  assert "# teal checker ring / teal checker ring: one unseen class" in out  # the names of their classes
+  assert "# cyan checker ring / cyan checker ring: one unseen class" in out  # the names of their classes
 
 
 def test_summary_and_data_report_say_what_a_user_can_use(tmp_path):

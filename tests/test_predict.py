@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -334,6 +335,72 @@ def test_sheet_colours_mean_the_decision_and_names_keep_their_extension(trained,
 
   assert count(figures.ABOVE_COLOR) > 50 and count(figures.BELOW_COLOR) > 50 and count(figures.QUERY_COLOR) > 50
   assert count(figures.SAME_COLOR) == 0  # green means "same class" (ground truth) elsewhere: not used here
+
+
+def test_html_paths_break_after_a_slash_and_inside_a_name_only_when_it_must():
+  """Each name of a path is an inline-block (a line takes it whole or moves it to the next line whole) with its
+  '/', and the line-break opportunities between names; the '-' of 'synthetic-...' is inside one of them."""
+  from jsim.predict.cli import name_folder
+
+  text = name_folder("/tmp/c/synthetic-50aaa7422fbaa945/val/images/val_0.JPEG")
+  assert text.startswith('<span class="path">') and text.endswith("</span>")
+  names = re.findall(r"<span>([^<]*)</span>", text)
+  assert names == ["/", "tmp/", "c/", "synthetic-50aaa7422fbaa945/", "val/", "images/", "val_0.JPEG"]
+  assert text.count("<wbr>") == len(names) - 1 and "</span><wbr><span>" in text
+  assert name_folder("a<b>&c.jpg") == '<span class="path"><span>a&lt;b&gt;&amp;c.jpg</span></span>'
+
+
+_MEASURE_LINES = """<script>
+function lines(el, word) {  // the lines that `word`, in a text node of el, spans
+  const walk = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
+  for (let n = walk.nextNode(); n; n = walk.nextNode()) {
+    const i = n.data.indexOf(word);
+    if (i < 0) continue;
+    const r = document.createRange();
+    r.setStart(n, i);
+    r.setEnd(n, i + word.length);
+    return new Set([...r.getClientRects()].map((x) => Math.round(x.top))).size;
+  }
+  return 0;
+}
+const out = {};
+for (const word of WORDS) out[word] = [...document.querySelectorAll("figcaption, p")].map((e) => lines(e, word))
+  .filter((x) => x > 0);
+document.body.setAttribute("data-lines", JSON.stringify(out));
+</script></body>"""
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="needs a headless browser (chromium)")
+@pytest.mark.parametrize("width", [1000, 420])
+def test_html_page_in_a_browser_breaks_no_name_that_fits(tmp_path, width):
+  """The page rendered by headless Chromium: the data cache's 'synthetic-<hash>' folder is never split at its '-'
+  where it fits on a line (the query's caption, the matches' folder), at a wide and a narrow window; a name wider
+  than its card still wraps."""
+  import html as html_lib
+
+  from jsim.predict import Match
+  from jsim.predict.cli import write_html
+
+  folder = tmp_path / "synthetic-50aaa7422fbaa945" / "val" / "images"
+  folder.mkdir(parents=True)
+  names = ["val_0.JPEG", "val_1.JPEG", "a-long-hyphenated-holiday-photo-name.jpeg"]
+  for i, name in enumerate(names):
+    Image.new("RGB", (16, 16), (40 * i, 90, 160)).save(folder / name, "JPEG")
+  page = write_html(
+    tmp_path / "m.html", folder / names[0], [Match(str(folder / n), p) for n, p in zip(names[1:], (0.9, 0.2))], 0.5
+  )
+  words = ["synthetic-50aaa7422fbaa945", names[2]]
+  page.write_text(page.read_text().replace("</body>", _MEASURE_LINES.replace("WORDS", json.dumps(words))))
+  proc = subprocess.run(
+    ["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--window-size={width},800", "--dump-dom",
+     page.as_uri()],
+    capture_output=True, text=True, timeout=120,
+  )  # fmt: skip
+  m = re.search(r'data-lines="([^"]*)"', proc.stdout)
+  assert m, proc.stdout[-2000:] + proc.stderr[-2000:]
+  lines = json.loads(html_lib.unescape(m.group(1)))
+  assert lines[words[0]] == [1, 1], lines  # the query's caption, then "Best matches in ..."
+  assert lines[words[1]][0] > 1, lines  # (the measure sees a wrap: this name is wider than its 140-pixel card)
 
 
 def test_checkpoint_that_does_not_fit_the_config_is_refused(trained, tmp_path):

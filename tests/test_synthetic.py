@@ -88,6 +88,25 @@ def test_class_factors_are_distinct_combinations():
     synthetic.class_factors(synthetic.MAX_CLASSES)
 
 
+def test_hue_names_are_the_colour_wheels_names_of_their_hues(tmp_path):
+  """Each class's colour is named by the 30-degree sector of the 12-colour RGB wheel that holds its hue (216
+  degrees is azure, not cyan at 180); words.txt names the classes so."""
+  wheel = {  # name -> the hue at the sector's centre, in degrees
+    "red": 0, "orange": 30, "yellow": 60, "chartreuse": 90, "green": 120, "spring green": 150, "cyan": 180,
+    "azure": 210, "blue": 240, "violet": 270, "magenta": 300, "rose": 330,
+  }  # fmt: skip
+  assert len(synthetic.HUE_NAMES) == len(synthetic.HUES)
+  for hue, name in zip(synthetic.HUES, synthetic.HUE_NAMES):
+    assert name in wheel, name
+    off = (hue * 360 - wheel[name] + 180) % 360 - 180
+    assert abs(off) <= 15, f"hue {hue * 360:.0f} degrees named {name!r} ({wheel[name]} degrees)"
+  root = synthetic.write_synthetic_tiny_imagenet(tmp_path / "d", num_classes=10, train_per_class=1, test_per_class=0)
+  words = dict(line.split("\t") for line in (root / "words.txt").read_text().splitlines())
+  for k in range(10):
+    shape, h, texture = synthetic.class_factors(k)
+    assert words[synthetic.synthetic_wnid(k)] == f"{synthetic.HUE_NAMES[h]} {texture} {shape}"
+
+
 def test_bad_arguments(tmp_path):
   with pytest.raises(ValueError, match="num_classes"):
     synthetic.write_synthetic_tiny_imagenet(tmp_path, num_classes=0)

@@ -384,6 +384,10 @@ _CONFIG_HEAD = "from jsim import configs\n\n\ndef get_config():\n  c = configs.b
     ('  cl.batch_size = "32"\n  return c\n', 'cfg.py:7 (cl.batch_size = "32"): TypeError: Could not override field'),
     ("  cl.batch_size = (\n  return c\n", "cfg.py:7: not valid Python ("),
     ("  return c.nothing_here\n", "cfg.py:7 (return c.nothing_here): AttributeError: \"'nothing_here'\""),
+    (  # a value refused: its message, without the source line that raised it
+      '  raise ValueError("classifier.batch_size=0, expected at least 1")\n',
+      "cfg.py:7: classifier.batch_size=0, expected at least 1",
+    ),
     (None, "--config=CFG: no such file"),
   ],
 )

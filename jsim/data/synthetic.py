@@ -36,13 +36,17 @@ import numpy as np
 from PIL import Image
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "hexagon", "bars", "crescent")
-# Hues in [0, 1): ten well separated colours of the HSV wheel.
+# Hues in [0, 1): ten well separated colours of the HSV wheel (0, 36, 72, ... 324 degrees).
 HUES = tuple(i / 10 for i in range(10))
-HUE_NAMES = ("red", "orange", "yellow", "lime", "green", "teal", "cyan", "blue", "violet", "magenta")
+# Each the name of the sector of the 12-colour RGB wheel (30-degree sectors centred on red 0, orange 30,
+# yellow 60, chartreuse 90, green 120, spring green 150, cyan 180, azure 210, blue 240, violet 270,
+# magenta 300, rose 330) that holds its hue.
+HUE_NAMES = ("red", "orange", "yellow", "green", "spring green", "cyan", "azure", "blue", "magenta", "rose")
 TEXTURES = ("solid", "stripes", "checker", "dots")
 MAX_CLASSES = len(SHAPES) * len(HUES) * len(TEXTURES)
-# Bump when the images change for the same arguments (the synthetic source regenerates).
-GENERATOR_VERSION = 1
+# Bump when the files change for the same arguments (the images, or the class names in words.txt): the
+# synthetic source then writes a new folder, so that no cached folder keeps the old files.
+GENERATOR_VERSION = 2
 
 _SUPERSAMPLE = 2  # the mask is sampled 2x2 per pixel and averaged: smooth edges
 _JPEG_QUALITY = 90

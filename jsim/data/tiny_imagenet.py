@@ -415,7 +415,7 @@ def decode_all(
     else:
       _init_worker(src, out_files, image_size)
       results = map(_decode_chunk, tasks)
-    with progress.progress(total, f"decoding {Path(src.location).name}", "img", compiles=False) as bar:
+    with progress.progress(total, f"decoding {Path(src.location).name}", "img") as bar:
       for (part, start, rels), res in zip(tasks, results):
         for j, (ok, info, was_resized) in enumerate(res):
           if ok:

@@ -344,15 +344,17 @@ def evaluate_pairs(
 
     bar = progress(total, desc or f"pairs ({mode})", "pair", announce=True)
   t0 = time.perf_counter()
-  for start in starts:
-    acc = step(acc, *operands, start, thr)
-    if bar is not None:  # (waits for the chunk: the bar shows what is done, not what is queued)
-      jax.block_until_ready(acc)
-      bar.update(min(chunk_size, total - start))
-  acc = jax.device_get(acc)
+  try:
+    for start in starts:
+      acc = step(acc, *operands, start, thr)
+      if bar is not None:  # (waits for the chunk: the bar shows what is done, not what is queued)
+        jax.block_until_ready(acc)
+        bar.update(min(chunk_size, total - start))
+    acc = jax.device_get(acc)
+  finally:
+    if bar is not None:
+      bar.close()
   seconds = time.perf_counter() - t0
-  if bar is not None:
-    bar.close()
   count = np.asarray(acc["count"], np.int64)
   if count.sum() != total:  # the padding/masking contract, checked every time
     raise RuntimeError(f"evaluated {count.sum()} pairs, expected {total}")

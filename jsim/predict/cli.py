@@ -84,9 +84,10 @@ def write_html(out: str | Path, query: str | Path, matches: Sequence[Match], thr
 body {{ font-family: sans-serif; margin: 1.5em; }}
 img {{ width: 128px; height: 128px; object-fit: contain; image-rendering: pixelated; background: #eee; }}
 figure {{ display: inline-block; margin: 6px; padding: 4px; border: 4px solid #ccc; width: 140px;
-          vertical-align: top; font-size: 11px; overflow-wrap: normal; }}
+          vertical-align: top; font-size: 11px; }}
 .path {{ font-family: monospace; }}
-figure.query {{ border-color: {_rgb(figures.QUERY_COLOR)}; }}
+.path span {{ display: inline-block; max-width: 100%; overflow-wrap: anywhere; }}
+figure.query {{ border-color: {_rgb(figures.QUERY_COLOR)}; width: auto; max-width: calc(100% - 28px); }}
 figure.same {{ border-color: {_rgb(figures.ABOVE_COLOR)}; }}
 figure.diff {{ border-color: {_rgb(figures.BELOW_COLOR)}; }}
 </style></head><body>
@@ -104,8 +105,14 @@ same kind"), gray below. Click an image to open the file.</p>
 
 
 def name_folder(path) -> str:
-  """A path for a caption: HTML-escaped, with a line-break opportunity after every '/' (never mid-name)."""
-  return '<span class="path">' + "/<wbr>".join(html.escape(p) for p in str(path).split("/")) + "</span>"
+  """A path for a caption, HTML-escaped, that a line breaks after a '/', and inside a name only where the name
+  alone is wider than the line (never at a '-' where the name would fit on the next line).
+
+  Each name (with its '/') is an inline-block, which a line takes whole or moves to the next line whole.
+  """
+  parts = str(path).split("/")
+  names = [f"<span>{html.escape(p)}/</span>" for p in parts[:-1]] + [f"<span>{html.escape(parts[-1])}</span>"]
+  return '<span class="path">' + "<wbr>".join(names) + "</span>"
 
 
 def short_name(name: str, n: int = 20) -> str:

@@ -251,7 +251,7 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=N
   rule = settings.rate_schedule or schedule.Schedule(alpha=settings.alpha, wait=settings.halving_wait)
   if rule.kind == "warmup_cosine" and settings.learning_rate is None:
     raise ValueError(f"{settings.name}: schedule 'warmup_cosine' needs the configured learning_rate")
-  first_epoch = meta["epoch"] + 1  # (its bar says 'compiling' until the step is compiled)
+  first_epoch = meta["epoch"] + 1  # (its bar announces the compilation of the step in a log)
   for epoch in range(first_epoch, settings.num_epochs + 1):
     rate = rule.epoch_rate(settings.learning_rate, epoch, settings.num_epochs)
     if rate is not None:  # (a function of the epoch: the same after a resume)
@@ -265,7 +265,6 @@ def _fit(plan, state, ckpts, writer, settings, place_state, guard, config_dict=N
       first * plan.items_per_batch,
       f"{settings.name} epoch {epoch}/{settings.num_epochs}",
       plan.item_name,
-      compiles=epoch == first_epoch,
       announce=epoch == first_epoch,
     )
     start = time.perf_counter()

@@ -184,11 +184,11 @@ class MetricsWriter:
       self._tb.close()
 
 
-def progress_bar(total: int, initial: int, desc: str, unit: str, *, compiles: bool = True, announce: bool = False):
-  """A bar with items/s and ETA ('compiling' until the first update); silent on other processes.
+def progress_bar(total: int, initial: int, desc: str, unit: str, *, announce: bool = False):
+  """A bar with items/s and ETA ('compiling' while JAX compiles the first step); silent on other processes.
 
   A plain line every so often instead of a bar when stderr is not a terminal (jsim.progress.Progress).
   """
   from jsim import progress
 
-  return progress.progress(total, desc, unit, initial=initial, compiles=compiles, announce=announce)
+  return progress.progress(total, desc, unit, initial=initial, announce=announce)
