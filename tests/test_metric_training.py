@@ -47,6 +47,15 @@ def test_cross_entropy_stays_the_protocol():
   assert classifier.stage_identity(c)["classifier"]["loss"] == "triplet"
 
 
+def test_the_loss_label_names_the_miner():
+  c = _tiny_config()
+  assert metric.loss_label(c.classifier) == "cross_entropy"
+  configs.use_metric_loss(c, "multi_similarity")
+  assert metric.loss_label(c.classifier) == "multi_similarity"
+  c.classifier.loss_hparams.multi_similarity.miner = "multi_similarity"
+  assert metric.loss_label(c.classifier) == "multi_similarity + multi_similarity miner"
+
+
 def test_group_rates_and_halving():
   c = _tiny_config("proxy_anchor", learning_rate=0.01, head_learning_rate=0.1, loss_learning_rate=1.0, momentum=0.0)
   tx = classifier.make_optimizer(c.classifier)

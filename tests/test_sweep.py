@@ -136,6 +136,10 @@ def test_compare_groups_seeds_into_mean_and_std(tmp_path, capsys):
   # Without config.json a workdir is its own group; names without a common stem are joined.
   assert compare.group_name([tmp_path / "a_seed1", tmp_path / "a_seed2"]) == "a"
   assert compare.group_name([tmp_path / "x", tmp_path / "y"]) == "x+y"
+  # Two sweeps name their runs alike: the rows say which sweep (the parent folder) each is.
+  groups = [[tmp_path / "ms" / "lr=1,seed=0", tmp_path / "ms" / "lr=1,seed=1"], [tmp_path / "pa" / "lr=1,seed=0"]]
+  assert compare.distinct_names(groups) == ["ms/lr=1", "pa/lr=1"]
+  assert compare.distinct_names([[tmp_path / "a"], [tmp_path / "b"]]) == ["a", "b"]
 
 
 def _sweep_command(root, *args) -> list[str]:

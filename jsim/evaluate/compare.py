@@ -189,6 +189,18 @@ def group_name(members: Sequence[Path]) -> str:
   return names.pop() if len(names) == 1 else "+".join(w.name for w in members)
 
 
+def distinct_names(groups: Sequence[Sequence[Path]]) -> list[str]:
+  """Each group's `group_name`, prefixed by as many parent folders as it takes to tell the groups apart
+  (sweeps of several losses name their runs alike: ms/lr=0.01 and pa/lr=0.01, not lr=0.01 twice)."""
+  names = [group_name(members) for members in groups]
+  parents = [Path(members[0]).absolute().parent.parts for members in groups]
+  for depth in range(max(map(len, parents)) + 1):
+    out = ["/".join([*p[len(p) - depth :], n]) if depth else n for p, n in zip(parents, names)]
+    if len(set(out)) == len(out):
+      return out
+  return out
+
+
 def mean_row(rows: Sequence[dict], seeds: Sequence, name: str) -> dict:
   """One row for a method over its seeds: each number the mean (KEY) and sample standard deviation
   (KEY_std, ddof=1; 0 for one seed) of its runs; other values kept where the runs agree, else None."""
@@ -222,9 +234,12 @@ def comparison_rows(workdirs: Sequence[str | Path], splits: Sequence[str | None]
   groups = seed_groups(workdirs)
   split_of = dict(zip(map(Path, workdirs), splits)) if splits is not None else {}
   rows = {w: _row(w, split_of.get(w)) for members in groups for w in members}
+  names = distinct_names(groups)
   if all(len(members) == 1 for members in groups):
-    return [rows[members[0]] for members in groups]
-  return [mean_row([rows[w] for w in members], [_seed(w) for w in members], group_name(members)) for members in groups]
+    return [{**rows[members[0]], "name": name} for members, name in zip(groups, names)]
+  return [
+    mean_row([rows[w] for w in members], [_seed(w) for w in members], name) for members, name in zip(groups, names)
+  ]
 
 
 if __name__ == "__main__":

@@ -214,7 +214,7 @@ def evaluate(config, workdir: str | Path) -> dict:
       config_dict=wd.config_to_dict(config),
       retrieval=retrieval_metrics,
       extra=extra,
-      method={"stage1_loss": config.classifier.loss, "similarity": calibration.method_name(config)},
+      method={"stage1_loss": metric.loss_label(config.classifier), "similarity": calibration.method_name(config)},
       embedding_retrieval=embedding_retrieval,
     )
     print(f"\nFive-case test accuracy ({result.mode}, {result.num_pairs:,} pairs; {workdir / 'report.md'}):\n")

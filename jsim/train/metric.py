@@ -73,6 +73,13 @@ def check_config(cfg) -> None:
   make_optimizer(cfg)  # the rates
 
 
+def loss_label(cfg) -> str:
+  """config.classifier's loss as reports and tables name it: with its miner, e.g.
+  'multi_similarity + multi_similarity miner' (the miner changes the method)."""
+  miner = dict(cfg.loss_hparams.get(cfg.loss, {})).get("miner", losses.miners.NONE) if is_metric(cfg) else None
+  return cfg.loss if miner in (None, losses.miners.NONE) else f"{cfg.loss} + {miner} miner"
+
+
 def retrieval_distance(cfg) -> str:
   """How embeddings are ranked for P@1 / MAP@R: classifier.retrieval_distance, where 'auto' is cosine for
   the metric losses (they compare L2-normalised embeddings) and L2 for cross_entropy and pair_ms."""
