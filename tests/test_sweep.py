@@ -139,7 +139,9 @@ def test_compare_groups_seeds_into_mean_and_std(tmp_path, capsys):
   # Two sweeps name their runs alike: the rows say which sweep (the parent folder) each is.
   groups = [[tmp_path / "ms" / "lr=1,seed=0", tmp_path / "ms" / "lr=1,seed=1"], [tmp_path / "pa" / "lr=1,seed=0"]]
   assert compare.distinct_names(groups) == ["ms/lr=1", "pa/lr=1"]
-  assert compare.distinct_names([[tmp_path / "a"], [tmp_path / "b"]]) == ["a", "b"]
+  assert compare.distinct_names([[tmp_path / "a"], [tmp_path / "b"]]) == ["a", "b"]  # one folder: names alone
+  ce = [tmp_path / "ce" / "seed=0", tmp_path / "ce" / "seed=1"]  # a sweep without a grid: named by its folder
+  assert compare.distinct_names([ce, groups[1]]) == ["ce", "pa/lr=1"]
 
 
 def _sweep_command(root, *args) -> list[str]:

@@ -190,15 +190,16 @@ def group_name(members: Sequence[Path]) -> str:
 
 
 def distinct_names(groups: Sequence[Sequence[Path]]) -> list[str]:
-  """Each group's `group_name`, prefixed by as many parent folders as it takes to tell the groups apart
-  (sweeps of several losses name their runs alike: ms/lr=0.01 and pa/lr=0.01, not lr=0.01 twice)."""
+  """Each group's `group_name`; where the groups come from several folders (sweeps of several losses,
+  which name their runs alike), prefixed by its folder's name: ms/lr=0.01 and pa/lr=0.01, not lr=0.01
+  twice. Names that still coincide are the workdirs' paths."""
   names = [group_name(members) for members in groups]
-  parents = [Path(members[0]).absolute().parent.parts for members in groups]
-  for depth in range(max(map(len, parents)) + 1):
-    out = ["/".join([*p[len(p) - depth :], n]) if depth else n for p, n in zip(parents, names)]
-    if len(set(out)) == len(out):
-      return out
-  return out
+  parents = [Path(members[0]).absolute().parent for members in groups]
+  if len(set(parents)) > 1:
+    names = [n if n == p.name else f"{p.name}/{n}" for p, n in zip(parents, names)]
+  if len(set(names)) < len(names):
+    names = ["+".join(str(w) for w in members) for members in groups]
+  return names
 
 
 def mean_row(rows: Sequence[dict], seeds: Sequence, name: str) -> dict:
