@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import struct
@@ -798,3 +799,52 @@ def test_sigterm_after_the_end_of_run_summary_is_one_line(reference, jsim_cache,
     assert "Traceback" not in run.output, run.output[-3000:]
     assert _last_line(run.output) == "jsim: SIGTERM after the run finished; its outputs are complete", run.output
     trials += 1
+
+
+# ----------------------------------------------------------------------------- atomic writes reach the disk
+
+
+@pytest.mark.parametrize("writer", ["write_json", "write_npy", "write_file"])
+def test_an_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, writer):
+  """What a power loss needs (a renamed file whose data never reached the disk is empty after it), seen in the
+  system calls of a real process (strace): fsync of the temporary file, then the rename, then fsync of the folder."""
+  if shutil.which("strace") is None:
+    pytest.skip("strace is not installed")
+  target = tmp_path / "out" / {"write_json": "a.json", "write_npy": "a.npy", "write_file": "a.txt"}[writer]
+  write = {
+    "write_json": "wd.write_json(p, {'a': 1})",
+    "write_npy": "wd.write_npy(p, np.arange(3))",
+    "write_file": "wd.write_file(p, lambda tmp: tmp.write_text('x'))",
+  }[writer]
+  code = (
+    f"import numpy as np; from pathlib import Path; from jsim import workdir as wd; p = Path({str(target)!r}); {write}"
+  )
+  trace = tmp_path / "trace"
+  r = subprocess.run(
+    [
+      "strace",
+      "-f",
+      "-y",
+      "-e",
+      "trace=fsync,fdatasync,rename,renameat,renameat2",
+      "-o",
+      str(trace),
+      sys.executable,
+      "-c",
+      code,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  if r.returncode != 0 and "ptrace" in r.stderr:
+    pytest.skip(f"strace cannot trace here: {r.stderr.strip()[:200]}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  calls = [line.split(None, 1)[1] for line in trace.read_text().splitlines() if "(" in line and "+++" not in line]
+  rename = next(i for i, c in enumerate(calls) if c.startswith("rename") and f'"{target}"' in c)
+  synced = re.compile(rf"^fsync\(\d+<{re.escape(str(target))}\.\d+\.tmp>\)\s+= 0$")
+  assert any(synced.match(c) for c in calls[:rename]), calls
+  assert calls[rename + 1].startswith("fsync(") and f"<{target.parent}>" in calls[rename + 1], calls
+  assert target.exists() and not list(target.parent.glob("*.tmp"))
