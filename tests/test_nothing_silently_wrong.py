@@ -801,6 +801,97 @@ def test_sigterm_after_the_end_of_run_summary_is_one_line(reference, jsim_cache,
     trials += 1
 
 
+# ----------------------------------------------------------------------------- derived files changed in place
+
+
+def _in_trained_cache(monkeypatch, trained) -> None:
+  monkeypatch.setenv("JSIM_CACHE", str(trained.cache))  # (its data: no second decode of the synthetic set)
+
+
+def _main(jsim_main, caplog, args: list[str]) -> tuple[int, str]:
+  """jsim_main(args): (its status, its output with its log lines, which pytest captures in this process)."""
+  caplog.clear()
+  with caplog.at_level("INFO"):
+    proc = jsim_main(args)
+  return proc.returncode, caplog.text + proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_embeddings_changed_in_place_are_never_read_as_current(trained, jsim_main, caplog, monkeypatch, tmp_path):
+  """W/embeddings/test.npy zeroed in place (same shape, same dtype, a later time): the evaluation refuses it in
+  one line naming it, as it refuses a deleted folder; stage=all computes the embeddings again from the stage-1
+  checkpoint, as for a deleted folder, and what was evaluated from the original ones stays only because the
+  embeddings computed again are, by content, the original ones."""
+  _in_trained_cache(monkeypatch, trained)
+  w = _copy(trained, tmp_path / "W")
+  test_npy = w / "embeddings" / "test.npy"
+  zeroed = np.load(test_npy)
+  zeroed[:] = 0
+  np.save(test_npy, zeroed)
+  report = (w / "report.json").read_bytes()
+
+  code, out = _main(jsim_main, caplog, [*TINY_RUN, f"--workdir={w}", "--config.stage=evaluate"])
+  assert code == 1, out[-3000:]
+  line = _one_line_error(out, f"{test_npy} changed since it was written")
+  assert "--config.stage=embed --config.overwrite=True" in line and "evaluation is current" not in out
+  assert (w / "report.json").read_bytes() == report and np.load(test_npy).max() == 0
+
+  code, out = _main(jsim_main, caplog, [*TINY_RUN, f"--workdir={w}"])
+  assert code == 0, out[-3000:]
+  assert f"{test_npy} changed since it was written" in out and "the embeddings are computed again" in out
+  assert np.array_equal(np.load(test_npy), trained.test)  # the stage-1 checkpoint's embeddings again
+  assert "evaluation is current" in out  # (bitwise the evaluated embeddings: by content, nothing changed)
+  assert (w / "report.json").read_bytes() == report
+
+  # Embeddings computed again with other bits (another batch size: other float rounding on XLA:CPU) are not
+  # the ones the report was made from: the evaluation is redone, saying why; bitwise the same ones change nothing.
+  proc = jsim_main(
+    [*TINY_RUN, f"--workdir={w}", "--config.stage=embed", "--config.overwrite=True", "--config.embed.batch_size=8"]
+  )
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+  same = np.array_equal(np.load(test_npy), trained.test) and np.array_equal(
+    np.load(w / "embeddings" / "train.npy"), np.load(trained.pristine / "embeddings" / "train.npy")
+  )
+  code, out = _main(jsim_main, caplog, [*TINY_RUN, f"--workdir={w}", "--config.stage=evaluate"])
+  assert code == 0, out[-3000:]
+  assert ("evaluation is current" in out) == same and ("the embeddings were computed again" in out) != same, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("digests", [True, False], ids=["recorded", "made-before-digests"])
+def test_a_truncated_embeddings_file_is_one_line_naming_it(trained, jsim_main, caplog, monkeypatch, tmp_path, digests):
+  _in_trained_cache(monkeypatch, trained)
+  w = _copy(trained, tmp_path / "W")
+  test_npy = w / "embeddings" / "test.npy"
+  os.truncate(test_npy, test_npy.stat().st_size // 2)
+  if not digests:  # a meta.json written before the digests were recorded: the file itself is what is read
+    meta = json.loads((w / "embeddings" / "meta.json").read_text())
+    del meta["sha256"]
+    (w / "embeddings" / "meta.json").write_text(json.dumps(meta))
+  code, out = _main(jsim_main, caplog, [*TINY_RUN, f"--workdir={w}", "--config.stage=evaluate"])
+  assert code == 1, out[-3000:]
+  expect = f"{test_npy} changed since it was written" if digests else f"{test_npy}: damaged or truncated"
+  line = _one_line_error(out, expect)
+  assert line.endswith("rerun with --config.stage=embed --config.overwrite=True to compute the embeddings again")
+
+
+def test_a_feature_cache_file_changed_in_place_is_computed_again(tmp_path, caplog):
+  from jsim.train import feature_cache
+
+  key = {"train_count": 5, "test_count": 3, "model": "m"}
+  arrays = {"train": np.arange(20, dtype=np.float32).reshape(5, 4), "test": np.ones((3, 4), np.float32)}
+  feature_cache.write(tmp_path, key, arrays)
+  got = feature_cache.load(tmp_path, key)
+  assert got is not None and all(np.array_equal(got[k], arrays[k]) for k in arrays)
+  path = tmp_path / feature_cache.CACHE_DIR / "train.npy"
+  changed = np.load(path)
+  changed[2] = 0  # same shape, dtype and size: only its content says it
+  np.save(path, changed)
+  with caplog.at_level("WARNING"):
+    assert feature_cache.load(tmp_path, key) is None
+  assert f"{path} changed since it was written" in caplog.text and "computed again" in caplog.text
+
+
 # ----------------------------------------------------------------------------- atomic writes reach the disk
 
 

@@ -140,6 +140,9 @@ def changes_since_report(config, workdir: Path) -> list[str] | None:
     now = wd.stage_result(workdir, stage) or {}
     if (extra.get(key) or {}).get("run_id") != now.get("run_id"):
       changes.append(f"{stage} was retrained")
+  evaluated = [m.get("sha256") if isinstance(m, dict) else None for m in extra.get("embeddings") or []]
+  if any(evaluated) and evaluated != _embedding_digests(config, workdir):
+    changes.append("the embeddings were computed again")  # (by content: bitwise the same ones change nothing)
   current = report.report_config(wd.config_to_dict(config))
   # (evaluation.augmentation_examples is stage 1's figure: no reason to redo the evaluation)
   drop = lambda d: {k: v for k, v in d.items() if k != "augmentation_examples"} if isinstance(d, dict) else d
@@ -149,6 +152,18 @@ def changes_since_report(config, workdir: Path) -> list[str] | None:
   if not (workdir / FIGURES).is_dir():
     changes.append("figures/ is missing")
   return changes
+
+
+def _embedding_digests(config, workdir: Path) -> list[dict | None]:
+  """The SHA-256 of each embedding source's arrays (this workdir's, then the ensemble's), from their meta.json."""
+  out = []
+  for w in (workdir, *config.similarity.ensemble_workdirs):
+    try:
+      meta = wd.read_json(Path(w) / wd.EMBEDDINGS / "meta.json")
+    except (OSError, ValueError):
+      meta = None
+    out.append(meta.get("sha256") if isinstance(meta, dict) else None)
+  return out
 
 
 def evaluate(config, workdir: str | Path) -> dict:

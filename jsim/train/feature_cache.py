@@ -10,7 +10,8 @@ validation images) and the test images, with the embeddings stage's own function
 
     W/feature_cache/  train.npy  float32 [len(T180), D], in data.t180_idx order
                       test.npy   float32 [len(test), D], in data.test_idx order
-                      meta.json  the key (below), the counts
+                      meta.json  the key (below), the counts, each array file's SHA-256 (a file changed
+                                 since it was written is not read: computed again)
 
 Stage 1 then runs only the head on them (its dropout included, with the same random draws:
 jsim.train.step's "features" batches), which is the same math as through the frozen backbone
@@ -129,6 +130,10 @@ def load(workdir: str | Path, key: dict) -> dict | None:
       changed = sorted(k for k in set(recorded) | set(key) if recorded.get(k) != key.get(k))
       logging.info("%s was computed from other inputs (%s): not used", out_dir, ", ".join(changed))
     return None
+  changed = wd.changed_file(out_dir, meta.get("sha256"), meta_path)
+  if changed is not None:
+    logging.warning("%s: not used, the features are computed again", changed)
+    return None
   arrays = {}
   for name in ARRAYS:
     try:
@@ -181,7 +186,8 @@ def write(workdir: str | Path, key: dict, arrays: dict) -> None:
     (out_dir / META_FILE).unlink(missing_ok=True)  # incomplete until the new arrays are
     for name in ARRAYS:
       wd.write_npy(out_dir / f"{name}.npy", arrays[name])
-    wd.write_json(out_dir / META_FILE, {"key": key, "dim": int(arrays["train"].shape[1])})
+    digests = wd.file_digests(out_dir, [f"{name}.npy" for name in ARRAYS])  # (checked by `load`)
+    wd.write_json(out_dir / META_FILE, {"key": key, "dim": int(arrays["train"].shape[1]), "sha256": digests})
   parallel.sync_processes("feature cache written")
 
 

@@ -18,11 +18,14 @@ config.overwrite is set; overwriting a stage also removes what was derived from 
 caches; for stage 2 the evaluation and the export), which would otherwise be read
 although stale. result.json carries a `run_id`, new each time a stage finishes, that
 derived outputs record (report.json, the export) and readers check (`report_problem`),
-so that a retrained stage is never read through what an earlier one left.
+so that a retrained stage is never read through what an earlier one left. Derived array
+files (the embeddings, the feature cache, evaluation.npz) are recorded with their SHA-256
+(`file_digests`), which their readers check (`changed_file`): a file changed in place is
+never read as current.
 
-Every file is written to a temporary name and renamed, so a killed run leaves
-either the old file or the new one, never half of one; a full disk is `NoSpace`, one
-line naming the file, with the temporary file removed.
+Every file is written to a temporary name, synced and renamed, so a killed run (or a
+power loss) leaves either the old file or the new one, never half of one; a full disk
+is `NoSpace`, one line naming the file, with the temporary file removed.
 
 One run at a time: `locked` holds an fcntl lock on W/.jsim.lock (the kernel drops it
 when the process dies, so a SIGKILL leaves no stale lock). A stage is claimed (its
@@ -39,12 +42,20 @@ the run completes, so the next overwrite run replaces again.
 The modules: `layout` (the names above), `io` (atomic writes, NoSpace, read_json), `identity` (a stage's
 recorded settings against a run's), `stages` (claim, finish and read a stage; overwrite; drop_unused),
 `lock` (one run at a time), `records` (a trained workdir's records, its report), `digests` (content
-digests, the split check). Everything is imported from here: `from jsim import workdir as wd`.
+digests of files and checkpoints, the split check). Everything is imported from here:
+`from jsim import workdir as wd`.
 """
 
 from __future__ import annotations
 
-from jsim.workdir.digests import check_split, checkpoint_identity, file_digest, split_digest
+from jsim.workdir.digests import (
+  changed_file,
+  check_split,
+  checkpoint_identity,
+  file_digest,
+  file_digests,
+  split_digest,
+)
 from jsim.workdir.identity import check_recorded
 from jsim.workdir.io import (
   TMP_SUFFIX,
@@ -110,6 +121,7 @@ __all__ = [
   "WorkdirInUse",
   "WorkdirRecords",
   "begin_overwrite",
+  "changed_file",
   "check_recorded",
   "check_split",
   "check_stage",
@@ -119,6 +131,7 @@ __all__ = [
   "drop_unused",
   "end_overwrite",
   "file_digest",
+  "file_digests",
   "finish_stage",
   "is_no_space",
   "is_read_only",
