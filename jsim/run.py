@@ -209,7 +209,9 @@ def _run_stages(config, workdir: Path) -> dict:
           f"{guard.signal_name} during stage {name!r}, which finished first; rerun the same command to continue"
         )
     timings.append((name, time.perf_counter() - start, console.stage_result_text(name, result)))
-  record = wd.config_to_dict(config)
+  # The run's config, with the finished stages' settings as they were trained (a learning rate given to a finished
+  # stage changed nothing): what W/config.json's readers (predict, compare's seed groups) take it for.
+  record = wd.trained_config(workdir, wd.config_to_dict(config))
   path = workdir / "config.json"
   with contextlib.suppress(ValueError):  # (an unreadable record is replaced)
     if path.exists() and wd.read_json(path) == record:

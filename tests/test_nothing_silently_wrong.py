@@ -892,6 +892,48 @@ def test_a_feature_cache_file_changed_in_place_is_computed_again(tmp_path, caplo
   assert f"{path} changed since it was written" in caplog.text and "computed again" in caplog.text
 
 
+# ----------------------------------------------------------------------------- a free key on a finished stage
+
+
+@pytest.mark.slow
+def test_a_changed_learning_rate_on_finished_stages_is_named_and_not_recorded_as_trained(
+  trained, jsim_main, caplog, monkeypatch, tmp_path
+):
+  """The learning rates may change for a resumed stage (a NaN stop continues at a lower one), so they do not
+  refuse a finished stage; nor do they retrain it. The skip lines say so, naming both values, and report.json and
+  W/config.json keep the rates the stages were trained with: the evaluation of the finished stages is current."""
+  _in_trained_cache(monkeypatch, trained)
+  w = _copy(trained, tmp_path / "W")
+  stage1 = json.loads((w / "stage1" / "config.json").read_text())["classifier"]["learning_rate"]
+  stage2 = json.loads((w / "stage2" / "config.json").read_text())["similarity"]["learning_rate"]
+  new1, new2 = stage1 * 3, stage2 * 7
+  checkpoints = _snapshot(w / "stage1", w / "stage2")
+  report = (w / "report.json").read_bytes()
+  rates = [f"--config.classifier.learning_rate={new1}", f"--config.similarity.learning_rate={new2}"]
+
+  code, out = _main(jsim_main, caplog, [*TINY_RUN, f"--workdir={w}", *rates])
+  assert code == 0, out[-3000:]
+  skip1 = next(line for line in out.splitlines() if "stage 1 already finished" in line)
+  skip2 = next(line for line in out.splitlines() if "stage 2 already finished" in line)
+  assert f"classifier.learning_rate: {stage1!r} in the workdir, {new1!r} now" in skip1, skip1
+  assert f"similarity.learning_rate: {stage2!r} in the workdir, {new2!r} now" in skip2, skip2
+  assert "not retrained (--config.overwrite=True retrains it)" in skip2
+  assert "evaluation is current" in out and (w / "report.json").read_bytes() == report
+  assert _snapshot(w / "stage1", w / "stage2") == checkpoints
+  recorded = json.loads((w / "config.json").read_text())
+  assert (recorded["classifier"]["learning_rate"], recorded["similarity"]["learning_rate"]) == (stage1, stage2)
+
+  # The evaluation redone with the new rates on the command line records the trained ones.
+  code, out = _main(
+    jsim_main, caplog, [*TINY_RUN, f"--workdir={w}", "--config.stage=evaluate", "--config.overwrite=True", *rates]
+  )
+  assert code == 0, out[-3000:]
+  assert "evaluation: stage 2 is evaluated, as trained, not with this run's values (similarity.learning_rate: " in out
+  config = json.loads((w / "report.json").read_text())["config"]
+  assert (config["classifier"]["learning_rate"], config["similarity"]["learning_rate"]) == (stage1, stage2)
+  assert _snapshot(w / "stage1", w / "stage2") == checkpoints
+
+
 # ----------------------------------------------------------------------------- atomic writes reach the disk
 
 

@@ -1,6 +1,7 @@
 """The workdir is the contract between stages.
 
-    W/config.json                 the resolved config of the last successful run (for the record)
+    W/config.json                 the resolved config of the last successful run, the finished stages' settings
+                                  as they were trained (for the record)
     W/split.json                  classes and image ids of every split
     W/preprocessing.json          image size, input size, normalisation statistics
     W/stage1/  config.json, checkpoints/, metrics.jsonl, tb/, result.json
@@ -11,7 +12,10 @@
 
 A stage's config.json records the settings that define its outputs; a later run
 with different ones is refused (another architecture, split, ...), while settings
-that only extend or observe a run (more epochs, logging) may change.
+that only extend or observe a run (more epochs, logging, the learning rate a resumed
+run continues at: identity._FREE_KEYS) may change. A finished stage is not retrained by
+such a change: the line that skips it names the values it was trained with instead
+(`not_applied`), and report.json and W/config.json record those (`trained_config`).
 `result.json` marks a finished stage, which is never redone unless
 config.overwrite is set; overwriting a stage also removes what was derived from it
 (`stages._DERIVED`: for stage 1 the embeddings, stage 2, the sweep, the evaluation and predict's
@@ -56,7 +60,7 @@ from jsim.workdir.digests import (
   file_digests,
   split_digest,
 )
-from jsim.workdir.identity import check_recorded
+from jsim.workdir.identity import check_recorded, not_applied, not_applied_text, trained_config
 from jsim.workdir.io import (
   TMP_SUFFIX,
   NoSpace,
@@ -138,6 +142,8 @@ __all__ = [
   "locked",
   "mark_replaced",
   "no_space",
+  "not_applied",
+  "not_applied_text",
   "read_json",
   "read_records",
   "read_report",
@@ -148,6 +154,7 @@ __all__ = [
   "stage2_records",
   "stage_result",
   "start_run",
+  "trained_config",
   "write_file",
   "write_npy",
   "write_json",
