@@ -1,8 +1,8 @@
 """`--dry_run`: what a run would do in a workdir, stage by stage (jsim.run.STAGES).
 
-Reads only JSON records and folder listings (and, for the dry run, the data set's layout and
-labels, decoding a sample of its images): nothing here trains, compiles a step or writes into
-the workdir or the data cache.
+Reads only JSON records, folder listings and the digests of the embeddings (and, for the dry run,
+the data set's layout and labels, decoding a sample of its images): nothing here trains, compiles
+a step or writes into the workdir or the data cache.
 """
 
 from __future__ import annotations
@@ -55,9 +55,14 @@ def stage_status(config, workdir: Path, stage: str) -> str:
 
 
 def _embeddings_current(workdir: Path) -> bool:
-  meta = wd.read_json(workdir / wd.EMBEDDINGS / "meta.json")
+  meta_path = workdir / wd.EMBEDDINGS / "meta.json"
+  meta = wd.read_json(meta_path)
   stage1 = wd.stage_result(workdir, wd.STAGE1) or {}
-  return meta.get("stage1_step") == stage1.get("best_step") and meta.get("stage1_run_id") == stage1.get("run_id")
+  return (
+    meta.get("stage1_step") == stage1.get("best_step")
+    and meta.get("stage1_run_id") == stage1.get("run_id")
+    and wd.changed_file(meta_path.parent, meta.get("sha256"), meta_path) is None  # (the arrays, by content)
+  )
 
 
 def _data_lines(config, workdir: Path) -> list[str]:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 from absl import logging
 
 from jsim import console, interrupts, parallel, validate, workdir as wd
@@ -209,7 +208,9 @@ def _run_stages(config, workdir: Path) -> dict:
           f"{guard.signal_name} during stage {name!r}, which finished first; rerun the same command to continue"
         )
     timings.append((name, time.perf_counter() - start, console.stage_result_text(name, result)))
-  record = wd.config_to_dict(config)
+  # The run's config, with the finished stages' settings as they were trained (a learning rate given to a finished
+  # stage changed nothing): what W/config.json's readers (predict, compare's seed groups) take it for.
+  record = wd.trained_config(workdir, wd.config_to_dict(config))
   path = workdir / "config.json"
   with contextlib.suppress(ValueError):  # (an unreadable record is replaced)
     if path.exists() and wd.read_json(path) == record:
@@ -244,10 +245,10 @@ def _check_pair_supply(config, workdir: Path, data) -> None:
   emb_dir = workdir / wd.EMBEDDINGS
   if (emb_dir / embeddings.META_FILE).exists():
     try:
-      train, test = np.load(emb_dir / "train_labels.npy"), np.load(emb_dir / "test_labels.npy")
-      class_ids = tuple(wd.read_json(emb_dir / embeddings.META_FILE)["class_ids"])
-    except (OSError, ValueError, KeyError):
-      return  # unreadable embeddings: the stage that reads them says so
+      emb = embeddings.load_embeddings(workdir, names=("train_labels", "test_labels"))
+      train, test, class_ids = emb["train_labels"], emb["test_labels"], tuple(emb["meta"]["class_ids"])
+    except (OSError, ValueError, KeyError, TypeError):
+      return  # unreadable or changed embeddings: the stage that reads them says so (or computes them again)
   elif config.stage == "all":
     d = data()
     train, test = d.train_set.labels[d.t180_idx], d.test_set.labels[d.test_idx]

@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import struct
@@ -798,3 +799,185 @@ def test_sigterm_after_the_end_of_run_summary_is_one_line(reference, jsim_cache,
     assert "Traceback" not in run.output, run.output[-3000:]
     assert _last_line(run.output) == "jsim: SIGTERM after the run finished; its outputs are complete", run.output
     trials += 1
+
+
+# ----------------------------------------------------------------------------- derived files changed in place
+
+
+def _in_trained_cache(monkeypatch, trained) -> None:
+  monkeypatch.setenv("JSIM_CACHE", str(trained.cache))  # (its data: no second decode of the synthetic set)
+
+
+def _main(jsim_main, caplog, args: list[str]) -> tuple[int, str]:
+  """jsim_main(args): (its status, its output with its log lines, which pytest captures in this process)."""
+  caplog.clear()
+  with caplog.at_level("INFO"):
+    proc = jsim_main(args)
+  return proc.returncode, caplog.text + proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_embeddings_changed_in_place_are_never_read_as_current(trained, jsim_main, caplog, monkeypatch, tmp_path):
+  """W/embeddings/test.npy zeroed in place (same shape, same dtype, a later time): the evaluation refuses it in
+  one line naming it, as it refuses a deleted folder; stage=all computes the embeddings again from the stage-1
+  checkpoint, as for a deleted folder, and what was evaluated from the original ones stays only because the
+  embeddings computed again are, by content, the original ones."""
+  _in_trained_cache(monkeypatch, trained)
+  w = _copy(trained, tmp_path / "W")
+  test_npy = w / "embeddings" / "test.npy"
+  zeroed = np.load(test_npy)
+  zeroed[:] = 0
+  np.save(test_npy, zeroed)
+  report = (w / "report.json").read_bytes()
+
+  code, out = _main(jsim_main, caplog, [*TINY_RUN, f"--workdir={w}", "--config.stage=evaluate"])
+  assert code == 1, out[-3000:]
+  line = _one_line_error(out, f"{test_npy} changed since it was written")
+  assert "--config.stage=embed --config.overwrite=True" in line and "evaluation is current" not in out
+  assert (w / "report.json").read_bytes() == report and np.load(test_npy).max() == 0
+
+  code, out = _main(jsim_main, caplog, [*TINY_RUN, f"--workdir={w}"])
+  assert code == 0, out[-3000:]
+  assert f"{test_npy} changed since it was written" in out and "the embeddings are computed again" in out
+  assert np.array_equal(np.load(test_npy), trained.test)  # the stage-1 checkpoint's embeddings again
+  assert "evaluation is current" in out  # (bitwise the evaluated embeddings: by content, nothing changed)
+  assert (w / "report.json").read_bytes() == report
+
+  # Embeddings computed again with other bits (another batch size: other float rounding on XLA:CPU) are not
+  # the ones the report was made from: the evaluation is redone, saying why; bitwise the same ones change nothing.
+  proc = jsim_main(
+    [*TINY_RUN, f"--workdir={w}", "--config.stage=embed", "--config.overwrite=True", "--config.embed.batch_size=8"]
+  )
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+  same = np.array_equal(np.load(test_npy), trained.test) and np.array_equal(
+    np.load(w / "embeddings" / "train.npy"), np.load(trained.pristine / "embeddings" / "train.npy")
+  )
+  code, out = _main(jsim_main, caplog, [*TINY_RUN, f"--workdir={w}", "--config.stage=evaluate"])
+  assert code == 0, out[-3000:]
+  assert ("evaluation is current" in out) == same and ("the embeddings were computed again" in out) != same, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("digests", [True, False], ids=["recorded", "made-before-digests"])
+def test_a_truncated_embeddings_file_is_one_line_naming_it(trained, jsim_main, caplog, monkeypatch, tmp_path, digests):
+  _in_trained_cache(monkeypatch, trained)
+  w = _copy(trained, tmp_path / "W")
+  test_npy = w / "embeddings" / "test.npy"
+  os.truncate(test_npy, test_npy.stat().st_size // 2)
+  if not digests:  # a meta.json written before the digests were recorded: the file itself is what is read
+    meta = json.loads((w / "embeddings" / "meta.json").read_text())
+    del meta["sha256"]
+    (w / "embeddings" / "meta.json").write_text(json.dumps(meta))
+  code, out = _main(jsim_main, caplog, [*TINY_RUN, f"--workdir={w}", "--config.stage=evaluate"])
+  assert code == 1, out[-3000:]
+  expect = f"{test_npy} changed since it was written" if digests else f"{test_npy}: damaged or truncated"
+  line = _one_line_error(out, expect)
+  assert line.endswith("rerun with --config.stage=embed --config.overwrite=True to compute the embeddings again")
+
+
+def test_a_feature_cache_file_changed_in_place_is_computed_again(tmp_path, caplog):
+  from jsim.train import feature_cache
+
+  key = {"train_count": 5, "test_count": 3, "model": "m"}
+  arrays = {"train": np.arange(20, dtype=np.float32).reshape(5, 4), "test": np.ones((3, 4), np.float32)}
+  feature_cache.write(tmp_path, key, arrays)
+  got = feature_cache.load(tmp_path, key)
+  assert got is not None and all(np.array_equal(got[k], arrays[k]) for k in arrays)
+  path = tmp_path / feature_cache.CACHE_DIR / "train.npy"
+  changed = np.load(path)
+  changed[2] = 0  # same shape, dtype and size: only its content says it
+  np.save(path, changed)
+  with caplog.at_level("WARNING"):
+    assert feature_cache.load(tmp_path, key) is None
+  assert f"{path} changed since it was written" in caplog.text and "computed again" in caplog.text
+
+
+# ----------------------------------------------------------------------------- a free key on a finished stage
+
+
+@pytest.mark.slow
+def test_a_changed_learning_rate_on_finished_stages_is_named_and_not_recorded_as_trained(
+  trained, jsim_main, caplog, monkeypatch, tmp_path
+):
+  """The learning rates may change for a resumed stage (a NaN stop continues at a lower one), so they do not
+  refuse a finished stage; nor do they retrain it. The skip lines say so, naming both values, and report.json and
+  W/config.json keep the rates the stages were trained with: the evaluation of the finished stages is current."""
+  _in_trained_cache(monkeypatch, trained)
+  w = _copy(trained, tmp_path / "W")
+  stage1 = json.loads((w / "stage1" / "config.json").read_text())["classifier"]["learning_rate"]
+  stage2 = json.loads((w / "stage2" / "config.json").read_text())["similarity"]["learning_rate"]
+  new1, new2 = stage1 * 3, stage2 * 7
+  checkpoints = _snapshot(w / "stage1", w / "stage2")
+  report = (w / "report.json").read_bytes()
+  rates = [f"--config.classifier.learning_rate={new1}", f"--config.similarity.learning_rate={new2}"]
+
+  code, out = _main(jsim_main, caplog, [*TINY_RUN, f"--workdir={w}", *rates])
+  assert code == 0, out[-3000:]
+  skip1 = next(line for line in out.splitlines() if "stage 1 already finished" in line)
+  skip2 = next(line for line in out.splitlines() if "stage 2 already finished" in line)
+  assert f"classifier.learning_rate: {stage1!r} in the workdir, {new1!r} now" in skip1, skip1
+  assert f"similarity.learning_rate: {stage2!r} in the workdir, {new2!r} now" in skip2, skip2
+  assert "not retrained (--config.overwrite=True retrains it)" in skip2
+  assert "evaluation is current" in out and (w / "report.json").read_bytes() == report
+  assert _snapshot(w / "stage1", w / "stage2") == checkpoints
+  recorded = json.loads((w / "config.json").read_text())
+  assert (recorded["classifier"]["learning_rate"], recorded["similarity"]["learning_rate"]) == (stage1, stage2)
+
+  # The evaluation redone with the new rates on the command line records the trained ones.
+  code, out = _main(
+    jsim_main, caplog, [*TINY_RUN, f"--workdir={w}", "--config.stage=evaluate", "--config.overwrite=True", *rates]
+  )
+  assert code == 0, out[-3000:]
+  assert "evaluation: stage 2 is evaluated, as trained, not with this run's values (similarity.learning_rate: " in out
+  config = json.loads((w / "report.json").read_text())["config"]
+  assert (config["classifier"]["learning_rate"], config["similarity"]["learning_rate"]) == (stage1, stage2)
+  assert _snapshot(w / "stage1", w / "stage2") == checkpoints
+
+
+# ----------------------------------------------------------------------------- atomic writes reach the disk
+
+
+@pytest.mark.parametrize("writer", ["write_json", "write_npy", "write_file"])
+def test_an_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, writer):
+  """What a power loss needs (a renamed file whose data never reached the disk is empty after it), seen in the
+  system calls of a real process (strace): fsync of the temporary file, then the rename, then fsync of the folder."""
+  if shutil.which("strace") is None:
+    pytest.skip("strace is not installed")
+  target = tmp_path / "out" / {"write_json": "a.json", "write_npy": "a.npy", "write_file": "a.txt"}[writer]
+  write = {
+    "write_json": "wd.write_json(p, {'a': 1})",
+    "write_npy": "wd.write_npy(p, np.arange(3))",
+    "write_file": "wd.write_file(p, lambda tmp: tmp.write_text('x'))",
+  }[writer]
+  code = (
+    f"import numpy as np; from pathlib import Path; from jsim import workdir as wd; p = Path({str(target)!r}); {write}"
+  )
+  trace = tmp_path / "trace"
+  r = subprocess.run(
+    [
+      "strace",
+      "-f",
+      "-y",
+      "-e",
+      "trace=fsync,fdatasync,rename,renameat,renameat2",
+      "-o",
+      str(trace),
+      sys.executable,
+      "-c",
+      code,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  if r.returncode != 0 and "ptrace" in r.stderr:
+    pytest.skip(f"strace cannot trace here: {r.stderr.strip()[:200]}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  calls = [line.split(None, 1)[1] for line in trace.read_text().splitlines() if "(" in line and "+++" not in line]
+  rename = next(i for i, c in enumerate(calls) if c.startswith("rename") and f'"{target}"' in c)
+  synced = re.compile(rf"^fsync\(\d+<{re.escape(str(target))}\.\d+\.tmp>\)\s+= 0$")
+  assert any(synced.match(c) for c in calls[:rename]), calls
+  assert calls[rename + 1].startswith("fsync(") and f"<{target.parent}>" in calls[rename + 1], calls
+  assert target.exists() and not list(target.parent.glob("*.tmp"))

@@ -140,7 +140,11 @@ def changes_since_report(config, workdir: Path) -> list[str] | None:
     now = wd.stage_result(workdir, stage) or {}
     if (extra.get(key) or {}).get("run_id") != now.get("run_id"):
       changes.append(f"{stage} was retrained")
-  current = report.report_config(wd.config_to_dict(config))
+  evaluated = [m.get("sha256") if isinstance(m, dict) else None for m in extra.get("embeddings") or []]
+  if any(evaluated) and evaluated != _embedding_digests(config, workdir):
+    changes.append("the embeddings were computed again")  # (by content: bitwise the same ones change nothing)
+  # (the settings of the finished stages as they were trained: a value given now that retrained nothing is no change)
+  current = report.report_config(wd.trained_config(workdir, wd.config_to_dict(config)))
   # (evaluation.augmentation_examples is stage 1's figure: no reason to redo the evaluation)
   drop = lambda d: {k: v for k, v in d.items() if k != "augmentation_examples"} if isinstance(d, dict) else d
   for key in ("seed", "evaluation", "similarity"):
@@ -149,6 +153,18 @@ def changes_since_report(config, workdir: Path) -> list[str] | None:
   if not (workdir / FIGURES).is_dir():
     changes.append("figures/ is missing")
   return changes
+
+
+def _embedding_digests(config, workdir: Path) -> list[dict | None]:
+  """The SHA-256 of each embedding source's arrays (this workdir's, then the ensemble's), from their meta.json."""
+  out = []
+  for w in (workdir, *config.similarity.ensemble_workdirs):
+    try:
+      meta = wd.read_json(Path(w) / wd.EMBEDDINGS / "meta.json")
+    except (OSError, ValueError):
+      meta = None
+    out.append(meta.get("sha256") if isinstance(meta, dict) else None)
+  return out
 
 
 def evaluate(config, workdir: str | Path) -> dict:
@@ -161,6 +177,10 @@ def evaluate(config, workdir: str | Path) -> dict:
   emb = similarity.load_stage2_embeddings(config, workdir)
   check_current(workdir, wd.STAGE2, emb)  # (a stage 2 of older embeddings is refused, even with a report)
   changes = changes_since_report(config, workdir)
+  if config.stage == "evaluate":  # (in a chain, the line that skipped the stage said so)
+    for stage, name in ((wd.STAGE1, "stage 1"), (wd.STAGE2, "stage 2")):
+      if text := wd.not_applied_text(workdir, stage, config):
+        logging.info("evaluation: %s is evaluated%s; report.json records the trained values", name, text)
   if changes == [] and not config.overwrite:
     logging.info(
       "evaluation is current (as in report.json): skipped; --config.stage=evaluate --config.overwrite=True redoes it"
@@ -200,6 +220,7 @@ def evaluate(config, workdir: str | Path) -> dict:
     "val_accuracy_at_0.5": out["val_accuracy_at_0.5"],
   }
   table = ""
+  config_dict = wd.trained_config(workdir, wd.config_to_dict(config))  # (what the stages were trained with)
   if parallel.is_main_process():
     save_result(result, workdir / compare.RESULT_FILE)  # for Figure 7 (jsim.evaluate.compare)
     extra[compare.RESULT_DIGEST] = wd.file_digest(workdir / compare.RESULT_FILE)  # (compare checks the pair)
@@ -211,7 +232,7 @@ def evaluate(config, workdir: str | Path) -> dict:
       result,
       val_threshold=out["threshold"],
       backbone=backbone_label(emb),
-      config_dict=wd.config_to_dict(config),
+      config_dict=config_dict,
       retrieval=retrieval_metrics,
       extra=extra,
       method={"stage1_loss": metric.loss_label(config.classifier), "similarity": calibration.method_name(config)},
@@ -219,7 +240,7 @@ def evaluate(config, workdir: str | Path) -> dict:
     )
     print(f"\nFive-case test accuracy ({result.mode}, {result.num_pairs:,} pairs; {workdir / 'report.md'}):\n")
     print(table, flush=True)
-    _write_tensorboard(workdir, result, table, extra["stage2"]["best_step"], fig_dir, wd.config_to_dict(config))
+    _write_tensorboard(workdir, result, table, extra["stage2"]["best_step"], fig_dir, config_dict)
   parallel.sync_processes("report written")
   return {
     "accuracy": result.accuracy("all"),

@@ -48,11 +48,11 @@ def calibrate_stage(
   """Fits the distance model in workdir/<stage> (or returns the finished fit) on stage 2's embeddings `emb`,
   judged on its validation pairs; identity, defaults: stage 2's (jsim.train.similarity, which calls this)."""
   workdir = Path(workdir)
-  stage_dir, finished = wd.claim_stage(workdir, stage, identity, overwrite=config.overwrite, defaults=defaults)
-  if finished:
-    result = wd.stage_result(workdir, stage)
-    logging.info("stage 2 (distance) already finished: %s", result)
+  if wd.check_stage(workdir, stage, identity, overwrite=config.overwrite, defaults=defaults):
+    result = wd.stage_result(workdir, stage)  # (its record left as it is: the settings it was fitted with)
+    logging.info("stage 2 (distance) already finished: %s%s", result, wd.not_applied_text(workdir, stage, config))
     return result
+  stage_dir, _ = wd.claim_stage(workdir, stage, identity, overwrite=config.overwrite, defaults=defaults)
   kind = config.similarity.distance
   val_pairs, val_same = np.asarray(val_pairs), np.asarray(val_same)
   fit = distance_lib.calibrate(emb["train"], val_pairs, val_same, kind)

@@ -339,7 +339,10 @@ def train_classifier(config, workdir: str | Path, data: Callable[[], Prepared] |
     result = wd.stage_result(workdir, wd.STAGE1, required=("best_step", "epochs"))
     if result["epochs"] >= config.classifier.num_epochs:
       logging.info(
-        "stage 1 already finished (%d epochs, %s): skipped", result["epochs"], console.stage1_test_text(result)
+        "stage 1 already finished (%d epochs, %s): skipped%s",
+        result["epochs"],
+        console.stage1_test_text(result),
+        wd.not_applied_text(workdir, wd.STAGE1, config),
       )
       return result
     logging.info("stage 1 continues from epoch %d to %d", result["epochs"], config.classifier.num_epochs)

@@ -7,6 +7,9 @@ outputs (jsim.train.feature_cache) and the checkpoint's frozen weights give the 
 key, only the heads run, on the cached outputs (computed with the same function, batch size
 and images as here): for cross_entropy the embeddings are those outputs themselves, for a
 metric loss its embedding head's projection of them.
+meta.json records each array file's SHA-256: a file changed, truncated or removed
+since it was written is computed again here (said in one line) and refused, naming
+it, by every reader (load_embeddings).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from jsim.data.prepare import Prepared, prepare
 from jsim.train import batching, classifier, feature_cache
 
 META_FILE = "meta.json"
+ARRAYS = ("train", "train_labels", "train_index", "test", "test_labels", "test_index")  # W/embeddings/<name>.npy
+_REDO = "rerun with --config.stage=embed --config.overwrite=True to compute the embeddings again"
 
 
 def compute_embeddings(config, workdir: str | Path, data: Callable[[], Prepared] | None = None) -> dict:
@@ -38,8 +43,11 @@ def compute_embeddings(config, workdir: str | Path, data: Callable[[], Prepared]
   if meta_path.exists() and not wd.replaces(workdir, wd.EMBEDDINGS, config.overwrite):
     meta = wd.read_json(meta_path)
     if meta["stage1_step"] == stage1["best_step"] and meta.get("stage1_run_id") == stage1.get("run_id"):
-      logging.info("embeddings are current (best stage-1 checkpoint, step %d): skipped", meta["stage1_step"])
-      return meta
+      changed = wd.changed_file(out_dir, meta.get("sha256"), meta_path)
+      if changed is None:
+        logging.info("embeddings are current (best stage-1 checkpoint, step %d): skipped", meta["stage1_step"])
+        return meta
+      logging.warning("%s: the embeddings are computed again from the stage-1 checkpoint", changed)
   mesh = parallel.make_mesh()
   data = data() if data is not None else prepare(config, workdir)
   model, state = classifier.restore_classifier(config, workdir, mesh)
@@ -93,6 +101,7 @@ def compute_embeddings(config, workdir: str | Path, data: Callable[[], Prepared]
     }
     for name, arr in arrays.items():  # (a full disk: NoSpace naming the file, no temporary file left)
       wd.write_npy(out_dir / f"{name}.npy", arr)
+    meta["sha256"] = wd.file_digests(out_dir, [f"{name}.npy" for name in arrays])  # (what readers check)
     wd.write_json(meta_path, meta)
   parallel.sync_processes("embeddings written")
   if config.overwrite:
@@ -109,14 +118,29 @@ def compute_embeddings(config, workdir: str | Path, data: Callable[[], Prepared]
   return meta
 
 
-def load_embeddings(workdir: str | Path) -> dict:
-  """The arrays written by compute_embeddings, with their meta under 'meta'."""
+def load_embeddings(workdir: str | Path, names: tuple[str, ...] = ARRAYS) -> dict:
+  """The arrays `names` written by compute_embeddings, with their meta under 'meta'.
+
+  Each is checked against the SHA-256 that meta.json recorded when it was written: a file changed, truncated
+  or missing since is one line naming it (it is never read as the embeddings of the stage-1 checkpoint).
+  """
   out_dir = Path(workdir) / wd.EMBEDDINGS
-  if not (out_dir / META_FILE).exists():
+  meta_path = out_dir / META_FILE
+  if not meta_path.exists():
     raise FileNotFoundError(f"{out_dir}: no embeddings; run --config.stage=embed first")
-  out = {
-    name: np.load(out_dir / f"{name}.npy")
-    for name in ("train", "train_labels", "train_index", "test", "test_labels", "test_index")
-  }
-  out["meta"] = wd.read_json(out_dir / META_FILE)
+  meta = wd.read_json(meta_path)
+  if not isinstance(meta, dict):
+    raise ValueError(f"{meta_path}: not a jsim embeddings record (a JSON object expected); {_REDO}")
+  changed = wd.changed_file(out_dir, meta.get("sha256"), meta_path, names=[f"{n}.npy" for n in names])
+  if changed is not None:
+    raise ValueError(f"{changed}; {_REDO}")
+  out = {}
+  for name in names:
+    path = out_dir / f"{name}.npy"
+    try:
+      out[name] = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError) as e:  # (a record made before the digests: the file itself says it)
+      text = (str(e).strip().splitlines() or [""])[0][:160]
+      raise ValueError(f"{path}: damaged or truncated ({type(e).__name__}: {text}); {_REDO}") from None
+  out["meta"] = meta
   return out

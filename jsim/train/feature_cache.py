@@ -10,7 +10,8 @@ validation images) and the test images, with the embeddings stage's own function
 
     W/feature_cache/  train.npy  float32 [len(T180), D], in data.t180_idx order
                       test.npy   float32 [len(test), D], in data.test_idx order
-                      meta.json  the key (below), the counts
+                      meta.json  the key (below), the counts, each array file's SHA-256 (a file changed
+                                 since it was written is not read: computed again)
 
 and a copy in <data.cache_dir>/features/<digest of the key>/ (`shared_dir`), the same three files, from which
 any other workdir with the same key (another loss, learning rate or optimizer on the same backbone and split)
@@ -135,6 +136,10 @@ def _read(out_dir: Path, key: dict) -> dict | None:
       changed = sorted(k for k in set(recorded) | set(key) if recorded.get(k) != key.get(k))
       logging.info("%s was computed from other inputs (%s): not used", out_dir, ", ".join(changed))
     return None
+  changed = wd.changed_file(out_dir, meta.get("sha256"), meta_path)
+  if changed is not None:
+    logging.warning("%s: not used, the features are computed again", changed)
+    return None
   arrays = {}
   for name in ARRAYS:
     try:
@@ -200,7 +205,8 @@ def _write(out_dir: Path, key: dict, arrays: dict) -> None:
   (out_dir / META_FILE).unlink(missing_ok=True)  # incomplete until the new arrays are
   for name in ARRAYS:
     wd.write_npy(out_dir / f"{name}.npy", arrays[name])
-  wd.write_json(out_dir / META_FILE, {"key": key, "dim": int(arrays["train"].shape[1])})
+  digests = wd.file_digests(out_dir, [f"{name}.npy" for name in ARRAYS])  # (checked by `_read`)
+  wd.write_json(out_dir / META_FILE, {"key": key, "dim": int(arrays["train"].shape[1]), "sha256": digests})
 
 
 def shared_dir(config, key: dict) -> Path:

@@ -278,10 +278,11 @@ def train_similarity(config, workdir: str | Path, *, stage: str = wd.STAGE2) -> 
     result = wd.stage_result(workdir, stage, required=("best_step", "epochs"))
     if result["epochs"] >= config.similarity.num_epochs:
       logging.info(
-        "%s already finished (%d epochs, best validation accuracy %.1f %%): skipped",
+        "%s already finished (%d epochs, best validation accuracy %.1f %%): skipped%s",
         "stage 2" if stage == wd.STAGE2 else stage,
         result["epochs"],
         100 * result["best_val_accuracy"],
+        wd.not_applied_text(workdir, stage, config),
       )
       return result
   mesh = parallel.make_mesh()

@@ -1,6 +1,7 @@
 """The workdir is the contract between stages.
 
-    W/config.json                 the resolved config of the last successful run (for the record)
+    W/config.json                 the resolved config of the last successful run, the finished stages' settings
+                                  as they were trained (for the record)
     W/split.json                  classes and image ids of every split
     W/preprocessing.json          image size, input size, normalisation statistics
     W/stage1/  config.json, checkpoints/, metrics.jsonl, tb/, result.json
@@ -11,18 +12,24 @@
 
 A stage's config.json records the settings that define its outputs; a later run
 with different ones is refused (another architecture, split, ...), while settings
-that only extend or observe a run (more epochs, logging) may change.
+that only extend or observe a run (more epochs, logging, the learning rate a resumed
+run continues at: identity._FREE_KEYS) may change. A finished stage is not retrained by
+such a change: the line that skips it names the values it was trained with instead
+(`not_applied`), and report.json and W/config.json record those (`trained_config`).
 `result.json` marks a finished stage, which is never redone unless
 config.overwrite is set; overwriting a stage also removes what was derived from it
 (`stages._DERIVED`: for stage 1 the embeddings, stage 2, the sweep, the evaluation and predict's
 caches; for stage 2 the evaluation and the export), which would otherwise be read
 although stale. result.json carries a `run_id`, new each time a stage finishes, that
 derived outputs record (report.json, the export) and readers check (`report_problem`),
-so that a retrained stage is never read through what an earlier one left.
+so that a retrained stage is never read through what an earlier one left. Derived array
+files (the embeddings, the feature cache, evaluation.npz) are recorded with their SHA-256
+(`file_digests`), which their readers check (`changed_file`): a file changed in place is
+never read as current.
 
-Every file is written to a temporary name and renamed, so a killed run leaves
-either the old file or the new one, never half of one; a full disk is `NoSpace`, one
-line naming the file, with the temporary file removed.
+Every file is written to a temporary name, synced and renamed, so a killed run (or a
+power loss) leaves either the old file or the new one, never half of one; a full disk
+is `NoSpace`, one line naming the file, with the temporary file removed.
 
 One run at a time: `locked` holds an fcntl lock on W/.jsim.lock (the kernel drops it
 when the process dies, so a SIGKILL leaves no stale lock). A stage is claimed (its
@@ -39,13 +46,21 @@ the run completes, so the next overwrite run replaces again.
 The modules: `layout` (the names above), `io` (atomic writes, NoSpace, read_json), `identity` (a stage's
 recorded settings against a run's), `stages` (claim, finish and read a stage; overwrite; drop_unused),
 `lock` (one run at a time), `records` (a trained workdir's records, its report), `digests` (content
-digests, the split check). Everything is imported from here: `from jsim import workdir as wd`.
+digests of files and checkpoints, the split check). Everything is imported from here:
+`from jsim import workdir as wd`.
 """
 
 from __future__ import annotations
 
-from jsim.workdir.digests import check_split, checkpoint_identity, file_digest, split_digest
-from jsim.workdir.identity import check_recorded
+from jsim.workdir.digests import (
+  changed_file,
+  check_split,
+  checkpoint_identity,
+  file_digest,
+  file_digests,
+  split_digest,
+)
+from jsim.workdir.identity import check_recorded, not_applied, not_applied_text, trained_config
 from jsim.workdir.io import (
   TMP_SUFFIX,
   NoSpace,
@@ -110,6 +125,7 @@ __all__ = [
   "WorkdirInUse",
   "WorkdirRecords",
   "begin_overwrite",
+  "changed_file",
   "check_recorded",
   "check_split",
   "check_stage",
@@ -119,12 +135,15 @@ __all__ = [
   "drop_unused",
   "end_overwrite",
   "file_digest",
+  "file_digests",
   "finish_stage",
   "is_no_space",
   "is_read_only",
   "locked",
   "mark_replaced",
   "no_space",
+  "not_applied",
+  "not_applied_text",
   "read_json",
   "read_records",
   "read_report",
@@ -135,6 +154,7 @@ __all__ = [
   "stage2_records",
   "stage_result",
   "start_run",
+  "trained_config",
   "write_file",
   "write_npy",
   "write_json",

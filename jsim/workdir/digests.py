@@ -1,5 +1,5 @@
-"""Content digests: of a file, of a checkpoint (from its meta), of W/split.json, and the check that the
-split is the one the stages were made with."""
+"""Content digests: of a file, of the files a record was written with (and which of them changed since), of a
+checkpoint (from its meta), of W/split.json, and the check that the split is the one the stages were made with."""
 
 from __future__ import annotations
 
@@ -16,6 +16,26 @@ def file_digest(path: str | os.PathLike) -> str:
   """SHA-256 of a file's bytes (content, not size and time: a copy or a touch keeps it, an edit does not)."""
   with open(path, "rb") as f:
     return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_digests(folder: Path, names) -> dict[str, str]:
+  """{name: SHA-256} of the files `names` in `folder`: what a record keeps of the files written with it."""
+  return {name: file_digest(Path(folder) / name) for name in names}
+
+
+def changed_file(folder: Path, recorded: dict | None, record: Path, names=None) -> str | None:
+  """Why one of the files `recorded` (name -> SHA-256, from `record`) in `folder` is not what was written, in one
+  line naming it; None when each is (only `names` of them, if given). A record without digests (None: made
+  before they were recorded) is trusted."""
+  for name, digest in (recorded or {}).items():
+    if names is not None and name not in names:
+      continue
+    path = Path(folder) / name
+    if not path.is_file():
+      return f"{path} is missing ({record} records it)"
+    if file_digest(path) != digest:
+      return f"{path} changed since it was written (its SHA-256 differs from the one in {record})"
+  return None
 
 
 def checkpoint_identity(stage_dir: Path, step: int) -> str | None:

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jsim.workdir.io import read_json
+from jsim.workdir.io import config_to_dict, read_json
+from jsim.workdir.layout import RESULT_FILE, STAGE1, STAGE2
 
 # Keys that may differ between a run and its resumption.
 # learning_rate, alpha, halving_wait: the rate from here on (a NaN stop is continued at a lower one); so are
@@ -132,3 +133,74 @@ def check_recorded(workdir: Path, stage: str, expected: dict) -> None:
       f"{path.parent} was made by another configuration ({'; '.join(diffs[:4])}); "
       f"use another --workdir, or redo that stage with --config.overwrite=True"
     )
+
+
+# The sections of the config a stage's config.json records as it was trained with (besides seed and model name).
+_TRAINED_SECTIONS = {STAGE1: ("data", "model", "classifier")}
+_STAGE2_SECTIONS = ("similarity",)  # stage 2 and the sweep's stages
+
+
+def _trained_record(workdir: Path, stage: str) -> dict | None:
+  """W/<stage>/config.json of a finished stage (None if it has not finished or its record is unreadable)."""
+  path = Path(workdir) / stage / "config.json"
+  if not (path.parent / RESULT_FILE).exists() or not path.exists():
+    return None
+  try:
+    recorded = read_json(path)
+  except (OSError, ValueError):
+    return None
+  return recorded if isinstance(recorded, dict) else None
+
+
+def _overlay(base: Any, recorded: Any) -> Any:
+  """`base` with the values `recorded` has for its keys (a key only one of them has keeps base's, or stays out)."""
+  if isinstance(base, dict) and isinstance(recorded, dict):
+    return {k: _overlay(v, recorded[k]) if k in recorded else v for k, v in base.items()}
+  return recorded
+
+
+def _common(a: Any, b: Any) -> tuple[Any, Any]:
+  """a and b restricted to the keys both have (recursively)."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    keys = [k for k in a if k in b]
+    pairs = {k: _common(a[k], b[k]) for k in keys}
+    return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+  return a, b
+
+
+def not_applied(workdir: Path, stage: str, config_dict: dict) -> list[str]:
+  """The settings of finished W/<stage> that `config_dict` (a run's) gives other values: 'key: recorded in the
+  workdir, other now', one each. Keys free to change (a learning rate, num_epochs: `_FREE_KEYS`) do not refuse
+  a finished stage, nor retrain it: the stage stays as it was trained, with its recorded values."""
+  recorded = _trained_record(workdir, stage)
+  if recorded is None:
+    return []
+  sections = _TRAINED_SECTIONS.get(stage, _STAGE2_SECTIONS)
+  was, now = _common({k: recorded.get(k) for k in sections}, {k: config_dict.get(k) for k in sections})
+  return _differences(was, now)
+
+
+def not_applied_text(workdir: Path, stage: str, config) -> str:
+  """For a line about finished W/<stage>: '' when `config` gives its settings the values it was trained with,
+  else ', as trained, not with this run's values (...): ...' naming those that differ (up to 4)."""
+  diffs = not_applied(workdir, stage, config_to_dict(config))
+  if not diffs:
+    return ""
+  more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+  return (
+    f", as trained, not with this run's values ({'; '.join(diffs[:4])}{more}): a finished stage is not "
+    f"retrained (--config.overwrite=True retrains it)"
+  )
+
+
+def trained_config(workdir: Path, config_dict: dict) -> dict:
+  """`config_dict` with the sections of W's finished stages as they were trained (their config.json), for the
+  record of what was evaluated (report.json): a key that does not retrain a finished stage (`not_applied`)
+  shows the value the stage used, not the one given now."""
+  out = json.loads(json.dumps(config_dict, default=str))
+  for stage, sections in ((STAGE1, _TRAINED_SECTIONS[STAGE1]), (STAGE2, _STAGE2_SECTIONS)):
+    recorded = _trained_record(workdir, stage)
+    for key in sections if recorded is not None else ():
+      if isinstance(recorded.get(key), dict):
+        out[key] = _overlay(out.get(key), recorded[key])
+  return out

@@ -1,5 +1,6 @@
-"""Atomic writes and a full disk: every file is written to a temporary name and renamed, so a killed run
-leaves either the old file or the new one, never half of one; a full disk is `NoSpace`, one line naming
+"""Atomic writes and a full disk: every file is written to a temporary name, synced to the disk and renamed
+(the folder synced after), so a killed run or a power loss leaves either the old file or the new one, never half
+of one nor an empty one; a full disk is `NoSpace`, one line naming
 the file, with the temporary file removed."""
 
 from __future__ import annotations
@@ -50,21 +51,9 @@ NoSpace.__str__ = _oserror_str
 
 
 def write_json(path: Path, obj: Any) -> None:
-  """Atomic: a reader never sees half a file. A full disk raises NoSpace naming `path`."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  # One temporary name per process: several processes may write the same file.
-  tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
-  try:
-    with open(tmp, "w") as f:
-      f.write(json.dumps(obj, indent=1, sort_keys=True, default=str))
-      f.flush()
-      os.fsync(f.fileno())  # the rename must not land before the data (a crash, not only a kill)
-    tmp.replace(path)
-  except BaseException as e:  # (a signal, a full disk: no half-written temporary file stays)
-    tmp.unlink(missing_ok=True)
-    if is_no_space(e):
-      raise no_space(path) from None
-    raise
+  """Atomic (write_file): a reader never sees half a file. A full disk raises NoSpace naming `path`."""
+  text = json.dumps(obj, indent=1, sort_keys=True, default=str)
+  write_file(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_file(path: Path, write: Any) -> None:
@@ -78,12 +67,33 @@ def write_file(path: Path, write: Any) -> None:
   tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
   try:
     write(tmp)
+    _fsync(tmp)  # the rename must not reach the disk before the data: a power loss would leave an empty file
     tmp.replace(path)
-  except BaseException as e:
+    _fsync(path.parent)  # and the rename itself
+  except BaseException as e:  # (a signal, a full disk: no half-written temporary file stays)
     tmp.unlink(missing_ok=True)
     if is_no_space(e):
       raise no_space(path) from None
     raise
+
+
+def _fsync(path: Path) -> None:
+  """Flushes `path` (a file, or a folder: its entries) to the disk; a folder that cannot be synced (some file
+  systems, no read permission) is left as it is."""
+  folder = path.is_dir()
+  try:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
+  except OSError:
+    if folder:
+      return
+    raise
+  try:
+    os.fsync(fd)
+  except OSError:
+    if not folder:
+      raise
+  finally:
+    os.close(fd)
 
 
 def write_npy(path: Path, arr: Any) -> None:
