@@ -285,6 +285,11 @@ def restore_best(stage_dir: str | Path, abstract_state: Any, what: str = "stage"
       raise FileNotFoundError(f"{stage_dir}/checkpoints: no finished epoch yet; train this stage first")
     best = meta["best"]
     redo = f"redo {stage_dir.name} with --config.overwrite=True (or restore that folder from a copy)"
+    if best["step"] not in steps and errors:
+      # The best named by an older meta is no longer kept, so a newer checkpoint replaced it as the best, and
+      # every newer one is damaged: the best is among them.
+      which = "it is" if len(errors) == 1 else f"it or another of the {len(errors)} newest checkpoints is"
+      raise DamagedCheckpoint(f"{errors[0]}; {which} the best checkpoint of {stage_dir.name}: {redo}")
     if best["step"] not in steps:
       raise DamagedCheckpoint(
         f"{ckpts.step_dir(best['step'])}, the best checkpoint of {stage_dir.name} (epoch "
