@@ -49,6 +49,13 @@ def _config(loss: str = "cross_entropy", **overrides):
   return c
 
 
+def _stage1_parts(c, num_classes):
+  """(model, variables, optimizer, loss) of stage 1 as the run builds them from config `c`."""
+  model = classifier.build_classifier(c, num_classes)
+  variables = classifier.initial_variables(c, model, num_classes, SIZE)
+  return model, variables, classifier.make_optimizer(c.classifier, model), metric.build_loss(c.classifier)
+
+
 def _leaves(tree) -> dict:
   return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -88,10 +95,7 @@ def test_head_on_cached_features_equals_head_through_the_frozen_backbone(cache_b
   # features differently in the last bits in a batch of another size (16): equal to a few ULPs.
   c = _config()
   num_classes = 6
-  model = classifier.build_classifier(c, num_classes)
-  variables = classifier.initial_variables(c, model, num_classes, SIZE)
-  tx = classifier.make_optimizer(c.classifier, model)
-  loss = metric.build_loss(c.classifier)
+  model, variables, tx, loss = _stage1_parts(c, num_classes)
   mean, std = (0.5, 0.45, 0.4), (0.25, 0.24, 0.26)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (30, SIZE, SIZE, 3), dtype=np.uint8)
@@ -159,10 +163,7 @@ def test_metric_heads_on_cached_features_equal_them_through_the_frozen_backbone(
   if miner:
     c.classifier.loss_hparams[name].miner = name
   num_classes = 3
-  model = classifier.build_classifier(c, num_classes)
-  variables = classifier.initial_variables(c, model, num_classes, SIZE)
-  tx = classifier.make_optimizer(c.classifier, model)
-  loss_fn = metric.build_loss(c.classifier)
+  model, variables, tx, loss_fn = _stage1_parts(c, num_classes)
   mean, std = (0.5, 0.45, 0.4), (0.25, 0.24, 0.26)
   rng = np.random.default_rng(1)
   images = rng.integers(0, 256, (30, SIZE, SIZE, 3), dtype=np.uint8)
