@@ -232,13 +232,19 @@ def main(argv):
       sys.stdout.flush()
       os._exit(run.exit_code(e))
     sys.exit(run.exit_code(e))
-  except OSError as e:  # a full disk where no writer said so itself (a figure, TensorBoard): still one line
+  except OSError as e:  # a full disk or a read-only workdir where no writer said so itself: still one line
     from jsim import workdir as wd
 
-    if not wd.is_no_space(e):
+    if isinstance(e, wd.ReadOnly):
+      message = e
+    elif wd.is_read_only(e):
+      message = wd.read_only(e.filename or FLAGS.workdir, e)
+    elif wd.is_no_space(e):
+      message = wd.no_space(e.filename or FLAGS.workdir)
+    else:
       raise
     logging.flush()
-    print(f"jsim: {wd.no_space(e.filename or FLAGS.workdir)}", file=sys.stderr)
+    print(f"jsim: {message}", file=sys.stderr)
     sys.exit(1)
   except KeyboardInterrupt:  # a second Ctrl-C (the first one saves a checkpoint and stops)
     logging.flush()

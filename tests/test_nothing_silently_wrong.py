@@ -219,7 +219,29 @@ def test_compare_reads_only_current_intact_evaluations(tmp_path, capsys):
   assert "| split |" in lines[0] and wd.split_digest(b)[:12] in lines[2] and wd.split_digest(c)[:12] in lines[3]
 
 
-def test_a_damaged_report_is_one_line_for_predict(trained, tmp_path):
+def _val_threshold(text: str) -> str:
+  report = json.loads(text)
+  report["val_threshold"] = "0.5"
+  return json.dumps(report)
+
+
+@pytest.mark.parametrize(
+  "file, damage, expect",
+  [
+    ("report.json", lambda t: "[]", "not a jsim report (a JSON object expected, found list)"),
+    ("report.json", _val_threshold, "not a jsim report (val_threshold '0.5', not a probability)"),
+    # Valid JSON of the wrong shape: each was a KeyError, TypeError or AttributeError traceback.
+    ("preprocessing.json", lambda t: "{}", "not a jsim record (no 'mean')"),
+    ("preprocessing.json", lambda t: '{"mean": "abc", "std": [1, 1, 1]}', "not a jsim record ('mean': could not"),
+    ("split.json", lambda t: "{}", "not a jsim record (no 'seen_classes')"),
+    ("config.json", lambda t: "[]", "not a jsim record (a JSON object expected, found list)"),
+    ("stage1/config.json", lambda t: "[1]", "not a jsim record (a JSON object expected, found list)"),
+    ("stage1/result.json", lambda t: "{}", "not a jsim record (no 'best_step')"),
+    ("embeddings/meta.json", lambda t: "[]", "not a jsim record (a JSON object expected, found list)"),
+    ("stage2/config.json", lambda t: "[]", "not a jsim record (a JSON object expected, found list)"),
+  ],
+)
+def test_a_damaged_record_or_report_is_one_line_for_predict(trained, tmp_path, file, damage, expect):
   w = tmp_path / "w"
   for f in trained.workdir.rglob("*.json"):  # the records only: predict checks them before JAX loads
     if "checkpoints" not in f.parts:
@@ -227,9 +249,9 @@ def test_a_damaged_report_is_one_line_for_predict(trained, tmp_path):
       shutil.copyfile(f, w / f.relative_to(trained.workdir))
   for stage in ("stage1", "stage2"):
     (w / stage / "checkpoints").mkdir(parents=True, exist_ok=True)
-  (w / "report.json").write_text("[]")
+  (w / file).write_text(damage((w / file).read_text()))
   r = _tool("jsim.predict", f"--workdir={w}", trained.files[0], trained.files[1])
-  _one_line(r, "jsim-predict", f"{w / 'report.json'}: not a jsim report (a JSON object expected, found list)")
+  _one_line(r, "jsim-predict", f"{w / file}: {expect}")
 
 
 # ----------------------------------------------------------------------------- 2, 7. exports by content
@@ -609,6 +631,27 @@ def test_a_read_only_finished_workdir_can_be_evaluated_predicted_and_exported(tr
     # export: to another --out; into W itself, one line
     assert _tool("jsim.export", f"--workdir={w}", f"--out={tmp_path / 'd'}").returncode == 0
     _one_line(_tool("jsim.export", f"--workdir={w}"), "python -m jsim.export", f"{w} is read-only: cannot export")
+    assert _snapshot(w) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "args, path",
+  [
+    (["--config.classifier.num_epochs=3"], "stage1/config.json"),  # a stage to continue
+    (["--config.stage=evaluate", "--config.evaluation.test_per_ordered_class_pair=3"], "figures/"),  # a new one
+  ],
+)
+def test_a_run_that_must_write_a_read_only_workdir_is_one_line(trained, tmp_path, args, path):
+  # (Was a 50-line traceback: the write failed with EROFS, then removing its temporary file failed again.)
+  w = _copy(trained, tmp_path / "w")
+  with read_only(w):
+    before = _snapshot(w)
+    proc = run_jsim([*TINY_RUN, f"--workdir={w}", *args], trained.cache, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    line = _one_line_error(out, "cannot be written")
+    assert f"jsim: {w / path}" in line and "this run has to write to the workdir" in line, line
     assert _snapshot(w) == before
 
 

@@ -5,6 +5,7 @@ the file, with the temporary file removed."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -43,11 +44,26 @@ def no_space(path: Path | str, what: str = "") -> NoSpace:
   )
 
 
+class ReadOnly(OSError):
+  """A write failed because the folder cannot be written (a read-only mount, no permission): one line naming
+  the path."""
+
+
+def read_only(path: Path | str, e: OSError) -> ReadOnly:
+  """The one-line error of a write refused by the file system (`e`: its OSError)."""
+  return ReadOnly(
+    e.errno,
+    f"{path}: cannot be written ({(e.strerror or 'read-only').lower()}); this run has to write to the workdir "
+    f"(a read-only workdir is only read, when every stage and the evaluation in it are current)",
+  )
+
+
 def _oserror_str(self) -> str:  # NoSpace(errno, message) prints as its message alone, without "[Errno 28]"
   return self.strerror
 
 
 NoSpace.__str__ = _oserror_str
+ReadOnly.__str__ = _oserror_str
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -71,9 +87,12 @@ def write_file(path: Path, write: Any) -> None:
     tmp.replace(path)
     _fsync(path.parent)  # and the rename itself
   except BaseException as e:  # (a signal, a full disk: no half-written temporary file stays)
-    tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # (on a read-only file system even this fails: the first error is the one)
+      tmp.unlink(missing_ok=True)
     if is_no_space(e):
       raise no_space(path) from None
+    if is_read_only(e):
+      raise read_only(path, e) from None
     raise
 
 

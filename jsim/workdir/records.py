@@ -6,17 +6,35 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from jsim.workdir.io import read_json
 from jsim.workdir.layout import EMBEDDINGS, REPORT_FILE, RESULT_FILE, STAGE1, STAGE2
 from jsim.workdir.stages import stage_result
 
 
-def _read(path: Path, what: str) -> Any:
+_RESTORE = "restore it, or redo the stage that wrote it with --config.overwrite=True"
+
+
+def _read(path: Path, what: str, keys: tuple[str, ...] = ()) -> dict:
+  """A record of the workdir: a JSON object with `keys`, or a one-line error naming the file."""
   if not path.exists():
     raise FileNotFoundError(f"{path} is missing: {what}")
-  return read_json(path)
+  record = read_json(path)
+  if not isinstance(record, dict):
+    raise ValueError(f"{path}: not a jsim record (a JSON object expected, found {type(record).__name__}); {_RESTORE}")
+  missing = [k for k in keys if k not in record]
+  if missing:
+    raise ValueError(f"{path}: not a jsim record (no {missing[0]!r}); {_RESTORE}")
+  return record
+
+
+def _value(path: Path, key: str, convert: Callable[[], Any]) -> Any:
+  """convert() of a record's field; a one-line error naming the file and the key when it has the wrong type."""
+  try:
+    return convert()
+  except (TypeError, ValueError, KeyError, AttributeError) as e:
+    raise ValueError(f"{path}: not a jsim record ({key!r}: {e}); {_RESTORE}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,20 +63,24 @@ def stage1_records(workdir: Path) -> StageRecords:
   if not workdir.is_dir():
     raise FileNotFoundError(f"workdir {workdir}: no such directory")
   hint = "train the model first (python -m jsim.main --config=... --workdir=...)"
-  pre = _read(workdir / "preprocessing.json", f"not a trained jsim workdir; {hint}")
-  split = _read(workdir / "split.json", f"not a trained jsim workdir; {hint}")
-  stage1 = _read(workdir / STAGE1 / "config.json", f"stage 1 never ran here; {hint}")
-  result = _read(workdir / STAGE1 / RESULT_FILE, f"stage 1 has not finished; {hint}")
+  pre_path, split_path = workdir / "preprocessing.json", workdir / "split.json"
+  pre = _read(pre_path, f"not a trained jsim workdir; {hint}", ("mean", "std"))
+  split = _read(split_path, f"not a trained jsim workdir; {hint}", ("seen_classes",))
+  stage1_path = workdir / STAGE1 / "config.json"
+  stage1 = _read(stage1_path, f"stage 1 never ran here; {hint}")
+  result_path = workdir / STAGE1 / RESULT_FILE
+  result = _read(result_path, f"stage 1 has not finished; {hint}", ("best_step",))
   if not (workdir / STAGE1 / "checkpoints").is_dir():
     raise FileNotFoundError(f"{workdir / STAGE1}/checkpoints: no checkpoint; {hint}")
-  meta = _read(workdir / EMBEDDINGS / "meta.json", "no embeddings; run --config.stage=embed first")
+  meta_path = workdir / EMBEDDINGS / "meta.json"
+  meta = _read(meta_path, "no embeddings; run --config.stage=embed first", ("dim",))
   config = {}
   if (workdir / "config.json").exists():
-    config = read_json(workdir / "config.json")
+    config = _read(workdir / "config.json", "")
   for key in ("seed", "data", "model", "classifier"):
     if key in stage1:
       config[key] = stage1[key]
-  name = config["model"]["name"]
+  name = _value(stage1_path, "model", lambda: config["model"]["name"])
   if meta.get("model") != name:
     raise ValueError(
       f"{workdir / EMBEDDINGS}/meta.json was made by model {meta.get('model')!r}, stage 1 "
@@ -69,19 +91,22 @@ def stage1_records(workdir: Path) -> StageRecords:
       f"{workdir / EMBEDDINGS} come from stage-1 step {meta.get('stage1_step')}, the best "
       f"stage-1 checkpoint is step {result['best_step']}; rerun --config.stage=embed and similarity"
     )
-  mean, std = tuple(float(x) for x in pre["mean"]), tuple(float(x) for x in pre["std"])
+  mean = _value(pre_path, "mean", lambda: tuple(float(x) for x in pre["mean"]))
+  std = _value(pre_path, "std", lambda: tuple(float(x) for x in pre["std"]))
   if len(mean) != 3 or len(std) != 3:
     raise ValueError(f"{workdir}/preprocessing.json: mean and std need 3 values each")
-  image_size = int(pre.get("image_size") or config.get("data", {}).get("image_size", 64))
+  image_size = _value(
+    pre_path, "image_size", lambda: int(pre.get("image_size") or config.get("data", {}).get("image_size", 64))
+  )
   return StageRecords(
     workdir=workdir,
     config=config,
-    num_classes=len(split["seen_classes"]),
+    num_classes=_value(split_path, "seen_classes", lambda: len(split["seen_classes"])),
     image_size=image_size,
     mean=mean,
     std=std,
-    stage1_step=int(result["best_step"]),
-    embedding_dim=int(meta["dim"]),
+    stage1_step=_value(result_path, "best_step", lambda: int(result["best_step"])),
+    embedding_dim=_value(meta_path, "dim", lambda: int(meta["dim"])),
   )
 
 
@@ -98,8 +123,9 @@ def _resolve_member(path: str, workdir: Path) -> Path:
 def stage2_records(workdir: Path, own: StageRecords) -> tuple[dict, list[StageRecords]]:
   """stage2/config.json and the records of every embedding source it names (this workdir first)."""
   hint = "train stage 2 first (--config.stage=similarity)"
-  stage2 = _read(workdir / STAGE2 / "config.json", f"stage 2 never ran here; {hint}")
-  result = _read(workdir / STAGE2 / RESULT_FILE, f"stage 2 has not finished; {hint}")
+  stage2 = _read(workdir / STAGE2 / "config.json", f"stage 2 never ran here; {hint}", ("similarity",))
+  result_path = workdir / STAGE2 / RESULT_FILE
+  result = _read(result_path, f"stage 2 has not finished; {hint}")
   # (similarity.model=distance has no checkpoint: its calibration is result.json itself.)
   if result.get("model") != "distance" and not (workdir / STAGE2 / "checkpoints").is_dir():
     raise FileNotFoundError(f"{workdir / STAGE2}/checkpoints: no checkpoint; {hint}")
@@ -109,10 +135,9 @@ def stage2_records(workdir: Path, own: StageRecords) -> tuple[dict, list[StageRe
       f"{where}: stage 2 was trained for model {stage2.get('model')!r}, stage 1 is "
       f"{own.model_name!r}; retrain stage 2 (--config.stage=similarity --config.overwrite=True)"
     )
-  members = [own] + [
-    stage1_records(_resolve_member(p, workdir)) for p in stage2.get("similarity", {}).get("ensemble_workdirs", [])
-  ]
-  sources = stage2.get("embeddings", [])
+  others = _value(where, "similarity", lambda: [str(p) for p in stage2["similarity"].get("ensemble_workdirs", [])])
+  members = [own] + [stage1_records(_resolve_member(p, workdir)) for p in others]
+  sources = _value(where, "embeddings", lambda: [dict(src) for src in stage2.get("embeddings", [])])
   if len(sources) != len(members):
     raise ValueError(
       f"{where} records {len(sources)} embedding sources for {len(members)} workdirs "
@@ -132,7 +157,7 @@ def stage2_records(workdir: Path, own: StageRecords) -> tuple[dict, list[StageRe
       f"{[m.image_size for m in members]}; they must share the data"
     )
   dim = sum(m.embedding_dim for m in members)
-  if "embedding_dim" in result and int(result["embedding_dim"]) != dim:
+  if "embedding_dim" in result and _value(result_path, "embedding_dim", lambda: int(result["embedding_dim"])) != dim:
     raise ValueError(
       f"{workdir / STAGE2}/result.json: embedding_dim {result['embedding_dim']} differs from "
       f"the {dim} of its embedding sources"
@@ -170,6 +195,11 @@ def read_records(workdir: str | os.PathLike) -> WorkdirRecords:
     why = report_problem(workdir, report)
     if why is None:
       threshold = report.get("val_threshold")
+      if threshold is not None and (not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1):
+        raise ValueError(
+          f"{workdir / REPORT_FILE}: not a jsim report (val_threshold {threshold!r}, not a probability); "
+          "rerun --config.stage=evaluate --config.overwrite=True"
+        )
     else:
       notes.append(f"{why}: its validation threshold is not used (0.5 is); rerun --config.stage=evaluate")
   return WorkdirRecords(workdir, stage2, members, None if threshold is None else float(threshold), tuple(notes))
