@@ -105,6 +105,10 @@ class StageCheckpoints:
       create=True,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+    # orbax removes an earlier run's unfinished checkpoints in a thread of its own and waits for it only at
+    # the first save: a run stopped before that (a SIGTERM while compiling) removes what it created while
+    # the thread still lists it, and the thread's traceback follows jsim's one line. Wait for it here.
+    self._manager._maybe_await_cleanup_tmp_directory()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -3,6 +3,7 @@ real SIGTERM), the halving rule, and a NaN loss. Real orbax checkpoints in tmp_p
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import signal
@@ -128,6 +129,24 @@ def test_sigterm_mid_epoch_saves_and_the_rerun_continues_the_same_batches(tmp_pa
   np.testing.assert_array_equal(np.asarray(resumed.params["w"]), np.asarray(whole.params["w"]))
   # The interrupted epoch's training metrics include the batches before the signal.
   assert _rows(meta) == _rows(whole_meta)
+
+
+def test_orbax_cleanup_thread_is_done_when_the_checkpoints_are_opened(tmp_path, monkeypatch):
+  # A run stopped before its first save removes its new workdir; orbax's thread that cleans up unfinished
+  # checkpoints must not be listing it then (it printed a traceback after jsim's one line).
+  from orbax.checkpoint._src.path import temporary_paths
+
+  real, finished = temporary_paths.cleanup_temporary_paths, []
+
+  async def slow_cleanup(directory, **kw):
+    await asyncio.sleep(0.5)
+    await real(directory, **kw)
+    finished.append(directory)
+
+  monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow_cleanup)
+  ckpts = StageCheckpoints(tmp_path / "new" / "checkpoints")
+  assert finished, "StageCheckpoints returned while orbax was still cleaning up its directory"
+  ckpts.close()
 
 
 def test_mid_epoch_checkpoints(tmp_path):
