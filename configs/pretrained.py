@@ -26,12 +26,12 @@ loss: cross_entropy (default: the probe above) | a metric loss of jsim.losses, e
   a 128-d L2-normalised embedding head (and the loss's own parameters) trained on the cached frozen
   features, batches of 16 classes x 4, Adam with a one-epoch warm-up and a cosine decay over
   METRIC_EPOCHS, the best epoch by validation MAP@R; the embeddings are the head's output. Measured
-  (RESULTS.md, issue 23; seed 0, the same CPU at load 4-8, the features shared with an earlier run of
-  the split): 9-10 min a run (pair_ms, normalized_softmax: 16-20 min at load 8); balanced unseen /
-  unseen AUC / unseen MAP@R: pair_ms (lr 1e-2) 74.77 % / 0.829 / 21.5 %, normalized_softmax 72.46 % /
-  0.796 / 19.9 %, proxy_anchor 71.88 % / 0.793 / 19.8 %, cross_entropy 71.05 % / 0.799 / 15.3 %,
-  contrastive 69.68 % / 0.768 / 19.4 %, multi_similarity 69.38 % / 0.763 / 18.3 % (69.27 % with its
-  miner).
+  (RESULTS.md, issue 23; seeds 0, 1, 2 on the same 2-core CPU, the features shared per split): 3-5 min
+  a run one at a time at load 4-8 (9-20 min with three at once); balanced unseen / unseen AUC / unseen
+  MAP@R, mean over the seeds: pair_ms (lr 1e-2) 74.72 % / 0.829 / 21.1 %, normalized_softmax (1e-2)
+  72.61 % / 0.800 / 19.7 %, proxy_anchor (1e-3) 72.25 % / 0.797 / 19.4 %, cross_entropy 70.37 % /
+  0.782 / 14.1 %, contrastive (1e-3) 70.37 % / 0.776 / 20.0 %, multi_similarity (1e-2) 69.98 % / 0.770
+  / 19.1 % (69.72 % with its miner). pair_ms is ahead of every other loss on every seed.
 Stage 2 and the evaluation are the protocol's (configs/protocol.py), stage 2 cut to 5 epochs.
 
 Measured (RESULTS.md, the command above, freeze=backbone, size=64, seed 0, before the feature cache:
