@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO, jsim_env
-from test_report import _write_evaluated
+from test_report import _png, _write_evaluated
 
 from jsim import sweep
 from jsim.evaluate import compare, pairwise
@@ -142,6 +142,37 @@ def test_compare_groups_seeds_into_mean_and_std(tmp_path, capsys):
   assert compare.distinct_names([[tmp_path / "a"], [tmp_path / "b"]]) == ["a", "b"]  # one folder: names alone
   ce = [tmp_path / "ce" / "seed=0", tmp_path / "ce" / "seed=1"]  # a sweep without a grid: named by its folder
   assert compare.distinct_names([ce, groups[1]]) == ["ce", "pa/lr=1"]
+
+
+def test_the_figure_draws_every_workdir_under_its_methods_name(tmp_path, monkeypatch, capsys):
+  # Two sweeps of one backbone name their runs alike (ms/lr=1,seed=0 and pa/lr=1,seed=0): their curves were
+  # once keyed by "backbone (workdir name)", and all but one of each name were silently dropped.
+  ms, pa = {"classifier": {"loss": "multi_similarity"}}, {"classifier": {"loss": "proxy_anchor"}}
+  workdirs = []
+  for sweep_dir, config in (("ms", ms), ("pa", pa)):
+    for seed in (0, 1):
+      w = tmp_path / sweep_dir / f"lr=1,seed={seed}"
+      _evaluated(w, seed, config, 0.6 + 0.1 * seed, 5 + seed)
+      workdirs.append(w)
+  workdirs.append(tmp_path / "ce" / "seed=0")  # a sweep without a grid
+  _evaluated(workdirs[-1], 0, {}, 0.5, 4)
+  drawn = {}
+  monkeypatch.setattr(compare.figures, "plot_roc_backbones", lambda results, out: drawn.update(results) or out)
+  compare.roc_of_workdirs(workdirs, tmp_path / "x.png")
+  assert list(drawn) == ["ms/lr=1", "pa/lr=1", "ce"]  # the table's names (one backbone: it names none alone)
+  assert [len(drawn[k]) for k in ("ms/lr=1", "pa/lr=1")] == [2, 2]  # a method's seeds: one entry, every curve
+  monkeypatch.undo()
+  # Each method's seeds were split alike (split.json per seed): not flagged; a method on other splits is.
+  for w in workdirs:
+    (w / "split.json").write_text(
+      json.dumps({"seen_classes": [0, 1], "seed": json.loads((w / "config.json").read_text())["seed"]})
+    )
+  assert compare.main([*map(str, workdirs[:4]), f"--out={tmp_path / 'a.png'}", f"--table={tmp_path / 'a.md'}"]) == 0
+  assert "split differently" not in capsys.readouterr().err
+  assert compare.main([*map(str, workdirs[2:]), f"--out={tmp_path / 'b.png'}", f"--table={tmp_path / 'b.md'}"]) == 0
+  assert "split differently" in capsys.readouterr().err  # pa on seeds 0 and 1, ce on seed 0 alone
+  arr = _png(compare.roc_of_workdirs(workdirs, tmp_path / "roc.png"))
+  assert arr.shape[1] > 2 * arr.shape[0] * 0.8  # three panels side by side, the legends below them
 
 
 def _sweep_command(root, *args) -> list[str]:

@@ -13,7 +13,9 @@ figure the mean ± standard deviation over the seeds, and the seeds in a column.
 
 Each workdir must have been evaluated (stage `evaluate`, which writes W/evaluation.npz,
 the test pairs' score histograms, beside report.json). A curve is labelled with the
-workdir's backbone (ResNet50, VGG16, ...), or the workdir's name when two share one.
+workdir's backbone (ResNet50, VGG16, ...), or, where that does not name it alone, with
+its method's name in the table; a method's seeds are one legend entry (their curves in one
+colour, the mean and standard deviation of their AUC).
 `evaluation.compare_workdirs=(W2,)` makes the evaluation of a run draw the same figure
 with the other workdirs' curves in W/figures/roc_backbones.png.
 """
@@ -86,13 +88,25 @@ def split_ids(workdirs: Sequence[str | Path]) -> list[str | None]:
 
 
 def roc_of_workdirs(workdirs: Sequence[str | Path], out_png: str | Path, extra: dict | None = None) -> Path:
-  """Figure 7 from evaluated workdirs (plus `extra` {label: PairEvalResult} drawn first)."""
+  """Figure 7 from evaluated workdirs (plus `extra` {label: PairEvalResult} drawn first). A workdir is labelled
+  with its backbone (ResNet50, VGG16, ...) where that names it alone; otherwise with the table's name of its
+  method (`distinct_names`), after its backbone where the backbones differ. A method's seeds (`seed_groups`)
+  are one entry: their curves in one colour, their AUC's mean and spread."""
   results = dict(extra or {})
-  loaded = [load_evaluated(w) for w in workdirs]
-  for (label, result), w in zip(loaded, workdirs):
-    if label in results or sum(lab == label for lab, _ in loaded) > 1:
-      label = f"{label} ({Path(w).name})"
-    results[label] = result
+  loaded = {Path(w): load_evaluated(w) for w in workdirs}
+  groups = seed_groups(workdirs)
+  backbones = [loaded[members[0]][0] for members in groups]
+  for members, name, backbone in zip(groups, distinct_names(groups), backbones):
+    if len(members) == 1 and backbones.count(backbone) == 1 and backbone not in results:
+      label = backbone
+    elif len(set(backbones)) == 1 and name not in results:
+      label = name
+    else:
+      label = f"{backbone} ({name})"
+    if label in results:
+      label = f"{label} ({members[0]})"
+    curves = [loaded[w][1] for w in members]
+    results[label] = curves[0] if len(curves) == 1 else curves
   return figures.plot_roc_backbones(results, out_png)
 
 
@@ -121,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   written = []  # (a failed command removes what it wrote: its rerun would refuse those paths)
   try:
     splits = split_ids(args.workdirs)
-    differ = len(set(splits)) > 1
+    # Seeds of one method are split differently by design; methods compare fairly when each ran on the same splits.
+    split_of = dict(zip(map(Path, args.workdirs), splits))
+    differ = len({frozenset(split_of[w] for w in members) for members in seed_groups(args.workdirs)}) > 1
     rows = comparison_rows(args.workdirs, splits if differ else None) if table else []
     written.append(roc_of_workdirs(args.workdirs, out))
     if table:
@@ -133,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if differ:
       print(
         f"warning: the workdirs were split differently (split.json {', '.join(str(s) for s in splits)}: "
-        f"other seen/unseen classes or test images), so their figures are not on the same test pairs",
+        f"other seen/unseen classes or test images), so their figures are not on the same test pairs"
+        + (" (the table's split column says which)" if table else ""),
         file=sys.stderr,
       )
   except (ValueError, OSError, KeyError) as e:

@@ -263,29 +263,43 @@ def plot_roc_backbones(
   groups: Sequence[str] = ("all", "seen", "unseen"),
   title: str = "ROC of the pair scores: the workdirs side by side",
 ) -> Path:
-  """One panel per pair group (all / seen / unseen), each with every backbone's curve and AUC.
+  """One panel per pair group (all / seen / unseen), each with every run's curve and AUC.
 
-  results: {label: PairEvalResult}, e.g. {"ResNet50": ..., "VGG16": ...} from two workdirs.
+  results: {label: PairEvalResult, or a list of them (one method's seeds: one colour, one legend entry with
+  the AUC's mean and standard deviation)}, e.g. {"ResNet50": ..., "VGG16": ...} from two workdirs.
   """
   if not results:
     raise ValueError("plot_roc_backbones: no results")
-  colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown"]
-  fig = Figure(figsize=(4.2 * len(groups), 4.9))
+  colors = [f"tab:{c}" for c in ("blue", "orange", "green", "red", "purple", "brown", "pink", "gray", "olive", "cyan")]
+  many = len(results) > 4  # (the legends go below the panels: inside, they would hide the curves)
+  fig = Figure(figsize=(4.2 * len(groups), 4.9 + (0.17 * len(results) if many else 0)))
   axes = np.atleast_1d(fig.subplots(1, len(groups)))
   for ax, g in zip(axes, groups):
     ax.plot([0, 1], [0, 1], color="lightgray", lw=1)
-    for n, (name, res) in enumerate(results.items()):
-      fpr, tpr = res.roc(g)
-      if np.isnan(fpr).any() or np.isnan(tpr).any():
-        continue
-      ax.plot(fpr, tpr, color=colors[n % len(colors)], lw=1.6, label=f"{name}, AUC {res.auc(g):.4f}")
+    for n, (name, runs) in enumerate(results.items()):
+      runs = runs if isinstance(runs, (list, tuple)) else [runs]
+      aucs = []
+      for res in runs:
+        fpr, tpr = res.roc(g)
+        if np.isnan(fpr).any() or np.isnan(tpr).any():
+          continue
+        aucs.append(res.auc(g))
+        label = None if len(aucs) > 1 else f"{name}, AUC {aucs[0]:.4f}"
+        ax.plot(fpr, tpr, color=colors[n % len(colors)], lw=1.6 if len(runs) == 1 else 1.0, label=label)
+      if len(aucs) > 1:  # one entry per method, its AUC over its seeds
+        ax.lines[-len(aucs)].set_label(
+          f"{name}, AUC {np.mean(aucs):.4f} ± {np.std(aucs, ddof=1):.4f} ({len(aucs)} runs)"
+        )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.005)
     ax.set_aspect("equal")
     ax.set_title(GROUP_LABELS.get(g, g), fontsize=10)
     ax.set_xlabel("false positive rate")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    if many:
+      ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=6.5, frameon=False)
+    else:
+      ax.legend(loc="lower right", fontsize=8)
   axes[0].set_ylabel("true positive rate")
   fig.suptitle(title, fontsize=11)
   fig.tight_layout()
