@@ -364,7 +364,11 @@ def run_layers(args) -> dict:
       fns["bwd shifted_autodiff"] = jax.jit(lambda x, w, g, f=f: jax.vjp(f, x, w)[1](g))
     pairs = {"xla": ("xla", "xla"), "old": old, "new": chosen}
     for name, (lo, glo) in pairs.items():
-      f = conv(lo, glo) if name != "old" or lo != "shifted" else (lambda x, w: layers._conv(x, w, (s, s), padding, groups, lo))
+      f = (
+        conv(lo, glo)
+        if name != "old" or lo != "shifted"
+        else (lambda x, w: layers._conv(x, w, (s, s), padding, groups, lo))
+      )
       fns[f"fwd+bwd {name}"] = jax.jit(lambda x, w, g, f=f: (lambda y, vjp: (y, vjp(g)))(*jax.vjp(f, x, w)))
     ms = _interleaved_ms(fns, (x, w, g), args.steps, args.rounds)
     row = dict(batch=n, side=h, **{"in": cin, "out": cout}, kernel=k, stride=s, groups=groups, out_side=out_side)
@@ -424,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation included)")
   ap.add_argument("--no_torch", action="store_true", help="skip torch")
   ap.add_argument("--layers", action="store_true", help="the per-shape conv table instead of the models")
-  ap.add_argument("--layer_rows", default="", help="--layers: only these rows of LAYER_SHAPES (0-based, comma-separated)")
+  ap.add_argument(
+    "--layer_rows", default="", help="--layers: only these rows of LAYER_SHAPES (0-based, comma-separated)"
+  )
   ap.add_argument("--torch_worker", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.torch_worker:

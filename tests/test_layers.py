@@ -195,7 +195,8 @@ def test_xla_conv_impl_and_accelerators_have_no_custom_vjp(platform, monkeypatch
   # conv_impl=xla anywhere, and auto off the CPU: XLA's conv and XLA's own transposes, no custom_vjp; auto on
   # a CPU: the split lowering's custom_vjp. (make_jaxpr only traces, so the platform can be pretended.)
   monkeypatch.setattr(jax, "default_backend", lambda: platform)
-  x = _normal(np.random.default_rng(0), 2, 8, 8, 8)  # 8x8 outputs: ("xla", "im2col") and ("shifted", "shifted") on a CPU
+  # 8x8 outputs: ("xla", "im2col") and ("shifted", "shifted") on a CPU
+  x = _normal(np.random.default_rng(0), 2, 8, 8, 8)
   for kw in (dict(features=8, kernel_size=(3, 3)), dict(features=8, kernel_size=(3, 3), feature_group_count=8)):
     for impl in ("xla", "auto"):
       conv = layers.Conv(**kw, conv_impl=impl)

@@ -65,10 +65,10 @@ LOWERINGS = ("xla", "dot", "im2col", "shifted")
 # 4x4 512: 56 vs 34. Larger outputs also measured faster alone with im2col's backward (16x16 64: 13.6 vs
 # 12.5; 56x56 64 at 224 px: 374 vs 326; 7x7 stem 64 px: 21 vs 29 the other way), but a whole ResNet50
 # step at 64 px b16 with im2col's backward everywhere was 6-12% slower than with XLA's (840 vs 752 ms),
-# with it up to 8x8 outputs 5% faster (729 vs 768, within the noise): hence the 8x8 bound. Depthwise: the
+# with it up to 8x8 outputs 5-11% faster (729 vs 768, 784 vs 883; noisy): hence the 8x8 bound. Depthwise: the
 # hand-written VJP against the shifted sum's own autodiff, backward alone: 5x5 8x8x240 3.3 vs 9.4 ms,
 # 5x5 /2 16x16x144 8.7 vs 10.8, 3x3 16x16x144 3.5 vs 4.6, 3x3 32x32x32 6.8 vs 4.5 (the one loss); a whole
-# EfficientNet-Lite0 step at 64 px b16: 258 vs 399 ms. `benchmarks/cpu_convs.py --layers` re-measures.
+# EfficientNet-Lite0 fwd+bwd at 64 px b16: 263 vs 321 ms (an earlier run 258 vs 399). `benchmarks/cpu_convs.py --layers` re-measures.
 
 
 def choose_impl(
@@ -298,9 +298,7 @@ class Conv(nn.Module):
       groups=groups,
       out_hw=out_hw,
     )
-    y = conv(
-      x, kernel, strides=strides, padding=padding, groups=groups, lowering=lowering, grad_lowering=grad_lowering
-    )
+    y = conv(x, kernel, strides=strides, padding=padding, groups=groups, lowering=lowering, grad_lowering=grad_lowering)
     if bias is not None:
       y = y + bias
     return y.reshape(*batch_shape, *y.shape[1:])
