@@ -24,9 +24,12 @@ figure has no augmentation: jsim's does). Timings exclude the first --warmup ste
 each figure is the best of --rounds rounds of --steps steps. Writes <out>.json and <out>.md.
 Run it on a quiet machine and report `uptime`'s load average with it.
 
---layers instead times XLA's conv against the lowering jsim.models.layers.choose_impl picks on a CPU
-(and the alternative it does not), forward and forward + backward (input and kernel gradients), for the
-conv shapes of ResNet50 and VGG16 at 64 and 224 px.
+--layers instead times, per conv shape of ResNet50 and VGG16 at 64 and 224 px and of EfficientNet-Lite0 at
+64 px, interleaved (each candidate in turn, every round): the forward of XLA's conv and of the other
+lowering; the backward alone (input and kernel gradients, the forward dead code) of XLA's transposes,
+im2col's and, for depthwise convs, the hand-written VJP and the shifted sum's own autodiff; and forward +
+backward of XLA's conv, of the single lowering the CPU rule picked before the per-direction split (`old`)
+and of the (forward, backward) pair jsim.models.layers.choose_impl picks now (`new`).
 """
 
 from __future__ import annotations
@@ -267,81 +270,143 @@ def markdown_models(result: dict, impls: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------
 # --layers: the per-shape table.
 
-# (batch, input side, in, out, kernel, stride): the convs of ResNet50 (stem, each stage's 3x3 and 1x1s,
-# the strided ones) and VGG16, at 64 and 224 px.
+# (batch, input side, in, out, kernel, stride, groups): the convs of ResNet50 (stem, each stage's 3x3 and 1x1s,
+# the strided ones) and VGG16 at 64 and 224 px, and EfficientNet-Lite0's stem and depthwise convs at 64 px.
 LAYER_SHAPES = [
-  (16, 64, 3, 64, 7, 2),
-  (16, 16, 64, 64, 3, 1),
-  (16, 16, 128, 128, 3, 2),
-  (16, 8, 128, 128, 3, 1),
-  (16, 4, 256, 256, 3, 1),
-  (16, 4, 512, 512, 3, 2),
-  (16, 2, 512, 512, 3, 1),
-  (64, 2, 512, 512, 3, 1),
-  (16, 16, 64, 256, 1, 1),
-  (16, 8, 256, 512, 1, 2),
-  (16, 2, 2048, 512, 1, 1),
-  (16, 64, 64, 64, 3, 1),
-  (16, 8, 512, 512, 3, 1),
-  (16, 4, 512, 512, 3, 1),
-  (16, 224, 3, 64, 7, 2),
-  (16, 56, 64, 64, 3, 1),
-  (16, 56, 64, 256, 1, 1),
-  (16, 14, 256, 256, 3, 1),
-  (16, 7, 512, 512, 3, 1),
-  (16, 28, 256, 256, 3, 1),
+  (16, 64, 3, 64, 7, 2, 1),
+  (16, 16, 64, 64, 3, 1, 1),
+  (16, 16, 128, 128, 3, 2, 1),
+  (16, 8, 128, 128, 3, 1, 1),
+  (16, 4, 256, 256, 3, 1, 1),
+  (16, 4, 512, 512, 3, 2, 1),
+  (16, 2, 512, 512, 3, 1, 1),
+  (64, 2, 512, 512, 3, 1, 1),
+  (16, 16, 64, 256, 1, 1, 1),
+  (16, 8, 256, 512, 1, 2, 1),
+  (16, 2, 2048, 512, 1, 1, 1),
+  (16, 64, 64, 64, 3, 1, 1),
+  (16, 8, 512, 512, 3, 1, 1),
+  (16, 4, 512, 512, 3, 1, 1),
+  (16, 224, 3, 64, 7, 2, 1),
+  (16, 56, 64, 64, 3, 1, 1),
+  (16, 56, 64, 256, 1, 1, 1),
+  (16, 14, 256, 256, 3, 1, 1),
+  (16, 7, 512, 512, 3, 1, 1),
+  (16, 28, 256, 256, 3, 1, 1),
+  (16, 64, 3, 32, 3, 2, 1),
+  (16, 32, 32, 32, 3, 1, 32),
+  (16, 32, 96, 96, 3, 2, 96),
+  (16, 16, 144, 144, 3, 1, 144),
+  (16, 16, 144, 144, 5, 2, 144),
+  (16, 8, 240, 240, 5, 1, 240),
+  (16, 8, 240, 240, 3, 2, 240),
+  (16, 4, 480, 480, 3, 1, 480),
+  (16, 4, 672, 672, 5, 2, 672),
+  (16, 2, 1152, 1152, 5, 1, 1152),
 ]
 
 
+def _interleaved_ms(fns: dict, args: tuple, steps: int, rounds: int) -> dict:
+  """{name: best ms per call}: after a warm-up call of each, `rounds` rounds that run every fn in turn
+  (A, B, ..., A, B, ...) `steps` calls each, so that all see the same machine load."""
+  import jax
+
+  for fn in fns.values():
+    jax.block_until_ready(fn(*args))
+  best = {name: float("inf") for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        out = fn(*args)
+      jax.block_until_ready(out)
+      best[name] = min(best[name], (time.perf_counter() - t0) / steps)
+  return {name: round(1e3 * t, 2) for name, t in best.items()}
+
+
 def run_layers(args) -> dict:
+  """Per shape, interleaved: the forward of each lowering, the backward alone (input and kernel gradients,
+  the forward dead code) of each gradient formulation, and forward + backward of the pair choose_impl
+  picks on a CPU against XLA's conv in both directions and the single lowering it picked before the split
+  (`old`: the fastest forward-and-autodiff lowering of the old table)."""
+  import functools
+
   import jax
   import jax.numpy as jnp
   from jsim.models import layers
 
+  only = set(_csv(args.layer_rows, int)) if args.layer_rows else None
   rows = []
-  for n, h, cin, cout, k, s in LAYER_SHAPES:
-    pads = ((k - 1) // 2,) * 2
-    padding = (pads, pads)
-    out_side = (h + 2 * pads[0] - k) // s + 1
-    chosen = layers.choose_impl(
-      "cpu", "auto", kernel_size=(k, k), in_features=cin, groups=1, out_hw=(out_side, out_side)
-    )
-    other = layers.choose_impl("cpu", "matmul", kernel_size=(k, k), in_features=cin, groups=1, out_hw=(1, 1))
+  for index, (n, h, cin, cout, k, s, groups) in enumerate(LAYER_SHAPES):
+    if only is not None and index not in only:
+      continue
+    padding = layers.explicit_padding("SAME", (h, h), (k, k), (s, s))
+    out_side = (h + sum(padding[0]) - k) // s + 1
+    shape = dict(kernel_size=(k, k), in_features=cin, groups=groups, out_hw=(out_side, out_side))
+    chosen = layers.choose_impl("cpu", "auto", **shape)
+    old = _old_choice(**shape)
+    depthwise = groups == cin > 1
+    fwd_cands = ["xla", "shifted" if depthwise else "dot" if k == 1 else "im2col"]
+    bwd_cands = ["xla", "im2col"] + (["shifted"] if depthwise else [])
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((n, h, h, cin), dtype=np.float32))
-    w = jnp.asarray(rng.standard_normal((k, k, cin, cout), dtype=np.float32) / np.sqrt(k * k * cin))
-    row = {
-      "batch": n,
-      "side": h,
-      "in": cin,
-      "out": cout,
-      "kernel": k,
-      "stride": s,
-      "out_side": out_side,
-      "auto": chosen,
-    }
-    for lowering in ("xla", other):
-      f = lambda x, w, lo=lowering: layers.conv(x, w, strides=(s, s), padding=padding, groups=1, lowering=lo)
-      fwd = jax.jit(f)
-      bwd = jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) ** 2), argnums=(0, 1)))
-      for what, fn in (("fwd", fwd), ("fwd_bwd", bwd)):
-        _, rate = _best_rate(lambda _: fn(x, w), 1, 1, args.steps, args.rounds, jax.block_until_ready)
-        row[f"{lowering}_{what}_ms"] = round(1e3 / rate, 2)
+    w = jnp.asarray(rng.standard_normal((k, k, cin // groups, cout), dtype=np.float32) / np.sqrt(k * k * cin / groups))
+    g = jnp.asarray(rng.standard_normal((n, out_side, out_side, cout), dtype=np.float32))
+    conv = lambda lo, glo=None: functools.partial(
+      layers.conv, strides=(s, s), padding=padding, groups=groups, lowering=lo, grad_lowering=glo
+    )
+    fns = {f"fwd {lo}": jax.jit(lambda x, w, g, f=conv(lo): f(x, w)) for lo in fwd_cands}
+    for glo in bwd_cands:  # the forward lowering differs, so the custom_vjp runs and the forward is dead code
+      f = conv("im2col" if glo == "xla" else "xla", glo)
+      fns[f"bwd {glo}"] = jax.jit(lambda x, w, g, f=f: jax.vjp(f, x, w)[1](g))
+    if depthwise:  # the depthwise shifted sum's own autodiff, the backward before _depthwise_vjp
+      f = lambda x, w: layers._conv(x, w, (s, s), padding, groups, "shifted")
+      fns["bwd shifted_autodiff"] = jax.jit(lambda x, w, g, f=f: jax.vjp(f, x, w)[1](g))
+    pairs = {"xla": ("xla", "xla"), "old": old, "new": chosen}
+    for name, (lo, glo) in pairs.items():
+      f = (
+        conv(lo, glo)
+        if name != "old" or lo != "shifted"
+        else (lambda x, w: layers._conv(x, w, (s, s), padding, groups, lo))
+      )
+      fns[f"fwd+bwd {name}"] = jax.jit(lambda x, w, g, f=f: (lambda y, vjp: (y, vjp(g)))(*jax.vjp(f, x, w)))
+    ms = _interleaved_ms(fns, (x, w, g), args.steps, args.rounds)
+    row = dict(batch=n, side=h, **{"in": cin, "out": cout}, kernel=k, stride=s, groups=groups, out_side=out_side)
+    row.update(old="/".join(old), new="/".join(chosen), ms=ms)
     print("  " + json.dumps(row), flush=True)
     rows.append(row)
   return {"rows": rows}
 
 
+def _old_choice(kernel_size, in_features, groups, out_hw) -> tuple[str, str]:
+  """choose_impl's CPU rule before the per-direction split (one lowering, its autodiff backward)."""
+  if groups > 1 and groups == in_features:
+    lo = "shifted"
+  elif groups != 1:
+    lo = "xla"
+  elif tuple(kernel_size) == (1, 1):
+    lo = "dot"
+  else:
+    lo = "im2col" if out_hw[0] <= kernel_size[0] and out_hw[1] <= kernel_size[1] else "xla"
+  return lo, lo
+
+
 def markdown_layers(result: dict) -> list[str]:
   lines = [
-    "| batch | input | in->out | kernel/stride | output | auto picks | XLA fwd / fwd+bwd ms | other fwd / fwd+bwd ms |",
-    "|---:|---:|---|---|---:|---|---:|---:|",
+    "| batch | input | in->out | kernel/stride | groups | output | fwd ms: xla / other | bwd ms: xla / im2col / shifted (autodiff) | "
+    "old pick | new pick | fwd+bwd ms: xla / old / new |",
+    "|---:|---:|---|---|---:|---:|---|---|---|---|---|",
   ]
   for r in result["rows"]:
-    other = next(k[: -len("_fwd_ms")] for k in r if k.endswith("_fwd_ms") and not k.startswith("xla"))
+    ms = r["ms"]
+    other = next(k for k in ms if k.startswith("fwd ") and k != "fwd xla")
+    bwd = f"{ms['bwd xla']} / {ms['bwd im2col']}"
+    if "bwd shifted" in ms:
+      bwd += f" / {ms['bwd shifted']} ({ms['bwd shifted_autodiff']})"
     lines.append(
-      f"| {r['batch']} | {r['side']} | {r['in']}->{r['out']} | {r['kernel']}/{r['stride']} | {r['out_side']} | {r['auto']} | "
-      f"{r['xla_fwd_ms']} / {r['xla_fwd_bwd_ms']} | {other}: {r[f'{other}_fwd_ms']} / {r[f'{other}_fwd_bwd_ms']} |"
+      f"| {r['batch']} | {r['side']} | {r['in']}->{r['out']} | {r['kernel']}/{r['stride']} | {r['groups']} | {r['out_side']} | "
+      f"{ms['fwd xla']} / {other[4:]} {ms[other]} | {bwd} | {r['old']} | {r['new']} | "
+      f"{ms['fwd+bwd xla']} / {ms['fwd+bwd old']} / {ms['fwd+bwd new']} |"
     )
   return lines
 
@@ -363,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation included)")
   ap.add_argument("--no_torch", action="store_true", help="skip torch")
   ap.add_argument("--layers", action="store_true", help="the per-shape conv table instead of the models")
+  ap.add_argument(
+    "--layer_rows", default="", help="--layers: only these rows of LAYER_SHAPES (0-based, comma-separated)"
+  )
   ap.add_argument("--torch_worker", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.torch_worker:

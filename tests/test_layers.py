@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 
 import flax.linen as nn
 import jax
@@ -41,7 +42,7 @@ SHAPES = [
 
 
 def _lowerings(kernel: int, in_features: int, groups: int) -> list[str]:
-  out = ["im2col"]
+  out = ["xla", "im2col"]
   if kernel == 1 and groups == 1:
     out.append("dot")
   if groups > 1 and groups == in_features:
@@ -55,6 +56,8 @@ def _normal(rng, *shape) -> np.ndarray:
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + f"_s{s[6]}_g{s[8]}_{s[7]}")
 def test_every_lowering_equals_xla_in_value_and_gradient(shape):
+  # Every (forward, backward) pair of lowerings, jitted: the forward's value, and the input and kernel
+  # gradients of the backward one (its own autodiff, or the custom VJP when the two differ or for "shifted").
   n, h, w, cin, cout, k, s, padding, groups = shape
   rng = np.random.default_rng(SHAPES.index(shape))
   x, kernel = _normal(rng, n, h, w, cin), _normal(rng, k, k, cin // groups, cout) / np.sqrt(k * k * cin / groups)
@@ -62,19 +65,49 @@ def test_every_lowering_equals_xla_in_value_and_gradient(shape):
   out_hw = tuple((d + sum(p) - k) // s + 1 for d, p in zip((h, w), pads))
   cotangent = _normal(rng, n, *out_hw, cout)
 
-  @functools.partial(jax.jit, static_argnums=0)
-  def run(lowering):
-    f = lambda x, k: layers.conv(x, k, strides=(s, s), padding=pads, groups=groups, lowering=lowering)
+  @functools.partial(jax.jit, static_argnums=(0, 1))
+  def run(lowering, grad_lowering):
+    f = lambda x, k: layers.conv(
+      x, k, strides=(s, s), padding=pads, groups=groups, lowering=lowering, grad_lowering=grad_lowering
+    )
     y, vjp = jax.vjp(f, x, kernel)
     return y, vjp(cotangent)
 
-  y_ref, (dx_ref, dk_ref) = run("xla")
-  for lowering in _lowerings(shape[5], shape[3], groups):
-    y, (dx, dk) = run(lowering)
-    assert y.shape == y_ref.shape, lowering
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5, err_msg=f"{lowering}: output")
-    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5, err_msg=f"{lowering}: input gradient")
-    np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=2e-5, err_msg=f"{lowering}: kernel gradient")
+  y_ref, (dx_ref, dk_ref) = run("xla", "xla")
+  lowerings = _lowerings(k, cin, groups)
+  for lowering, grad_lowering in itertools.product(lowerings, lowerings):
+    y, (dx, dk) = run(lowering, grad_lowering)
+    what = f"{lowering}/{grad_lowering}"
+    assert y.shape == y_ref.shape and dx.shape == dx_ref.shape and dk.shape == dk_ref.shape, what
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5, err_msg=f"{what}: output")
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5, err_msg=f"{what}: input gradient")
+    np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=2e-5, err_msg=f"{what}: kernel gradient")
+
+
+@pytest.mark.parametrize("shape", [SHAPES[4], SHAPES[13], SHAPES[17]], ids=["3x3", "dw", "dw_x3"])
+def test_split_lowerings_under_vmap_and_grad_of_grad(shape):
+  # Nothing in jsim takes second derivatives or vmaps a conv; the custom VJP supports both anyway (its
+  # backward is itself differentiable), checked here against XLA's conv.
+  n, h, w, cin, cout, k, s, padding, groups = shape
+  rng = np.random.default_rng(7)
+  x, kernel = _normal(rng, 3, n, h, w, cin), _normal(rng, k, k, cin // groups, cout)
+  pads = layers.explicit_padding(padding, (h, w), (k, k), (s, s))
+  pairs = [("xla", "im2col"), ("im2col", "xla")] + ([("shifted", "shifted"), ("xla", "shifted")] if groups > 1 else [])
+
+  def loss(x, kernel, pair):
+    y = layers.conv(x, kernel, strides=(s, s), padding=pads, groups=groups, lowering=pair[0], grad_lowering=pair[1])
+    return jnp.sum(jnp.sin(y))
+
+  per_example = lambda pair: jax.jit(jax.vmap(jax.grad(lambda x, k: loss(x, k, pair), argnums=(0, 1)), (0, None)))
+  second = lambda pair: jax.jit(jax.grad(lambda k: jnp.sum(jax.grad(loss)(x[0], k, pair) ** 2)))
+  ref_first, ref_second = per_example(("xla", "xla"))(x, kernel), second(("xla", "xla"))(kernel)
+  for pair in pairs:
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=str(pair)),
+      per_example(pair)(x, kernel),
+      ref_first,
+    )
+    np.testing.assert_allclose(second(pair)(kernel), ref_second, rtol=1e-4, atol=1e-3, err_msg=str(pair))
 
 
 @pytest.mark.parametrize("conv_impl", layers.CONV_IMPLS)
@@ -131,27 +164,48 @@ SHAPE_GRID = [
 
 @pytest.mark.parametrize("platform", ["gpu", "tpu", "cuda", "rocm", "METAL"])
 def test_accelerators_always_use_xla_conv_unless_forced(platform):
-  assert {layers.choose_impl(platform, "auto", **s) for s in SHAPE_GRID} == {"xla"}
-  assert {layers.choose_impl(platform, "xla", **s) for s in SHAPE_GRID} == {"xla"}
-  assert "xla" not in {layers.choose_impl(platform, "matmul", **s) for s in SHAPE_GRID}
+  assert {layers.choose_impl(platform, "auto", **s) for s in SHAPE_GRID} == {("xla", "xla")}
+  assert {layers.choose_impl(platform, "xla", **s) for s in SHAPE_GRID} == {("xla", "xla")}
+  assert "xla" not in {lo for s in SHAPE_GRID for lo in layers.choose_impl(platform, "matmul", **s)}
 
 
 def test_the_cpu_table():
   choose = lambda k, c, g, o: layers.choose_impl("cpu", "auto", kernel_size=(k, k), in_features=c, groups=g, out_hw=o)
-  assert choose(3, 32, 32, (32, 32)) == "shifted"  # depthwise, any size
-  assert choose(5, 240, 240, (2, 2)) == "shifted"
-  assert choose(1, 64, 1, (56, 56)) == "dot"
-  assert choose(1, 2048, 1, (2, 2)) == "dot"
-  assert choose(3, 512, 1, (2, 2)) == "im2col"  # ResNet50's stage 4 at 64 px
-  assert choose(3, 512, 1, (3, 3)) == "im2col"
-  assert choose(3, 256, 1, (4, 4)) == "xla"
-  assert choose(3, 64, 1, (56, 56)) == "xla"
-  assert choose(7, 3, 1, (112, 112)) == "xla"
-  assert choose(3, 64, 4, (8, 8)) == "xla"  # grouped, not depthwise
-  assert {layers.choose_impl("cpu", "xla", **s) for s in SHAPE_GRID} == {"xla"}
+  assert choose(3, 32, 32, (32, 32)) == ("shifted", "shifted")  # depthwise, any size: _depthwise_vjp backward
+  assert choose(5, 240, 240, (2, 2)) == ("shifted", "shifted")
+  assert choose(1, 64, 1, (56, 56)) == ("dot", "dot")
+  assert choose(1, 2048, 1, (2, 2)) == ("dot", "dot")
+  assert choose(3, 512, 1, (2, 2)) == ("im2col", "im2col")  # ResNet50's stage 4 at 64 px
+  assert choose(3, 512, 1, (3, 3)) == ("im2col", "im2col")
+  assert choose(3, 256, 1, (4, 4)) == ("xla", "im2col")  # XLA's forward, im2col's backward
+  assert choose(3, 128, 1, (8, 8)) == ("xla", "im2col")
+  assert choose(3, 64, 1, (9, 9)) == ("xla", "xla")
+  assert choose(3, 64, 1, (56, 56)) == ("xla", "xla")
+  assert choose(7, 3, 1, (112, 112)) == ("xla", "xla")
+  assert choose(3, 64, 4, (8, 8)) == ("xla", "xla")  # grouped, not depthwise
+  assert {layers.choose_impl("cpu", "xla", **s) for s in SHAPE_GRID} == {("xla", "xla")}
+  assert all(fwd == bwd != "xla" for fwd, bwd in (layers.choose_impl("cpu", "matmul", **s) for s in SHAPE_GRID))
   with pytest.raises(ValueError, match="conv_impl='fast'"):
     choose_bad = layers.choose_impl("cpu", "fast", **SHAPE_GRID[0])
     del choose_bad
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_xla_conv_impl_and_accelerators_have_no_custom_vjp(platform, monkeypatch):
+  # conv_impl=xla anywhere, and auto off the CPU: XLA's conv and XLA's own transposes, no custom_vjp; auto on
+  # a CPU: the split lowering's custom_vjp. (make_jaxpr only traces, so the platform can be pretended.)
+  monkeypatch.setattr(jax, "default_backend", lambda: platform)
+  # 8x8 outputs: ("xla", "im2col") and ("shifted", "shifted") on a CPU
+  x = _normal(np.random.default_rng(0), 2, 8, 8, 8)
+  for kw in (dict(features=8, kernel_size=(3, 3)), dict(features=8, kernel_size=(3, 3), feature_group_count=8)):
+    for impl in ("xla", "auto"):
+      conv = layers.Conv(**kw, conv_impl=impl)
+      variables = conv.init(jax.random.PRNGKey(0), x)
+      forward = _primitives(jax.make_jaxpr(conv.apply)(variables, x).jaxpr)
+      both = _primitives(jax.make_jaxpr(jax.grad(lambda v, x: conv.apply(v, x).sum(), (0, 1)))(variables, x).jaxpr)
+      plain = impl == "xla" or platform != "cpu"
+      assert ("custom_vjp_call" not in forward) == plain, (kw, impl, sorted(forward))
+      assert ("conv_general_dilated" in both and "dot_general" not in both) or not plain, (kw, impl, sorted(both))
 
 
 def _primitives(jaxpr) -> set[str]:

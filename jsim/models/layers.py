@@ -11,10 +11,11 @@ depthwise = in_channels), the same parameters ('kernel' [kh, kw, in / groups, fe
 [features], created in the same order with the same initialisers, so checkpoints, the torchvision port
 and the ONNX export see the same tree) and the same dtype promotion. Only the lowering differs, chosen
 by `choose_impl(platform, ...)` from `conv_impl` (config `model.conv_impl`):
-  * "xla": always `jax.lax.conv_general_dilated`;
+  * "xla": always `jax.lax.conv_general_dilated`, differentiated by XLA's own transposes;
   * "matmul": never it (1x1 as a dot, depthwise as shifted multiply-adds, kxk as im2col + a dot);
-  * "auto" (default): XLA's conv on GPU/TPU (cuDNN is the fast path there); on a CPU the lowering
-    that the table above `choose_impl` (with the measurements behind it) picks for the shape.
+  * "auto" (default): XLA's conv on GPU/TPU (cuDNN is the fast path there); on a CPU the lowerings,
+    one for the forward and one for the backward (input and kernel gradients, through one custom_vjp
+    where they differ), that the table above `choose_impl` (with the measurements behind it) picks.
 Every lowering computes the same convolution; results differ only in float rounding (summation order).
 A backbone takes `conv_impl` as a field and passes it to each of its convs.
 
@@ -44,19 +45,30 @@ CONV_IMPLS = ("auto", "xla", "matmul")
 # The lowerings choose_impl returns.
 LOWERINGS = ("xla", "dot", "im2col", "shifted")
 
-# The lowering on a CPU for conv_impl=auto, first matching row wins. Measured on the 2-core Xeon of the dev
-# machine, jax 0.10.2, float32, XLA:CPU's conv vs the lowering, fwd / fwd+bwd (grad of input and kernel) ms,
-# batch 16 unless said (the kxk and 1x1 rows under load average 4-10, min of 3: ratios, not absolutes):
-#   depthwise (groups == in > 1) -> shifted  3x3 32x32x32 b64: 90 / 240 vs 2.2 / 50 (quiet machine)
-#   other grouped                -> xla      (not measured: no jsim backbone has one)
-#   1x1                          -> dot      64->256 16x16: 5.5 / 28 vs 3.8 / 11; 2048->512 2x2: 6.0 / 32 vs 2.0 / 5.7;
-#                                            64->256 56x56: 184 / 1221 vs 148 / 236; 256->512 /2 8x8: 0.7 / 11.5 vs 0.9 / 2.7
-#   kxk, output <= the kernel    -> im2col   3x3 512->512 2x2: 688 / 1616 vs 8.9 / 27 (b64: 2270 / 5619 vs 39 / 96);
-#                                            3x3: 20 / 60 vs 9.1 / 27; 1x1: 20 / 68 vs 1.9 / 5.3; 4x4 /2 -> 2x2: 20 / 864 vs 4.8 / 15
-#   kxk, larger                  -> xla      4x4 256->256: 4.5 / 13 vs 4.9 / 18; 8x8 128: 31 / 119 vs 48 / 177 (b64);
-#                                            64x64 64->64: 173 / 862 vs 607 / 1049; 7x7 stem 64 px: 5.8 / 52 vs 9.7 / 63
+# The (forward, backward) lowerings on a CPU for conv_impl=auto, first matching row wins. The backward one
+# computes the input and kernel gradients: its own autodiff ("shifted": `_depthwise_vjp`); a pair that
+# differs runs through one custom_vjp. Measured on the 2-core Xeon of the dev machine, jax 0.10.2, float32,
+# XLA's conv vs the lowering, fwd / fwd+bwd (grad of input and kernel) ms, batch 16 unless said (the
+# forward choices under load average 4-10, min of 3: ratios, not absolutes):
+#   depthwise (groups == in > 1) -> shifted / shifted  3x3 32x32x32 b64: 90 / 240 vs 2.2 / 50 (quiet machine)
+#   other grouped                -> xla / xla          (not measured: no jsim backbone has one)
+#   1x1                          -> dot / dot          64->256 16x16: 5.5 / 28 vs 3.8 / 11; 2048->512 2x2: 6.0 / 32 vs 2.0 / 5.7;
+#                                                      64->256 56x56: 184 / 1221 vs 148 / 236; 256->512 /2 8x8: 0.7 / 11.5 vs 0.9 / 2.7
+#   kxk, output <= the kernel    -> im2col / im2col    3x3 512->512 2x2: 688 / 1616 vs 8.9 / 27 (b64: 2270 / 5619 vs 39 / 96);
+#                                                      3x3: 20 / 60 vs 9.1 / 27; 1x1: 20 / 68 vs 1.9 / 5.3; 4x4 /2 -> 2x2: 20 / 864 vs 4.8 / 15
+#   kxk, output <= 8x8           -> xla / im2col       (fwd) 4x4 256->256: 4.5 / 13 vs 4.9 / 18; 8x8 128: 31 / 119 vs 48 / 177 (b64);
+#   kxk, larger                  -> xla / xla                64x64 64->64: 173 / 862 vs 607 / 1049; 7x7 stem 64 px: 5.8 / 52 vs 9.7 / 63
 # (XLA:CPU's conv falls off a cliff once the output is no larger than the kernel; above that its own
-# im2col-free kernel wins, the more so the larger the image.) `benchmarks/cpu_convs.py --layers` re-measures.
+# im2col-free kernel wins the forward, the more so the larger the image.) The backward column: the
+# backward alone (input + kernel gradient), XLA's vs im2col's, interleaved, load average 4-6, ms:
+# 3x3 128->128 /2 16->8: 11.1 vs 7.4; 8x8 128: 8.7 vs 6.9; 4x4 256: 12.6 vs 7.6; 8x8 512: 173 vs 170;
+# 4x4 512: 56 vs 34. Larger outputs also measured faster alone with im2col's backward (16x16 64: 13.6 vs
+# 12.5; 56x56 64 at 224 px: 374 vs 326; 7x7 stem 64 px: 21 vs 29 the other way), but a whole ResNet50
+# step at 64 px b16 with im2col's backward everywhere was 6-12% slower than with XLA's (840 vs 752 ms),
+# with it up to 8x8 outputs 5-11% faster (729 vs 768, 784 vs 883; noisy): hence the 8x8 bound. Depthwise: the
+# hand-written VJP against the shifted sum's own autodiff, backward alone: 5x5 8x8x240 3.3 vs 9.4 ms,
+# 5x5 /2 16x16x144 8.7 vs 10.8, 3x3 16x16x144 3.5 vs 4.6, 3x3 32x32x32 6.8 vs 4.5 (the one loss); a whole
+# EfficientNet-Lite0 fwd+bwd at 64 px b16: 263 vs 321 ms (an earlier run 258 vs 399). `benchmarks/cpu_convs.py --layers` re-measures.
 
 
 def choose_impl(
@@ -67,26 +79,30 @@ def choose_impl(
   in_features: int,
   groups: int,
   out_hw: tuple[int, int],
-) -> str:
-  """The lowering (one of LOWERINGS) of a conv of this shape on `platform` ('cpu', 'gpu', 'tpu', ...).
+) -> tuple[str, str]:
+  """(forward, backward): the lowerings (of LOWERINGS) of a conv of this shape on `platform` ('cpu', 'gpu', ...).
 
-  A pure function of its arguments, so that the choice for every platform is testable anywhere.
+  The backward one computes the input and kernel gradients (`conv`'s grad_lowering). A pure function of
+  its arguments, so that the choice for every platform is testable anywhere.
   """
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"conv_impl={conv_impl!r}: expected one of {', '.join(CONV_IMPLS)}")
   if conv_impl == "xla" or (conv_impl == "auto" and platform != "cpu"):
-    return "xla"
+    return "xla", "xla"
   depthwise = groups > 1 and groups == in_features  # (a 1-channel input is an ordinary conv)
   pointwise = tuple(kernel_size) == (1, 1) and groups == 1
   if conv_impl == "matmul":
-    return "shifted" if depthwise else "dot" if pointwise else "im2col"
+    lo = "shifted" if depthwise else "dot" if pointwise else "im2col"
+    return lo, lo
   if depthwise:
-    return "shifted"
+    return "shifted", "shifted"
   if groups != 1:
-    return "xla"
+    return "xla", "xla"
   if pointwise:
-    return "dot"
-  return "im2col" if out_hw[0] <= kernel_size[0] and out_hw[1] <= kernel_size[1] else "xla"
+    return "dot", "dot"
+  if out_hw[0] <= kernel_size[0] and out_hw[1] <= kernel_size[1]:
+    return "im2col", "im2col"
+  return "xla", "im2col" if max(out_hw) <= 8 else "xla"
 
 
 def explicit_padding(padding: Any, in_hw: Sequence[int], kernel_size: Sequence[int], strides: Sequence[int]):
@@ -118,14 +134,30 @@ def conv(
   padding: Sequence[tuple[int, int]],
   groups: int,
   lowering: str,
+  grad_lowering: str | None = None,
 ) -> jax.Array:
-  """The convolution of NHWC `x` with HWIO `kernel` (explicit padding) by `lowering` (one of LOWERINGS)."""
+  """The convolution of NHWC `x` with HWIO `kernel` (explicit padding) by `lowering` (one of LOWERINGS).
+
+  Its gradient (input and kernel) is that of `grad_lowering` (default: `lowering`): autodiff of that
+  lowering, except "shifted", whose gradient is `_depthwise_vjp`. A pair that differs, or "shifted", goes
+  through the one custom_vjp `_split_conv`; ("xla", "xla") is XLA's conv and its own transposes.
+  """
+  grad_lowering = lowering if grad_lowering is None else grad_lowering
+  for lo in (lowering, grad_lowering):
+    if lo not in LOWERINGS:
+      raise ValueError(f"unknown conv lowering {lo!r}; expected one of {', '.join(LOWERINGS)}")
+  strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
+  if lowering == grad_lowering != "shifted":
+    return _conv(x, kernel, strides, padding, groups, lowering)
+  return _split_conv(x, kernel, strides, padding, groups, lowering, grad_lowering)
+
+
+def _conv(x: jax.Array, kernel: jax.Array, strides, padding, groups: int, lowering: str) -> jax.Array:
+  """The forward of `conv` by one lowering (differentiable by autodiff)."""
   if lowering == "xla":
     return lax.conv_general_dilated(
       x, kernel, tuple(strides), tuple(padding), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups
     )
-  if lowering not in LOWERINGS:
-    raise ValueError(f"unknown conv lowering {lowering!r}; expected one of {', '.join(LOWERINGS)}")
   kh, kw, cin_g, features = kernel.shape
   dtype = jnp.result_type(x, kernel)
   acc = jnp.promote_types(dtype, jnp.float32)  # bf16 inputs accumulate in float32, as XLA's conv does
@@ -136,14 +168,7 @@ def conv(
   if lowering == "shifted":  # depthwise: out[..., c*m + t] = sum_ij x_ij[..., c] * k[i, j, 0, c*m + t]
     if cin_g != 1 or groups != c:
       raise ValueError(f"the shifted lowering is for depthwise convs (groups == in_features), got groups={groups}")
-    m = features // c
-    k = kernel.reshape(kh * kw, features).astype(acc)
-    y = None
-    for t, v in enumerate(views):
-      v = jnp.repeat(v, m, axis=-1) if m > 1 else v
-      term = v.astype(acc) * k[t]
-      y = term if y is None else y + term
-    return y.astype(dtype)
+    return _shifted_sum(views, kernel.reshape(kh * kw, features), acc).astype(dtype)
   # im2col (a 1x1 conv's single view is the input itself): patches [N, Ho, Wo, kh*kw*C] in (i, j, c) order,
   # the kernel's row-major order.
   patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
@@ -156,6 +181,76 @@ def conv(
     k = kernel.reshape(kh * kw, cin_g, groups, features // groups)
     y = jnp.einsum("nhwkga,kagf->nhwgf", p, k, preferred_element_type=acc).reshape(n, *out_hw, features)
   return y.astype(dtype)
+
+
+def _shifted_sum(views, k: jax.Array, acc) -> jax.Array:
+  """sum_t views[t][..., c] * k[t, c*m + u] over [.., C*m] (each input channel repeated m = F / C times)."""
+  m = k.shape[-1] // views[0].shape[-1]
+  k = k.astype(acc)
+  y = None
+  for t, v in enumerate(views):
+    v = jnp.repeat(v, m, axis=-1) if m > 1 else v
+    term = v.astype(acc) * k[t]
+    y = term if y is None else y + term
+  return y
+
+
+def _depthwise_vjp(x: jax.Array, kernel: jax.Array, strides, padding, g: jax.Array):
+  """(input, kernel) gradients of the depthwise conv y = _conv(x, kernel, ..., "shifted") at cotangent g.
+
+  Kernel: for each of the k*k taps, the product of the input's strided view and g summed over
+  (N, Ho, Wo), from 64 channels up by halving the rows with elementwise adds (XLA:CPU's reduction over
+  the leading axes, the autodiff's, was 2-4x slower at 144-240 channels, 10% faster at 32). Input, stride 1: the same shifted sum over g padded by
+  k - 1 - pad with the kernel flipped (a correlation), only over x's rows and columns (5x5 at 8x8x240:
+  0.8 vs 4.0 ms for the autodiff's k*k pads); strided: the autodiff's (the dilated correlation would multiply
+  s*s times as many zeros).
+  """
+  kh, kw, _, features = kernel.shape
+  n, h, w, c = x.shape
+  m, (ho, wo), (sh, sw) = features // c, g.shape[1:3], strides
+  acc = jnp.promote_types(jnp.result_type(x, kernel), jnp.float32)
+  if (sh, sw) == (1, 1):
+    # dx[r] = sum_i' gp[r + i'] * k[kh - 1 - i'], gp = g padded by kh - 1 - lo (negative pads crop)
+    (plo, _), (qlo, _) = padding
+    pads = ((0, 0, 0), (kh - 1 - plo, h + plo - ho, 0), (kw - 1 - qlo, w + qlo - wo, 0), (0, 0, 0))
+    gp = lax.pad(g, jnp.zeros((), g.dtype), pads)
+    flipped = kernel[::-1, ::-1].reshape(kh * kw, features)
+    dx = _shifted_sum(_windows(gp, (kh, kw), (1, 1), (h, w)), flipped, acc)
+    if m > 1:
+      dx = dx.reshape(n, h, w, c, m).sum(-1)
+    dx = dx.astype(x.dtype)
+  else:
+    dx = jax.vjp(lambda x: _conv(x, kernel, strides, padding, c, "shifted"), x)[1](g)[0]
+  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+  ga = g.astype(acc)
+  dk = []
+  for v in _windows(xp, (kh, kw), strides, (ho, wo)):
+    p = ((jnp.repeat(v, m, axis=-1) if m > 1 else v).astype(acc) * ga).reshape(-1, features)
+    while features >= 64 and p.shape[0] > 64 and p.shape[0] % 2 == 0:
+      p = p[: p.shape[0] // 2] + p[p.shape[0] // 2 :]
+    dk.append(p.sum(0))
+  return dx, jnp.stack(dk).reshape(kernel.shape).astype(kernel.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _split_conv(x, kernel, strides, padding, groups, lowering, grad_lowering):
+  """`_conv` by `lowering` whose VJP is that of `grad_lowering` ("shifted": `_depthwise_vjp`)."""
+  return _conv(x, kernel, strides, padding, groups, lowering)
+
+
+def _split_conv_fwd(x, kernel, strides, padding, groups, lowering, grad_lowering):
+  return _conv(x, kernel, strides, padding, groups, lowering), (x, kernel)
+
+
+def _split_conv_bwd(strides, padding, groups, lowering, grad_lowering, res, g):
+  x, kernel = res
+  if grad_lowering == "shifted":
+    return _depthwise_vjp(x, kernel, strides, padding, g)
+  # (the forward inside this VJP is dead code once jitted: only the transposes of grad_lowering run)
+  return jax.vjp(lambda x, k: _conv(x, k, strides, padding, groups, grad_lowering), x, kernel)[1](g)
+
+
+_split_conv.defvjp(_split_conv_fwd, _split_conv_bwd)
 
 
 class Conv(nn.Module):
@@ -195,7 +290,7 @@ class Conv(nn.Module):
 
     padding = explicit_padding(self.padding, x.shape[1:3], kernel_size, strides)
     out_hw = tuple((x.shape[1 + d] + sum(padding[d]) - kernel_size[d]) // strides[d] + 1 for d in range(2))
-    lowering = choose_impl(
+    lowering, grad_lowering = choose_impl(
       jax.default_backend(),
       self.conv_impl,
       kernel_size=kernel_size,
@@ -203,7 +298,7 @@ class Conv(nn.Module):
       groups=groups,
       out_hw=out_hw,
     )
-    y = conv(x, kernel, strides=strides, padding=padding, groups=groups, lowering=lowering)
+    y = conv(x, kernel, strides=strides, padding=padding, groups=groups, lowering=lowering, grad_lowering=grad_lowering)
     if bias is not None:
       y = y + bias
     return y.reshape(*batch_shape, *y.shape[1:])
