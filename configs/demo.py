@@ -14,13 +14,13 @@ on 2026-12-03, under nice -n 19 beside other jobs at load 7-9: 5 min 52 s; see t
 second run skips every finished stage and takes 5 s of CPU time.
 
 Expected result (seed 0, measured 2026-12-03 on a fresh clone, float32 on a CPU, with the
-convolution layer jsim.models.layers; the digits move with the float rounding of the
-libraries and of that layer: 53.4 % / 87.4 % on 2026-12-01, 56.7 % / 87.8 % earlier on
-2026-12-03 with XLA's own convolutions, 58.6 % / 86.5 % later that day, before the synthetic
-data's generator version 2 and a reinstalled environment): stage-1 test accuracy 63.9 % on the
-640 test images of the 32 seen classes; the five-case table, printed at the end and in
-runs/demo/report.md, 88.4 % overall, 89.1 % on seen (cases 1-2) and 89.8 % on unseen
-pairs (cases 4-5), AUC 0.942.
+convolution layer jsim.models.layers and its per-direction gradients; the digits move with the
+float rounding of the libraries and of that layer: 53.4 % / 87.4 % on 2026-12-01, 56.7 % / 87.8 %
+earlier on 2026-12-03 with XLA's own convolutions, 58.6 % / 86.5 % later that day, before the
+synthetic data's generator version 2 and a reinstalled environment, 63.9 % / 88.4 % before the
+per-direction gradients): stage-1 test accuracy 58.9 % on the 640 test images of the 32 seen
+classes; the five-case table, printed at the end and in runs/demo/report.md, 87.8 % overall,
+88.5 % on seen (cases 1-2) and 88.5 % on unseen pairs (cases 4-5), AUC 0.938.
 
 `python configs/demo.py [WORKDIR]` (what `make demo` runs at the end) prints the folder
 of the demo's test images and jsim-predict commands to try on them (README, step 2);
