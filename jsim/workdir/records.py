@@ -16,16 +16,16 @@ from jsim.workdir.stages import stage_result
 _RESTORE = "restore it, or redo the stage that wrote it with --config.overwrite=True"
 
 
-def _read(path: Path, what: str, keys: tuple[str, ...] = ()) -> dict:
-  """A record of the workdir: a JSON object with `keys`, or a one-line error naming the file."""
-  if not path.exists():
+def _read(path: Path, what: str, keys: tuple[str, ...] = (), *, kind: str = "record", redo: str = _RESTORE) -> dict:
+  """A JSON object with `keys` (a workdir record, or the report), or a one-line error naming the file."""
+  if not path.is_file():
     raise FileNotFoundError(f"{path} is missing: {what}")
   record = read_json(path)
   if not isinstance(record, dict):
-    raise ValueError(f"{path}: not a jsim record (a JSON object expected, found {type(record).__name__}); {_RESTORE}")
+    raise ValueError(f"{path}: not a jsim {kind} (a JSON object expected, found {type(record).__name__}); {redo}")
   missing = [k for k in keys if k not in record]
   if missing:
-    raise ValueError(f"{path}: not a jsim record (no {missing[0]!r}); {_RESTORE}")
+    raise ValueError(f"{path}: not a jsim {kind} (no {missing[0]!r}); {redo}")
   return record
 
 
@@ -211,17 +211,13 @@ REPORT_KEYS = ("backbone", "val_threshold", "cases", "accuracy_at_0.5", "auc", "
 
 def read_report(workdir: str | os.PathLike, required: tuple[str, ...] = REPORT_KEYS) -> dict:
   """W/report.json as a dict with `required` keys; one-line errors naming the file otherwise."""
-  path = Path(workdir) / REPORT_FILE
-  if not path.is_file():
-    raise FileNotFoundError(f"{path} is missing: evaluate that workdir first (--config.stage=evaluate)")
-  report = read_json(path)
-  redo = "rerun --config.stage=evaluate --config.overwrite=True"
-  if not isinstance(report, dict):
-    raise ValueError(f"{path}: not a jsim report (a JSON object expected, found {type(report).__name__}); {redo}")
-  missing = [k for k in required if k not in report]
-  if missing:
-    raise ValueError(f"{path}: not a jsim report (no {missing[0]!r}); {redo}")
-  return report
+  return _read(
+    Path(workdir) / REPORT_FILE,
+    "evaluate that workdir first (--config.stage=evaluate)",
+    required,
+    kind="report",
+    redo="rerun --config.stage=evaluate --config.overwrite=True",
+  )
 
 
 def report_problem(workdir: str | os.PathLike, report: dict) -> str | None:
