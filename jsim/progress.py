@@ -44,6 +44,7 @@ def _is_terminal(stream) -> bool:
 
 # A redirected log gets one plain line this often (and one at the end), instead of tqdm's '\r' updates.
 PLAIN_EVERY_S = float(os.environ.get("JSIM_PROGRESS_EVERY_S", "30"))
+COMPILE_NOTE_S = 0.05  # a log's last line says how much was compiling from this much on (not '0.0 s of it')
 
 # What JAX reports when it traces, lowers and compiles a function for XLA (jax.monitoring): only a call that
 # is not in its caches does, so a bar says 'compiling' only when it is (a later epoch's steps are cached).
@@ -211,7 +212,7 @@ class Progress:
     elif self._periodic or self._announced:  # (a short step says nothing in a log; a long one says when it ended)
       elapsed = duration(time.perf_counter() - self._start)
       how = f"done in {elapsed}" if self.n >= self.total else f"stopped after {elapsed}"
-      if self._compile_s >= 0.05:
+      if self._compiles and self._compile_s >= COMPILE_NOTE_S:
         how += f" ({duration(self._compile_s)} of it compiling)"
       self._plain(how)
     self.enabled = False

@@ -318,10 +318,12 @@ def test_progress_in_a_log_is_plain_lines_with_rate_and_eta(monkeypatch):
 
   step = jax.jit(lambda x: x * 2 + 1)  # (new here: its first call compiles, the later ones do not)
   monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)
+  monkeypatch.setattr(progress, "COMPILE_NOTE_S", 0.0)  # a quiet machine compiles x * 2 + 1 in under 0.05 s
+  ones = jnp.ones(3)  # (made before any bar opens: nothing but the steps compiles while one is open)
   stream = io.StringIO()
   bar = progress.Progress(100, "stage 1 epoch 1/2", "img", announce=True, stream=stream, terminal=False)
   assert stream.getvalue() == ""  # nothing compiles yet
-  step(jnp.ones(3)).block_until_ready()
+  step(ones).block_until_ready()
   bar.update(10)  # the compiled first step: not counted in the rate
   bar.update(10)
   bar.set_postfix("loss 1.2345")
@@ -339,7 +341,7 @@ def test_progress_in_a_log_is_plain_lines_with_rate_and_eta(monkeypatch):
   # A later epoch: the step is compiled, so no line says 'compiling' and the rate counts from the start.
   stream = io.StringIO()
   bar = progress.Progress(100, "stage 1 epoch 2/2", "img", announce=True, stream=stream, terminal=False)
-  step(jnp.ones(3)).block_until_ready()
+  step(ones).block_until_ready()
   bar.update(50)
   bar.update(50)
   bar.close()
@@ -351,7 +353,7 @@ def test_progress_in_a_log_is_plain_lines_with_rate_and_eta(monkeypatch):
   stream = io.StringIO()
   monkeypatch.setattr(progress, "PLAIN_EVERY_S", 1e9)
   with progress.Progress(100, "test pairs", "pair", announce=True, stream=stream, terminal=False) as bar:
-    jax.jit(lambda x: x - 1)(jnp.ones(3)).block_until_ready()
+    jax.jit(lambda x: x - 1)(ones).block_until_ready()
     bar.update(60)
     bar.update(40)
   first, last = stream.getvalue().splitlines()
