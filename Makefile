@@ -14,7 +14,7 @@ PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check
 help:  ## list the targets
 	@echo "make demo        every stage on synthetic data into $(WORKDIR)/ (report.md, figures/); installs once"
 	@echo "make test        the test suite (what CI runs); installs the test extras (torch included) once"
-	@echo "make test-fast   the tests not marked slow (no trained workdir, no process started): the edit-test loop"
+	@echo "make test-fast   the tests not marked slow (no trained workdir, no process, no whole-model compile): the edit-test loop, 4 min"
 	@echo "make setup       only install jsim into $(VENV)/ (make setup-test: with the test extras)"
 	@echo "make clean-demo  remove $(WORKDIR)/ (the next make demo trains again)"
 	@echo "variables: PYTHON=$(PYTHON) VENV=$(VENV) WORKDIR=$(WORKDIR)"

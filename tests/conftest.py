@@ -2,9 +2,10 @@
 workdir, the reliability reference runs, and the helpers several test modules use.
 
 Two tiers (Makefile): `make test-fast` runs the tests not marked slow (the edit-test loop),
-`make test` runs them all (CI). A test is slow if it is marked so, or if it uses a trained
-workdir (trained, tiny_workdir, reference and what builds on them): marked here, at
-collection.
+`make test` runs them all (CI). A test is slow if it is marked so (by hand: it compiles a whole
+model's step or init, or runs real weights; what keeps make test-fast under 4 minutes on 2 cores),
+or if it uses a trained workdir (trained, tiny_workdir, reference and what builds on them) or
+starts a process: marked here, at collection.
 """
 
 import contextlib

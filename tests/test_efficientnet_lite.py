@@ -74,6 +74,7 @@ def assert_logits_close(out: np.ndarray, ref: np.ndarray) -> None:
   "name,sizes",
   [("efficientnet_lite0", (64, 224, 75)), ("efficientnet_lite1", (64, 240)), ("efficientnet_lite2", (64,))],
 )
+@pytest.mark.slow
 def test_logits_and_embeddings_match_pytorch_with_the_real_weights(name, sizes):
   variables = models.from_pretrained(name, num_classes=1000)
   model = models.build(name, num_classes=1000)
@@ -91,6 +92,7 @@ def test_logits_and_embeddings_match_pytorch_with_the_real_weights(name, sizes):
     np.testing.assert_allclose(embedding, ref_embedding, rtol=1e-4, atol=1e-4 * np.abs(ref_embedding).max())
 
 
+@pytest.mark.slow
 def test_timm_gives_the_same_logits_with_the_keys_in_order():
   timm = pytest.importorskip("timm")
   tm = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000).eval()
@@ -107,6 +109,7 @@ def test_timm_gives_the_same_logits_with_the_keys_in_order():
   assert_logits_close(np.asarray(logits), ref)
 
 
+@pytest.mark.slow
 def test_key_table_heads_and_bad_weights(tmp_path):
   state = torch.load(pretrained_port.weights_path("efficientnet_lite0"), map_location="cpu", weights_only=True)
   rows = pretrained_port.efficientnet_lite_key_table("efficientnet_lite0")
@@ -190,6 +193,7 @@ def test_normalisation_belongs_to_the_weights(tmp_path):
     validate.check_config(c)
 
 
+@pytest.mark.slow
 def test_onnx_graph_with_the_real_weights():
   ort = pytest.importorskip("onnxruntime")
   from jsim.export import graph
@@ -206,6 +210,7 @@ def test_onnx_graph_with_the_real_weights():
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_drop_connect_only_in_training():
   # A residual block (stride 1, in == out) drops its branch per image in training: such an image
   # leaves the block unchanged; in eval mode nothing is random.

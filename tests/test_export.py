@@ -77,6 +77,7 @@ def test_every_registered_backbone_has_a_graph():
 
 @pytest.mark.parametrize("input_size", [32, 48, 24], ids=["same", "upsampled", "downsampled"])
 @pytest.mark.parametrize("name", TINY)
+@pytest.mark.slow
 def test_tiny_backbone_embeddings_match_jsim(name, input_size):
   model = models.build(name, num_classes=5)
   variables = random_variables(model, input_size)
@@ -97,6 +98,7 @@ def test_full_size_backbones_at_64_px(name):
   assert_close(sess.run(None, {"images": x})[0], jsim_embeddings(model, variables, x, 64))
 
 
+@pytest.mark.slow
 def test_vgg_at_the_size_where_its_adaptive_pool_is_the_identity():
   model = models.build("vgg_tiny", num_classes=3)  # two pools: 28 px -> 7 x 7, as vgg16 at 224 px
   variables = random_variables(model, 28)
@@ -119,6 +121,7 @@ def test_resize_matrix_is_the_preprocess_resize():
   np.testing.assert_allclose(graph.resize_matrix(8, 4).sum(axis=1), 1.0, atol=1e-6)  # antialiased rows average
 
 
+@pytest.mark.slow
 def test_ensemble_concatenates_members_with_their_own_preprocessing():
   a = models.build("resnet_tiny", num_classes=5)
   b = models.build("vgg_tiny", num_classes=5)
@@ -155,6 +158,7 @@ def test_similarity_graph_matches_ms(feature):
 
 
 @pytest.mark.parametrize("head_dim", [0, 8], ids=["backbone_embedding", "head_normalised"])
+@pytest.mark.slow
 def test_metric_model_embeddings_match_jsim(head_dim):
   model = MetricModel(
     backbone=models.build("resnet_tiny", num_classes=5),

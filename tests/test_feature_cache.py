@@ -86,6 +86,7 @@ def test_a_frozen_backbone_with_augmentation_gets_a_hint():
 
 
 @pytest.mark.parametrize("cache_batch", [6, 16])
+@pytest.mark.slow
 def test_head_on_cached_features_equals_head_through_the_frozen_backbone(cache_batch):
   # The same steps, once on images through the frozen backbone (augmentation off: augment() is
   # preprocess() bit for bit), once on the features the cache computes (embed_images, in batches of
@@ -154,6 +155,7 @@ def test_head_on_cached_features_equals_head_through_the_frozen_backbone(cache_b
 
 
 @pytest.mark.parametrize("loss", ["proxy_anchor", "multi_similarity+miner"])
+@pytest.mark.slow
 def test_metric_heads_on_cached_features_equal_them_through_the_frozen_backbone(loss):
   # A metric loss behind the frozen backbone trains its embedding head (and proxy_anchor its proxies;
   # multi_similarity here with its miner) on the cached features exactly as through the backbone:
@@ -287,6 +289,7 @@ def test_another_workdir_on_the_same_backbone_takes_the_shared_copy(tmp_path, mo
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_every_loss_on_one_backbone_shares_its_cache_key(tmp_path):
   # The features depend on the backbone alone: a metric loss's heads (and their random init) do not enter the key.
   c, c_metric = _config(), _config("proxy_anchor")
@@ -303,6 +306,7 @@ def test_every_loss_on_one_backbone_shares_its_cache_key(tmp_path):
   assert feature_cache.cache_key(c_metric, data, metric_model, other)["frozen_sha256"] != key["frozen_sha256"]
 
 
+@pytest.mark.slow
 def test_changed_weights_normalisation_input_size_or_images_invalidate_the_cache(tmp_path):
   c = _config()
   data = prepare(c, tmp_path)

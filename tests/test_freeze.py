@@ -78,6 +78,7 @@ def _split(model, tree):
     ("backbone", "triplet"),
   ],
 )
+@pytest.mark.slow
 def test_frozen_parameters_and_statistics_are_bitwise_unchanged(freeze, loss):
   model, before, after = _steps(_config(freeze, loss))
   for collection in ("params", "batch_stats"):
@@ -100,6 +101,7 @@ def test_frozen_parameters_and_statistics_are_bitwise_unchanged(freeze, loss):
   assert n_state == n_trained
 
 
+@pytest.mark.slow
 def test_frozen_part_is_outside_the_gradient():
   c = _config("stages:3")
   model = classifier.build_classifier(c, NUM_CLASSES)

@@ -84,7 +84,9 @@ def test_every_lowering_equals_xla_in_value_and_gradient(shape):
     np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=2e-5, err_msg=f"{what}: kernel gradient")
 
 
-@pytest.mark.parametrize("shape", [SHAPES[4], SHAPES[13], SHAPES[17]], ids=["3x3", "dw", "dw_x3"])
+@pytest.mark.parametrize(
+  "shape", [SHAPES[4], SHAPES[13], pytest.param(SHAPES[17], marks=pytest.mark.slow)], ids=["3x3", "dw", "dw_x3"]
+)
 def test_split_lowerings_under_vmap_and_grad_of_grad(shape):
   # Nothing in jsim takes second derivatives or vmaps a conv; the custom VJP supports both anyway (its
   # backward is itself differentiable), checked here against XLA's conv.
@@ -110,7 +112,10 @@ def test_split_lowerings_under_vmap_and_grad_of_grad(shape):
     np.testing.assert_allclose(second(pair)(kernel), ref_second, rtol=1e-4, atol=1e-3, err_msg=str(pair))
 
 
-@pytest.mark.parametrize("conv_impl", layers.CONV_IMPLS)
+# auto in make test-fast; the forced lowerings (each shape compiles again) in make test.
+@pytest.mark.parametrize(
+  "conv_impl", [pytest.param(i, marks=() if i == "auto" else pytest.mark.slow) for i in layers.CONV_IMPLS]
+)
 @pytest.mark.parametrize("shape", [SHAPES[4], SHAPES[5], SHAPES[13], SHAPES[18]], ids=["3x3", "tiny", "dw", "grouped"])
 def test_conv_is_nn_conv_with_the_same_parameters(shape, conv_impl):
   n, h, w, cin, cout, k, s, padding, groups = shape
@@ -129,7 +134,7 @@ def test_conv_is_nn_conv_with_the_same_parameters(shape, conv_impl):
   assert shapes(layers.Conv(**kw, conv_impl=conv_impl)) == shapes(nn.Conv(**kw))
 
 
-@pytest.mark.parametrize("conv_impl", ["xla", "matmul"])
+@pytest.mark.parametrize("conv_impl", [pytest.param("xla", marks=pytest.mark.slow), "matmul"])
 def test_dtype_promotion_as_nn_conv(conv_impl):
   x = jnp.asarray(_normal(np.random.default_rng(0), 2, 6, 6, 4), jnp.bfloat16)
   for dtype in (None, jnp.bfloat16, jnp.float32):
@@ -218,6 +223,7 @@ def _primitives(jaxpr) -> set[str]:
 
 
 @pytest.mark.parametrize("name", ["resnet_tiny", "vgg_tiny"])
+@pytest.mark.slow
 def test_backbones_pass_conv_impl_to_every_conv(name):
   x = _normal(np.random.default_rng(0), 2, 32, 32, 3)
   outputs, variables = {}, None

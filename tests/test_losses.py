@@ -221,6 +221,7 @@ def test_registry_and_errors():
     losses.build("pair_ms", feature="l3")
 
 
+@pytest.mark.slow
 def test_identical_embeddings_give_finite_gradients():
   emb = np.ones((6, D), np.float32)
   labels = np.array([0, 0, 1, 1, 2, 2])

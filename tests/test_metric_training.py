@@ -74,6 +74,7 @@ def test_group_rates_and_halving():
 
 
 # One loss per family (the losses themselves are checked against PML in test_losses.py).
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_name", ["triplet", "arcface", "pair_ms"])
 def test_train_step_updates_backbone_head_and_loss(loss_name):
   num_classes = 4
@@ -114,6 +115,7 @@ def test_train_step_updates_backbone_head_and_loss(loss_name):
   np.testing.assert_allclose(np.linalg.norm(np.asarray(e), axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_torchvision_backbone_goes_under_the_wrapper(monkeypatch):
   c = _tiny_config("proxy_anchor")
   c.model.init = "torchvision"
@@ -398,6 +400,7 @@ def test_experiment_configs_build(name):
     module.get_config("los=x")
 
 
+@pytest.mark.slow
 def test_stream_pipeline_trains_as_the_device_pipeline():
   from jax.sharding import Mesh
 

@@ -85,8 +85,15 @@ LOSSES = [
 ]
 
 
-@pytest.mark.parametrize("loss_name,loss_kwargs,make_pml_loss", LOSSES)
-@pytest.mark.parametrize("miner_name,miner_kwargs,make_pml_miner", MINERS)
+# make test-fast: every miner once, under the losses in turn; make test: every pair.
+@pytest.mark.parametrize(
+  "loss_name,loss_kwargs,make_pml_loss,miner_name,miner_kwargs,make_pml_miner",
+  [
+    pytest.param(*loss, *miner, id=f"{loss[0]}-{j}-{miner[0]}", marks=() if i == j % len(LOSSES) else pytest.mark.slow)
+    for j, miner in enumerate(MINERS)
+    for i, loss in enumerate(LOSSES)
+  ],
+)
 def test_loss_with_miner_equals_pml(loss_name, loss_kwargs, make_pml_loss, miner_name, miner_kwargs, make_pml_miner):
   emb, labels = _batch(0)
   pml_loss, pml_miner = make_pml_loss(), make_pml_miner()

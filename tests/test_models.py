@@ -71,6 +71,7 @@ def tiny():
   return out
 
 
+@pytest.mark.slow
 def test_resnet_tiny_train_step_updates_batch_stats_with_momentum_0_9(tiny):
   model, variables = tiny["resnet_tiny"]
   x = X32
@@ -95,6 +96,7 @@ def test_resnet_tiny_train_step_updates_batch_stats_with_momentum_0_9(tiny):
   assert not np.allclose(eval1, logits)
 
 
+@pytest.mark.slow
 def test_vgg_tiny_has_only_params_and_embedding_is_the_heads_input(tiny):
   model, variables = tiny["vgg_tiny"]
   x = X32
@@ -113,6 +115,7 @@ def test_vgg_tiny_has_only_params_and_embedding_is_the_heads_input(tiny):
 
 
 @pytest.mark.parametrize("name", ["resnet_tiny", "vgg_tiny"])
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_outputs(tiny, name):
   model, variables = tiny[name]
   model16 = models.build(name, num_classes=50, dtype=jnp.bfloat16)
@@ -126,6 +129,7 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs(tiny, name):
   np.testing.assert_allclose(logits, ref_logits, rtol=0.1, atol=0.1 * float(jnp.abs(ref_logits).max()))
 
 
+@pytest.mark.slow
 def test_initialisation_follows_torchvision(tiny):
   r = tiny["resnet_tiny"][1]["params"]
   # Conv: kaiming normal, fan_out = out_channels * kh * kw, gain sqrt(2).

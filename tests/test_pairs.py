@@ -119,6 +119,7 @@ def test_protocol_numbers_180_classes_with_validation_exclusion():
   assert not np.isin(_keys(pairs), _keys(val)).any()
 
 
+@pytest.mark.slow
 def test_exclusion_remove_or_redraw_at_protocol_numbers():
   # The source removes training pairs that are validation pairs; jsim redraws them by default.
   labels = _labels([500] * 180, seed=8)  # T180: 180 classes x 500 train-folder images

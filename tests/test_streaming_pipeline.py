@@ -105,12 +105,14 @@ def runs(setup):
   return out
 
 
+@pytest.mark.slow
 def test_stream_keeps_images_on_host(runs):
   plan = runs["stream"]["plan"]
   assert not isinstance(plan.images, jax.Array) and not isinstance(plan.labels, jax.Array)
   assert isinstance(runs["device"]["plan"].images, jax.Array)
 
 
+@pytest.mark.slow
 def test_stream_trains_like_device(runs):
   dev, st = runs["device"]["snaps"], runs["stream"]["snaps"]
   assert len(dev) == len(st) == 6
@@ -127,12 +129,14 @@ def test_stream_trains_like_device(runs):
   assert not np.array_equal(first, jax.tree.leaves(dev[-1][0].params)[0])
 
 
+@pytest.mark.slow
 def test_stream_evaluates_like_device(runs):
   dev, st = runs["device"]["val"], runs["stream"]["val"]
   assert dev["count"] == st["count"] == 11
   assert dev == st
 
 
+@pytest.mark.slow
 def test_stream_resumes_inside_an_epoch(setup, runs):
   """Epoch 1 resumed at batch 1 from the state after batch 0 continues the uninterrupted run.
 
