@@ -7,6 +7,9 @@
     python benchmarks/cpu_convs.py --models efficientnet_lite0 --out runs/bench/cpu_convs_lite0     # 3 min 40 s
     # the per-shape table behind jsim.models.layers.choose_impl:
     python benchmarks/cpu_convs.py --layers --out runs/bench/cpu_conv_layers                        # 51 s
+    # where the stage-1 step's time goes (JAX profiler; per model and case, by forward/backward and layer kind):
+    python benchmarks/cpu_convs.py --profile --models resnet50,vgg16,efficientnet_lite0 --cases 64:16,224:16 \
+        --steps 3 --out runs/bench/cpu_step_profile
     # a check that it runs (took 21 min wall, 3 min CPU, under load average 18):
     python benchmarks/cpu_convs.py --models resnet_tiny,vgg_tiny,efficientnet_lite0 --cases 32:8 --impl_cases 32:8 \
         --impls xla,matmul --steps 1 --rounds 1 --warmup 1 --out /tmp/cpu_convs_check
@@ -23,6 +26,11 @@ channels_last, SGD with Nesterov momentum 0.8, random labels (constant labels wo
 figure has no augmentation: jsim's does). Timings exclude the first --warmup steps (compilation);
 each figure is the best of --rounds rounds of --steps steps. Writes <out>.json and <out>.md.
 Run it on a quiet machine and report `uptime`'s load average with it.
+
+--profile instead traces --steps real stage-1 steps (conv_impl=auto) with the JAX profiler and sums the time of
+each XLA:CPU instruction by what it computes (the compiled program's metadata: forward or backward, the Flax
+module, the JAX primitive): augmentation and resize, the convs' arithmetic and their data movement, BatchNorm,
+max-pooling, the rest of the model, the optimizer; with the slowest instructions.
 
 --layers instead times, per conv shape of ResNet50 and VGG16 at 64 and 224 px and of EfficientNet-Lite0 at
 64 px, interleaved (each candidate in turn, every round): the forward of XLA's conv and of the other
@@ -162,9 +170,9 @@ def run_torch(args) -> dict:
 # jsim.
 
 
-def jsim_train(model_name: str, px: int, batch: int, conv_impl: str, args, mesh) -> dict:
-  """Stage-1 train images/s of the real Stage1Plan step (benchmark.py's fake data and timing)."""
-  import jax
+def stage1_step(model_name: str, px: int, batch: int, conv_impl: str, mesh):
+  """step(i) -> the state's step counter after the real Stage1Plan step on batch i (benchmark.py's fake
+  data, random labels); and a function that gives the step's compiled XLA program as text."""
   from benchmark import _base_config, _fake_data
   from jsim import parallel
   from jsim.train import classifier, loop
@@ -188,6 +196,21 @@ def jsim_train(model_name: str, px: int, batch: int, conv_impl: str, args, mesh)
     box["state"], box["sums"] = plan.train_step(box["state"], 1, i % full, box["sums"])
     return box["state"].step
 
+  def hlo_text() -> str:
+    import jax.numpy as jnp
+
+    sums = parallel.ensure_replicated(box["sums"], mesh)
+    args = (box["state"], {"images": plan.images, "labels": plan.labels}, plan._order, jnp.int32(0), sums)
+    return plan._gathered_step.lower(*args, plan.batch_size).compile().as_text()
+
+  return step, hlo_text
+
+
+def jsim_train(model_name: str, px: int, batch: int, conv_impl: str, args, mesh) -> dict:
+  """Stage-1 train images/s of the real Stage1Plan step."""
+  import jax
+
+  step, _ = stage1_step(model_name, px, batch, conv_impl, mesh)
   warm, rate = _best_rate(step, batch, args.warmup, args.steps, args.rounds, jax.block_until_ready)
   return {"warmup_s": warm, "img_s": rate}
 
@@ -264,6 +287,156 @@ def markdown_models(result: dict, impls: list[str]) -> list[str]:
     lines.append(
       f"| {r['model']} | {r['px']} | {r['batch']} | {r['mode']} | {f(t)} | {f(a)} | " + " | ".join(cells) + " |"
     )
+  return lines
+
+
+# ---------------------------------------------------------------------------
+# --profile: where a training step's time goes.
+
+# (category, test on (op_name, primitive, module)); the first that matches names an XLA instruction.
+# Instructions without JAX metadata (layout copies XLA inserts) are "unattributed".
+PROFILE_CATEGORIES = [
+  ("augmentation, resize, batch gather", lambda op, prim, mod: "jvp(" not in op),
+  ("BatchNorm", lambda op, prim, mod: "bn" in mod or "norm" in mod),
+  ("conv arithmetic (XLA conv, dots)", lambda op, prim, mod: prim in ("conv_general_dilated", "dot_general")),
+  ("conv data movement (im2col patches, shifted sums, pads)", lambda op, prim, mod: "conv" in mod),
+  ("max-pool", lambda op, prim, mod: "pool" in op),
+  ("rest of the model (activations, residual adds, head, loss)", lambda op, prim, mod: True),
+]
+
+
+UNNAMED_CONV = "transpose(jvp(?))/kernel gradient/conv_general_dilated"
+
+
+def _categorise(op_name: str) -> str:
+  """'forward: <category>' / 'backward: <category>' / a category outside the model, for an op_name such as
+  jit(gathered_train_step)/transpose(jvp(ResNet))/layer2_0/conv2/dot_general."""
+  if not op_name:
+    return "unattributed (layout copies)"
+  parts = op_name.split("/")
+  prim, mod = parts[-1], (parts[-2] if len(parts) > 2 else "")
+  if "jvp(" not in op_name:
+    return "outside the model: " + (
+      "optimizer, loss sums, RNG"
+      if not ("vmap" in op_name or "_resize" in op_name or prim == "gather")
+      else PROFILE_CATEGORIES[0][0]
+    )
+  direction = "backward" if "transpose(" in op_name else "forward"
+  return direction + ": " + next(name for name, test in PROFILE_CATEGORIES[1:] if test(op_name, prim, mod))
+
+
+def _op_names(hlo_text: str) -> dict[str, str]:
+  """{instruction name: JAX op_name} of a compiled HLO module. A fusion XLA made without metadata of its
+  own (XLA:CPU's library fusions) takes the op_name of its fused computation's root, or of the first
+  instruction in it that has one; one around a convolution that has none (XLA:CPU's rewrite of a kernel
+  gradient as a convolution over the batch) UNNAMED_CONV."""
+  import re
+
+  line_re = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+) = [^\n]*$", re.M)
+  meta_re = re.compile(r'op_name="([^"]*)"')
+  calls_re = re.compile(r"calls=%?([\w.\-]+)")
+  computations, current = {}, None  # computation name -> op_name found in it (the root's first)
+  names, calls = {}, {}
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+) .*\{$", line)
+    if head and " = " not in line:
+      current = head.group(1)
+      continue
+    m = line_re.match(line)
+    if not m:
+      continue
+    meta = meta_re.search(line)
+    names[m.group(2)] = meta.group(1) if meta else ""
+    call = calls_re.search(line)
+    if call:
+      calls[m.group(2)] = call.group(1)
+    if meta and current is not None and (m.group(1) or current not in computations):
+      computations[current] = meta.group(1)
+    elif not meta and current is not None and " convolution(" in line:  # XLA's own (a kernel gradient's)
+      computations.setdefault(current, UNNAMED_CONV)
+  for name, op in names.items():
+    if not op and name in calls:
+      names[name] = computations.get(calls[name], "")
+  return names
+
+
+def profile_step(step, hlo_text: str, steps: int, trace_dir: str) -> dict:
+  """Time per category of a jitted step's XLA:CPU instructions, from a JAX profiler trace of `steps` calls.
+
+  XLA:CPU records each executed instruction (thunk) as an event on the thread that ran it; the compiled
+  HLO's metadata maps its name to the JAX op (forward or backward, Flax module, primitive). Thunks that
+  ran concurrently on the two threads both count, so the categories may add up to more than the wall time.
+  """
+  import collections
+  import glob
+  import shutil
+
+  import jax
+  from jax.profiler import ProfileData
+
+  op_names = _op_names(hlo_text)
+  shutil.rmtree(trace_dir, ignore_errors=True)
+  jax.profiler.start_trace(trace_dir)
+  t0 = time.perf_counter()
+  for i in range(steps):
+    out = step(i)
+  jax.block_until_ready(out)
+  wall = time.perf_counter() - t0
+  jax.profiler.stop_trace()
+  by_category, by_op = collections.Counter(), collections.Counter()
+  for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
+    for plane in ProfileData.from_file(path).planes:
+      for line in plane.lines:
+        if not line.name.startswith(("tf_XLAEigen", "tf_XLAPjRtCpuClient")):
+          continue
+        for ev in line.events:
+          if ev.name not in op_names:  # the executor's own spans, "end: ..." markers
+            continue
+          by_category[_categorise(op_names[ev.name])] += ev.duration_ns
+          by_op[(ev.name, op_names[ev.name])] += ev.duration_ns
+  ms = lambda ns: round(ns / 1e6 / steps, 2)
+  return {
+    "wall_ms": round(1e3 * wall / steps, 1),
+    "thunk_ms": ms(sum(by_category.values())),
+    "categories": {k: ms(v) for k, v in by_category.most_common()},
+    "top_ops": [[name, op, ms(v)] for (name, op), v in by_op.most_common(12)],
+  }
+
+
+def run_profile(args) -> dict:
+  import jax
+  from jax.sharding import Mesh
+  from jsim import parallel
+
+  mesh = Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,))
+  rows = []
+  for name in _csv(args.models):
+    for px, batch in _cases(args.cases):
+      step, hlo_text = stage1_step(name, px, batch, "auto", mesh)
+      for i in range(args.warmup):
+        jax.block_until_ready(step(i))
+      row = {"model": name, "px": px, "batch": batch, **profile_step(step, hlo_text(), args.steps, "/tmp/jsim_profile")}
+      print("  " + json.dumps(row), flush=True)
+      rows.append(row)
+  return {"rows": rows}
+
+
+def markdown_profile(result: dict) -> list[str]:
+  lines = []
+  for r in result["rows"]:
+    lines += [
+      f"**{r['model']}, {r['px']} px, batch {r['batch']}**: {r['wall_ms']} ms per step wall, "
+      f"{r['thunk_ms']} ms of XLA instructions (both threads)",
+      "",
+      "| where | ms per step | share |",
+      "|---|---:|---:|",
+    ]
+    lines += [f"| {k} | {v} | {100 * v / r['thunk_ms']:.0f} % |" for k, v in r["categories"].items()]
+    lines += [
+      "",
+      "Slowest instructions: " + "; ".join(f"`{op.split('/', 1)[-1]}` {v} ms" for _, op, v in r["top_ops"][:6]),
+      "",
+    ]
   return lines
 
 
@@ -429,6 +602,9 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--no_torch", action="store_true", help="skip torch")
   ap.add_argument("--layers", action="store_true", help="the per-shape conv table instead of the models")
   ap.add_argument(
+    "--profile", action="store_true", help="where the stage-1 step's time goes (JAX profiler), per model and case"
+  )
+  ap.add_argument(
     "--layer_rows", default="", help="--layers: only these rows of LAYER_SHAPES (0-based, comma-separated)"
   )
   ap.add_argument("--torch_worker", action="store_true", help=argparse.SUPPRESS)
@@ -442,8 +618,11 @@ def main(argv: list[str] | None = None) -> int:
   t0 = time.perf_counter()
   load = os.getloadavg()
   if args.layers:
-    result, lines = run_layers(args), None
+    result = run_layers(args)
     lines = markdown_layers(result)
+  elif args.profile:
+    result = run_profile(args)
+    lines = markdown_profile(result)
   else:
     result = run_models(args)
     lines = markdown_models(result, ["auto"] + _csv(args.impls))
@@ -457,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     time=time.strftime("%Y-%m-%d %H:%M:%S"),
   )
   head = [
-    f"# jsim CPU convs ({'per-shape table' if args.layers else 'models'})",
+    f"# jsim CPU convs ({'per-shape table' if args.layers else 'step profile' if args.profile else 'models'})",
     "",
     f"{result['device']}; jax {result['jax']}; {result.get('torch', {}).get('version', '')}; "
     f"load average {result['load_before']} before, {result['load_after']} after; {result['wall_s']} s in all.",

@@ -353,4 +353,5 @@ def max_pool(x: jax.Array, window: Sequence[int], strides: Sequence[int], paddin
   if conv_impl == "xla" or (conv_impl == "auto" and jax.default_backend() != "cpu"):
     return nn.max_pool(x, tuple(window), strides=tuple(strides), padding=padding)
   pads = explicit_padding(padding, x.shape[1:3], window, strides)
-  return _shifted_max_pool(x, tuple(window), tuple(strides), pads)
+  with jax.named_scope("max_pool"):  # profiles (benchmarks/cpu_convs.py --profile) name it, and its gradient
+    return _shifted_max_pool(x, tuple(window), tuple(strides), pads)
