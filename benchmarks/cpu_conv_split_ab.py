@@ -66,6 +66,22 @@ def im2col_bwd_up_to(t):
 
 
 @contextlib.contextmanager
+def no_taps():
+  """The new rule, except XLA's own backward where it picks the per-tap kernel gradient."""
+  choose = layers.choose_impl
+
+  def patched(platform, conv_impl, **shape):
+    fwd, bwd = choose(platform, conv_impl, **shape)
+    return (fwd, "xla") if bwd == "taps" else (fwd, bwd)
+
+  layers.choose_impl = patched
+  try:
+    yield
+  finally:
+    layers.choose_impl = choose
+
+
+@contextlib.contextmanager
 def stem_xla():
   """The new rule, except XLA's backward for convs of fewer than 8 input channels (the stems)."""
   choose = layers.choose_impl
@@ -99,25 +115,30 @@ def build(name, px, batch):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
 
   step = jax.jit(jax.value_and_grad(loss, has_aux=True))
-  return lambda: step(variables["params"], variables["batch_stats"])
+  return lambda: step(variables["params"], variables.get("batch_stats", {}))
 
 
 steps, rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3, int(sys.argv[3]) if len(sys.argv) > 3 else 5
+px = next((int(a[2:]) for a in sys.argv[4:] if a.startswith("px")), 64)
 for name in sys.argv[1].split(","):
   fns = {}
   with old_lowering():
-    fns["old"] = build(name, 64, 16)
+    fns["old"] = build(name, px, 16)
     jax.block_until_ready(fns["old"]())
   if "nonew" not in sys.argv[4:]:
-    fns["new"] = build(name, 64, 16)
+    fns["new"] = build(name, px, 16)
     jax.block_until_ready(fns["new"]())
   for t in [int(a[2:]) for a in sys.argv[4:] if a.startswith("le")]:
     with im2col_bwd_up_to(t):
-      fns[f"new_le{t}"] = build(name, 64, 16)
+      fns[f"new_le{t}"] = build(name, px, 16)
       jax.block_until_ready(fns[f"new_le{t}"]())
+  if "notaps" in sys.argv[4:]:
+    with no_taps():
+      fns["new_notaps"] = build(name, px, 16)
+      jax.block_until_ready(fns["new_notaps"]())
   if "stem" in sys.argv[4:]:
     with stem_xla():
-      fns["new_stem_xla"] = build(name, 64, 16)
+      fns["new_stem_xla"] = build(name, px, 16)
       jax.block_until_ready(fns["new_stem_xla"]())
   (lo, go), (ln, gn) = fns["old"](), list(fns.values())[-1]()
   diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(go), jax.tree.leaves(gn)))
@@ -134,7 +155,7 @@ for name in sys.argv[1].split(","):
     json.dumps(
       dict(
         model=name,
-        px=64,
+        px=px,
         batch=16,
         ms={k: round(v * 1e3, 1) for k, v in best.items()},
         loss=[float(lo[0]), float(ln[0])],

@@ -272,9 +272,8 @@ def run_models(args) -> dict:
 def markdown_models(result: dict, impls: list[str]) -> list[str]:
   others = [i for i in impls if i != "auto"]
   lines = [
-    "| model | px | batch | mode | torch eager img/s | jsim auto img/s | jsim/torch | "
-    + " | ".join(f"jsim {i} img/s | auto/{i}" for i in others)
-    + " |",
+    "| model | px | batch | mode | torch eager img/s | jsim auto img/s | jsim/torch |"
+    + "".join(f" jsim {i} img/s | auto/{i} |" for i in others),
     "|---|---:|---:|---|---:|---:|---:|" + "---:|---:|" * len(others),
   ]
   f = lambda v, d=1: "-" if v is None else f"{v:,.{d}f}"
@@ -520,7 +519,7 @@ def run_layers(args) -> dict:
     old = _old_choice(**shape)
     depthwise = groups == cin > 1
     fwd_cands = ["xla", "shifted" if depthwise else "dot" if k == 1 else "im2col"]
-    bwd_cands = ["xla", "im2col"] + (["shifted"] if depthwise else [])
+    bwd_cands = ["xla", "im2col"] + (["shifted"] if depthwise else ["taps"] if groups == 1 and k > 1 else [])
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((n, h, h, cin), dtype=np.float32))
     w = jnp.asarray(rng.standard_normal((k, k, cin // groups, cout), dtype=np.float32) / np.sqrt(k * k * cin / groups))
@@ -566,7 +565,7 @@ def _old_choice(kernel_size, in_features, groups, out_hw) -> tuple[str, str]:
 
 def markdown_layers(result: dict) -> list[str]:
   lines = [
-    "| batch | input | in->out | kernel/stride | groups | output | fwd ms: xla / other | bwd ms: xla / im2col / shifted (autodiff) | "
+    "| batch | input | in->out | kernel/stride | groups | output | fwd ms: xla / other | bwd ms: xla / im2col / taps or shifted (autodiff) | "
     "old pick | new pick | fwd+bwd ms: xla / old / new |",
     "|---:|---:|---|---|---:|---:|---|---|---|---|---|",
   ]
@@ -576,6 +575,8 @@ def markdown_layers(result: dict) -> list[str]:
     bwd = f"{ms['bwd xla']} / {ms['bwd im2col']}"
     if "bwd shifted" in ms:
       bwd += f" / {ms['bwd shifted']} ({ms['bwd shifted_autodiff']})"
+    if "bwd taps" in ms:
+      bwd += f" / {ms['bwd taps']}"
     lines.append(
       f"| {r['batch']} | {r['side']} | {r['in']}->{r['out']} | {r['kernel']}/{r['stride']} | {r['groups']} | {r['out_side']} | "
       f"{ms['fwd xla']} / {other[4:]} {ms[other]} | {bwd} | {r['old']} | {r['new']} | "

@@ -41,13 +41,14 @@ SHAPES = [
 ]
 
 
-def _lowerings(kernel: int, in_features: int, groups: int) -> list[str]:
+def _lowerings(kernel: int, in_features: int, groups: int) -> tuple[list[str], list[str]]:
+  """(forward, backward): the lowerings that apply to a conv of this shape."""
   out = ["xla", "im2col"]
   if kernel == 1 and groups == 1:
     out.append("dot")
   if groups > 1 and groups == in_features:
     out.append("shifted")
-  return out
+  return out, out + (["taps"] if groups == 1 else [])
 
 
 def _normal(rng, *shape) -> np.ndarray:
@@ -74,8 +75,7 @@ def test_every_lowering_equals_xla_in_value_and_gradient(shape):
     return y, vjp(cotangent)
 
   y_ref, (dx_ref, dk_ref) = run("xla", "xla")
-  lowerings = _lowerings(k, cin, groups)
-  for lowering, grad_lowering in itertools.product(lowerings, lowerings):
+  for lowering, grad_lowering in itertools.product(*_lowerings(k, cin, groups)):
     y, (dx, dk) = run(lowering, grad_lowering)
     what = f"{lowering}/{grad_lowering}"
     assert y.shape == y_ref.shape and dx.shape == dx_ref.shape and dk.shape == dk_ref.shape, what
@@ -94,7 +94,8 @@ def test_split_lowerings_under_vmap_and_grad_of_grad(shape):
   rng = np.random.default_rng(7)
   x, kernel = _normal(rng, 3, n, h, w, cin), _normal(rng, k, k, cin // groups, cout)
   pads = layers.explicit_padding(padding, (h, w), (k, k), (s, s))
-  pairs = [("xla", "im2col"), ("im2col", "xla")] + ([("shifted", "shifted"), ("xla", "shifted")] if groups > 1 else [])
+  pairs = [("xla", "im2col"), ("im2col", "xla")]
+  pairs += [("shifted", "shifted"), ("xla", "shifted")] if groups > 1 else [("xla", "taps"), ("im2col", "taps")]
 
   def loss(x, kernel, pair):
     y = layers.conv(x, kernel, strides=(s, s), padding=pads, groups=groups, lowering=pair[0], grad_lowering=pair[1])
@@ -151,6 +152,21 @@ def test_an_int_kernel_size_is_refused_not_read_as_square():
     layers.Conv(4, 3).init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5, 2)))
 
 
+def test_conv_refuses_lowerings_that_do_not_apply():
+  x, k = jnp.zeros((1, 5, 5, 4)), jnp.zeros((3, 3, 1, 4))
+  conv = lambda lo, glo, groups: layers.conv(
+    x, k, strides=(1, 1), padding=((1, 1), (1, 1)), groups=groups, lowering=lo, grad_lowering=glo
+  )
+  with pytest.raises(ValueError, match=r"unknown conv lowering 'taps'; expected one of xla, dot, im2col, shifted$"):
+    conv("taps", "xla", 4)  # a backward-only lowering
+  with pytest.raises(
+    ValueError, match=r"unknown conv lowering 'fast'; expected one of xla, dot, im2col, shifted, taps$"
+  ):
+    conv("xla", "fast", 4)
+  with pytest.raises(ValueError, match=r"the taps gradient is for ungrouped convs, got groups=4"):
+    conv("xla", "taps", 4)
+
+
 def test_leading_batch_dimensions_are_flattened_as_nn_conv():
   x = _normal(np.random.default_rng(0), 2, 3, 5, 5, 4)
   variables = nn.Conv(6, (3, 3)).init(jax.random.PRNGKey(1), x)
@@ -184,9 +200,9 @@ def test_the_cpu_table():
   assert choose(3, 512, 1, (3, 3)) == ("im2col", "im2col")
   assert choose(3, 256, 1, (4, 4)) == ("xla", "im2col")  # XLA's forward, im2col's backward
   assert choose(3, 128, 1, (8, 8)) == ("xla", "im2col")
-  assert choose(3, 64, 1, (9, 9)) == ("xla", "xla")
-  assert choose(3, 64, 1, (56, 56)) == ("xla", "xla")
-  assert choose(7, 3, 1, (112, 112)) == ("xla", "xla")
+  assert choose(3, 64, 1, (9, 9)) == ("xla", "taps")  # XLA's forward and input gradient, per-tap kernel dots
+  assert choose(3, 64, 1, (56, 56)) == ("xla", "taps")
+  assert choose(7, 3, 1, (112, 112)) == ("xla", "taps")
   assert choose(3, 64, 4, (8, 8)) == ("xla", "xla")  # grouped, not depthwise
   assert {layers.choose_impl("cpu", "xla", **s) for s in SHAPE_GRID} == {("xla", "xla")}
   assert all(fwd == bwd != "xla" for fwd, bwd in (layers.choose_impl("cpu", "matmul", **s) for s in SHAPE_GRID))

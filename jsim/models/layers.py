@@ -42,8 +42,10 @@ from jax import lax
 
 # config.model.conv_impl.
 CONV_IMPLS = ("auto", "xla", "matmul")
-# The lowerings choose_impl returns.
+# The lowerings choose_impl returns: forward ones, and the backward ones (the forward's own, or "taps":
+# XLA's input gradient and the kernel gradient as one dot per kernel tap, `_taps_vjp`).
 LOWERINGS = ("xla", "dot", "im2col", "shifted")
+GRAD_LOWERINGS = (*LOWERINGS, "taps")
 
 # The (forward, backward) lowerings on a CPU for conv_impl=auto, first matching row wins. The backward one
 # computes the input and kernel gradients: its own autodiff ("shifted": `_depthwise_vjp`); a pair that
@@ -57,7 +59,7 @@ LOWERINGS = ("xla", "dot", "im2col", "shifted")
 #   kxk, output <= the kernel    -> im2col / im2col    3x3 512->512 2x2: 688 / 1616 vs 8.9 / 27 (b64: 2270 / 5619 vs 39 / 96);
 #                                                      3x3: 20 / 60 vs 9.1 / 27; 1x1: 20 / 68 vs 1.9 / 5.3; 4x4 /2 -> 2x2: 20 / 864 vs 4.8 / 15
 #   kxk, output <= 8x8           -> xla / im2col       (fwd) 4x4 256->256: 4.5 / 13 vs 4.9 / 18; 8x8 128: 31 / 119 vs 48 / 177 (b64);
-#   kxk, larger                  -> xla / xla                64x64 64->64: 173 / 862 vs 607 / 1049; 7x7 stem 64 px: 5.8 / 52 vs 9.7 / 63
+#   kxk, larger                  -> xla / taps             64x64 64->64: 173 / 862 vs 607 / 1049; 7x7 stem 64 px: 5.8 / 52 vs 9.7 / 63
 # (XLA:CPU's conv falls off a cliff once the output is no larger than the kernel; above that its own
 # im2col-free kernel wins the forward, the more so the larger the image.) The backward column: the
 # backward alone (input + kernel gradient), XLA's vs im2col's, interleaved, load average 4-6, ms:
@@ -65,7 +67,12 @@ LOWERINGS = ("xla", "dot", "im2col", "shifted")
 # 4x4 512: 56 vs 34. Larger outputs also measured faster alone with im2col's backward (16x16 64: 13.6 vs
 # 12.5; 56x56 64 at 224 px: 374 vs 326; 7x7 stem 64 px: 21 vs 29 the other way), but a whole ResNet50
 # step at 64 px b16 with im2col's backward everywhere was 6-12% slower than with XLA's (840 vs 752 ms),
-# with it up to 8x8 outputs 5-11% faster (729 vs 768, 784 vs 883; noisy): hence the 8x8 bound. Depthwise: the
+# with it up to 8x8 outputs 5-11% faster (729 vs 768, 784 vs 883; noisy): hence the 8x8 bound. Above it
+# "taps" (XLA's input gradient, the kernel gradient as one dot per tap): XLA's kernel-gradient conv is the
+# slow half there. Backward alone, XLA's / im2col's / taps, quiet 2-core AMD EPYC (load <= 1.8), ms: 64x64
+# 64->64 665 / 251 / 213; 56x56 64 (224 px) 543 / 187 / 197; 28x28 256 830 / 435 / 408; 16x16 64 20.8 /
+# 12.5 / 14.5; 7x7 stem 224 px 635 / 283 / 366; 8x8 512 145 / 128 / 135. Whole fwd+bwd step, 64 px b16,
+# XLA's backward above 8x8 vs taps: ResNet50 607 vs 569 ms, VGG16 3357 vs 2647 (load 1.6-2.0). Depthwise: the
 # hand-written VJP against the shifted sum's own autodiff, backward alone: 5x5 8x8x240 3.3 vs 9.4 ms,
 # 5x5 /2 16x16x144 8.7 vs 10.8, 3x3 16x16x144 3.5 vs 4.6, 3x3 32x32x32 6.8 vs 4.5 (the one loss); a whole
 # EfficientNet-Lite0 fwd+bwd at 64 px b16: 263 vs 321 ms (an earlier run 258 vs 399). `benchmarks/cpu_convs.py --layers` re-measures.
@@ -102,7 +109,7 @@ def choose_impl(
     return "dot", "dot"
   if out_hw[0] <= kernel_size[0] and out_hw[1] <= kernel_size[1]:
     return "im2col", "im2col"
-  return "xla", "im2col" if max(out_hw) <= 8 else "xla"
+  return "xla", "im2col" if max(out_hw) <= 8 else "taps"
 
 
 def explicit_padding(padding: Any, in_hw: Sequence[int], kernel_size: Sequence[int], strides: Sequence[int]):
@@ -138,14 +145,17 @@ def conv(
 ) -> jax.Array:
   """The convolution of NHWC `x` with HWIO `kernel` (explicit padding) by `lowering` (one of LOWERINGS).
 
-  Its gradient (input and kernel) is that of `grad_lowering` (default: `lowering`): autodiff of that
-  lowering, except "shifted", whose gradient is `_depthwise_vjp`. A pair that differs, or "shifted", goes
-  through the one custom_vjp `_split_conv`; ("xla", "xla") is XLA's conv and its own transposes.
+  Its gradient (input and kernel) is that of `grad_lowering` (of GRAD_LOWERINGS; default: `lowering`):
+  autodiff of that lowering, except "shifted", whose gradient is `_depthwise_vjp`, and "taps" (`_taps_vjp`).
+  A pair that differs, or "shifted", goes through the one custom_vjp `_split_conv`; ("xla", "xla") is
+  XLA's conv and its own transposes.
   """
   grad_lowering = lowering if grad_lowering is None else grad_lowering
-  for lo in (lowering, grad_lowering):
-    if lo not in LOWERINGS:
-      raise ValueError(f"unknown conv lowering {lo!r}; expected one of {', '.join(LOWERINGS)}")
+  for lo, known in ((lowering, LOWERINGS), (grad_lowering, GRAD_LOWERINGS)):
+    if lo not in known:
+      raise ValueError(f"unknown conv lowering {lo!r}; expected one of {', '.join(known)}")
+  if grad_lowering == "taps" and groups != 1:
+    raise ValueError(f"the taps gradient is for ungrouped convs, got groups={groups}")
   strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
   if lowering == grad_lowering != "shifted":
     return _conv(x, kernel, strides, padding, groups, lowering)
@@ -232,9 +242,27 @@ def _depthwise_vjp(x: jax.Array, kernel: jax.Array, strides, padding, g: jax.Arr
   return dx, jnp.stack(dk).reshape(kernel.shape).astype(kernel.dtype)
 
 
+def _taps_vjp(x: jax.Array, kernel: jax.Array, strides, padding, g: jax.Array):
+  """(input, kernel) gradients of an ungrouped conv at cotangent g: XLA's transpose for the input; for the
+  kernel, per tap (i, j), the strided view of the padded input contracted with g over (N, Ho, Wo), one dot
+  [C, N*Ho*Wo] x [N*Ho*Wo, F] each. XLA:CPU's kernel-gradient conv ran at 1.4 GFLOP/s on VGG16's first
+  layers (a dot runs at 30-60 here); the per-tap dots measured in the table above `choose_impl`.
+  """
+  kh, kw, c, features = kernel.shape
+  acc = jnp.promote_types(jnp.result_type(x, kernel), jnp.float32)
+  dx = jax.vjp(lambda x: _conv(x, kernel, strides, padding, 1, "xla"), x)[1](g)[0]
+  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+  g2 = g.reshape(-1, features)
+  dk = [
+    lax.dot_general(v.reshape(-1, c), g2, (((0,), (0,)), ((), ())), preferred_element_type=acc)
+    for v in _windows(xp, (kh, kw), strides, g.shape[1:3])
+  ]
+  return dx, jnp.stack(dk).reshape(kernel.shape).astype(kernel.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
 def _split_conv(x, kernel, strides, padding, groups, lowering, grad_lowering):
-  """`_conv` by `lowering` whose VJP is that of `grad_lowering` ("shifted": `_depthwise_vjp`)."""
+  """`_conv` by `lowering` whose VJP is that of `grad_lowering` ("shifted": `_depthwise_vjp`, "taps": `_taps_vjp`)."""
   return _conv(x, kernel, strides, padding, groups, lowering)
 
 
@@ -246,6 +274,8 @@ def _split_conv_bwd(strides, padding, groups, lowering, grad_lowering, res, g):
   x, kernel = res
   if grad_lowering == "shifted":
     return _depthwise_vjp(x, kernel, strides, padding, g)
+  if grad_lowering == "taps":
+    return _taps_vjp(x, kernel, strides, padding, g)
   # (the forward inside this VJP is dead code once jitted: only the transposes of grad_lowering run)
   return jax.vjp(lambda x, k: _conv(x, k, strides, padding, groups, grad_lowering), x, kernel)[1](g)
 
