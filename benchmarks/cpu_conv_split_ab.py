@@ -2,12 +2,14 @@
 
     python benchmarks/cpu_conv_split_ab.py efficientnet_lite0,resnet50 3 4     # models, steps, rounds
     python benchmarks/cpu_conv_split_ab.py resnet50 3 4 nonew le4 le8 stem     # variants of the rule
+    python benchmarks/cpu_conv_split_ab.py resnet50,vgg16 2 4 notaps           # XLA's backward where taps is picked
+    python benchmarks/cpu_conv_split_ab.py resnet50 1 3 notaps px224           # at 224 px
 
-64 px, batch 16, float32, train=True (BatchNorm batch statistics, dropout), cross-entropy on random labels,
+64 px (pxN: N px), batch 16, float32, train=True (BatchNorm batch statistics, dropout), cross-entropy on random labels,
 grad of the params (no optimizer, no augmentation). `old`: choose_impl's CPU rule before the split, one
 lowering and its own autodiff (layers.conv and layers.choose_impl swapped while it is traced); `new`: the
 committed rule; `new_leT`: im2col's backward only for kxk outputs up to TxT; `new_stem_xla`: XLA's backward
-for convs of fewer than 8 input channels. Each candidate in turn every round (best of the rounds), so that
+for convs of fewer than 8 input channels; `new_notaps`: XLA's own backward where the rule picks "taps". Each candidate in turn every round (best of the rounds), so that
 all see the same load: report `uptime`'s load average with the ratios.
 """
 
