@@ -120,6 +120,8 @@ def build(name, px, batch):
   return lambda: step(variables["params"], variables.get("batch_stats", {}))
 
 
+if len(sys.argv) < 2:
+  raise SystemExit(__doc__)
 steps, rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3, int(sys.argv[3]) if len(sys.argv) > 3 else 5
 px = next((int(a[2:]) for a in sys.argv[4:] if a.startswith("px")), 64)
 for name in sys.argv[1].split(","):
