@@ -4,12 +4,14 @@
     python benchmarks/cpu_conv_split_ab.py resnet50 3 4 nonew le4 le8 stem     # variants of the rule
     python benchmarks/cpu_conv_split_ab.py resnet50,vgg16 2 4 notaps           # XLA's backward where taps is picked
     python benchmarks/cpu_conv_split_ab.py resnet50 1 3 notaps px224           # at 224 px
+    python benchmarks/cpu_conv_split_ab.py resnet50 2 3 tapsle8 b64            # batch 64; taps up to 8x8 too
 
-64 px (pxN: N px), batch 16, float32, train=True (BatchNorm batch statistics, dropout), cross-entropy on random labels,
+64 px (pxN: N px), batch 16 (bN: N), float32, train=True (BatchNorm batch statistics, dropout), cross-entropy on random labels,
 grad of the params (no optimizer, no augmentation). `old`: choose_impl's CPU rule before the split, one
 lowering and its own autodiff (layers.conv and layers.choose_impl swapped while it is traced); `new`: the
 committed rule; `new_leT`: im2col's backward only for kxk outputs up to TxT; `new_stem_xla`: XLA's backward
-for convs of fewer than 8 input channels; `new_notaps`: XLA's own backward where the rule picks "taps". Each candidate in turn every round (best of the rounds), so that
+for convs of fewer than 8 input channels; `new_notaps`: XLA's own backward where the rule picks "taps"; `new_tapsle8`: taps where it picks im2col's
+backward after XLA's forward (outputs larger than the kernel, up to 8x8). Each candidate in turn every round (best of the rounds), so that
 all see the same load: report `uptime`'s load average with the ratios.
 """
 
@@ -84,6 +86,22 @@ def no_taps():
 
 
 @contextlib.contextmanager
+def taps_le8():
+  """The new rule, except taps instead of im2col's backward for kxk outputs larger than the kernel (up to 8x8)."""
+  choose = layers.choose_impl
+
+  def patched(platform, conv_impl, **shape):
+    fwd, bwd = choose(platform, conv_impl, **shape)
+    return (fwd, "taps") if (fwd, bwd) == ("xla", "im2col") else (fwd, bwd)
+
+  layers.choose_impl = patched
+  try:
+    yield
+  finally:
+    layers.choose_impl = choose
+
+
+@contextlib.contextmanager
 def stem_xla():
   """The new rule, except XLA's backward for convs of fewer than 8 input channels (the stems)."""
   choose = layers.choose_impl
@@ -124,25 +142,30 @@ if len(sys.argv) < 2:
   raise SystemExit(__doc__)
 steps, rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3, int(sys.argv[3]) if len(sys.argv) > 3 else 5
 px = next((int(a[2:]) for a in sys.argv[4:] if a.startswith("px")), 64)
+batch = next((int(a[1:]) for a in sys.argv[4:] if a.startswith("b") and a[1:].isdigit()), 16)
 for name in sys.argv[1].split(","):
   fns = {}
   with old_lowering():
-    fns["old"] = build(name, px, 16)
+    fns["old"] = build(name, px, batch)
     jax.block_until_ready(fns["old"]())
   if "nonew" not in sys.argv[4:]:
-    fns["new"] = build(name, px, 16)
+    fns["new"] = build(name, px, batch)
     jax.block_until_ready(fns["new"]())
   for t in [int(a[2:]) for a in sys.argv[4:] if a.startswith("le")]:
     with im2col_bwd_up_to(t):
-      fns[f"new_le{t}"] = build(name, px, 16)
+      fns[f"new_le{t}"] = build(name, px, batch)
       jax.block_until_ready(fns[f"new_le{t}"]())
   if "notaps" in sys.argv[4:]:
     with no_taps():
-      fns["new_notaps"] = build(name, px, 16)
+      fns["new_notaps"] = build(name, px, batch)
       jax.block_until_ready(fns["new_notaps"]())
+  if "tapsle8" in sys.argv[4:]:
+    with taps_le8():
+      fns["new_tapsle8"] = build(name, px, batch)
+      jax.block_until_ready(fns["new_tapsle8"]())
   if "stem" in sys.argv[4:]:
     with stem_xla():
-      fns["new_stem_xla"] = build(name, px, 16)
+      fns["new_stem_xla"] = build(name, px, batch)
       jax.block_until_ready(fns["new_stem_xla"]())
   (lo, go), (ln, gn) = fns["old"](), list(fns.values())[-1]()
   diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(go), jax.tree.leaves(gn)))
@@ -160,7 +183,7 @@ for name in sys.argv[1].split(","):
       dict(
         model=name,
         px=px,
-        batch=16,
+        batch=batch,
         ms={k: round(v * 1e3, 1) for k, v in best.items()},
         loss=[float(lo[0]), float(ln[0])],
         max_grad_diff=diff,
