@@ -1,18 +1,18 @@
 """A whole fwd+bwd step on a CPU with the conv lowering before and after the per-direction split, interleaved.
 
-    python benchmarks/cpu_conv_split_ab.py efficientnet_lite0,resnet50 3 4     # models, steps, rounds
-    python benchmarks/cpu_conv_split_ab.py resnet50 3 4 nonew le4 le8 stem     # variants of the rule
-    python benchmarks/cpu_conv_split_ab.py resnet50,vgg16 2 4 notaps           # XLA's backward where taps is picked
-    python benchmarks/cpu_conv_split_ab.py resnet50 1 3 notaps px224           # at 224 px
-    python benchmarks/cpu_conv_split_ab.py resnet50 2 3 tapsle8 b64            # batch 64; taps up to 8x8 too
+    python benchmarks/cpu_conv_split_ab.py efficientnet_lite0,resnet50 3 4       # models, steps, rounds
+    python benchmarks/cpu_conv_split_ab.py resnet50 3 4 nonew le4 le8 stem_xla   # variants of the rule
+    python benchmarks/cpu_conv_split_ab.py resnet50,vgg16 2 4 notaps             # XLA's backward where taps is picked
+    python benchmarks/cpu_conv_split_ab.py resnet50 1 3 notaps px224             # at 224 px
+    python benchmarks/cpu_conv_split_ab.py resnet50 2 3 tapsle8 b64              # batch 64; taps up to 8x8 too
 
-64 px (pxN: N px), batch 16 (bN: N), float32, train=True (BatchNorm batch statistics, dropout), cross-entropy on random labels,
-grad of the params (no optimizer, no augmentation). `old`: choose_impl's CPU rule before the split, one
-lowering and its own autodiff (layers.conv and layers.choose_impl swapped while it is traced); `new`: the
-committed rule; `new_leT`: im2col's backward only for kxk outputs up to TxT; `new_stem_xla`: XLA's backward
-for convs of fewer than 8 input channels; `new_notaps`: XLA's own backward where the rule picks "taps"; `new_tapsle8`: taps where it picks im2col's
-backward after XLA's forward (outputs larger than the kernel, up to 8x8). Each candidate in turn every round (best of the rounds), so that
-all see the same load: report `uptime`'s load average with the ratios.
+64 px (pxN: N px), batch 16 (bN: N), float32, train=True (BatchNorm batch statistics, dropout),
+cross-entropy on random labels, grad of the params (no optimizer, no augmentation). `old`: choose_impl's
+CPU rule before the split, one lowering and its own autodiff (layers.conv and layers.choose_impl swapped
+while it is traced); `new`: the committed rule; `new_<word>`: the committed rule changed as VARIANTS says
+(leT, notaps, tapsle8, stem_xla). Each candidate in turn every round (best of the rounds), so that all see
+the same load: report `uptime`'s load average with the ratios. Prints per model the best ms of each, and
+each candidate's loss and largest gradient difference from `old`'s.
 """
 
 import contextlib
@@ -54,13 +54,12 @@ def old_lowering():
 
 
 @contextlib.contextmanager
-def im2col_bwd_up_to(t):
-  """The new rule, except XLA's backward for kxk convs with an output larger than t x t."""
+def rule_variant(adjust):
+  """The committed rule with its (forward, backward) pair changed by adjust(fwd, bwd, shape) while a model is traced."""
   choose = layers.choose_impl
 
   def patched(platform, conv_impl, **shape):
-    fwd, bwd = choose(platform, conv_impl, **shape)
-    return (fwd, "xla") if fwd == "xla" and bwd == "im2col" and max(shape["out_hw"]) > t else (fwd, bwd)
+    return adjust(*choose(platform, conv_impl, **shape), shape)
 
   layers.choose_impl = patched
   try:
@@ -69,52 +68,19 @@ def im2col_bwd_up_to(t):
     layers.choose_impl = choose
 
 
-@contextlib.contextmanager
-def no_taps():
-  """The new rule, except XLA's own backward where it picks the per-tap kernel gradient."""
-  choose = layers.choose_impl
-
-  def patched(platform, conv_impl, **shape):
-    fwd, bwd = choose(platform, conv_impl, **shape)
-    return (fwd, "xla") if bwd == "taps" else (fwd, bwd)
-
-  layers.choose_impl = patched
-  try:
-    yield
-  finally:
-    layers.choose_impl = choose
-
-
-@contextlib.contextmanager
-def taps_le8():
-  """The new rule, except taps instead of im2col's backward for kxk outputs larger than the kernel (up to 8x8)."""
-  choose = layers.choose_impl
-
-  def patched(platform, conv_impl, **shape):
-    fwd, bwd = choose(platform, conv_impl, **shape)
-    return (fwd, "taps") if (fwd, bwd) == ("xla", "im2col") else (fwd, bwd)
-
-  layers.choose_impl = patched
-  try:
-    yield
-  finally:
-    layers.choose_impl = choose
-
-
-@contextlib.contextmanager
-def stem_xla():
-  """The new rule, except XLA's backward for convs of fewer than 8 input channels (the stems)."""
-  choose = layers.choose_impl
-
-  def patched(platform, conv_impl, **shape):
-    fwd, bwd = choose(platform, conv_impl, **shape)
-    return (fwd, "xla") if shape["in_features"] < 8 and fwd == "xla" else (fwd, bwd)
-
-  layers.choose_impl = patched
-  try:
-    yield
-  finally:
-    layers.choose_impl = choose
+# Variants of the committed rule by command-line word (leT: T in the word): adjust(fwd, bwd, shape).
+VARIANTS = {
+  # XLA's backward for kxk convs with an output larger than T x T where the rule picks im2col's
+  "le": lambda t: (
+    lambda fwd, bwd, shape: (fwd, "xla") if (fwd, bwd) == ("xla", "im2col") and max(shape["out_hw"]) > t else (fwd, bwd)
+  ),
+  # XLA's own backward where the rule picks the per-tap kernel gradient
+  "notaps": lambda fwd, bwd, shape: (fwd, "xla") if bwd == "taps" else (fwd, bwd),
+  # taps instead of im2col's backward after XLA's forward (outputs larger than the kernel, up to 8x8)
+  "tapsle8": lambda fwd, bwd, shape: (fwd, "taps") if (fwd, bwd) == ("xla", "im2col") else (fwd, bwd),
+  # XLA's backward for the convs of fewer than 8 input channels (the stems)
+  "stem_xla": lambda fwd, bwd, shape: (fwd, "xla") if shape["in_features"] < 8 and fwd == "xla" else (fwd, bwd),
+}
 
 
 def build(name, px, batch):
@@ -151,24 +117,21 @@ for name in sys.argv[1].split(","):
   if "nonew" not in sys.argv[4:]:
     fns["new"] = build(name, px, batch)
     jax.block_until_ready(fns["new"]())
-  for t in [int(a[2:]) for a in sys.argv[4:] if a.startswith("le")]:
-    with im2col_bwd_up_to(t):
-      fns[f"new_le{t}"] = build(name, px, batch)
-      jax.block_until_ready(fns[f"new_le{t}"]())
-  if "notaps" in sys.argv[4:]:
-    with no_taps():
-      fns["new_notaps"] = build(name, px, batch)
-      jax.block_until_ready(fns["new_notaps"]())
-  if "tapsle8" in sys.argv[4:]:
-    with taps_le8():
-      fns["new_tapsle8"] = build(name, px, batch)
-      jax.block_until_ready(fns["new_tapsle8"]())
-  if "stem" in sys.argv[4:]:
-    with stem_xla():
-      fns["new_stem_xla"] = build(name, px, batch)
-      jax.block_until_ready(fns["new_stem_xla"]())
-  (lo, go), (ln, gn) = fns["old"](), list(fns.values())[-1]()
-  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(go), jax.tree.leaves(gn)))
+  for word in sys.argv[4:]:
+    if word.startswith("le"):
+      adjust = VARIANTS["le"](int(word[2:]))
+    elif word in VARIANTS:
+      adjust = VARIANTS[word]
+    else:
+      continue
+    with rule_variant(adjust):
+      fns[f"new_{word}"] = build(name, px, batch)
+      jax.block_until_ready(fns[f"new_{word}"]())
+  (lo, go), *others = [f() for f in fns.values()]
+  diff = {  # each candidate's largest gradient difference from old's
+    k: max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(go), jax.tree.leaves(g)))
+    for k, (_, g) in zip(list(fns)[1:], others)
+  }
   best = {k: 1e9 for k in fns}
   load0 = os.getloadavg()
   for _ in range(rounds):
@@ -185,7 +148,7 @@ for name in sys.argv[1].split(","):
         px=px,
         batch=batch,
         ms={k: round(v * 1e3, 1) for k, v in best.items()},
-        loss=[float(lo[0]), float(ln[0])],
+        loss={k: float(l[0]) for k, (l, _) in zip(fns, [(lo, go), *others])},
         max_grad_diff=diff,
         load_before=load0,
         load_after=os.getloadavg(),

@@ -122,6 +122,11 @@ def explicit_padding(padding: Any, in_hw: Sequence[int], kernel_size: Sequence[i
   return tuple((int(lo), int(hi)) for lo, hi in pads)
 
 
+def _pad_hw(x: jax.Array, padding) -> jax.Array:
+  """NHWC `x` zero-padded by ((lo, hi), (lo, hi)) in H and W."""
+  return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+
+
 def _windows(x: jax.Array, kernel_size, strides, out_hw):
   """The kh * kw strided views x[:, i + s*y, j + s*x, :] ([N, Ho, Wo, C] each), in (i, j) order."""
   n, _, _, c = x.shape
@@ -171,7 +176,7 @@ def _conv(x: jax.Array, kernel: jax.Array, strides, padding, groups: int, loweri
   kh, kw, cin_g, features = kernel.shape
   dtype = jnp.result_type(x, kernel)
   acc = jnp.promote_types(dtype, jnp.float32)  # bf16 inputs accumulate in float32, as XLA's conv does
-  x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+  x = _pad_hw(x, padding)
   n, hp, wp, c = x.shape
   out_hw = ((hp - kh) // strides[0] + 1, (wp - kw) // strides[1] + 1)
   views = _windows(x, (kh, kw), strides, out_hw)
@@ -231,7 +236,7 @@ def _depthwise_vjp(x: jax.Array, kernel: jax.Array, strides, padding, g: jax.Arr
     dx = dx.astype(x.dtype)
   else:
     dx = jax.vjp(lambda x: _conv(x, kernel, strides, padding, c, "shifted"), x)[1](g)[0]
-  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+  xp = _pad_hw(x, padding)
   ga = g.astype(acc)
   dk = []
   for v in _windows(xp, (kh, kw), strides, (ho, wo)):
@@ -251,7 +256,7 @@ def _taps_vjp(x: jax.Array, kernel: jax.Array, strides, padding, g: jax.Array):
   kh, kw, c, features = kernel.shape
   acc = jnp.promote_types(jnp.result_type(x, kernel), jnp.float32)
   dx = jax.vjp(lambda x: _conv(x, kernel, strides, padding, 1, "xla"), x)[1](g)[0]
-  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+  xp = _pad_hw(x, padding)
   g2 = g.reshape(-1, features)
   dk = [
     lax.dot_general(v.reshape(-1, c), g2, (((0,), (0,)), ((), ())), preferred_element_type=acc)
