@@ -117,6 +117,26 @@ def fake_stage1_data(num_images: int = 64, size: int = 32, num_classes: int = 6,
   )
 
 
+# What a process a test interrupts runs with (jsim_env(cache, **UNSHARED_XLA_CACHE)): no shared compilation
+# cache (shared_xla_cache), as JAX writes an entry in place: a signal mid-write would leave a torn entry that
+# every later process would read with a warning on stderr.
+UNSHARED_XLA_CACHE = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_xla_cache(tmp_path_factory) -> Path:
+  """One persistent XLA compilation cache for the processes this test run starts (os.environ, which they
+  inherit; this process read its jax config at import): most of them compile the same tiny programs.
+  Shared by the pytest-xdist workers; JAX locks the cache when it has a size limit, so that their processes
+  never read an entry while another writes it."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent  # this run's folder, shared by its workers
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(base / "xla_cache")
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
+  return base / "xla_cache"
+
+
 def jsim_env(cache_dir: Path, **extra: str) -> dict:
   """Environment of a jsim subprocess: CPU, its own data cache, unbuffered output."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", JSIM_CACHE=str(cache_dir), PYTHONUNBUFFERED="1")
@@ -204,14 +224,15 @@ TMP_CHECKPOINT = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 
 class Jsim:
-  """A jsim subprocess; a thread collects its output (stdout + stderr: tqdm writes '\\r', not lines)."""
+  """A jsim subprocess, to be interrupted (UNSHARED_XLA_CACHE); a thread collects its output (stdout + stderr:
+  tqdm writes '\\r', not lines)."""
 
   def __init__(self, args: list[str], cache: Path):
     self.args = args
     self.proc = subprocess.Popen(
       [sys.executable, "-m", "jsim.main", *args],
       cwd=REPO,
-      env=jsim_env(cache),
+      env=jsim_env(cache, **UNSHARED_XLA_CACHE),
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
     )

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, jsim_env
+from conftest import REPO, UNSHARED_XLA_CACHE, jsim_env
 from test_report import _png, _write_evaluated
 
 from jsim import sweep
@@ -243,7 +243,12 @@ def test_sigterm_stops_the_running_child_with_a_checkpoint_and_the_sweep(tmp_pat
   root = tmp_path / "sweep"
   command = _sweep_command(root, "--config.classifier.num_epochs=50")
   proc = subprocess.Popen(
-    command, cwd=REPO, env=jsim_env(jsim_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    command,
+    cwd=REPO,
+    env=jsim_env(jsim_cache, **UNSHARED_XLA_CACHE),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
   )
   metrics = root / "seed=0" / "stage1" / "metrics.jsonl"
   deadline = time.monotonic() + 600
