@@ -36,6 +36,9 @@ SHAPES = [
   (2, 10, 10, 4, 4, 7, 1, "SAME", 4),
   (2, 6, 6, 4, 4, 1, 1, "SAME", 4),
   (2, 8, 8, 4, 12, 3, 1, "SAME", 4),  # depthwise with channel multiplier 3
+  (2, 10, 9, 4, 8, 3, 2, ((0, 2), (2, 1)), 4),  # strided depthwise: multiplier 2, asymmetric padding
+  (1, 7, 7, 4, 4, 1, 2, "SAME", 4),  # strided 1x1 depthwise (input phases no tap reaches)
+  (1, 10, 11, 3, 3, 5, 3, ((1, 2), (2, 0)), 3),  # stride 3
   (2, 8, 8, 8, 12, 3, 1, "SAME", 2),  # grouped
   (1, 9, 9, 6, 9, 3, 2, ((1, 1), (1, 1)), 3),
 ]
