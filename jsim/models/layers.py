@@ -255,9 +255,9 @@ def _depthwise_input_grad(g: jax.Array, kernel: jax.Array, strides, padding, x_s
   (sh, sw), (th, tw) = strides, (-(-h // strides[0]), -(-w // strides[1]))
   row_phases = []
   for rho_h in range(sh):
+    a, ti, pad_h, rows = phase(rho_h, h, padding[0][0], kh, sh, ho)
     cols = []
     for rho_w in range(sw):
-      a, ti, pad_h, rows = phase(rho_h, h, padding[0][0], kh, sh, ho)
       b, tj, pad_w, width = phase(rho_w, w, padding[1][0], kw, sw, wo)
       if ti and tj and rows > 0 and width > 0:
         gp = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (*pad_h, 0), (*pad_w, 0), (0, 0, 0)))
