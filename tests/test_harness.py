@@ -1,0 +1,40 @@
+"""The test harness itself: what `make test` relies on from pytest and pytest-xdist."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+
+def test_loadgroup_runs_an_xdist_group_on_one_worker(tmp_path):
+  # make test runs `-n 2 --dist loadgroup`; modules marked xdist_group build their shared fixtures once only
+  # if all their tests go to one worker (pytest 9.2 broke that silently: pyproject.toml pins pytest < 9.2).
+  (tmp_path / "test_grouped.py").write_text(
+    textwrap.dedent(
+      """
+      import pytest
+
+      pytestmark = pytest.mark.xdist_group("one")
+
+
+      @pytest.mark.parametrize("i", range(4))
+      def test_grouped(i):
+        pass
+      """
+    )
+  )
+  env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+  proc = subprocess.run(
+    [sys.executable, "-m", "pytest", "-v", "-n", "2", "--dist", "loadgroup", "-p", "no:cacheprovider", "."],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  workers = re.findall(r"\[(gw\d+)\].*PASSED", proc.stdout)
+  assert len(workers) == 4 and len(set(workers)) == 1, proc.stdout
