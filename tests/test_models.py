@@ -61,6 +61,10 @@ def test_trainable_parameter_counts_with_180_way_head(name, count, emb):
 X32 = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
 
 
+# The tests on `tiny` run in one pytest-xdist worker (make test: --dist loadgroup), which compiles it once.
+TINY_GROUP = pytest.mark.xdist_group("models_tiny")
+
+
 @pytest.fixture(scope="module")
 def tiny():
   """name -> (model, variables) for the tiny models with a 50-way head: one init compile each."""
@@ -71,6 +75,7 @@ def tiny():
   return out
 
 
+@TINY_GROUP
 @pytest.mark.slow
 def test_resnet_tiny_train_step_updates_batch_stats_with_momentum_0_9(tiny):
   model, variables = tiny["resnet_tiny"]
@@ -96,6 +101,7 @@ def test_resnet_tiny_train_step_updates_batch_stats_with_momentum_0_9(tiny):
   assert not np.allclose(eval1, logits)
 
 
+@TINY_GROUP
 @pytest.mark.slow
 def test_vgg_tiny_has_only_params_and_embedding_is_the_heads_input(tiny):
   model, variables = tiny["vgg_tiny"]
@@ -114,6 +120,7 @@ def test_vgg_tiny_has_only_params_and_embedding_is_the_heads_input(tiny):
   np.testing.assert_allclose(eval_logits, eval_emb @ head["kernel"] + head["bias"], rtol=1e-5, atol=1e-6)
 
 
+@TINY_GROUP
 @pytest.mark.parametrize("name", ["resnet_tiny", "vgg_tiny"])
 @pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_outputs(tiny, name):
@@ -129,6 +136,7 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs(tiny, name):
   np.testing.assert_allclose(logits, ref_logits, rtol=0.1, atol=0.1 * float(jnp.abs(ref_logits).max()))
 
 
+@TINY_GROUP
 @pytest.mark.slow
 def test_initialisation_follows_torchvision(tiny):
   r = tiny["resnet_tiny"][1]["params"]
