@@ -21,7 +21,8 @@ eager training per batch, eager inference at the largest batch, torch.compile tr
 at the largest batch), at the same resolution, batches and step counts.
 
 Prints a table with the jsim/torch ratios and the targets, and writes <out>.json and
-<out>.md. Timings exclude compilation (the first --warmup steps), which is reported apart.
+<out>.md, after every row too (marked partial until the end: a run stopped by a time limit keeps
+its rows). Timings exclude compilation (the first --warmup steps), which is reported apart.
 An absolute figure holds only for the device named in the output.
 """
 
@@ -406,6 +407,8 @@ def markdown(result: dict) -> str:
     f"Settings: {json.dumps(result['settings'])}",
     "",
   ]
+  if not result.get("complete", True):
+    lines += ["**Partial**: the run has not finished (or was stopped); these are the rows it had finished.", ""]
   if result.get("reduced"):
     lines += [
       f"**Reduced run** ({result['reduced']}): not comparable with the GPU targets (column 'met' left empty).",
@@ -501,6 +504,47 @@ def main(argv: list[str] | None = None) -> int:
   print(f"jsim on {dev['device_kind']} x{len(devices)} of {dev['device_count']} ({dev['platform']})", flush=True)
   rng = np.random.default_rng(0)
   rows = []
+  reduced = []
+  if args.input_size != 224:
+    reduced.append(f"input {args.input_size} px instead of 224")
+  if args.steps < 20:
+    reduced.append(f"{args.steps} timed steps")
+  if dev["platform"] == "cpu":
+    reduced.append("CPU")
+  if args.eval_pairs < 3_980_000:
+    reduced.append(f"{args.eval_pairs:,} evaluator pairs")
+
+  out = None
+  if args.out and parallel.is_main_process():
+    out = Path(args.out)
+    if out.suffix in (".json", ".md"):
+      out = out.with_suffix("")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+  def write(complete: bool) -> str:
+    """The result so far, as markdown; also <out>.json and <out>.md (after every row: a run stopped by a
+    time limit keeps the rows it finished)."""
+    compared = compare(rows, torch_result["rows"])
+    if reduced:  # ratios are still shown, but a reduced run says nothing about the targets
+      for r in compared:
+        r["meets_target"] = None
+    result = {
+      "device": dev,
+      "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+      "torch": torch_result,
+      "rows": compared,
+      "reduced": ", ".join(reduced),
+      "complete": complete,
+      "targets": {k: {"what": w, "value": v} for k, (w, v) in TARGETS.items()},
+      "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    md = markdown(result)
+    if out is not None:
+      for suffix, text in ((".json", json.dumps(result, indent=1, default=str)), (".md", md)):
+        tmp = out.with_suffix(suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out.with_suffix(suffix))
+    return md
 
   def record(row):
     rows.append(row)
@@ -510,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
       f"{'img' if 'img_s' in row else 'pairs'}/s (warm-up {row['warmup_s']} s)",
       flush=True,
     )
+    write(complete=False)
 
   for name in models:
     if "stage1" not in parts:
@@ -527,37 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     if "evaluator" in parts:
       record(bench_evaluator(args, smodel, sparams, mesh, rng))
 
-  reduced = []
-  if args.input_size != 224:
-    reduced.append(f"input {args.input_size} px instead of 224")
-  if args.steps < 20:
-    reduced.append(f"{args.steps} timed steps")
-  if dev["platform"] == "cpu":
-    reduced.append("CPU")
-  if args.eval_pairs < 3_980_000:
-    reduced.append(f"{args.eval_pairs:,} evaluator pairs")
-  compared = compare(rows, torch_result["rows"])
-  if reduced:  # ratios are still shown, but a reduced run says nothing about the targets
-    for r in compared:
-      r["meets_target"] = None
-  result = {
-    "device": dev,
-    "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
-    "torch": torch_result,
-    "rows": compared,
-    "reduced": ", ".join(reduced),
-    "targets": {k: {"what": w, "value": v} for k, (w, v) in TARGETS.items()},
-    "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-  }
-  md = markdown(result)
-  print("\n" + md, flush=True)
-  if args.out and parallel.is_main_process():
-    out = Path(args.out)
-    if out.suffix in (".json", ".md"):
-      out = out.with_suffix("")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
-    out.with_suffix(".md").write_text(md)
+  print("\n" + write(complete=True), flush=True)
+  if out is not None:
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}", flush=True)
   return 0
 
