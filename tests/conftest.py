@@ -117,24 +117,37 @@ def fake_stage1_data(num_images: int = 64, size: int = 32, num_classes: int = 6,
   )
 
 
-# What a process a test interrupts runs with (jsim_env(cache, **UNSHARED_XLA_CACHE)): no shared compilation
-# cache (shared_xla_cache), as JAX writes an entry in place: a signal mid-write would leave a torn entry that
-# every later process would read with a warning on stderr.
-UNSHARED_XLA_CACHE = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
+# What a process a test interrupts runs with (jsim_env(cache, **READ_ONLY_XLA_CACHE)): it reads the shared
+# compilation cache (pytest_configure) but never writes to it (JAX writes an entry only if it took longer than
+# this to compile), as JAX writes an entry in place: a signal mid-write would leave a torn entry that every
+# later process would read with a warning on stderr.
+READ_ONLY_XLA_CACHE = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1e9"}
 
 
-@pytest.fixture(scope="session", autouse=True)
-def shared_xla_cache(tmp_path_factory) -> Path:
-  """One persistent XLA compilation cache for the processes this test run starts (os.environ, which they
-  inherit; this process read its jax config at import): most of them compile the same tiny programs.
-  Shared by the pytest-xdist workers; JAX locks the cache when it has a size limit, so that their processes
-  never read an entry while another writes it."""
+def run_folder(tmp_path_factory) -> Path:
+  """This test run's folder, shared by its pytest-xdist workers (each has a folder of its own in it)."""
   base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent  # this run's folder, shared by its workers
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(base / "xla_cache")
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.hookimpl(trylast=True)  # (after the tmp_path plugin's: it makes config._tmp_path_factory)
+def pytest_configure(config):
+  """One persistent XLA compilation cache for the processes this test run starts (os.environ, which they
+  inherit): most of them compile the same tiny programs. It starts empty (nothing compiled by an earlier run
+  is used) and is shared by the pytest-xdist workers' processes; JAX locks the cache when it has a size limit,
+  so that no process reads an entry while another writes it.
+
+  Not for the pytest processes, whose tests compile thousands of small programs that no other test compiles:
+  with it, the tests of `make test-fast` summed 600 and 619 s in two runs, without it 411-526 s in three (within
+  two hours; this machine's speed varies up to 1.5x between hours, so that is a hint, not a measurement)."""
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(run_folder(config._tmp_path_factory) / "xla_cache")
   os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
-  return base / "xla_cache"
+  # Every program, not only those that took over a second to compile (JAX's default): the small programs are
+  # most of a tiny run's compiling (configs/tiny.py's run, the cache filled by the same run: 31 s with JAX's
+  # default, 25 s).
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  # The pytest-xdist workers inherit these variables from the controller before they import jax: off there.
+  jax.config.update("jax_enable_compilation_cache", False)
 
 
 def jsim_env(cache_dir: Path, **extra: str) -> dict:
@@ -224,7 +237,7 @@ TMP_CHECKPOINT = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 
 class Jsim:
-  """A jsim subprocess, to be interrupted (UNSHARED_XLA_CACHE); a thread collects its output (stdout + stderr:
+  """A jsim subprocess, to be interrupted (READ_ONLY_XLA_CACHE); a thread collects its output (stdout + stderr:
   tqdm writes '\\r', not lines)."""
 
   def __init__(self, args: list[str], cache: Path):
@@ -232,7 +245,7 @@ class Jsim:
     self.proc = subprocess.Popen(
       [sys.executable, "-m", "jsim.main", *args],
       cwd=REPO,
-      env=jsim_env(cache, **UNSHARED_XLA_CACHE),
+      env=jsim_env(cache, **READ_ONLY_XLA_CACHE),
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
     )
@@ -372,9 +385,7 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
   first one that asks (under a file lock; the others wait), and only read by the rest."""
   from filelock import FileLock
 
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent  # this run's folder, shared by its workers
+  base = run_folder(tmp_path_factory)
   root = base / name
   with FileLock(str(base / f"{name}.lock")):
     if not (root / "done").exists():

@@ -59,7 +59,7 @@ def _result(stage_dir: Path) -> dict:
   return r
 
 
-def test_stage1_signals_sigkill_mid_save_and_exact_resume(jsim_cache, tmp_path, request):
+def test_stage1_signals_sigkill_mid_save_and_exact_resume(reference, jsim_cache, tmp_path):
   """SIGTERM before training stops cleanly; SIGINT mid-epoch saves and exits 0; SIGKILL during a
   save leaves a temporary folder that the next start removes; the resumed run ends bitwise where
   the uninterrupted one does."""
@@ -121,7 +121,7 @@ def test_stage1_signals_sigkill_mid_save_and_exact_resume(jsim_cache, tmp_path, 
   )
 
   # Bitwise the uninterrupted run: parameters, batch statistics, momentum, learning rate, step.
-  ref = request.getfixturevalue("reference") / "A" / "stage1"
+  ref = reference / "A" / "stage1"
   _assert_bitwise_equal(_state(ckpts, STAGE1_STEPS), _state(ref / "checkpoints", STAGE1_STEPS))
   got, want = _meta(ckpts, STAGE1_STEPS), _meta(ref / "checkpoints", STAGE1_STEPS)
   assert want["halving_epochs"] == [4, 5, 6]

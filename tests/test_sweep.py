@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, UNSHARED_XLA_CACHE, jsim_env
+from conftest import REPO, READ_ONLY_XLA_CACHE, jsim_env
 from test_report import _png, _write_evaluated
 
 from jsim import sweep
@@ -245,7 +245,7 @@ def test_sigterm_stops_the_running_child_with_a_checkpoint_and_the_sweep(tmp_pat
   proc = subprocess.Popen(
     command,
     cwd=REPO,
-    env=jsim_env(jsim_cache, **UNSHARED_XLA_CACHE),
+    env=jsim_env(jsim_cache, **READ_ONLY_XLA_CACHE),
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,

@@ -224,6 +224,9 @@ def test_second_run_is_refused_naming_the_first_and_sigkill_leaves_no_stale_lock
   args = [*STAGE1, f"--workdir={w}"]
   first = Jsim(args, jsim_cache)
   first.wait_for_text("stage 1 epoch 1/6")
+  # Stopped there, holding the workdir's lock: with its programs compiled it could otherwise finish stage 1
+  # while the second run starts, or save the end of epoch 1 that the third would resume after.
+  first.send(signal.SIGSTOP)
   before = _snapshot(w)
   proc = run_jsim(args, jsim_cache, timeout=300)
   out = proc.stdout + proc.stderr
