@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import struct
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +41,19 @@ def _flatten(d: dict, prefix: str = ""):
       yield f"{prefix}{k}", v
 
 
+def _import_tensorboardx() -> None:
+  """Imports tensorboardX without torch where torch is not imported yet: tensorboardX's package imports torch
+  if it is installed (3-4 s of every run's start, measured here), only to accept torch tensors, which jsim
+  never passes it; without torch it takes numpy arrays, as it does where torch is not installed."""
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    return
+  sys.modules["torch"] = None  # (`import torch` raises ImportError, which tensorboardX expects)
+  try:
+    import tensorboardX  # noqa: F401
+  finally:
+    del sys.modules["torch"]
+
+
 class EventFile:
   """A TensorBoard event file (TFRecord framing), appended a whole record at a time.
 
@@ -58,6 +72,7 @@ class EventFile:
         raise wd.no_space(self.path) from None
       raise
     self._size = os.fstat(self._fd).st_size
+    _import_tensorboardx()
     from tensorboardX.proto import event_pb2
 
     self._event = event_pb2.Event
