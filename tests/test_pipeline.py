@@ -130,3 +130,28 @@ def test_feature_sweep_writes_one_comparison_table(tiny_workdir, trained):
     assert 0.0 <= r["test_accuracy"] <= 1.0 and (tiny_workdir / "sweep" / r["feature"] / "result.json").exists()
   table = (tiny_workdir / "sweep" / "comparison.md").read_text()
   assert "| sweep/l1 | resnet_tiny | l1 |" in table and "| sweep/prod | resnet_tiny | prod |" in table
+
+
+def test_the_event_files_are_written_without_importing_torch(tmp_path):
+  """tensorboardX's package imports torch where it is installed (seconds of every run's start); jsim's
+  writer keeps it out, and a later `import torch` in the same process still works."""
+  import subprocess
+  import sys
+
+  from conftest import REPO
+
+  script = (
+    "import sys\n"
+    "from pathlib import Path\n"
+    "from jsim.train.metrics_writer import MetricsWriter\n"
+    f"w = MetricsWriter(Path({str(tmp_path)!r}))\n"
+    "w.write_epoch({'epoch': 1, 'step': 7, 'train_loss': 0.5, 'lr': 0.01})\n"
+    "print('torch' in sys.modules)\n"
+    "import torch\n"
+    "print(torch.ones(2).sum().item())\n"
+  )
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ["False", "2.0"]
+  values = {v.tag: v.simple_value for v in _tensorboard_values(tmp_path / "tb") if v.HasField("simple_value")}
+  assert values == {"epoch": 1.0, "train/epoch_loss": 0.5, "learning_rate": pytest.approx(0.01)}
