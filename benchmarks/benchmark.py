@@ -540,10 +540,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     md = markdown(result)
     if out is not None:
+      from jsim import workdir as wd
+
       for suffix, text in ((".json", json.dumps(result, indent=1, default=str)), (".md", md)):
-        tmp = out.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out.with_suffix(suffix))
+        wd.write_file(out.with_suffix(suffix), lambda tmp, text=text: Path(tmp).write_text(text))
     return md
 
   def record(row):
