@@ -3,9 +3,10 @@ workdir, the reliability reference runs, and the helpers several test modules us
 
 Two tiers (Makefile): `make test-fast` runs the tests not marked slow (the edit-test loop),
 `make test` runs them all (CI). A test is slow if it is marked so (by hand: it compiles a whole
-model's step or init, or runs real weights; what keeps make test-fast under 4 minutes on 2 cores),
-or if it uses a trained workdir (trained, tiny_workdir, reference and what builds on them) or
-starts a process: marked here, at collection.
+model's step or init, or runs real weights, or is a further case of a grid whose first case takes the
+same code path, `parametrize_fast_first`: what keeps make test-fast under 4 minutes on 2 cores), or if it
+uses a trained workdir (trained, tiny_workdir, reference and what builds on them) or starts a
+process: marked here, at collection.
 """
 
 import contextlib
@@ -88,6 +89,15 @@ def config_module(name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def parametrize_fast_first(argnames: str, cases: list, **kwargs):
+  """pytest.mark.parametrize(argnames, cases, **kwargs) whose first case runs in both tiers and the others only
+  in `make test`: one case of a grid (one seed, one optimizer, one shape) takes the code path in the edit-test
+  loop, the full suite takes them all."""
+  several = "," in argnames
+  slow = [pytest.param(*(c if several else (c,)), marks=pytest.mark.slow) for c in cases[1:]]
+  return pytest.mark.parametrize(argnames, [cases[0], *slow], **kwargs)
 
 
 def tiny_config(**overrides):

@@ -19,6 +19,7 @@ import torch
 import torchvision.transforms.functional as TF
 
 from jsim.data import augment as aug
+from conftest import parametrize_fast_first
 
 ZERO, ONE = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # mean / std that leave pixel space as it is
 BILINEAR = TF.InterpolationMode.BILINEAR
@@ -153,7 +154,7 @@ def test_preprocess_explicit_formula():
   np.testing.assert_allclose(got, ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("out", [224, 64, 32])
+@parametrize_fast_first("out", [224, 64, 32])
 def test_prob_zero_equals_preprocess(out):
   x = _images()
   cfg = _cfg(prob=0.0)
@@ -241,7 +242,7 @@ def _reference_chain(t: torch.Tensor, p: dict, out: int, order: str) -> torch.Te
 
 
 @pytest.mark.parametrize("order", aug.ORDERS)
-@pytest.mark.parametrize("out", [64, 224])
+@parametrize_fast_first("out", [64, 224])
 def test_crop_flip_rotation_composed(out, order):
   x = _affine_images(B, seed=out)
   params = aug.sample_params(jax.random.key(out), B, _cfg(["crop", "flip", "rotation"]))

@@ -26,6 +26,7 @@ from jsim.export import graph  # noqa: E402
 from jsim.models import distance  # noqa: E402
 from jsim.models.metric_model import MetricModel  # noqa: E402
 from jsim.models.similarity import SimilarityMLP, make_prob_fn  # noqa: E402
+from conftest import parametrize_fast_first  # noqa: E402
 
 MEAN, STD = (0.48, 0.46, 0.41), (0.23, 0.22, 0.26)
 
@@ -138,7 +139,7 @@ def test_ensemble_concatenates_members_with_their_own_preprocessing():
   assert_close(out[:, a.embedding_dim :], ref_b)
 
 
-@pytest.mark.parametrize("feature", ["l1", "sq", "prod", "cos", "l2", "l1+prod"])
+@parametrize_fast_first("feature", ["l1", "sq", "prod", "cos", "l2", "l1+prod"])
 def test_similarity_graph_matches_ms(feature):
   dim = 16
   model = SimilarityMLP(feature=feature)

@@ -12,7 +12,7 @@ from jsim import parallel
 from jsim.data import pairs as pairs_lib
 from jsim.train import loop, schedule, similarity
 
-from conftest import tiny_config
+from conftest import parametrize_fast_first, tiny_config
 
 
 def _keys(p):
@@ -20,7 +20,7 @@ def _keys(p):
   return np.minimum(p[:, 0], p[:, 1]) * 10**6 + np.maximum(p[:, 0], p[:, 1])
 
 
-@pytest.mark.parametrize("exclusion", ["redraw", "remove"])
+@parametrize_fast_first("exclusion", ["redraw", "remove"])
 def test_similarity_plan_exclusion(exclusion):
   config = tiny_config()
   config.similarity.exclusion = exclusion

@@ -14,6 +14,7 @@ import pytest
 
 from jsim import configs, models, validate
 from jsim.models import layers
+from conftest import parametrize_fast_first
 
 # (batch, H, W, in, out, kernel, strides, padding, groups): strides 1 and 2, kernels 1/3/5/7, SAME, VALID and
 # explicit (also asymmetric) padding, odd and non-square sizes, a single channel, batch 1, depthwise, grouped.
@@ -58,7 +59,16 @@ def _normal(rng, *shape) -> np.ndarray:
   return rng.standard_normal(shape, dtype=np.float32)  # (numpy: jax.random would compile a sampler per shape)
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + f"_s{s[6]}_g{s[8]}_{s[7]}")
+# make test-fast takes one shape of each kind: 1x1, kxk with explicit padding, the im2col cliff, the stem, one input
+# channel, depthwise, with a multiplier, strided with asymmetric padding, stride 3, grouped; make test all of them.
+FAST_SHAPES = {0, 4, 5, 9, 10, 12, 17, 18, 20, 21}
+
+
+@pytest.mark.parametrize(
+  "shape",
+  [pytest.param(s, marks=() if i in FAST_SHAPES else pytest.mark.slow) for i, s in enumerate(SHAPES)],
+  ids=lambda s: "x".join(map(str, s[:6])) + f"_s{s[6]}_g{s[8]}_{s[7]}",
+)
 def test_every_lowering_equals_xla_in_value_and_gradient(shape):
   # Every (forward, backward) pair of lowerings, jitted: the forward's value, and the input and kernel
   # gradients of the backward one (its own autodiff, or the custom VJP when the two differ or for "shifted").
@@ -87,9 +97,7 @@ def test_every_lowering_equals_xla_in_value_and_gradient(shape):
     np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=2e-5, err_msg=f"{what}: kernel gradient")
 
 
-@pytest.mark.parametrize(
-  "shape", [SHAPES[4], SHAPES[13], pytest.param(SHAPES[17], marks=pytest.mark.slow)], ids=["3x3", "dw", "dw_x3"]
-)
+@parametrize_fast_first("shape", [SHAPES[4], SHAPES[13], SHAPES[17]], ids=["3x3", "dw", "dw_x3"])
 def test_split_lowerings_under_vmap_and_grad_of_grad(shape):
   # Nothing in jsim takes second derivatives or vmaps a conv; the custom VJP supports both anyway (its
   # backward is itself differentiable), checked here against XLA's conv.
@@ -113,14 +121,17 @@ def test_split_lowerings_under_vmap_and_grad_of_grad(shape):
       per_example(pair)(x, kernel),
       ref_first,
     )
-    np.testing.assert_allclose(second(pair)(kernel), ref_second, rtol=1e-4, atol=1e-3, err_msg=str(pair))
+    # The second derivative sums products of terms up to ~1e3: float32 rounding is relative to that scale
+    # (an element of 10.7 was 2.2e-3 off XLA's, 2.5e-6 of the largest, on one machine), not to each element.
+    scale = float(np.abs(ref_second).max())
+    np.testing.assert_allclose(second(pair)(kernel), ref_second, rtol=1e-4, atol=1e-5 * scale, err_msg=str(pair))
 
 
 # auto in make test-fast; the forced lowerings (each shape compiles again) in make test.
 @pytest.mark.parametrize(
   "conv_impl", [pytest.param(i, marks=() if i == "auto" else pytest.mark.slow) for i in layers.CONV_IMPLS]
 )
-@pytest.mark.parametrize("shape", [SHAPES[4], SHAPES[5], SHAPES[13], SHAPES[18]], ids=["3x3", "tiny", "dw", "grouped"])
+@parametrize_fast_first("shape", [SHAPES[4], SHAPES[5], SHAPES[13], SHAPES[18]], ids=["3x3", "tiny", "dw", "grouped"])
 def test_conv_is_nn_conv_with_the_same_parameters(shape, conv_impl):
   n, h, w, cin, cout, k, s, padding, groups = shape
   x = _normal(np.random.default_rng(0), n, h, w, cin)
@@ -268,7 +279,7 @@ def test_conv_impl_is_a_checked_config_key():
     validate.check_config(config)
 
 
-@pytest.mark.parametrize(
+@parametrize_fast_first(
   "shape,window,strides,padding",
   [
     ((2, 9, 9, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet's stem pool, odd size

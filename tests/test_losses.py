@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jsim import losses
+from conftest import parametrize_fast_first
 
 torch = pytest.importorskip("torch")
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
@@ -76,7 +77,7 @@ PAIR_CASES = [
 
 
 @pytest.mark.parametrize("name,kwargs,make_pml,make_miner", PAIR_CASES)
-@pytest.mark.parametrize("seed", [0, 1])
+@parametrize_fast_first("seed", [0, 1])
 def test_pair_losses_equal_pml(name, kwargs, make_pml, make_miner, seed):
   emb, labels = _batch(seed)
   pml, miner = make_pml(), (make_miner() if make_miner else None)
@@ -134,7 +135,7 @@ PROXY_CASES = [
 
 
 @pytest.mark.parametrize("name,kwargs,make_pml,attr,transposed", PROXY_CASES)
-@pytest.mark.parametrize("seed", [0, 1])
+@parametrize_fast_first("seed", [0, 1])
 def test_proxy_losses_equal_pml(name, kwargs, make_pml, attr, transposed, seed):
   emb, labels = _batch(seed)
   loss = losses.build(name, **kwargs)

@@ -10,6 +10,7 @@ import pytest
 
 from jsim import losses
 from jsim.losses import miners
+from conftest import parametrize_fast_first
 
 torch = pytest.importorskip("torch")
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
@@ -63,7 +64,7 @@ def _counts(indices, b=B) -> miners.Mined:
 
 
 @pytest.mark.parametrize("name,kwargs,make_pml", MINERS)
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@parametrize_fast_first("seed", [0, 1, 2])
 def test_miner_selects_what_pml_selects(name, kwargs, make_pml, seed):
   emb, labels = _batch(seed)
   want = _counts(make_pml()(torch.tensor(emb), torch.tensor(labels)))

@@ -13,6 +13,7 @@ from test_loop import BATCHES, DIM, ToyPlan, _rows
 from jsim import configs, validate
 from jsim.train import loop, schedule
 from jsim.train.state import TrainState
+from conftest import parametrize_fast_first
 
 torch = pytest.importorskip("torch")
 
@@ -157,7 +158,7 @@ def _fit(stage_dir, optimizer, kind, **plan_kw):
   return plan, state, meta
 
 
-@pytest.mark.parametrize("optimizer,kind", CASES)
+@parametrize_fast_first("optimizer,kind", CASES)
 def test_every_optimizer_and_schedule_resumes_bitwise(tmp_path, optimizer, kind):
   _, whole, whole_meta = _fit(tmp_path / "whole", optimizer, kind)
   lrs = [r["lr"] for r in whole_meta["rows"]]
