@@ -27,6 +27,14 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# XLA:CPU's own kernels (fusions, loops) compiled by LLVM at -O0, for this process and the ones it starts: the
+# tests' programs are small and run a few times, so compiling is most of their time. The HLO passes, the
+# convolutions and dots (library calls) and the programs' meaning are the same; a kernel's floating-point
+# rounding may differ in the last bit from -O2's, so a test compares runs made under the same flags, and
+# torch or PML within tolerances. make test on the 2-core Zen 4 host: 13 min 2 s against 17 min 49 s at the
+# default level (2026-12-05, the same 736 tests passing). XLA_FLAGS that name a level keep theirs.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -142,22 +150,31 @@ def run_folder(tmp_path_factory) -> Path:
 
 @pytest.hookimpl(trylast=True)  # (after the tmp_path plugin's: it makes config._tmp_path_factory)
 def pytest_configure(config):
-  """One persistent XLA compilation cache for the processes this test run starts (os.environ, which they
-  inherit): most of them compile the same tiny programs. It starts empty (nothing compiled by an earlier run
-  is used) and is shared by the pytest-xdist workers' processes; JAX locks the cache when it has a size limit,
-  so that no process reads an entry while another writes it.
+  """One persistent XLA compilation cache for this test run: it starts empty (nothing compiled by an earlier run
+  is used) and is shared by the pytest-xdist workers and the processes they start (os.environ, which those
+  inherit); JAX locks the cache when it has a size limit, so that no process reads an entry while another
+  writes it.
 
-  Not for the pytest processes, whose tests compile thousands of small programs that no other test compiles:
-  with it, the tests of `make test-fast` summed 600 and 619 s in two runs, without it 411-526 s in three (within
-  two hours; this machine's speed varies up to 1.5x between hours, so that is a hint, not a measurement)."""
+  The processes (jsim runs) keep every program: most of them compile the same tiny programs. The pytest
+  processes keep only what took over a second to compile (JAX's default): their tests compile thousands of
+  small programs that no other test compiles (with every program kept, the tests of `make test-fast` summed
+  600 and 619 s in two runs, without the cache 411-526 s in three, on an earlier host), but several tests build
+  the same model's init or step. make test on the 2-core Zen 4 host, both at -O0 (above): 11 min 45 s with
+  this, 13 min 2 s without the cache in the pytest processes (2026-12-05)."""
   os.environ["JAX_COMPILATION_CACHE_DIR"] = str(run_folder(config._tmp_path_factory) / "xla_cache")
   os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
-  # Every program, not only those that took over a second to compile (JAX's default): the small programs are
-  # most of a tiny run's compiling (configs/tiny.py's run, the cache filled by the same run: 31 s with JAX's
-  # default, 25 s).
+  # Every program in a jsim process: the small programs are most of a tiny run's compiling (configs/tiny.py's
+  # run, the cache filled by the same run: 31 s with JAX's default, 25 s).
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  # The pytest-xdist workers inherit these variables from the controller before they import jax: off there.
-  jax.config.update("jax_enable_compilation_cache", False)
+  # This process imported jax before these were set (a pytest-xdist worker inherits them from the controller).
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_compilation_cache_max_size", 8 << 30)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def xla_flags(*flags: str) -> str:
+  """XLA_FLAGS for a process with these flags too (this run's flags kept: the optimization level above)."""
+  return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
 
 
 def jsim_env(cache_dir: Path, **extra: str) -> dict:

@@ -14,7 +14,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import forbid_stages, run_jsim, tiny_config
+from conftest import forbid_stages, run_jsim, tiny_config, xla_flags
 
 TINY = ["--config=configs/tiny.py"]
 
@@ -144,7 +144,7 @@ def test_batch_not_divisible_by_the_devices(jsim_cache, tmp_path):
     jsim_cache,
     timeout=300,
     JAX_LOG_COMPILES="1",
-    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
   )
   _refused(proc, expect="jsim: classifier.batch_size=6 is not divisible by the 4 devices")
 

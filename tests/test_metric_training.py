@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import Jsim, _assert_bitwise_equal, _state, _steps, run_jsim
+from conftest import Jsim, _assert_bitwise_equal, _state, _steps, run_jsim, xla_flags
 from jsim import configs, losses, models
 from jsim.data.samplers import MPerClassSampler
 from jsim.models.metric_model import MetricModel
@@ -111,7 +111,7 @@ def test_train_step_updates_backbone_head_and_loss(loss_name):
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new.params[part], state.params[part]))
     assert any(changed), f"{part} did not move"
   # The embedding the later stages see is the head's, L2-normalised.
-  _, e = model.apply(new.variables, jnp.zeros((2, SIZE, SIZE, 3)), train=False)
+  _, e = jax.jit(lambda v, x: model.apply(v, x, train=False))(new.variables, jnp.zeros((2, SIZE, SIZE, 3)))
   np.testing.assert_allclose(np.linalg.norm(np.asarray(e), axis=1), 1.0, rtol=1e-5)
 
 
@@ -121,7 +121,7 @@ def test_torchvision_backbone_goes_under_the_wrapper(monkeypatch):
   c.model.init = "torchvision"
   backbone = models.build("resnet_tiny", num_classes=3)
   x = jnp.zeros((1, SIZE, SIZE, 3))
-  ported = backbone.init({"params": jax.random.key(5), "dropout": jax.random.key(5)}, x, train=False)
+  ported = jax.jit(lambda k, x: backbone.init({"params": k, "dropout": k}, x, train=False))(jax.random.key(5), x)
   monkeypatch.setattr(models, "from_torchvision", lambda *a, **k: ported)
   model = classifier.build_classifier(c, 3)
   variables = classifier.initial_variables(c, model, 3, SIZE)
@@ -338,7 +338,7 @@ def test_four_devices_match_one_device_for_a_metric_loss():
     capture_output=True,
     text=True,
     timeout=600,
-    env=_worker_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+    env=_worker_env(XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4")),
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
   r = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY, fake_stage1_data, tiny_config
+from conftest import TINY, fake_stage1_data, tiny_config, xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 # Sharded and single-device float32 steps differ only in the order of reductions (and
@@ -261,7 +261,7 @@ def test_four_devices_match_one_device():
     capture_output=True,
     text=True,
     timeout=600,
-    env=_worker_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+    env=_worker_env(XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4")),
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
   r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -312,7 +312,9 @@ def test_bad_batch_is_one_line_from_the_cli(tmp_path):
     capture_output=True,
     text=True,
     timeout=300,
-    env=_worker_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JSIM_CACHE=str(tmp_path / "cache")),
+    env=_worker_env(
+      XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"), JSIM_CACHE=str(tmp_path / "cache")
+    ),
   )
   assert proc.returncode == 1
   assert "jsim: classifier.batch_size=6 is not divisible by the 4 devices" in proc.stderr
