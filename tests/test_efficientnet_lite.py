@@ -105,7 +105,9 @@ def test_timm_gives_the_same_logits_with_the_keys_in_order():
   with torch.no_grad():
     ref = tm(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
   model = models.build("efficientnet_lite0", num_classes=1000)
-  logits, _ = model.apply(models.from_pretrained("efficientnet_lite0", num_classes=1000), x, train=False)
+  logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+    models.from_pretrained("efficientnet_lite0", num_classes=1000), x
+  )
   assert_logits_close(np.asarray(logits), ref)
 
 
@@ -206,7 +208,7 @@ def test_onnx_graph_with_the_real_weights():
   images = natural_images(3, 64, seed=3)
   out = sess.run(None, {"images": images})[0]
   x = augment.preprocess(jnp.asarray(images), mean, std, 96)
-  ref = np.asarray(model.apply(variables, x, train=False)[1])
+  ref = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False)[1])(variables, x))
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 

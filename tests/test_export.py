@@ -42,7 +42,7 @@ def random_variables(model, input_size: int, seed: int = 0) -> dict:
   """Random weights; BatchNorm running statistics from a few train-mode batches (realistic, not 0/1)."""
   key = jax.random.key(seed)
   x = jnp.zeros((1, input_size, input_size, 3))
-  v = model.init({"params": key, "dropout": key}, x, train=False)
+  v = jax.jit(lambda key, x: model.init({"params": key, "dropout": key}, x, train=False))(key, x)
   if "batch_stats" in v:
 
     @jax.jit
@@ -55,9 +55,14 @@ def random_variables(model, input_size: int, seed: int = 0) -> dict:
   return jax.tree.map(np.asarray, v)
 
 
-def jsim_embeddings(model, variables, images: np.ndarray, input_size: int) -> np.ndarray:
-  x = augment.preprocess(jnp.asarray(images), MEAN, STD, input_size)
-  return np.asarray(model.apply(variables, x, train=False)[1])
+def embeddings(model, variables, x) -> np.ndarray:
+  """model's embeddings of preprocessed images, as jsim computes them (jitted: op by op, every layer's operations
+  would be compiled one at a time, seconds a model)."""
+  return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False)[1])(variables, x))
+
+
+def jsim_embeddings(model, variables, images: np.ndarray, input_size: int, mean=MEAN, std=STD) -> np.ndarray:
+  return embeddings(model, variables, augment.preprocess(jnp.asarray(images), mean, std, input_size))
 
 
 def session(model_proto):
@@ -132,7 +137,7 @@ def test_ensemble_concatenates_members_with_their_own_preprocessing():
   onnx.checker.check_model(proto, full_check=True)  # a valid ONNX model, shapes inferred, not only one ORT runs
   sess = session(proto)
   x = images(3, 32)
-  ref_b = np.asarray(b.apply(vb, augment.preprocess(jnp.asarray(x), STD, MEAN, 40), train=False)[1])
+  ref_b = jsim_embeddings(b, vb, x, 40, mean=STD, std=MEAN)
   out = sess.run(None, {"images": x})[0]
   assert out.shape == (3, a.embedding_dim + b.embedding_dim)
   assert_close(out[:, : a.embedding_dim], jsim_embeddings(a, va, x, 32))
