@@ -89,6 +89,9 @@ def pytest_collection_modifyitems(config, items):
     function = getattr(item, "function", None)
     if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())) or (function and _starts_a_process(function)):
       item.add_marker(pytest.mark.slow)
+  # The slow tests first (a stable sort): a worker that draws a long process test near the end would leave the
+  # other idle (make test on the Zen 4 host: 10 min 25 s against 10 min 42 s, one run each: a hint).
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def config_module(name: str):
