@@ -164,14 +164,15 @@ def pytest_configure(config):
   600 and 619 s in two runs, without the cache 411-526 s in three, on an earlier host), but several tests build
   the same model's init or step. make test on the 2-core Zen 4 host, both at -O0 (above): 11 min 45 s with
   this, 13 min 2 s without the cache in the pytest processes (2026-12-05)."""
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(run_folder(config._tmp_path_factory) / "xla_cache")
-  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
+  cache_dir, max_size = str(run_folder(config._tmp_path_factory) / "xla_cache"), 8 << 30
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(max_size)
   # Every program in a jsim process: the small programs are most of a tiny run's compiling (configs/tiny.py's
   # run, the cache filled by the same run: 31 s with JAX's default, 25 s).
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   # This process imported jax before these were set (a pytest-xdist worker inherits them from the controller).
-  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-  jax.config.update("jax_compilation_cache_max_size", 8 << 30)
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_compilation_cache_max_size", max_size)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 

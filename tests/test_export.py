@@ -55,14 +55,11 @@ def random_variables(model, input_size: int, seed: int = 0) -> dict:
   return jax.tree.map(np.asarray, v)
 
 
-def embeddings(model, variables, x) -> np.ndarray:
-  """model's embeddings of preprocessed images, as jsim computes them (jitted: op by op, every layer's operations
-  would be compiled one at a time, seconds a model)."""
-  return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False)[1])(variables, x))
-
-
 def jsim_embeddings(model, variables, images: np.ndarray, input_size: int, mean=MEAN, std=STD) -> np.ndarray:
-  return embeddings(model, variables, augment.preprocess(jnp.asarray(images), mean, std, input_size))
+  """model's embeddings of uint8 images, as jsim computes them (jitted: op by op, every layer's operations would
+  be compiled one at a time, seconds a model)."""
+  x = augment.preprocess(jnp.asarray(images), mean, std, input_size)
+  return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False)[1])(variables, x))
 
 
 def session(model_proto):
