@@ -11,7 +11,7 @@ saying that they are complete.
 An exception raised inside a gc callback or a __del__ is swallowed by Python
 ("Exception ignored"), so there a signal is delivered again shortly, and
 `received` remembers it: the run raises it again at the next stage boundary
-(`raise_if_received`).
+(`raise_if_received`). jsim.sweep passes its signals on to the run it started (`ForwardToChild`).
 """
 
 from __future__ import annotations
@@ -180,6 +180,29 @@ class PreemptionGuard:
     if stop and self.signal_name is None:
       self.signal_name = "a signal to another process"
     return stop
+
+
+class ForwardToChild:
+  """While a child process runs (`child`, jsim.sweep's run): SIGTERM/SIGINT go to it, which saves a
+  checkpoint and stops; `signal_name` tells the parent to stop too. The child runs in its own session,
+  so that a Ctrl-C at the terminal reaches it once, from here."""
+
+  def __init__(self):
+    self.child = None  # a subprocess.Popen
+    self.signal_name: str | None = None
+
+  def __enter__(self):
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    return self
+
+  def _handle(self, signum, frame):
+    self.signal_name = signal.Signals(signum).name
+    if self.child is not None and self.child.poll() is None:
+      self.child.send_signal(signum)
+
+  def __exit__(self, *exc):
+    for s, h in self._previous.items():
+      signal.signal(s, h)
 
 
 _active_guard: PreemptionGuard | None = None

@@ -23,12 +23,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
+
+from jsim import interrupts
 
 SWEEP_FILE = "sweep.json"
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=-]")
@@ -151,28 +152,6 @@ def is_finished(config, workdir: Path) -> bool:
   return all(plan.stage_status(config, workdir, s).endswith("skipped") for s in stages)
 
 
-class _Forward:
-  """While a child runs: SIGTERM/SIGINT to the sweep go to the child (in its own session, so that Ctrl-C
-  reaches it once, from here), which saves a checkpoint and stops; the sweep then stops too."""
-
-  def __init__(self):
-    self.child: subprocess.Popen | None = None
-    self.signal_name: str | None = None
-
-  def __enter__(self):
-    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-    return self
-
-  def _handle(self, signum, frame):
-    self.signal_name = signal.Signals(signum).name
-    if self.child is not None and self.child.poll() is None:
-      self.child.send_signal(signum)
-
-  def __exit__(self, *exc):
-    for s, h in self._previous.items():
-      signal.signal(s, h)
-
-
 def sweep(
   config_arg: str, root: str | Path, seeds: list[int] | None, grid: list[tuple[str, list[str]]], extra: Sequence[str]
 ) -> int:
@@ -214,7 +193,7 @@ def sweep(
     wd.write_json(record_path, {"config": config_arg, "extra": list(extra), "runs": list(records.values())})
 
   failed = []
-  with _Forward() as forward:
+  with interrupts.ForwardToChild() as forward:
     for i, r in enumerate(runs, 1):
       workdir = root / r.name
       command = [sys.executable, "-m", "jsim.main", f"--config={config_arg}", f"--workdir={workdir}"]

@@ -148,3 +148,39 @@ def test_no_import_cycle_between_modules():
   assert "jsim.train.step" in graph["jsim.train.classifier"]  # not empty by accident
   cycle = _cycle(graph)
   assert cycle is None, f"import cycle {' -> '.join(cycle)}"
+
+
+# The jsim functions on the call stack when a stage-1 run first enters its step (jsim/train/step.py, as
+# jax traces it): what a reader follows from the command line to the step.
+_PATH_TO_STEP = r"""
+import json, os, sys
+root = os.path.join(os.getcwd(), "jsim") + os.sep
+step_file = os.path.join(root, "train", "step.py")
+
+def profile(frame, event, arg):
+  if event == "call" and frame.f_code.co_filename == step_file and frame.f_code.co_name.endswith("train_step"):
+    stack = []
+    while frame is not None:
+      if frame.f_code.co_filename.startswith(root):
+        stack.append([os.path.relpath(frame.f_code.co_filename, os.getcwd()), frame.f_code.co_qualname])
+      frame = frame.f_back
+    print(json.dumps(stack[::-1]), flush=True)
+    os._exit(0)
+
+sys.argv = ["jsim", *sys.argv[1:]]
+sys.setprofile(profile)
+from jsim import main
+main.entry_point()
+"""
+
+
+def test_the_path_from_the_command_line_to_the_first_step_is_short(tmp_path):
+  # google/flax examples/imagenet: 9 functions in 4 files; jsim's budget: 15 in 8.
+  command = ["--config=configs/tiny.py", "--config.stage=classifier", f"--workdir={tmp_path / 'w'}"]
+  proc = subprocess.run([sys.executable, "-c", _PATH_TO_STEP, *command], cwd=REPO, capture_output=True, text=True)
+  assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-3000:]
+  path = [tuple(frame) for frame in json.loads(proc.stdout.strip().splitlines()[-1])]
+  text = " -> ".join(f"{file}:{function}" for file, function in path)
+  assert path[0] == ("jsim/main.py", "entry_point") and path[-1][0] == "jsim/train/step.py", text
+  assert ("jsim/train/classifier.py", "train_classifier") in path and ("jsim/train/loop.py", "fit") in path, text
+  assert len(path) <= 15 and len({file for file, _ in path}) <= 8, text
