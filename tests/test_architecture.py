@@ -175,7 +175,7 @@ main.entry_point()
 
 
 def test_the_path_from_the_command_line_to_the_first_step_is_short(tmp_path):
-  # google/flax examples/imagenet: 9 functions in 4 files; jsim's budget: 15 in 8.
+  # A reader follows at most 15 functions in at most 8 files to the step.
   command = ["--config=configs/tiny.py", "--config.stage=classifier", f"--workdir={tmp_path / 'w'}"]
   proc = subprocess.run([sys.executable, "-c", _PATH_TO_STEP, *command], cwd=REPO, capture_output=True, text=True)
   assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-3000:]
