@@ -26,7 +26,7 @@ loss: cross_entropy (default: the probe above) | a metric loss of jsim.losses, e
   a 128-d L2-normalised embedding head (and the loss's own parameters) trained on the cached frozen
   features, batches of 16 classes x 4, Adam with a one-epoch warm-up and a cosine decay over
   METRIC_EPOCHS, the best epoch by validation MAP@R; the embeddings are the head's output. Measured
-  (RESULTS.md, issue 23; seeds 0, 1, 2 on the same 2-core CPU, the features shared per split): 3-5 min
+  (RESULTS.md; seeds 0, 1, 2 on the same 2-core CPU, the features shared per split): 3-5 min
   a run one at a time at load 4-8 (9-20 min with three at once); balanced unseen / unseen AUC / unseen
   MAP@R, mean over the seeds: pair_ms (lr 1e-2) 74.72 % / 0.829 / 21.1 %, normalized_softmax (1e-2)
   72.61 % / 0.800 / 19.7 %, proxy_anchor (1e-3) 72.25 % / 0.797 / 19.4 %, cross_entropy 70.37 % /

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from jsim.data import pairs as P
 from jsim.evaluate import pairwise as PW
 from jsim.evaluate import retrieval as R
@@ -174,9 +175,6 @@ def test_bad_arguments(data):
 def test_mesh_sharded_chunks_match_single_device(tmp_path):
   """Two virtual CPU devices (a fresh process: the device count is fixed at jax start)."""
   script = textwrap.dedent("""
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh
     from jsim.data import pairs as P
@@ -196,7 +194,7 @@ def test_mesh_sharded_chunks_match_single_device(tmp_path):
       np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
     print("OK")
   """)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"))
   out = subprocess.run(
     [sys.executable, "-c", script],
     capture_output=True,

@@ -367,7 +367,7 @@ def test_split_slices_and_unknown_split(prepared):
 
 def test_builder_reads_the_layout_like_the_folder_source(tmp_path):
   # One reader: a val image without an annotation line is refused by the TFDS builder as by
-  # the folder source (it used to be dropped silently), and dropped with on_bad_image=skip.
+  # the folder source (never dropped silently), and dropped with on_bad_image=skip.
   from jsim.data import tiny_imagenet
 
   root = _write_layout(tmp_path / "tiny-imagenet-200")
