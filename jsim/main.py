@@ -58,7 +58,7 @@ def _loaded_config(argv: list[str]):
   return module.get_config(arg) if arg else module.get_config()
 
 
-def _config_file_problem(argv: list[str]) -> str | None:
+def config_file_problem(argv: list[str]) -> str | None:
   """One line for a config file that is missing, does not parse, or fails (a key the base config
   lacks, a wrong type): naming the file, and the line where it failed. None if it loads."""
   found = _config_arg(argv)
@@ -94,7 +94,7 @@ def _config_file_problem(argv: list[str]) -> str | None:
   return None
 
 
-def _unknown_override(argv: list[str]) -> str | None:
+def unknown_override(argv: list[str]) -> str | None:
   """'--config.a.b: ...' for the first override whose key the config lacks, else None."""
   try:
     config = _loaded_config(argv)
@@ -190,14 +190,14 @@ def parse_flags(argv: list[str]) -> list[str]:
   found = _config_arg(argv)
   if found is None or not found[0]:
     _refuse(_missing_flag("config", argv), 2)
-  problem = _config_file_problem(argv)
+  problem = config_file_problem(argv)
   if problem:
     _refuse(problem)
   try:
     rest = FLAGS(argv)  # (not app.parse_flags_with_usage: its "FATAL Flags parsing error" is two lines)
   except (AttributeError, KeyError) as e:  # what ml_collections raises for a key the config lacks
     text = str(e.args[0]) if e.args else str(e)
-    _refuse(_unknown_override(argv) or f"a --config override names a key the config lacks ({text.splitlines()[0]})")
+    _refuse(unknown_override(argv) or f"a --config override names a key the config lacks ({text.splitlines()[0]})")
   except flags.Error as e:
     _refuse(*_flag_error(e, argv))
   if len(rest) > 1:

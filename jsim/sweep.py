@@ -11,7 +11,8 @@ other. NAME is made of the values, e.g. `classifier.learning_rate=1e-4,seed=0`. 
 all finished is skipped without starting; an interrupted one resumes where it stopped. --config.KEY=VALUE
 flags go to every run unchanged (not into the names). Every run's config is built and checked before
 the first one starts, so a bad key or value is one line, not a failure hours later. ROOT/sweep.json
-records each run: its name, seed, values, command, status and wall time.
+records each run: its name, seed, values, command, status and wall time (sweeps that share ROOT at the
+same time, over other grids or seeds, keep each other's runs in it).
 
 A SIGTERM or Ctrl-C stops the running child at its next step with a checkpoint (as jsim.main does) and
 the sweep with it: rerun the same command to continue. A run that fails (e.g. a NaN loss) is reported,
@@ -125,7 +126,7 @@ def build_config(config_arg: str, overrides: Sequence[str]):
   from jsim import main
 
   argv = ["jsim.sweep", f"--config={config_arg}", *overrides]
-  problem = main._config_file_problem(argv)
+  problem = main.config_file_problem(argv)
   if problem:
     raise ValueError(problem)
   fv = flags.FlagValues()
@@ -135,7 +136,7 @@ def build_config(config_arg: str, overrides: Sequence[str]):
   except (AttributeError, KeyError) as e:
     text = str(e.args[0]) if e.args else str(e)
     raise ValueError(
-      main._unknown_override(argv) or f"a --config override names a key the config lacks ({text})"
+      main.unknown_override(argv) or f"a --config override names a key the config lacks ({text})"
     ) from None
   except flags.Error as e:
     raise ValueError(str(e).splitlines()[0]) from None
@@ -152,11 +153,39 @@ def is_finished(config, workdir: Path) -> bool:
   return all(plan.stage_status(config, workdir, s).endswith("skipped") for s in stages)
 
 
+def read_records(root: Path) -> dict:
+  """ROOT/sweep.json's runs by name ({} where there is none, or it is unreadable: it is then rewritten)."""
+  from jsim import workdir as wd
+
+  path = Path(root) / SWEEP_FILE
+  try:
+    return {r["name"]: r for r in wd.read_json(path)["runs"]} if path.is_file() else {}
+  except (ValueError, KeyError, TypeError):
+    return {}
+
+
+def write_record(root: Path, header: dict, entry: dict) -> dict:
+  """Puts one run's `entry` into ROOT/sweep.json (over that run's earlier entry, keeping the fields it lacks)
+  and returns it as written. Under a lock, re-reading the file first: sweeps that share ROOT at the same time
+  (other grids or seeds) keep each other's runs. The header (config, extra flags) is the last writer's; each
+  run's own is in its command."""
+  import fcntl
+
+  from jsim import workdir as wd
+
+  with open(Path(root) / f".{SWEEP_FILE}.lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # (released when the file closes)
+    records = read_records(root)
+    records[entry["name"]] = {**records.get(entry["name"], {}), **entry}
+    wd.write_json(Path(root) / SWEEP_FILE, {**header, "runs": list(records.values())})
+  return records[entry["name"]]
+
+
 def sweep(
   config_arg: str, root: str | Path, seeds: list[int] | None, grid: list[tuple[str, list[str]]], extra: Sequence[str]
 ) -> int:
   """Runs the sweep (see the module doc); returns the exit status."""
-  from jsim import validate, workdir as wd
+  from jsim import validate
 
   root = Path(root)
   if root.exists() and not root.is_dir():
@@ -172,25 +201,13 @@ def sweep(
     except ValueError as e:
       raise ValueError(f"run {r.name}: {e}") from None
   root.mkdir(parents=True, exist_ok=True)
-  record_path = root / SWEEP_FILE
-  records = {}
-  if record_path.is_file():
-    try:
-      records = {r["name"]: r for r in wd.read_json(record_path)["runs"]}
-    except (ValueError, KeyError, TypeError):
-      records = {}  # (an unreadable record is rewritten)
+  records = read_records(root)
 
   def record(r: Run, status: str, command: list[str], wall: float | None = None) -> None:
-    records[r.name] = {
-      **records.get(r.name, {}),
-      "name": r.name,
-      "seed": r.seed,
-      "values": dict(r.values),
-      "command": command,
-      "status": status,
-      **({"wall_s": round(wall, 1)} if wall is not None else {}),
-    }
-    wd.write_json(record_path, {"config": config_arg, "extra": list(extra), "runs": list(records.values())})
+    entry = {"name": r.name, "seed": r.seed, "values": dict(r.values), "command": command, "status": status}
+    if wall is not None:
+      entry["wall_s"] = round(wall, 1)
+    records[r.name] = write_record(root, {"config": config_arg, "extra": list(extra)}, entry)
 
   failed = []
   with interrupts.ForwardToChild() as forward:

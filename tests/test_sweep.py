@@ -264,3 +264,21 @@ def test_sigterm_stops_the_running_child_with_a_checkpoint_and_the_sweep(tmp_pat
   assert [(r["name"], r["status"]) for r in record["runs"]] == [("seed=0", "interrupted")]
   assert any(p.name.isdigit() for p in (root / "seed=0" / "stage1" / "checkpoints").iterdir())
   assert not (root / "seed=1").exists()
+
+
+def test_sweeps_that_share_a_root_keep_each_others_runs(tmp_path):
+  # Two processes (sweeps over other grids into one ROOT) record 30 runs each at the same time: none is lost.
+  code = """
+import sys
+from pathlib import Path
+from jsim import sweep
+root, who = Path(sys.argv[1]), sys.argv[2]
+for i in range(30):
+  sweep.write_record(root, {"config": who, "extra": []}, {"name": f"{who}{i}", "seed": 0, "status": "running"})
+  sweep.write_record(root, {"config": who, "extra": []}, {"name": f"{who}{i}", "status": "finished", "wall_s": 1.5})
+"""
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), who], cwd=REPO) for who in "ab"]
+  assert [p.wait(timeout=300) for p in procs] == [0, 0]
+  runs = json.loads((tmp_path / sweep.SWEEP_FILE).read_text())["runs"]
+  assert sorted(r["name"] for r in runs) == sorted(f"{who}{i}" for who in "ab" for i in range(30))
+  assert all(r["status"] == "finished" and r["wall_s"] == 1.5 and r["seed"] == 0 for r in runs)
