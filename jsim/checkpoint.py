@@ -161,7 +161,9 @@ class StageCheckpoints:
     except Exception as e:  # noqa: BLE001 - tensorstore/orbax read errors have no common type
       if not _is_read_error(e):
         raise
-      raise DamagedCheckpoint(f"{self.step_dir(step)} is damaged ({_first_line(e)})") from None
+      raise DamagedCheckpoint(
+        f"{self.step_dir(step)} is damaged (its arrays cannot be read: {_first_line(e)})"
+      ) from None
     recorded = meta.get(CHECKSUM_KEY)
     if recorded is not None and state_digest(state) != recorded.get("state"):
       raise DamagedCheckpoint(f"{self.step_dir(step)} is damaged (its arrays do not match their checksum)")

@@ -117,7 +117,10 @@ def test_damaged_latest_checkpoint_falls_back_and_resumes_exactly(reference, jsi
   _damage(_array_file(ckpts / str(STAGE1_STEPS)), "overwrite")
   out = _ok([*STAGE1, f"--workdir={w}"], jsim_cache)
   line = next(x for x in out.splitlines() if "damaged (" in x)  # (the workdir's path says 'damaged' too)
-  assert f"checkpoint of step {STAGE1_STEPS} damaged (its arrays do not match their checksum)" in line, line
+  # Where the 64 bytes land depends on how orbax laid the arrays out in the file: some fail to decode (a read
+  # error), others decode to other values, which the checksum catches (both seen).
+  reasons = ("its arrays do not match their checksum", "its arrays cannot be read: ")
+  assert any(f"checkpoint of step {STAGE1_STEPS} damaged ({why}" in line for why in reasons), line
   assert "resuming from step 40, the newest checkpoint that verifies" in line, line
   assert "stage 1: resumed from step 40 (epoch 6, batch 5/7)" in out
   assert (w / "stage1" / "damaged_checkpoints" / str(STAGE1_STEPS)).is_dir()  # kept, out of the way
