@@ -1,5 +1,6 @@
 """The layering: no import cycle between jsim's parts nor between its modules, evaluators that import no trainer,
-and a stage-1 run that loads neither the evaluation code, TFDS nor matplotlib."""
+a stage-1 run that loads neither the evaluation code, TFDS nor matplotlib, and a short path from the command
+line to the first step."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import jsim_env
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "jsim"
@@ -174,10 +177,12 @@ main.entry_point()
 """
 
 
-def test_the_path_from_the_command_line_to_the_first_step_is_short(tmp_path):
+def test_the_path_from_the_command_line_to_the_first_step_is_short(tmp_path, jsim_cache):
   # A reader follows at most 15 functions in at most 8 files to the step.
   command = ["--config=configs/tiny.py", "--config.stage=classifier", f"--workdir={tmp_path / 'w'}"]
-  proc = subprocess.run([sys.executable, "-c", _PATH_TO_STEP, *command], cwd=REPO, capture_output=True, text=True)
+  proc = subprocess.run(
+    [sys.executable, "-c", _PATH_TO_STEP, *command], cwd=REPO, env=jsim_env(jsim_cache), capture_output=True, text=True
+  )
   assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-3000:]
   path = [tuple(frame) for frame in json.loads(proc.stdout.strip().splitlines()[-1])]
   text = " -> ".join(f"{file}:{function}" for file, function in path)
