@@ -47,7 +47,7 @@ def _array_file(step_dir: Path) -> Path:
 
 def _damage(path: Path, how: str) -> None:
   data = path.read_bytes()
-  if how == "overwrite":  # 64 bytes inside the file: still decodes, to other values
+  if how == "overwrite":  # 64 bytes inside the file: other values, or bytes that no longer decode
     mid = len(data) // 2
     path.write_bytes(data[:mid] + bytes(range(64)) + data[mid + 64 :])
   elif how == "truncate":
