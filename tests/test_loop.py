@@ -4,77 +4,20 @@ real SIGTERM), the halving rule, and a NaN loss. Real orbax checkpoints in tmp_p
 from __future__ import annotations
 
 import asyncio
-import functools
-import os
-import signal
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
+from conftest import TOY_BATCHES, TOY_DIM, ToyPlan, loop_rows
 from jsim.checkpoint import StageCheckpoints
 from jsim.train import loop, schedule
 from jsim.train.state import TrainState
 
-BATCHES, BATCH, DIM = 5, 4, 3
-
-
-def _toy_step(state: TrainState, x, sums, *, tx):
-  """Least squares towards the batch: per-example loss |x - w|^2, 'correct' when below 1."""
-
-  def loss_fn(params):
-    losses = jnp.sum((x - params["w"]) ** 2, axis=-1)
-    return losses.mean(), losses
-
-  grads, losses = jax.grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
-  return new_state, loop.add_to_sums(sums, losses, losses < 1.0, state.step)
-
-
-class ToyPlan:
-  """BATCHES batches of BATCH random vectors per epoch, drawn from (epoch, batch) alone.
-
-  accuracies: the validation accuracy after each epoch (scripted, to drive the halving
-  rule); nan_at_step: the step whose batch is NaN; signal_at_step: the step before
-  which the process sends itself a SIGTERM.
-  """
-
-  item_name = "item"
-  items_per_batch = BATCH
-
-  def __init__(self, tx, accuracies, *, nan_at_step=None, signal_at_step=None):
-    self.accuracies, self.nan_at_step, self.signal_at_step = accuracies, nan_at_step, signal_at_step
-    self._step = jax.jit(functools.partial(_toy_step, tx=tx))
-    self.steps_run = []
-
-  def num_batches(self, epoch: int) -> int:
-    return BATCHES
-
-  def begin_epoch(self, epoch: int) -> None:
-    self._epoch = epoch
-
-  def train_step(self, state, epoch: int, batch: int, sums: dict):
-    step = (epoch - 1) * BATCHES + batch
-    if step == self.signal_at_step:
-      self.signal_at_step = None
-      os.kill(os.getpid(), signal.SIGTERM)  # handled by fit's guard: stops before the next step
-    x = np.random.default_rng([epoch, batch]).normal(size=(BATCH, DIM)).astype(np.float32)
-    if step == self.nan_at_step:
-      x[0, 0] = np.nan
-    self.steps_run.append(step)
-    return self._step(state, jnp.asarray(x), sums)
-
-  def evaluate(self, state) -> dict:
-    epoch = int(state.step) // BATCHES
-    return {"loss": float(jnp.sum(state.params["w"] ** 2)), "accuracy": self.accuracies[epoch - 1]}
-
 
 def _start(lr=0.1):
   tx = schedule.make_optimizer(learning_rate=lr, momentum=0.8, nesterov=True, weight_decay=0.0)
-  return tx, TrainState.create({"params": {"w": jnp.zeros(DIM, jnp.float32)}}, tx)
+  return tx, TrainState.create({"params": {"w": jnp.zeros(TOY_DIM, jnp.float32)}}, tx)
 
 
 def _settings(num_epochs, **kw):
@@ -91,10 +34,6 @@ def _fit(stage_dir, num_epochs, accuracies, **plan_kw):
   return plan, state, meta
 
 
-def _rows(meta):
-  return [{k: v for k, v in r.items() if k != "items_per_s"} for r in meta["rows"]]
-
-
 RISING = [0.3, 0.5, 0.6, 0.7, 0.75, 0.8]
 
 
@@ -102,17 +41,17 @@ def test_resume_at_an_epoch_end_equals_an_uninterrupted_run(tmp_path):
   _, whole, whole_meta = _fit(tmp_path / "whole", 6, RISING)
   _fit(tmp_path / "parts", 2, RISING)
   plan, resumed, meta = _fit(tmp_path / "parts", 6, RISING)
-  assert plan.steps_run == list(range(2 * BATCHES, 6 * BATCHES))  # only the missing epochs ran
-  assert int(resumed.step) == int(whole.step) == 6 * BATCHES
+  assert plan.steps_run == list(range(2 * TOY_BATCHES, 6 * TOY_BATCHES))  # only the missing epochs ran
+  assert int(resumed.step) == int(whole.step) == 6 * TOY_BATCHES
   np.testing.assert_array_equal(np.asarray(resumed.params["w"]), np.asarray(whole.params["w"]))
-  assert _rows(meta) == _rows(whole_meta) and meta["best"] == whole_meta["best"] == {
-    "step": 6 * BATCHES,
+  assert loop_rows(meta) == loop_rows(whole_meta) and meta["best"] == whole_meta["best"] == {
+    "step": 6 * TOY_BATCHES,
     "epoch": 6,
     "val_accuracy": 0.8,
   }
   # A finished run asked for no more epochs trains nothing.
   plan, again, _ = _fit(tmp_path / "whole", 6, RISING)
-  assert plan.steps_run == [] and int(again.step) == 6 * BATCHES
+  assert plan.steps_run == [] and int(again.step) == 6 * TOY_BATCHES
 
 
 def test_sigterm_mid_epoch_saves_and_the_rerun_continues_the_same_batches(tmp_path):
@@ -125,10 +64,10 @@ def test_sigterm_mid_epoch_saves_and_the_rerun_continues_the_same_batches(tmp_pa
   finally:
     ckpts.close()
   plan, resumed, meta = _fit(tmp_path / "cut", 3, RISING)
-  assert plan.steps_run == list(range(8, 3 * BATCHES))
+  assert plan.steps_run == list(range(8, 3 * TOY_BATCHES))
   np.testing.assert_array_equal(np.asarray(resumed.params["w"]), np.asarray(whole.params["w"]))
   # The interrupted epoch's training metrics include the batches before the signal.
-  assert _rows(meta) == _rows(whole_meta)
+  assert loop_rows(meta) == loop_rows(whole_meta)
 
 
 def test_orbax_cleanup_thread_is_done_when_the_checkpoints_are_opened(tmp_path, monkeypatch):
@@ -167,10 +106,10 @@ def test_halving_rule_halves_the_learning_rate_and_survives_a_resume(tmp_path):
   np.testing.assert_allclose(lrs, [0.1] * 4 + [0.05] * 3 + [0.025], rtol=1e-6)
   assert [r["halved"] for r in meta["rows"]] == [k in (4, 7) for k in range(1, 9)]
   # The first best stays the best when later epochs only tie it.
-  assert meta["best"] == {"step": BATCHES, "epoch": 1, "val_accuracy": 0.5}
+  assert meta["best"] == {"step": TOY_BATCHES, "epoch": 1, "val_accuracy": 0.5}
   _fit(tmp_path / "parts", 5, flat)
   _, _, resumed = _fit(tmp_path / "parts", 8, flat)
-  assert resumed["halving_epochs"] == [4, 7] and _rows(resumed) == _rows(meta)
+  assert resumed["halving_epochs"] == [4, 7] and loop_rows(resumed) == loop_rows(meta)
   # Rising accuracies never halve.
   _, _, rising = _fit(tmp_path / "rising", 6, RISING)
   assert rising["halving_epochs"] == []
@@ -185,7 +124,7 @@ def test_nan_loss_stops_without_saving_and_keeps_the_last_good_checkpoint(tmp_pa
     _fit(tmp_path / "s", 3, RISING, nan_at_step=6)
   ckpts = StageCheckpoints(tmp_path / "s" / "checkpoints")
   try:
-    assert ckpts.all_steps() == [BATCHES] and ckpts.restore_meta(BATCHES)["epoch"] == 1
+    assert ckpts.all_steps() == [TOY_BATCHES] and ckpts.restore_meta(TOY_BATCHES)["epoch"] == 1
   finally:
     ckpts.close()
   # A NaN in the first epoch: nothing was saved at all.

@@ -10,7 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import Jsim, _assert_bitwise_equal, _state, _steps, run_jsim, xla_flags
+from conftest import (
+  REPO,
+  Jsim,
+  assert_bitwise_equal,
+  checkpoint_state,
+  checkpoint_steps,
+  predict_agrees_with_the_stored_embeddings,
+  run_jsim,
+  worker_env,
+  xla_flags,
+)
 from jsim import configs, losses, models
 from jsim.data.samplers import MPerClassSampler
 from jsim.models.metric_model import MetricModel
@@ -125,7 +135,7 @@ def test_torchvision_backbone_goes_under_the_wrapper(monkeypatch):
   monkeypatch.setattr(models, "from_torchvision", lambda *a, **k: ported)
   model = classifier.build_classifier(c, 3)
   variables = classifier.initial_variables(c, model, 3, SIZE)
-  _assert_bitwise_equal(
+  assert_bitwise_equal(
     jax.tree.map(np.asarray, variables["params"]["backbone"]), jax.tree.map(np.asarray, ported["params"])
   )
   assert variables["params"]["loss"]["proxies"].shape == (3, model.backbone.embedding_dim)
@@ -167,12 +177,13 @@ def test_metric_run_resumes_bitwise_and_every_stage_follows(jsim_cache, tmp_path
   run.wait_for_text("stage 1 epoch 1/2")
   run.send(signal.SIGINT)
   assert run.finish() == 0, run.output[-3000:]
-  assert _steps(w / "stage1" / "checkpoints") == [1]
+  assert checkpoint_steps(w / "stage1" / "checkpoints") == [1]
   run = Jsim(args, jsim_cache)
   assert run.finish() == 0, run.output[-3000:]
   assert "resumed from step 1 (epoch 1, batch 1/" in run.output  # numbered as the stop message
-  _assert_bitwise_equal(
-    _state(w / "stage1" / "checkpoints", METRIC1_STEPS), _state(ref / "stage1" / "checkpoints", METRIC1_STEPS)
+  assert_bitwise_equal(
+    checkpoint_state(w / "stage1" / "checkpoints", METRIC1_STEPS),
+    checkpoint_state(ref / "stage1" / "checkpoints", METRIC1_STEPS),
   )
   rows = lambda d: [
     {k: v for k, v in json.loads(line).items() if k != "items_per_s"}
@@ -238,33 +249,7 @@ def _check_every_stage(w, loss, args, jsim_cache, monkeypatch):
   cases = {c["case"]: c["accuracy_at_0.5"] for c in report["cases"]}
   assert b == pytest.approx((cases[4] + cases[5]) / 2)
   monkeypatch.setenv("JSIM_CACHE", str(jsim_cache))  # the runs' decoded data
-  _predict_agrees_with_the_stored_embeddings(w, stage2)
-
-
-def _predict_agrees_with_the_stored_embeddings(w, stage2):
-  """jsim.predict restores this workdir (metric backbone, Ms or the distance) and scores like the stages,
-  with the JAX backend and with the ONNX export."""
-  from jsim.data import sources
-  from jsim.models import distance
-  from jsim.predict import Similarity
-  from jsim.train.embeddings import load_embeddings
-
-  emb = load_embeddings(w)
-  config = configs.config_from_dict(json.loads((w / "stage1" / "config.json").read_text()))
-  images = sources.load_image_sets(config.data)["test"].images
-  a, b = (np.asarray(images[emb["test_index"][k]]) for k in (0, 1))
-  sim = Similarity.load(w)
-  e = sim.embed([a, b])
-  np.testing.assert_allclose(e, emb["test"][:2], atol=1e-5 * max(1.0, np.abs(emb["test"]).max()))
-  p = sim.probability(a, b)
-  assert 0.0 <= p <= 1.0
-  if stage2.get("model") == "distance":
-    d = float(distance.pair_distance(jnp.asarray(e[:1]), jnp.asarray(e[1:]), stage2["distance"])[0])
-    assert p == pytest.approx(1 / (1 + np.exp(-(stage2["scale"] * d + stage2["bias"]))), abs=1e-5)
-  # The ONNX export of the same workdir (W/onnx, made on first use): the same embeddings and P(same).
-  onnx_sim = Similarity.load(w, backend="onnx")
-  np.testing.assert_allclose(onnx_sim.embed([a, b]), e, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(e).max()))
-  assert onnx_sim.probability(a, b) == pytest.approx(p, rel=1e-4, abs=1e-6)
+  predict_agrees_with_the_stored_embeddings(w, stage2)
 
 
 # ---------------------------------------------------------------------------- 4 devices == 1 device
@@ -330,15 +315,13 @@ def test_four_devices_match_one_device_for_a_metric_loss():
   import subprocess
   import sys
 
-  from test_parallel import REPO, _worker_env
-
   proc = subprocess.run(
     [sys.executable, __file__, "four_devices"],
     cwd=REPO,
     capture_output=True,
     text=True,
     timeout=600,
-    env=_worker_env(XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4")),
+    env=worker_env(XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4")),
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
   r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -442,5 +425,5 @@ def test_stream_pipeline_trains_as_the_device_pipeline():
     for b in range(plan.num_batches(2)):
       state, sums = plan.train_step(state, 2, b, sums)
     out[pipeline] = (jax.device_get(state.params), plan.evaluate(state)["accuracy"])
-  _assert_bitwise_equal(out["device"][0], out["stream"][0])
+  assert_bitwise_equal(out["device"][0], out["stream"][0])
   assert out["device"][1] == out["stream"][1]

@@ -8,12 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_loop import BATCHES, DIM, ToyPlan, _rows
 
 from jsim import configs, validate
 from jsim.train import loop, schedule
 from jsim.train.state import TrainState
-from conftest import parametrize_fast_first
+from conftest import TOY_BATCHES, TOY_DIM, ToyPlan, loop_rows, parametrize_fast_first
 
 torch = pytest.importorskip("torch")
 
@@ -148,7 +147,7 @@ CASES = [
 def _fit(stage_dir, optimizer, kind, **plan_kw):
   lr = 0.05
   tx = schedule.make_optimizer(learning_rate=lr, momentum=0.8, weight_decay=0.01, optimizer=optimizer)
-  state = TrainState.create({"params": {"w": jnp.zeros(DIM, jnp.float32)}}, tx)
+  state = TrainState.create({"params": {"w": jnp.zeros(TOY_DIM, jnp.float32)}}, tx)
   rule = schedule.Schedule(kind=kind, patience=2, warmup_epochs=2, final_rate_factor=0.1)
   settings = loop.LoopSettings(
     num_epochs=6, alpha=0.02, log_every_steps=2, name="toy", learning_rate=lr, rate_schedule=rule
@@ -170,10 +169,10 @@ def test_every_optimizer_and_schedule_resumes_bitwise(tmp_path, optimizer, kind)
     rule = schedule.Schedule(kind=kind, warmup_epochs=2, final_rate_factor=0.1)
     np.testing.assert_allclose(lrs, [rule.epoch_rate(0.05, e, 6) for e in range(1, 7)], rtol=1e-6)
   with pytest.raises(loop.Preempted):
-    _fit(tmp_path / "cut", optimizer, kind, signal_at_step=2 * BATCHES + 2)  # in epoch 3
+    _fit(tmp_path / "cut", optimizer, kind, signal_at_step=2 * TOY_BATCHES + 2)  # in epoch 3
   plan, resumed, meta = _fit(tmp_path / "cut", optimizer, kind)
-  assert plan.steps_run[0] == 2 * BATCHES + 3
+  assert plan.steps_run[0] == 2 * TOY_BATCHES + 3
   np.testing.assert_array_equal(np.asarray(resumed.params["w"]), np.asarray(whole.params["w"]))
   for a, b in zip(jax.tree.leaves(resumed.opt_state), jax.tree.leaves(whole.opt_state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert _rows(meta) == _rows(whole_meta)
+  assert loop_rows(meta) == loop_rows(whole_meta)

@@ -16,7 +16,6 @@ The worker half of this file runs as `python tests/test_parallel.py four_devices
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY, fake_stage1_data, tiny_config, xla_flags
+from conftest import TINY, fake_stage1_data, tiny_config, worker_env, xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 # Sharded and single-device float32 steps differ only in the order of reductions (and
@@ -241,18 +240,6 @@ def _four_devices() -> dict:
 # Tests.
 
 
-def _worker_env(**extra) -> dict:
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("JSIM_COORDINATOR", "JSIM_NUM", "JSIM_PROCESS"))}
-  env.update(
-    JAX_PLATFORMS="cpu",
-    PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-    TF_CPP_MIN_LOG_LEVEL="3",
-    PYTHONUNBUFFERED="1",
-  )
-  env.update(extra)
-  return env
-
-
 @pytest.mark.slow
 def test_four_devices_match_one_device():
   proc = subprocess.run(
@@ -261,7 +248,7 @@ def test_four_devices_match_one_device():
     capture_output=True,
     text=True,
     timeout=600,
-    env=_worker_env(XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4")),
+    env=worker_env(XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4")),
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
   r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -312,9 +299,7 @@ def test_bad_batch_is_one_line_from_the_cli(tmp_path):
     capture_output=True,
     text=True,
     timeout=300,
-    env=_worker_env(
-      XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"), JSIM_CACHE=str(tmp_path / "cache")
-    ),
+    env=worker_env(XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"), JSIM_CACHE=str(tmp_path / "cache")),
   )
   assert proc.returncode == 1
   assert "jsim: classifier.batch_size=6 is not divisible by the 4 devices" in proc.stderr
@@ -399,7 +384,7 @@ def _launch(child: str, *options: str) -> subprocess.Popen:
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,
-    env=_worker_env(),
+    env=worker_env(),
   )
 
 
@@ -471,7 +456,7 @@ def test_two_processes_train_and_write_one_checkpoint_set(tmp_path):
     capture_output=True,
     text=True,
     timeout=600,
-    env=_worker_env(JSIM_CACHE=str(tmp_path / "cache")),
+    env=worker_env(JSIM_CACHE=str(tmp_path / "cache")),
   )
   log = proc.stdout + proc.stderr
   assert proc.returncode == 0, log[-4000:]

@@ -21,20 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, Trained
-
-
-def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-  return subprocess.run(
-    [sys.executable, "-m", "jsim.predict", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout
-  )
-
-
-def cli_json(*args: str) -> tuple[dict, str]:
-  r = cli(*args, "--json")
-  assert r.returncode == 0, r.stderr
-  assert "Traceback" not in r.stderr
-  return json.loads(r.stdout), r.stderr
+from conftest import Trained, gallery_folder, predict_cli, predict_cli_json
 
 
 # ----------------------------------------------------------------------------- two images
@@ -44,7 +31,7 @@ def cli_json(*args: str) -> tuple[dict, str]:
 def test_pair_matches_api_and_stored_embeddings(trained, sim, ms_reference, same):
   i, j = trained.rows(same, start=0 if same else 1)
   a, b = trained.files[i], trained.files[j]
-  out, _ = cli_json(f"--workdir={trained.workdir}", a, b)
+  out, _ = predict_cli_json(f"--workdir={trained.workdir}", a, b)
   p = out["probability"]
   assert 0.0 <= p <= 1.0
   assert out["same_at_0.5"] == (p > 0.5)
@@ -88,7 +75,7 @@ def test_png_grayscale_rgba_palette_and_odd_sizes(trained, sim, tmp_path):
       x,
     )
 
-  r = cli(f"--workdir={trained.workdir}", gray, rgba)
+  r = predict_cli(f"--workdir={trained.workdir}", gray, rgba)
   assert r.returncode == 0, r.stderr
   lines = r.stdout.splitlines()
   p = float(lines[0].split("=")[1].split()[0])
@@ -102,30 +89,15 @@ def test_png_grayscale_rgba_palette_and_odd_sizes(trained, sim, tmp_path):
 # ----------------------------------------------------------------------------- gallery search
 
 
-def _gallery(trained, tmp_path) -> tuple[Path, dict[str, int]]:
-  """A folder with copies of test images (nested, mixed extension case, one PNG) -> {relative path: row}."""
-  gal = tmp_path / "gallery"
-  (gal / "sub" / "deeper").mkdir(parents=True)
-  rows = {"a.jpg": 2, "b.JPEG": 3, "sub/c.Jpg": 4, "sub/deeper/d.jpeg": 5, "sub/e.JPG": 6}
-  for rel, row in rows.items():
-    shutil.copyfile(trained.files[row], gal / rel)
-  Image.open(trained.files[7]).convert("RGB").save(gal / "f.PNG")  # lossless: decodes to the same pixels
-  rows["f.PNG"] = 7
-  (gal / "notes.txt").write_text("not an image")
-  (gal / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-  (gal / ".hidden.jpg").write_bytes(b"ignored")
-  return gal, rows
-
-
 def test_gallery_search_ranks_caches_and_invalidates(trained, sim, ms_reference, tmp_path):
-  gal, rows = _gallery(trained, tmp_path)
+  gal, rows = gallery_folder(trained, tmp_path)
   query = trained.files[0]
   html, sheet = tmp_path / "out" / "page.html", tmp_path / "out" / "sheet.png"
   (tmp_path / "out").mkdir()  # (a missing folder is refused, not made)
   # The JAX backend, whose cache `sim` (loaded with it) shares; test_predict_onnx.py covers the ONNX one's.
   args = (f"--workdir={trained.workdir}", f"--query={query}", f"--gallery={gal}", "--backend=jax")
 
-  first, err = cli_json(*args, "--top=0", f"--html={html}", f"--sheet={sheet}")
+  first, err = predict_cli_json(*args, "--top=0", f"--html={html}", f"--sheet={sheet}")
   probs = [m["probability"] for m in first["results"]]
   assert [m["rank"] for m in first["results"]] == list(range(1, len(rows) + 1))
   assert probs == sorted(probs, reverse=True) and all(0 <= p <= 1 for p in probs)
@@ -147,7 +119,7 @@ def test_gallery_search_ranks_caches_and_invalidates(trained, sim, ms_reference,
   stamp = cache.stat().st_mtime_ns
 
   # Second run: nothing embedded again, the cache file is not rewritten, same ranking.
-  second, err = cli_json(*args, "--top=3")
+  second, err = predict_cli_json(*args, "--top=3")
   assert second["cache"]["embedded"] == 0 and second["cache"]["reused"] == len(rows)
   assert f"{len(rows)} from the cache, 0 embedded" in err
   assert cache.stat().st_mtime_ns == stamp
@@ -166,7 +138,7 @@ def test_gallery_search_ranks_caches_and_invalidates(trained, sim, ms_reference,
   (gal / "b.JPEG").unlink()
   rows.update({"a.jpg": 8, "sub/new.jpg": 9})
   del rows["b.JPEG"]
-  third, _ = cli_json(*args, "--top=0")
+  third, _ = predict_cli_json(*args, "--top=0")
   assert third["cache"]["embedded"] == 2 and third["cache"]["reused"] == len(rows) - 2
   got = {Path(m["path"]).relative_to(gal).as_posix(): m["probability"] for m in third["results"]}
   assert set(got) == set(rows)
@@ -190,14 +162,16 @@ def test_search_header_counts_the_images_compared_with_the_query(trained, tmp_pa
   gal.mkdir()
   for i in range(3):
     shutil.copyfile(trained.files[i], gal / f"{i}.jpg")
-  r = cli(f"--workdir={trained.workdir}", f"--query={gal / '0.jpg'}", f"--gallery={gal}", "--top=0", "--backend=jax")
+  r = predict_cli(
+    f"--workdir={trained.workdir}", f"--query={gal / '0.jpg'}", f"--gallery={gal}", "--top=0", "--backend=jax"
+  )
   assert r.returncode == 0, r.stderr
   header, _, *rows = r.stdout.splitlines()
   assert f"P(same) with each of the 2 images in {gal} besides the query;" in header, header
   assert len(rows) == 2 and not any(row.endswith("0.jpg") for row in rows), rows
   (gal / "1.jpg").unlink()
   (gal / "2.jpg").unlink()
-  r = cli(f"--workdir={trained.workdir}", f"--query={trained.files[1]}", f"--gallery={gal}", "--backend=jax")
+  r = predict_cli(f"--workdir={trained.workdir}", f"--query={trained.files[1]}", f"--gallery={gal}", "--backend=jax")
   assert r.returncode == 0, r.stderr
   assert f"P(same) with each of 1 image in {gal};" in r.stdout.splitlines()[0], r.stdout
 
@@ -302,7 +276,7 @@ def _bad_case(name: str, trained: Trained, tmp: Path) -> tuple[list, str]:
 )
 def test_bad_input_is_one_line_and_nonzero(trained, tmp_path, name):
   args, expected = _bad_case(name, trained, tmp_path)
-  r = cli(*args, timeout=120)
+  r = predict_cli(*args, timeout=120)
   assert r.returncode != 0
   assert "Traceback" not in r.stderr
   lines = [line for line in r.stderr.splitlines() if line.strip()]
@@ -407,7 +381,7 @@ def test_checkpoint_that_does_not_fit_the_config_is_refused(trained, tmp_path):
   # The records agree, but stage 2's checkpoint has other layer widths than the config now says.
   c = shutil.copytree(trained.workdir, tmp_path / "w", ignore=shutil.ignore_patterns("predict_cache"))
   _edit(c / "stage2" / "config.json", lambda d: d["similarity"].update(hidden=[7]))
-  r = cli(f"--workdir={c}", trained.files[0], trained.files[1])
+  r = predict_cli(f"--workdir={c}", trained.files[0], trained.files[1])
   assert r.returncode == 1 and "Traceback" not in r.stderr
   lines = [line for line in r.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and "stage-2 checkpoint does not fit the recorded config" in lines[0], r.stderr
@@ -442,7 +416,7 @@ def test_ensemble_workdir_concatenates_member_embeddings(trained, tmp_path):
   ckpts.close()
 
   i, j = trained.rows(True)
-  out, _ = cli_json(f"--workdir={w2}", trained.files[i], trained.files[j])
+  out, _ = predict_cli_json(f"--workdir={w2}", trained.files[i], trained.files[j])
   e1 = np.concatenate([trained.test[i], trained.test[i]])[None]
   e2 = np.concatenate([trained.test[j], trained.test[j]])[None]
   expected = float(jax.jit(make_prob_fn(model))(state.params, e1, e2)[0])

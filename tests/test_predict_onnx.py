@@ -21,8 +21,7 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from conftest import REPO, Trained  # noqa: E402
-from test_predict import _gallery, cli, cli_json  # noqa: E402
+from conftest import REPO, Trained, gallery_folder, predict_cli, predict_cli_json  # noqa: E402
 
 
 def export_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -100,12 +99,12 @@ def test_backends_agree_through_the_command_line(trained, ms_reference, tmp_path
   w = copy_workdir(trained, tmp_path / "w")
   i, j = trained.rows(same, start=0 if same else 1)
   a, b = trained.files[i], trained.files[j]
-  jax_out, jax_err = cli_json(f"--workdir={w}", "--backend=jax", a, b)
+  jax_out, jax_err = predict_cli_json(f"--workdir={w}", "--backend=jax", a, b)
   assert not (w / "onnx").exists() and "exported" not in jax_err
-  onnx_out, err = cli_json(f"--workdir={w}", "--backend=onnx", a, b)
+  onnx_out, err = predict_cli_json(f"--workdir={w}", "--backend=onnx", a, b)
   assert "exported the model to" in err and (w / "onnx" / "meta.json").exists()  # first use
   stamp = (w / "onnx" / "embed.onnx").stat().st_mtime_ns
-  auto_out, err = cli_json(f"--workdir={w}", a, b)  # auto: onnx on this CPU, the cached export
+  auto_out, err = predict_cli_json(f"--workdir={w}", a, b)  # auto: onnx on this CPU, the cached export
   assert "exported" not in err and (w / "onnx" / "embed.onnx").stat().st_mtime_ns == stamp
   expected = ms_reference(trained.test[i], trained.test[j])[0]
   for out in (jax_out, onnx_out, auto_out):
@@ -134,13 +133,13 @@ def test_export_is_redone_when_a_checkpoint_changes(trained, tmp_path):
   a, b = trained.files[0], trained.files[1]
   r = export_cli(f"--workdir={w}")  # no --out: W/onnx, the folder predict uses
   assert r.returncode == 0 and f"to {w / 'onnx'}" in r.stdout, r.stderr
-  _, err = cli_json(f"--workdir={w}", "--backend=onnx", a, b)
+  _, err = predict_cli_json(f"--workdir={w}", "--backend=onnx", a, b)
   assert "exported" not in err
   first = json.loads((w / "onnx" / "meta.json").read_text())["export_id"]
   # Stage 2 retrained (a new run id, as jsim.workdir.finish_stage writes): stale, exported again.
   result = w / "stage2" / "result.json"
   result.write_text(json.dumps({**json.loads(result.read_text()), "run_id": "retrained"}))
-  _, err = cli_json(f"--workdir={w}", "--backend=onnx", a, b)
+  _, err = predict_cli_json(f"--workdir={w}", "--backend=onnx", a, b)
   assert "exported" in err
   assert json.loads((w / "onnx" / "meta.json").read_text())["export_id"] != first
   # Content decides, not times: a stage-1 checkpoint and the graphs touched (or copied) are the same export.
@@ -148,23 +147,23 @@ def test_export_is_redone_when_a_checkpoint_changes(trained, tmp_path):
   for path in (ckpt, w / "onnx" / "similarity.onnx"):
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-  _, err = cli_json(f"--workdir={w}", "--backend=onnx", a, b)
+  _, err = predict_cli_json(f"--workdir={w}", "--backend=onnx", a, b)
   assert "exported" not in err
   # A changed graph (the same size): not used, exported again.
   graph = bytearray((w / "onnx" / "similarity.onnx").read_bytes())
   graph[-1] ^= 0xFF
   (w / "onnx" / "similarity.onnx").write_bytes(bytes(graph))
-  _, err = cli_json(f"--workdir={w}", "--backend=onnx", a, b)
+  _, err = predict_cli_json(f"--workdir={w}", "--backend=onnx", a, b)
   assert "exported" in err
 
 
 def test_gallery_caches_of_the_two_backends_are_kept_apart(trained, ms_reference, tmp_path):
   w = copy_workdir(trained, tmp_path / "w")
-  gal, rows = _gallery(trained, tmp_path)
+  gal, rows = gallery_folder(trained, tmp_path)
   args = (f"--workdir={w}", f"--query={trained.files[0]}", f"--gallery={gal}", "--top=0")
   runs = {}
   for backend in ("onnx", "jax", "onnx", "jax"):
-    out, _ = cli_json(*args, f"--backend={backend}")
+    out, _ = predict_cli_json(*args, f"--backend={backend}")
     if backend in runs:  # the second run of each backend: all from its own cache
       assert out["cache"]["embedded"] == 0 and out["cache"]["reused"] == len(rows), backend
     else:
@@ -180,9 +179,9 @@ def test_gallery_caches_of_the_two_backends_are_kept_apart(trained, ms_reference
   # A new export (another export id) makes the ONNX cache stale, not the JAX one.
   meta = w / "onnx" / "meta.json"
   meta.unlink()
-  out, _ = cli_json(*args, "--backend=onnx")
+  out, _ = predict_cli_json(*args, "--backend=onnx")
   assert out["cache"]["embedded"] == len(rows)
-  out, _ = cli_json(*args, "--backend=jax")
+  out, _ = predict_cli_json(*args, "--backend=jax")
   assert out["cache"]["embedded"] == 0
 
 
@@ -223,18 +222,20 @@ def test_bad_input_is_one_line_and_nonzero(trained, tmp_path, no_onnxruntime):
   other = copy_workdir(trained, tmp_path / "other")
   assert export_cli(f"--workdir={other}", f"--out={tmp_path / 'other_export'}").returncode == 0
   one_line(
-    cli(f"--workdir={w}", f"--onnx_dir={tmp_path / 'other_export'}", a, b),
+    predict_cli(f"--workdir={w}", f"--onnx_dir={tmp_path / 'other_export'}", a, b),
     "jsim-predict",
     f"was exported from workdir {other.resolve()}, not {w.resolve()}",
   )
   result = other / "stage1" / "result.json"
   result.write_text(json.dumps({**json.loads(result.read_text()), "run_id": "retrained"}))
   one_line(
-    cli(f"--workdir={other}", "--backend=onnx", f"--onnx_dir={tmp_path / 'other_export'}", a, b),
+    predict_cli(f"--workdir={other}", "--backend=onnx", f"--onnx_dir={tmp_path / 'other_export'}", a, b),
     "jsim-predict",
     "is stale: the checkpoints of",
   )
-  one_line(cli(f"--workdir={w}", f"--onnx_dir={tmp_path / 'notes'}", a, b), "jsim-predict", "holds no jsim ONNX export")
+  one_line(
+    predict_cli(f"--workdir={w}", f"--onnx_dir={tmp_path / 'notes'}", a, b), "jsim-predict", "holds no jsim ONNX export"
+  )
 
   # No onnxruntime / onnx: one line for the explicit backend and the export; auto quietly uses JAX.
   r = subprocess.run(

@@ -29,13 +29,13 @@ from conftest import (
   STAGE2_STEPS,
   TINY1,
   Jsim,
-  _assert_bitwise_equal,
-  _ok,
-  _one_line_error,
-  _snapshot,
-  _state,
-  _steps,
-  _tmp_steps,
+  assert_bitwise_equal,
+  run_ok,
+  one_line_error,
+  snapshot,
+  checkpoint_state,
+  checkpoint_steps,
+  tmp_checkpoint_steps,
   run_jsim,
 )
 
@@ -73,16 +73,16 @@ def test_stage1_signals_sigkill_mid_save_and_exact_resume(reference, jsim_cache,
   run.wait_for_text("Tiny ImageNet from folder")
   run.send(signal.SIGTERM)
   assert run.finish() == 0, run.output[-3000:]
-  _one_line_error(run.output, "SIGTERM at epoch 1, batch 0/7 (step 0): no step taken yet; rerun the same command")
-  assert _steps(ckpts) == [] and not _tmp_steps(ckpts)
+  one_line_error(run.output, "SIGTERM at epoch 1, batch 0/7 (step 0): no step taken yet; rerun the same command")
+  assert checkpoint_steps(ckpts) == [] and not tmp_checkpoint_steps(ckpts)
 
   # 1. Ctrl-C while the first step compiles: that step finishes, is saved, and the run stops.
   run = Jsim(args, jsim_cache)
   run.wait_for_text("stage 1 epoch 1/6")
   run.send(signal.SIGINT)
   assert run.finish() == 0, run.output[-3000:]
-  _one_line_error(run.output, "SIGINT at epoch 1, batch 1/7 (step 1): checkpoint saved; rerun the same command")
-  assert _steps(ckpts) == [1] and not _tmp_steps(ckpts)
+  one_line_error(run.output, "SIGINT at epoch 1, batch 1/7 (step 1): checkpoint saved; rerun the same command")
+  assert checkpoint_steps(ckpts) == [1] and not tmp_checkpoint_steps(ckpts)
   meta = _meta(ckpts, 1)
   assert (meta["epoch"], meta["batch_in_epoch"], meta["rows"]) == (0, 1, [])
   assert meta["sums"]["count"] == 6.0  # the running sums of the partial epoch: one batch
@@ -92,16 +92,16 @@ def test_stage1_signals_sigkill_mid_save_and_exact_resume(reference, jsim_cache,
   #    resumes inside epoch 5). SIGSTOP first, so that the write is surely unfinished.
   run = Jsim(args, jsim_cache)
   while True:
-    run.wait_until(lambda: _tmp_steps(ckpts, 33), "a checkpoint being written after step 32")
+    run.wait_until(lambda: tmp_checkpoint_steps(ckpts, 33), "a checkpoint being written after step 32")
     run.send(signal.SIGSTOP)
-    if _tmp_steps(ckpts, 33):
+    if tmp_checkpoint_steps(ckpts, 33):
       break
     run.send(signal.SIGCONT)  # it finished between the look and the stop: catch the next one
   run.send(signal.SIGKILL)
   assert run.finish() == -signal.SIGKILL
   assert "stage 1: resumed from step 1 (epoch 1, batch 1/7)" in run.output  # numbered as the stop message
-  killed_at = _tmp_steps(ckpts, 33)
-  last = max(_steps(ckpts))
+  killed_at = tmp_checkpoint_steps(ckpts, 33)
+  last = max(checkpoint_steps(ckpts))
   assert killed_at and last < killed_at[0]
   # A kill mid-append leaves half a line in metrics.jsonl, one mid-write_json a temporary file.
   with open(w / "stage1" / "metrics.jsonl", "a") as f:
@@ -113,8 +113,8 @@ def test_stage1_signals_sigkill_mid_save_and_exact_resume(reference, jsim_cache,
   assert run.finish() == 0, run.output[-3000:]
   resumed = _meta_line(run.output)
   assert resumed["step"] == last, run.output[-3000:]
-  assert not _tmp_steps(ckpts), "the partial checkpoint was not cleaned up"
-  assert STAGE1_STEPS in _steps(ckpts)
+  assert not tmp_checkpoint_steps(ckpts), "the partial checkpoint was not cleaned up"
+  assert STAGE1_STEPS in checkpoint_steps(ckpts)
   print(
     f"SIGKILL while writing step {killed_at[0]}; resumed from step {last} "
     f"(epoch {resumed['epoch']}, batch {resumed['batch']})"
@@ -122,7 +122,7 @@ def test_stage1_signals_sigkill_mid_save_and_exact_resume(reference, jsim_cache,
 
   # Bitwise the uninterrupted run: parameters, batch statistics, momentum, learning rate, step.
   ref = reference / "A" / "stage1"
-  _assert_bitwise_equal(_state(ckpts, STAGE1_STEPS), _state(ref / "checkpoints", STAGE1_STEPS))
+  assert_bitwise_equal(checkpoint_state(ckpts, STAGE1_STEPS), checkpoint_state(ref / "checkpoints", STAGE1_STEPS))
   got, want = _meta(ckpts, STAGE1_STEPS), _meta(ref / "checkpoints", STAGE1_STEPS)
   assert want["halving_epochs"] == [4, 5, 6]
   assert [r["lr"] for r in want["rows"]] == pytest.approx([0.01] * 4 + [0.005, 0.0025], rel=1e-6)
@@ -155,12 +155,12 @@ def test_stage2_sigterm_and_exact_resume(reference, jsim_cache, tmp_path):
   assert run.finish() == 0, run.output[-3000:]
   # The bar shows before the first step: the signal lands during its compilation (the step
   # finishes and is saved) or, on a loaded machine, just before it (nothing to save).
-  line = _one_line_error(run.output, "SIGTERM at epoch 1, batch ")
+  line = one_line_error(run.output, "SIGTERM at epoch 1, batch ")
   stopped_after_step = "batch 1/5 (step 1): checkpoint saved; rerun the same command" in line
   if stopped_after_step:
-    assert _steps(ckpts) == [1] and _meta(ckpts, 1)["sums"]["count"] == 24.0
+    assert checkpoint_steps(ckpts) == [1] and _meta(ckpts, 1)["sums"]["count"] == 24.0
   else:
-    assert "batch 0/5 (step 0): no step taken yet; rerun the same command" in line and _steps(ckpts) == []
+    assert "batch 0/5 (step 0): no step taken yet; rerun the same command" in line and checkpoint_steps(ckpts) == []
 
   run = Jsim(args, jsim_cache)
   assert run.finish() == 0, run.output[-3000:]
@@ -168,7 +168,7 @@ def test_stage2_sigterm_and_exact_resume(reference, jsim_cache, tmp_path):
     assert _meta_line(run.output) == {"step": 1, "epoch": 1, "batch": 1}
 
   ref = reference / "A" / "stage2"
-  _assert_bitwise_equal(_state(ckpts, STAGE2_STEPS), _state(ref / "checkpoints", STAGE2_STEPS))
+  assert_bitwise_equal(checkpoint_state(ckpts, STAGE2_STEPS), checkpoint_state(ref / "checkpoints", STAGE2_STEPS))
   got, want = _meta(ckpts, STAGE2_STEPS), _meta(ref / "checkpoints", STAGE2_STEPS)
   assert want["halving_epochs"] == [4]
   assert _rows(got["rows"]) == _rows(want["rows"]) and got["best"] == want["best"]
@@ -195,16 +195,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference, jsim_cache
   )
   out = proc.stdout + proc.stderr
   assert proc.returncode == 1, out[-3000:]
-  line = _one_line_error(out, "stage 1: the training loss became NaN or Inf at step ")
+  line = one_line_error(out, "stage 1: the training loss became NaN or Inf at step ")
   bad = int(re.search(r"at step (\d+)", line).group(1))
   ckpts = w / "stage1" / "checkpoints"
-  good = max(_steps(ckpts))
+  good = max(checkpoint_steps(ckpts))
   assert good == bad - 1 and f"the last good checkpoint (step {good}) stays" in line
-  state = _state(ckpts, good)
+  state = checkpoint_state(ckpts, good)
   import jax
 
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
-  assert not _tmp_steps(ckpts)
+  assert not tmp_checkpoint_steps(ckpts)
 
   # overwrite=True took the old stage 1 and everything computed from it.
   assert "overwrite: removing" in out
@@ -238,20 +238,20 @@ def test_workdir_of_another_configuration_is_refused(reference, jsim_cache, tmp_
   w = tmp_path / "W"
   shutil.copytree(reference / "A_done", w)
   stages = [w / "stage1", w / "embeddings", w / "stage2"]
-  before = _snapshot(*stages), (w / "config.json").read_text()
+  before = snapshot(*stages), (w / "config.json").read_text()
   proc = run_jsim([*TINY1, f"--workdir={w}", *args], jsim_cache, timeout=300)
   assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
-  _one_line_error(proc.stdout + proc.stderr, expect)
-  assert (_snapshot(*stages), (w / "config.json").read_text()) == before  # the record too
+  one_line_error(proc.stdout + proc.stderr, expect)
+  assert (snapshot(*stages), (w / "config.json").read_text()) == before  # the record too
 
 
 def test_finished_stage_is_not_redone(reference, jsim_cache, tmp_path):
   w = tmp_path / "W"
   shutil.copytree(reference / "A_done", w)
   stages = [w / "stage1", w / "embeddings", w / "stage2"]
-  before = _snapshot(*stages)
-  assert "stage 2 already finished" in _ok([*STAGE2, f"--workdir={w}"], jsim_cache)
-  assert _snapshot(*stages) == before
+  before = snapshot(*stages)
+  assert "stage 2 already finished" in run_ok([*STAGE2, f"--workdir={w}"], jsim_cache)
+  assert snapshot(*stages) == before
 
 
 def test_killed_first_claim_leaves_a_usable_stage_folder(tmp_path):

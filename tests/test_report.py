@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from conftest import drawn_png, write_evaluated_workdir
 from jsim.evaluate import figures, report
 from jsim.evaluate.pairwise import PairEvalResult
 
@@ -145,14 +145,6 @@ def test_configs_quote_only_published_numbers():
   assert quoted >= 18  # configs/protocol.py's table: 6 + 10 cases + 2 seen
 
 
-def _png(path):
-  assert path.is_file() and path.stat().st_size > 1000
-  with Image.open(path) as im:
-    arr = np.asarray(im.convert("RGB"))
-  assert arr.std() > 5  # something was drawn
-  return arr
-
-
 def test_figures(tmp_path):
   rows = [
     {
@@ -171,7 +163,7 @@ def test_figures(tmp_path):
   rows[2]["val_accuracy"] = None
   metrics = tmp_path / "metrics.jsonl"
   metrics.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
-  _png(figures.plot_stage_curves(metrics, tmp_path / "figures" / "stage1.png", "stage 1, ResNet50"))
+  drawn_png(figures.plot_stage_curves(metrics, tmp_path / "figures" / "stage1.png", "stage 1, ResNet50"))
   # A halving after the last epoch trains nothing at the new rate: not drawn (a continued stage draws it).
   for halved_last in (False, True):
     rows[-1]["halved"] = halved_last
@@ -180,12 +172,12 @@ def test_figures(tmp_path):
   assert (tmp_path / "last_True.png").read_bytes() == (tmp_path / "last_False.png").read_bytes()
   # Class names on the retrieval sheet are wrapped, not cut.
   assert figures._two_lines("7: orange stripes crescent") == "7: orange stripes\ncrescent"
-  _png(figures.plot_roc(_result(), tmp_path / "figures" / "roc.png"))
-  _png(figures.plot_roc({"resnet50": _result(), "vgg16": _result(0.5)}, tmp_path / "figures" / "roc_both.png"))
+  drawn_png(figures.plot_roc(_result(), tmp_path / "figures" / "roc.png"))
+  drawn_png(figures.plot_roc({"resnet50": _result(), "vgg16": _result(0.5)}, tmp_path / "figures" / "roc_both.png"))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 255, size=(8, 16, 16, 3), dtype=np.uint8)
   labels = np.array([0, 0, 1, 1, 2, 2, 0, 1])
-  arr = _png(
+  arr = drawn_png(
     figures.plot_retrieval_sheet(
       images,
       labels,
@@ -240,21 +232,6 @@ def test_comparison_table(tmp_path):
     report.write_comparison([], tmp_path / "a.md", tmp_path / "a.json")
 
 
-def _write_evaluated(w, r, **kw) -> None:
-  """An evaluated workdir as the evaluate stage leaves it: both stages' result.json, report.json recording them."""
-  from jsim import workdir as wd
-  from jsim.evaluate import compare, pairwise
-
-  extra = {}
-  for stage in (wd.STAGE1, wd.STAGE2):
-    result = {"best_step": 1}
-    wd.finish_stage(w / stage, result)
-    extra[stage] = result
-  pairwise.save_result(r, w / compare.RESULT_FILE)
-  extra[compare.RESULT_DIGEST] = wd.file_digest(w / compare.RESULT_FILE)
-  report.write_report(w, r, val_threshold=None, extra=extra, **kw)
-
-
 def test_result_round_trip_and_figure7_from_two_workdirs(tmp_path, capsys, monkeypatch):
   # The source's Figure 7: both backbones' ROC curves, all / seen / unseen, from two evaluated workdirs.
   from jsim.evaluate import compare, pairwise
@@ -262,7 +239,7 @@ def test_result_round_trip_and_figure7_from_two_workdirs(tmp_path, capsys, monke
   res = {"resnet50": _result(0.4), "vgg16": _result(0.6, count=(100, 200, 50, 40, 20))}
   for backbone, r in res.items():
     w = tmp_path / backbone
-    _write_evaluated(w, r, backbone=backbone)
+    write_evaluated_workdir(w, r, backbone=backbone)
     back = pairwise.load_result(w / compare.RESULT_FILE)
     for field in ("count", "correct_05", "correct_threshold", "hist_pos", "hist_neg"):
       np.testing.assert_array_equal(getattr(back, field), getattr(r, field))
@@ -270,7 +247,7 @@ def test_result_round_trip_and_figure7_from_two_workdirs(tmp_path, capsys, monke
   out = tmp_path / "fig7.png"
   assert compare.main([str(tmp_path / "resnet50"), str(tmp_path / "vgg16"), f"--out={out}"]) == 0
   assert capsys.readouterr().out == f"wrote {out} (ROC curves of 2 workdirs)\n"  # says what it wrote
-  arr = _png(out)
+  arr = drawn_png(out)
   assert arr.shape[1] > 2 * arr.shape[0]  # three panels side by side
   # Both backbones' colours are drawn (blue and orange lines).
   assert ((arr[..., 2] > 150) & (arr[..., 0] < 80)).sum() > 50
@@ -321,7 +298,7 @@ def test_augmentation_figure(tmp_path):
   assert not (col["crop"] == 0).any()  # a crop alone has no fill either
   assert (col["rotation"] == 0).all(-1).any() and (col["all four"] == 0).all(-1).any()  # black fill
   assert np.all(np.abs(angles) <= np.pi / 3)
-  arr = _png(figures.plot_augmentations(examples, tmp_path / "aug.png", angles=angles, title="Table 1"))
+  arr = drawn_png(figures.plot_augmentations(examples, tmp_path / "aug.png", angles=angles, title="Table 1"))
   assert arr.shape[1] > arr.shape[0]
 
 
@@ -334,7 +311,9 @@ def test_comparison_table_of_evaluated_workdirs(tmp_path, capsys):
   for name, loss in (("ce", None), ("ms", "multi_similarity")):
     w, r = tmp_path / name, _result(0.4)
     method = {"stage1_loss": loss, "similarity": "Ms on l1"} if loss else None
-    _write_evaluated(w, r, backbone="resnet_tiny", method=method, embedding_retrieval=retrieval if loss else None)
+    write_evaluated_workdir(
+      w, r, backbone="resnet_tiny", method=method, embedding_retrieval=retrieval if loss else None
+    )
   table = tmp_path / "cmp.md"
   args = [str(tmp_path / "ce"), str(tmp_path / "ms"), f"--out={tmp_path / 'roc.png'}", f"--table={table}"]
   assert compare.main(args) == 0

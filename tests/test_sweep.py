@@ -8,8 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, READ_ONLY_XLA_CACHE, jsim_env
-from test_report import _png, _write_evaluated
+from conftest import REPO, READ_ONLY_XLA_CACHE, drawn_png, jsim_env, write_evaluated_workdir
 
 from jsim import sweep
 from jsim.evaluate import compare, pairwise
@@ -96,7 +95,7 @@ def _evaluated(w, seed, config, unseen_auc, case_5_correct):
     mode="sampled",
     pairs_per_s=1.0,
   )
-  _write_evaluated(w, r, backbone="resnet_tiny")
+  write_evaluated_workdir(w, r, backbone="resnet_tiny")
   rep = json.loads((w / "report.json").read_text())
   rep["auc"]["unseen"] = unseen_auc
   (w / "report.json").write_text(json.dumps(rep))
@@ -171,7 +170,7 @@ def test_the_figure_draws_every_workdir_under_its_methods_name(tmp_path, monkeyp
   assert "split differently" not in capsys.readouterr().err
   assert compare.main([*map(str, workdirs[2:]), f"--out={tmp_path / 'b.png'}", f"--table={tmp_path / 'b.md'}"]) == 0
   assert "split differently" in capsys.readouterr().err  # pa on seeds 0 and 1, ce on seed 0 alone
-  arr = _png(compare.roc_of_workdirs(workdirs, tmp_path / "roc.png"))
+  arr = drawn_png(compare.roc_of_workdirs(workdirs, tmp_path / "roc.png"))
   assert arr.shape[1] > 2 * arr.shape[0] * 0.8  # three panels side by side, the legends below them
 
 

@@ -28,12 +28,12 @@ from conftest import (
   STAGE2,
   TINY1,
   Jsim,
-  _assert_bitwise_equal,
-  _ok,
-  _one_line_error,
-  _snapshot,
-  _state,
-  _steps,
+  assert_bitwise_equal,
+  run_ok,
+  one_line_error,
+  snapshot,
+  checkpoint_state,
+  checkpoint_steps,
   forbid_stages,
   read_only,
   run_jsim,
@@ -113,9 +113,9 @@ def test_damaged_latest_checkpoint_falls_back_and_resumes_exactly(reference, jsi
     shutil.copy(reference / "A" / name, w / name)
   (w / "stage1" / "result.json").unlink()  # unfinished: it resumes from its latest checkpoint
   ckpts = w / "stage1" / "checkpoints"
-  assert _steps(ckpts)[-2:] == [40, STAGE1_STEPS]
+  assert checkpoint_steps(ckpts)[-2:] == [40, STAGE1_STEPS]
   _damage(_array_file(ckpts / str(STAGE1_STEPS)), "overwrite")
-  out = _ok([*STAGE1, f"--workdir={w}"], jsim_cache)
+  out = run_ok([*STAGE1, f"--workdir={w}"], jsim_cache)
   line = next(x for x in out.splitlines() if "damaged (" in x)  # (the workdir's path says 'damaged' too)
   # Where the 64 bytes land depends on how orbax laid the arrays out in the file: some fail to decode (a read
   # error), others decode to other values, which the checksum catches (both seen).
@@ -125,7 +125,7 @@ def test_damaged_latest_checkpoint_falls_back_and_resumes_exactly(reference, jsi
   assert "stage 1: resumed from step 40 (epoch 6, batch 5/7)" in out
   assert (w / "stage1" / "damaged_checkpoints" / str(STAGE1_STEPS)).is_dir()  # kept, out of the way
   ref = reference / "A" / "stage1" / "checkpoints"
-  _assert_bitwise_equal(_state(ckpts, STAGE1_STEPS), _state(ref, STAGE1_STEPS))
+  assert_bitwise_equal(checkpoint_state(ckpts, STAGE1_STEPS), checkpoint_state(ref, STAGE1_STEPS))
   assert "Traceback" not in out
 
 
@@ -171,7 +171,7 @@ def test_damaged_best_checkpoint_is_one_line_naming_it(reference, jsim_cache, tm
   proc = run_jsim([*TINY1, f"--workdir={w}", "--config.stage=embed"], jsim_cache, timeout=300)
   out = proc.stdout + proc.stderr
   assert proc.returncode == 1, out[-3000:]
-  line = _one_line_error(out, f"stage1/checkpoints/{best} is damaged (")
+  line = one_line_error(out, f"stage1/checkpoints/{best} is damaged (")
   assert "the best checkpoint of stage1" in line and "--config.overwrite=True" in line
   assert not (w / "embeddings").exists()
 
@@ -198,7 +198,7 @@ def test_preempted_overwrite_run_resumes_on_its_verbatim_rerun(reference, jsim_c
   run.send(signal.SIGTERM)
   assert run.finish() == 0, run.output[-3000:]
   assert "overwrite: removing" in run.output
-  line = _one_line_error(run.output, "jsim: SIGTERM at epoch 1, batch ")  # (step 0 or 1: the bar shows first)
+  line = one_line_error(run.output, "jsim: SIGTERM at epoch 1, batch ")  # (step 0 or 1: the bar shows first)
   assert "rerun the same command" in line, line
   stopped_at = int(re.search(r"\(step (\d+)\)", line).group(1))
   new_run = _run_id(w / "stage1")
@@ -214,7 +214,7 @@ def test_preempted_overwrite_run_resumes_on_its_verbatim_rerun(reference, jsim_c
   assert not (w / "overwrite.json").exists()  # complete: the next overwrite run replaces again
   assert (w / "report.json").exists()
   ckpts, ref = w / "stage2" / "checkpoints", reference / "A" / "stage2" / "checkpoints"
-  _assert_bitwise_equal(_state(ckpts, 20), _state(ref, 20))
+  assert_bitwise_equal(checkpoint_state(ckpts, 20), checkpoint_state(ref, 20))
 
 
 # --- 5. one run at a time -------------------------------------------------------------------------------------------
@@ -230,12 +230,12 @@ def test_second_run_is_refused_naming_the_first_and_sigkill_leaves_no_stale_lock
   # Stopped there, holding the workdir's lock: with its programs compiled it could otherwise finish stage 1
   # while the second run starts, or save the end of epoch 1 that the third would resume after.
   first.send(signal.SIGSTOP)
-  before = _snapshot(w)
+  before = snapshot(w)
   proc = run_jsim(args, jsim_cache, timeout=300)
   out = proc.stdout + proc.stderr
   assert proc.returncode == 1, out[-3000:]
-  _one_line_error(out, f"{w} is in use by process {first.proc.pid} on host {socket.gethostname()}")
-  assert {p for p in _snapshot(w) if "checkpoints" not in str(p)} >= {
+  one_line_error(out, f"{w} is in use by process {first.proc.pid} on host {socket.gethostname()}")
+  assert {p for p in snapshot(w) if "checkpoints" not in str(p)} >= {
     p for p in before if "checkpoints" not in str(p)
   }  # it removed nothing
   first.send(signal.SIGKILL)
@@ -258,13 +258,13 @@ def test_refused_run_leaves_nothing_and_loses_nothing(reference, jsim_cache, tmp
     [*TINY1, f"--workdir={w}", "--config.data.source=folder", f"--config.data.root={missing}"], jsim_cache, timeout=300
   )
   assert proc.returncode == 1
-  _one_line_error(proc.stdout + proc.stderr, str(missing))
+  one_line_error(proc.stdout + proc.stderr, str(missing))
   assert not w.exists()  # not even the empty workdir
 
   # With overwrite on a finished workdir: refused before anything of the old stage 1 is removed.
   w = tmp_path / "W"
   shutil.copytree(reference / "A_done", w)
-  before = _snapshot(w)
+  before = snapshot(w)
   proc = run_jsim(
     [
       *STAGE1,
@@ -277,8 +277,8 @@ def test_refused_run_leaves_nothing_and_loses_nothing(reference, jsim_cache, tmp
     timeout=300,
   )
   assert proc.returncode == 1
-  _one_line_error(proc.stdout + proc.stderr, str(missing))
-  assert _snapshot(w) == before
+  one_line_error(proc.stdout + proc.stderr, str(missing))
+  assert snapshot(w) == before
 
 
 def test_bad_image_refusal_then_the_suggested_command_is_accepted(jsim_cache, tmp_path):
@@ -295,7 +295,7 @@ def test_bad_image_refusal_then_the_suggested_command_is_accepted(jsim_cache, tm
   ]
   proc = run_jsim([*args, "--config.data.on_bad_image=error"], jsim_cache, timeout=300)
   assert proc.returncode == 1
-  _one_line_error(proc.stdout + proc.stderr, "on_bad_image=skip")
+  one_line_error(proc.stdout + proc.stderr, "on_bad_image=skip")
   assert not w.exists()
   proc = run_jsim([*args, "--config.data.on_bad_image=skip"], jsim_cache, timeout=600)
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -309,15 +309,15 @@ def test_stage2_on_old_embeddings_is_not_evaluated_and_all_retrains_it(reference
   w = tmp_path / "W"
   shutil.copytree(reference / "A_done", w)
   old_stage2 = _run_id(w / "stage2")
-  _ok([*STAGE1, f"--workdir={w}", "--config.classifier.num_epochs=7"], jsim_cache)  # stage 1 continues
+  run_ok([*STAGE1, f"--workdir={w}", "--config.classifier.num_epochs=7"], jsim_cache)  # stage 1 continues
   proc = run_jsim(
     [*FULL, f"--workdir={w}", "--config.stage=evaluate", "--config.classifier.num_epochs=7"], jsim_cache, timeout=300
   )
   assert proc.returncode == 1
-  _one_line_error(proc.stdout + proc.stderr, "embeddings come from an earlier stage 1")
+  one_line_error(proc.stdout + proc.stderr, "embeddings come from an earlier stage 1")
   assert not (w / "report.json").exists()
 
-  out = _ok([*FULL, f"--workdir={w}", "--config.stage=all", "--config.classifier.num_epochs=7"], jsim_cache)
+  out = run_ok([*FULL, f"--workdir={w}", "--config.stage=all", "--config.classifier.num_epochs=7"], jsim_cache)
   assert "stage2 was computed from other inputs" in out and "replacing it" in out
   assert _run_id(w / "stage2") != old_stage2
   trained_on = json.loads((w / "stage2" / "config.json").read_text())["embeddings"][0]["stage1_run_id"]
@@ -335,7 +335,7 @@ def test_evaluate_refuses_a_stage2_trained_on_other_embeddings(reference, jsim_c
   record.write_text(json.dumps(d))
   proc = run_jsim([*FULL, f"--workdir={w}", "--config.stage=evaluate"], jsim_cache, timeout=300)
   assert proc.returncode == 1
-  _one_line_error(proc.stdout + proc.stderr, "stage2 was trained on other embeddings (stage-1 step 7; now")
+  one_line_error(proc.stdout + proc.stderr, "stage2 was trained on other embeddings (stage-1 step 7; now")
 
 
 # --- 4. a NaN stop continues at a lower rate -----------------------------------------------------------------------
@@ -354,7 +354,7 @@ def test_nan_stop_is_continued_with_a_lower_learning_rate(jsim_cache, tmp_path):
   proc = run_jsim([*args, "--config.classifier.learning_rate=30"], jsim_cache, timeout=600)
   out = proc.stdout + proc.stderr
   assert proc.returncode == 1, out[-3000:]
-  line = _one_line_error(out, "became NaN or Inf")
+  line = one_line_error(out, "became NaN or Inf")
   assert "the last good checkpoint (step " in line, line
   good = int(line.split("the last good checkpoint (step ")[1].split(")")[0])
   assert f"rerun with a lower --config.classifier.learning_rate: it resumes from step {good}" in line
@@ -371,7 +371,7 @@ def test_nan_stop_is_continued_with_a_lower_learning_rate(jsim_cache, tmp_path):
     assert row["learning_rate_changed"]["from"] == 30 and row["learning_rate_changed"]["to"] == 0.01
     assert row["lr"] == pytest.approx(0.01)
   else:
-    _one_line_error(out, f"the last good checkpoint (step {good}) stays")
+    one_line_error(out, f"the last good checkpoint (step {good}) stays")
 
 
 # --- 7, 8. config files: one line naming the file (and the line) --------------------------------------------------
@@ -445,13 +445,13 @@ def test_damaged_workdir_files_are_one_line_naming_the_file(reference, jsim_cach
   w = tmp_path / "W"
   shutil.copytree(reference / "A_done", w)
   _damage_workdir(w, what)
-  before = _snapshot(w)
+  before = snapshot(w)
   proc = run_jsim([*TINY1, f"--workdir={w}", *args], jsim_cache, timeout=300, JAX_LOG_COMPILES="1")
   out = proc.stdout + proc.stderr
   assert proc.returncode == 1, out[-3000:]
-  _one_line_error(out, expect)
+  one_line_error(out, expect)
   assert "Compiling jit(train_step)" not in out and "Compiling jit(embed)" not in out
-  assert _snapshot(w) == before
+  assert snapshot(w) == before
 
 
 @pytest.mark.parametrize(
@@ -488,7 +488,7 @@ def test_impossible_values_are_refused_before_compiling(jsim_main, monkeypatch, 
   proc = jsim_main(["--config=configs/tiny.py", f"--workdir={w}", *args])
   out = proc.stdout + proc.stderr
   assert proc.returncode == 1, out[-3000:]
-  _one_line_error(out, expect)
+  one_line_error(out, expect)
   assert not w.exists()
 
 
@@ -497,7 +497,7 @@ def test_workdir_that_is_a_file(jsim_main, tmp_path):
   f.write_text("mine")
   proc = jsim_main(["--config=configs/tiny.py", f"--workdir={f}"])
   assert proc.returncode == 1
-  _one_line_error(proc.stdout + proc.stderr, f"--workdir={f} is a file, not a folder")
+  one_line_error(proc.stdout + proc.stderr, f"--workdir={f} is a file, not a folder")
   assert f.read_text() == "mine"
 
 
@@ -513,7 +513,7 @@ def test_edited_split_is_refused_by_later_stages(reference, jsim_cache, tmp_path
   for stage in ("embed", "classifier"):
     proc = run_jsim([*TINY1, f"--workdir={w}", f"--config.stage={stage}"], jsim_cache, timeout=300)
     assert proc.returncode == 1
-    _one_line_error(proc.stdout + proc.stderr, "split.json is not the split that stage1 was made with")
+    one_line_error(proc.stdout + proc.stderr, "split.json is not the split that stage1 was made with")
   assert not (w / "embeddings").exists()
 
 
@@ -549,7 +549,7 @@ def test_signal_at_startup_is_one_line_and_leaves_nothing(jsim_cache, tmp_path, 
     run.wait_for_text("loading the config")
   run.send(sig)
   assert run.finish() == code, run.output[-3000:]
-  _one_line_error(run.output, f"jsim: stopped by {signal.Signals(sig).name}")
+  one_line_error(run.output, f"jsim: stopped by {signal.Signals(sig).name}")
   assert not w.exists()
 
 
@@ -560,7 +560,7 @@ def test_sigterm_during_evaluation_is_one_line_and_leaves_nothing_half_written(r
   run.wait_for_text("pairs (sampled)")
   run.send(signal.SIGTERM)
   assert run.finish() == 143, run.output[-3000:]
-  _one_line_error(run.output, "jsim: stopped by SIGTERM")
+  one_line_error(run.output, "jsim: stopped by SIGTERM")
   assert not (w / "report.json").exists()
   assert not [p for p in w.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
   assert not (w / ".jsim.lock").exists()
@@ -647,13 +647,13 @@ def test_installed_package_wins_from_the_folder_above_a_clone_named_jsim(tmp_pat
 def test_finished_workdir_is_left_untouched_and_may_be_read_only(reference, jsim_cache, tmp_path):
   w = tmp_path / "W"
   shutil.copytree(reference / "A_done", w)
-  _ok([*FULL, f"--workdir={w}", "--config.stage=all"], jsim_cache)  # the report, once
-  before = _snapshot(w), sorted(p.name for p in w.iterdir())
-  out = _ok([*FULL, f"--workdir={w}", "--config.stage=all"], jsim_cache)
+  run_ok([*FULL, f"--workdir={w}", "--config.stage=all"], jsim_cache)  # the report, once
+  before = snapshot(w), sorted(p.name for p in w.iterdir())
+  out = run_ok([*FULL, f"--workdir={w}", "--config.stage=all"], jsim_cache)
   assert "evaluation is current" in out
-  assert (_snapshot(w), sorted(p.name for p in w.iterdir())) == before
+  assert (snapshot(w), sorted(p.name for p in w.iterdir())) == before
   with read_only(w):  # (a read-only bind mount for root, who writes read-only folders anyway)
     for stage in ("all", "evaluate"):
-      out = _ok([*FULL, f"--workdir={w}", f"--config.stage={stage}"], jsim_cache)
+      out = run_ok([*FULL, f"--workdir={w}", f"--config.stage={stage}"], jsim_cache)
       assert "evaluation is current" in out and "Traceback" not in out
-  assert (_snapshot(w), sorted(p.name for p in w.iterdir())) == before
+  assert (snapshot(w), sorted(p.name for p in w.iterdir())) == before
