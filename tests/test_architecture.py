@@ -153,6 +153,21 @@ def test_no_import_cycle_between_modules():
   assert cycle is None, f"import cycle {' -> '.join(cycle)}"
 
 
+def test_test_modules_share_helpers_through_conftest_only():
+  """A helper two test modules use lives in conftest.py: a test module that imports another runs that module's
+  top level (its imports and skips) and ties the two files together."""
+  tests = sorted((REPO / "tests").glob("test_*.py"))
+  names = {p.stem for p in tests}
+  assert "test_architecture" in names and len(names) > 30  # the folder read is the test folder
+  imports = {}
+  for path in tests:
+    for node in ast.walk(ast.parse(path.read_text())):
+      modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+      modules += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+      imports[path.name] = imports.get(path.name, []) + [m for m in modules if m.split(".")[0] in names]
+  assert {k: v for k, v in imports.items() if v} == {}
+
+
 # The jsim functions on the call stack when a stage-1 run first enters its step (jsim/train/step.py, as
 # jax traces it): what a reader follows from the command line to the step.
 _PATH_TO_STEP = r"""
