@@ -21,7 +21,8 @@ before the synthetic data's generator version 2 and a reinstalled environment, 6
 the per-direction gradients, 58.9 % / 87.8 % before the per-tap kernel gradient): stage-1 test
 accuracy 58.4 % on the 640 test images of the 32 seen classes; the five-case table, printed at the
 end and in runs/demo/report.md, 86.2 % overall, 87.0 % on seen (cases 1-2) and 87.8 % on unseen pairs
-(cases 4-5), AUC 0.925. The same code on another CPU (a 2-core AMD EPYC Zen 4 with AVX-512, 2026-12-05,
+(cases 4-5), AUC 0.925 (the same digits on a fresh clone on a 2-core AMD EPYC Zen 3, 2026-12-05). The same
+code on another CPU (a 2-core AMD EPYC Zen 4 with AVX-512, 2026-12-05,
 the same digits in two runs): 58.4 %; 87.6 % overall, 88.3 % seen, 90.4 % unseen, AUC 0.935.
 
 `python configs/demo.py [WORKDIR]` (what `make demo` runs at the end) prints the folder
