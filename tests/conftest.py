@@ -335,7 +335,6 @@ def tmp_checkpoint_steps(ckpt_dir: Path, min_step: int = 0) -> list[int]:
 
 def checkpoint_state(ckpt_dir: Path, step: int) -> dict:
   """The saved state pytree as numpy arrays, restored without the model (its stored structure)."""
-  import jax
   import orbax.checkpoint as ocp
 
   state = ocp.StandardCheckpointer().restore((ckpt_dir / str(step) / "state").absolute())
@@ -392,8 +391,6 @@ def read_only(path: Path):
 
 
 def assert_bitwise_equal(a, b) -> None:
-  import jax
-
   paths_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
   paths_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
   assert tree_a == tree_b

@@ -159,13 +159,17 @@ def test_test_modules_share_helpers_through_conftest_only():
   tests = sorted((REPO / "tests").glob("test_*.py"))
   names = {p.stem for p in tests}
   assert "test_architecture" in names and len(names) > 30  # the folder read is the test folder
-  imports = {}
+  imported = {}
   for path in tests:
     for node in ast.walk(ast.parse(path.read_text())):
-      modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-      modules += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
-      imports[path.name] = imports.get(path.name, []) + [m for m in modules if m.split(".")[0] in names]
-  assert {k: v for k, v in imports.items() if v} == {}
+      if isinstance(node, ast.Import):
+        modules = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom) and node.module:
+        modules = [node.module]
+      else:
+        continue
+      imported.setdefault(path.name, []).extend(m for m in modules if m.split(".")[0] in names)
+  assert {k: v for k, v in imported.items() if v} == {}
 
 
 # The jsim functions on the call stack when a stage-1 run first enters its step (jsim/train/step.py, as
