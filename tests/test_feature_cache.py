@@ -85,6 +85,7 @@ def test_a_frozen_backbone_with_augmentation_gets_a_hint():
   assert "--config.classifier.augment.prob=0" in hint and "\n" not in hint
 
 
+@pytest.mark.default_codegen
 @pytest.mark.parametrize("cache_batch", [6, 16])
 @pytest.mark.slow
 def test_head_on_cached_features_equals_head_through_the_frozen_backbone(cache_batch):
@@ -154,6 +155,7 @@ def test_head_on_cached_features_equals_head_through_the_frozen_backbone(cache_b
   np.testing.assert_allclose(on_images["loss_sum"], on_features["loss_sum"], rtol=1e-6)
 
 
+@pytest.mark.default_codegen
 @pytest.mark.parametrize("loss", ["proxy_anchor", "multi_similarity+miner"])
 @pytest.mark.slow
 def test_metric_heads_on_cached_features_equal_them_through_the_frozen_backbone(loss):
@@ -235,6 +237,7 @@ def _count_computes(monkeypatch, tmp_path) -> list:
   return calls
 
 
+@pytest.mark.default_codegen
 @pytest.mark.slow  # (trains stage 1 two or three times)
 @pytest.mark.parametrize("loss", ["cross_entropy", "proxy_anchor"])
 def test_stage1_and_embeddings_with_the_cache_equal_them_without(tmp_path, monkeypatch, loss):

@@ -7,6 +7,11 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, worker_env
 
 
 def test_loadgroup_runs_an_xdist_group_on_one_worker(tmp_path):
@@ -38,3 +43,28 @@ def test_loadgroup_runs_an_xdist_group_on_one_worker(tmp_path):
   assert proc.returncode == 0, proc.stdout + proc.stderr
   workers = re.findall(r"\[(gw\d+)\].*PASSED", proc.stdout)
   assert len(workers) == 4 and len(set(workers)) == 1, proc.stdout
+
+
+# The modules with tests marked default_codegen (conftest.py leaves them out of the other processes).
+CODEGEN_MODULES = sorted(
+  p.name
+  for p in (REPO / "tests").glob("test_*.py")
+  if p.name != Path(__file__).name and "mark.default_codegen" in p.read_text()
+)
+
+
+@pytest.mark.parametrize("module", CODEGEN_MODULES)
+def test_default_codegen_tests(module, tmp_path):
+  # Bitwise equalities of two differently fused programs, under XLA:CPU's default fusion emitters (what users
+  # run), in a pytest process of their own: its exit status is 0 only if some ran and none failed.
+  env = {k: v for k, v in worker_env(JSIM_TEST_CODEGEN="default").items() if not k.startswith("PYTEST_")}
+  proc = subprocess.run(
+    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "default_codegen"]
+    + [f"--basetemp={tmp_path}", f"tests/{module}"],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1200,
+  )
+  assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]

@@ -310,6 +310,7 @@ def _four_devices() -> dict:
   }
 
 
+@pytest.mark.default_codegen
 @pytest.mark.slow
 def test_four_devices_match_one_device_for_a_metric_loss():
   import subprocess
@@ -393,6 +394,7 @@ def test_experiment_configs_build(name):
     module.get_config("los=x")
 
 
+@pytest.mark.default_codegen
 @pytest.mark.slow
 def test_stream_pipeline_trains_as_the_device_pipeline():
   from jax.sharding import Mesh

@@ -25,7 +25,8 @@ from jsim.train.state import TrainState
 from conftest import tiny_config
 
 # One worker runs the module: its `runs` fixture (both pipelines, two epochs; ~2 min on 2 cores) is built once.
-pytestmark = pytest.mark.xdist_group("streaming_pipeline")
+# Bitwise equal results of two differently fused programs: XLA's default emitters (tests/conftest.py).
+pytestmark = [pytest.mark.xdist_group("streaming_pipeline"), pytest.mark.default_codegen]
 
 NUM_CLASSES, PER_CLASS, SEEN = 10, 12, 6
 
