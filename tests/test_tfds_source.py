@@ -8,6 +8,7 @@ under test.
 from __future__ import annotations
 
 import io
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -385,3 +386,16 @@ def test_builder_reads_the_layout_like_the_folder_source(tmp_path):
     assert sets[part].image_ids == folder[part].image_ids and "val_99.JPEG" not in sets[part].image_ids
     np.testing.assert_array_equal(sets[part].labels, folder[part].labels)
     np.testing.assert_array_equal(sets[part].images, folder[part].images)
+
+
+def test_no_empty_temporary_folders_are_left(tmp_path, monkeypatch):
+  # TFDS makes an empty temporary folder (tmp*tfds) for each builder of a data set not yet prepared, and keeps it.
+  scratch = tmp_path / "tmp"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  tfds_source.prepare_tiny_imagenet(_write_layout(tmp_path / "tiny-imagenet-200"), tmp_path / "d")
+  with pytest.raises(FileNotFoundError):
+    tfds_source.load_image_sets(_config(tmp_path / "empty"))
+  with pytest.raises(FileNotFoundError, match="allow_download"):
+    tfds_source.JsimTinyImagenet(data_dir=str(tmp_path / "e")).download_and_prepare(file_format="array_record")
+  assert list(scratch.iterdir()) == []

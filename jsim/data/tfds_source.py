@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import io
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -76,6 +78,19 @@ def _tiny_imagenet_bytes(data: bytes, name: str) -> bytes:
     return buf.getvalue()
 
 
+@contextlib.contextmanager
+def _tfds_scratch():
+  """Where TFDS's temporary folders go while a builder is made: one folder, removed after. TFDS makes an empty
+  one (tmp*tfds, DatasetInfo.initialize_from_bucket, with GCS off too) for every builder of a data set not yet
+  prepared, and never removes it."""
+  with tempfile.TemporaryDirectory(prefix="jsim-tfds-") as scratch:
+    before, tempfile.tempdir = tempfile.tempdir, scratch
+    try:
+      yield
+    finally:
+      tempfile.tempdir = before
+
+
 class JsimTinyImagenet(tfds.core.GeneratorBasedBuilder):
   """Tiny ImageNet (tiny-imagenet-200) for jsim: 'train' = train folder, 'test' = val folder.
 
@@ -111,7 +126,8 @@ class JsimTinyImagenet(tfds.core.GeneratorBasedBuilder):
     self._source = None if source is None else os.fspath(source)
     self._allow_download = allow_download
     self._on_bad_image = on_bad_image
-    super().__init__(**kwargs)
+    with _tfds_scratch():
+      super().__init__(**kwargs)
     # DatasetBuilder pickles by re-running __init__ with this dict.
     self._original_state.update(source=self._source, allow_download=allow_download, on_bad_image=on_bad_image)
 
@@ -278,7 +294,8 @@ def open_tfds_split(name: str, split: str, data_dir: str | os.PathLike | None = 
   """
   data_dir = None if data_dir is None else os.fspath(Path(data_dir).expanduser())
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    with _tfds_scratch():
+      builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise _not_prepared(name, data_dir, f"unknown data set ({str(e).splitlines()[0]})") from None
   if not builder.is_prepared():
