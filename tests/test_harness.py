@@ -45,7 +45,8 @@ def test_loadgroup_runs_an_xdist_group_on_one_worker(tmp_path):
   assert len(workers) == 4 and len(set(workers)) == 1, proc.stdout
 
 
-# The modules with tests marked default_codegen (conftest.py leaves them out of the other processes).
+# The modules with tests marked default_codegen (conftest.py leaves them out of the other processes): one
+# wrapper test per module, so that the two workers share them.
 CODEGEN_MODULES = sorted(
   p.name
   for p in (REPO / "tests").glob("test_*.py")
