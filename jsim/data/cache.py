@@ -29,17 +29,13 @@ import numpy as np
 from absl import logging
 
 from jsim.data.dataset import ImageSet
+from jsim.workdir.io import default_cache_dir
 
 # Bump when the decoding or the entry format changes: old entries stop matching.
 FORMAT_VERSION = 1
 _INDEX = "index.json"
 _TMP_PREFIX = ".tmp-"
 _ABANDONED_AFTER_S = 6 * 3600
-
-
-def default_cache_dir() -> Path:
-  """$JSIM_CACHE, else ~/.cache/jsim."""
-  return Path(os.environ.get("JSIM_CACHE") or Path.home() / ".cache" / "jsim").expanduser()
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:

@@ -258,10 +258,8 @@ def cache_root(workdir: Path, name: str) -> Path:
   workdir = Path(workdir)
   if os.access(workdir, os.W_OK) or not workdir.is_dir():
     return workdir / name
-  from jsim.data import cache
-
   key = hashlib.sha1(str(workdir.resolve()).encode()).hexdigest()[:16]
-  folder = cache.default_cache_dir() / "workdirs" / key / name
+  folder = wd.default_cache_dir() / "workdirs" / key / name
   if folder not in _said_read_only:
     _said_read_only.add(folder)
     print(f"{_PROG}: {workdir} is read-only: its {name} cache is kept in {folder} instead", file=sys.stderr)

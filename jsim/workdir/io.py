@@ -66,6 +66,12 @@ NoSpace.__str__ = _oserror_str
 ReadOnly.__str__ = _oserror_str
 
 
+def default_cache_dir() -> Path:
+  """$JSIM_CACHE, else ~/.cache/jsim: what the runs of a host share (decoded data, downloads, features, the
+  conv backward record of jsim.models.conv_tuning)."""
+  return Path(os.environ.get("JSIM_CACHE") or Path.home() / ".cache" / "jsim").expanduser()
+
+
 def write_json(path: Path, obj: Any) -> None:
   """Atomic (write_file): a reader never sees half a file. A full disk raises NoSpace naming `path`."""
   text = json.dumps(obj, indent=1, sort_keys=True, default=str)
