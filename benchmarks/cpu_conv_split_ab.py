@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_conv_split_ab.py efficientnet_lite0,resnet50 3 4       # models, steps, rounds
     python benchmarks/cpu_conv_split_ab.py resnet50 3 4 nonew le4 le8 stem_xla   # variants of the rule
-    python benchmarks/cpu_conv_split_ab.py resnet50,vgg16 2 4 notaps             # XLA's backward where taps is picked
+    python benchmarks/cpu_conv_split_ab.py resnet50,vgg16 2 4 notaps taps        # XLA's backward, the taps, where tuned
     python benchmarks/cpu_conv_split_ab.py resnet50 1 3 notaps px224             # at 224 px
     python benchmarks/cpu_conv_split_ab.py resnet50 2 3 tapsle8 b64              # batch 64; taps up to 8x8 too
 
@@ -10,7 +10,7 @@
 cross-entropy on random labels, grad of the params (no optimizer, no augmentation). `old`: choose_impl's
 CPU rule before the split, one lowering and its own autodiff (layers.conv and layers.choose_impl swapped
 while it is traced); `new`: the committed rule; `new_<word>`: the committed rule changed as VARIANTS says
-(leT, notaps, tapsle8, stem_xla). Each candidate in turn every round (best of the rounds), so that all see
+(leT, notaps, taps, tapsle8, stem_xla). Each candidate in turn every round (best of the rounds), so that all see
 the same load: report `uptime`'s load average with the ratios. Prints per model the best ms of each, and
 each candidate's loss and largest gradient difference from `old`'s.
 """
@@ -74,8 +74,9 @@ VARIANTS = {
   "le": lambda t: (
     lambda fwd, bwd, shape: (fwd, "xla") if (fwd, bwd) == ("xla", "im2col") and max(shape["out_hw"]) > t else (fwd, bwd)
   ),
-  # XLA's own backward where the rule picks the per-tap kernel gradient
-  "notaps": lambda fwd, bwd, shape: (fwd, "xla") if bwd == "taps" else (fwd, bwd),
+  # XLA's own backward, or the per-tap kernel gradient, where the rule leaves it to the host's record (tuned)
+  "notaps": lambda fwd, bwd, shape: (fwd, "xla") if bwd == "tuned" else (fwd, bwd),
+  "taps": lambda fwd, bwd, shape: (fwd, "taps") if bwd == "tuned" else (fwd, bwd),
   # taps instead of im2col's backward after XLA's forward (outputs larger than the kernel, up to 8x8)
   "tapsle8": lambda fwd, bwd, shape: (fwd, "taps") if (fwd, bwd) == ("xla", "im2col") else (fwd, bwd),
   # XLA's backward for the convs of fewer than 8 input channels (the stems)

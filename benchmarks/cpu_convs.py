@@ -478,24 +478,6 @@ LAYER_SHAPES = [
 ]
 
 
-def _interleaved_ms(fns: dict, args: tuple, steps: int, rounds: int) -> dict:
-  """{name: best ms per call}: after a warm-up call of each, `rounds` rounds that run every fn in turn
-  (A, B, ..., A, B, ...) `steps` calls each, so that all see the same machine load."""
-  import jax
-
-  for fn in fns.values():
-    jax.block_until_ready(fn(*args))
-  best = {name: float("inf") for name in fns}
-  for _ in range(rounds):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        out = fn(*args)
-      jax.block_until_ready(out)
-      best[name] = min(best[name], (time.perf_counter() - t0) / steps)
-  return {name: round(1e3 * t, 2) for name, t in best.items()}
-
-
 def run_layers(args) -> dict:
   """Per shape, interleaved: the forward of each lowering, the backward alone (input and kernel gradients,
   the forward dead code) of each gradient formulation, and forward + backward of the pair choose_impl
@@ -505,7 +487,7 @@ def run_layers(args) -> dict:
 
   import jax
   import jax.numpy as jnp
-  from jsim.models import layers
+  from jsim.models import conv_tuning, layers
 
   only = set(_csv(args.layer_rows, int)) if args.layer_rows else None
   rows = []
@@ -542,7 +524,7 @@ def run_layers(args) -> dict:
         else (lambda x, w: layers._conv(x, w, (s, s), padding, groups, lo))
       )
       fns[f"fwd+bwd {name}"] = jax.jit(lambda x, w, g, f=f: (lambda y, vjp: (y, vjp(g)))(*jax.vjp(f, x, w)))
-    ms = _interleaved_ms(fns, (x, w, g), args.steps, args.rounds)
+    ms = conv_tuning.interleaved_ms(fns, (x, w, g), args.steps, args.rounds)
     row = dict(batch=n, side=h, **{"in": cin, "out": cout}, kernel=k, stride=s, groups=groups, out_side=out_side)
     row.update(old="/".join(old), new="/".join(chosen), ms=ms)
     print("  " + json.dumps(row), flush=True)

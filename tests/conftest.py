@@ -200,6 +200,9 @@ def pytest_configure(config):
   # Every program in a jsim process: the small programs are most of a tiny run's compiling (configs/tiny.py's
   # run, the cache filled by the same run: 31 s with JAX's default, 25 s).
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  # One record of the conv backward lowerings measured on this host (jsim.models.conv_tuning) for the whole run,
+  # as for a user's runs on one host: every process of the run computes the same gradients for the same shape.
+  os.environ["JSIM_CONV_TUNING"] = str(run_folder(config._tmp_path_factory) / "conv_backward.json")
   # This process imported jax before these were set (a pytest-xdist worker inherits them from the controller).
   jax.config.update("jax_compilation_cache_dir", cache_dir)
   jax.config.update("jax_compilation_cache_max_size", max_size)

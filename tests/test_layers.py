@@ -52,7 +52,7 @@ def _lowerings(kernel: int, in_features: int, groups: int) -> tuple[list[str], l
     out.append("dot")
   if groups > 1 and groups == in_features:
     out.append("shifted")
-  return out, out + (["taps"] if groups == 1 else [])
+  return out, out + (["taps", "tuned"] if groups == 1 else [])
 
 
 def _normal(rng, *shape) -> np.ndarray:
@@ -174,11 +174,12 @@ def test_conv_refuses_lowerings_that_do_not_apply():
   with pytest.raises(ValueError, match=r"unknown conv lowering 'taps'; expected one of xla, dot, im2col, shifted$"):
     conv("taps", "xla", 4)  # a backward-only lowering
   with pytest.raises(
-    ValueError, match=r"unknown conv lowering 'fast'; expected one of xla, dot, im2col, shifted, taps$"
+    ValueError, match=r"unknown conv lowering 'fast'; expected one of xla, dot, im2col, shifted, taps, tuned$"
   ):
     conv("xla", "fast", 4)
-  with pytest.raises(ValueError, match=r"the taps gradient is for ungrouped convs, got groups=4"):
-    conv("xla", "taps", 4)
+  for glo in ("taps", "tuned"):
+    with pytest.raises(ValueError, match=rf"the {glo} gradient is for ungrouped convs, got groups=4"):
+      conv("xla", glo, 4)
 
 
 def test_leading_batch_dimensions_are_flattened_as_nn_conv():
@@ -214,9 +215,9 @@ def test_the_cpu_table():
   assert choose(3, 512, 1, (3, 3)) == ("im2col", "im2col")
   assert choose(3, 256, 1, (4, 4)) == ("xla", "im2col")  # XLA's forward, im2col's backward
   assert choose(3, 128, 1, (8, 8)) == ("xla", "im2col")
-  assert choose(3, 64, 1, (9, 9)) == ("xla", "taps")  # XLA's forward and input gradient, per-tap kernel dots
-  assert choose(3, 64, 1, (56, 56)) == ("xla", "taps")
-  assert choose(7, 3, 1, (112, 112)) == ("xla", "taps")
+  assert choose(3, 64, 1, (9, 9)) == ("xla", "tuned")  # XLA's forward; XLA's or the taps' backward (conv_tuning)
+  assert choose(3, 64, 1, (56, 56)) == ("xla", "tuned")
+  assert choose(7, 3, 1, (112, 112)) == ("xla", "tuned")
   assert choose(3, 64, 4, (8, 8)) == ("xla", "xla")  # grouped, not depthwise
   assert {layers.choose_impl("cpu", "xla", **s) for s in SHAPE_GRID} == {("xla", "xla")}
   assert all(fwd == bwd != "xla" for fwd, bwd in (layers.choose_impl("cpu", "matmul", **s) for s in SHAPE_GRID))

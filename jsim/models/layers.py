@@ -44,12 +44,15 @@ from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import canonicalize_padding, default_kernel_init
 from jax import lax
 
+from jsim.models import conv_tuning
+
 # config.model.conv_impl.
 CONV_IMPLS = ("auto", "xla", "matmul")
 # The lowerings choose_impl returns: forward ones, and the backward ones (the forward's own, or "taps":
-# XLA's input gradient and the kernel gradient as one dot per kernel tap, `_taps_vjp`).
+# XLA's input gradient and the kernel gradient as one dot per kernel tap, `_taps_vjp`; "tuned": "xla" or "taps",
+# whichever conv_tuning recorded as the faster on this host for the shape).
 LOWERINGS = ("xla", "dot", "im2col", "shifted")
-GRAD_LOWERINGS = (*LOWERINGS, "taps")
+GRAD_LOWERINGS = (*LOWERINGS, "taps", "tuned")
 
 # The (forward, backward) lowerings on a CPU for conv_impl=auto, first matching row wins. The backward one
 # computes the input and kernel gradients: its own autodiff ("shifted": `_depthwise_vjp`); a pair that
@@ -63,7 +66,7 @@ GRAD_LOWERINGS = (*LOWERINGS, "taps")
 #   kxk, output <= the kernel    -> im2col / im2col    3x3 512->512 2x2: 688 / 1616 vs 8.9 / 27 (b64: 2270 / 5619 vs 39 / 96);
 #                                                      3x3: 20 / 60 vs 9.1 / 27; 1x1: 20 / 68 vs 1.9 / 5.3; 4x4 /2 -> 2x2: 20 / 864 vs 4.8 / 15
 #   kxk, output <= 8x8           -> xla / im2col       (fwd) 4x4 256->256: 4.5 / 13 vs 4.9 / 18; 8x8 128: 31 / 119 vs 48 / 177 (b64);
-#   kxk, larger                  -> xla / taps             64x64 64->64: 173 / 862 vs 607 / 1049; 7x7 stem 64 px: 5.8 / 52 vs 9.7 / 63
+#   kxk, larger                  -> xla / tuned            64x64 64->64: 173 / 862 vs 607 / 1049; 7x7 stem 64 px: 5.8 / 52 vs 9.7 / 63
 # (XLA:CPU's conv falls off a cliff once the output is no larger than the kernel; above that its own
 # im2col-free kernel wins the forward, the more so the larger the image.) The backward column: the
 # backward alone (input + kernel gradient), XLA's vs im2col's, interleaved, load average 4-6, ms:
@@ -72,9 +75,10 @@ GRAD_LOWERINGS = (*LOWERINGS, "taps")
 # 12.5; 56x56 64 at 224 px: 374 vs 326; 7x7 stem 64 px: 21 vs 29 the other way), but a whole ResNet50
 # step at 64 px b16 with im2col's backward everywhere was 6-12% slower than with XLA's (840 vs 752 ms),
 # with it up to 8x8 outputs 5-11% faster (729 vs 768, 784 vs 883; noisy): hence the 8x8 bound. Above it
-# "taps" (XLA's input gradient, the kernel gradient as one dot per tap): XLA's kernel-gradient conv is the
-# slow half there. Backward alone, XLA's / im2col's / taps, quiet 2-core AMD EPYC (load <= 1.8), ms: 64x64
-# 64->64 665 / 251 / 213; 56x56 64 (224 px) 543 / 187 / 197; 28x28 256 830 / 435 / 408; 16x16 64 20.8 /
+# "tuned": XLA's backward or "taps" (XLA's input gradient, the kernel gradient as one dot per tap), whichever
+# this host ran faster for the shape (conv_tuning: a Zen 4 host runs XLA's faster, the others the taps;
+# XLA's kernel-gradient conv is the slow half there). Backward alone, XLA's / im2col's / taps, quiet
+# 2-core AMD EPYC (load <= 1.8), ms: 64x64 64->64 665 / 251 / 213; 56x56 64 (224 px) 543 / 187 / 197; 28x28 256 830 / 435 / 408; 16x16 64 20.8 /
 # 12.5 / 14.5; 7x7 stem 224 px 635 / 283 / 366; 8x8 512 145 / 128 / 135. Whole fwd+bwd step, 64 px b16,
 # XLA's backward above 8x8 vs taps: ResNet50 607 vs 569 ms, VGG16 3357 vs 2647 (load 1.6-2.0). Depthwise: the
 # hand-written VJP against the shifted sum's own autodiff, backward alone: 5x5 8x8x240 3.3 vs 9.4 ms,
@@ -113,7 +117,7 @@ def choose_impl(
     return "dot", "dot"
   if out_hw[0] <= kernel_size[0] and out_hw[1] <= kernel_size[1]:
     return "im2col", "im2col"
-  return "xla", "im2col" if max(out_hw) <= 8 else "taps"
+  return "xla", "im2col" if max(out_hw) <= 8 else "tuned"
 
 
 def explicit_padding(padding: Any, in_hw: Sequence[int], kernel_size: Sequence[int], strides: Sequence[int]):
@@ -163,8 +167,8 @@ def conv(
   for lo, known in ((lowering, LOWERINGS), (grad_lowering, GRAD_LOWERINGS)):
     if lo not in known:
       raise ValueError(f"unknown conv lowering {lo!r}; expected one of {', '.join(known)}")
-  if grad_lowering == "taps" and groups != 1:
-    raise ValueError(f"the taps gradient is for ungrouped convs, got groups={groups}")
+  if grad_lowering in ("taps", "tuned") and groups != 1:
+    raise ValueError(f"the {grad_lowering} gradient is for ungrouped convs, got groups={groups}")
   strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
   if lowering == grad_lowering != "shifted":
     return _conv(x, kernel, strides, padding, groups, lowering)
@@ -306,6 +310,20 @@ def _split_conv_fwd(x, kernel, strides, padding, groups, lowering, grad_lowering
 
 def _split_conv_bwd(strides, padding, groups, lowering, grad_lowering, res, g):
   x, kernel = res
+  return backward(x, kernel, strides, padding, groups, grad_lowering, g)
+
+
+def backward(x, kernel, strides, padding, groups, grad_lowering, g):
+  """(input, kernel) gradients of the conv of `x` with `kernel` at cotangent g by `grad_lowering`."""
+  if grad_lowering == "tuned":
+    grad_lowering = conv_tuning.backward_lowering(
+      x.shape,
+      kernel.shape,
+      strides,
+      padding,
+      jnp.result_type(x, kernel),
+      lambda x, kernel, g, lowering: backward(x, kernel, strides, padding, 1, lowering, g),
+    )
   if grad_lowering == "shifted":
     return _depthwise_vjp(x, kernel, strides, padding, g)
   if grad_lowering == "taps":
