@@ -87,6 +87,12 @@ def test_the_tuned_gradient_is_the_conv_gradient(record):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
 
 
+def test_a_folder_for_the_record_is_refused_naming_it(record):
+  record.mkdir(parents=True)
+  with pytest.raises(ValueError, match=rf"^{record} is a folder: \$JSIM_CONV_TUNING names the file"):
+    _gradient_primitives("tuned")
+
+
 @pytest.mark.parametrize("xla_ms, expect", [(89.9, "xla"), (90.1, "taps"), (120.0, "taps")])
 def test_xla_replaces_the_taps_only_when_clearly_faster(record, monkeypatch, xla_ms, expect):
   monkeypatch.setattr(conv_tuning, "measure", lambda *args: {"xla": xla_ms, "taps": 100.0})

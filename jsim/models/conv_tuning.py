@@ -162,6 +162,8 @@ def _read(path: Path) -> dict:
     records = json.loads(path.read_text())
   except FileNotFoundError:
     return {}
+  except IsADirectoryError:
+    raise ValueError(f"{path} is a folder: $JSIM_CONV_TUNING names the file of conv backward lowerings") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{path}: not a record of conv backward lowerings ({e}); delete it to measure again") from None
   valid = isinstance(records, dict) and all(
