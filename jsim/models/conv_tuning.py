@@ -147,12 +147,18 @@ def backward_lowering(x_shape, kernel_shape, strides, padding, dtype, backward: 
     records = _read(path)
     entry = records.get(host, {}).get(key)
     if entry is None:
-      logging.info("conv backward %s: timing XLA's and the taps' once on this host", key)
       ms = measure(x_shape, kernel_shape, strides, padding, dtype, backward)
       entry = {"backward": "xla" if ms["xla"] <= (1 - MARGIN) * ms["taps"] else "taps", "ms": ms}
       records.setdefault(host, {})[key] = entry
       wd.write_json(path, records)
-      logging.info("conv backward %s: %s (ms %s), recorded in %s", key, entry["backward"], ms, path)
+      logging.info(
+        "conv backward %s: %s (XLA's %.1f ms, the taps' %.1f), timed once on this host and recorded in %s",
+        key,
+        "XLA's" if entry["backward"] == "xla" else "the taps",
+        ms["xla"],
+        ms["taps"],
+        path,
+      )
   return entry["backward"]
 
 
