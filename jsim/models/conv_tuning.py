@@ -1,7 +1,7 @@
 """On a CPU, the backward of a kxk conv with an output above 8x8: XLA's transposes or the taps, whichever
 this host computes faster for the shape, measured once and recorded.
 
-    lowering = backward_lowering(x_shape, kernel_shape, strides, padding, dtype, backward)   # "xla" or "taps"
+    lowering = backward_lowering(x.shape, kernel.shape, g.shape, strides, padding, dtype, backward)  # xla | taps
 
 (backward(x, kernel, g, lowering): the conv's input and kernel gradients at cotangent g by that lowering.)
 
@@ -104,28 +104,33 @@ def interleaved_ms(fns: dict[str, Callable], args: tuple, steps: int, rounds: in
   return {name: round(1e3 * t, 3) for name, t in best.items()}
 
 
-def measure(x_shape, kernel_shape, strides, padding, dtype, backward: Callable) -> dict[str, float]:
-  """{candidate: best ms} of `backward` alone (input and kernel gradients) of this conv on this host."""
-  strides, padding = tuple(strides), tuple(tuple(p) for p in padding)
-  out_hw = [(x_shape[1 + d] + sum(padding[d]) - kernel_shape[d]) // strides[d] + 1 for d in range(2)]
+def measure(shapes: tuple, dtype, backward: Callable) -> dict[str, float]:
+  """{candidate: best ms} of `backward` alone (input and kernel gradients) of this conv on this host, on
+  random (x, kernel, g) of `shapes`."""
   rng = np.random.default_rng(0)
   with jax.ensure_compile_time_eval():  # (called while a step is traced: run now, not staged into it)
-    x, kernel, g = (
-      jnp.asarray(rng.standard_normal(shape, dtype=np.float32), dtype)
-      for shape in (x_shape, kernel_shape, (x_shape[0], *out_hw, kernel_shape[-1]))
-    )
+    x, kernel, g = (jnp.asarray(rng.standard_normal(shape, dtype=np.float32), dtype) for shape in shapes)
     fns = {lo: jax.jit(functools.partial(backward, lowering=lo)) for lo in CANDIDATES}
     return interleaved_ms(fns, (x, kernel, g), steps=1, rounds=ROUNDS)
 
 
-def backward_lowering(x_shape, kernel_shape, strides, padding, dtype, backward: Callable) -> str:
+def backward_lowering(x_shape, kernel_shape, g_shape, strides, padding, dtype, backward: Callable) -> str:
   """The recorded backward lowering (of CANDIDATES) of this conv on this host; measured and recorded first
   if there is none (see the module doc). "taps" for a conv of fewer than MIN_MACS multiply-adds."""
-  out_hw = [(x_shape[1 + d] + sum(padding[d]) - kernel_shape[d]) // strides[d] + 1 for d in range(2)]
-  if x_shape[0] * out_hw[0] * out_hw[1] * int(np.prod(kernel_shape)) < MIN_MACS:
+  if np.prod(g_shape) * np.prod(kernel_shape[:3]) < MIN_MACS:  # (outputs x the multiply-adds of each)
     return "taps"
   path, host = record_path(), host_key()
   key = shape_key(x_shape, kernel_shape, strides, padding, dtype)
+  if (path, key) not in _chosen:  # (a model traces many convs of one shape: the file is read once)
+    _chosen[path, key] = _recorded(path, host, key, (x_shape, kernel_shape, g_shape), dtype, backward)
+  return _chosen[path, key]
+
+
+_chosen: dict[tuple[Path, str], str] = {}  # this process's choices: (record path, shape key) -> lowering
+
+
+def _recorded(path: Path, host: str, key: str, shapes: tuple, dtype, backward: Callable) -> str:
+  """The choice recorded in `path` for (host, key), measured and recorded first if there is none."""
   choice = _read(path).get(host, {}).get(key, {}).get("backward")
   if choice is not None:
     return choice
@@ -147,7 +152,7 @@ def backward_lowering(x_shape, kernel_shape, strides, padding, dtype, backward: 
     records = _read(path)
     entry = records.get(host, {}).get(key)
     if entry is None:
-      ms = measure(x_shape, kernel_shape, strides, padding, dtype, backward)
+      ms = measure(shapes, dtype, backward)
       entry = {"backward": "xla" if ms["xla"] <= (1 - MARGIN) * ms["taps"] else "taps", "ms": ms}
       records.setdefault(host, {})[key] = entry
       wd.write_json(path, records)

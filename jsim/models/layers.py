@@ -78,8 +78,9 @@ GRAD_LOWERINGS = (*LOWERINGS, "taps", "tuned")
 # "tuned": XLA's backward or "taps" (XLA's input gradient, the kernel gradient as one dot per tap), whichever
 # this host ran faster for the shape (conv_tuning: a Zen 4 host runs XLA's faster, the others the taps;
 # XLA's kernel-gradient conv is the slow half there). Backward alone, XLA's / im2col's / taps, quiet
-# 2-core AMD EPYC (load <= 1.8), ms: 64x64 64->64 665 / 251 / 213; 56x56 64 (224 px) 543 / 187 / 197; 28x28 256 830 / 435 / 408; 16x16 64 20.8 /
-# 12.5 / 14.5; 7x7 stem 224 px 635 / 283 / 366; 8x8 512 145 / 128 / 135. Whole fwd+bwd step, 64 px b16,
+# 2-core AMD EPYC (load <= 1.8), ms: 64x64 64->64 665 / 251 / 213; 56x56 64 (224 px) 543 / 187 / 197;
+# 28x28 256 830 / 435 / 408; 16x16 64 20.8 / 12.5 / 14.5; 7x7 stem 224 px 635 / 283 / 366; 8x8 512 145 / 128 /
+# 135. Whole fwd+bwd step, 64 px b16,
 # XLA's backward above 8x8 vs taps: ResNet50 607 vs 569 ms, VGG16 3357 vs 2647 (load 1.6-2.0). Depthwise: the
 # hand-written VJP against the shifted sum's own autodiff, backward alone: 5x5 8x8x240 3.3 vs 9.4 ms,
 # 5x5 /2 16x16x144 8.7 vs 10.8, 3x3 16x16x144 3.5 vs 4.6, 3x3 32x32x32 6.8 vs 4.5 (the one loss); a whole
@@ -319,6 +320,7 @@ def backward(x, kernel, strides, padding, groups, grad_lowering, g):
     grad_lowering = conv_tuning.backward_lowering(
       x.shape,
       kernel.shape,
+      g.shape,
       strides,
       padding,
       jnp.result_type(x, kernel),
