@@ -10,6 +10,9 @@
     # where the stage-1 step's time goes (JAX profiler; per model and case, by forward/backward and layer kind):
     python benchmarks/cpu_convs.py --profile --models resnet50,vgg16,efficientnet_lite0 --cases 64:16,224:16 \
         --steps 3 --out runs/bench/cpu_step_profile
+    # every conv of ResNet50 against torch's, per shape: forward, input gradient, kernel gradient:
+    python benchmarks/cpu_convs.py --vs_torch --cases 64:16,64:64,224:16 --steps 3 --rounds 3 \
+        --out runs/bench/cpu_convs_vs_torch                                                           # 1 min 17 s
     # a check that it runs (took 21 min wall, 3 min CPU, under load average 18):
     python benchmarks/cpu_convs.py --models resnet_tiny,vgg_tiny,efficientnet_lite0 --cases 32:8 --impl_cases 32:8 \
         --impls xla,matmul --steps 1 --rounds 1 --warmup 1 --out /tmp/cpu_convs_check
@@ -38,6 +41,12 @@ lowering; the backward alone (input and kernel gradients, the forward dead code)
 im2col's and, for depthwise convs, the hand-written VJP and the shifted sum's own autodiff; and forward +
 backward of XLA's conv, of the single lowering the CPU rule picked before the per-direction split (`old`)
 and of the (forward, backward) pair jsim.models.layers.choose_impl picks now (`new`).
+
+--vs_torch instead times every distinct conv shape of ResNet50 (torchvision's v1.5) at --cases, each as jsim
+runs it under conv_impl=auto and as torch eager does (F.conv2d and aten.convolution_backward, channels_last,
+in the torch subprocess): the forward, the input gradient alone and the kernel gradient alone, best of --rounds
+rounds of --steps calls; and the sums over the network (each shape times its count, without the stem's input
+gradient, which no training step computes): where the convs of a training step stand against torch's.
 """
 
 from __future__ import annotations
@@ -109,6 +118,8 @@ def torch_worker(args) -> None:
 
   torch.manual_seed(0)
   print(json.dumps({"version": f"torch {torch.__version__}, {torch.get_num_threads()} threads"}), flush=True)
+  if args.vs_torch:
+    return torch_convs(args)
   for name in _csv(args.models):
     if name not in TORCH_MODELS:
       print(json.dumps({"model": name, "error": "no torch reference for this model"}), flush=True)
@@ -156,10 +167,11 @@ def torch_worker(args) -> None:
 def run_torch(args) -> dict:
   cmd = [sys.executable, __file__, "--torch_worker", "--models", args.models, "--cases", args.cases]
   cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", str(args.rounds)]
+  cmd += ["--vs_torch"] if args.vs_torch else []
   t0 = time.perf_counter()
   proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
   lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-  out = {"rows": [r for r in lines if "model" in r], "seconds": round(time.perf_counter() - t0, 1)}
+  out = {"rows": [r for r in lines if "model" in r or "conv" in r], "seconds": round(time.perf_counter() - t0, 1)}
   out["version"] = next((r["version"] for r in lines if "version" in r), "torch did not start")
   if proc.returncode:
     out["error"] = f"exit {proc.returncode}: {proc.stderr.strip()[-600:]}"
@@ -478,6 +490,137 @@ LAYER_SHAPES = [
 ]
 
 
+def resnet50_convs(px: int, batch: int) -> dict[tuple, int]:
+  """{(batch, side, in, out, kernel, stride): count} of torchvision's resnet50 (v1.5: the stride on the 3x3)."""
+  convs: dict[tuple, int] = {}
+
+  def add(side, cin, cout, k, s):
+    key = (batch, side, cin, cout, k, s)
+    convs[key] = convs.get(key, 0) + 1
+
+  add(px, 3, 64, 7, 2)
+  side, cin = px // 4, 64
+  for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+    for b in range(blocks):
+      s = stride if b == 0 else 1
+      add(side, cin, width, 1, 1)
+      add(side, width, width, 3, s)
+      if b == 0:
+        add(side, cin, 4 * width, 1, s)
+      side = -(-side // s)
+      add(side, width, 4 * width, 1, 1)
+      cin = 4 * width
+  return convs
+
+
+def _conv_padding(k: int) -> int:
+  return (k - 1) // 2  # torchvision's: "SAME"-like for odd kernels, also at stride 2
+
+
+def torch_convs(args) -> None:
+  import torch
+  import torch.nn.functional as F
+
+  for px, batch in _cases(args.cases):
+    for n, side, cin, cout, k, s in resnet50_convs(px, batch):
+      p, cl = _conv_padding(k), torch.channels_last
+      x = torch.randn(n, cin, side, side).to(memory_format=cl)
+      w = (torch.randn(cout, cin, k, k) / np.sqrt(k * k * cin)).to(memory_format=cl)
+      g = F.conv2d(x, w, stride=s, padding=p)
+      g = torch.randn_like(g).to(memory_format=cl)
+
+      def grads(mask):
+        return lambda _: torch.ops.aten.convolution_backward(
+          g, x, w, None, [s, s], [p, p], [1, 1], False, [0, 0], 1, mask
+        )
+
+      calls = {
+        "fwd": lambda _: F.conv2d(x, w, stride=s, padding=p),
+        "dx": grads([True, False, False]),
+        "dk": grads([False, True, False]),
+      }
+      ms = {}
+      for name, fn in calls.items():
+        with torch.no_grad():
+          _, rate = _best_rate(fn, 1, args.warmup, args.steps, args.rounds, lambda _: None)
+        ms[name] = round(1e3 / rate, 3)
+      print(json.dumps({"conv": [n, side, cin, cout, k, s], "ms": ms}), flush=True)
+
+
+def run_vs_torch(args) -> dict:
+  import functools
+
+  import jax
+  from jsim.models import layers
+
+  torch_result = run_torch(args)
+  if torch_result.get("error"):
+    print("  torch failed:", torch_result["error"], flush=True)
+  theirs = {tuple(r["conv"]): r["ms"] for r in torch_result["rows"] if "conv" in r}
+  rows = []
+  for px, batch in _cases(args.cases):
+    for (n, side, cin, cout, k, s), count in resnet50_convs(px, batch).items():
+      pad = ((_conv_padding(k),) * 2,) * 2
+      out_side = (side + 2 * _conv_padding(k) - k) // s + 1
+      pair = layers.choose_impl(
+        "cpu", "auto", kernel_size=(k, k), in_features=cin, groups=1, out_hw=(out_side, out_side)
+      )
+      conv = functools.partial(
+        layers.conv, strides=(s, s), padding=pad, groups=1, lowering=pair[0], grad_lowering=pair[1]
+      )
+      rng = np.random.default_rng(0)
+      x = jax.numpy.asarray(rng.standard_normal((n, side, side, cin), dtype=np.float32))
+      w = jax.numpy.asarray(rng.standard_normal((k, k, cin, cout), dtype=np.float32) / np.sqrt(k * k * cin))
+      g = jax.numpy.asarray(rng.standard_normal((n, out_side, out_side, cout), dtype=np.float32))
+      fns = {  # one gradient alone: XLA drops the other (dead code)
+        "fwd": jax.jit(lambda x, w, g: conv(x, w)),
+        "dx": jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)),
+        "dk": jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)),
+      }
+      ms = {}
+      for name, fn in fns.items():
+        jax.block_until_ready(fn(x, w, g))
+        _, rate = _best_rate(lambda _: fn(x, w, g), 1, 0, args.steps, args.rounds, jax.block_until_ready)
+        ms[name] = round(1e3 / rate, 3)
+      row = dict(px=px, conv=[n, side, cin, cout, k, s], count=count, pair="/".join(pair), jsim=ms)
+      row["torch"] = theirs.get((n, side, cin, cout, k, s))
+      print("  " + json.dumps(row), flush=True)
+      rows.append(row)
+  return {"torch": {k: v for k, v in torch_result.items() if k != "rows"}, "rows": rows}
+
+
+def markdown_vs_torch(result: dict) -> list[str]:
+  parts = ("fwd", "dx", "dk")
+  lines = [
+    "| px | batch | input | in->out | kernel/stride | count | jsim's pair | jsim fwd / dx / dk ms | "
+    "torch fwd / dx / dk ms | jsim / torch (fwd+dx+dk) |",
+    "|---:|---:|---:|---|---|---:|---|---:|---:|---:|",
+  ]
+  totals: dict[tuple, dict] = {}
+  for r in result["rows"]:
+    n, side, cin, cout, k, s = r["conv"]
+    mine, theirs = r["jsim"], r["torch"] or {}
+    tot = totals.setdefault((r["px"], n), {f"{who} {p}": 0.0 for who in ("jsim", "torch") for p in parts})
+    for p in parts if cin > 3 else ("fwd", "dk"):  # (no step computes the image's gradient)
+      tot[f"jsim {p}"] += r["count"] * mine[p]
+      tot[f"torch {p}"] += r["count"] * theirs.get(p, float("nan"))
+    ratio = sum(mine.values()) / sum(theirs.values()) if theirs else float("nan")
+    lines.append(
+      f"| {r['px']} | {n} | {side} | {cin}->{cout} | {k}/{s} | {r['count']} | {r['pair']} | "
+      + " / ".join(f"{mine[p]:.2f}" for p in parts)
+      + " | "
+      + " / ".join(f"{theirs.get(p, float('nan')):.2f}" for p in parts)
+      + f" | {ratio:.2f} |"
+    )
+  lines += ["", "Sums over the network (each shape times its count; the stem's dx left out), ms:", ""]
+  lines += ["| px | batch | | fwd | dx | dk | all |", "|---:|---:|---|---:|---:|---:|---:|"]
+  for (px, n), tot in totals.items():
+    for who in ("jsim", "torch"):
+      vals = [tot[f"{who} {p}"] for p in parts]
+      lines.append(f"| {px} | {n} | {who} | " + " | ".join(f"{v:,.1f}" for v in vals) + f" | {sum(vals):,.1f} |")
+  return lines
+
+
 def run_layers(args) -> dict:
   """Per shape, interleaved: the forward of each lowering, the backward alone (input and kernel gradients,
   the forward dead code) of each gradient formulation, and forward + backward of the pair choose_impl
@@ -590,6 +733,9 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument(
     "--layer_rows", default="", help="--layers: only these rows of LAYER_SHAPES (0-based, comma-separated)"
   )
+  ap.add_argument(
+    "--vs_torch", action="store_true", help="every conv shape of ResNet50 at --cases, jsim's against torch's"
+  )
   ap.add_argument("--torch_worker", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.torch_worker:
@@ -603,6 +749,9 @@ def main(argv: list[str] | None = None) -> int:
   if args.layers:
     result = run_layers(args)
     lines = markdown_layers(result)
+  elif args.vs_torch:
+    result = run_vs_torch(args)
+    lines = markdown_vs_torch(result)
   elif args.profile:
     result = run_profile(args)
     lines = markdown_profile(result)
@@ -618,8 +767,17 @@ def main(argv: list[str] | None = None) -> int:
     settings={k: v for k, v in vars(args).items() if k not in ("out", "torch_worker")},
     time=time.strftime("%Y-%m-%d %H:%M:%S"),
   )
+  title = (
+    "per-shape table"
+    if args.layers
+    else "step profile"
+    if args.profile
+    else "ResNet50's convs against torch's"
+    if args.vs_torch
+    else "models"
+  )
   head = [
-    f"# jsim CPU convs ({'per-shape table' if args.layers else 'step profile' if args.profile else 'models'})",
+    f"# jsim CPU convs ({title})",
     "",
     f"{result['device']}; jax {result['jax']}; {result.get('torch', {}).get('version', '')}; "
     f"load average {result['load_before']} before, {result['load_after']} after; {result['wall_s']} s in all.",
