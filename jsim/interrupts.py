@@ -107,6 +107,13 @@ def install_after_run() -> None:
     signal.signal(sig, _after_run)
 
 
+def exiting(code: int) -> None:
+  """From here on the process exits with `code`: a signal raises nothing more (it would raise inside the handler
+  that is exiting, a traceback): after a successful run it exits at once with its own line, else it is ignored."""
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, _after_run if code == 0 else signal.SIG_IGN)
+
+
 def exit_now(code: int) -> None:
   """Exits with `code` at once, after flushing the output and the exit handlers, without the interpreter's teardown.
 
@@ -116,8 +123,7 @@ def exit_now(code: int) -> None:
   """
   import atexit
 
-  for sig in (signal.SIGTERM, signal.SIGINT):  # (a second signal while flushing: the same one line)
-    signal.signal(sig, _after_run if code == 0 else signal.SIG_IGN)
+  exiting(code)  # (a second signal while flushing: the same one line)
   try:
     atexit._run_exitfuncs()
   finally:

@@ -264,6 +264,7 @@ def entry_point():
   try:
     app.run(main, flags_parser=parse_flags)
   except interrupts.Interrupted as e:  # outside a training stage (those stop at a step, with a checkpoint)
+    interrupts.exiting(e.exit_code)
     logging.flush()
     _close_progress_bars()
     print(
@@ -272,12 +273,13 @@ def entry_point():
     )
     interrupts.exit_now(e.exit_code)
   except SystemExit as e:
-    code = e.code
-    if isinstance(code, str):  # (what sys.exit would print)
-      print(code, file=sys.stderr)
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    interrupts.exiting(code)
+    if isinstance(e.code, str):  # (what sys.exit would print)
+      print(e.code, file=sys.stderr)
     # No interpreter teardown: a signal during it would kill with no line (Python restores the default
     # handlers), and orbax's and tensorstore's threads print tracebacks when torn down after a Ctrl-C.
-    interrupts.exit_now(code if isinstance(code, int) else (0 if code is None else 1))
+    interrupts.exit_now(code)
 
 
 if __name__ == "__main__":

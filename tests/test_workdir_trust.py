@@ -553,6 +553,35 @@ def test_signal_at_startup_is_one_line_and_leaves_nothing(jsim_cache, tmp_path, 
   assert not w.exists()
 
 
+@pytest.mark.parametrize("how", ["stopped", "refused"])
+def test_a_second_signal_while_the_command_line_exits_is_ignored(tmp_path, how):
+  """A signal that arrives while entry_point is already on its way out (a first signal stopped the run, or the
+  run ended with a one-line refusal) raises nothing there: the exit's one line and code stay, no traceback."""
+  driver = tmp_path / "driver.py"
+  driver.write_text(
+    "import os, signal, sys, time\n"
+    "from jsim import interrupts, main\n\n"
+    "def second_signal():  # inside entry_point's handler of the first exit, before it exits\n"
+    "  os.kill(os.getpid(), signal.SIGTERM)\n"
+    "  time.sleep(0.5)  # (Python runs the handler at its next check, within this sleep)\n\n"
+    "class Refusal(str):\n"
+    "  def __str__(self):  # (entry_point prints it)\n"
+    "    second_signal()\n"
+    "    return str.__str__(self)\n\n"
+    "def run(*args, **kwargs):\n"
+    "  if sys.argv[1] == 'stopped':\n"
+    "    raise interrupts.Interrupted(signal.SIGINT)\n"
+    "  raise SystemExit(Refusal('jsim: refused, for the test'))\n\n"
+    "main.app.run = run\n"
+    "main._close_progress_bars = second_signal\n"
+    "main.entry_point()\n"
+  )
+  proc = subprocess.run([sys.executable, str(driver), how], capture_output=True, text=True, timeout=120)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == (130 if how == "stopped" else 1), out[-3000:]
+  one_line_error(out, "jsim: stopped by SIGINT" if how == "stopped" else "jsim: refused, for the test")
+
+
 def test_sigterm_during_evaluation_is_one_line_and_leaves_nothing_half_written(reference, jsim_cache, tmp_path):
   w = tmp_path / "W"
   shutil.copytree(reference / "A_done", w)
