@@ -289,8 +289,10 @@ def write_report(
   table = case_table_markdown(report)
   figures = sorted(f"figures/{p.name}" for p in (out_dir / "figures").glob("*.png"))
   text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-  wd.write_file(out_dir / REPORT_JSON, lambda tmp: Path(tmp).write_text(text))
   wd.write_file(out_dir / REPORT_MD, lambda tmp: Path(tmp).write_text(_markdown(report, table, figures)))
+  # report.json last: it is what says the evaluation is done (evaluation.changes_since_report), so a signal
+  # between the two leaves a report that is redone, never a current report.json beside a missing or older report.md
+  wd.write_file(out_dir / REPORT_JSON, lambda tmp: Path(tmp).write_text(text))
   return table
 
 
