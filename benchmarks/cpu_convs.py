@@ -45,8 +45,9 @@ and of the (forward, backward) pair jsim.models.layers.choose_impl picks now (`n
 --vs_torch instead times every distinct conv shape of ResNet50 (torchvision's v1.5) at --cases, each as jsim
 runs it under conv_impl=auto and as torch eager does (F.conv2d and aten.convolution_backward, channels_last,
 in the torch subprocess): the forward, the input gradient alone and the kernel gradient alone, best of --rounds
-rounds of --steps calls; and the sums over the network (each shape times its count, without the stem's input
-gradient, which no training step computes): where the convs of a training step stand against torch's.
+rounds of --steps calls (jsim's three interleaved); and the sums over the network (each shape times its count,
+without the stem's input gradient, which no training step computes): where the convs of a training step stand
+against torch's.
 """
 
 from __future__ import annotations
@@ -551,7 +552,8 @@ def run_vs_torch(args) -> dict:
   import functools
 
   import jax
-  from jsim.models import layers
+  import jax.numpy as jnp
+  from jsim.models import conv_tuning, layers
 
   torch_result = run_torch(args)
   if torch_result.get("error"):
@@ -569,19 +571,15 @@ def run_vs_torch(args) -> dict:
         layers.conv, strides=(s, s), padding=pad, groups=1, lowering=pair[0], grad_lowering=pair[1]
       )
       rng = np.random.default_rng(0)
-      x = jax.numpy.asarray(rng.standard_normal((n, side, side, cin), dtype=np.float32))
-      w = jax.numpy.asarray(rng.standard_normal((k, k, cin, cout), dtype=np.float32) / np.sqrt(k * k * cin))
-      g = jax.numpy.asarray(rng.standard_normal((n, out_side, out_side, cout), dtype=np.float32))
+      x = jnp.asarray(rng.standard_normal((n, side, side, cin), dtype=np.float32))
+      w = jnp.asarray(rng.standard_normal((k, k, cin, cout), dtype=np.float32) / np.sqrt(k * k * cin))
+      g = jnp.asarray(rng.standard_normal((n, out_side, out_side, cout), dtype=np.float32))
       fns = {  # one gradient alone: XLA drops the other (dead code)
         "fwd": jax.jit(lambda x, w, g: conv(x, w)),
         "dx": jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)),
         "dk": jax.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)),
       }
-      ms = {}
-      for name, fn in fns.items():
-        jax.block_until_ready(fn(x, w, g))
-        _, rate = _best_rate(lambda _: fn(x, w, g), 1, 0, args.steps, args.rounds, jax.block_until_ready)
-        ms[name] = round(1e3 / rate, 3)
+      ms = conv_tuning.interleaved_ms(fns, (x, w, g), args.steps, args.rounds)
       row = dict(px=px, conv=[n, side, cin, cout, k, s], count=count, pair="/".join(pair), jsim=ms)
       row["torch"] = theirs.get((n, side, cin, cout, k, s))
       print("  " + json.dumps(row), flush=True)
@@ -746,18 +744,17 @@ def main(argv: list[str] | None = None) -> int:
 
   t0 = time.perf_counter()
   load = os.getloadavg()
-  if args.layers:
-    result = run_layers(args)
-    lines = markdown_layers(result)
-  elif args.vs_torch:
-    result = run_vs_torch(args)
-    lines = markdown_vs_torch(result)
-  elif args.profile:
-    result = run_profile(args)
-    lines = markdown_profile(result)
-  else:
-    result = run_models(args)
-    lines = markdown_models(result, ["auto"] + _csv(args.impls))
+  title, run, markdown = (
+    ("per-shape table", run_layers, markdown_layers)
+    if args.layers
+    else ("ResNet50's convs against torch's", run_vs_torch, markdown_vs_torch)
+    if args.vs_torch
+    else ("step profile", run_profile, markdown_profile)
+    if args.profile
+    else ("models", run_models, lambda result: markdown_models(result, ["auto"] + _csv(args.impls)))
+  )
+  result = run(args)
+  lines = markdown(result)
   result.update(
     device=f"{jax.devices()[0].device_kind}, {os.cpu_count()} cores",
     jax=jax.__version__,
@@ -766,15 +763,6 @@ def main(argv: list[str] | None = None) -> int:
     wall_s=round(time.perf_counter() - t0, 1),
     settings={k: v for k, v in vars(args).items() if k not in ("out", "torch_worker")},
     time=time.strftime("%Y-%m-%d %H:%M:%S"),
-  )
-  title = (
-    "per-shape table"
-    if args.layers
-    else "step profile"
-    if args.profile
-    else "ResNet50's convs against torch's"
-    if args.vs_torch
-    else "models"
   )
   head = [
     f"# jsim CPU convs ({title})",
